@@ -1,0 +1,179 @@
+"""An asyncio client for chatd, for programs, tests, benchmarks and ``chatcat``.
+
+    async with await Client.connect("127.0.0.1", 7777) as client:
+        await client.request("/login", {"name": "alice", "password": "..."})
+        await client.request("/send", {"name": "bob", "msg": "hi"})
+        async for event in client.events():
+            print(event)
+
+``request`` returns the reply's ``data`` or raises the :mod:`chatd.errors`
+class for its code (``NotFound``, ``BadCredentials``...); ``call`` returns the
+whole reply map whatever its code.  Requests may be issued concurrently: replies
+are matched to them by ``id``.  Server-initiated frames (``{"event": ...}``)
+come out of :meth:`events`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import ssl as ssl_module
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any
+
+from chatd.codec import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, Malformed, Oversize, encode_frame
+from chatd.errors import error_for
+
+Reply = dict[str, Any]
+DEFAULT_TIMEOUT = 30.0
+_END = object()  # marks the end of the event stream
+
+
+class Client:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    ) -> None:
+        self.token: str | None = None
+        self.timeout = timeout
+        self._reader = reader
+        self._writer = writer
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Reply]] = {}
+        self._events: asyncio.Queue[Any] = asyncio.Queue()
+        self._decoder = FrameDecoder(max_frame_size)
+        self._reader_task = asyncio.create_task(self._read_loop())
+        self._address: tuple[str, int, ssl_module.SSLContext | None] | None = None
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str = "127.0.0.1",
+        port: int = 7777,
+        *,
+        token: str | None = None,
+        ssl: ssl_module.SSLContext | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> Client:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port, ssl=ssl)
+        client = cls(reader, writer, timeout=timeout)
+        client.token = token
+        client._address = (host, port, ssl)
+        return client
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def call(
+        self, op: str, params: dict[str, Any] | None = None, *, timeout: float | None = None
+    ) -> Reply:
+        """Send one request and wait for its reply, whatever its code."""
+        request_id = next(self._ids)
+        body: dict[str, Any] = {"op": op, "id": request_id}
+        if params is not None:
+            body["params"] = params
+        if self.token is not None:
+            body["token"] = self.token
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            self._writer.write(encode_frame(body))
+            async with asyncio.timeout(self.timeout if timeout is None else timeout):
+                await self._writer.drain()
+                return await future
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def request(
+        self, op: str, params: dict[str, Any] | None = None, *, timeout: float | None = None
+    ) -> Any:
+        """Send one request; return its ``data`` (None if absent) or raise its error."""
+        reply = await self.call(op, params, timeout=timeout)
+        if reply.get("code") != 0:
+            raise error_for(int(reply.get("code", 9)), str(reply.get("msg", "")))
+        if op == "/login":
+            self.token = reply["data"]["token"]
+        return reply.get("data")
+
+    async def login(self, name: str, password: str) -> str:
+        """Log in and keep the token for every later request (and :meth:`reconnect`)."""
+        await self.request("/login", {"name": name, "password": password})
+        assert self.token is not None
+        return self.token
+
+    async def reconnect(self) -> None:
+        """Open a fresh connection to the same address; the token goes with it."""
+        if self._address is None:
+            raise RuntimeError("reconnect needs a client made by Client.connect")
+        await self.close()
+        host, port, ssl = self._address
+        async with asyncio.timeout(self.timeout):
+            self._reader, self._writer = await asyncio.open_connection(host, port, ssl=ssl)
+        self._decoder = FrameDecoder(self._decoder.max_frame_size)
+        self._events = asyncio.Queue()
+        self._reader_task = asyncio.create_task(self._read_loop())
+
+    async def next_event(self, timeout: float | None = None) -> dict[str, Any]:
+        """The next server-initiated frame; raises TimeoutError or ConnectionError."""
+        async with asyncio.timeout(self.timeout if timeout is None else timeout):
+            item = await self._events.get()
+        if item is _END:
+            self._events.put_nowait(_END)
+            raise ConnectionError("connection closed")
+        event: dict[str, Any] = item
+        return event
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """Server-initiated frames as they arrive, until the connection closes."""
+        while True:
+            item = await self._events.get()
+            if item is _END:
+                self._events.put_nowait(_END)
+                return
+            yield item
+
+    async def close(self) -> None:
+        self._writer.close()
+        with contextlib.suppress(ConnectionError, ssl_module.SSLError):
+            await self._writer.wait_closed()
+        self._reader_task.cancel()
+        await asyncio.gather(self._reader_task, return_exceptions=True)
+
+    async def _read_loop(self) -> None:
+        try:
+            while data := await self._reader.read(65536):
+                for body in self._decoder.feed(data):
+                    self._dispatch(body)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(ConnectionError("connection closed"))
+            self._events.put_nowait(_END)
+
+    def _dispatch(self, body: Any) -> None:
+        if isinstance(body, Malformed | Oversize):
+            raise ConnectionError(f"server sent a bad frame: {body.reason}")
+        request_id = body.get("id") if isinstance(body, dict) else None
+        future = self._pending.get(request_id) if isinstance(request_id, int) else None
+        if future is not None:
+            if not future.done():
+                future.set_result(body)
+        else:
+            self._events.put_nowait(body)  # pushes, and replies the client cannot match

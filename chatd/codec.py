@@ -1,0 +1,102 @@
+"""Frames: a 4-byte big-endian body length, then one msgpack body (protocol.md, "Framing").
+
+Sans-I/O: bytes go in, decoded bodies come out.  Nothing here knows about
+sockets or asyncio, so the server, the client library and the tests share it.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from chatd.errors import FrameTooLarge
+
+HEADER = struct.Struct(">I")
+HEADER_SIZE = HEADER.size
+DEFAULT_MAX_FRAME_SIZE = 65536
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A frame whose body is not valid msgpack; the stream itself is still in sync."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Oversize:
+    """A length header over the limit: always the last item, the stream is lost after it."""
+
+    length: int
+    limit: int
+
+    @property
+    def reason(self) -> str:
+        return f"frame of {self.length} bytes exceeds the limit of {self.limit}"
+
+
+def encode_frame(body: Any) -> bytes:
+    """Serialise ``body`` and prefix it with its length."""
+    payload: bytes = msgpack.packb(body, use_bin_type=True)
+    return HEADER.pack(len(payload)) + payload
+
+
+def decode_body(payload: bytes) -> Any:
+    """Decode one frame body; every failure becomes ``Malformed``.
+
+    ``msgpack`` may raise more than its own exception types on hostile input
+    (its ``exceptions.py`` says so), hence the broad ``except``.
+    """
+    try:
+        return msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:
+        return Malformed(f"body is not valid msgpack ({type(exc).__name__})")
+
+
+class FrameDecoder:
+    """Cuts frames out of a byte stream fed in arbitrary pieces.
+
+    ``feed`` returns every body completed by the new bytes, decoded, in order;
+    a body that does not decode comes out as :class:`Malformed`.  A length
+    header over ``max_frame_size`` comes out as :class:`Oversize` before any of
+    that body is buffered, ends the list, and makes every later ``feed`` raise
+    :class:`FrameTooLarge`: the stream can no longer be trusted.
+    """
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        self.max_frame_size = max_frame_size
+        self._buffer = bytearray()
+        self._failed = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held that do not yet make a whole frame."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[Any]:
+        if self._failed:
+            raise FrameTooLarge("stream already failed")
+        self._buffer += data
+        bodies: list[Any] = []
+        view = memoryview(self._buffer)
+        offset = 0
+        try:
+            while len(view) - offset >= HEADER_SIZE:
+                (length,) = HEADER.unpack_from(view, offset)
+                if length > self.max_frame_size:
+                    self._failed = True
+                    bodies.append(Oversize(length, self.max_frame_size))
+                    offset = len(view)
+                    break
+                end = offset + HEADER_SIZE + length
+                if end > len(view):
+                    break
+                bodies.append(decode_body(bytes(view[offset + HEADER_SIZE : end])))
+                offset = end
+        finally:
+            view.release()
+            del self._buffer[:offset]
+        return bodies

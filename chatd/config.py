@@ -1,0 +1,72 @@
+"""Every setting chatd has, in one typed, frozen dataclass.
+
+Defaults live here and nowhere else.  ``cli.py`` overrides them from ``CHATD_*``
+environment variables and then from command-line flags; both are derived from
+the field list below, so a new setting is one new line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+KIB = 1024
+SECONDS = 1.0
+DAYS = 86400 * SECONDS
+
+
+def _setting(default: Any, help: str, minimum: float | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "minimum": minimum})
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = _setting("127.0.0.1", "address to listen on")
+    port: int = _setting(7777, "TCP port to listen on (0 picks a free one)", 0)
+    db: str = _setting("./chatd.sqlite3", "path of the SQLite database file")
+    db_synchronous: str = _setting(
+        "NORMAL", "NORMAL survives a crash of chatd; FULL also survives power loss"
+    )
+    log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    event_loop: str = _setting("auto", "auto (uvloop when installed), asyncio or uvloop")
+
+    # Wire limits (protocol.md, "Limits").
+    max_frame_size: int = _setting(64 * KIB, "largest frame body accepted, in bytes", 16)
+    max_message_length: int = _setting(4096, "longest message text, in characters", 1)
+    receive_batch: int = _setting(1000, "most messages one /receive or /channel/receive returns", 1)
+    channel_backlog: int = _setting(50, "messages a first /channel/receive returns", 0)
+
+    # Accounts.
+    token_ttl: float = _setting(30 * DAYS, "session token lifetime, in seconds", 1)
+    # argon2id, RFC 9106 section 4 "second recommended option" (argon2-cffi's default).
+    argon2_time_cost: int = _setting(3, "argon2id iterations", 1)
+    argon2_memory_cost: int = _setting(64 * KIB, "argon2id memory, in KiB", 8)
+    argon2_parallelism: int = _setting(4, "argon2id lanes", 1)
+    hash_workers: int = _setting(2, "password hashes computed at once (threads)", 1)
+
+    # Connections.
+    idle_timeout: float = _setting(300 * SECONDS, "close a connection silent this long", 0.01)
+    write_timeout: float = _setting(
+        30 * SECONDS, "close a client that reads no reply for this long", 0.01
+    )
+    graceful_timeout: float = _setting(10 * SECONDS, "time in-flight requests get at shutdown", 0)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            minimum = f.metadata.get("minimum")
+            value = getattr(self, f.name)
+            if minimum is not None and value < minimum:
+                raise ValueError(f"{f.name} must be at least {minimum}, got {value}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be 0..65535, got {self.port}")
+        if self.argon2_memory_cost < 8 * self.argon2_parallelism:
+            raise ValueError("argon2_memory_cost must be at least 8 KiB per lane")
+        _check_choice("log_level", self.log_level.upper(), ("DEBUG", "INFO", "WARNING", "ERROR"))
+        _check_choice("db_synchronous", self.db_synchronous, ("NORMAL", "FULL"))
+        _check_choice("event_loop", self.event_loop, ("auto", "asyncio", "uvloop"))
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")

@@ -1,0 +1,114 @@
+"""Requests, responses and events as plain data (protocol.md, "Messages").
+
+Sans-I/O like ``codec.py``: this module turns decoded frame bodies into
+:class:`Request` objects and builds the maps the server sends back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from chatd.errors import BadRequest, ChatdError, TooLarge
+
+Data = dict[str, Any]
+
+
+def is_int(value: object) -> bool:
+    # bool is a subclass of int in Python, but msgpack's true/false are not ids.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class Params:
+    """Typed access to a request's ``params`` map; wrong input raises BadRequest/TooLarge."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        self._values = values
+
+    def text(self, name: str, max_length: int) -> str:
+        value = self.optional_text(name, max_length)
+        if value is None:
+            raise BadRequest(f"missing parameter '{name}'")
+        return value
+
+    def optional_text(self, name: str, max_length: int) -> str | None:
+        value = self._values.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise BadRequest(f"parameter '{name}' must be a string")
+        if len(value) > max_length:
+            raise TooLarge(f"parameter '{name}' is longer than {max_length} characters")
+        return value
+
+    def optional_int(self, name: str, minimum: int | None = None) -> int | None:
+        value = self._values.get(name)
+        if value is None:
+            return None
+        if not is_int(value):
+            raise BadRequest(f"parameter '{name}' must be an integer")
+        if minimum is not None and value < minimum:
+            raise BadRequest(f"parameter '{name}' must be at least {minimum}")
+        return int(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    op: str
+    id: int | None
+    params: Params
+    token: str | None
+
+
+def request_id(body: object) -> int | None:
+    """The id to echo in the reply: the request's ``id`` if it is an integer."""
+    if isinstance(body, dict):
+        rid = body.get("id")
+        if isinstance(rid, int) and not isinstance(rid, bool):
+            return rid
+    return None
+
+
+def parse_request(body: object) -> Request:
+    """Validate the envelope of a request; unknown keys are ignored."""
+    if not isinstance(body, dict):
+        raise BadRequest("frame body must be a map")
+    op = body.get("op")
+    if not isinstance(op, str):
+        raise BadRequest("'op' must be a string")
+    rid = body.get("id")
+    if rid is not None and not is_int(rid):
+        raise BadRequest("'id' must be an integer")
+    params = body.get("params", {})
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise BadRequest("'params' must be a map")
+    token = body.get("token")
+    if token is not None and not isinstance(token, str):
+        raise BadRequest("'token' must be a string")
+    return Request(op=op, id=request_id(body), params=Params(params), token=token)
+
+
+def success(rid: int | None, data: Data | None = None) -> Data:
+    reply: Data = {} if rid is None else {"id": rid}
+    reply["code"] = 0
+    reply["msg"] = "success"
+    if data is not None:
+        reply["data"] = data
+    return reply
+
+
+def failure(rid: int | None, error: ChatdError) -> Data:
+    reply: Data = {} if rid is None else {"id": rid}
+    reply["code"] = int(error.code)
+    reply["msg"] = error.message
+    return reply
+
+
+def event(name: str, data: Data) -> Data:
+    """A server-initiated frame: it carries ``event`` and never ``id``."""
+    return {"event": name, "data": data}

@@ -1,0 +1,388 @@
+"""Everything chatd keeps on disk: schema, migrations and every SQL statement.
+
+One aiosqlite connection in WAL mode.  Each public method is one transaction,
+taken under an asyncio lock so that coroutines sharing the connection never
+interleave statements; a method that returns has committed.  Handlers see only
+the typed rows below, never SQL, so another store can replace this one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import aiosqlite
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Each entry moves the schema one version up; PRAGMA user_version records where we are.
+MIGRATIONS: Sequence[str] = (
+    """
+    CREATE TABLE users (
+        id            INTEGER PRIMARY KEY,
+        name          TEXT NOT NULL,
+        name_key      TEXT NOT NULL UNIQUE,
+        password_hash TEXT NOT NULL,
+        created_at    REAL NOT NULL,
+        inbox_cursor  INTEGER NOT NULL DEFAULT 0  -- newest private message id received
+    );
+    CREATE TABLE tokens (
+        digest     BLOB PRIMARY KEY,  -- sha256 of the token, never the token itself
+        user_id    INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX tokens_by_user ON tokens(user_id);
+    -- AUTOINCREMENT: ids are never reused, so cursors stay valid after deletions.
+    CREATE TABLE private_messages (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        sender_id    INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        recipient_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        body         TEXT NOT NULL,
+        created_at   REAL NOT NULL,
+        client_id    TEXT
+    );
+    CREATE INDEX private_by_recipient ON private_messages(recipient_id, id);
+    CREATE UNIQUE INDEX private_by_client_id
+        ON private_messages(sender_id, client_id) WHERE client_id IS NOT NULL;
+    CREATE TABLE channels (
+        id         INTEGER PRIMARY KEY,
+        name       TEXT NOT NULL,
+        name_key   TEXT NOT NULL UNIQUE,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE channel_members (
+        channel_id  INTEGER NOT NULL REFERENCES channels(id) ON DELETE CASCADE,
+        user_id     INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        joined_at   REAL NOT NULL,
+        read_cursor INTEGER,  -- newest id received, NULL before the first /channel/receive
+        PRIMARY KEY (channel_id, user_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX members_by_user ON channel_members(user_id);
+    CREATE TABLE channel_messages (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        channel_id INTEGER NOT NULL REFERENCES channels(id) ON DELETE CASCADE,
+        sender_id  INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        body       TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        client_id  TEXT
+    );
+    CREATE INDEX channel_messages_by_channel ON channel_messages(channel_id, id);
+    CREATE UNIQUE INDEX channel_messages_by_client_id
+        ON channel_messages(sender_id, client_id) WHERE client_id IS NOT NULL;
+    """,
+)
+
+
+class StoreError(Exception):
+    """The database cannot be opened or migrated."""
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: int
+    name: str
+    password_hash: str
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Channel:
+    id: int
+    name: str
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """The result of storing a message: what the sender is told."""
+
+    id: int
+    created_at: float
+    duplicate: bool = False  # True when client_id matched an earlier send
+
+
+@dataclass(frozen=True, slots=True)
+class PrivateMessage:
+    id: int
+    sender: str
+    body: str
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelMessage:
+    id: int
+    sender: str
+    body: str
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Batch(Generic[T]):
+    """Messages handed to a reader, and whether more were left waiting."""
+
+    messages: list[T]
+    more: bool
+
+
+SYNCHRONOUS_MODES = ("NORMAL", "FULL")
+
+
+class Store:
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: str, synchronous: str = "NORMAL") -> Store:
+        if synchronous not in SYNCHRONOUS_MODES:
+            raise StoreError(f"synchronous must be one of {SYNCHRONOUS_MODES}")
+        try:
+            db = await aiosqlite.connect(path, isolation_level=None)
+        except Exception as exc:
+            raise StoreError(f"cannot open database {path}: {exc}") from exc
+        store = cls(db)
+        try:
+            await store._configure(synchronous)
+            await store._migrate()
+        except Exception as exc:
+            await db.close()
+            raise StoreError(f"cannot use database {path}: {exc}") from exc
+        return store
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._db.close()
+
+    async def _configure(self, synchronous: str) -> None:
+        # WAL: readers never block the writer; with synchronous=NORMAL a commit
+        # survives a crash of the process (FULL also survives power loss).
+        await self._db.execute("PRAGMA journal_mode=WAL")
+        await self._db.execute(f"PRAGMA synchronous={synchronous}")
+        await self._db.execute("PRAGMA foreign_keys=ON")
+        await self._db.execute("PRAGMA busy_timeout=5000")
+
+    async def _migrate(self) -> None:
+        version = await self._scalar("PRAGMA user_version")
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            log.info("migrating database schema to version %d", number)
+            async with self._transaction():
+                for statement in _statements(script):
+                    await self._db.execute(statement)
+                await self._db.execute(f"PRAGMA user_version={number}")
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+            await self._db.execute("COMMIT")
+
+    async def _scalar(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        async with self._db.execute(sql, args) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else row[0]
+
+    # Users and tokens.
+
+    async def create_user(self, name: str, key: str, password_hash: str, now: float) -> bool:
+        """Add a user; False if ``key`` is taken."""
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "INSERT INTO users (name, name_key, password_hash, created_at)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (name_key) DO NOTHING",
+                (name, key, password_hash, now),
+            )
+            return cursor.rowcount == 1
+
+    async def find_user(self, key: str) -> User | None:
+        async with self._lock:
+            return await self._user_where("name_key = ?", (key,))
+
+    async def _user_where(self, condition: str, args: Sequence[Any]) -> User | None:
+        sql = f"SELECT id, name, password_hash, created_at FROM users WHERE {condition}"
+        async with self._db.execute(sql, args) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else User(*row)
+
+    async def set_password_hash(self, user_id: int, password_hash: str) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, user_id)
+            )
+
+    async def add_token(self, user_id: int, digest: bytes, now: float, expires_at: float) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO tokens (digest, user_id, created_at, expires_at) VALUES (?, ?, ?, ?)",
+                (digest, user_id, now, expires_at),
+            )
+
+    async def token_owner(self, digest: bytes, now: float) -> tuple[User, float] | None:
+        """The user a live token belongs to, and when the token expires."""
+        async with self._lock:
+            async with self._db.execute(
+                "SELECT user_id, expires_at FROM tokens WHERE digest = ? AND expires_at > ?",
+                (digest, now),
+            ) as cursor:
+                row = await cursor.fetchone()
+            if row is None:
+                return None
+            user = await self._user_where("id = ?", (row[0],))
+        return None if user is None else (user, row[1])
+
+    async def revoke_token(self, digest: bytes) -> None:
+        async with self._transaction() as db:
+            await db.execute("DELETE FROM tokens WHERE digest = ?", (digest,))
+
+    # Private messages.
+
+    async def add_private(
+        self, sender_id: int, recipient_id: int, body: str, now: float, client_id: str | None
+    ) -> Stored:
+        async with self._transaction() as db:
+            if client_id is not None:
+                earlier = await self._earlier_send("private_messages", sender_id, client_id)
+                if earlier is not None:
+                    return earlier
+            cursor = await db.execute(
+                "INSERT INTO private_messages (sender_id, recipient_id, body, created_at,"
+                " client_id) VALUES (?, ?, ?, ?, ?)",
+                (sender_id, recipient_id, body, now, client_id),
+            )
+            assert cursor.lastrowid is not None
+            return Stored(cursor.lastrowid, now)
+
+    async def _earlier_send(self, table: str, sender_id: int, client_id: str) -> Stored | None:
+        async with self._db.execute(
+            f"SELECT id, created_at FROM {table} WHERE sender_id = ? AND client_id = ?",
+            (sender_id, client_id),
+        ) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else Stored(row[0], row[1], duplicate=True)
+
+    async def take_inbox(self, user_id: int, limit: int) -> Batch[PrivateMessage]:
+        """Private messages not yet received, oldest first; they count as received after this."""
+        async with self._transaction() as db:
+            async with db.execute(
+                "SELECT m.id, u.name, m.body, m.created_at FROM private_messages m"
+                " JOIN users u ON u.id = m.sender_id"
+                " WHERE m.recipient_id = ?"
+                " AND m.id > (SELECT inbox_cursor FROM users WHERE id = ?)"
+                " ORDER BY m.id LIMIT ?",
+                (user_id, user_id, limit + 1),
+            ) as cursor:
+                rows = list(await cursor.fetchall())
+            messages = [PrivateMessage(*row) for row in rows[:limit]]
+            if messages:
+                await db.execute(
+                    "UPDATE users SET inbox_cursor = ? WHERE id = ?", (messages[-1].id, user_id)
+                )
+        return Batch(messages, more=len(rows) > limit)
+
+    # Channels.
+
+    async def find_channel(self, key: str) -> Channel | None:
+        async with self._lock, self._db.execute(
+            "SELECT id, name, created_at FROM channels WHERE name_key = ?", (key,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else Channel(*row)
+
+    async def join_channel(self, name: str, key: str, user_id: int, now: float) -> Channel:
+        """Create the channel if it is new and make the user a member if they are not."""
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO channels (name, name_key, created_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (name_key) DO NOTHING",
+                (name, key, now),
+            )
+            async with db.execute(
+                "SELECT id, name, created_at FROM channels WHERE name_key = ?", (key,)
+            ) as cursor:
+                row = await cursor.fetchone()
+            assert row is not None
+            channel = Channel(*row)
+            await db.execute(
+                "INSERT INTO channel_members (channel_id, user_id, joined_at) VALUES (?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
+                (channel.id, user_id, now),
+            )
+        return channel
+
+    async def add_channel_message(
+        self, channel_id: int, sender_id: int, body: str, now: float, client_id: str | None
+    ) -> Stored:
+        async with self._transaction() as db:
+            if client_id is not None:
+                earlier = await self._earlier_send("channel_messages", sender_id, client_id)
+                if earlier is not None:
+                    return earlier
+            cursor = await db.execute(
+                "INSERT INTO channel_messages (channel_id, sender_id, body, created_at, client_id)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (channel_id, sender_id, body, now, client_id),
+            )
+            assert cursor.lastrowid is not None
+            return Stored(cursor.lastrowid, now)
+
+    async def take_channel(
+        self, channel_id: int, user_id: int, backlog: int, limit: int
+    ) -> Batch[ChannelMessage]:
+        """What is new in a channel for a member since their previous call.
+
+        A member's first call gets the newest ``backlog`` messages instead.
+        """
+        select = (
+            "SELECT m.id, u.name, m.body, m.created_at FROM channel_messages m"
+            " JOIN users u ON u.id = m.sender_id WHERE m.channel_id = ?"
+        )
+        async with self._transaction() as db:
+            cursor_value = await self._scalar(
+                "SELECT read_cursor FROM channel_members WHERE channel_id = ? AND user_id = ?",
+                (channel_id, user_id),
+            )
+            if cursor_value is None:
+                async with db.execute(
+                    f"{select} ORDER BY m.id DESC LIMIT ?", (channel_id, backlog)
+                ) as cursor:
+                    rows = list(await cursor.fetchall())[::-1]
+                more = False
+                newest = rows[-1][0] if rows else 0
+            else:
+                async with db.execute(
+                    f"{select} AND m.id > ? ORDER BY m.id LIMIT ?",
+                    (channel_id, cursor_value, limit + 1),
+                ) as cursor:
+                    rows = list(await cursor.fetchall())
+                more = len(rows) > limit
+                rows = rows[:limit]
+                newest = rows[-1][0] if rows else cursor_value
+            await db.execute(
+                "UPDATE channel_members SET read_cursor = ? WHERE channel_id = ? AND user_id = ?",
+                (newest, channel_id, user_id),
+            )
+        return Batch([ChannelMessage(*row) for row in rows], more)
+
+    async def channel_members(self, channel_id: int) -> list[tuple[int, str]]:
+        async with self._lock, self._db.execute(
+            "SELECT u.id, u.name FROM channel_members c JOIN users u ON u.id = c.user_id"
+            " WHERE c.channel_id = ? ORDER BY u.name_key",
+            (channel_id,),
+        ) as cursor:
+            return [(row[0], row[1]) for row in await cursor.fetchall()]
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration script into statements (they contain no string literals with ';')."""
+    return [part.strip() for part in script.split(";") if part.strip()]

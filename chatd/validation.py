@@ -1,0 +1,54 @@
+"""Rules for names, passwords and message text (protocol.md, "Limits").
+
+A value longer than its maximum is TooLarge (code 7); any other violation
+(empty, too short, bad characters) is BadRequest (code 1).
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+from chatd.errors import BadRequest
+from chatd.protocol import Params
+
+MAX_NAME_LENGTH = 32
+MIN_PASSWORD_LENGTH = 8
+MAX_PASSWORD_LENGTH = 1024
+MAX_CLIENT_ID_LENGTH = 64
+_NAME_PUNCTUATION = frozenset("_-.")
+
+
+def name_key(name: str) -> str:
+    """The case-insensitive identity of a name: NFKC, casefold, NFKC (Unicode's NFKC_Casefold)."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
+
+
+def _check_name(value: str, what: str) -> str:
+    if not value:
+        raise BadRequest(f"{what} must not be empty")
+    normalized = unicodedata.normalize("NFKC", value)
+    if not all(ch.isalnum() or ch in _NAME_PUNCTUATION for ch in normalized):
+        raise BadRequest(f"{what} may contain only letters, digits, '_', '-' and '.'")
+    return value
+
+
+def user_name(params: Params, key: str = "name") -> str:
+    return _check_name(params.text(key, MAX_NAME_LENGTH), "name")
+
+
+def channel_name(params: Params, key: str = "name") -> str:
+    return _check_name(params.text(key, MAX_NAME_LENGTH), "channel name")
+
+
+def new_password(params: Params, key: str) -> str:
+    password = params.text(key, MAX_PASSWORD_LENGTH)
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise BadRequest(f"password must be at least {MIN_PASSWORD_LENGTH} characters")
+    return password
+
+
+def message_text(params: Params, key: str, max_length: int) -> str:
+    text = params.text(key, max_length)
+    if not text:
+        raise BadRequest("message must not be empty")
+    return text
