@@ -1,0 +1,99 @@
+"""Shared fixtures: a real chatd on an ephemeral port with a real SQLite file per test."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chatd.client import Client
+from chatd.config import Config
+from chatd.server import Server
+
+PASSWORD = "correct horse battery"
+# argon2 at its cheapest: the production default is checked in test_auth.py.
+FAST_HASHING = {"argon2_time_cost": 1, "argon2_memory_cost": 8, "argon2_parallelism": 1}
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    return Config(host="127.0.0.1", port=0, db=str(tmp_path / "chatd.sqlite3"), **FAST_HASHING)
+
+
+class Harness:
+    """Starts, restarts and stops a server, and hands out connected clients."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.server = Server(config)
+        self._clients: list[Client] = []
+        self._names = itertools.count(1)
+
+    async def start(self) -> None:
+        await self.server.start()
+        # A restart must find the same port: pin the one the first start picked.
+        self.config = dataclasses.replace(self.config, port=self.server.port)
+
+    async def restart(self, **changes: Any) -> None:
+        await self.close_clients()
+        await self.server.close()
+        self.config = dataclasses.replace(self.config, **changes)
+        self.server = Server(self.config)
+        await self.server.start()
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def connect(self, token: str | None = None) -> Client:
+        client = await Client.connect("127.0.0.1", self.port, token=token, timeout=10)
+        self._clients.append(client)
+        return client
+
+    async def user(self, name: str | None = None, password: str = PASSWORD) -> Client:
+        """A connected client logged in as a freshly registered user."""
+        name = name or f"user{next(self._names)}"
+        client = await self.connect()
+        await client.request(
+            "/register", {"name": name, "password": password, "password_repete": password}
+        )
+        await client.login(name, password)
+        return client
+
+    async def close_clients(self) -> None:
+        for client in self._clients:
+            await client.close()
+        self._clients.clear()
+
+    async def stop(self) -> None:
+        await self.close_clients()
+        await self.server.close()
+
+
+@pytest.fixture
+async def harness(config: Config) -> AsyncIterator[Harness]:
+    harness = Harness(config)
+    await harness.start()
+    yield harness
+    await harness.stop()
+
+
+@pytest.fixture
+async def make_harness(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Harness]]]:
+    """For tests that need non-default settings: ``await make_harness(max_frame_size=64)``."""
+    started: list[Harness] = []
+
+    async def make(**changes: Any) -> Harness:
+        base = Config(port=0, db=str(tmp_path / "custom.sqlite3"), **FAST_HASHING)
+        harness = Harness(dataclasses.replace(base, **changes))
+        await harness.start()
+        started.append(harness)
+        return harness
+
+    yield make
+    for harness in started:
+        await harness.stop()
