@@ -16,7 +16,11 @@ from chatd.server import Server
 
 PASSWORD = "correct horse battery"
 # argon2 at its cheapest: the production default is checked in test_auth.py.
-FAST_HASHING = {"argon2_time_cost": 1, "argon2_memory_cost": 8, "argon2_parallelism": 1}
+FAST_HASHING: dict[str, Any] = {
+    "argon2_time_cost": 1,
+    "argon2_memory_cost": 8,
+    "argon2_parallelism": 1,
+}
 
 
 @pytest.fixture
@@ -82,8 +86,11 @@ async def harness(config: Config) -> AsyncIterator[Harness]:
     await harness.stop()
 
 
+MakeHarness = Callable[..., Awaitable[Harness]]
+
+
 @pytest.fixture
-async def make_harness(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Harness]]]:
+async def make_harness(tmp_path: Path) -> AsyncIterator[MakeHarness]:
     """For tests that need non-default settings: ``await make_harness(max_frame_size=64)``."""
     started: list[Harness] = []
 

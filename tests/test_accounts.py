@@ -11,7 +11,7 @@ from chatd.errors import (
     NotAuthenticated,
     TooLarge,
 )
-from tests.conftest import PASSWORD, Harness
+from tests.conftest import PASSWORD, Harness, MakeHarness
 
 
 def registration(name: str, password: str = PASSWORD, repeat: str | None = None) -> dict[str, str]:
@@ -147,7 +147,7 @@ async def test_logout_leaves_other_tokens_alone(harness: Harness) -> None:
     await laptop.request("/user/info", {"name": "alice"})
 
 
-async def test_expired_token_is_refused(make_harness) -> None:  # type: ignore[no-untyped-def]
+async def test_expired_token_is_refused(make_harness: MakeHarness) -> None:
     harness = await make_harness(token_ttl=1)
     alice = await harness.user("alice")
     token = alice.token

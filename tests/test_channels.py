@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from chatd.errors import BadRequest, NotFound, TooLarge
-from tests.conftest import Harness
+from tests.conftest import Harness, MakeHarness
 from tests.test_messages import DATETIME
 
 
@@ -23,7 +23,7 @@ async def test_channel_is_created_on_first_send_and_members_join_by_using_it(
 
 
 async def test_first_receive_gets_the_latest_backlog_then_only_new(
-    make_harness,  # type: ignore[no-untyped-def]
+    make_harness: MakeHarness,
 ) -> None:
     harness = await make_harness(channel_backlog=3)
     alice = await harness.user("alice")
@@ -47,7 +47,7 @@ async def test_channel_messages_carry_id_name_datetime_msg(harness: Harness) -> 
     assert message == {"id": sent["id"], "name": "alice", "datetime": sent["datetime"], "msg": "hi"}
 
 
-async def test_channel_receive_pages_with_more(make_harness) -> None:  # type: ignore[no-untyped-def]
+async def test_channel_receive_pages_with_more(make_harness: MakeHarness) -> None:
     harness = await make_harness(receive_batch=2)
     alice = await harness.user("alice")
     bob = await harness.user("bob")

@@ -9,7 +9,7 @@ import pytest
 
 from chatd.client import Client
 from chatd.errors import BadRequest, Forbidden, NotFound, TooLarge
-from tests.conftest import Harness
+from tests.conftest import Harness, MakeHarness
 
 DATETIME = re.compile(r"^\d{4}\.\d{2}\.\d{2}:\d{2}:\d{2}:\d{2}$")
 
@@ -82,7 +82,7 @@ async def test_receive_of_someone_else_is_forbidden(harness: Harness) -> None:
     assert (await bob.request("/receive"))["messages"] == {"alice": ["private"]}
 
 
-async def test_receive_is_paged_with_more(make_harness) -> None:  # type: ignore[no-untyped-def]
+async def test_receive_is_paged_with_more(make_harness: MakeHarness) -> None:
     harness = await make_harness(receive_batch=3)
     alice = await harness.user("alice")
     bob = await harness.user("bob")

@@ -10,7 +10,7 @@ import msgpack
 import pytest
 
 from chatd.codec import FrameDecoder, encode_frame
-from tests.conftest import Harness
+from tests.conftest import Harness, MakeHarness
 
 
 class RawPeer:
@@ -140,7 +140,7 @@ async def test_oversize_header_gets_code_7_and_the_connection_is_closed(
     assert (await other.call("/ping"))["code"] == 0
 
 
-async def test_frame_of_exactly_the_limit_is_accepted(make_harness) -> None:  # type: ignore[no-untyped-def]
+async def test_frame_of_exactly_the_limit_is_accepted(make_harness: MakeHarness) -> None:
     harness = await make_harness(max_frame_size=200)
     peer = await RawPeer.open(harness.port)
     filler = "x" * (200 - len(msgpack.packb({"op": "/ping", "id": 1, "pad": ""})) - 1)

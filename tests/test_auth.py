@@ -1,0 +1,60 @@
+"""Password hashing: production parameters, rehash on change, and off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+from argon2 import extract_parameters
+
+from chatd.auth import Hasher
+from chatd.client import Client
+from chatd.config import Config
+from tests.conftest import PASSWORD, Harness, MakeHarness
+
+
+async def test_production_default_is_rfc9106_argon2id() -> None:
+    hasher = Hasher(Config())
+    try:
+        stored = await hasher.hash(PASSWORD)
+    finally:
+        hasher.close()
+    params = extract_parameters(stored)
+    assert stored.startswith("$argon2id$")
+    assert (params.time_cost, params.memory_cost, params.parallelism) == (3, 65536, 4)
+    assert (params.salt_len, params.hash_len) == (16, 32)
+
+
+async def test_login_rehashes_when_parameters_change(harness: Harness) -> None:
+    await harness.user("alice")
+    await harness.restart(argon2_time_cost=2)
+    client = await harness.connect()
+    await client.login("alice", PASSWORD)
+    with sqlite3.connect(harness.config.db) as db:
+        (stored,) = db.execute("SELECT password_hash FROM users").fetchone()
+    assert extract_parameters(stored).time_cost == 2
+    await client.close()
+    again = await harness.connect()
+    await again.login("alice", PASSWORD)
+
+
+async def test_hashing_does_not_stall_other_clients(make_harness: MakeHarness) -> None:
+    # Production cost: each login takes tens of milliseconds of argon2 in a worker thread.
+    harness = await make_harness(argon2_time_cost=3, argon2_memory_cost=65536, argon2_parallelism=4)
+    await harness.user("alice")
+    pinger = await harness.connect()
+    logins = [await harness.connect() for _ in range(4)]
+    order: list[str] = []
+
+    async def login(client: Client) -> None:
+        await client.login("alice", PASSWORD)
+        order.append("login")
+
+    async def ping() -> None:
+        await asyncio.sleep(0.005)  # let every login reach the hashing pool first
+        await pinger.request("/ping")
+        order.append("ping")
+
+    await asyncio.gather(ping(), *(login(c) for c in logins))
+    # The ping is answered while the hashes are still running, not after them.
+    assert order[0] == "ping"

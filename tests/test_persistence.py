@@ -1,0 +1,51 @@
+"""What the server knows survives a restart; secrets are stored hashed."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from tests.conftest import PASSWORD, Harness
+
+
+async def test_restart_keeps_users_tokens_unread_messages_and_channels(harness: Harness) -> None:
+    alice = await harness.user("alice")
+    bob = await harness.user("bob")
+    token = bob.token
+    await alice.request("/send", {"name": "bob", "msg": "read before restart"})
+    await bob.request("/receive")
+    await alice.request("/send", {"name": "bob", "msg": "unread across restart"})
+    for i in range(3):
+        await alice.request("/channel/send", {"name": "dev", "message": f"c{i}"})
+    await bob.request("/channel/receive", {"name": "dev"})
+    await alice.request("/channel/send", {"name": "dev", "message": "new for bob"})
+
+    await harness.restart()
+
+    bob = await harness.connect(token=token)
+    assert (await bob.request("/receive"))["messages"] == {"alice": ["unread across restart"]}
+    channel = await bob.request("/channel/receive", {"name": "dev"})
+    assert [m["msg"] for m in channel["messages"]] == ["new for bob"]
+    users = await bob.request("/channel/list_users", {"name": "dev"})
+    assert [u["name"] for u in users["users"]] == ["alice", "bob"]
+    carol = await harness.user("carol")
+    history = await carol.request("/channel/receive", {"name": "dev"})
+    assert [m["msg"] for m in history["messages"]] == ["c0", "c1", "c2", "new for bob"]
+    fresh = await harness.connect()
+    await fresh.login("alice", PASSWORD)
+
+
+async def test_passwords_and_tokens_are_never_stored_in_clear(harness: Harness) -> None:
+    alice = await harness.user("alice")
+    assert alice.token is not None
+    with sqlite3.connect(harness.config.db) as db:
+        dump = "\n".join(db.iterdump())
+        (password_hash,) = db.execute("SELECT password_hash FROM users").fetchone()
+    assert PASSWORD not in dump
+    assert alice.token not in dump
+    assert password_hash.startswith("$argon2id$")
+
+
+async def test_schema_is_versioned_and_in_wal_mode(harness: Harness) -> None:
+    with sqlite3.connect(harness.config.db) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] >= 1
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
