@@ -23,11 +23,14 @@ from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
 
-from chatd.codec import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, Malformed, Oversize, encode_frame
+from chatd.codec import FrameDecoder, Malformed, Oversize, encode_frame
 from chatd.errors import error_for
 
 Reply = dict[str, Any]
 DEFAULT_TIMEOUT = 30.0
+# Replies are not bound by the server's request limit: a full /receive page of long
+# messages in a four-byte script is about 16 MiB (protocol.md, "Names and limits").
+MAX_REPLY_SIZE = 32 * 1024 * 1024
 _END = object()  # marks the end of the event stream
 
 
@@ -38,7 +41,7 @@ class Client:
         writer: asyncio.StreamWriter,
         *,
         timeout: float = DEFAULT_TIMEOUT,
-        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_frame_size: int = MAX_REPLY_SIZE,
     ) -> None:
         self.token: str | None = None
         self.timeout = timeout

@@ -31,7 +31,7 @@ class Config:
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
     event_loop: str = _setting("auto", "auto (uvloop when installed), asyncio or uvloop")
 
-    # Wire limits (protocol.md, "Limits").
+    # Wire limits (protocol.md, "Names and limits").
     max_frame_size: int = _setting(64 * KIB, "largest frame body accepted, in bytes", 16)
     max_message_length: int = _setting(4096, "longest message text, in characters", 1)
     receive_batch: int = _setting(1000, "most messages one /receive or /channel/receive returns", 1)

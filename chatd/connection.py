@@ -1,7 +1,7 @@
 """The per-client I/O layer: reading, writing, backpressure and timeouts, nothing else.
 
 Requests on one connection are handled one after another, so replies come
-back in request order (protocol.md, "Connections").
+back in request order (protocol.md, "Connection lifecycle").
 """
 
 from __future__ import annotations

@@ -117,6 +117,7 @@ async def authenticate(ctx: Context, token: str) -> None:
         return  # already bound with this token: no database round trip per request
     owner = await ctx.store.token_owner(digest, ctx.clock())
     if owner is None:
+        ctx.hub.unbind(session)  # never leave a connection acting for someone it cannot prove
         raise NotAuthenticated("invalid or expired token")
     user, expires_at = owner
     ctx.hub.bind(session, user.id, user.name, digest, expires_at)

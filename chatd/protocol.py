@@ -1,4 +1,4 @@
-"""Requests, responses and events as plain data (protocol.md, "Messages").
+"""Requests, responses and events as plain data (protocol.md, "Requests and replies").
 
 Sans-I/O like ``codec.py``: this module turns decoded frame bodies into
 :class:`Request` objects and builds the maps the server sends back.

@@ -354,11 +354,15 @@ class Store:
             )
             if cursor_value is None:
                 async with db.execute(
-                    f"{select} ORDER BY m.id DESC LIMIT ?", (channel_id, backlog)
+                    f"{select} ORDER BY m.id DESC LIMIT ?", (channel_id, min(backlog, limit))
                 ) as cursor:
                     rows = list(await cursor.fetchall())[::-1]
                 more = False
-                newest = rows[-1][0] if rows else 0
+                # Older messages than the backlog are history, not news: skip past them all.
+                newest = await self._scalar(
+                    "SELECT COALESCE(MAX(id), 0) FROM channel_messages WHERE channel_id = ?",
+                    (channel_id,),
+                )
             else:
                 async with db.execute(
                     f"{select} AND m.id > ? ORDER BY m.id LIMIT ?",

@@ -1,4 +1,4 @@
-"""Rules for names, passwords and message text (protocol.md, "Limits").
+"""Rules for names, passwords and message text (protocol.md, "Names and limits").
 
 A value longer than its maximum is TooLarge (code 7); any other violation
 (empty, too short, bad characters) is BadRequest (code 1).
@@ -23,11 +23,16 @@ def name_key(name: str) -> str:
     return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
 
 
+def _name_character(ch: str) -> bool:
+    # Letters, marks (so scripts such as Devanagari spell whole words) and digits.
+    return unicodedata.category(ch)[0] in "LMN" or ch in _NAME_PUNCTUATION
+
+
 def _check_name(value: str, what: str) -> str:
     if not value:
         raise BadRequest(f"{what} must not be empty")
     normalized = unicodedata.normalize("NFKC", value)
-    if not all(ch.isalnum() or ch in _NAME_PUNCTUATION for ch in normalized):
+    if not all(_name_character(ch) for ch in normalized):
         raise BadRequest(f"{what} may contain only letters, digits, '_', '-' and '.'")
     return value
 

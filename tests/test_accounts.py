@@ -157,3 +157,20 @@ async def test_expired_token_is_refused(make_harness: MakeHarness) -> None:
     fresh = await harness.connect(token=token)
     with pytest.raises(NotAuthenticated):
         await fresh.request("/ping")
+
+
+async def test_a_bad_token_unbinds_the_connection(harness: Harness) -> None:
+    alice = await harness.user("alice")
+    good = alice.token
+    alice.token = "forged"
+    assert (await alice.call("/ping"))["code"] == 2
+    alice.token = None
+    assert (await alice.call("/user/info", {"name": "alice"}))["code"] == 2
+    alice.token = good
+    await alice.request("/user/info", {"name": "alice"})
+
+
+async def test_names_in_scripts_with_combining_marks(harness: Harness) -> None:
+    client = await harness.connect()
+    await client.request("/register", registration("हिन्दी"))
+    await client.login("हिन्दी", PASSWORD)

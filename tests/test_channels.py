@@ -110,3 +110,17 @@ async def test_channel_send_with_client_id_is_stored_once(harness: Harness) -> N
         "/channel/send", params
     )
     assert len((await alice.request("/channel/receive", {"name": "dev"}))["messages"]) == 1
+
+
+async def test_zero_backlog_first_receive_skips_history_for_good(
+    make_harness: MakeHarness,
+) -> None:
+    harness = await make_harness(channel_backlog=0)
+    alice = await harness.user("alice")
+    bob = await harness.user("bob")
+    for i in range(3):
+        await alice.request("/channel/send", {"name": "dev", "message": f"old{i}"})
+    assert (await bob.request("/channel/receive", {"name": "dev"}))["messages"] == []
+    await alice.request("/channel/send", {"name": "dev", "message": "new"})
+    later = await bob.request("/channel/receive", {"name": "dev"})
+    assert [m["msg"] for m in later["messages"]] == ["new"]

@@ -161,3 +161,13 @@ async def test_two_clients_at_once_interleave_without_mixups(harness: Harness) -
     await asyncio.gather(chat(alice, "bob", 50), chat(bob, "alice", 50))
     assert (await bob.request("/receive"))["messages"] == {"alice": [str(i) for i in range(50)]}
     assert (await alice.request("/receive"))["messages"] == {"bob": [str(i) for i in range(50)]}
+
+
+async def test_replies_larger_than_the_request_limit_reach_the_client(harness: Harness) -> None:
+    alice = await harness.user("alice")
+    bob = await harness.user("bob")
+    text = "\U0001f600" * 4096  # 16 KiB of UTF-8 per message
+    for _ in range(40):
+        await alice.request("/send", {"name": "bob", "msg": text})
+    data = await bob.request("/receive")
+    assert data["messages"]["alice"] == [text] * 40  # a reply of about 650 KiB
