@@ -36,6 +36,7 @@ class Config:
     max_message_length: int = _setting(4096, "longest message text, in characters", 1)
     receive_batch: int = _setting(1000, "most messages one /receive or /channel/receive returns", 1)
     channel_backlog: int = _setting(50, "messages a first /channel/receive returns", 0)
+    history_page: int = _setting(200, "most messages one /history or /channel/history returns", 1)
 
     # Accounts.
     token_ttl: float = _setting(30 * DAYS, "session token lifetime, in seconds", 1)
@@ -51,6 +52,17 @@ class Config:
         30 * SECONDS, "close a client that reads no reply for this long", 0.01
     )
     graceful_timeout: float = _setting(10 * SECONDS, "time in-flight requests get at shutdown", 0)
+    ping_interval: float = _setting(
+        60 * SECONDS, "ping a subscribed connection silent this long", 0.01
+    )
+    ping_timeout: float = _setting(30 * SECONDS, "close it if the ping gets no answer", 0.01)
+    # Ergo drops at 96 KiB queued, Centrifugo at 1 MiB (shared/design/peers.md).
+    max_outbound_buffer: int = _setting(
+        1024 * KIB, "bytes queued to a client that does not read before it is dropped", 1
+    )
+    catch_up_queue: int = _setting(
+        10000, "live messages held per stream while a subscription catches up", 0
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -1,7 +1,10 @@
 """The per-client I/O layer: reading, writing, backpressure and timeouts, nothing else.
 
 Requests on one connection are handled one after another, so replies come
-back in request order (protocol.md, "Connection lifecycle").
+back in request order (protocol.md, "Connection lifecycle").  Pushed events
+are written without waiting; a client that lets more than
+``max_outbound_buffer`` bytes pile up is dropped rather than buffered without
+bound, and what it missed stays unacknowledged in the store for later.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from chatd import events
 from chatd.codec import FrameDecoder, Oversize, encode_frame
 from chatd.config import Config
 from chatd.hub import Session
@@ -30,8 +34,7 @@ class Connection(Session):
         config: Config,
         handle_body: BodyHandler,
     ) -> None:
-        peername = writer.get_extra_info("peername")
-        super().__init__(peer=_format_peer(peername))
+        super().__init__(peer=_format_peer(writer.get_extra_info("peername")))
         self._reader = reader
         self._writer = writer
         self._config = config
@@ -39,6 +42,7 @@ class Connection(Session):
         self._decoder = FrameDecoder(config.max_frame_size)
         self._closing = False
         self._idle = False  # waiting for input, no request in flight
+        self._dropped: str | None = None
 
     async def run(self) -> None:
         """Serve until the peer leaves, misbehaves, times out, or the server shuts down."""
@@ -51,7 +55,7 @@ class Connection(Session):
             reason = f"connection error ({type(exc).__name__})"
         finally:
             self._writer.close()
-            log.info("connection closed %s: %s", self.peer, reason)
+            log.info("connection closed %s: %s", self.peer, self._dropped or reason)
 
     def shutdown(self) -> None:
         """Finish the request in flight, if any, then close."""
@@ -59,31 +63,56 @@ class Connection(Session):
         if self._idle:
             self._writer.close()  # the pending read then sees end of stream
 
+    def write(self, frame: bytes) -> None:
+        """Queue a pushed frame without waiting; drop a client that does not read."""
+        if self._writer.is_closing():
+            return
+        self._writer.write(frame)
+        if self._writer.transport.get_write_buffer_size() > self._config.max_outbound_buffer:
+            self.abort("dropped: outbound buffer full (client not reading)")
+
+    def abort(self, reason: str) -> None:
+        self._dropped = self._dropped or reason
+        self._writer.transport.abort()
+
+    async def drain(self) -> None:
+        # A client that stops reading stops being read (backpressure),
+        # and is dropped when it stalls longer than write_timeout.
+        async with asyncio.timeout(self._config.write_timeout):
+            await self._writer.drain()
+
     async def _serve(self) -> str:
         while not self._closing:
             data = await self._read()
             if not data:
                 return "shutdown" if self._closing else "closed by peer"
             for body in self._decoder.feed(data):
-                await self._send(await self._handle_body(self, body))
+                self._writer.write(encode_frame(await self._handle_body(self, body)))
+                await self.drain()
                 if isinstance(body, Oversize):
                     return body.reason
         return "shutdown"
 
     async def _read(self) -> bytes:
+        """The next bytes from the peer, keeping a subscribed peer alive with pings."""
         self._idle = True
+        pinged = False
         try:
-            async with asyncio.timeout(self._config.idle_timeout):
-                return await self._reader.read(READ_CHUNK)
+            while True:
+                if self.subscription is None:
+                    timeout = self._config.idle_timeout
+                else:
+                    timeout = self._config.ping_timeout if pinged else self._config.ping_interval
+                try:
+                    async with asyncio.timeout(timeout):
+                        return await self._reader.read(READ_CHUNK)
+                except TimeoutError:
+                    if self.subscription is None or pinged:
+                        raise
+                    pinged = True
+                    self.write(events.PING)
         finally:
             self._idle = False
-
-    async def _send(self, message: dict[str, Any]) -> None:
-        self._writer.write(encode_frame(message))
-        # A client that stops reading its replies stops being read (backpressure),
-        # and is dropped when it stalls longer than write_timeout.
-        async with asyncio.timeout(self._config.write_timeout):
-            await self._writer.drain()
 
 
 def _format_peer(peername: object) -> str:

@@ -11,9 +11,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from chatd import validation
+from chatd import events, validation
 from chatd.auth import Hasher, new_token, token_digest
 from chatd.config import Config
+from chatd.delivery import INBOX, Fetch, Subscription
 from chatd.errors import (
     BadCredentials,
     BadRequest,
@@ -23,15 +24,11 @@ from chatd.errors import (
     NotFound,
 )
 from chatd.hub import Hub, Session
-from chatd.protocol import Data, Params, Request
-from chatd.store import Store, User
+from chatd.protocol import Data, Params, Request, format_datetime
+from chatd.store import Channel, ChannelMessage, Joined, PrivateMessage, Store, User
 
-DATETIME_FORMAT = "%Y.%m.%d:%H:%M:%S"  # the seed's "2020.03.05:12:12:00", always UTC
-
-
-def format_datetime(timestamp: float) -> str:
-    return time.strftime(DATETIME_FORMAT, time.gmtime(timestamp))
-
+# A stream to catch up on /subscribe: its key, where it starts, how to read it.
+CatchUp = tuple[int, Callable[[], Awaitable[int]], Fetch]
 
 @dataclass
 class Context:
@@ -49,6 +46,11 @@ class Context:
         """The caller's user id; only ops that require auth use it."""
         assert self.session.user_id is not None, "auth gate let an unbound session through"
         return self.session.user_id
+
+    @property
+    def user_name(self) -> str:
+        assert self.session.user_name is not None, "auth gate let an unbound session through"
+        return self.session.user_name
 
 
 Handler = Callable[[Context, Params], Awaitable[Data | None]]
@@ -93,7 +95,7 @@ async def login(ctx: Context, params: Params) -> Data:
     now = ctx.clock()
     expires_at = now + ctx.config.token_ttl
     await ctx.store.add_token(user.id, digest, now, expires_at)
-    ctx.hub.bind(ctx.session, user.id, user.name, digest, expires_at)
+    await _bind(ctx, ctx.session, user, digest, expires_at)
     return {"token": token, "name": user.name}
 
 
@@ -120,7 +122,16 @@ async def authenticate(ctx: Context, token: str) -> None:
         ctx.hub.unbind(session)  # never leave a connection acting for someone it cannot prove
         raise NotAuthenticated("invalid or expired token")
     user, expires_at = owner
-    ctx.hub.bind(session, user.id, user.name, digest, expires_at)
+    await _bind(ctx, session, user, digest, expires_at)
+
+
+async def _bind(
+    ctx: Context, session: Session, user: User, digest: bytes, expires_at: float
+) -> None:
+    # The hub keeps the channels of online users, for presence and fan-out.
+    online = ctx.hub.is_online(user.id)
+    channels = () if online else await ctx.store.channel_ids(user.id)
+    ctx.hub.bind(session, user.id, user.name, digest, expires_at, channels)
 
 
 # Users and private messages.
@@ -147,15 +158,21 @@ async def send(ctx: Context, params: Params) -> Data:
     text = validation.message_text(params, "msg", ctx.config.max_message_length)
     client_id = params.optional_text("client_id", validation.MAX_CLIENT_ID_LENGTH)
     stored = await ctx.store.add_private(ctx.user_id, recipient.id, text, ctx.clock(), client_id)
+    if not stored.duplicate:
+        message = PrivateMessage(stored.id, ctx.user_name, text, stored.created_at)
+        ctx.hub.publish_private(
+            recipient.id,
+            stored.id,
+            events.private_message(message),
+            ctx.session,
+            events.private_message(message, to=recipient.name),
+        )
     return {"id": stored.id, "datetime": format_datetime(stored.created_at)}
 
 
 async def receive(ctx: Context, params: Params) -> Data:
     name = params.optional_text("name", validation.MAX_NAME_LENGTH)
-    assert ctx.session.user_name is not None
-    if name is not None and validation.name_key(name) != validation.name_key(
-        ctx.session.user_name
-    ):
+    if name is not None and validation.name_key(name) != validation.name_key(ctx.user_name):
         raise Forbidden("you can only receive your own messages")
     batch = await ctx.store.take_inbox(ctx.user_id, ctx.config.receive_batch)
     grouped: dict[str, list[str]] = {}
@@ -164,44 +181,167 @@ async def receive(ctx: Context, params: Params) -> Data:
     return {"messages": grouped, "more": batch.more}
 
 
-# Channels.
-
-
-async def channel_send(ctx: Context, params: Params) -> Data:
-    name = validation.channel_name(params)
-    text = validation.message_text(params, "message", ctx.config.max_message_length)
-    client_id = params.optional_text("client_id", validation.MAX_CLIENT_ID_LENGTH)
-    now = ctx.clock()
-    channel = await ctx.store.join_channel(name, validation.name_key(name), ctx.user_id, now)
-    stored = await ctx.store.add_channel_message(channel.id, ctx.user_id, text, now, client_id)
-    return {"id": stored.id, "datetime": format_datetime(stored.created_at)}
-
-
-async def channel_receive(ctx: Context, params: Params) -> Data:
-    name = validation.channel_name(params)
-    channel = await ctx.store.join_channel(
-        name, validation.name_key(name), ctx.user_id, ctx.clock()
-    )
-    batch = await ctx.store.take_channel(
-        channel.id, ctx.user_id, ctx.config.channel_backlog, ctx.config.receive_batch
-    )
+async def history(ctx: Context, params: Params) -> Data:
+    other = await _existing_user(ctx, params)
+    before, limit = _page(ctx, params)
+    batch = await ctx.store.private_history(ctx.user_id, other.id, before, limit)
     messages = [
         {
-            "id": message.id,
-            "name": message.sender,
-            "datetime": format_datetime(message.created_at),
-            "msg": message.body,
+            "id": m.id,
+            "name": m.sender,
+            "to": m.recipient,
+            "datetime": format_datetime(m.created_at),
+            "msg": m.body,
         }
-        for message in batch.messages
+        for m in batch.messages
     ]
     return {"messages": messages, "more": batch.more}
 
 
-async def channel_list_users(ctx: Context, params: Params) -> Data:
-    name = validation.channel_name(params)
+def _page(ctx: Context, params: Params) -> tuple[int | None, int]:
+    before = params.optional_int("before", minimum=1)
+    limit = params.optional_int("limit", minimum=1)
+    return before, min(limit or 50, ctx.config.history_page)
+
+
+# Live delivery.
+
+
+async def subscribe(ctx: Context, params: Params) -> None:
+    if ctx.session.subscription is not None:
+        return  # already live: a second catch-up would only repeat what was sent
+    subscription = Subscription(ctx.session, ctx.config.receive_batch, ctx.config.catch_up_queue)
+    channels = ctx.hub.subscribe(ctx.session, subscription)
+    user_id, store = ctx.user_id, ctx.store
+
+    async def inbox_after(after: int, limit: int) -> list[tuple[int, bytes]]:
+        messages = await store.inbox_after(user_id, after, limit)
+        return [(m.id, events.private_message(m)) for m in messages]
+
+    catch_ups: list[CatchUp] = [(INBOX, lambda: store.inbox_position(user_id), inbox_after)]
+    for channel_id in channels:
+        catch_ups.append(_channel_catch_up(store, user_id, channel_id))
+    subscription.start(catch_ups)
+
+
+def _channel_catch_up(store: Store, user_id: int, channel_id: int) -> CatchUp:
+    async def channel_after(after: int, limit: int) -> list[tuple[int, bytes]]:
+        name = await store.channel_name(channel_id)
+        messages = await store.channel_after(channel_id, after, limit)
+        return [(m.id, events.channel_message(name, m)) for m in messages]
+
+    return channel_id, lambda: store.channel_position(channel_id, user_id), channel_after
+
+
+async def unsubscribe(ctx: Context, params: Params) -> None:
+    ctx.hub.unsubscribe(ctx.session)
+
+
+async def ack(ctx: Context, params: Params) -> Data:
+    message_id = params.optional_int("id", minimum=0)
+    if message_id is None:
+        raise BadRequest("missing parameter 'id'")
+    if params.optional_text("channel", validation.MAX_NAME_LENGTH) is None:
+        return {"position": await ctx.store.ack_private(ctx.user_id, message_id)}
+    channel = await _existing_channel(ctx, params, "channel")
+    position = await ctx.store.ack_channel(channel.id, ctx.user_id, message_id)
+    if position is None:
+        raise Forbidden("not a member of this channel")
+    return {"position": position}
+
+
+# Channels.
+
+
+async def _existing_channel(ctx: Context, params: Params, key: str = "name") -> Channel:
+    name = validation.channel_name(params, key)
     channel = await ctx.store.find_channel(validation.name_key(name))
     if channel is None:
         raise NotFound("no such channel")
+    return channel
+
+
+async def _member_channel(ctx: Context, params: Params) -> Channel:
+    channel = await _existing_channel(ctx, params)
+    if not await ctx.store.is_member(channel.id, ctx.user_id):
+        raise Forbidden("not a member of this channel")
+    return channel
+
+
+async def _use_channel(ctx: Context, params: Params, rejoin: bool = False) -> Channel:
+    """The channel named in params, created and joined on first use (the seed's rule)."""
+    name = validation.channel_name(params)
+    channel, joined = await ctx.store.join_channel(
+        name, validation.name_key(name), ctx.user_id, ctx.clock(), rejoin=rejoin
+    )
+    if joined is Joined.LEFT:
+        raise Forbidden("you left this channel: /channel/join it again")
+    if joined is Joined.NOW:
+        ctx.hub.joined(ctx.user_id, channel.id)
+        joined_frame = events.membership("join", channel.name, ctx.user_name)
+        ctx.hub.announce(channel.id, joined_frame, ctx.session)
+    return channel
+
+
+async def channel_join(ctx: Context, params: Params) -> Data:
+    channel = await _use_channel(ctx, params, rejoin=True)
+    return {"name": channel.name}
+
+
+async def channel_leave(ctx: Context, params: Params) -> None:
+    channel = await _existing_channel(ctx, params)
+    if not await ctx.store.leave_channel(channel.id, ctx.user_id, ctx.clock()):
+        raise Forbidden("not a member of this channel")
+    ctx.hub.left(ctx.user_id, channel.id)
+    left_frame = events.membership("leave", channel.name, ctx.user_name)
+    ctx.hub.announce(channel.id, left_frame, ctx.session)
+
+
+async def channel_list(ctx: Context, params: Params) -> Data:
+    memberships = await ctx.store.memberships(ctx.user_id, ctx.config.channel_backlog)
+    return {"channels": [{"name": m.channel, "unread": m.unread} for m in memberships]}
+
+
+async def channel_send(ctx: Context, params: Params) -> Data:
+    text = validation.message_text(params, "message", ctx.config.max_message_length)
+    client_id = params.optional_text("client_id", validation.MAX_CLIENT_ID_LENGTH)
+    channel = await _use_channel(ctx, params)
+    stored = await ctx.store.add_channel_message(
+        channel.id, ctx.user_id, text, ctx.clock(), client_id
+    )
+    if not stored.duplicate:
+        message = ChannelMessage(stored.id, ctx.user_name, text, stored.created_at)
+        frame = events.channel_message(channel.name, message)
+        ctx.hub.publish_channel(channel.id, stored.id, frame, ctx.session)
+    return {"id": stored.id, "datetime": format_datetime(stored.created_at)}
+
+
+async def channel_receive(ctx: Context, params: Params) -> Data:
+    channel = await _use_channel(ctx, params)
+    batch = await ctx.store.take_channel(
+        channel.id, ctx.user_id, ctx.config.channel_backlog, ctx.config.receive_batch
+    )
+    return {"messages": [_channel_item(m) for m in batch.messages], "more": batch.more}
+
+
+async def channel_history(ctx: Context, params: Params) -> Data:
+    channel = await _member_channel(ctx, params)
+    before, limit = _page(ctx, params)
+    batch = await ctx.store.channel_history(channel.id, before, limit)
+    return {"messages": [_channel_item(m) for m in batch.messages], "more": batch.more}
+
+
+def _channel_item(message: ChannelMessage) -> Data:
+    return {
+        "id": message.id,
+        "name": message.sender,
+        "datetime": format_datetime(message.created_at),
+        "msg": message.body,
+    }
+
+
+async def channel_list_users(ctx: Context, params: Params) -> Data:
+    channel = await _existing_channel(ctx, params)
     members = await ctx.store.channel_members(channel.id)
     return {
         "users": [
@@ -222,6 +362,14 @@ OPS: dict[str, Op] = {
     "/channel/send": Op(channel_send),
     "/channel/receive": Op(channel_receive),
     "/channel/list_users": Op(channel_list_users),
+    "/history": Op(history),
+    "/subscribe": Op(subscribe),
+    "/unsubscribe": Op(unsubscribe),
+    "/ack": Op(ack),
+    "/channel/join": Op(channel_join),
+    "/channel/leave": Op(channel_leave),
+    "/channel/list": Op(channel_list),
+    "/channel/history": Op(channel_history),
 }
 
 # These establish identity themselves, so a stale token must not stand in their way.

@@ -1,18 +1,24 @@
-"""Live state: who is connected as whom, and (later) fan-out of pushes.
+"""Live state and fan-out: who is connected as whom, who follows which stream.
 
-Synchronous and in-memory: no I/O and no awaits, so handlers can consult it
-freely.  A cross-node bus would sit behind this same interface.
+Synchronous and in-memory: no I/O and no awaits, so a handler's "store, then
+publish" runs without interleaving.  Frames arrive here already encoded, once
+per message whatever the number of recipients.  A cross-node bus would sit
+behind this same interface.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
+
+from chatd import events
+from chatd.delivery import INBOX, Subscription
 
 
 class Session:
-    """One client connection as the hub and the handlers see it: who it is bound to.
+    """One client connection as the hub and the handlers see it.
 
-    The connection layer subclasses this; handler tests use it as it is.
+    The connection layer subclasses this and supplies ``write`` and ``drain``.
     """
 
     def __init__(self, peer: str = "-") -> None:
@@ -21,6 +27,7 @@ class Session:
         self.user_name: str | None = None
         self.token_digest: bytes | None = None
         self.token_expires_at = 0.0
+        self.subscription: Subscription | None = None
 
     def clear(self) -> None:
         self.user_id = None
@@ -28,35 +35,64 @@ class Session:
         self.token_digest = None
         self.token_expires_at = 0.0
 
+    def write(self, frame: bytes) -> None:
+        raise NotImplementedError("this session has no transport")
+
+    async def drain(self) -> None:
+        raise NotImplementedError("this session has no transport")
+
+    def abort(self, reason: str) -> None:
+        raise NotImplementedError("this session has no transport")
+
 
 class Hub:
     def __init__(self) -> None:
         self._sessions: defaultdict[int, set[Session]] = defaultdict(set)
+        self._names: dict[int, str] = {}
+        # Channel memberships of online users, and the subscribed sessions of each channel.
+        self._channels_of: dict[int, set[int]] = {}
+        self._followers: defaultdict[int, set[Session]] = defaultdict(set)
+
+    # Sessions and presence.
 
     def bind(
-        self, session: Session, user_id: int, name: str, digest: bytes, expires_at: float
+        self,
+        session: Session,
+        user_id: int,
+        name: str,
+        digest: bytes,
+        expires_at: float,
+        channels: Iterable[int] = (),
     ) -> None:
+        """Bind a session to a user; ``channels`` (their memberships) matter for the first."""
         self.unbind(session)
         session.user_id, session.user_name = user_id, name
         session.token_digest, session.token_expires_at = digest, expires_at
+        first = user_id not in self._sessions
         self._sessions[user_id].add(session)
+        if first:
+            self._names[user_id] = name
+            self._channels_of[user_id] = set(channels)
+            self._announce_presence(user_id, online=True)
 
     def unbind(self, session: Session) -> None:
         user_id = session.user_id
-        session.clear()
         if user_id is None:
             return
+        self.unsubscribe(session)
+        session.clear()
         sessions = self._sessions.get(user_id)
-        if sessions is not None:
-            sessions.discard(session)
-            if not sessions:
-                del self._sessions[user_id]
+        if sessions is None:
+            return
+        sessions.discard(session)
+        if not sessions:
+            self._announce_presence(user_id, online=False)
+            del self._sessions[user_id]
+            del self._channels_of[user_id]
+            del self._names[user_id]
 
     def is_online(self, user_id: int) -> bool:
         return user_id in self._sessions
-
-    def sessions_of(self, user_id: int) -> frozenset[Session]:
-        return frozenset(self._sessions.get(user_id, ()))
 
     def sessions_with_token(self, user_id: int, digest: bytes) -> list[Session]:
         return [s for s in self._sessions.get(user_id, ()) if s.token_digest == digest]
@@ -64,3 +100,88 @@ class Hub:
     @property
     def online_users(self) -> int:
         return len(self._sessions)
+
+    def _announce_presence(self, user_id: int, online: bool) -> None:
+        own = self._sessions.get(user_id, set())
+        audience: set[Session] = set()
+        for channel_id in self._channels_of.get(user_id, ()):
+            audience.update(self._followers.get(channel_id, ()))
+        frame = events.presence(self._names[user_id], online)
+        for session in audience - own:
+            session.write(frame)
+
+    # Subscriptions.
+
+    def subscribe(self, session: Session, subscription: Subscription) -> list[int]:
+        """Start live delivery; returns the channels whose streams must catch up."""
+        assert session.user_id is not None
+        self.unsubscribe(session)
+        session.subscription = subscription
+        channels = sorted(self._channels_of.get(session.user_id, ()))
+        subscription.hold(INBOX)
+        for channel_id in channels:
+            subscription.hold(channel_id)
+            self._followers[channel_id].add(session)
+        return channels
+
+    def unsubscribe(self, session: Session) -> None:
+        if session.subscription is None:
+            return
+        session.subscription.cancel()
+        session.subscription = None
+        for channel_id in self._channels_of.get(session.user_id or 0, ()):
+            self._unfollow(channel_id, session)
+
+    def _unfollow(self, channel_id: int, session: Session) -> None:
+        followers = self._followers.get(channel_id)
+        if followers is not None:
+            followers.discard(session)
+            if not followers:
+                del self._followers[channel_id]
+
+    # Channel membership.
+
+    def joined(self, user_id: int, channel_id: int) -> None:
+        channels = self._channels_of.get(user_id)
+        if channels is None:
+            return
+        channels.add(channel_id)
+        for session in self._sessions.get(user_id, ()):
+            if session.subscription is not None:
+                session.subscription.follow(channel_id)
+                self._followers[channel_id].add(session)
+
+    def left(self, user_id: int, channel_id: int) -> None:
+        self._channels_of.get(user_id, set()).discard(channel_id)
+        for session in self._sessions.get(user_id, ()):
+            if session.subscription is not None:
+                session.subscription.drop(channel_id)
+                self._unfollow(channel_id, session)
+
+    # Fan-out.
+
+    def publish_private(
+        self, recipient_id: int, message_id: int, frame: bytes, sender: Session, copy: bytes
+    ) -> None:
+        """To the recipient's subscribed sessions; a copy to the sender's other ones."""
+        for session in self._sessions.get(recipient_id, ()):
+            if session.subscription is not None:
+                session.subscription.offer(INBOX, message_id, frame)
+        if sender.user_id == recipient_id:
+            return  # a note to self: the inbox frame already reached every device
+        for session in self._sessions.get(sender.user_id or 0, ()):
+            if session is not sender and session.subscription is not None:
+                session.write(copy)
+
+    def publish_channel(
+        self, channel_id: int, message_id: int, frame: bytes, sender: Session
+    ) -> None:
+        for session in self._followers.get(channel_id, ()):
+            if session is not sender and session.subscription is not None:
+                session.subscription.offer(channel_id, message_id, frame)
+
+    def announce(self, channel_id: int, frame: bytes, exclude: Session) -> None:
+        """A channel event that is not a message (join, leave): no ids, no catch-up."""
+        for session in list(self._followers.get(channel_id, ())):
+            if session is not exclude:
+                session.write(frame)

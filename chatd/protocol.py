@@ -6,6 +6,7 @@ Sans-I/O like ``codec.py``: this module turns decoded frame bodies into
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,11 @@ from typing import Any
 from chatd.errors import BadRequest, ChatdError, TooLarge
 
 Data = dict[str, Any]
+DATETIME_FORMAT = "%Y.%m.%d:%H:%M:%S"  # the seed's "2020.03.05:12:12:00", always UTC
+
+
+def format_datetime(timestamp: float) -> str:
+    return time.strftime(DATETIME_FORMAT, time.gmtime(timestamp))
 
 
 def is_int(value: object) -> bool:

@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Generic, TypeVar
 
 import aiosqlite
@@ -76,6 +77,12 @@ MIGRATIONS: Sequence[str] = (
     CREATE UNIQUE INDEX channel_messages_by_client_id
         ON channel_messages(sender_id, client_id) WHERE client_id IS NOT NULL;
     """,
+    """
+    -- Leaving keeps the row, so a member who left is told "forbidden" instead of being
+    -- silently re-joined by /channel/receive, and /channel/join clears left_at.
+    ALTER TABLE channel_members ADD COLUMN left_at REAL;
+    CREATE INDEX private_by_pair ON private_messages(recipient_id, sender_id, id);
+    """,
 )
 
 
@@ -121,6 +128,31 @@ class ChannelMessage:
     sender: str
     body: str
     created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class SentMessage:
+    """A private message seen from either side of a conversation."""
+
+    id: int
+    sender: str
+    recipient: str
+    body: str
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    channel_id: int
+    channel: str
+    read_cursor: int | None
+    unread: int
+
+
+class Joined(Enum):
+    NOW = "now"  # the caller was not a member and now is
+    ALREADY = "already"  # the caller was a member already
+    LEFT = "left"  # the caller left this channel and has not re-joined
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,8 +331,13 @@ class Store:
             row = await cursor.fetchone()
         return None if row is None else Channel(*row)
 
-    async def join_channel(self, name: str, key: str, user_id: int, now: float) -> Channel:
-        """Create the channel if it is new and make the user a member if they are not."""
+    async def join_channel(
+        self, name: str, key: str, user_id: int, now: float, rejoin: bool = False
+    ) -> tuple[Channel, Joined]:
+        """Create the channel if it is new, and make the user a member.
+
+        A user who left is made a member again only with ``rejoin``.
+        """
         async with self._transaction() as db:
             await db.execute(
                 "INSERT INTO channels (name, name_key, created_at) VALUES (?, ?, ?)"
@@ -313,12 +350,68 @@ class Store:
                 row = await cursor.fetchone()
             assert row is not None
             channel = Channel(*row)
+            async with db.execute(
+                "SELECT left_at IS NOT NULL FROM channel_members"
+                " WHERE channel_id = ? AND user_id = ?",
+                (channel.id, user_id),
+            ) as cursor:
+                member = await cursor.fetchone()
+            if member is not None and not member[0]:
+                return channel, Joined.ALREADY
+            if member is not None and not rejoin:
+                return channel, Joined.LEFT
             await db.execute(
                 "INSERT INTO channel_members (channel_id, user_id, joined_at) VALUES (?, ?, ?)"
-                " ON CONFLICT DO NOTHING",
+                " ON CONFLICT DO UPDATE SET joined_at = excluded.joined_at,"
+                " read_cursor = NULL, left_at = NULL",
                 (channel.id, user_id, now),
             )
-        return channel
+        return channel, Joined.NOW
+
+    async def leave_channel(self, channel_id: int, user_id: int, now: float) -> bool:
+        """False if the user was not a member."""
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE channel_members SET left_at = ?"
+                " WHERE channel_id = ? AND user_id = ? AND left_at IS NULL",
+                (now, channel_id, user_id),
+            )
+            return cursor.rowcount == 1
+
+    async def channel_ids(self, user_id: int) -> list[int]:
+        async with self._lock, self._db.execute(
+            "SELECT channel_id FROM channel_members WHERE user_id = ? AND left_at IS NULL",
+            (user_id,),
+        ) as cursor:
+            return [row[0] for row in await cursor.fetchall()]
+
+    async def channel_name(self, channel_id: int) -> str:
+        async with self._lock:
+            name: str = await self._scalar("SELECT name FROM channels WHERE id = ?", (channel_id,))
+        return name
+
+    async def is_member(self, channel_id: int, user_id: int) -> bool:
+        async with self._lock:
+            found = await self._scalar(
+                "SELECT 1 FROM channel_members"
+                " WHERE channel_id = ? AND user_id = ? AND left_at IS NULL",
+                (channel_id, user_id),
+            )
+        return found is not None
+
+    async def memberships(self, user_id: int, backlog: int) -> list[Membership]:
+        """The user's channels by name, with what a /channel/receive would return now."""
+        async with self._lock, self._db.execute(
+            "SELECT c.id, c.name, m.read_cursor,"
+            " CASE WHEN m.read_cursor IS NULL"
+            "  THEN MIN(?, (SELECT COUNT(*) FROM channel_messages WHERE channel_id = c.id))"
+            "  ELSE (SELECT COUNT(*) FROM channel_messages"
+            "        WHERE channel_id = c.id AND id > m.read_cursor) END"
+            " FROM channel_members m JOIN channels c ON c.id = m.channel_id"
+            " WHERE m.user_id = ? AND m.left_at IS NULL ORDER BY c.name_key",
+            (backlog, user_id),
+        ) as cursor:
+            return [Membership(*row) for row in await cursor.fetchall()]
 
     async def add_channel_message(
         self, channel_id: int, sender_id: int, body: str, now: float, client_id: str | None
@@ -381,10 +474,128 @@ class Store:
     async def channel_members(self, channel_id: int) -> list[tuple[int, str]]:
         async with self._lock, self._db.execute(
             "SELECT u.id, u.name FROM channel_members c JOIN users u ON u.id = c.user_id"
-            " WHERE c.channel_id = ? ORDER BY u.name_key",
+            " WHERE c.channel_id = ? AND c.left_at IS NULL ORDER BY u.name_key",
             (channel_id,),
         ) as cursor:
             return [(row[0], row[1]) for row in await cursor.fetchall()]
+
+
+    # Delivery positions and catch-up (live push, /ack).
+
+    async def ack_private(self, user_id: int, message_id: int) -> int:
+        """Mark the inbox received up to ``message_id``; returns the new position.
+
+        Clamped to the newest message the user actually has, so acknowledging an id
+        from the future cannot swallow messages not yet sent.
+        """
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE users SET inbox_cursor = MAX(inbox_cursor, COALESCE("
+                " (SELECT MAX(id) FROM private_messages WHERE recipient_id = ? AND id <= ?),"
+                " 0)) WHERE id = ?",
+                (user_id, message_id, user_id),
+            )
+            position: int = await self._scalar(
+                "SELECT inbox_cursor FROM users WHERE id = ?", (user_id,)
+            )
+        return position
+
+    async def ack_channel(self, channel_id: int, user_id: int, message_id: int) -> int | None:
+        """As ack_private for a channel; None if the user is not a member."""
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE channel_members SET read_cursor = MAX(COALESCE(read_cursor, 0), COALESCE("
+                " (SELECT MAX(id) FROM channel_messages WHERE channel_id = ? AND id <= ?), 0))"
+                " WHERE channel_id = ? AND user_id = ? AND left_at IS NULL",
+                (channel_id, message_id, channel_id, user_id),
+            )
+            if cursor.rowcount != 1:
+                return None
+            position: int = await self._scalar(
+                "SELECT read_cursor FROM channel_members WHERE channel_id = ? AND user_id = ?",
+                (channel_id, user_id),
+            )
+        return position
+
+    async def inbox_position(self, user_id: int) -> int:
+        async with self._lock:
+            position: int = await self._scalar(
+                "SELECT inbox_cursor FROM users WHERE id = ?", (user_id,)
+            )
+        return position
+
+    async def channel_position(self, channel_id: int, user_id: int) -> int:
+        """Where a member's catch-up starts: their read position, or (before their first
+        /channel/receive, which would show the backlog) the channel's newest message."""
+        async with self._lock:
+            position: int = await self._scalar(
+                "SELECT COALESCE(m.read_cursor,"
+                " (SELECT COALESCE(MAX(id), 0) FROM channel_messages WHERE channel_id = ?))"
+                " FROM channel_members m WHERE m.channel_id = ? AND m.user_id = ?",
+                (channel_id, channel_id, user_id),
+            )
+        return position or 0
+
+    async def inbox_after(self, user_id: int, after_id: int, limit: int) -> list[PrivateMessage]:
+        """Private messages to the user newer than ``after_id``, oldest first (no side effect)."""
+        async with self._lock, self._db.execute(
+            "SELECT m.id, u.name, m.body, m.created_at FROM private_messages m"
+            " JOIN users u ON u.id = m.sender_id"
+            " WHERE m.recipient_id = ? AND m.id > ? ORDER BY m.id LIMIT ?",
+            (user_id, after_id, limit),
+        ) as cursor:
+            return [PrivateMessage(*row) for row in await cursor.fetchall()]
+
+    async def channel_after(
+        self, channel_id: int, after_id: int, limit: int
+    ) -> list[ChannelMessage]:
+        """Channel messages newer than ``after_id``, oldest first (no side effect)."""
+        async with self._lock, self._db.execute(
+            "SELECT m.id, u.name, m.body, m.created_at FROM channel_messages m"
+            " JOIN users u ON u.id = m.sender_id"
+            " WHERE m.channel_id = ? AND m.id > ? ORDER BY m.id LIMIT ?",
+            (channel_id, after_id, limit),
+        ) as cursor:
+            return [ChannelMessage(*row) for row in await cursor.fetchall()]
+
+    # History: reading back, with no effect on delivery positions.
+
+    async def channel_history(
+        self, channel_id: int, before: int | None, limit: int
+    ) -> Batch[ChannelMessage]:
+        """The ``limit`` newest messages older than ``before``, returned oldest first."""
+        async with self._lock, self._db.execute(
+            "SELECT m.id, u.name, m.body, m.created_at FROM channel_messages m"
+            " JOIN users u ON u.id = m.sender_id"
+            " WHERE m.channel_id = ? AND m.id < ? ORDER BY m.id DESC LIMIT ?",
+            (channel_id, _before(before), limit + 1),
+        ) as cursor:
+            rows = list(await cursor.fetchall())
+        page = [ChannelMessage(*row) for row in rows[:limit]]
+        return Batch(page[::-1], more=len(rows) > limit)
+
+    async def private_history(
+        self, user_id: int, other_id: int, before: int | None, limit: int
+    ) -> Batch[SentMessage]:
+        """The conversation between two users, both directions, paged like channel_history."""
+        async with self._lock, self._db.execute(
+            "SELECT m.id, s.name, r.name, m.body, m.created_at FROM private_messages m"
+            " JOIN users s ON s.id = m.sender_id JOIN users r ON r.id = m.recipient_id"
+            " WHERE m.id IN ("
+            "  SELECT id FROM private_messages"
+            "   WHERE recipient_id = ? AND sender_id = ? AND id < ?"
+            "  UNION SELECT id FROM private_messages"
+            "   WHERE recipient_id = ? AND sender_id = ? AND id < ?)"
+            " ORDER BY m.id DESC LIMIT ?",
+            (user_id, other_id, _before(before), other_id, user_id, _before(before), limit + 1),
+        ) as cursor:
+            rows = list(await cursor.fetchall())
+        page = [SentMessage(*row) for row in rows[:limit]]
+        return Batch(page[::-1], more=len(rows) > limit)
+
+
+def _before(before: int | None) -> int:
+    return (1 << 63) - 1 if before is None else before
 
 
 def _statements(script: str) -> list[str]:

@@ -1,0 +1,135 @@
+"""Live delivery to one subscribed connection: every message once, in order, no gaps.
+
+A connection follows several *streams*: its user's private inbox and each
+channel its user is a member of.  On ``/subscribe`` each stream first *catches
+up* from the store, starting at the user's acknowledged position, and only then
+goes *live*, taking the frames the hub offers as messages are stored.
+
+Frames offered while a stream is still catching up are queued (up to a bound)
+and flushed when it goes live; a message is never written twice on a
+connection, because a stream writes only ids above the last one it wrote.
+Message ids grow with commit order, and the hub offers a message only after
+it is committed, so whatever the store's catch-up reads missed, the queue
+holds.  If the queue overflows it is dropped and the catch-up simply reads on:
+the store is the truth, the queue only a shortcut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+INBOX = 0  # the stream key of the private inbox; channel streams use the channel id
+
+# Fetches the encoded event frames of a stream newer than an id, oldest first.
+Fetch = Callable[[int, int], Awaitable[list[tuple[int, bytes]]]]
+# Where a stream's catch-up starts: the user's acknowledged position.
+Position = Callable[[], Awaitable[int]]
+
+
+class Writer(Protocol):
+    def write(self, frame: bytes) -> None:
+        """Queue a frame without waiting; may drop a connection that reads too slowly."""
+
+    async def drain(self) -> None:
+        """Wait until the outbound buffer is below its high-water mark (with a timeout)."""
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection; what it did not acknowledge is delivered another time."""
+
+
+@dataclass
+class _Stream:
+    delivered: int  # the newest id written on this connection (or the starting position)
+    live: bool
+    queued: list[tuple[int, bytes]] = field(default_factory=list)
+    overflowed: bool = False
+
+
+class Subscription:
+    def __init__(self, writer: Writer, page_size: int, queue_limit: int) -> None:
+        self._writer = writer
+        self._page_size = page_size
+        self._queue_limit = queue_limit
+        self._streams: dict[int, _Stream] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def hold(self, stream: int) -> None:
+        """Start queueing a stream's live frames until its catch-up has run."""
+        self._streams[stream] = _Stream(delivered=0, live=False)
+
+    def follow(self, stream: int) -> None:
+        """Take a stream's frames live from now on (a channel joined while subscribed)."""
+        self._streams.setdefault(stream, _Stream(delivered=0, live=True))
+
+    def drop(self, stream: int) -> None:
+        self._streams.pop(stream, None)
+
+    def offer(self, stream: int, message_id: int, frame: bytes) -> None:
+        state = self._streams.get(stream)
+        if state is None:
+            return
+        if not state.live:
+            if len(state.queued) < self._queue_limit:
+                state.queued.append((message_id, frame))
+            else:
+                state.queued.clear()
+                state.overflowed = True
+        elif message_id > state.delivered:
+            state.delivered = message_id
+            self._writer.write(frame)
+
+    def start(self, catch_ups: list[tuple[int, Position, Fetch]]) -> None:
+        """Catch up each held stream in the background: (stream, its start position, fetch)."""
+        self._task = asyncio.create_task(self._catch_up_all(catch_ups))
+        self._task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        if isinstance(error, TimeoutError):
+            self._writer.abort("dropped: catch-up stalled (client not reading)")
+        elif error is not None:
+            log.error("catch-up failed", exc_info=error)
+            self._writer.abort("dropped: catch-up failed")
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _catch_up_all(self, catch_ups: list[tuple[int, Position, Fetch]]) -> None:
+        for stream, position, fetch in catch_ups:
+            start = await position()
+            state = self._streams.get(stream)
+            if state is None or state.live:
+                continue
+            state.delivered = start
+            await self._catch_up(state, fetch)
+
+    async def _catch_up(self, state: _Stream, fetch: Fetch) -> None:
+        while True:
+            page = await fetch(state.delivered, self._page_size)
+            for message_id, frame in page:
+                if message_id > state.delivered:
+                    state.delivered = message_id
+                    self._writer.write(frame)
+            if len(page) < self._page_size and not state.overflowed:
+                self._go_live(state)  # no await since the last read: nothing slips between
+                await self._writer.drain()
+                return
+            state.overflowed = False
+            await self._writer.drain()
+
+    def _go_live(self, state: _Stream) -> None:
+        for message_id, frame in sorted(state.queued, key=lambda item: item[0]):
+            if message_id > state.delivered:
+                state.delivered = message_id
+                self._writer.write(frame)
+        state.queued.clear()
+        state.live = True
