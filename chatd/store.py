@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -176,6 +177,9 @@ class Store:
         if synchronous not in SYNCHRONOUS_MODES:
             raise StoreError(f"synchronous must be one of {SYNCHRONOUS_MODES}")
         try:
+            # Probed with plain sqlite3 first: a failed aiosqlite.connect leaves its worker
+            # thread posting to the event loop, which may be closed by then (aiosqlite 0.22).
+            await asyncio.to_thread(_probe, path)
             db = await aiosqlite.connect(path, isolation_level=None)
         except Exception as exc:
             raise StoreError(f"cannot open database {path}: {exc}") from exc
@@ -596,6 +600,10 @@ class Store:
 
 def _before(before: int | None) -> int:
     return (1 << 63) - 1 if before is None else before
+
+
+def _probe(path: str) -> None:
+    sqlite3.connect(path).close()
 
 
 def _statements(script: str) -> list[str]:
