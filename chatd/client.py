@@ -44,6 +44,7 @@ class Client:
         max_frame_size: int = MAX_REPLY_SIZE,
     ) -> None:
         self.token: str | None = None
+        self.subscribed = False
         self.timeout = timeout
         self._reader = reader
         self._writer = writer
@@ -86,21 +87,49 @@ class Client:
         self, op: str, params: dict[str, Any] | None = None, *, timeout: float | None = None
     ) -> Reply:
         """Send one request and wait for its reply, whatever its code."""
-        request_id = next(self._ids)
-        body: dict[str, Any] = {"op": op, "id": request_id}
+        body: dict[str, Any] = {"op": op}
         if params is not None:
             body["params"] = params
+        return await self.exchange(body, timeout=timeout)
+
+    async def exchange(self, body: dict[str, Any], *, timeout: float | None = None) -> Reply:
+        """Send a request map as given and wait for its reply, whatever its code.
+
+        An integer ``id`` in ``body`` is kept (and must not be in use); otherwise one is
+        assigned.  The client's token is added unless ``body`` carries one.  The token
+        of a successful ``/login`` is kept, and a successful ``/subscribe`` remembered,
+        for later requests and :meth:`reconnect`.
+        """
+        body = dict(body)
+        request_id = body.get("id")
+        if not isinstance(request_id, int) or isinstance(request_id, bool):
+            request_id = body["id"] = next(self._ids)
+        if request_id in self._pending:
+            raise ValueError(f"request id {request_id} is already waiting for its reply")
         if self.token is not None:
-            body["token"] = self.token
+            body.setdefault("token", self.token)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
             self._writer.write(encode_frame(body))
             async with asyncio.timeout(self.timeout if timeout is None else timeout):
                 await self._writer.drain()
-                return await future
+                reply = await future
         finally:
             self._pending.pop(request_id, None)
+        self._remember(body.get("op"), reply)
+        return reply
+
+    def _remember(self, op: object, reply: Reply) -> None:
+        if reply.get("code") != 0:
+            return
+        if op == "/login":
+            self.token = reply["data"]["token"]
+        elif op == "/logout":
+            self.token = None
+            self.subscribed = False
+        elif op in ("/subscribe", "/unsubscribe"):
+            self.subscribed = op == "/subscribe"
 
     async def request(
         self, op: str, params: dict[str, Any] | None = None, *, timeout: float | None = None
@@ -109,8 +138,6 @@ class Client:
         reply = await self.call(op, params, timeout=timeout)
         if reply.get("code") != 0:
             raise error_for(int(reply.get("code", 9)), str(reply.get("msg", "")))
-        if op == "/login":
-            self.token = reply["data"]["token"]
         return reply.get("data")
 
     async def login(self, name: str, password: str) -> str:
@@ -120,7 +147,11 @@ class Client:
         return self.token
 
     async def reconnect(self) -> None:
-        """Open a fresh connection to the same address; the token goes with it."""
+        """Open a fresh connection to the same address and pick up where this one was.
+
+        The token binds the new connection, and a subscription is renewed, so the
+        server replays whatever was not acknowledged (protocol.md, "Live delivery").
+        """
         if self._address is None:
             raise RuntimeError("reconnect needs a client made by Client.connect")
         await self.close()
@@ -130,6 +161,10 @@ class Client:
         self._decoder = FrameDecoder(self._decoder.max_frame_size)
         self._events = asyncio.Queue()
         self._reader_task = asyncio.create_task(self._read_loop())
+        if self.token is not None:
+            await self.request("/ping")
+        if self.subscribed:
+            await self.request("/subscribe")
 
     async def next_event(self, timeout: float | None = None) -> dict[str, Any]:
         """The next server-initiated frame; raises TimeoutError or ConnectionError."""
@@ -140,6 +175,17 @@ class Client:
             raise ConnectionError("connection closed")
         event: dict[str, Any] = item
         return event
+
+    def waiting_events(self) -> list[dict[str, Any]]:
+        """The events already received and not yet taken, without waiting."""
+        found: list[dict[str, Any]] = []
+        while not self._events.empty():
+            item = self._events.get_nowait()
+            if item is _END:
+                self._events.put_nowait(_END)
+                break
+            found.append(item)
+        return found
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         """Server-initiated frames as they arrive, until the connection closes."""
@@ -178,5 +224,16 @@ class Client:
         if future is not None:
             if not future.done():
                 future.set_result(body)
+        elif isinstance(body, dict) and body.get("event") == "ping":
+            self._answer_ping()
         else:
             self._events.put_nowait(body)  # pushes, and replies the client cannot match
+
+    def _answer_ping(self) -> None:
+        # Any frame answers a keepalive ping; its reply is matched and dropped.
+        request_id = next(self._ids)
+        self._pending[request_id] = asyncio.get_running_loop().create_future()
+        self._writer.write(encode_frame({"op": "/ping", "id": request_id}))
+        self._pending[request_id].add_done_callback(
+            lambda _: self._pending.pop(request_id, None)
+        )

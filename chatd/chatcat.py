@@ -1,0 +1,203 @@
+"""chatcat: the netcat of chatd.
+
+    chatcat [HOST] [PORT]                     interactive when stdin is a terminal
+    printf '%s\\n' '{"op": "/ping"}' | chatcat  pipe mode: JSON lines in, JSON lines out
+    chatcat --token T /send name=bob msg=hi   one-shot: one request, one reply, exit
+
+Exit status: 0 success, 1 the server answered with an error, 2 cannot connect or bad usage.
+Everything goes through :class:`chatd.client.Client`: there is one framing implementation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn, TextIO
+
+from chatd.client import Client, Reply
+
+EXIT_OK, EXIT_SERVER_ERROR, EXIT_USAGE = 0, 1, 2
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7777
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"chatcat: {message} (see chatcat --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="chatcat",
+        description="Talk to a chatd server: interactively, as JSON lines, or one request.",
+        epilog="One-shot parameters: key=value passes a string, key:=JSON any JSON value "
+        "(chatcat /ack id:=42).",
+    )
+    parser.add_argument("words", nargs="*", metavar="[HOST] [PORT] [OP PARAM...]")
+    parser.add_argument("--token", default=os.environ.get("CHATD_TOKEN"),
+                        help="session token to reuse (default: $CHATD_TOKEN)")
+    parser.add_argument("--json", action="store_true",
+                        help="pipe mode even when stdin is a terminal")
+    parser.add_argument("--timeout", type=float, default=30.0,
+                        help="seconds to wait for the server (default 30)")
+    return parser
+
+
+def split_words(words: Sequence[str]) -> tuple[str, int, list[str]]:
+    """[HOST] [PORT] then an optional request: ``/op key=value ...``."""
+    rest = list(words)
+    host, port = DEFAULT_HOST, DEFAULT_PORT
+    if rest and not rest[0].startswith("/"):
+        host = rest.pop(0)
+    if rest and not rest[0].startswith("/"):
+        if not rest[0].isdigit() or not 0 < int(rest[0]) < 65536:
+            raise UsageError(f"not a port: {rest[0]}")
+        port = int(rest.pop(0))
+    if rest and not rest[0].startswith("/"):
+        raise UsageError(f"expected an op such as /ping, got {rest[0]!r}")
+    return host, port, rest
+
+
+def parse_params(pairs: Sequence[str]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, raw_json, value = _split_pair(pair)
+        if raw_json:
+            try:
+                params[key] = json.loads(value)
+            except json.JSONDecodeError:
+                raise UsageError(f"not valid JSON after {key}:= : {value}") from None
+        else:
+            params[key] = value
+    return params
+
+
+def _split_pair(pair: str) -> tuple[str, bool, str]:
+    key, sep, value = pair.partition("=")
+    if not sep or not key:
+        raise UsageError(f"parameters are key=value or key:=JSON, got {pair!r}")
+    if key.endswith(":"):
+        return key[:-1], True, value
+    return key, False, value
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, default=_json_default)
+
+
+def _json_default(obj: object) -> object:
+    return obj.hex() if isinstance(obj, bytes | bytearray) else repr(obj)
+
+
+# One-shot mode.
+
+
+async def one_shot(client: Client, request: list[str], out: TextIO) -> int:
+    op, params = request[0], parse_params(request[1:])
+    reply = await client.call(op, params or None)
+    print(to_json(reply), file=out, flush=True)
+    return EXIT_OK if reply.get("code") == 0 else EXIT_SERVER_ERROR
+
+
+# Pipe mode.
+
+
+async def pipe_mode(client: Client, stdin: TextIO, out: TextIO) -> int:
+    """Each stdin line a JSON request; each reply and event one JSON line on ``out``."""
+    status = EXIT_OK
+    printer = asyncio.create_task(_print_events(client, out))
+    replies: list[asyncio.Task[Reply]] = []
+    line_number = 0
+    while line := await asyncio.to_thread(stdin.readline):
+        line_number += 1
+        if not line.strip():
+            continue
+        try:
+            body = _request_from_json(line)
+        except UsageError as exc:
+            print(f"chatcat: line {line_number}: {exc}", file=sys.stderr)
+            status = EXIT_USAGE
+            continue
+        replies.append(asyncio.create_task(_exchange_and_print(client, body, out)))
+    for reply in await asyncio.gather(*replies):
+        if reply.get("code") != 0:
+            status = max(status, EXIT_SERVER_ERROR)
+    printer.cancel()
+    _print_waiting_events(client, out)
+    return status
+
+
+def _request_from_json(line: str) -> dict[str, Any]:
+    try:
+        body = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"not JSON ({exc.msg})") from None
+    if not isinstance(body, dict) or not isinstance(body.get("op"), str):
+        raise UsageError('a request is a JSON object with a string "op"')
+    return body
+
+
+async def _exchange_and_print(client: Client, body: dict[str, Any], out: TextIO) -> Reply:
+    reply = await client.exchange(body)
+    print(to_json(reply), file=out, flush=True)
+    return reply
+
+
+async def _print_events(client: Client, out: TextIO) -> None:
+    async for event in client.events():
+        print(to_json(event), file=out, flush=True)
+
+
+def _print_waiting_events(client: Client, out: TextIO) -> None:
+    for event in client.waiting_events():
+        print(to_json(event), file=out, flush=True)
+
+
+# Entry point.
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    try:
+        host, port, request = split_words(args.words)
+        if request:
+            parse_params(request[1:])  # usage errors before connecting
+    except UsageError as exc:
+        print(f"chatcat: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return asyncio.run(_run(args, host, port, request))
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+async def _run(args: argparse.Namespace, host: str, port: int, request: list[str]) -> int:
+    try:
+        client = await Client.connect(host, port, token=args.token, timeout=args.timeout)
+    except (OSError, TimeoutError) as exc:
+        print(f"chatcat: cannot connect to {host}:{port}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if request:
+            return await one_shot(client, request, sys.stdout)
+        if args.json or not sys.stdin.isatty():
+            return await pipe_mode(client, sys.stdin, sys.stdout)
+        from chatd.shell import interactive
+
+        return await interactive(client)
+    except (ConnectionError, TimeoutError) as exc:
+        print(f"chatcat: connection to {host}:{port} lost: {exc or 'timed out'}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        await client.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
