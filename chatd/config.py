@@ -61,7 +61,7 @@ class Config:
         1024 * KIB, "bytes queued to a client that does not read before it is dropped", 1
     )
     catch_up_queue: int = _setting(
-        10000, "live messages held per stream while a subscription catches up", 0
+        1000, "live messages held per stream while a subscription catches up", 0
     )
 
     def __post_init__(self) -> None:

@@ -43,6 +43,7 @@ class Connection(Session):
         self._closing = False
         self._idle = False  # waiting for input, no request in flight
         self._dropped: str | None = None
+        self._paced_in_flight = 0  # bytes of replies and catch-up frames being sent
 
     async def run(self) -> None:
         """Serve until the peer leaves, misbehaves, times out, or the server shuts down."""
@@ -68,7 +69,10 @@ class Connection(Session):
         if self._writer.is_closing():
             return
         self._writer.write(frame)
-        if self._writer.transport.get_write_buffer_size() > self._config.max_outbound_buffer:
+        # Frames written at the client's pace (replies, catch-up) are not the client's
+        # fault: only what piles up beyond them counts.
+        pushed = self._writer.transport.get_write_buffer_size() - self._paced_in_flight
+        if pushed > self._config.max_outbound_buffer:
             self.abort("dropped: outbound buffer full (client not reading)")
 
     def abort(self, reason: str) -> None:
@@ -87,11 +91,19 @@ class Connection(Session):
             if not data:
                 return "shutdown" if self._closing else "closed by peer"
             for body in self._decoder.feed(data):
-                self._writer.write(encode_frame(await self._handle_body(self, body)))
-                await self.drain()
+                await self.send(encode_frame(await self._handle_body(self, body)))
                 if isinstance(body, Oversize):
                     return body.reason
         return "shutdown"
+
+    async def send(self, frame: bytes) -> None:
+        """Write a frame and wait until the client has taken most of what is queued."""
+        self._paced_in_flight += len(frame)
+        try:
+            self._writer.write(frame)
+            await self.drain()
+        finally:
+            self._paced_in_flight -= len(frame)
 
     async def _read(self) -> bytes:
         """The next bytes from the peer, keeping a subscribed peer alive with pings."""

@@ -36,8 +36,8 @@ class Writer(Protocol):
     def write(self, frame: bytes) -> None:
         """Queue a frame without waiting; may drop a connection that reads too slowly."""
 
-    async def drain(self) -> None:
-        """Wait until the outbound buffer is below its high-water mark (with a timeout)."""
+    async def send(self, frame: bytes) -> None:
+        """Write a frame at the client's pace: wait while too much is queued (with a timeout)."""
 
     def abort(self, reason: str) -> None:
         """Drop the connection; what it did not acknowledge is delivered another time."""
@@ -104,27 +104,32 @@ class Subscription:
             self._task.cancel()
 
     async def _catch_up_all(self, catch_ups: list[tuple[int, Position, Fetch]]) -> None:
-        for stream, position, fetch in catch_ups:
-            start = await position()
+        # Every start position is read before any stream catches up, so a stream that
+        # starts at "the newest message now" means now, not after the others caught up.
+        starts = [await position() for _, position, _ in catch_ups]
+        for (stream, _, _), start in zip(catch_ups, starts, strict=True):
             state = self._streams.get(stream)
-            if state is None or state.live:
-                continue
-            state.delivered = start
-            await self._catch_up(state, fetch)
+            if state is not None and not state.live:
+                state.delivered = max(state.delivered, start)
+        for stream, _, fetch in catch_ups:
+            state = self._streams.get(stream)
+            if state is not None and not state.live:
+                await self._catch_up(stream, state, fetch)
 
-    async def _catch_up(self, state: _Stream, fetch: Fetch) -> None:
+    async def _catch_up(self, stream: int, state: _Stream, fetch: Fetch) -> None:
         while True:
             page = await fetch(state.delivered, self._page_size)
             for message_id, frame in page:
+                if self._streams.get(stream) is not state:
+                    return  # dropped meanwhile (the user left the channel)
                 if message_id > state.delivered:
                     state.delivered = message_id
-                    self._writer.write(frame)
+                    await self._writer.send(frame)
             if len(page) < self._page_size and not state.overflowed:
-                self._go_live(state)  # no await since the last read: nothing slips between
-                await self._writer.drain()
+                # Frames offered since the last read are in the queue: nothing slips between.
+                self._go_live(state)
                 return
             state.overflowed = False
-            await self._writer.drain()
 
     def _go_live(self, state: _Stream) -> None:
         for message_id, frame in sorted(state.queued, key=lambda item: item[0]):

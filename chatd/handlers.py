@@ -129,8 +129,7 @@ async def _bind(
     ctx: Context, session: Session, user: User, digest: bytes, expires_at: float
 ) -> None:
     # The hub keeps the channels of online users, for presence and fan-out.
-    online = ctx.hub.is_online(user.id)
-    channels = () if online else await ctx.store.channel_ids(user.id)
+    channels = () if ctx.hub.is_online(user.id) else await ctx.store.channel_ids(user.id)
     ctx.hub.bind(session, user.id, user.name, digest, expires_at, channels)
 
 
@@ -198,10 +197,13 @@ async def history(ctx: Context, params: Params) -> Data:
     return {"messages": messages, "more": batch.more}
 
 
+HISTORY_DEFAULT_LIMIT = 50
+
+
 def _page(ctx: Context, params: Params) -> tuple[int | None, int]:
     before = params.optional_int("before", minimum=1)
     limit = params.optional_int("limit", minimum=1)
-    return before, min(limit or 50, ctx.config.history_page)
+    return before, min(limit or HISTORY_DEFAULT_LIMIT, ctx.config.history_page)
 
 
 # Live delivery.
@@ -268,9 +270,8 @@ async def _member_channel(ctx: Context, params: Params) -> Channel:
     return channel
 
 
-async def _use_channel(ctx: Context, params: Params, rejoin: bool = False) -> Channel:
-    """The channel named in params, created and joined on first use (the seed's rule)."""
-    name = validation.channel_name(params)
+async def _use_channel(ctx: Context, name: str, rejoin: bool = False) -> Channel:
+    """The channel, created and joined on first use (the seed's rule)."""
     channel, joined = await ctx.store.join_channel(
         name, validation.name_key(name), ctx.user_id, ctx.clock(), rejoin=rejoin
     )
@@ -284,7 +285,7 @@ async def _use_channel(ctx: Context, params: Params, rejoin: bool = False) -> Ch
 
 
 async def channel_join(ctx: Context, params: Params) -> Data:
-    channel = await _use_channel(ctx, params, rejoin=True)
+    channel = await _use_channel(ctx, validation.channel_name(params), rejoin=True)
     return {"name": channel.name}
 
 
@@ -292,9 +293,10 @@ async def channel_leave(ctx: Context, params: Params) -> None:
     channel = await _existing_channel(ctx, params)
     if not await ctx.store.leave_channel(channel.id, ctx.user_id, ctx.clock()):
         raise Forbidden("not a member of this channel")
-    ctx.hub.left(ctx.user_id, channel.id)
+    # Announced before the hub forgets the membership, so the leaver's other devices hear it.
     left_frame = events.membership("leave", channel.name, ctx.user_name)
     ctx.hub.announce(channel.id, left_frame, ctx.session)
+    ctx.hub.left(ctx.user_id, channel.id)
 
 
 async def channel_list(ctx: Context, params: Params) -> Data:
@@ -303,9 +305,10 @@ async def channel_list(ctx: Context, params: Params) -> Data:
 
 
 async def channel_send(ctx: Context, params: Params) -> Data:
+    name = validation.channel_name(params)
     text = validation.message_text(params, "message", ctx.config.max_message_length)
     client_id = params.optional_text("client_id", validation.MAX_CLIENT_ID_LENGTH)
-    channel = await _use_channel(ctx, params)
+    channel = await _use_channel(ctx, name)
     stored = await ctx.store.add_channel_message(
         channel.id, ctx.user_id, text, ctx.clock(), client_id
     )
@@ -317,7 +320,7 @@ async def channel_send(ctx: Context, params: Params) -> Data:
 
 
 async def channel_receive(ctx: Context, params: Params) -> Data:
-    channel = await _use_channel(ctx, params)
+    channel = await _use_channel(ctx, validation.channel_name(params))
     batch = await ctx.store.take_channel(
         channel.id, ctx.user_id, ctx.config.channel_backlog, ctx.config.receive_batch
     )

@@ -18,7 +18,7 @@ from chatd.delivery import INBOX, Subscription
 class Session:
     """One client connection as the hub and the handlers see it.
 
-    The connection layer subclasses this and supplies ``write`` and ``drain``.
+    The connection layer subclasses this and supplies ``write``, ``send`` and ``abort``.
     """
 
     def __init__(self, peer: str = "-") -> None:
@@ -38,7 +38,7 @@ class Session:
     def write(self, frame: bytes) -> None:
         raise NotImplementedError("this session has no transport")
 
-    async def drain(self) -> None:
+    async def send(self, frame: bytes) -> None:
         raise NotImplementedError("this session has no transport")
 
     def abort(self, reason: str) -> None:
@@ -65,6 +65,10 @@ class Hub:
         channels: Iterable[int] = (),
     ) -> None:
         """Bind a session to a user; ``channels`` (their memberships) matter for the first."""
+        if session.user_id == user_id:
+            # Same user, new token (a second /login): keep subscription and presence as they are.
+            session.token_digest, session.token_expires_at = digest, expires_at
+            return
         self.unbind(session)
         session.user_id, session.user_name = user_id, name
         session.token_digest, session.token_expires_at = digest, expires_at

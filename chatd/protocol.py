@@ -54,8 +54,8 @@ class Params:
         value = self._values.get(name)
         if value is None:
             return None
-        if not is_int(value):
-            raise BadRequest(f"parameter '{name}' must be an integer")
+        if not is_int(value) or not -(2**63) <= value < 2**63:
+            raise BadRequest(f"parameter '{name}' must be a 64-bit integer")
         if minimum is not None and value < minimum:
             raise BadRequest(f"parameter '{name}' must be at least {minimum}")
         return int(value)

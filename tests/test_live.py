@@ -13,13 +13,18 @@ from chatd.errors import Forbidden
 from tests.conftest import PASSWORD, Harness, MakeHarness
 from tests.test_wire import RawPeer
 
+MESSAGES = ("message", "channel_message")
 
-async def events_of(client: Client, count: int, kind: str | None = None) -> list[dict[str, Any]]:
-    """The next ``count`` events (of one kind, skipping others), each within 5 s."""
+
+async def events_of(
+    client: Client, count: int, kind: str | tuple[str, ...] | None = None
+) -> list[dict[str, Any]]:
+    """The next ``count`` events (of the given kinds, skipping others), each within 5 s."""
+    kinds = (kind,) if isinstance(kind, str) else kind
     found: list[dict[str, Any]] = []
     while len(found) < count:
         item = await client.next_event(timeout=5)
-        if kind is None or item.get("event") == kind:
+        if kinds is None or item.get("event") in kinds:
             found.append(item)
     return found
 
@@ -428,3 +433,98 @@ async def test_unsubscribe_stops_pushes(harness: Harness) -> None:
     await alice.request("/send", {"name": "bob", "msg": "poll for this"})
     assert await quiet(bob)
     assert (await bob.request("/receive"))["messages"] == {"alice": ["poll for this"]}
+
+
+async def test_a_second_login_on_the_same_connection_keeps_live_delivery(
+    harness: Harness,
+) -> None:
+    alice = await harness.user("alice")
+    bob = await subscribed(harness, "bob")
+    await bob.request("/channel/join", {"name": "dev"})
+    await bob.login("bob", PASSWORD)  # a new token on the same connection
+    await alice.request("/channel/send", {"name": "dev", "message": "still there?"})
+    await alice.request("/send", {"name": "bob", "msg": "and here?"})
+    got = await events_of(bob, 2, kind=MESSAGES)
+    assert sorted(e["data"]["msg"] for e in got) == ["and here?", "still there?"]
+
+
+async def test_channel_messages_during_a_long_inbox_catch_up_are_pushed(
+    make_harness: MakeHarness,
+) -> None:
+    harness = await make_harness(receive_batch=2)
+    alice = await harness.user("alice")
+    bob = await harness.user("bob")
+    await bob.request("/channel/join", {"name": "dev"})  # never received: no position yet
+    for i in range(30):
+        await alice.request("/send", {"name": "bob", "msg": f"p{i}"})
+    await bob.request("/subscribe")
+    for i in range(5):
+        await alice.request("/channel/send", {"name": "dev", "message": f"c{i}"})
+    got = await events_of(bob, 35, kind=MESSAGES)
+    assert [e["data"]["msg"] for e in got if e["event"] == "channel_message"] == [
+        f"c{i}" for i in range(5)
+    ]
+    assert [e["data"]["msg"] for e in got if e["event"] == "message"] == [
+        f"p{i}" for i in range(30)
+    ]
+
+
+async def test_catch_up_of_a_big_backlog_goes_at_the_clients_pace(
+    make_harness: MakeHarness,
+) -> None:
+    harness = await make_harness(max_outbound_buffer=64 * 1024)
+    alice = await harness.user("alice")
+    bob = await harness.user("bob")
+    for i in range(300):
+        await alice.request("/send", {"name": "bob", "msg": f"{i:04d}" + "x" * 4000})
+    await bob.request("/subscribe")  # 1.2 MB to catch up through a 64 KiB cap
+    got = await events_of(bob, 300)
+    assert [e["data"]["msg"][:4] for e in got] == [f"{i:04d}" for i in range(300)]
+    assert await quiet(bob)
+
+
+async def test_a_big_reply_in_the_buffer_does_not_count_against_the_push_cap(
+    make_harness: MakeHarness,
+) -> None:
+    harness = await make_harness(max_outbound_buffer=64 * 1024)
+    # More than the kernel's socket buffers absorb (about 4 MB), so the reply waits in ours.
+    COUNT = 400
+    alice = await harness.user("alice")
+    bob = await harness.user("bob")
+    for _ in range(COUNT):
+        await alice.request("/send", {"name": "bob", "msg": "\U0001f600" * 4096})
+    peer = await RawPeer.open(harness.port, receive_buffer=4096)
+    peer.send({"op": "/subscribe", "id": 1, "token": bob.token})
+    assert (await peer.reply())["code"] == 0
+    for _ in range(COUNT):  # the catch-up, read but not acknowledged
+        assert (await peer.reply())["event"] == "message"
+    peer.send({"op": "/receive", "id": 3})  # the same 400 as a 6.5 MB reply, not read now
+    await asyncio.sleep(0.2)
+    await alice.request("/send", {"name": "bob", "msg": "pushed meanwhile"})
+    reply = await peer.reply()
+    assert reply["id"] == 3 and len(reply["data"]["messages"]["alice"]) == COUNT
+    pushed = await peer.reply()
+    assert pushed["event"] == "message" and pushed["data"]["msg"] == "pushed meanwhile"
+    peer.close()
+
+
+async def test_leaving_is_announced_to_the_leavers_other_devices(harness: Harness) -> None:
+    phone = await subscribed(harness, "bob")
+    laptop = await harness.connect(token=phone.token)
+    await laptop.request("/subscribe")
+    await phone.request("/channel/join", {"name": "dev"})
+    await events_of(laptop, 1, kind="join")
+    await phone.request("/channel/leave", {"name": "dev"})
+    (left,) = await events_of(laptop, 1, kind="leave")
+    assert left["data"] == {"channel": "dev", "name": "bob"}
+
+
+async def test_integers_beyond_64_bits_are_bad_requests(harness: Harness) -> None:
+    alice = await harness.user("alice")
+    await alice.request("/channel/join", {"name": "dev"})
+    for op, params in (
+        ("/channel/history", {"name": "dev", "before": 2**63}),
+        ("/ack", {"id": 2**64 - 1}),
+        ("/history", {"name": "alice", "limit": 2**64 - 1}),
+    ):
+        assert (await alice.call(op, params))["code"] == 1

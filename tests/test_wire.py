@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
 from typing import Any
 
@@ -22,8 +23,14 @@ class RawPeer:
         self.pending: list[Any] = []
 
     @classmethod
-    async def open(cls, port: int) -> RawPeer:
-        return cls(*await asyncio.open_connection("127.0.0.1", port))
+    async def open(cls, port: int, receive_buffer: int | None = None) -> RawPeer:
+        """Connect; a small ``receive_buffer`` makes the server's buffers fill up quickly."""
+        sock = socket.socket()
+        if receive_buffer is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        return cls(*await asyncio.open_connection(sock=sock))
 
     def send_body(self, payload: bytes) -> None:
         self.writer.write(struct.pack(">I", len(payload)) + payload)
