@@ -13,6 +13,7 @@ from chatd.config import Config
 from chatd.errors import BadRequest, ChatdError, FrameTooLarge, ServerError
 from chatd.handlers import Context, dispatch
 from chatd.hub import Hub, Session
+from chatd.metrics import Metrics
 from chatd.protocol import Data, failure, parse_request, request_id, success
 from chatd.store import Store
 
@@ -27,6 +28,7 @@ class App:
     store: Store
     hub: Hub
     hasher: Hasher
+    metrics: Metrics = field(default_factory=Metrics)
     clock: Callable[[], float] = field(default=time.time)
 
     async def handle(self, session: Session, body: object) -> Data:
@@ -37,10 +39,13 @@ class App:
             return failure(None, BadRequest(body.reason))
         rid = request_id(body)
         op = "?"
+        started = time.perf_counter()
         try:
             request = parse_request(body)
             op = request.op
-            ctx = Context(self.config, self.store, self.hub, self.hasher, session, self.clock)
+            ctx = Context(
+                self.config, self.store, self.hub, self.hasher, self.metrics, session, self.clock
+            )
             reply = success(rid, await dispatch(ctx, request))
         except ChatdError as error:
             reply = failure(rid, error)
@@ -48,5 +53,10 @@ class App:
             # Details stay in the log: they may be security-sensitive.
             log.exception("%s %s: unexpected error", session.peer, op)
             reply = failure(rid, ServerError())
-        log.debug("%s %s -> %d", session.peer, op, reply["code"])
+        code = reply["code"]
+        self.metrics.request_handled(op, code, time.perf_counter() - started)
+        if code:
+            log.info("%s %s -> error %d: %s", session.peer, op, code, reply["msg"])
+        else:
+            log.debug("%s %s -> 0", session.peer, op)
         return reply

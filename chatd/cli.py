@@ -1,29 +1,30 @@
-"""``chatd``: parse settings, set up logging, serve until SIGTERM or SIGINT.
+"""``chatd``: serve (the default), ``chatd backup PATH``, ``chatd admin ...``.
 
-Precedence: defaults in ``Config`` < ``CHATD_<SETTING>`` environment variables
-< command-line flags.  Every setting has both, derived from ``Config``'s fields.
+Settings come from defaults < ``--config`` TOML file < ``CHATD_*`` environment
+< flags (``config.py``).  The server runs until SIGTERM or SIGINT; SIGHUP
+reloads what can change while serving.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
 
-from chatd import __version__
-from chatd.config import Config
+from chatd import __version__, admin, logs
+from chatd import config as settings
+from chatd.config import ENV_PREFIX, FIELDS, Config, ConfigError
 from chatd.server import Server
 from chatd.store import StoreError
 
 log = logging.getLogger("chatd")
 
-ENV_PREFIX = "CHATD_"
+Runner = Callable[[Coroutine[Any, Any, int]], int]
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -31,66 +32,110 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"chatd: {message} (see chatd --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="chatd", description="A small self-hosted chat server.")
-    parser.add_argument("--version", action="version", version=f"chatd {__version__}")
-    for f in dataclasses.fields(Config):
+def _settings_parser() -> _OneLineParser:
+    """Flags for every setting; SUPPRESS keeps unset flags out, so lower layers show through."""
+    parser = _OneLineParser(add_help=False)
+    parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
+                        help=f"TOML file of settings (env {ENV_PREFIX}CONFIG)")
+    for name, f in FIELDS.items():
+        kind = type(f.default)
         parser.add_argument(
-            "--" + f.name.replace("_", "-"),
-            dest=f.name,
-            type=_parse_as(type(f.default)),
-            default=None,
-            metavar=f.name.upper(),
-            help=f"{f.metadata['help']} (default: {f.default}; env {ENV_PREFIX}{f.name.upper()})",
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=kind if kind in (int, float) else str,
+            default=argparse.SUPPRESS,
+            metavar=name.upper(),
+            help=f"{f.metadata['help']} (default: {f.default}; env {ENV_PREFIX}{name.upper()})",
         )
     return parser
 
 
-def _parse_as(kind: type) -> Any:
-    return kind if kind in (int, float) else str
+def build_parser() -> argparse.ArgumentParser:
+    common = _settings_parser()
+    parser = _OneLineParser(
+        prog="chatd", parents=[common], description="A small self-hosted chat server."
+    )
+    parser.add_argument("--version", action="version", version=f"chatd {__version__}")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the effective configuration as TOML and exit")
+    commands = parser.add_subparsers(dest="command", metavar="[backup|admin]")
+    backup = commands.add_parser("backup", parents=[common], help="copy the database online")
+    backup.add_argument("path", help="the new file to write")
+    manage = commands.add_parser("admin", parents=[common], help="manage users")
+    actions = manage.add_subparsers(dest="action", required=True)
+    actions.add_parser("users", help="list users")
+    for action, what in (
+        ("reset-password", "set a new password (read from stdin) and revoke every token"),
+        ("revoke-tokens", "log a user out everywhere"),
+        ("delete-user", "delete a user and everything they sent, received or joined"),
+    ):
+        sub = actions.add_parser(action, help=what)
+        sub.add_argument("name")
+        if action == "delete-user":
+            sub.add_argument("--yes", action="store_true", required=True,
+                             help="confirm: this cannot be undone")
+    return parser
 
 
-def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
-    """Build the effective configuration; raises ValueError naming the bad setting."""
-    args = vars(build_parser().parse_args(argv))
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(Config):
-        raw = environ.get(ENV_PREFIX + f.name.upper())
-        if raw is not None:
-            try:
-                values[f.name] = _parse_as(type(f.default))(raw)
-            except ValueError:
-                raise ValueError(
-                    f"{ENV_PREFIX}{f.name.upper()}: not a valid value: {raw!r}"
-                ) from None
-        if args[f.name] is not None:
-            values[f.name] = args[f.name]
-    return Config(**values)
+def load_config(args: argparse.Namespace) -> Config:
+    overrides = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+    path = getattr(args, "config", None) or os.environ.get(ENV_PREFIX + "CONFIG")
+    return settings.load(overrides, os.environ, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        config = load_config(sys.argv[1:] if argv is None else argv, os.environ)
+        config = load_config(args)
         run = choose_runner(config.event_loop)
-    except ValueError as exc:
+    except ConfigError as exc:
         print(f"chatd: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    if args.print_config:
+        print(settings.to_toml(config), end="")
+        return 0
+    logs.configure(config.log_level, config.log_format)
+    if args.command is not None:
+        return _operate(args, config)
     try:
-        return run(serve(config))
+        return run(serve(config, lambda: load_config(args)))
     except StoreError as exc:
         print(f"chatd: {exc}", file=sys.stderr)
     except OSError as exc:
         reason = exc.strerror or str(exc)
         print(f"chatd: cannot listen on {config.host}:{config.port}: {reason}", file=sys.stderr)
+    except RuntimeError as exc:  # e.g. metrics wanted but prometheus-client missing
+        print(f"chatd: {exc}", file=sys.stderr)
     return 1
 
 
-Runner = Callable[[Coroutine[Any, Any, int]], int]
+def _operate(args: argparse.Namespace, config: Config) -> int:
+    try:
+        if args.command == "backup":
+            print(admin.backup(config, args.path))
+        else:
+            if not os.path.exists(config.db):
+                raise admin.AdminError(f"no database at {config.db}")
+            asyncio.run(_administer(args, config))
+    except admin.AdminError as exc:
+        print(f"chatd: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _administer(args: argparse.Namespace, config: Config) -> None:
+    store = await admin.open_store(config)
+    try:
+        if args.action == "users":
+            await admin.list_users(store, sys.stdout)
+        elif args.action == "reset-password":
+            print(await admin.reset_password(store, config, args.name, admin.read_new_password))
+        elif args.action == "revoke-tokens":
+            print(await admin.revoke_tokens(store, args.name))
+        elif args.action == "delete-user":
+            print(await admin.delete_user(store, args.name))
+    finally:
+        await store.close()
 
 
 def choose_runner(event_loop: str) -> Runner:
@@ -100,13 +145,13 @@ def choose_runner(event_loop: str) -> Runner:
             import uvloop
         except ImportError:
             if event_loop == "uvloop":
-                raise ValueError("event_loop: uvloop is not installed (chatd[fast])") from None
+                raise ConfigError("event_loop: uvloop is not installed (chatd[fast])") from None
         else:
             return uvloop.run
     return asyncio.run
 
 
-async def serve(config: Config) -> int:
+async def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> int:
     """Serve until SIGTERM or SIGINT, then shut down gracefully; returns the exit status."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -114,9 +159,22 @@ async def serve(config: Config) -> int:
         loop.add_signal_handler(signum, stop.set)
     server = Server(config)
     await server.start()
+    if reload_config is not None:
+        loop.add_signal_handler(signal.SIGHUP, _reload, server, reload_config)
     try:
         await stop.wait()
         log.info("shutting down")
     finally:
         await server.close()
     return 0
+
+
+def _reload(server: Server, reload_config: Callable[[], Config]) -> None:
+    try:
+        loaded = reload_config()
+    except ConfigError as exc:
+        log.error("reload failed, keeping the running configuration: %s", exc)
+        return
+    changed = server.reload(loaded)
+    logs.set_level(server.config.log_level)
+    log.info("reloaded configuration; changed: %s", ", ".join(changed) or "nothing")

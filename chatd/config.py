@@ -1,15 +1,21 @@
-"""Every setting chatd has, in one typed, frozen dataclass.
+"""Every setting chatd has, in one typed, frozen dataclass, and where settings come from.
 
-Defaults live here and nowhere else.  ``cli.py`` overrides them from ``CHATD_*``
-environment variables and then from command-line flags; both are derived from
-the field list below, so a new setting is one new line.
+Defaults live here and nowhere else.  They are overridden, in this order, by a
+TOML file (``--config``), by ``CHATD_<SETTING>`` environment variables and by
+command-line flags; the flags and variables are derived from the field list
+below, so a new setting is one new line.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+ENV_PREFIX = "CHATD_"
 
 KIB = 1024
 SECONDS = 1.0
@@ -29,6 +35,9 @@ class Config:
         "NORMAL", "NORMAL survives a crash of chatd; FULL also survives power loss"
     )
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_format: str = _setting("text", "text (one line per event) or json (JSON lines)")
+    metrics_host: str = _setting("127.0.0.1", "address of the Prometheus metrics endpoint")
+    metrics_port: int = _setting(0, "port of the Prometheus metrics endpoint (0: off)", 0)
     event_loop: str = _setting("auto", "auto (uvloop when installed), asyncio or uvloop")
 
     # Wire limits (protocol.md, "Names and limits").
@@ -40,6 +49,9 @@ class Config:
 
     # Accounts.
     token_ttl: float = _setting(30 * DAYS, "session token lifetime, in seconds", 1)
+    token_recheck: float = _setting(
+        60 * SECONDS, "how often a bound connection re-checks its token is not revoked", 0
+    )
     # argon2id, RFC 9106 section 4 "second recommended option" (argon2-cffi's default).
     argon2_time_cost: int = _setting(3, "argon2id iterations", 1)
     argon2_memory_cost: int = _setting(64 * KIB, "argon2id memory, in KiB", 8)
@@ -76,9 +88,113 @@ class Config:
             raise ValueError("argon2_memory_cost must be at least 8 KiB per lane")
         _check_choice("log_level", self.log_level.upper(), ("DEBUG", "INFO", "WARNING", "ERROR"))
         _check_choice("db_synchronous", self.db_synchronous, ("NORMAL", "FULL"))
+        _check_choice("log_format", self.log_format, ("text", "json"))
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be 0..65535, got {self.metrics_port}")
         _check_choice("event_loop", self.event_loop, ("auto", "asyncio", "uvloop"))
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names it and says why."""
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+# What SIGHUP may change in a running server; the rest needs a restart.
+RELOADABLE = frozenset(
+    {
+        "log_level",
+        "max_message_length",
+        "receive_batch",
+        "channel_backlog",
+        "history_page",
+        "token_ttl",
+        "token_recheck",
+        "idle_timeout",
+        "write_timeout",
+        "ping_interval",
+        "ping_timeout",
+        "max_outbound_buffer",
+        "catch_up_queue",
+    }
+)
+
+
+def load(
+    overrides: Mapping[str, Any],
+    environ: Mapping[str, str],
+    path: str | None = None,
+) -> Config:
+    """Defaults < TOML file < environment < ``overrides`` (the flags)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(read_toml(path))
+    values.update(read_environment(environ))
+    values.update(overrides)
+    try:
+        return Config(**values)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as file:
+            table = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in FIELDS:
+            raise ConfigError(f"{path}: unknown setting {key!r}")
+        values[key] = _checked(key, value, f"{path}: {key}")
+    return values
+
+
+def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name in FIELDS:
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            values[name] = parse_value(name, raw, ENV_PREFIX + name.upper())
+    return values
+
+
+def parse_value(name: str, raw: str, where: str) -> Any:
+    """A setting's value from text (environment or flag)."""
+    kind = type(FIELDS[name].default)
+    try:
+        return kind(raw) if kind in (int, float) else raw
+    except ValueError:
+        raise ConfigError(f"{where}: expected {_KIND_NAMES[kind]}, got {raw!r}") from None
+
+
+def _checked(name: str, value: Any, where: str) -> Any:
+    kind = type(FIELDS[name].default)
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok, value = True, float(value)
+    if not ok:
+        raise ConfigError(f"{where}: expected {_KIND_NAMES[kind]}, got {value!r}")
+    return value
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string"}
+
+
+def to_toml(config: Config) -> str:
+    """The effective configuration as a TOML file that ``--config`` accepts."""
+    lines = []
+    for name, f in FIELDS.items():
+        value = getattr(config, name)
+        rendered = json.dumps(value) if isinstance(value, str) else repr(value)
+        lines.append(f"# {f.metadata['help']}")
+        lines.append(f"{name} = {rendered}")
+    return "\n".join(lines) + "\n"

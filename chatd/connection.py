@@ -18,6 +18,7 @@ from chatd import events
 from chatd.codec import FrameDecoder, Oversize, encode_frame
 from chatd.config import Config
 from chatd.hub import Session
+from chatd.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -33,30 +34,47 @@ class Connection(Session):
         writer: asyncio.StreamWriter,
         config: Config,
         handle_body: BodyHandler,
+        metrics: Metrics,
     ) -> None:
         super().__init__(peer=_format_peer(writer.get_extra_info("peername")))
         self._reader = reader
         self._writer = writer
         self._config = config
         self._handle_body = handle_body
+        self._metrics = metrics
         self._decoder = FrameDecoder(config.max_frame_size)
         self._closing = False
         self._idle = False  # waiting for input, no request in flight
         self._dropped: str | None = None
         self._paced_in_flight = 0  # bytes of replies and catch-up frames being sent
 
-    async def run(self) -> None:
-        """Serve until the peer leaves, misbehaves, times out, or the server shuts down."""
-        reason = "closed by peer"
+    async def run(self) -> str:
+        """Serve until the peer leaves, misbehaves, times out, or the server shuts down.
+
+        Returns why the connection ended: peer, shutdown, oversize, timeout, error or
+        dropped (a slow or stalled client).
+        """
+        reason = "peer"
         try:
             reason = await self._serve()
         except TimeoutError:
-            reason = "timed out"
+            reason = "timeout"
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
-            reason = f"connection error ({type(exc).__name__})"
+            reason = "error"
+            self._dropped = self._dropped or f"connection error ({type(exc).__name__})"
         finally:
             self._writer.close()
-            log.info("connection closed %s: %s", self.peer, self._dropped or reason)
+            if self._dropped is not None:
+                log.info("connection closed %s: %s", self.peer, self._dropped)
+            else:
+                log.info("connection closed %s: %s", self.peer, reason)
+        if reason == "peer" and self._dropped is not None:
+            return "dropped"  # abort() made the read see end of stream
+        return reason
+
+    def reconfigure(self, config: Config) -> None:
+        """New limits and timeouts (SIGHUP); the frame size limit stays as it was."""
+        self._config = config
 
     def shutdown(self) -> None:
         """Finish the request in flight, if any, then close."""
@@ -68,12 +86,17 @@ class Connection(Session):
         """Queue a pushed frame without waiting; drop a client that does not read."""
         if self._writer.is_closing():
             return
+        self._metrics.pushed()
         self._writer.write(frame)
         # Frames written at the client's pace (replies, catch-up) are not the client's
         # fault: only what piles up beyond them counts.
         pushed = self._writer.transport.get_write_buffer_size() - self._paced_in_flight
         if pushed > self._config.max_outbound_buffer:
             self.abort("dropped: outbound buffer full (client not reading)")
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._writer.transport.get_write_buffer_size()
 
     def abort(self, reason: str) -> None:
         self._dropped = self._dropped or reason
@@ -89,11 +112,12 @@ class Connection(Session):
         while not self._closing:
             data = await self._read()
             if not data:
-                return "shutdown" if self._closing else "closed by peer"
+                return "shutdown" if self._closing else "peer"
             for body in self._decoder.feed(data):
                 await self.send(encode_frame(await self._handle_body(self, body)))
                 if isinstance(body, Oversize):
-                    return body.reason
+                    self._dropped = body.reason
+                    return "oversize"
         return "shutdown"
 
     async def send(self, frame: bytes) -> None:

@@ -99,6 +99,10 @@ class Subscription:
             log.error("catch-up failed", exc_info=error)
             self._writer.abort("dropped: catch-up failed")
 
+    @property
+    def catching_up(self) -> bool:
+        return self._task is not None and not self._task.done()
+
     def cancel(self) -> None:
         if self._task is not None:
             self._task.cancel()

@@ -7,6 +7,7 @@ never see bytes, sockets or SQL (protocol.md, "Operations").
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,8 +25,11 @@ from chatd.errors import (
     NotFound,
 )
 from chatd.hub import Hub, Session
+from chatd.metrics import Metrics
 from chatd.protocol import Data, Params, Request, format_datetime
 from chatd.store import Channel, ChannelMessage, Joined, PrivateMessage, Store, User
+
+log = logging.getLogger(__name__)
 
 # A stream to catch up on /subscribe: its key, where it starts, how to read it.
 CatchUp = tuple[int, Callable[[], Awaitable[int]], Fetch]
@@ -38,6 +42,7 @@ class Context:
     store: Store
     hub: Hub
     hasher: Hasher
+    metrics: Metrics
     session: Session
     clock: Callable[[], float] = field(default=time.time)
 
@@ -87,6 +92,7 @@ async def login(ctx: Context, params: Params) -> Data:
     # An unknown name is verified against a dummy hash: same answer, same time.
     verdict = await ctx.hasher.verify(user.password_hash if user else None, password)
     if user is None or not verdict.ok:
+        log.info("failed login for %r from %s", name, ctx.session.peer)
         raise BadCredentials()
     if verdict.new_hash is not None:
         await ctx.store.set_password_hash(user.id, verdict.new_hash)
@@ -96,6 +102,8 @@ async def login(ctx: Context, params: Params) -> Data:
     expires_at = now + ctx.config.token_ttl
     await ctx.store.add_token(user.id, digest, now, expires_at)
     await _bind(ctx, ctx.session, user, digest, expires_at)
+    ctx.session.token_checked_at = now
+    log.info("login %s from %s", user.name, ctx.session.peer)
     return {"token": token, "name": user.name}
 
 
@@ -111,18 +119,32 @@ async def ping(ctx: Context, params: Params) -> None:
     return None
 
 
+async def stats(ctx: Context, params: Params) -> Data:
+    metrics = ctx.metrics
+    return {
+        "uptime": round(metrics.uptime, 3),
+        "connections": metrics.connections,
+        **ctx.hub.load(),
+        "requests": metrics.requests,
+        "messages_stored": metrics.messages_stored,
+        "messages_per_second": round(metrics.messages_per_second(), 3),
+        "pushes_sent": metrics.pushes_sent,
+    }
+
+
 async def authenticate(ctx: Context, token: str) -> None:
     """Bind the connection to the token's user, or fail with code 2."""
     digest = token_digest(token)
     session = ctx.session
     if session.token_digest == digest and session.token_expires_at > ctx.clock():
-        return  # already bound with this token: no database round trip per request
+        return  # already bound with this token: the gate re-checks it now and then
     owner = await ctx.store.token_owner(digest, ctx.clock())
     if owner is None:
         ctx.hub.unbind(session)  # never leave a connection acting for someone it cannot prove
         raise NotAuthenticated("invalid or expired token")
     user, expires_at = owner
     await _bind(ctx, session, user, digest, expires_at)
+    session.token_checked_at = ctx.clock()
 
 
 async def _bind(
@@ -158,6 +180,7 @@ async def send(ctx: Context, params: Params) -> Data:
     client_id = params.optional_text("client_id", validation.MAX_CLIENT_ID_LENGTH)
     stored = await ctx.store.add_private(ctx.user_id, recipient.id, text, ctx.clock(), client_id)
     if not stored.duplicate:
+        ctx.metrics.message_stored("private")
         message = PrivateMessage(stored.id, ctx.user_name, text, stored.created_at)
         ctx.hub.publish_private(
             recipient.id,
@@ -313,6 +336,7 @@ async def channel_send(ctx: Context, params: Params) -> Data:
         channel.id, ctx.user_id, text, ctx.clock(), client_id
     )
     if not stored.duplicate:
+        ctx.metrics.message_stored("channel")
         message = ChannelMessage(stored.id, ctx.user_name, text, stored.created_at)
         frame = events.channel_message(channel.name, message)
         ctx.hub.publish_channel(channel.id, stored.id, frame, ctx.session)
@@ -359,6 +383,7 @@ OPS: dict[str, Op] = {
     "/login": Op(login, requires_auth=False),
     "/logout": Op(logout),
     "/ping": Op(ping, requires_auth=False),
+    "/stats": Op(stats),
     "/user/info": Op(user_info),
     "/send": Op(send),
     "/receive": Op(receive),
@@ -387,14 +412,23 @@ async def dispatch(ctx: Context, request: Request) -> Data | None:
     if request.token is not None and request.op not in _IGNORE_TOKEN:
         await authenticate(ctx, request.token)
     if op.requires_auth:
-        _require_live_session(ctx)
+        await _require_live_session(ctx)
     return await op.handler(ctx, request.params)
 
 
-def _require_live_session(ctx: Context) -> None:
+async def _require_live_session(ctx: Context) -> None:
     session = ctx.session
     if session.user_id is None:
         raise NotAuthenticated()
-    if session.token_expires_at <= ctx.clock():
+    now = ctx.clock()
+    if session.token_expires_at <= now:
         ctx.hub.unbind(session)
         raise NotAuthenticated("session expired")
+    if now - session.token_checked_at >= ctx.config.token_recheck:
+        # Tokens revoked elsewhere (/logout on another connection, `chatd admin`) end
+        # this session within token_recheck seconds.
+        assert session.token_digest is not None
+        if await ctx.store.token_owner(session.token_digest, now) is None:
+            ctx.hub.unbind(session)
+            raise NotAuthenticated("session revoked")
+        session.token_checked_at = now

@@ -27,6 +27,7 @@ class Session:
         self.user_name: str | None = None
         self.token_digest: bytes | None = None
         self.token_expires_at = 0.0
+        self.token_checked_at = 0.0
         self.subscription: Subscription | None = None
 
     def clear(self) -> None:
@@ -34,6 +35,11 @@ class Session:
         self.user_name = None
         self.token_digest = None
         self.token_expires_at = 0.0
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes written to this session that the client has not taken yet."""
+        return 0
 
     def write(self, frame: bytes) -> None:
         raise NotImplementedError("this session has no transport")
@@ -101,9 +107,17 @@ class Hub:
     def sessions_with_token(self, user_id: int, digest: bytes) -> list[Session]:
         return [s for s in self._sessions.get(user_id, ()) if s.token_digest == digest]
 
-    @property
-    def online_users(self) -> int:
-        return len(self._sessions)
+    def load(self) -> dict[str, int]:
+        """Counts for /stats."""
+        sessions = [s for group in self._sessions.values() for s in group]
+        subscribed = [s.subscription for s in sessions if s.subscription is not None]
+        return {
+            "users_online": len(self._sessions),
+            "sessions": len(sessions),
+            "subscribed": len(subscribed),
+            "catching_up": sum(1 for sub in subscribed if sub.catching_up),
+            "queued_bytes": sum(s.queued_bytes for s in sessions),
+        }
 
     def _announce_presence(self, user_id: int, online: bool) -> None:
         own = self._sessions.get(user_id, set())

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 
 from chatd.app import App
 from chatd.auth import Hasher
-from chatd.config import Config
+from chatd.config import FIELDS, RELOADABLE, Config
 from chatd.connection import Connection
+from chatd.handlers import OPS
 from chatd.hub import Hub
+from chatd.metrics import create as create_metrics
 from chatd.store import Store
 
 log = logging.getLogger(__name__)
@@ -38,10 +41,13 @@ class Server:
 
     async def start(self) -> None:
         """Open the database, then listen. Raises StoreError or OSError if either fails."""
+        metrics = create_metrics(self.config.metrics_port > 0, OPS)
         store = await Store.open(self.config.db, self.config.db_synchronous)
         hasher = await asyncio.to_thread(Hasher, self.config)
-        self._app = App(self.config, store, Hub(), hasher)
+        self._app = App(self.config, store, Hub(), hasher, metrics)
         try:
+            if self.config.metrics_port:
+                metrics.serve(self.config.metrics_host, self.config.metrics_port)
             self._listener = await asyncio.start_server(
                 self._serve_client, self.config.host, self.config.port, reuse_address=True
             )
@@ -53,16 +59,19 @@ class Server:
     async def _serve_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        connection = Connection(reader, writer, self.config, self.app.handle)
+        connection = Connection(reader, writer, self.config, self.app.handle, self.app.metrics)
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(connection)
         self._tasks.add(task)
         _enable_keepalive(writer)
         log.info("connection opened %s", connection.peer)
+        self.app.metrics.connection_opened()
+        reason = "error"
         try:
-            await connection.run()
+            reason = await connection.run()
         finally:
+            self.app.metrics.connection_closed(reason)
             self.app.hub.unbind(connection)
             self._connections.discard(connection)
             self._tasks.discard(task)
@@ -87,7 +96,27 @@ class Server:
         if self._app is not None:
             await self._app.store.close()
             self._app.hasher.close()
+            self._app.metrics.close()
             self._app = None
+
+    def reload(self, loaded: Config) -> list[str]:
+        """Apply what can change while serving (RELOADABLE); returns the settings changed.
+
+        Settings that need a restart keep their running values, with a warning.
+        """
+        changes = {
+            name: getattr(loaded, name)
+            for name in RELOADABLE
+            if getattr(loaded, name) != getattr(self.config, name)
+        }
+        for name in sorted(FIELDS.keys() - RELOADABLE):
+            if getattr(loaded, name) != getattr(self.config, name):
+                log.warning("reload: %s changed but needs a restart to take effect", name)
+        self.config = dataclasses.replace(self.config, **changes)
+        self.app.config = self.config
+        for connection in self._connections:
+            connection.reconfigure(self.config)
+        return sorted(changes)
 
 
 def _enable_keepalive(writer: asyncio.StreamWriter) -> None:

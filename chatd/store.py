@@ -598,6 +598,31 @@ class Store:
         return Batch(page[::-1], more=len(rows) > limit)
 
 
+    # Operations (chatd admin).
+
+    async def list_users(self, now: float) -> list[tuple[str, float, int]]:
+        """Every user: name, registration time, live tokens."""
+        async with self._lock, self._db.execute(
+            "SELECT u.name, u.created_at,"
+            " (SELECT COUNT(*) FROM tokens t WHERE t.user_id = u.id AND t.expires_at > ?)"
+            " FROM users u ORDER BY u.name_key",
+            (now,),
+        ) as cursor:
+            return [(row[0], row[1], row[2]) for row in await cursor.fetchall()]
+
+    async def revoke_tokens(self, user_id: int) -> int:
+        """Revoke every token of a user; returns how many there were."""
+        async with self._transaction() as db:
+            cursor = await db.execute("DELETE FROM tokens WHERE user_id = ?", (user_id,))
+            return cursor.rowcount
+
+    async def delete_user(self, user_id: int) -> None:
+        """Delete a user with everything they sent, received, joined or held."""
+        async with self._transaction() as db:
+            # ON DELETE CASCADE removes tokens, messages and memberships with the row.
+            await db.execute("DELETE FROM users WHERE id = ?", (user_id,))
+
+
 def _before(before: int | None) -> int:
     return (1 << 63) - 1 if before is None else before
 
@@ -609,3 +634,16 @@ def _probe(path: str) -> None:
 def _statements(script: str) -> list[str]:
     """Split a migration script into statements (they contain no string literals with ';')."""
     return [part.strip() for part in script.split(";") if part.strip()]
+
+
+def backup(db_path: str, target_path: str) -> None:
+    """Copy a database, consistently even while a server writes to it (SQLite backup API)."""
+    source = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        target = sqlite3.connect(target_path)
+        try:
+            source.backup(target)
+        finally:
+            target.close()
+    finally:
+        source.close()

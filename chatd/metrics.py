@@ -1,0 +1,141 @@
+"""What chatd counts: /stats reads it, and Prometheus scrapes it when enabled.
+
+:class:`Metrics` is plain counters (always on, cheap).  :class:`PrometheusMetrics`
+also feeds prometheus-client (the ``metrics`` extra) and serves it on
+``--metrics-port``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Collection
+from typing import Any
+
+RATE_WINDOW = 60  # seconds over which messages per second is averaged
+
+
+class Metrics:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.started_at = clock()
+        self.connections = 0
+        self.requests = 0
+        self.messages_stored = 0
+        self.pushes_sent = 0
+        self.disconnects: Counter[str] = Counter()
+        self._per_second: deque[list[int]] = deque()  # [second, messages stored in it]
+
+    def connection_opened(self) -> None:
+        self.connections += 1
+
+    def connection_closed(self, reason: str) -> None:
+        self.connections -= 1
+        self.disconnects[reason] += 1
+
+    def request_handled(self, op: str, code: int, seconds: float) -> None:
+        self.requests += 1
+
+    def message_stored(self, kind: str) -> None:
+        self.messages_stored += 1
+        second = int(self._clock())
+        if self._per_second and self._per_second[-1][0] == second:
+            self._per_second[-1][1] += 1
+        else:
+            self._per_second.append([second, 1])
+        while self._per_second[0][0] <= second - RATE_WINDOW:
+            self._per_second.popleft()
+
+    def pushed(self) -> None:
+        self.pushes_sent += 1
+
+    @property
+    def uptime(self) -> float:
+        return self._clock() - self.started_at
+
+    def messages_per_second(self) -> float:
+        now = int(self._clock())
+        recent = sum(count for second, count in self._per_second if second > now - RATE_WINDOW)
+        return recent / min(RATE_WINDOW, max(self.uptime, 1.0))
+
+    def serve(self, host: str, port: int) -> None:
+        raise RuntimeError("the metrics endpoint needs prometheus-client (chatd[metrics])")
+
+    def close(self) -> None:
+        pass
+
+
+class PrometheusMetrics(Metrics):
+    def __init__(
+        self, known_ops: Collection[str], clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__(clock)
+        import prometheus_client as prom
+
+        self._known_ops = frozenset(known_ops)
+        self._prom = prom
+        self.registry = prom.CollectorRegistry()
+        self._server: Any = None
+        self._connections = prom.Gauge(
+            "chatd_connections", "Open client connections", registry=self.registry
+        )
+        self._requests = prom.Counter(
+            "chatd_requests", "Requests handled", ["op", "code"], registry=self.registry
+        )
+        self._latency = prom.Histogram(
+            "chatd_request_seconds", "Time to handle a request", ["op"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=self.registry,
+        )
+        self._messages = prom.Counter(
+            "chatd_messages_stored", "Messages stored", ["kind"], registry=self.registry
+        )
+        self._pushes = prom.Counter(
+            "chatd_pushes_sent", "Events pushed to clients", registry=self.registry
+        )
+        self._disconnects = prom.Counter(
+            "chatd_disconnects", "Connections closed", ["reason"], registry=self.registry
+        )
+
+    def connection_opened(self) -> None:
+        super().connection_opened()
+        self._connections.inc()
+
+    def connection_closed(self, reason: str) -> None:
+        super().connection_closed(reason)
+        self._connections.dec()
+        self._disconnects.labels(reason).inc()
+
+    def request_handled(self, op: str, code: int, seconds: float) -> None:
+        super().request_handled(op, code, seconds)
+        op = op if op in self._known_ops else "unknown"  # clients must not mint label values
+        self._requests.labels(op, str(code)).inc()
+        self._latency.labels(op).observe(seconds)
+
+    def message_stored(self, kind: str) -> None:
+        super().message_stored(kind)
+        self._messages.labels(kind).inc()
+
+    def pushed(self) -> None:
+        super().pushed()
+        self._pushes.inc()
+
+    def serve(self, host: str, port: int) -> None:
+        self._server, _ = self._prom.start_http_server(port, addr=host, registry=self.registry)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+def create(enabled: bool, known_ops: Collection[str]) -> Metrics:
+    """Prometheus-backed when an endpoint is wanted (needs the extra), plain otherwise."""
+    if not enabled:
+        return Metrics()
+    try:
+        return PrometheusMetrics(known_ops)
+    except ImportError:
+        raise RuntimeError(
+            "metrics_port needs prometheus-client: pip install 'chatd[metrics]'"
+        ) from None
