@@ -63,13 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("path", help="the new file to write")
     manage = commands.add_parser("admin", parents=[common], help="manage users")
     actions = manage.add_subparsers(dest="action", required=True)
-    actions.add_parser("users", help="list users")
+    actions.add_parser("users", parents=[common], help="list users")
     for action, what in (
         ("reset-password", "set a new password (read from stdin) and revoke every token"),
         ("revoke-tokens", "log a user out everywhere"),
         ("delete-user", "delete a user and everything they sent, received or joined"),
     ):
-        sub = actions.add_parser(action, help=what)
+        sub = actions.add_parser(action, parents=[common], help=what)
         sub.add_argument("name")
         if action == "delete-user":
             sub.add_argument("--yes", action="store_true", required=True,

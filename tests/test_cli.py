@@ -9,68 +9,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
 from chatd.client import Client
-from tests.conftest import FAST_HASHING, PASSWORD
-
-ROOT = Path(__file__).resolve().parent.parent
-LISTENING = re.compile(rb"listening on [^\s]+:(\d+)")
-
-
-def fast_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({f"CHATD_{k.upper()}": str(v) for k, v in FAST_HASHING.items()})
-    env.update(extra)
-    return env
-
-
-class Process:
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.stderr = b""
-
-    async def wait_listening(self) -> int:
-        assert self.proc.stderr is not None
-        async with asyncio.timeout(120):
-            while (match := LISTENING.search(self.stderr)) is None:
-                line = await self.proc.stderr.readline()
-                assert line, f"chatd exited before listening: {self.stderr.decode()}"
-                self.stderr += line
-        return int(match[1])
-
-    async def stop(self, signum: int = signal.SIGTERM) -> int:
-        self.proc.send_signal(signum)
-        assert self.proc.stderr is not None
-        async with asyncio.timeout(20):
-            self.stderr += await self.proc.stderr.read()
-            return await self.proc.wait()
-
-
-Spawn = Callable[..., Awaitable[Process]]
-
-
-@pytest.fixture
-async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
-    procs: list[Process] = []
-
-    async def start(*args: str, env: dict[str, str] | None = None) -> Process:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "chatd", "--port", "0", "--db", str(tmp_path / "db.sqlite3"),
-            *args, env=env or fast_env(), cwd=ROOT, stderr=asyncio.subprocess.PIPE,
-        )
-        procs.append(Process(proc))
-        return procs[-1]
-
-    yield start
-    for p in procs:
-        if p.proc.returncode is None:
-            p.proc.kill()
-            await p.proc.wait()
+from tests.conftest import PASSWORD, ROOT, Process, Spawn, fast_env
 
 
 async def test_sigterm_finishes_in_flight_requests_and_exits_0(spawn: Spawn) -> None:
