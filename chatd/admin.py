@@ -94,6 +94,6 @@ def read_new_password(stdin: TextIO = sys.stdin) -> str:
 async def open_store(config: Config) -> Store:
     """The existing database (callers check it exists: a typo must not create a new one)."""
     try:
-        return await Store.open(config.db, config.db_synchronous)
+        return await Store.open(config.db, config.db_synchronous, config.db_busy_timeout)
     except StoreError as exc:
         raise AdminError(str(exc)) from exc

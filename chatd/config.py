@@ -34,6 +34,9 @@ class Config:
     db_synchronous: str = _setting(
         "NORMAL", "NORMAL survives a crash of chatd; FULL also survives power loss"
     )
+    db_busy_timeout: float = _setting(
+        5 * SECONDS, "how long a write waits for another process's database lock", 0
+    )
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
     log_format: str = _setting("text", "text (one line per event) or json (JSON lines)")
     metrics_host: str = _setting("127.0.0.1", "address of the Prometheus metrics endpoint")

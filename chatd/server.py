@@ -42,7 +42,9 @@ class Server:
     async def start(self) -> None:
         """Open the database, then listen. Raises StoreError or OSError if either fails."""
         metrics = create_metrics(self.config.metrics_port > 0, OPS)
-        store = await Store.open(self.config.db, self.config.db_synchronous)
+        store = await Store.open(
+            self.config.db, self.config.db_synchronous, self.config.db_busy_timeout
+        )
         hasher = await asyncio.to_thread(Hasher, self.config)
         self._app = App(self.config, store, Hub(), hasher, metrics)
         try:

@@ -173,7 +173,9 @@ class Store:
         self._lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, path: str, synchronous: str = "NORMAL") -> Store:
+    async def open(
+        cls, path: str, synchronous: str = "NORMAL", busy_timeout: float = 5.0
+    ) -> Store:
         if synchronous not in SYNCHRONOUS_MODES:
             raise StoreError(f"synchronous must be one of {SYNCHRONOUS_MODES}")
         try:
@@ -185,7 +187,7 @@ class Store:
             raise StoreError(f"cannot open database {path}: {exc}") from exc
         store = cls(db)
         try:
-            await store._configure(synchronous)
+            await store._configure(synchronous, busy_timeout)
             await store._migrate()
         except Exception as exc:
             await db.close()
@@ -196,13 +198,15 @@ class Store:
         async with self._lock:
             await self._db.close()
 
-    async def _configure(self, synchronous: str) -> None:
+    async def _configure(self, synchronous: str, busy_timeout: float) -> None:
         # WAL: readers never block the writer; with synchronous=NORMAL a commit
         # survives a crash of the process (FULL also survives power loss).
         await self._db.execute("PRAGMA journal_mode=WAL")
         await self._db.execute(f"PRAGMA synchronous={synchronous}")
         await self._db.execute("PRAGMA foreign_keys=ON")
-        await self._db.execute("PRAGMA busy_timeout=5000")
+        # Another process holding the write lock (a backup, the admin command) is waited
+        # for this long; then the request fails with code 9 and the server goes on.
+        await self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
 
     async def _migrate(self) -> None:
         version = await self._scalar("PRAGMA user_version")
