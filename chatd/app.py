@@ -13,6 +13,7 @@ from chatd.config import Config
 from chatd.errors import BadRequest, ChatdError, FrameTooLarge, ServerError
 from chatd.handlers import Context, dispatch
 from chatd.hub import Hub, Session
+from chatd.limits import Guards
 from chatd.metrics import Metrics
 from chatd.protocol import Data, failure, parse_request, request_id, success
 from chatd.store import Store
@@ -30,6 +31,14 @@ class App:
     hasher: Hasher
     metrics: Metrics = field(default_factory=Metrics)
     clock: Callable[[], float] = field(default=time.time)
+    guards: Guards = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.guards = Guards(self.config)
+
+    def reconfigure(self, config: Config) -> None:
+        self.config = config
+        self.guards.reconfigure(config)
 
     async def handle(self, session: Session, body: object) -> Data:
         """Answer one frame body; never raises."""
@@ -44,7 +53,14 @@ class App:
             request = parse_request(body)
             op = request.op
             ctx = Context(
-                self.config, self.store, self.hub, self.hasher, self.metrics, session, self.clock
+                self.config,
+                self.store,
+                self.hub,
+                self.hasher,
+                self.metrics,
+                self.guards,
+                session,
+                self.clock,
             )
             reply = success(rid, await dispatch(ctx, request))
         except ChatdError as error:

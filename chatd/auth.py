@@ -21,6 +21,7 @@ from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from chatd.config import Config
+from chatd.errors import RateLimited
 
 TOKEN_BYTES = 32
 P = ParamSpec("P")
@@ -55,6 +56,8 @@ class Hasher:
             type=Type.ID,
         )
         self._pool = ThreadPoolExecutor(config.hash_workers, thread_name_prefix="chatd-argon2")
+        self._queue_limit = config.hash_queue
+        self._queued = 0
         # Verified when a name is unknown, so a failed login costs the same either way.
         self._dummy_hash = self._hasher.hash(secrets.token_hex(16))
 
@@ -76,8 +79,15 @@ class Hasher:
         return Verdict(ok=True)
 
     async def _run(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+        # A login storm must not queue unbounded 64 MiB jobs: past the limit, come back later.
+        if self._queued >= self._queue_limit:
+            raise RateLimited("server busy: too many logins at once", retry_after=1.0)
+        self._queued += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+        finally:
+            self._queued -= 1
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

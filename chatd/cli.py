@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
 
-from chatd import __version__, admin, logs
+from chatd import __version__, admin, logs, systemd
 from chatd import config as settings
 from chatd.config import ENV_PREFIX, FIELDS, Config, ConfigError
 from chatd.server import Server
@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         reason = exc.strerror or str(exc)
         print(f"chatd: cannot listen on {config.host}:{config.port}: {reason}", file=sys.stderr)
-    except RuntimeError as exc:  # e.g. metrics wanted but prometheus-client missing
+    except RuntimeError as exc:  # TLS files unusable, prometheus-client missing
         print(f"chatd: {exc}", file=sys.stderr)
     return 1
 
@@ -161,8 +161,10 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
     await server.start()
     if reload_config is not None:
         loop.add_signal_handler(signal.SIGHUP, _reload, server, reload_config)
+    systemd.notify(f"READY=1\nSTATUS=serving on {config.host}:{server.port}")
     try:
         await stop.wait()
+        systemd.notify("STOPPING=1")
         log.info("shutting down")
     finally:
         await server.close()
@@ -170,11 +172,13 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
 
 
 def _reload(server: Server, reload_config: Callable[[], Config]) -> None:
+    systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={systemd.monotonic_usec()}")
     try:
         loaded = reload_config()
     except ConfigError as exc:
         log.error("reload failed, keeping the running configuration: %s", exc)
-        return
-    changed = server.reload(loaded)
-    logs.set_level(server.config.log_level)
-    log.info("reloaded configuration; changed: %s", ", ".join(changed) or "nothing")
+    else:
+        changed = server.reload(loaded)
+        logs.set_level(server.config.log_level)
+        log.info("reloaded configuration; changed: %s", ", ".join(changed) or "nothing")
+    systemd.notify("READY=1")

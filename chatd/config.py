@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from chatd.limits import Networks
+
 ENV_PREFIX = "CHATD_"
 
 KIB = 1024
@@ -61,7 +63,38 @@ class Config:
     argon2_parallelism: int = _setting(4, "argon2id lanes", 1)
     hash_workers: int = _setting(2, "password hashes computed at once (threads)", 1)
 
+    # Flood control (protocol.md, "Names and limits").
+    message_rate: float = _setting(20.0, "messages a user may send per second, sustained", 0.001)
+    message_burst: int = _setting(50, "messages a user may send at once before the rate", 1)
+    abuse_limit: int = _setting(
+        100, "rate-limited requests one connection may make before it is closed", 1
+    )
+    login_free_failures: int = _setting(
+        3, "failed logins per name or address before each further one doubles the wait", 0
+    )
+    login_max_delay: float = _setting(300.0, "longest wait imposed after failed logins", 1)
+    register_rate: float = _setting(0.2, "registrations per second from one address", 0.001)
+    register_burst: int = _setting(10, "registrations at once from one address", 1)
+    hash_queue: int = _setting(64, "password hashes waiting at most; beyond: code 8", 1)
+    max_connections: int = _setting(10000, "open connections in all", 1)
+    max_connections_per_address: int = _setting(
+        32, "open connections from one IPv4 address or IPv6 /64", 1
+    )
+    trusted_networks: str = _setting(
+        "127.0.0.0/8,::1/128", "comma-separated ranges exempt from per-address limits"
+    )
+
+    # TLS: both files, or neither.
+    tls_cert: str = _setting("", "PEM certificate chain: serve TLS instead of plain TCP")
+    tls_key: str = _setting("", "PEM private key of tls_cert")
+
     # Connections.
+    frame_timeout: float = _setting(
+        30 * SECONDS, "close a connection that leaves a frame unfinished this long", 0.01
+    )
+    auth_timeout: float = _setting(
+        120 * SECONDS, "close a connection not logged in (or token-bound) after this long", 0.01
+    )
     idle_timeout: float = _setting(300 * SECONDS, "close a connection silent this long", 0.01)
     write_timeout: float = _setting(
         30 * SECONDS, "close a client that reads no reply for this long", 0.01
@@ -92,6 +125,12 @@ class Config:
         _check_choice("log_level", self.log_level.upper(), ("DEBUG", "INFO", "WARNING", "ERROR"))
         _check_choice("db_synchronous", self.db_synchronous, ("NORMAL", "FULL"))
         _check_choice("log_format", self.log_format, ("text", "json"))
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        try:
+            Networks(self.trusted_networks)
+        except ValueError as exc:
+            raise ValueError(f"trusted_networks: {exc}") from None
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be 0..65535, got {self.metrics_port}")
         _check_choice("event_loop", self.event_loop, ("auto", "asyncio", "uvloop"))
@@ -112,6 +151,18 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 RELOADABLE = frozenset(
     {
         "log_level",
+        "message_rate",
+        "message_burst",
+        "abuse_limit",
+        "login_free_failures",
+        "login_max_delay",
+        "register_rate",
+        "register_burst",
+        "max_connections",
+        "max_connections_per_address",
+        "trusted_networks",
+        "frame_timeout",
+        "auth_timeout",
         "max_message_length",
         "receive_batch",
         "channel_backlog",

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from chatd import events
 from chatd.codec import FrameDecoder, Oversize, encode_frame
 from chatd.config import Config
+from chatd.errors import ErrorCode
 from chatd.hub import Session
 from chatd.metrics import Metrics
 
@@ -36,7 +38,8 @@ class Connection(Session):
         handle_body: BodyHandler,
         metrics: Metrics,
     ) -> None:
-        super().__init__(peer=_format_peer(writer.get_extra_info("peername")))
+        peername = writer.get_extra_info("peername")
+        super().__init__(_format_peer(peername), _address(peername))
         self._reader = reader
         self._writer = writer
         self._config = config
@@ -47,6 +50,9 @@ class Connection(Session):
         self._idle = False  # waiting for input, no request in flight
         self._dropped: str | None = None
         self._paced_in_flight = 0  # bytes of replies and catch-up frames being sent
+        self._opened_at = time.monotonic()
+        self._frame_started: float | None = None  # when the unfinished frame began
+        self._rate_limited = 0  # code 8 replies so far
 
     async def run(self) -> str:
         """Serve until the peer leaves, misbehaves, times out, or the server shuts down.
@@ -108,18 +114,6 @@ class Connection(Session):
         async with asyncio.timeout(self._config.write_timeout):
             await self._writer.drain()
 
-    async def _serve(self) -> str:
-        while not self._closing:
-            data = await self._read()
-            if not data:
-                return "shutdown" if self._closing else "peer"
-            for body in self._decoder.feed(data):
-                await self.send(encode_frame(await self._handle_body(self, body)))
-                if isinstance(body, Oversize):
-                    self._dropped = body.reason
-                    return "oversize"
-        return "shutdown"
-
     async def send(self, frame: bytes) -> None:
         """Write a frame and wait until the client has taken most of what is queued."""
         self._paced_in_flight += len(frame)
@@ -128,6 +122,31 @@ class Connection(Session):
             await self.drain()
         finally:
             self._paced_in_flight -= len(frame)
+
+    async def _serve(self) -> str:
+        while not self._closing:
+            data = await self._read()
+            if not data:
+                return "shutdown" if self._closing else "peer"
+            for body in self._decoder.feed(data):
+                reply = await self._handle_body(self, body)
+                await self.send(encode_frame(reply))
+                if isinstance(body, Oversize):
+                    self._dropped = body.reason
+                    return "oversize"
+                if reply.get("code") == ErrorCode.RATE_LIMITED:
+                    self._rate_limited += 1
+                    if self._rate_limited >= self._config.abuse_limit:
+                        self._dropped = "dropped: kept going past the rate limits"
+                        return "abuse"
+            self._note_partial_frame()
+        return "shutdown"
+
+    def _note_partial_frame(self) -> None:
+        if not self._decoder.buffered:
+            self._frame_started = None
+        elif self._frame_started is None:
+            self._frame_started = time.monotonic()
 
     async def _read(self) -> bytes:
         """The next bytes from the peer, keeping a subscribed peer alive with pings."""
@@ -139,16 +158,39 @@ class Connection(Session):
                     timeout = self._config.idle_timeout
                 else:
                     timeout = self._config.ping_timeout if pinged else self._config.ping_interval
+                deadline, why = self._hard_deadline()
                 try:
-                    async with asyncio.timeout(timeout):
+                    async with asyncio.timeout(min(timeout, deadline)):
                         return await self._reader.read(READ_CHUNK)
                 except TimeoutError:
+                    if deadline <= timeout:
+                        self._dropped = why
+                        raise
                     if self.subscription is None or pinged:
                         raise
                     pinged = True
                     self.write(events.PING)
         finally:
             self._idle = False
+
+    def _hard_deadline(self) -> tuple[float, str]:
+        """Seconds left before a half-sent frame or a missing login closes the connection."""
+        now = time.monotonic()
+        deadline, why = float("inf"), ""
+        if self._frame_started is not None:
+            deadline = self._frame_started + self._config.frame_timeout - now
+            why = "dropped: frame left unfinished (frame_timeout)"
+        if self.user_id is None:
+            login_deadline = self._opened_at + self._config.auth_timeout - now
+            if login_deadline < deadline:
+                deadline, why = login_deadline, "dropped: never logged in (auth_timeout)"
+        return max(deadline, 0.0), why
+
+
+def _address(peername: object) -> str:
+    if isinstance(peername, tuple) and peername:
+        return str(peername[0])
+    return "-"
 
 
 def _format_peer(peername: object) -> str:

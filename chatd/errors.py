@@ -89,6 +89,10 @@ class RateLimited(ChatdError):
     code = ErrorCode.RATE_LIMITED
     default_message = "rate limited"
 
+    def __init__(self, message: str | None = None, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
 
 class ServerError(ChatdError):
     code = ErrorCode.SERVER_ERROR

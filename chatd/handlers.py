@@ -23,8 +23,10 @@ from chatd.errors import (
     NameTaken,
     NotAuthenticated,
     NotFound,
+    RateLimited,
 )
 from chatd.hub import Hub, Session
+from chatd.limits import Guards, address_key
 from chatd.metrics import Metrics
 from chatd.protocol import Data, Params, Request, format_datetime
 from chatd.store import Channel, ChannelMessage, Joined, PrivateMessage, Store, User
@@ -43,6 +45,7 @@ class Context:
     hub: Hub
     hasher: Hasher
     metrics: Metrics
+    guards: Guards
     session: Session
     clock: Callable[[], float] = field(default=time.time)
 
@@ -76,6 +79,7 @@ async def register(ctx: Context, params: Params) -> None:
     repeated = params.text("password_repete", validation.MAX_PASSWORD_LENGTH)
     if password != repeated:
         raise BadRequest("passwords differ")
+    _throttle_registration(ctx)
     key = validation.name_key(name)
     # Checked before hashing so a taken name costs no argon2 work; the insert re-checks.
     if await ctx.store.find_user(key) is not None:
@@ -85,15 +89,39 @@ async def register(ctx: Context, params: Params) -> None:
         raise NameTaken()
 
 
+def _throttle_registration(ctx: Context) -> None:
+    address = ctx.session.address
+    if address in ctx.guards.trusted:
+        return
+    wait = ctx.guards.registrations.take(address_key(address), ctx.clock())
+    if wait:
+        raise RateLimited("too many registrations from your address", wait)
+
+
+def _login_keys(ctx: Context, name: str) -> list[tuple[str, str]]:
+    """Failed logins are counted per name, and per address unless it is trusted."""
+    keys = [("name", validation.name_key(name))]
+    if ctx.session.address not in ctx.guards.trusted:
+        keys.append(("address", address_key(ctx.session.address)))
+    return keys
+
+
 async def login(ctx: Context, params: Params) -> Data:
     name = params.text("name", validation.MAX_NAME_LENGTH)
     password = params.text("password", validation.MAX_PASSWORD_LENGTH)
+    keys, now = _login_keys(ctx, name), ctx.clock()
+    wait = max(ctx.guards.logins.wait(key, now) for key in keys)
+    if wait:
+        raise RateLimited("too many failed logins: wait before trying again", wait)
     user = await ctx.store.find_user(validation.name_key(name))
     # An unknown name is verified against a dummy hash: same answer, same time.
     verdict = await ctx.hasher.verify(user.password_hash if user else None, password)
     if user is None or not verdict.ok:
+        for key in keys:
+            ctx.guards.logins.failed(key, now)
         log.info("failed login for %r from %s", name, ctx.session.peer)
         raise BadCredentials()
+    ctx.guards.logins.succeeded(keys[0])
     if verdict.new_hash is not None:
         await ctx.store.set_password_hash(user.id, verdict.new_hash)
     token = new_token()
@@ -174,7 +202,14 @@ async def user_info(ctx: Context, params: Params) -> Data:
     }
 
 
+def _throttle_messages(ctx: Context) -> None:
+    wait = ctx.guards.messages.take(ctx.user_id, ctx.clock())
+    if wait:
+        raise RateLimited("sending too fast", wait)
+
+
 async def send(ctx: Context, params: Params) -> Data:
+    _throttle_messages(ctx)
     recipient = await _existing_user(ctx, params)
     text = validation.message_text(params, "msg", ctx.config.max_message_length)
     client_id = params.optional_text("client_id", validation.MAX_CLIENT_ID_LENGTH)
@@ -328,6 +363,7 @@ async def channel_list(ctx: Context, params: Params) -> Data:
 
 
 async def channel_send(ctx: Context, params: Params) -> Data:
+    _throttle_messages(ctx)
     name = validation.channel_name(params)
     text = validation.message_text(params, "message", ctx.config.max_message_length)
     client_id = params.optional_text("client_id", validation.MAX_CLIENT_ID_LENGTH)

@@ -21,8 +21,9 @@ class Session:
     The connection layer subclasses this and supplies ``write``, ``send`` and ``abort``.
     """
 
-    def __init__(self, peer: str = "-") -> None:
-        self.peer = peer
+    def __init__(self, peer: str = "-", address: str = "-") -> None:
+        self.peer = peer  # "address:port", for logs
+        self.address = address  # the client's IP address, for per-address limits
         self.user_id: int | None = None
         self.user_name: str | None = None
         self.token_digest: bytes | None = None

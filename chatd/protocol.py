@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from chatd.errors import BadRequest, ChatdError, TooLarge
+from chatd.errors import BadRequest, ChatdError, RateLimited, TooLarge
 
 Data = dict[str, Any]
 DATETIME_FORMAT = "%Y.%m.%d:%H:%M:%S"  # the seed's "2020.03.05:12:12:00", always UTC
@@ -112,6 +112,8 @@ def failure(rid: int | None, error: ChatdError) -> Data:
     reply: Data = {} if rid is None else {"id": rid}
     reply["code"] = int(error.code)
     reply["msg"] = error.message
+    if isinstance(error, RateLimited):
+        reply["retry_after"] = round(error.retry_after, 3)  # seconds
     return reply
 
 

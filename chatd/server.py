@@ -6,14 +6,21 @@ import asyncio
 import dataclasses
 import logging
 import socket
+import ssl
+from collections import Counter
 
+from chatd import systemd
 from chatd.app import App
 from chatd.auth import Hasher
+from chatd.codec import encode_frame
 from chatd.config import FIELDS, RELOADABLE, Config
 from chatd.connection import Connection
+from chatd.errors import RateLimited
 from chatd.handlers import OPS
 from chatd.hub import Hub
+from chatd.limits import address_key
 from chatd.metrics import create as create_metrics
+from chatd.protocol import failure
 from chatd.store import Store
 
 log = logging.getLogger(__name__)
@@ -26,6 +33,7 @@ class Server:
         self._app: App | None = None
         self._connections: set[Connection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._per_address: Counter[str] = Counter()
 
     @property
     def app(self) -> App:
@@ -50,20 +58,45 @@ class Server:
         try:
             if self.config.metrics_port:
                 metrics.serve(self.config.metrics_host, self.config.metrics_port)
-            self._listener = await asyncio.start_server(
-                self._serve_client, self.config.host, self.config.port, reuse_address=True
-            )
+            self._listener = await self._listen()
         except BaseException:
             await self._close_app()
             raise
-        log.info("listening on %s:%d", self.config.host, self.port)
+        scheme = "tls" if self.config.tls_cert else "tcp"
+        log.info("listening on %s:%d (%s)", self.config.host, self.port, scheme)
+
+    async def _listen(self) -> asyncio.Server:
+        tls = _tls_context(self.config)
+        # Under systemd socket activation the port is already open and handed to us.
+        inherited = systemd.listen_sockets()
+        if inherited:
+            return await asyncio.start_server(
+                self._serve_client, sock=inherited[0], ssl=tls, ssl_handshake_timeout=10
+            )
+        return await asyncio.start_server(
+            self._serve_client,
+            self.config.host,
+            self.config.port,
+            reuse_address=True,
+            ssl=tls,
+            ssl_handshake_timeout=10 if tls else None,
+            backlog=1024,
+        )
 
     async def _serve_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         connection = Connection(reader, writer, self.config, self.app.handle, self.app.metrics)
+        refusal = self._over_capacity(connection.address)
+        if refusal is not None:
+            log.warning("refused connection from %s: %s", connection.peer, refusal)
+            writer.write(encode_frame(failure(None, RateLimited(refusal, retry_after=10.0))))
+            writer.close()
+            return
         task = asyncio.current_task()
         assert task is not None
+        counted_as = address_key(connection.address)
+        self._per_address[counted_as] += 1
         self._connections.add(connection)
         self._tasks.add(task)
         _enable_keepalive(writer)
@@ -77,6 +110,18 @@ class Server:
             self.app.hub.unbind(connection)
             self._connections.discard(connection)
             self._tasks.discard(task)
+            self._per_address[counted_as] -= 1
+            if not self._per_address[counted_as]:
+                del self._per_address[counted_as]
+
+    def _over_capacity(self, address: str) -> str | None:
+        if len(self._connections) >= self.config.max_connections:
+            return "too many connections"
+        if address in self.app.guards.trusted:
+            return None
+        if self._per_address[address_key(address)] >= self.config.max_connections_per_address:
+            return "too many connections from your address"
+        return None
 
     async def close(self) -> None:
         """Stop accepting, let in-flight requests finish, then close the database."""
@@ -115,10 +160,26 @@ class Server:
             if getattr(loaded, name) != getattr(self.config, name):
                 log.warning("reload: %s changed but needs a restart to take effect", name)
         self.config = dataclasses.replace(self.config, **changes)
-        self.app.config = self.config
+        self.app.reconfigure(self.config)
         for connection in self._connections:
             connection.reconfigure(self.config)
         return sorted(changes)
+
+
+class TlsError(RuntimeError):
+    """The certificate or key cannot be used."""
+
+
+def _tls_context(config: Config) -> ssl.SSLContext | None:
+    if not config.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsError(f"cannot load tls_cert/tls_key: {exc}") from exc
+    return context
 
 
 def _enable_keepalive(writer: asyncio.StreamWriter) -> None:

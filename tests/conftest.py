@@ -22,17 +22,20 @@ from chatd.server import Server
 ROOT = Path(__file__).resolve().parent.parent
 
 PASSWORD = "correct horse battery"
-# argon2 at its cheapest: the production default is checked in test_auth.py.
-FAST_HASHING: dict[str, Any] = {
+# argon2 at its cheapest (test_auth.py checks the production default), no message rate limit.
+TEST_SETTINGS: dict[str, Any] = {
     "argon2_time_cost": 1,
     "argon2_memory_cost": 8,
     "argon2_parallelism": 1,
+    # Tests send thousands of messages in a second; test_limits.py checks the real limits.
+    "message_rate": 1e6,
+    "message_burst": 1_000_000,
 }
 
 
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
-    return Config(host="127.0.0.1", port=0, db=str(tmp_path / "chatd.sqlite3"), **FAST_HASHING)
+    return Config(host="127.0.0.1", port=0, db=str(tmp_path / "chatd.sqlite3"), **TEST_SETTINGS)
 
 
 class Harness:
@@ -102,7 +105,7 @@ async def make_harness(tmp_path: Path) -> AsyncIterator[MakeHarness]:
     started: list[Harness] = []
 
     async def make(**changes: Any) -> Harness:
-        base = Config(port=0, db=str(tmp_path / "custom.sqlite3"), **FAST_HASHING)
+        base = Config(port=0, db=str(tmp_path / "custom.sqlite3"), **TEST_SETTINGS)
         harness = Harness(dataclasses.replace(base, **changes))
         await harness.start()
         started.append(harness)
@@ -118,7 +121,7 @@ LISTENING = re.compile(rb"listening on [^\s]+:(\d+)")
 
 def fast_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({f"CHATD_{k.upper()}": str(v) for k, v in FAST_HASHING.items()})
+    env.update({f"CHATD_{k.upper()}": str(v) for k, v in TEST_SETTINGS.items()})
     env.update(extra)
     return env
 
