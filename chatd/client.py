@@ -100,6 +100,8 @@ class Client:
         of a successful ``/login`` is kept, and a successful ``/subscribe`` remembered,
         for later requests and :meth:`reconnect`.
         """
+        if self._reader_task.done():
+            raise ConnectionError("connection closed")
         body = dict(body)
         request_id = body.get("id")
         if not isinstance(request_id, int) or isinstance(request_id, bool):

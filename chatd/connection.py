@@ -159,6 +159,9 @@ class Connection(Session):
                 else:
                     timeout = self._config.ping_timeout if pinged else self._config.ping_interval
                 deadline, why = self._hard_deadline()
+                if deadline <= 0:  # checked first: a chatty peer's reads never time out
+                    self._dropped = why
+                    raise TimeoutError(why)
                 try:
                     async with asyncio.timeout(min(timeout, deadline)):
                         return await self._reader.read(READ_CHUNK)

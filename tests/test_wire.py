@@ -49,8 +49,11 @@ class RawPeer:
     async def closed(self) -> bool:
         """True once the server closes the stream (replies before that are read and kept)."""
         async with asyncio.timeout(5):
-            while data := await self.reader.read(65536):
-                self.pending.extend(self.decoder.feed(data))
+            try:
+                while data := await self.reader.read(65536):
+                    self.pending.extend(self.decoder.feed(data))
+            except ConnectionResetError:
+                pass  # closed with data we sent still unread: the kernel says reset
         return True
 
     def close(self) -> None:
