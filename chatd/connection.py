@@ -114,6 +114,10 @@ class Connection(Session):
         async with asyncio.timeout(self._config.write_timeout):
             await self._writer.drain()
 
+    async def push_paced(self, frame: bytes) -> None:
+        self._metrics.pushed()
+        await self.send(frame)
+
     async def send(self, frame: bytes) -> None:
         """Write a frame and wait until the client has taken most of what is queued."""
         self._paced_in_flight += len(frame)

@@ -36,8 +36,8 @@ class Writer(Protocol):
     def write(self, frame: bytes) -> None:
         """Queue a frame without waiting; may drop a connection that reads too slowly."""
 
-    async def send(self, frame: bytes) -> None:
-        """Write a frame at the client's pace: wait while too much is queued (with a timeout)."""
+    async def push_paced(self, frame: bytes) -> None:
+        """Push a frame at the client's pace: wait while too much is queued (with a timeout)."""
 
     def abort(self, reason: str) -> None:
         """Drop the connection; what it did not acknowledge is delivered another time."""
@@ -128,7 +128,7 @@ class Subscription:
                     return  # dropped meanwhile (the user left the channel)
                 if message_id > state.delivered:
                     state.delivered = message_id
-                    await self._writer.send(frame)
+                    await self._writer.push_paced(frame)
             if len(page) < self._page_size and not state.overflowed:
                 # Frames offered since the last read are in the queue: nothing slips between.
                 self._go_live(state)

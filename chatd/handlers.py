@@ -186,8 +186,9 @@ async def _bind(
 # Users and private messages.
 
 
-async def _existing_user(ctx: Context, params: Params) -> User:
-    user = await ctx.store.find_user(validation.name_key(validation.user_name(params)))
+async def _existing_user(ctx: Context, params: Params, cached: bool = False) -> User:
+    key = validation.name_key(validation.user_name(params))
+    user = await (ctx.store.find_profile(key) if cached else ctx.store.find_user(key))
     if user is None:
         raise NotFound("no such user")
     return user
@@ -210,7 +211,7 @@ def _throttle_messages(ctx: Context) -> None:
 
 async def send(ctx: Context, params: Params) -> Data:
     _throttle_messages(ctx)
-    recipient = await _existing_user(ctx, params)
+    recipient = await _existing_user(ctx, params, cached=True)  # the hot path
     text = validation.message_text(params, "msg", ctx.config.max_message_length)
     client_id = params.optional_text("client_id", validation.MAX_CLIENT_ID_LENGTH)
     stored = await ctx.store.add_private(ctx.user_id, recipient.id, text, ctx.clock(), client_id)
@@ -330,9 +331,11 @@ async def _member_channel(ctx: Context, params: Params) -> Channel:
 
 async def _use_channel(ctx: Context, name: str, rejoin: bool = False) -> Channel:
     """The channel, created and joined on first use (the seed's rule)."""
-    channel, joined = await ctx.store.join_channel(
-        name, validation.name_key(name), ctx.user_id, ctx.clock(), rejoin=rejoin
-    )
+    key = validation.name_key(name)
+    known = await ctx.store.find_channel(key) if ctx.hub.is_online(ctx.user_id) else None
+    if known is not None and ctx.hub.is_member(ctx.user_id, known.id):
+        return known  # the hub knows the memberships of online users: no transaction
+    channel, joined = await ctx.store.join_channel(name, key, ctx.user_id, ctx.clock(), rejoin)
     if joined is Joined.LEFT:
         raise Forbidden("you left this channel: /channel/join it again")
     if joined is Joined.NOW:

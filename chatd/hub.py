@@ -18,7 +18,7 @@ from chatd.delivery import INBOX, Subscription
 class Session:
     """One client connection as the hub and the handlers see it.
 
-    The connection layer subclasses this and supplies ``write``, ``send`` and ``abort``.
+    The connection layer subclasses this and supplies ``write``, ``push_paced`` and ``abort``.
     """
 
     def __init__(self, peer: str = "-", address: str = "-") -> None:
@@ -45,7 +45,7 @@ class Session:
     def write(self, frame: bytes) -> None:
         raise NotImplementedError("this session has no transport")
 
-    async def send(self, frame: bytes) -> None:
+    async def push_paced(self, frame: bytes) -> None:
         raise NotImplementedError("this session has no transport")
 
     def abort(self, reason: str) -> None:
@@ -104,6 +104,10 @@ class Hub:
 
     def is_online(self, user_id: int) -> bool:
         return user_id in self._sessions
+
+    def is_member(self, user_id: int, channel_id: int) -> bool:
+        """For online users only (the hub keeps their memberships)."""
+        return channel_id in self._channels_of.get(user_id, ())
 
     def sessions_with_token(self, user_id: int, digest: bytes) -> list[Session]:
         return [s for s in self._sessions.get(user_id, ()) if s.token_digest == digest]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -164,6 +165,32 @@ class Batch(Generic[T]):
     more: bool
 
 
+PRIVATE, CHANNEL = "private", "channel"
+_TABLES = {
+    PRIVATE: ("private_messages", "recipient_id"),
+    CHANNEL: ("channel_messages", "channel_id"),
+}
+_INSERT_CHUNK = 500  # rows per INSERT: 5 variables each, far below SQLite's 32766
+
+
+@dataclass(frozen=True, slots=True)
+class _NewMessage:
+    kind: str
+    sender_id: int
+    target_id: int  # recipient or channel
+    body: str
+    created_at: float
+    client_id: str | None
+
+    @property
+    def dedup_key(self) -> tuple[str, int, str] | None:
+        return None if self.client_id is None else (self.kind, self.sender_id, self.client_id)
+
+
+# How stale a cached user may be: a user deleted by `chatd admin` in another process can
+# still be addressed this long (the send then fails alone, with code 9).
+PROFILE_TTL = 10.0
+
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 
 
@@ -171,6 +198,10 @@ class Store:
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
         self._lock = asyncio.Lock()
+        self._unwritten: list[tuple[_NewMessage, asyncio.Future[Stored]]] = []
+        self._profiles: dict[str, tuple[float, User]] = {}  # name key -> (when read, user)
+        self._channels: dict[str, Channel] = {}  # name key -> channel (never deleted)
+        self._flusher: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(
@@ -233,6 +264,115 @@ class Store:
             row = await cursor.fetchone()
         return None if row is None else row[0]
 
+    # Group commit: messages sent at about the same time share one transaction, and
+    # each sender is answered once the transaction holding its message has committed.
+    # Under load a batch gathers whatever arrived while the previous one was writing.
+
+    async def _commit(self, message: _NewMessage) -> Stored:
+        future: asyncio.Future[Stored] = asyncio.get_running_loop().create_future()
+        self._unwritten.append((message, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        while self._unwritten:
+            batch, self._unwritten = self._unwritten, []
+            try:
+                async with self._transaction():
+                    results = await self._write_messages([message for message, _ in batch])
+            except sqlite3.IntegrityError:
+                # One bad row (a user deleted meanwhile by `chatd admin`) must not sink the
+                # others: write them one by one, and only that one fails.
+                await self._write_one_by_one(batch)
+                continue
+            except Exception as exc:
+                # Nothing in the batch committed: every sender gets the error (code 9).
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), stored in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(stored)
+
+    async def _write_one_by_one(
+        self, batch: list[tuple[_NewMessage, asyncio.Future[Stored]]]
+    ) -> None:
+        for message, future in batch:
+            try:
+                async with self._transaction():
+                    (stored,) = await self._write_messages([message])
+            except Exception as exc:
+                if not future.done():
+                    future.set_exception(exc)
+            else:
+                if not future.done():
+                    future.set_result(stored)
+
+    async def _write_messages(self, batch: list[_NewMessage]) -> list[Stored]:
+        """Insert a batch (inside a transaction); repeats of a client_id get the first result."""
+        earlier = await self._earlier_sends([m for m in batch if m.client_id is not None])
+        results: list[Stored | None] = [None] * len(batch)
+        fresh: dict[str, list[int]] = {PRIVATE: [], CHANNEL: []}  # batch positions to insert
+        repeats: dict[int, int] = {}  # batch position -> position of the same client_id
+        first_in_batch: dict[tuple[str, int, str], int] = {}
+        for position, message in enumerate(batch):
+            key = message.dedup_key
+            if key is not None and key in earlier:
+                results[position] = earlier[key]
+            elif key is not None and key in first_in_batch:
+                repeats[position] = first_in_batch[key]
+            else:
+                if key is not None:
+                    first_in_batch[key] = position
+                fresh[message.kind].append(position)
+        for kind, positions in fresh.items():
+            for start in range(0, len(positions), _INSERT_CHUNK):
+                chunk = positions[start : start + _INSERT_CHUNK]
+                ids = await self._insert(kind, [batch[i] for i in chunk])
+                for position, message_id in zip(chunk, ids, strict=True):
+                    results[position] = Stored(message_id, batch[position].created_at)
+        for position, first_position in repeats.items():
+            first = results[first_position]
+            assert first is not None
+            results[position] = Stored(first.id, first.created_at, duplicate=True)
+        assert all(stored is not None for stored in results)
+        return [stored for stored in results if stored is not None]
+
+    async def _insert(self, kind: str, messages: list[_NewMessage]) -> list[int]:
+        """One multi-row INSERT; rowids are handed out in VALUES order, so sorted ids match."""
+        table, target = _TABLES[kind]
+        rows = ", ".join("(?, ?, ?, ?, ?)" for _ in messages)
+        args: list[Any] = []
+        for m in messages:
+            args += (m.sender_id, m.target_id, m.body, m.created_at, m.client_id)
+        async with self._db.execute(
+            f"INSERT INTO {table} (sender_id, {target}, body, created_at, client_id)"
+            f" VALUES {rows} RETURNING id",
+            args,
+        ) as cursor:
+            return sorted(row[0] for row in await cursor.fetchall())
+
+    async def _earlier_sends(self, keyed: list[_NewMessage]) -> dict[tuple[str, int, str], Stored]:
+        """Messages already stored under the client_ids of ``keyed``."""
+        found: dict[tuple[str, int, str], Stored] = {}
+        for kind, (table, _) in _TABLES.items():
+            pairs = [(m.sender_id, m.client_id) for m in keyed if m.kind == kind]
+            for start in range(0, len(pairs), _INSERT_CHUNK):
+                chunk = pairs[start : start + _INSERT_CHUNK]
+                values = ", ".join("(?, ?)" for _ in chunk)
+                async with self._db.execute(
+                    f"SELECT sender_id, client_id, id, created_at FROM {table}"
+                    f" WHERE (sender_id, client_id) IN (VALUES {values})",
+                    [item for pair in chunk for item in pair],
+                ) as cursor:
+                    for sender_id, client_id, message_id, created_at in await cursor.fetchall():
+                        found[(kind, sender_id, client_id)] = Stored(
+                            message_id, created_at, duplicate=True
+                        )
+        return found
+
     # Users and tokens.
 
     async def create_user(self, name: str, key: str, password_hash: str, now: float) -> bool:
@@ -246,8 +386,23 @@ class Store:
             return cursor.rowcount == 1
 
     async def find_user(self, key: str) -> User | None:
+        """The user with this name key, read fresh (logins need the current hash)."""
         async with self._lock:
-            return await self._user_where("name_key = ?", (key,))
+            user = await self._user_where("name_key = ?", (key,))
+        if user is not None:
+            self._profiles[key] = (time.monotonic(), user)
+        return user
+
+    async def find_profile(self, key: str) -> User | None:
+        """As find_user, but may answer from a cache at most PROFILE_TTL old.
+
+        For the hot paths (/send, /user/info) that need a user's id and name, not a
+        password hash that may have been reset since.
+        """
+        cached = self._profiles.get(key)
+        if cached is not None and time.monotonic() - cached[0] < PROFILE_TTL:
+            return cached[1]
+        return await self.find_user(key)
 
     async def _user_where(self, condition: str, args: Sequence[Any]) -> User | None:
         sql = f"SELECT id, name, password_hash, created_at FROM users WHERE {condition}"
@@ -290,26 +445,9 @@ class Store:
     async def add_private(
         self, sender_id: int, recipient_id: int, body: str, now: float, client_id: str | None
     ) -> Stored:
-        async with self._transaction() as db:
-            if client_id is not None:
-                earlier = await self._earlier_send("private_messages", sender_id, client_id)
-                if earlier is not None:
-                    return earlier
-            cursor = await db.execute(
-                "INSERT INTO private_messages (sender_id, recipient_id, body, created_at,"
-                " client_id) VALUES (?, ?, ?, ?, ?)",
-                (sender_id, recipient_id, body, now, client_id),
-            )
-            assert cursor.lastrowid is not None
-            return Stored(cursor.lastrowid, now)
-
-    async def _earlier_send(self, table: str, sender_id: int, client_id: str) -> Stored | None:
-        async with self._db.execute(
-            f"SELECT id, created_at FROM {table} WHERE sender_id = ? AND client_id = ?",
-            (sender_id, client_id),
-        ) as cursor:
-            row = await cursor.fetchone()
-        return None if row is None else Stored(row[0], row[1], duplicate=True)
+        """Store a private message; returns once the transaction holding it has committed."""
+        message = _NewMessage(PRIVATE, sender_id, recipient_id, body, now, client_id)
+        return await self._commit(message)
 
     async def take_inbox(self, user_id: int, limit: int) -> Batch[PrivateMessage]:
         """Private messages not yet received, oldest first; they count as received after this."""
@@ -333,11 +471,17 @@ class Store:
     # Channels.
 
     async def find_channel(self, key: str) -> Channel | None:
+        cached = self._channels.get(key)
+        if cached is not None:
+            return cached
         async with self._lock, self._db.execute(
             "SELECT id, name, created_at FROM channels WHERE name_key = ?", (key,)
         ) as cursor:
             row = await cursor.fetchone()
-        return None if row is None else Channel(*row)
+        if row is None:
+            return None
+        channel = self._channels[key] = Channel(*row)
+        return channel
 
     async def join_channel(
         self, name: str, key: str, user_id: int, now: float, rejoin: bool = False
@@ -357,7 +501,7 @@ class Store:
             ) as cursor:
                 row = await cursor.fetchone()
             assert row is not None
-            channel = Channel(*row)
+            channel = self._channels[key] = Channel(*row)
             async with db.execute(
                 "SELECT left_at IS NOT NULL FROM channel_members"
                 " WHERE channel_id = ? AND user_id = ?",
@@ -424,18 +568,9 @@ class Store:
     async def add_channel_message(
         self, channel_id: int, sender_id: int, body: str, now: float, client_id: str | None
     ) -> Stored:
-        async with self._transaction() as db:
-            if client_id is not None:
-                earlier = await self._earlier_send("channel_messages", sender_id, client_id)
-                if earlier is not None:
-                    return earlier
-            cursor = await db.execute(
-                "INSERT INTO channel_messages (channel_id, sender_id, body, created_at, client_id)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (channel_id, sender_id, body, now, client_id),
-            )
-            assert cursor.lastrowid is not None
-            return Stored(cursor.lastrowid, now)
+        """As add_private, for a channel."""
+        message = _NewMessage(CHANNEL, sender_id, channel_id, body, now, client_id)
+        return await self._commit(message)
 
     async def take_channel(
         self, channel_id: int, user_id: int, backlog: int, limit: int
@@ -622,6 +757,7 @@ class Store:
 
     async def delete_user(self, user_id: int) -> None:
         """Delete a user with everything they sent, received, joined or held."""
+        self._profiles = {k: v for k, v in self._profiles.items() if v[1].id != user_id}
         async with self._transaction() as db:
             # ON DELETE CASCADE removes tokens, messages and memberships with the row.
             await db.execute("DELETE FROM users WHERE id = ?", (user_id,))

@@ -118,6 +118,8 @@ async def test_stats_reports_the_server_load(harness: Harness) -> None:
     await bob.request("/subscribe")
     for i in range(3):
         await alice.request("/send", {"name": "bob", "msg": f"m{i}"})
+    for _ in range(3):
+        await bob.next_event(timeout=5)
     stats = await alice.request("/stats")
     assert stats["connections"] == 2 and stats["users_online"] == 2
     assert stats["subscribed"] == 1 and stats["messages_stored"] == 3

@@ -49,3 +49,31 @@ async def test_schema_is_versioned_and_in_wal_mode(harness: Harness) -> None:
     with sqlite3.connect(harness.config.db) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] >= 1
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_concurrent_sends_share_commits_and_keep_every_answer_right(
+    harness: Harness,
+) -> None:
+    import asyncio
+
+    senders = [await harness.user(f"s{i}") for i in range(4)]
+    bob = await harness.user("bob")
+    calls = []
+    for n in range(100):
+        for index, sender in enumerate(senders):
+            params = {"name": "bob", "msg": f"s{index}-{n}"}
+            if n % 10 == 0:
+                params["client_id"] = f"k{n}"  # sent twice at once below: stored once
+                calls.append(sender.request("/send", dict(params)))
+            calls.append(sender.request("/send", params))
+    replies = await asyncio.gather(*calls)
+    history = {}
+    for index in range(4):
+        page = await bob.request("/history", {"name": f"s{index}", "limit": 200})
+        history.update({m["id"]: m["msg"] for m in page["messages"]})
+    assert len(history) == 400  # every message once, the repeats not at all
+    assert {reply["id"] for reply in replies} == set(history)
+    texts = [m for _, m in sorted(history.items())]
+    for index in range(4):  # each sender's messages are stored in the order sent
+        mine = [t for t in texts if t.startswith(f"s{index}-")]
+        assert mine == [f"s{index}-{n}" for n in range(100)]
