@@ -174,7 +174,7 @@ _INSERT_CHUNK = 500  # rows per INSERT: 5 variables each, far below SQLite's 327
 
 
 @dataclass(frozen=True, slots=True)
-class _NewMessage:
+class NewMessage:
     kind: str
     sender_id: int
     target_id: int  # recipient or channel
@@ -198,10 +198,11 @@ class Store:
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
         self._lock = asyncio.Lock()
-        self._unwritten: list[tuple[_NewMessage, asyncio.Future[Stored]]] = []
+        self._unwritten: list[tuple[NewMessage, asyncio.Future[Stored]]] = []
         self._profiles: dict[str, tuple[float, User]] = {}  # name key -> (when read, user)
         self._channels: dict[str, Channel] = {}  # name key -> channel (never deleted)
         self._flusher: asyncio.Task[None] | None = None
+        self._last_enqueued: asyncio.Future[Stored] | None = None
 
     @classmethod
     async def open(
@@ -226,7 +227,7 @@ class Store:
         return store
 
     async def close(self) -> None:
-        async with self._lock:
+        async with self._turn():
             await self._db.close()
 
     async def _configure(self, synchronous: str, busy_timeout: float) -> None:
@@ -249,8 +250,21 @@ class Store:
                 await self._db.execute(f"PRAGMA user_version={number}")
 
     @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+    async def _turn(self) -> AsyncIterator[None]:
+        """Exclusive use of the connection, once every message enqueued before has committed.
+
+        So a request sees the effects of the sends before it (read your writes), even
+        though sends are answered by the group commit rather than in line.
+        """
+        last = self._last_enqueued
+        if last is not None and not last.done():
+            await asyncio.wait([last])
         async with self._lock:
+            yield
+
+    @asynccontextmanager
+    async def _transaction(self, after_sends: bool = True) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._turn() if after_sends else self._lock:
             await self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -268,18 +282,23 @@ class Store:
     # each sender is answered once the transaction holding its message has committed.
     # Under load a batch gathers whatever arrived while the previous one was writing.
 
-    async def _commit(self, message: _NewMessage) -> Stored:
+    def enqueue(self, message: NewMessage) -> asyncio.Future[Stored]:
+        """Queue a message for the next group commit; the future resolves once committed.
+
+        Messages are stored in the order they are enqueued.
+        """
         future: asyncio.Future[Stored] = asyncio.get_running_loop().create_future()
         self._unwritten.append((message, future))
+        self._last_enqueued = future
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
-        return await future
+        return future
 
     async def _flush(self) -> None:
         while self._unwritten:
             batch, self._unwritten = self._unwritten, []
             try:
-                async with self._transaction():
+                async with self._transaction(after_sends=False):
                     results = await self._write_messages([message for message, _ in batch])
             except sqlite3.IntegrityError:
                 # One bad row (a user deleted meanwhile by `chatd admin`) must not sink the
@@ -297,11 +316,11 @@ class Store:
                     future.set_result(stored)
 
     async def _write_one_by_one(
-        self, batch: list[tuple[_NewMessage, asyncio.Future[Stored]]]
+        self, batch: list[tuple[NewMessage, asyncio.Future[Stored]]]
     ) -> None:
         for message, future in batch:
             try:
-                async with self._transaction():
+                async with self._transaction(after_sends=False):
                     (stored,) = await self._write_messages([message])
             except Exception as exc:
                 if not future.done():
@@ -310,7 +329,7 @@ class Store:
                 if not future.done():
                     future.set_result(stored)
 
-    async def _write_messages(self, batch: list[_NewMessage]) -> list[Stored]:
+    async def _write_messages(self, batch: list[NewMessage]) -> list[Stored]:
         """Insert a batch (inside a transaction); repeats of a client_id get the first result."""
         earlier = await self._earlier_sends([m for m in batch if m.client_id is not None])
         results: list[Stored | None] = [None] * len(batch)
@@ -340,7 +359,7 @@ class Store:
         assert all(stored is not None for stored in results)
         return [stored for stored in results if stored is not None]
 
-    async def _insert(self, kind: str, messages: list[_NewMessage]) -> list[int]:
+    async def _insert(self, kind: str, messages: list[NewMessage]) -> list[int]:
         """One multi-row INSERT; rowids are handed out in VALUES order, so sorted ids match."""
         table, target = _TABLES[kind]
         rows = ", ".join("(?, ?, ?, ?, ?)" for _ in messages)
@@ -354,7 +373,7 @@ class Store:
         ) as cursor:
             return sorted(row[0] for row in await cursor.fetchall())
 
-    async def _earlier_sends(self, keyed: list[_NewMessage]) -> dict[tuple[str, int, str], Stored]:
+    async def _earlier_sends(self, keyed: list[NewMessage]) -> dict[tuple[str, int, str], Stored]:
         """Messages already stored under the client_ids of ``keyed``."""
         found: dict[tuple[str, int, str], Stored] = {}
         for kind, (table, _) in _TABLES.items():
@@ -387,7 +406,7 @@ class Store:
 
     async def find_user(self, key: str) -> User | None:
         """The user with this name key, read fresh (logins need the current hash)."""
-        async with self._lock:
+        async with self._turn():
             user = await self._user_where("name_key = ?", (key,))
         if user is not None:
             self._profiles[key] = (time.monotonic(), user)
@@ -425,7 +444,7 @@ class Store:
 
     async def token_owner(self, digest: bytes, now: float) -> tuple[User, float] | None:
         """The user a live token belongs to, and when the token expires."""
-        async with self._lock:
+        async with self._turn():
             async with self._db.execute(
                 "SELECT user_id, expires_at FROM tokens WHERE digest = ? AND expires_at > ?",
                 (digest, now),
@@ -446,8 +465,9 @@ class Store:
         self, sender_id: int, recipient_id: int, body: str, now: float, client_id: str | None
     ) -> Stored:
         """Store a private message; returns once the transaction holding it has committed."""
-        message = _NewMessage(PRIVATE, sender_id, recipient_id, body, now, client_id)
-        return await self._commit(message)
+        return await self.enqueue(
+            NewMessage(PRIVATE, sender_id, recipient_id, body, now, client_id)
+        )
 
     async def take_inbox(self, user_id: int, limit: int) -> Batch[PrivateMessage]:
         """Private messages not yet received, oldest first; they count as received after this."""
@@ -474,7 +494,7 @@ class Store:
         cached = self._channels.get(key)
         if cached is not None:
             return cached
-        async with self._lock, self._db.execute(
+        async with self._turn(), self._db.execute(
             "SELECT id, name, created_at FROM channels WHERE name_key = ?", (key,)
         ) as cursor:
             row = await cursor.fetchone()
@@ -531,19 +551,19 @@ class Store:
             return cursor.rowcount == 1
 
     async def channel_ids(self, user_id: int) -> list[int]:
-        async with self._lock, self._db.execute(
+        async with self._turn(), self._db.execute(
             "SELECT channel_id FROM channel_members WHERE user_id = ? AND left_at IS NULL",
             (user_id,),
         ) as cursor:
             return [row[0] for row in await cursor.fetchall()]
 
     async def channel_name(self, channel_id: int) -> str:
-        async with self._lock:
+        async with self._turn():
             name: str = await self._scalar("SELECT name FROM channels WHERE id = ?", (channel_id,))
         return name
 
     async def is_member(self, channel_id: int, user_id: int) -> bool:
-        async with self._lock:
+        async with self._turn():
             found = await self._scalar(
                 "SELECT 1 FROM channel_members"
                 " WHERE channel_id = ? AND user_id = ? AND left_at IS NULL",
@@ -553,7 +573,7 @@ class Store:
 
     async def memberships(self, user_id: int, backlog: int) -> list[Membership]:
         """The user's channels by name, with what a /channel/receive would return now."""
-        async with self._lock, self._db.execute(
+        async with self._turn(), self._db.execute(
             "SELECT c.id, c.name, m.read_cursor,"
             " CASE WHEN m.read_cursor IS NULL"
             "  THEN MIN(?, (SELECT COUNT(*) FROM channel_messages WHERE channel_id = c.id))"
@@ -569,8 +589,7 @@ class Store:
         self, channel_id: int, sender_id: int, body: str, now: float, client_id: str | None
     ) -> Stored:
         """As add_private, for a channel."""
-        message = _NewMessage(CHANNEL, sender_id, channel_id, body, now, client_id)
-        return await self._commit(message)
+        return await self.enqueue(NewMessage(CHANNEL, sender_id, channel_id, body, now, client_id))
 
     async def take_channel(
         self, channel_id: int, user_id: int, backlog: int, limit: int
@@ -615,7 +634,7 @@ class Store:
         return Batch([ChannelMessage(*row) for row in rows], more)
 
     async def channel_members(self, channel_id: int) -> list[tuple[int, str]]:
-        async with self._lock, self._db.execute(
+        async with self._turn(), self._db.execute(
             "SELECT u.id, u.name FROM channel_members c JOIN users u ON u.id = c.user_id"
             " WHERE c.channel_id = ? AND c.left_at IS NULL ORDER BY u.name_key",
             (channel_id,),
@@ -661,7 +680,7 @@ class Store:
         return position
 
     async def inbox_position(self, user_id: int) -> int:
-        async with self._lock:
+        async with self._turn():
             position: int = await self._scalar(
                 "SELECT inbox_cursor FROM users WHERE id = ?", (user_id,)
             )
@@ -670,7 +689,7 @@ class Store:
     async def channel_position(self, channel_id: int, user_id: int) -> int:
         """Where a member's catch-up starts: their read position, or (before their first
         /channel/receive, which would show the backlog) the channel's newest message."""
-        async with self._lock:
+        async with self._turn():
             position: int = await self._scalar(
                 "SELECT COALESCE(m.read_cursor,"
                 " (SELECT COALESCE(MAX(id), 0) FROM channel_messages WHERE channel_id = ?))"
@@ -681,7 +700,7 @@ class Store:
 
     async def inbox_after(self, user_id: int, after_id: int, limit: int) -> list[PrivateMessage]:
         """Private messages to the user newer than ``after_id``, oldest first (no side effect)."""
-        async with self._lock, self._db.execute(
+        async with self._turn(), self._db.execute(
             "SELECT m.id, u.name, m.body, m.created_at FROM private_messages m"
             " JOIN users u ON u.id = m.sender_id"
             " WHERE m.recipient_id = ? AND m.id > ? ORDER BY m.id LIMIT ?",
@@ -693,7 +712,7 @@ class Store:
         self, channel_id: int, after_id: int, limit: int
     ) -> list[ChannelMessage]:
         """Channel messages newer than ``after_id``, oldest first (no side effect)."""
-        async with self._lock, self._db.execute(
+        async with self._turn(), self._db.execute(
             "SELECT m.id, u.name, m.body, m.created_at FROM channel_messages m"
             " JOIN users u ON u.id = m.sender_id"
             " WHERE m.channel_id = ? AND m.id > ? ORDER BY m.id LIMIT ?",
@@ -707,7 +726,7 @@ class Store:
         self, channel_id: int, before: int | None, limit: int
     ) -> Batch[ChannelMessage]:
         """The ``limit`` newest messages older than ``before``, returned oldest first."""
-        async with self._lock, self._db.execute(
+        async with self._turn(), self._db.execute(
             "SELECT m.id, u.name, m.body, m.created_at FROM channel_messages m"
             " JOIN users u ON u.id = m.sender_id"
             " WHERE m.channel_id = ? AND m.id < ? ORDER BY m.id DESC LIMIT ?",
@@ -721,7 +740,7 @@ class Store:
         self, user_id: int, other_id: int, before: int | None, limit: int
     ) -> Batch[SentMessage]:
         """The conversation between two users, both directions, paged like channel_history."""
-        async with self._lock, self._db.execute(
+        async with self._turn(), self._db.execute(
             "SELECT m.id, s.name, r.name, m.body, m.created_at FROM private_messages m"
             " JOIN users s ON s.id = m.sender_id JOIN users r ON r.id = m.recipient_id"
             " WHERE m.id IN ("
@@ -741,7 +760,7 @@ class Store:
 
     async def list_users(self, now: float) -> list[tuple[str, float, int]]:
         """Every user: name, registration time, live tokens."""
-        async with self._lock, self._db.execute(
+        async with self._turn(), self._db.execute(
             "SELECT u.name, u.created_at,"
             " (SELECT COUNT(*) FROM tokens t WHERE t.user_id = u.id AND t.expires_at > ?)"
             " FROM users u ORDER BY u.name_key",
