@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from chatd.auth import Hasher
 from chatd.codec import Malformed, Oversize
 from chatd.config import Config
 from chatd.errors import BadRequest, ChatdError, FrameTooLarge, ServerError
-from chatd.handlers import Context, dispatch
+from chatd.handlers import Context, Deferred, dispatch
 from chatd.hub import Hub, Session
 from chatd.limits import Guards
 from chatd.metrics import Metrics
@@ -40,8 +40,12 @@ class App:
         self.config = config
         self.guards.reconfigure(config)
 
-    async def handle(self, session: Session, body: object) -> Data:
-        """Answer one frame body; never raises."""
+    async def handle(self, session: Session, body: object) -> Data | Awaitable[Data]:
+        """Answer one frame body; never raises.
+
+        The answer is the reply, or (for sends) an awaitable of the reply that
+        resolves once the message is committed.
+        """
         if isinstance(body, Oversize):
             return failure(None, FrameTooLarge(body.reason))
         if isinstance(body, Malformed):
@@ -62,13 +66,31 @@ class App:
                 session,
                 self.clock,
             )
-            reply = success(rid, await dispatch(ctx, request))
-        except ChatdError as error:
-            reply = failure(rid, error)
-        except Exception:
-            # Details stay in the log: they may be security-sensitive.
-            log.exception("%s %s: unexpected error", session.peer, op)
-            reply = failure(rid, ServerError())
+            result = await dispatch(ctx, request)
+            if isinstance(result, Deferred):
+                return self._settle(session, rid, op, result, started)
+            reply = success(rid, result)
+        except Exception as error:
+            reply = self._failure(session, rid, op, error)
+        return self._done(session, op, reply, started)
+
+    async def _settle(
+        self, session: Session, rid: int | None, op: str, deferred: Deferred, started: float
+    ) -> Data:
+        try:
+            reply = success(rid, deferred.reply(await deferred.future))
+        except Exception as error:
+            reply = self._failure(session, rid, op, error)
+        return self._done(session, op, reply, started)
+
+    def _failure(self, session: Session, rid: int | None, op: str, error: Exception) -> Data:
+        if isinstance(error, ChatdError):
+            return failure(rid, error)
+        # Details stay in the log: they may be security-sensitive.
+        log.error("%s %s: unexpected error", session.peer, op, exc_info=error)
+        return failure(rid, ServerError())
+
+    def _done(self, session: Session, op: str, reply: Data, started: float) -> Data:
         code = reply["code"]
         self.metrics.request_handled(op, code, time.perf_counter() - started)
         if code:

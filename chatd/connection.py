@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from chatd import events
@@ -26,7 +26,11 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024
 
-BodyHandler = Callable[[Session, Any], Awaitable[dict[str, Any]]]
+Reply = dict[str, Any]
+# A frame body in; its reply, or an awaitable of it (a send waiting for its commit), out.
+BodyHandler = Callable[[Session, Any], Awaitable[Reply | Awaitable[Reply]]]
+# Replies waiting to be written per connection; beyond it the connection stops reading.
+PIPELINE_DEPTH = 512
 
 
 class Connection(Session):
@@ -53,6 +57,8 @@ class Connection(Session):
         self._opened_at = time.monotonic()
         self._frame_started: float | None = None  # when the unfinished frame began
         self._rate_limited = 0  # code 8 replies so far
+        self._replies: asyncio.Queue[Reply | Awaitable[Reply]] = asyncio.Queue(PIPELINE_DEPTH)
+        self._writing = False  # the reply writer holds a reply not yet written
 
     async def run(self) -> str:
         """Serve until the peer leaves, misbehaves, times out, or the server shuts down.
@@ -61,14 +67,18 @@ class Connection(Session):
         dropped (a slow or stalled client).
         """
         reason = "peer"
+        writer = asyncio.create_task(self._write_replies())
         try:
             reason = await self._serve()
+            await self._finish_replies(writer)
         except TimeoutError:
             reason = "timeout"
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
             reason = "error"
             self._dropped = self._dropped or f"connection error ({type(exc).__name__})"
         finally:
+            writer.cancel()
+            self._discard_replies()
             self._writer.close()
             if self._dropped is not None:
                 log.info("connection closed %s: %s", self.peer, self._dropped)
@@ -86,7 +96,8 @@ class Connection(Session):
         """Finish the request in flight, if any, then close."""
         self._closing = True
         if self._idle:
-            self._writer.close()  # the pending read then sees end of stream
+            # The pending read sees end of stream; replies still owed are written first.
+            self._reader.feed_eof()
 
     def write(self, frame: bytes) -> None:
         """Queue a pushed frame without waiting; drop a client that does not read."""
@@ -134,17 +145,55 @@ class Connection(Session):
                 return "shutdown" if self._closing else "peer"
             for body in self._decoder.feed(data):
                 reply = await self._handle_body(self, body)
-                await self.send(encode_frame(reply))
+                await self._queue_reply(reply)
                 if isinstance(body, Oversize):
                     self._dropped = body.reason
                     return "oversize"
-                if reply.get("code") == ErrorCode.RATE_LIMITED:
+                if isinstance(reply, dict) and reply.get("code") == ErrorCode.RATE_LIMITED:
                     self._rate_limited += 1
                     if self._rate_limited >= self._config.abuse_limit:
                         self._dropped = "dropped: kept going past the rate limits"
                         return "abuse"
             self._note_partial_frame()
         return "shutdown"
+
+    async def _queue_reply(self, reply: Reply | Awaitable[Reply]) -> None:
+        """Replies go out in request order, while later requests are already being read."""
+        if isinstance(reply, dict) and self._replies.empty() and not self._writing:
+            await self.send(encode_frame(reply))  # nothing ahead of it: no hand-over needed
+        else:
+            await self._replies.put(reply)  # waits when PIPELINE_DEPTH replies are pending
+
+    async def _write_replies(self) -> None:
+        while True:
+            pending = await self._replies.get()
+            self._writing = True
+            try:
+                reply = pending if isinstance(pending, dict) else await pending
+                await self.send(encode_frame(reply))
+            except (ConnectionError, TimeoutError) as exc:
+                self.abort(f"dropped: cannot write replies ({type(exc).__name__})")
+                return
+            finally:
+                self._writing = False
+                self._replies.task_done()
+
+    async def _finish_replies(self, writer: asyncio.Task[None]) -> None:
+        """Answer what was read before the connection ends (bounded by write_timeout)."""
+        if writer.done():
+            return
+        try:
+            async with asyncio.timeout(self._config.write_timeout):
+                await self._replies.join()
+        except TimeoutError:
+            self.abort("dropped: replies not taken at close")
+
+    def _discard_replies(self) -> None:
+        # Replies nobody will read; their messages are stored or not all the same.
+        while not self._replies.empty():
+            pending = self._replies.get_nowait()
+            if isinstance(pending, Coroutine):
+                pending.close()
 
     def _note_partial_frame(self) -> None:
         if not self._decoder.buffered:

@@ -7,6 +7,7 @@ never see bytes, sockets or SQL (protocol.md, "Operations").
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -29,7 +30,18 @@ from chatd.hub import Hub, Session
 from chatd.limits import Guards, address_key
 from chatd.metrics import Metrics
 from chatd.protocol import Data, Params, Request, format_datetime
-from chatd.store import Channel, ChannelMessage, Joined, PrivateMessage, Store, User
+from chatd.store import (
+    CHANNEL,
+    PRIVATE,
+    Channel,
+    ChannelMessage,
+    Joined,
+    NewMessage,
+    PrivateMessage,
+    Store,
+    Stored,
+    User,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +73,15 @@ class Context:
         return self.session.user_name
 
 
-Handler = Callable[[Context, Params], Awaitable[Data | None]]
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """A reply that waits for the group commit: ``reply(result)`` once ``future`` resolves."""
+
+    future: asyncio.Future[Stored]
+    reply: Callable[[Stored], Data]
+
+
+Handler = Callable[[Context, Params], Awaitable[Data | Deferred | None]]
 
 
 @dataclass(frozen=True)
@@ -209,22 +229,39 @@ def _throttle_messages(ctx: Context) -> None:
         raise RateLimited("sending too fast", wait)
 
 
-async def send(ctx: Context, params: Params) -> Data:
+async def send(ctx: Context, params: Params) -> Deferred:
     _throttle_messages(ctx)
     recipient = await _existing_user(ctx, params, cached=True)  # the hot path
     text = validation.message_text(params, "msg", ctx.config.max_message_length)
     client_id = params.optional_text("client_id", validation.MAX_CLIENT_ID_LENGTH)
-    stored = await ctx.store.add_private(ctx.user_id, recipient.id, text, ctx.clock(), client_id)
-    if not stored.duplicate:
-        ctx.metrics.message_stored("private")
-        message = PrivateMessage(stored.id, ctx.user_name, text, stored.created_at)
-        ctx.hub.publish_private(
-            recipient.id,
-            stored.id,
-            events.private_message(message),
-            ctx.session,
-            events.private_message(message, to=recipient.name),
-        )
+    new = NewMessage(PRIVATE, ctx.user_id, recipient.id, text, ctx.clock(), client_id)
+    sender, sender_name, hub, metrics = ctx.session, ctx.user_name, ctx.hub, ctx.metrics
+
+    def publish(stored: Stored) -> None:
+        metrics.message_stored("private")
+        message = PrivateMessage(stored.id, sender_name, text, stored.created_at)
+        copy = events.private_message(message, to=recipient.name)
+        hub.publish_private(recipient.id, stored.id, events.private_message(message), sender, copy)
+
+    return _after_commit(ctx.store.enqueue(new), publish)
+
+
+def _after_commit(future: asyncio.Future[Stored], publish: Callable[[Stored], None]) -> Deferred:
+    """Push once committed (in commit order), and answer with the stored id and time.
+
+    The reply waits for the group commit, but the connection reads on meanwhile, so
+    a client with many sends in flight fills whole batches (protocol.md, "Pipelining").
+    """
+
+    def committed(done: asyncio.Future[Stored]) -> None:
+        if not done.cancelled() and done.exception() is None and not done.result().duplicate:
+            publish(done.result())
+
+    future.add_done_callback(committed)
+    return Deferred(future, _sent)
+
+
+def _sent(stored: Stored) -> Data:
     return {"id": stored.id, "datetime": format_datetime(stored.created_at)}
 
 
@@ -365,21 +402,22 @@ async def channel_list(ctx: Context, params: Params) -> Data:
     return {"channels": [{"name": m.channel, "unread": m.unread} for m in memberships]}
 
 
-async def channel_send(ctx: Context, params: Params) -> Data:
+async def channel_send(ctx: Context, params: Params) -> Deferred:
     _throttle_messages(ctx)
     name = validation.channel_name(params)
     text = validation.message_text(params, "message", ctx.config.max_message_length)
     client_id = params.optional_text("client_id", validation.MAX_CLIENT_ID_LENGTH)
     channel = await _use_channel(ctx, name)
-    stored = await ctx.store.add_channel_message(
-        channel.id, ctx.user_id, text, ctx.clock(), client_id
-    )
-    if not stored.duplicate:
-        ctx.metrics.message_stored("channel")
-        message = ChannelMessage(stored.id, ctx.user_name, text, stored.created_at)
+    new = NewMessage(CHANNEL, ctx.user_id, channel.id, text, ctx.clock(), client_id)
+    sender, sender_name, hub, metrics = ctx.session, ctx.user_name, ctx.hub, ctx.metrics
+
+    def publish(stored: Stored) -> None:
+        metrics.message_stored("channel")
+        message = ChannelMessage(stored.id, sender_name, text, stored.created_at)
         frame = events.channel_message(channel.name, message)
-        ctx.hub.publish_channel(channel.id, stored.id, frame, ctx.session)
-    return {"id": stored.id, "datetime": format_datetime(stored.created_at)}
+        hub.publish_channel(channel.id, stored.id, frame, sender)
+
+    return _after_commit(ctx.store.enqueue(new), publish)
 
 
 async def channel_receive(ctx: Context, params: Params) -> Data:
@@ -443,7 +481,7 @@ OPS: dict[str, Op] = {
 _IGNORE_TOKEN = frozenset({"/register", "/login"})
 
 
-async def dispatch(ctx: Context, request: Request) -> Data | None:
+async def dispatch(ctx: Context, request: Request) -> Data | Deferred | None:
     """Run one request through the auth gate and its handler."""
     op = OPS.get(request.op)
     if op is None:

@@ -12,8 +12,15 @@ from chatd.codec import Malformed, Oversize
 from chatd.config import Config
 from chatd.handlers import OPS, Op
 from chatd.hub import Hub, Session
+from chatd.protocol import Data
 from chatd.store import Store
 from tests.conftest import PASSWORD
+
+
+async def answer(app: App, session: Session, body: object) -> Data:
+    """The reply, waiting for the commit when the op answers after one (sends)."""
+    result = await app.handle(session, body)
+    return result if isinstance(result, dict) else await result
 
 
 @pytest.fixture
@@ -29,27 +36,31 @@ async def test_register_login_send_receive_without_a_socket(app: App) -> None:
     alice, bob = Session("alice-peer"), Session("bob-peer")
     for session, name in ((alice, "alice"), (bob, "bob")):
         params = {"name": name, "password": PASSWORD, "password_repete": PASSWORD}
-        assert (await app.handle(session, {"op": "/register", "params": params}))["code"] == 0
-        reply = await app.handle(
-            session, {"op": "/login", "params": {"name": name, "password": PASSWORD}}
+        assert (await answer(app, session, {"op": "/register", "params": params}))["code"] == 0
+        reply = await answer(
+            app, session, {"op": "/login", "params": {"name": name, "password": PASSWORD}}
         )
         assert reply["code"] == 0
-    sent = await app.handle(alice, {"op": "/send", "id": 1, "params": {"name": "bob", "msg": "hi"}})
+    pending = await app.handle(
+        alice, {"op": "/send", "id": 1, "params": {"name": "bob", "msg": "hi"}}
+    )
+    assert not isinstance(pending, dict)  # a send is answered once its commit is done
+    sent = await pending
     assert sent == {
         "id": 1,
         "code": 0,
         "msg": "success",
         "data": {"id": 1, "datetime": "2020.03.05:12:12:00"},
     }
-    got = await app.handle(bob, {"op": "/receive"})
+    got = await answer(app, bob, {"op": "/receive"})
     assert got["data"] == {"messages": {"alice": ["hi"]}, "more": False}
     assert app.hub.is_online(bob.user_id or 0)
 
 
 async def test_decode_problems_map_to_codes(app: App) -> None:
     session = Session()
-    assert (await app.handle(session, Malformed("x")))["code"] == 1
-    assert (await app.handle(session, Oversize(10, 5)))["code"] == 7
+    assert (await answer(app, session, Malformed("x")))["code"] == 1
+    assert (await answer(app, session, Oversize(10, 5)))["code"] == 7
 
 
 async def test_unexpected_exception_becomes_code_9_without_details(
@@ -59,6 +70,6 @@ async def test_unexpected_exception_becomes_code_9_without_details(
         raise RuntimeError("secret internal detail")
 
     monkeypatch.setitem(OPS, "/ping", Op(broken, requires_auth=False))
-    reply = await app.handle(Session(), {"op": "/ping", "id": 3})
+    reply = await answer(app, Session(), {"op": "/ping", "id": 3})
     assert reply == {"id": 3, "code": 9, "msg": "server error"}
     assert "secret internal detail" in caplog.text  # logged with its traceback, not sent
