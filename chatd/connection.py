@@ -29,6 +29,8 @@ READ_CHUNK = 64 * 1024
 Reply = dict[str, Any]
 # A frame body in; its reply, or an awaitable of it (a send waiting for its commit), out.
 BodyHandler = Callable[[Session, Any], Awaitable[Reply | Awaitable[Reply]]]
+# asyncio's default high-water mark: below it StreamWriter.drain() returns at once.
+DRAIN_ABOVE = 64 * 1024
 # Replies waiting to be written per connection; beyond it the connection stops reading.
 PIPELINE_DEPTH = 512
 
@@ -120,6 +122,8 @@ class Connection(Session):
         self._writer.transport.abort()
 
     async def drain(self) -> None:
+        if self._writer.transport.get_write_buffer_size() <= DRAIN_ABOVE:
+            return  # nothing to wait for: skip setting up a timeout on the hot path
         # A client that stops reading stops being read (backpressure),
         # and is dropped when it stalls longer than write_timeout.
         async with asyncio.timeout(self._config.write_timeout):

@@ -240,8 +240,13 @@ async def send(ctx: Context, params: Params) -> Deferred:
     def publish(stored: Stored) -> None:
         metrics.message_stored("private")
         message = PrivateMessage(stored.id, sender_name, text, stored.created_at)
-        copy = events.private_message(message, to=recipient.name)
-        hub.publish_private(recipient.id, stored.id, events.private_message(message), sender, copy)
+        hub.publish_private(
+            recipient.id,
+            stored.id,
+            lambda: events.private_message(message),
+            sender,
+            lambda: events.private_message(message, to=recipient.name),
+        )
 
     return _after_commit(ctx.store.enqueue(new), publish)
 

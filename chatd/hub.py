@@ -9,7 +9,7 @@ behind this same interface.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from chatd import events
 from chatd.delivery import INBOX, Subscription
@@ -184,17 +184,33 @@ class Hub:
     # Fan-out.
 
     def publish_private(
-        self, recipient_id: int, message_id: int, frame: bytes, sender: Session, copy: bytes
+        self,
+        recipient_id: int,
+        message_id: int,
+        frame: Callable[[], bytes],
+        sender: Session,
+        copy: Callable[[], bytes],
     ) -> None:
-        """To the recipient's subscribed sessions; a copy to the sender's other ones."""
-        for session in self._sessions.get(recipient_id, ()):
-            if session.subscription is not None:
-                session.subscription.offer(INBOX, message_id, frame)
+        """To the recipient's subscribed sessions; a copy to the sender's other ones.
+
+        Frames are built only if someone is subscribed, and then once for all of them.
+        """
+        readers = [s.subscription for s in self._sessions.get(recipient_id, ()) if s.subscription]
+        if readers:
+            encoded = frame()
+            for subscription in readers:
+                subscription.offer(INBOX, message_id, encoded)
         if sender.user_id == recipient_id:
             return  # a note to self: the inbox frame already reached every device
-        for session in self._sessions.get(sender.user_id or 0, ()):
-            if session is not sender and session.subscription is not None:
-                session.write(copy)
+        devices = [
+            s
+            for s in self._sessions.get(sender.user_id or 0, ())
+            if s is not sender and s.subscription is not None
+        ]
+        if devices:
+            encoded = copy()
+            for session in devices:
+                session.write(encoded)
 
     def publish_channel(
         self, channel_id: int, message_id: int, frame: bytes, sender: Session

@@ -6,6 +6,7 @@ Sans-I/O like ``codec.py``: this module turns decoded frame bodies into
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,7 +19,13 @@ DATETIME_FORMAT = "%Y.%m.%d:%H:%M:%S"  # the seed's "2020.03.05:12:12:00", alway
 
 
 def format_datetime(timestamp: float) -> str:
-    return time.strftime(DATETIME_FORMAT, time.gmtime(timestamp))
+    return _format_second(int(timestamp))
+
+
+@functools.lru_cache(maxsize=1024)
+def _format_second(second: int) -> str:
+    # Cached: under load thousands of replies a second share the same few seconds.
+    return time.strftime(DATETIME_FORMAT, time.gmtime(second))
 
 
 def is_int(value: object) -> bool:

@@ -6,6 +6,7 @@ A value longer than its maximum is TooLarge (code 7); any other violation
 
 from __future__ import annotations
 
+import functools
 import unicodedata
 
 from chatd.errors import BadRequest
@@ -18,6 +19,7 @@ MAX_CLIENT_ID_LENGTH = 64
 _NAME_PUNCTUATION = frozenset("_-.")
 
 
+@functools.lru_cache(maxsize=16384)
 def name_key(name: str) -> str:
     """The case-insensitive identity of a name: NFKC, casefold, NFKC (Unicode's NFKC_Casefold)."""
     return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
@@ -31,10 +33,15 @@ def _name_character(ch: str) -> bool:
 def _check_name(value: str, what: str) -> str:
     if not value:
         raise BadRequest(f"{what} must not be empty")
-    normalized = unicodedata.normalize("NFKC", value)
-    if not all(_name_character(ch) for ch in normalized):
+    if not _is_valid_name(value):
         raise BadRequest(f"{what} may contain only letters, digits, '_', '-' and '.'")
     return value
+
+
+@functools.lru_cache(maxsize=16384)
+def _is_valid_name(value: str) -> bool:
+    # Cached: the same few names are checked on every send.
+    return all(_name_character(ch) for ch in unicodedata.normalize("NFKC", value))
 
 
 def user_name(params: Params, key: str = "name") -> str:
