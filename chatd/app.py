@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from chatd.auth import Hasher
@@ -40,11 +41,11 @@ class App:
         self.config = config
         self.guards.reconfigure(config)
 
-    async def handle(self, session: Session, body: object) -> Data | Awaitable[Data]:
+    async def handle(self, session: Session, body: object) -> Data | PendingReply:
         """Answer one frame body; never raises.
 
-        The answer is the reply, or (for sends) an awaitable of the reply that
-        resolves once the message is committed.
+        The answer is the reply, or (for sends) a :class:`PendingReply` that has
+        it once the message is committed.
         """
         if isinstance(body, Oversize):
             return failure(None, FrameTooLarge(body.reason))
@@ -68,17 +69,8 @@ class App:
             )
             result = await dispatch(ctx, request)
             if isinstance(result, Deferred):
-                return self._settle(session, rid, op, result, started)
+                return PendingReply(self, session, rid, op, result, started)
             reply = success(rid, result)
-        except Exception as error:
-            reply = self._failure(session, rid, op, error)
-        return self._done(session, op, reply, started)
-
-    async def _settle(
-        self, session: Session, rid: int | None, op: str, deferred: Deferred, started: float
-    ) -> Data:
-        try:
-            reply = success(rid, deferred.reply(await deferred.future))
         except Exception as error:
             reply = self._failure(session, rid, op, error)
         return self._done(session, op, reply, started)
@@ -98,3 +90,39 @@ class App:
         else:
             log.debug("%s %s -> 0", session.peer, op)
         return reply
+
+
+class PendingReply:
+    """The reply to a send, known once the group commit holding the message is done."""
+
+    __slots__ = ("_app", "_deferred", "_op", "_rid", "_session", "_started")
+
+    def __init__(
+        self,
+        app: App,
+        session: Session,
+        rid: int | None,
+        op: str,
+        deferred: Deferred,
+        started: float,
+    ) -> None:
+        self._app, self._session, self._rid, self._op = app, session, rid, op
+        self._deferred, self._started = deferred, started
+
+    @property
+    def ready(self) -> bool:
+        return self._deferred.future.done()
+
+    async def wait(self) -> None:
+        await asyncio.wait([self._deferred.future])
+
+    def result(self) -> Data:
+        """The reply (call once ``ready``)."""
+        future = self._deferred.future
+        error = None if future.cancelled() else future.exception()
+        if future.cancelled() or error is not None:
+            failed = error if isinstance(error, Exception) else ServerError()
+            reply = self._app._failure(self._session, self._rid, self._op, failed)
+        else:
+            reply = success(self._rid, self._deferred.reply(future.result()))
+        return self._app._done(self._session, self._op, reply, self._started)

@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from chatd import events
+from chatd.app import PendingReply
 from chatd.codec import FrameDecoder, Oversize, encode_frame
 from chatd.config import Config
 from chatd.errors import ErrorCode
@@ -27,12 +29,13 @@ log = logging.getLogger(__name__)
 READ_CHUNK = 64 * 1024
 
 Reply = dict[str, Any]
-# A frame body in; its reply, or an awaitable of it (a send waiting for its commit), out.
-BodyHandler = Callable[[Session, Any], Awaitable[Reply | Awaitable[Reply]]]
+# A frame body in; its reply, or a pending one (a send waiting for its commit), out.
+BodyHandler = Callable[[Session, Any], Awaitable[Reply | PendingReply]]
 # asyncio's default high-water mark: below it StreamWriter.drain() returns at once.
 DRAIN_ABOVE = 64 * 1024
 # Replies waiting to be written per connection; beyond it the connection stops reading.
 PIPELINE_DEPTH = 512
+WRITE_BATCH = 256  # replies joined into one write
 
 
 class Connection(Session):
@@ -59,8 +62,12 @@ class Connection(Session):
         self._opened_at = time.monotonic()
         self._frame_started: float | None = None  # when the unfinished frame began
         self._rate_limited = 0  # code 8 replies so far
-        self._replies: asyncio.Queue[Reply | Awaitable[Reply]] = asyncio.Queue(PIPELINE_DEPTH)
-        self._writing = False  # the reply writer holds a reply not yet written
+        self._replies: deque[Reply | PendingReply] = deque()  # not yet written, in order
+        self._reply_added = asyncio.Event()
+        self._room: asyncio.Future[None] | None = None  # set while the queue is full
+        self._writing = False  # the reply writer holds replies not yet written
+        self._all_written = asyncio.Event()  # set while no reply is owed
+        self._all_written.set()
 
     async def run(self) -> str:
         """Serve until the peer leaves, misbehaves, times out, or the server shuts down.
@@ -72,7 +79,7 @@ class Connection(Session):
         writer = asyncio.create_task(self._write_replies())
         try:
             reason = await self._serve()
-            await self._finish_replies(writer)
+            await self._finish_replies()
         except TimeoutError:
             reason = "timeout"
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
@@ -161,43 +168,60 @@ class Connection(Session):
             self._note_partial_frame()
         return "shutdown"
 
-    async def _queue_reply(self, reply: Reply | Awaitable[Reply]) -> None:
+    async def _queue_reply(self, reply: Reply | PendingReply) -> None:
         """Replies go out in request order, while later requests are already being read."""
-        if isinstance(reply, dict) and self._replies.empty() and not self._writing:
+        if isinstance(reply, dict) and not self._replies and not self._writing:
             await self.send(encode_frame(reply))  # nothing ahead of it: no hand-over needed
-        else:
-            await self._replies.put(reply)  # waits when PIPELINE_DEPTH replies are pending
+            return
+        while len(self._replies) >= PIPELINE_DEPTH:  # backpressure: stop reading for now
+            self._room = asyncio.get_running_loop().create_future()
+            await self._room
+        self._replies.append(reply)
+        self._reply_added.set()
+        self._all_written.clear()
 
     async def _write_replies(self) -> None:
+        """Write queued replies in order, as many as are ready in one write."""
         while True:
-            pending = await self._replies.get()
+            if not self._replies:
+                self._reply_added.clear()
+                await self._reply_added.wait()
+            head = self._replies[0]
+            if isinstance(head, PendingReply) and not head.ready:
+                await head.wait()
+            frames: list[bytes] = []
             self._writing = True
+            while self._replies and len(frames) < WRITE_BATCH:
+                item = self._replies[0]
+                if isinstance(item, PendingReply):
+                    if not item.ready:
+                        break
+                    item = item.result()
+                self._replies.popleft()
+                frames.append(encode_frame(item))
+            if self._room is not None and not self._room.done():
+                self._room.set_result(None)
             try:
-                reply = pending if isinstance(pending, dict) else await pending
-                await self.send(encode_frame(reply))
+                await self.send(b"".join(frames))
             except (ConnectionError, TimeoutError) as exc:
                 self.abort(f"dropped: cannot write replies ({type(exc).__name__})")
+                self._all_written.set()  # nothing more will be: stop waiting for it
                 return
             finally:
                 self._writing = False
-                self._replies.task_done()
+            if not self._replies:
+                self._all_written.set()
 
-    async def _finish_replies(self, writer: asyncio.Task[None]) -> None:
+    async def _finish_replies(self) -> None:
         """Answer what was read before the connection ends (bounded by write_timeout)."""
-        if writer.done():
-            return
         try:
             async with asyncio.timeout(self._config.write_timeout):
-                await self._replies.join()
+                await self._all_written.wait()
         except TimeoutError:
             self.abort("dropped: replies not taken at close")
 
     def _discard_replies(self) -> None:
-        # Replies nobody will read; their messages are stored or not all the same.
-        while not self._replies.empty():
-            pending = self._replies.get_nowait()
-            if isinstance(pending, Coroutine):
-                pending.close()
+        self._replies.clear()  # replies nobody will read: their messages stand all the same
 
     def _note_partial_frame(self) -> None:
         if not self._decoder.buffered:

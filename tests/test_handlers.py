@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from chatd.app import App
+from chatd.app import App, PendingReply
 from chatd.auth import Hasher
 from chatd.codec import Malformed, Oversize
 from chatd.config import Config
@@ -20,7 +20,10 @@ from tests.conftest import PASSWORD
 async def answer(app: App, session: Session, body: object) -> Data:
     """The reply, waiting for the commit when the op answers after one (sends)."""
     result = await app.handle(session, body)
-    return result if isinstance(result, dict) else await result
+    if isinstance(result, PendingReply):
+        await result.wait()
+        return result.result()
+    return result
 
 
 @pytest.fixture
@@ -44,8 +47,9 @@ async def test_register_login_send_receive_without_a_socket(app: App) -> None:
     pending = await app.handle(
         alice, {"op": "/send", "id": 1, "params": {"name": "bob", "msg": "hi"}}
     )
-    assert not isinstance(pending, dict)  # a send is answered once its commit is done
-    sent = await pending
+    assert isinstance(pending, PendingReply)  # a send is answered once its commit is done
+    await pending.wait()
+    sent = pending.result()
     assert sent == {
         "id": 1,
         "code": 0,
