@@ -62,12 +62,8 @@ class Connection(Session):
         self._opened_at = time.monotonic()
         self._frame_started: float | None = None  # when the unfinished frame began
         self._rate_limited = 0  # code 8 replies so far
-        self._replies: deque[Reply | PendingReply] = deque()  # not yet written, in order
-        self._reply_added = asyncio.Event()
-        self._room: asyncio.Future[None] | None = None  # set while the queue is full
-        self._writing = False  # the reply writer holds replies not yet written
-        self._all_written = asyncio.Event()  # set while no reply is owed
-        self._all_written.set()
+        # Made on the first reply that has to wait its turn: idle connections stay small.
+        self._queue: _ReplyQueue | None = None
 
     async def run(self) -> str:
         """Serve until the peer leaves, misbehaves, times out, or the server shuts down.
@@ -76,18 +72,18 @@ class Connection(Session):
         dropped (a slow or stalled client).
         """
         reason = "peer"
-        writer = asyncio.create_task(self._write_replies())
         try:
             reason = await self._serve()
-            await self._finish_replies()
+            if self._queue is not None:
+                await self._queue.finish(self._config.write_timeout)
         except TimeoutError:
             reason = "timeout"
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
             reason = "error"
             self._dropped = self._dropped or f"connection error ({type(exc).__name__})"
         finally:
-            writer.cancel()
-            self._discard_replies()
+            if self._queue is not None:
+                self._queue.discard()
             self._writer.close()
             if self._dropped is not None:
                 log.info("connection closed %s: %s", self.peer, self._dropped)
@@ -170,58 +166,12 @@ class Connection(Session):
 
     async def _queue_reply(self, reply: Reply | PendingReply) -> None:
         """Replies go out in request order, while later requests are already being read."""
-        if isinstance(reply, dict) and not self._replies and not self._writing:
+        if isinstance(reply, dict) and (self._queue is None or self._queue.idle):
             await self.send(encode_frame(reply))  # nothing ahead of it: no hand-over needed
             return
-        while len(self._replies) >= PIPELINE_DEPTH:  # backpressure: stop reading for now
-            self._room = asyncio.get_running_loop().create_future()
-            await self._room
-        self._replies.append(reply)
-        self._reply_added.set()
-        self._all_written.clear()
-
-    async def _write_replies(self) -> None:
-        """Write queued replies in order, as many as are ready in one write."""
-        while True:
-            if not self._replies:
-                self._reply_added.clear()
-                await self._reply_added.wait()
-            head = self._replies[0]
-            if isinstance(head, PendingReply) and not head.ready:
-                await head.wait()
-            frames: list[bytes] = []
-            self._writing = True
-            while self._replies and len(frames) < WRITE_BATCH:
-                item = self._replies[0]
-                if isinstance(item, PendingReply):
-                    if not item.ready:
-                        break
-                    item = item.result()
-                self._replies.popleft()
-                frames.append(encode_frame(item))
-            if self._room is not None and not self._room.done():
-                self._room.set_result(None)
-            try:
-                await self.send(b"".join(frames))
-            except (ConnectionError, TimeoutError) as exc:
-                self.abort(f"dropped: cannot write replies ({type(exc).__name__})")
-                self._all_written.set()  # nothing more will be: stop waiting for it
-                return
-            finally:
-                self._writing = False
-            if not self._replies:
-                self._all_written.set()
-
-    async def _finish_replies(self) -> None:
-        """Answer what was read before the connection ends (bounded by write_timeout)."""
-        try:
-            async with asyncio.timeout(self._config.write_timeout):
-                await self._all_written.wait()
-        except TimeoutError:
-            self.abort("dropped: replies not taken at close")
-
-    def _discard_replies(self) -> None:
-        self._replies.clear()  # replies nobody will read: their messages stand all the same
+        if self._queue is None:
+            self._queue = _ReplyQueue(self)
+        await self._queue.put(reply)
 
     def _note_partial_frame(self) -> None:
         if not self._decoder.buffered:
@@ -281,3 +231,81 @@ def _format_peer(peername: object) -> str:
     if isinstance(peername, tuple) and len(peername) >= 2:
         return f"{peername[0]}:{peername[1]}"
     return str(peername)
+
+
+class _ReplyQueue:
+    """Replies owed on one connection, written in request order as each becomes ready.
+
+    Ready replies are joined into one write; past PIPELINE_DEPTH owed replies the
+    connection stops reading until the client has taken some (backpressure).
+    """
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self._replies: deque[Reply | PendingReply] = deque()
+        self._added = asyncio.Event()
+        self._all_written = asyncio.Event()
+        self._all_written.set()
+        self._room: asyncio.Future[None] | None = None  # awaited while the queue is full
+        self._writing = False  # holding replies taken from the queue but not yet written
+        self._task = asyncio.create_task(self._write())
+
+    @property
+    def idle(self) -> bool:
+        return not self._replies and not self._writing
+
+    async def put(self, reply: Reply | PendingReply) -> None:
+        while len(self._replies) >= PIPELINE_DEPTH:
+            self._room = asyncio.get_running_loop().create_future()
+            await self._room
+        self._replies.append(reply)
+        self._all_written.clear()
+        self._added.set()
+
+    async def finish(self, timeout: float) -> None:
+        """Wait until every owed reply is written (a stalled client is dropped)."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._all_written.wait()
+        except TimeoutError:
+            self._connection.abort("dropped: replies not taken at close")
+
+    def discard(self) -> None:
+        self._task.cancel()
+        self._replies.clear()  # nobody will read them; the messages stand all the same
+
+    async def _write(self) -> None:
+        while True:
+            if not self._replies:
+                self._added.clear()
+                await self._added.wait()
+            head = self._replies[0]
+            if isinstance(head, PendingReply) and not head.ready:
+                await head.wait()
+            self._writing = True
+            frames = self._take_ready()
+            if self._room is not None and not self._room.done():
+                self._room.set_result(None)
+            try:
+                await self._connection.send(b"".join(frames))
+            except (ConnectionError, TimeoutError) as exc:
+                self._connection.abort(f"dropped: cannot write replies ({type(exc).__name__})")
+                self._all_written.set()  # nothing more will be: stop waiting for it
+                return
+            finally:
+                self._writing = False
+            if not self._replies:
+                self._all_written.set()
+
+    def _take_ready(self) -> list[bytes]:
+        frames: list[bytes] = []
+        while self._replies and len(frames) < WRITE_BATCH:
+            item = self._replies[0]
+            if isinstance(item, PendingReply):
+                if not item.ready:
+                    break
+                item = item.result()
+            self._replies.popleft()
+            frames.append(encode_frame(item))
+        return frames
+
