@@ -66,6 +66,8 @@ class FrameDecoder:
     :class:`FrameTooLarge`: the stream can no longer be trusted.
     """
 
+    __slots__ = ("_buffer", "_failed", "max_frame_size")
+
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         self.max_frame_size = max_frame_size
         self._buffer = bytearray()

@@ -39,6 +39,23 @@ WRITE_BATCH = 256  # replies joined into one write
 
 
 class Connection(Session):
+    __slots__ = (
+        "_closing",
+        "_config",
+        "_decoder",
+        "_dropped",
+        "_frame_started",
+        "_handle_body",
+        "_idle",
+        "_metrics",
+        "_opened_at",
+        "_paced_in_flight",
+        "_queue",
+        "_rate_limited",
+        "_reader",
+        "_writer",
+    )
+
     def __init__(
         self,
         reader: asyncio.StreamReader,

@@ -43,7 +43,7 @@ class Writer(Protocol):
         """Drop the connection; what it did not acknowledge is delivered another time."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Stream:
     delivered: int  # the newest id written on this connection (or the starting position)
     live: bool
@@ -52,6 +52,8 @@ class _Stream:
 
 
 class Subscription:
+    __slots__ = ("_page_size", "_queue_limit", "_streams", "_task", "_writer")
+
     def __init__(self, writer: Writer, page_size: int, queue_limit: int) -> None:
         self._writer = writer
         self._page_size = page_size

@@ -21,6 +21,18 @@ class Session:
     The connection layer subclasses this and supplies ``write``, ``push_paced`` and ``abort``.
     """
 
+    # Slots: one of these per connection, ten thousand idle ones must stay small.
+    __slots__ = (
+        "address",
+        "peer",
+        "subscription",
+        "token_checked_at",
+        "token_digest",
+        "token_expires_at",
+        "user_id",
+        "user_name",
+    )
+
     def __init__(self, peer: str = "-", address: str = "-") -> None:
         self.peer = peer  # "address:port", for logs
         self.address = address  # the client's IP address, for per-address limits
