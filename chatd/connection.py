@@ -50,6 +50,7 @@ class Connection(Session):
         "_metrics",
         "_opened_at",
         "_paced_in_flight",
+        "_pushes",
         "_queue",
         "_rate_limited",
         "_reader",
@@ -81,6 +82,7 @@ class Connection(Session):
         self._rate_limited = 0  # code 8 replies so far
         # Made on the first reply that has to wait its turn: idle connections stay small.
         self._queue: _ReplyQueue | None = None
+        self._pushes: list[bytes] | None = None  # pushed this turn, written at its end
 
     async def run(self) -> str:
         """Serve until the peer leaves, misbehaves, times out, or the server shuts down.
@@ -122,11 +124,25 @@ class Connection(Session):
             self._reader.feed_eof()
 
     def write(self, frame: bytes) -> None:
-        """Queue a pushed frame without waiting; drop a client that does not read."""
+        """Queue a pushed frame without waiting; drop a client that does not read.
+
+        Pushes made in one turn of the event loop leave in one write: a busy channel
+        costs one system call per member per turn, not one per message.
+        """
         if self._writer.is_closing():
             return
         self._metrics.pushed()
-        self._writer.write(frame)
+        if self._pushes is None:
+            self._pushes = [frame]
+            asyncio.get_running_loop().call_soon(self._flush_pushes)
+        else:
+            self._pushes.append(frame)
+
+    def _flush_pushes(self) -> None:
+        frames, self._pushes = self._pushes, None
+        if not frames or self._writer.is_closing():
+            return
+        self._writer.write(b"".join(frames))
         # Frames written at the client's pace (replies, catch-up) are not the client's
         # fault: only what piles up beyond them counts.
         pushed = self._writer.transport.get_write_buffer_size() - self._paced_in_flight
