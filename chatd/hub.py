@@ -121,6 +121,9 @@ class Hub:
         """For online users only (the hub keeps their memberships)."""
         return channel_id in self._channels_of.get(user_id, ())
 
+    def bound_sessions(self) -> list[Session]:
+        return [session for group in self._sessions.values() for session in group]
+
     def sessions_with_token(self, user_id: int, digest: bytes) -> list[Session]:
         return [s for s in self._sessions.get(user_id, ()) if s.token_digest == digest]
 

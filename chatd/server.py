@@ -34,6 +34,7 @@ class Server:
         self._connections: set[Connection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._per_address: Counter[str] = Counter()
+        self._token_sweeper: asyncio.Task[None] | None = None
 
     @property
     def app(self) -> App:
@@ -62,6 +63,7 @@ class Server:
         except BaseException:
             await self._close_app()
             raise
+        self._token_sweeper = asyncio.create_task(self._sweep_tokens())
         scheme = "tls" if self.config.tls_cert else "tcp"
         log.info("listening on %s:%d (%s)", self.config.host, self.port, scheme)
 
@@ -114,6 +116,29 @@ class Server:
             if not self._per_address[counted_as]:
                 del self._per_address[counted_as]
 
+    async def _sweep_tokens(self) -> None:
+        """End sessions whose token was revoked or deleted elsewhere (`chatd admin`).
+
+        Requests re-check their token too; this also reaches connections that only
+        listen, so a revoked session stops receiving pushes within token_recheck.
+        """
+        while True:
+            await asyncio.sleep(max(self.config.token_recheck, 1.0))
+            try:
+                await self._drop_dead_sessions()
+            except Exception:
+                log.exception("token sweep failed; trying again later")
+
+    async def _drop_dead_sessions(self) -> None:
+        hub, now = self.app.hub, self.app.clock()
+        checked = [(s, s.token_digest) for s in hub.bound_sessions() if s.token_digest]
+        live = await self.app.store.live_tokens(list({d for _, d in checked if d}), now)
+        for session, digest in checked:
+            # Skip sessions that logged in again meanwhile: their new token was not checked.
+            if digest not in live and session.token_digest == digest:
+                log.info("session on %s ended: its token was revoked", session.peer)
+                hub.unbind(session)
+
     def _over_capacity(self, address: str) -> str | None:
         if len(self._connections) >= self.config.max_connections:
             return "too many connections"
@@ -127,6 +152,8 @@ class Server:
         """Stop accepting, let in-flight requests finish, then close the database."""
         if self._listener is not None:
             self._listener.close()
+        if self._token_sweeper is not None:
+            self._token_sweeper.cancel()
         for connection in list(self._connections):
             connection.shutdown()
         if self._tasks:

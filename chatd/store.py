@@ -455,6 +455,19 @@ class Store:
             user = await self._user_where("id = ?", (row[0],))
         return None if user is None else (user, row[1])
 
+    async def live_tokens(self, digests: Sequence[bytes], now: float) -> set[bytes]:
+        """Which of these tokens are still valid (not expired, revoked or deleted)."""
+        live: set[bytes] = set()
+        for start in range(0, len(digests), _INSERT_CHUNK):
+            chunk = digests[start : start + _INSERT_CHUNK]
+            marks = ", ".join("?" for _ in chunk)
+            async with self._turn(), self._db.execute(
+                f"SELECT digest FROM tokens WHERE expires_at > ? AND digest IN ({marks})",
+                (now, *chunk),
+            ) as cursor:
+                live.update(row[0] for row in await cursor.fetchall())
+        return live
+
     async def revoke_token(self, digest: bytes) -> None:
         async with self._transaction() as db:
             await db.execute("DELETE FROM tokens WHERE digest = ?", (digest,))

@@ -228,6 +228,23 @@ async def test_admin_lists_users_and_revokes_tokens_of_live_sessions(
     assert status == 1 and "no user named 'nobody'" in err
 
 
+async def test_revoked_sessions_that_only_listen_stop_receiving(
+    make_harness: MakeHarness,
+) -> None:
+    harness = await make_harness(token_recheck=0)  # the sweep then runs every second
+    alice = await harness.user("alice")
+    bob = await harness.user("bob")
+    await bob.request("/subscribe")
+    status, _, _ = await chatd_command("admin", "revoke-tokens", "bob", "--db", harness.config.db)
+    assert status == 0
+    async with asyncio.timeout(10):  # polling the server: there is no event to wait for
+        while (await alice.request("/user/info", {"name": "bob"}))["online"]:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+    await alice.request("/send", {"name": "bob", "msg": "you should not see this pushed"})
+    with pytest.raises(TimeoutError):
+        await bob.next_event(timeout=0.3)
+
+
 async def test_admin_resets_a_password(make_harness: MakeHarness) -> None:
     harness = await make_harness(token_recheck=0)
     alice = await harness.user("alice")
