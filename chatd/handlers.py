@@ -1,8 +1,10 @@
 """One small async function per op, and the table that maps op names to them.
 
 A handler takes the request's context and parameters, and returns the reply's
-``data`` (or None) or raises a :class:`~chatd.errors.ChatdError`.  Handlers
-never see bytes, sockets or SQL (protocol.md, "Operations").
+``data`` (or None) or raises a :class:`~chatd.errors.ChatdError`.  The sends
+return a :class:`Deferred` instead: their reply is known once the group commit
+holding the message is done.  Handlers never see bytes, sockets or SQL
+(protocol.md, "Operations").
 """
 
 from __future__ import annotations
