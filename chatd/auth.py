@@ -81,7 +81,7 @@ class Hasher:
     async def _run(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         # A login storm must not queue unbounded 64 MiB jobs: past the limit, come back later.
         if self._queued >= self._queue_limit:
-            raise RateLimited("server busy: too many logins at once", retry_after=1.0)
+            raise RateLimited("server busy: too many password checks at once", retry_after=1.0)
         self._queued += 1
         try:
             loop = asyncio.get_running_loop()

@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import Any
 
 from chatd.codec import FrameDecoder, Malformed, Oversize, encode_frame
-from chatd.errors import error_for
+from chatd.errors import RateLimited, error_for
 
 Reply = dict[str, Any]
 DEFAULT_TIMEOUT = 30.0
@@ -139,7 +139,10 @@ class Client:
         """Send one request; return its ``data`` (None if absent) or raise its error."""
         reply = await self.call(op, params, timeout=timeout)
         if reply.get("code") != 0:
-            raise error_for(int(reply.get("code", 9)), str(reply.get("msg", "")))
+            error = error_for(int(reply.get("code", 9)), str(reply.get("msg", "")))
+            if isinstance(error, RateLimited):
+                error.retry_after = float(reply.get("retry_after", error.retry_after))
+            raise error
         return reply.get("data")
 
     async def login(self, name: str, password: str) -> str:

@@ -54,6 +54,7 @@ class Connection(Session):
         "_queue",
         "_rate_limited",
         "_reader",
+        "_was_bound",
         "_writer",
     )
 
@@ -80,6 +81,7 @@ class Connection(Session):
         self._opened_at = time.monotonic()
         self._frame_started: float | None = None  # when the unfinished frame began
         self._rate_limited = 0  # code 8 replies so far
+        self._was_bound = False  # logged in (or token-bound) at some point
         # Made on the first reply that has to wait its turn: idle connections stay small.
         self._queue: _ReplyQueue | None = None
         self._pushes: list[bytes] | None = None  # pushed this turn, written at its end
@@ -92,11 +94,12 @@ class Connection(Session):
         """
         reason = "peer"
         try:
-            reason = await self._serve()
-            if self._queue is not None:
+            try:
+                reason = await self._serve()
+            except TimeoutError:
+                reason = "timeout"
+            if self._queue is not None:  # what was read and done is answered before closing
                 await self._queue.finish(self._config.write_timeout)
-        except TimeoutError:
-            reason = "timeout"
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
             reason = "error"
             self._dropped = self._dropped or f"connection error ({type(exc).__name__})"
@@ -156,6 +159,8 @@ class Connection(Session):
     def abort(self, reason: str) -> None:
         self._dropped = self._dropped or reason
         self._writer.transport.abort()
+        # The read in progress, if any, must end too: a reset peer may never send EOF.
+        self._reader.feed_eof()
 
     async def drain(self) -> None:
         if self._writer.transport.get_write_buffer_size() <= DRAIN_ABOVE:
@@ -171,6 +176,9 @@ class Connection(Session):
 
     async def send(self, frame: bytes) -> None:
         """Write a frame and wait until the client has taken most of what is queued."""
+        if self._writer.is_closing():
+            # uvloop raises RuntimeError on a closed transport: say what it means.
+            raise ConnectionResetError("the connection is closed")
         self._paced_in_flight += len(frame)
         try:
             self._writer.write(frame)
@@ -183,7 +191,8 @@ class Connection(Session):
             data = await self._read()
             if not data:
                 return "shutdown" if self._closing else "peer"
-            for body in self._decoder.feed(data):
+            bodies = self._decoder.feed(data)
+            for body in bodies:
                 reply = await self._handle_body(self, body)
                 await self._queue_reply(reply)
                 if isinstance(body, Oversize):
@@ -194,7 +203,7 @@ class Connection(Session):
                     if self._rate_limited >= self._config.abuse_limit:
                         self._dropped = "dropped: kept going past the rate limits"
                         return "abuse"
-            self._note_partial_frame()
+            self._note_partial_frame(progressed=bool(bodies))
         return "shutdown"
 
     async def _queue_reply(self, reply: Reply | PendingReply) -> None:
@@ -206,10 +215,11 @@ class Connection(Session):
             self._queue = _ReplyQueue(self)
         await self._queue.put(reply)
 
-    def _note_partial_frame(self) -> None:
+    def _note_partial_frame(self, progressed: bool) -> None:
+        """Start the frame clock on an unfinished frame; a finished frame restarts it."""
         if not self._decoder.buffered:
             self._frame_started = None
-        elif self._frame_started is None:
+        elif self._frame_started is None or progressed:
             self._frame_started = time.monotonic()
 
     async def _read(self) -> bytes:
@@ -247,7 +257,9 @@ class Connection(Session):
         if self._frame_started is not None:
             deadline = self._frame_started + self._config.frame_timeout - now
             why = "dropped: frame left unfinished (frame_timeout)"
-        if self.user_id is None:
+        if self.user_id is not None:
+            self._was_bound = True
+        elif not self._was_bound:  # only for connections that never logged in
             login_deadline = self._opened_at + self._config.auth_timeout - now
             if login_deadline < deadline:
                 deadline, why = login_deadline, "dropped: never logged in (auth_timeout)"
@@ -289,6 +301,8 @@ class _ReplyQueue:
 
     async def put(self, reply: Reply | PendingReply) -> None:
         while len(self._replies) >= PIPELINE_DEPTH:
+            if self._task.done():
+                raise ConnectionResetError("replies can no longer be written")
             self._room = asyncio.get_running_loop().create_future()
             await self._room
         self._replies.append(reply)
@@ -324,6 +338,8 @@ class _ReplyQueue:
             except (ConnectionError, TimeoutError) as exc:
                 self._connection.abort(f"dropped: cannot write replies ({type(exc).__name__})")
                 self._all_written.set()  # nothing more will be: stop waiting for it
+                if self._room is not None and not self._room.done():
+                    self._room.set_result(None)  # the reader finds the writer gone
                 return
             finally:
                 self._writing = False

@@ -1,8 +1,8 @@
 """Flood control: token buckets, exponential back-off after failures, trusted networks.
 
 Pure and synchronous (time is passed in), so it is tested without sleeping.
-Every table is bounded: idle entries are swept, and past ``max_keys`` the oldest
-go first, so a flood of distinct names or addresses cannot grow memory forever.
+Every table is bounded: past ``max_keys`` the least recently used entries go
+first, so a flood of distinct names or addresses cannot grow memory forever.
 """
 
 from __future__ import annotations
@@ -47,12 +47,15 @@ class RateLimiter:
 class _Failures:
     count: int
     blocked_until: float
+    last: float  # when the latest failure was
 
 
 class BackOff:
     """After ``free`` failures, each further one doubles the wait (1 s, 2 s, 4 s...).
 
-    The wait is capped at ``max_delay``; a success clears the key.
+    The wait is capped at ``max_delay``.  A success clears the key, and so does a
+    quiet spell of ``max_delay`` with no failure (a shared address is not punished
+    forever for someone's typos long ago).
     """
 
     def __init__(self, free: int, max_delay: float, max_keys: int = DEFAULT_MAX_KEYS) -> None:
@@ -66,8 +69,11 @@ class BackOff:
         return 0.0 if entry is None else max(0.0, entry.blocked_until - now)
 
     def failed(self, key: object, now: float) -> None:
-        entry = self._failures.pop(key, None) or _Failures(0, now)
+        entry = self._failures.pop(key, None)
+        if entry is None or now - entry.last > self.max_delay:
+            entry = _Failures(0, now, now)
         entry.count += 1
+        entry.last = now
         if entry.count > self.free:
             delay = min(self.max_delay, 2.0 ** (entry.count - self.free - 1))
             entry.blocked_until = now + delay

@@ -25,6 +25,8 @@ from chatd.store import Store
 
 log = logging.getLogger(__name__)
 
+TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds; a client that stalls the handshake is dropped
+
 
 class Server:
     def __init__(self, config: Config) -> None:
@@ -73,7 +75,10 @@ class Server:
         inherited = systemd.listen_sockets()
         if inherited:
             return await asyncio.start_server(
-                self._serve_client, sock=inherited[0], ssl=tls, ssl_handshake_timeout=10
+                self._serve_client,
+                sock=inherited[0],
+                ssl=tls,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if tls else None,
             )
         return await asyncio.start_server(
             self._serve_client,
@@ -81,7 +86,7 @@ class Server:
             self.config.port,
             reuse_address=True,
             ssl=tls,
-            ssl_handshake_timeout=10 if tls else None,
+            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if tls else None,
             backlog=1024,
         )
 

@@ -10,6 +10,7 @@ import pytest
 import trustme
 
 from chatd.client import Client
+from chatd.codec import encode_frame
 from chatd.errors import RateLimited
 from chatd.limits import BackOff, Networks, RateLimiter, address_key
 from tests.conftest import PASSWORD, MakeHarness
@@ -42,6 +43,8 @@ def test_back_off_doubles_after_the_free_failures_and_clears_on_success() -> Non
         waits.append(back_off.wait("k", 0.0))
     assert waits == [0.0, 0.0, 1.0, 2.0, 4.0, 5.0, 5.0]
     assert back_off.wait("k", 5.0) == 0.0
+    back_off.failed("k", 100.0)  # a quiet spell longer than max_delay starts afresh
+    assert back_off.wait("k", 100.0) == 0.0
     back_off.succeeded("k")
     back_off.failed("k", 10.0)
     assert back_off.wait("k", 10.0) == 0.0
@@ -255,5 +258,29 @@ async def test_retry_after_survives_the_client_library(make_harness: MakeHarness
     harness = await make_harness(message_rate=0.001, message_burst=1)
     alice = await harness.user("alice")
     await alice.request("/send", {"name": "alice", "msg": "one"})
-    with pytest.raises(RateLimited):
+    with pytest.raises(RateLimited) as refused:
         await alice.request("/send", {"name": "alice", "msg": "two"})
+    assert refused.value.retry_after > 100  # the server's hint, not a default
+
+
+async def test_a_busy_pipelining_client_is_not_taken_for_a_slowloris(
+    make_harness: MakeHarness,
+) -> None:
+    harness = await make_harness(frame_timeout=0.3)
+    peer = await RawPeer.open(harness.port)
+    stream = b"".join(encode_frame({"op": "/ping", "id": i}) for i in range(12))
+    cut = len(stream) // 12  # every write ends in the middle of a frame
+    for start in range(0, len(stream), cut):
+        peer.writer.write(stream[start : start + cut])
+        await asyncio.sleep(0.1)  # 1.2 s in all, four frame timeouts
+    assert [(await peer.reply())["id"] for _ in range(12)] == list(range(12))
+    peer.close()
+
+
+async def test_logging_out_does_not_start_the_login_deadline(make_harness: MakeHarness) -> None:
+    harness = await make_harness(auth_timeout=0.3)
+    alice = await harness.user("alice")
+    await alice.request("/logout")
+    alice.token = None
+    await asyncio.sleep(0.5)
+    assert (await alice.call("/ping"))["code"] == 0
