@@ -528,3 +528,21 @@ async def test_integers_beyond_64_bits_are_bad_requests(harness: Harness) -> Non
         ("/history", {"name": "alice", "limit": 2**64 - 1}),
     ):
         assert (await alice.call(op, params))["code"] == 1
+
+
+async def test_client_reconnect_binds_resubscribes_and_replays_what_was_not_acked(
+    harness: Harness,
+) -> None:
+    alice = await harness.user("alice")
+    bob = await subscribed(harness, "bob")
+    first = await alice.request("/send", {"name": "bob", "msg": "before"})
+    (event,) = await events_of(bob, 1, kind=MESSAGES)
+    assert event["data"]["id"] == first["id"]  # seen, but not acknowledged
+    await bob.reconnect()
+    (again,) = await events_of(bob, 1, kind=MESSAGES)
+    assert again["data"]["msg"] == "before"  # the renewed subscription replays it
+    await bob.request("/ack", {"id": again["data"]["id"]})
+    await alice.request("/send", {"name": "bob", "msg": "after"})
+    (live,) = await events_of(bob, 1, kind=MESSAGES)
+    assert live["data"]["msg"] == "after"
+    assert (await bob.request("/user/info", {"name": "bob"}))["online"] is True
