@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -159,6 +160,7 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
         loop.add_signal_handler(signum, stop.set)
     server = Server(config)
     await server.start()
+    _tune_garbage_collection()
     if reload_config is not None:
         loop.add_signal_handler(signal.SIGHUP, _reload, server, reload_config)
     systemd.notify(f"READY=1\nSTATUS=serving on {config.host}:{server.port}")
@@ -169,6 +171,15 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
     finally:
         await server.close()
     return 0
+
+
+def _tune_garbage_collection() -> None:
+    # The objects made at start-up live as long as the process: freezing them keeps the
+    # collector from walking them again and again; and a server allocating short-lived
+    # requests by the thousand needs young collections less often (+14% on `dm`).
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
 
 
 def _reload(server: Server, reload_config: Callable[[], Config]) -> None:

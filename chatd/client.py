@@ -239,6 +239,10 @@ class Client:
         request_id = next(self._ids)
         self._pending[request_id] = asyncio.get_running_loop().create_future()
         self._writer.write(encode_frame({"op": "/ping", "id": request_id}))
-        self._pending[request_id].add_done_callback(
-            lambda _: self._pending.pop(request_id, None)
-        )
+
+        def forget(done: asyncio.Future[Reply]) -> None:
+            self._pending.pop(request_id, None)
+            if not done.cancelled():
+                done.exception()  # retrieved: a ping lost with the connection is no error
+
+        self._pending[request_id].add_done_callback(forget)

@@ -28,8 +28,9 @@ INBOX = 0  # the stream key of the private inbox; channel streams use the channe
 
 # Fetches the encoded event frames of a stream newer than an id, oldest first.
 Fetch = Callable[[int, int], Awaitable[list[tuple[int, bytes]]]]
-# Where a stream's catch-up starts: the user's acknowledged position.
-Position = Callable[[], Awaitable[int]]
+# Where a stream's catch-up starts: the user's acknowledged position, and whether that
+# is "fresh": no position yet, so the stream starts at its newest message instead.
+Position = Callable[[], Awaitable[tuple[int, bool]]]
 
 
 class Writer(Protocol):
@@ -113,9 +114,11 @@ class Subscription:
         # Every start position is read before any stream catches up, so a stream that
         # starts at "the newest message now" means now, not after the others caught up.
         starts = [await position() for _, position, _ in catch_ups]
-        for (stream, _, _), start in zip(catch_ups, starts, strict=True):
+        for (stream, _, _), (start, fresh) in zip(catch_ups, starts, strict=True):
             state = self._streams.get(stream)
             if state is not None and not state.live:
+                if fresh:
+                    self._deliver_held_up_to(state, start)
                 state.delivered = max(state.delivered, start)
         for stream, _, fetch in catch_ups:
             state = self._streams.get(stream)
@@ -136,6 +139,16 @@ class Subscription:
                 self._go_live(state)
                 return
             state.overflowed = False
+
+    def _deliver_held_up_to(self, state: _Stream, start: int) -> None:
+        """A fresh stream starts at its newest message when read, a moment after the
+        subscription began: what was offered in that moment is new, so it goes out."""
+        held = sorted((m for m in state.queued if m[0] <= start), key=lambda item: item[0])
+        for message_id, frame in held:
+            if message_id > state.delivered:
+                state.delivered = message_id
+                self._writer.write(frame)
+        state.queued = [m for m in state.queued if m[0] > start]
 
     def _go_live(self, state: _Stream) -> None:
         for message_id, frame in sorted(state.queued, key=lambda item: item[0]):

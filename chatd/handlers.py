@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from chatd import events, validation
 from chatd.auth import Hasher, new_token, token_digest
 from chatd.config import Config
-from chatd.delivery import INBOX, Fetch, Subscription
+from chatd.delivery import INBOX, Fetch, Position, Subscription
 from chatd.errors import (
     BadCredentials,
     BadRequest,
@@ -48,7 +48,7 @@ from chatd.store import (
 log = logging.getLogger(__name__)
 
 # A stream to catch up on /subscribe: its key, where it starts, how to read it.
-CatchUp = tuple[int, Callable[[], Awaitable[int]], Fetch]
+CatchUp = tuple[int, Position, Fetch]
 
 @dataclass
 class Context:

@@ -692,24 +692,28 @@ class Store:
             )
         return position
 
-    async def inbox_position(self, user_id: int) -> int:
+    async def inbox_position(self, user_id: int) -> tuple[int, bool]:
+        """Where a catch-up of the inbox starts (never fresh: every user has a position)."""
         async with self._turn():
             position: int = await self._scalar(
                 "SELECT inbox_cursor FROM users WHERE id = ?", (user_id,)
             )
-        return position
+        return position, False
 
-    async def channel_position(self, channel_id: int, user_id: int) -> int:
-        """Where a member's catch-up starts: their read position, or (before their first
-        /channel/receive, which would show the backlog) the channel's newest message."""
-        async with self._turn():
-            position: int = await self._scalar(
-                "SELECT COALESCE(m.read_cursor,"
-                " (SELECT COALESCE(MAX(id), 0) FROM channel_messages WHERE channel_id = ?))"
-                " FROM channel_members m WHERE m.channel_id = ? AND m.user_id = ?",
-                (channel_id, channel_id, user_id),
-            )
-        return position or 0
+    async def channel_position(self, channel_id: int, user_id: int) -> tuple[int, bool]:
+        """Where a member's catch-up starts: their read position, or (fresh: before their
+        first /channel/receive or /ack, which would show the backlog) the newest message."""
+        async with self._turn(), self._db.execute(
+            "SELECT m.read_cursor,"
+            " (SELECT COALESCE(MAX(id), 0) FROM channel_messages WHERE channel_id = ?)"
+            " FROM channel_members m WHERE m.channel_id = ? AND m.user_id = ?",
+            (channel_id, channel_id, user_id),
+        ) as cursor:
+            row = await cursor.fetchone()
+        if row is None:
+            return 0, True
+        read_cursor, newest = row
+        return (newest, True) if read_cursor is None else (read_cursor, False)
 
     async def inbox_after(self, user_id: int, after_id: int, limit: int) -> list[PrivateMessage]:
         """Private messages to the user newer than ``after_id``, oldest first (no side effect)."""

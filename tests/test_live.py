@@ -546,3 +546,22 @@ async def test_client_reconnect_binds_resubscribes_and_replays_what_was_not_acke
     (live,) = await events_of(bob, 1, kind=MESSAGES)
     assert live["data"]["msg"] == "after"
     assert (await bob.request("/user/info", {"name": "bob"}))["online"] is True
+
+
+async def test_a_message_sent_as_a_fresh_member_subscribes_is_pushed(harness: Harness) -> None:
+    alice = await harness.user("alice")
+    bob = await harness.user("bob")
+    for round_number in range(15):
+        channel = f"room{round_number}"
+        await alice.request("/channel/join", {"name": channel})
+        await bob.request("/channel/join", {"name": channel})  # no position yet
+        # Sent while the subscription is still reading where each stream starts.
+        sending = asyncio.ensure_future(
+            alice.request("/channel/send", {"name": channel, "message": f"hi {round_number}"})
+        )
+        await bob.request("/subscribe")
+        await sending
+        (event,) = await events_of(bob, 1, kind="channel_message")
+        assert event["data"]["msg"] == f"hi {round_number}"
+        await bob.request("/unsubscribe")
+        bob.waiting_events()  # drop join events
