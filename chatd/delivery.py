@@ -96,6 +96,8 @@ class Subscription:
         if task.cancelled():
             return
         error = task.exception()
+        if isinstance(error, ConnectionError):
+            return  # the connection went away meanwhile: nothing to report
         if isinstance(error, TimeoutError):
             self._writer.abort("dropped: catch-up stalled (client not reading)")
         elif error is not None:
