@@ -39,6 +39,9 @@ class Config:
     db_busy_timeout: float = _setting(
         5 * SECONDS, "how long a write waits for another process's database lock", 0
     )
+    db_checkpoint_interval: float = _setting(
+        1 * SECONDS, "seconds between background WAL checkpoints (0: SQLite's own, in commits)", 0
+    )
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
     log_format: str = _setting("text", "text (one line per event) or json (JSON lines)")
     metrics_host: str = _setting("127.0.0.1", "address of the Prometheus metrics endpoint")

@@ -59,6 +59,9 @@ class Server:
         hasher = await asyncio.to_thread(Hasher, self.config)
         self._app = App(self.config, store, Hub(), hasher, metrics)
         try:
+            if self.config.db_checkpoint_interval:
+                interval = self.config.db_checkpoint_interval
+                await store.checkpoint_in_background(self.config.db, interval)
             if self.config.metrics_port:
                 metrics.serve(self.config.metrics_host, self.config.metrics_port)
             self._listener = await self._listen()

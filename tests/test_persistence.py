@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from tests.conftest import PASSWORD, Harness
+from tests.conftest import PASSWORD, Harness, MakeHarness
 
 
 async def test_restart_keeps_users_tokens_unread_messages_and_channels(harness: Harness) -> None:
@@ -77,3 +77,23 @@ async def test_concurrent_sends_share_commits_and_keep_every_answer_right(
     for index in range(4):  # each sender's messages are stored in the order sent
         mine = [t for t in texts if t.startswith(f"s{index}-")]
         assert mine == [f"s{index}-{n}" for n in range(100)]
+
+
+async def test_the_wal_is_checkpointed_in_the_background(make_harness: MakeHarness) -> None:
+    import asyncio
+    import os
+
+    def size() -> int:
+        return os.path.getsize(harness.config.db)
+
+    harness = await make_harness(db_checkpoint_interval=0.1)
+    alice = await harness.user("alice")
+    await harness.user("bob")
+    before = await asyncio.to_thread(size)
+    text = "x" * 2000
+    await asyncio.gather(
+        *(alice.request("/send", {"name": "bob", "msg": f"{i}{text}"}) for i in range(400))
+    )
+    async with asyncio.timeout(5):  # the messages reach the database file itself
+        while await asyncio.to_thread(size) < before + 400 * 2000:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
