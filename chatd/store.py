@@ -1,9 +1,14 @@
 """Everything chatd keeps on disk: schema, migrations and every SQL statement.
 
-One aiosqlite connection in WAL mode.  Each public method is one transaction,
-taken under an asyncio lock so that coroutines sharing the connection never
-interleave statements; a method that returns has committed.  Handlers see only
-the typed rows below, never SQL, so another store can replace this one.
+One aiosqlite connection in WAL mode does all the reading and writing.  Each
+public method is one transaction, taken under an asyncio lock so that coroutines
+sharing the connection never interleave statements; a method that returns has
+committed.  New messages are the exception that makes chatd fast: ``enqueue``
+queues them for a group commit (many messages, one transaction), and every
+other method first waits for the messages enqueued before it, so a caller
+always reads its own writes.  A second connection only checkpoints the WAL.
+Handlers see only the typed rows below, never SQL, so another store can replace
+this one.
 """
 
 from __future__ import annotations
