@@ -75,7 +75,7 @@ class Context:
         return self.session.user_name
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Deferred:
     """A reply that waits for the group commit: ``reply(result)`` once ``future`` resolves."""
 

@@ -68,7 +68,7 @@ class Params:
         return int(value)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Request:
     op: str
     id: int | None

@@ -97,7 +97,9 @@ class StoreError(Exception):
     """The database cannot be opened or migrated."""
 
 
-@dataclass(frozen=True, slots=True)
+# Rows as plain slotted dataclasses, treated as read-only: frozen ones cost several
+# times more to create, and several are made per message on the hot path.
+@dataclass(slots=True)
 class User:
     id: int
     name: str
@@ -105,14 +107,14 @@ class User:
     created_at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Channel:
     id: int
     name: str
     created_at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Stored:
     """The result of storing a message: what the sender is told."""
 
@@ -121,7 +123,7 @@ class Stored:
     duplicate: bool = False  # True when client_id matched an earlier send
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PrivateMessage:
     id: int
     sender: str
@@ -129,7 +131,7 @@ class PrivateMessage:
     created_at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ChannelMessage:
     id: int
     sender: str
@@ -137,7 +139,7 @@ class ChannelMessage:
     created_at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SentMessage:
     """A private message seen from either side of a conversation."""
 
@@ -148,7 +150,7 @@ class SentMessage:
     created_at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Membership:
     channel_id: int
     channel: str
@@ -162,7 +164,7 @@ class Joined(Enum):
     LEFT = "left"  # the caller left this channel and has not re-joined
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Batch(Generic[T]):
     """Messages handed to a reader, and whether more were left waiting."""
 
@@ -178,7 +180,7 @@ _TABLES = {
 _INSERT_CHUNK = 500  # rows per INSERT: 5 variables each, far below SQLite's 32766
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NewMessage:
     kind: str
     sender_id: int
