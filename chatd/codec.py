@@ -44,7 +44,7 @@ def encode_frame(body: Any) -> bytes:
     return HEADER.pack(len(payload)) + payload
 
 
-def decode_body(payload: bytes) -> Any:
+def decode_body(payload: bytes | memoryview) -> Any:
     """Decode one frame body; every failure becomes ``Malformed``.
 
     ``msgpack`` may raise more than its own exception types on hostile input
@@ -96,7 +96,9 @@ class FrameDecoder:
                 end = offset + HEADER_SIZE + length
                 if end > len(view):
                     break
-                bodies.append(decode_body(bytes(view[offset + HEADER_SIZE : end])))
+                # Decoded in place: msgpack reads the slice, nothing is copied first.
+                with view[offset + HEADER_SIZE : end] as body:
+                    bodies.append(decode_body(body))
                 offset = end
         finally:
             view.release()
