@@ -184,17 +184,17 @@ async def stats(ctx: Context, params: Params) -> Data:
 
 async def authenticate(ctx: Context, token: str) -> None:
     """Bind the connection to the token's user, or fail with code 2."""
-    digest = token_digest(token)
     session = ctx.session
-    if session.token_digest == digest and session.token_expires_at > ctx.clock():
+    if token == session.token and session.token_expires_at > ctx.clock():
         return  # already bound with this token: the gate re-checks it now and then
+    digest = token_digest(token)
     owner = await ctx.store.token_owner(digest, ctx.clock())
     if owner is None:
         ctx.hub.unbind(session)  # never leave a connection acting for someone it cannot prove
         raise NotAuthenticated("invalid or expired token")
     user, expires_at = owner
     await _bind(ctx, session, user, digest, expires_at)
-    session.token_checked_at = ctx.clock()
+    session.token, session.token_checked_at = token, ctx.clock()
 
 
 async def _bind(

@@ -26,6 +26,7 @@ class Session:
         "address",
         "peer",
         "subscription",
+        "token",
         "token_checked_at",
         "token_digest",
         "token_expires_at",
@@ -39,6 +40,7 @@ class Session:
         self.user_id: int | None = None
         self.user_name: str | None = None
         self.token_digest: bytes | None = None
+        self.token: str | None = None  # as the client sends it, to skip hashing repeats
         self.token_expires_at = 0.0
         self.token_checked_at = 0.0
         self.subscription: Subscription | None = None
@@ -47,6 +49,7 @@ class Session:
         self.user_id = None
         self.user_name = None
         self.token_digest = None
+        self.token = None
         self.token_expires_at = 0.0
 
     @property
@@ -87,6 +90,7 @@ class Hub:
         if session.user_id == user_id:
             # Same user, new token (a second /login): keep subscription and presence as they are.
             session.token_digest, session.token_expires_at = digest, expires_at
+            session.token = None  # the caller records the raw token it checked, if any
             return
         self.unbind(session)
         session.user_id, session.user_name = user_id, name
