@@ -173,6 +173,15 @@ class Batch(Generic[T]):
 
 
 PRIVATE, CHANNEL = "private", "channel"
+# The columns of PrivateMessage and ChannelMessage, the sender's name joined in.
+_PRIVATE_ROWS = (
+    "SELECT m.id, u.name, m.body, m.created_at FROM private_messages m"
+    " JOIN users u ON u.id = m.sender_id"
+)
+_CHANNEL_ROWS = (
+    "SELECT m.id, u.name, m.body, m.created_at FROM channel_messages m"
+    " JOIN users u ON u.id = m.sender_id"
+)
 _TABLES = {
     PRIVATE: ("private_messages", "recipient_id"),
     CHANNEL: ("channel_messages", "channel_id"),
@@ -522,9 +531,7 @@ class Store:
         """Private messages not yet received, oldest first; they count as received after this."""
         async with self._transaction() as db:
             async with db.execute(
-                "SELECT m.id, u.name, m.body, m.created_at FROM private_messages m"
-                " JOIN users u ON u.id = m.sender_id"
-                " WHERE m.recipient_id = ?"
+                f"{_PRIVATE_ROWS} WHERE m.recipient_id = ?"
                 " AND m.id > (SELECT inbox_cursor FROM users WHERE id = ?)"
                 " ORDER BY m.id LIMIT ?",
                 (user_id, user_id, limit + 1),
@@ -647,10 +654,7 @@ class Store:
 
         A member's first call gets the newest ``backlog`` messages instead.
         """
-        select = (
-            "SELECT m.id, u.name, m.body, m.created_at FROM channel_messages m"
-            " JOIN users u ON u.id = m.sender_id WHERE m.channel_id = ?"
-        )
+        select = f"{_CHANNEL_ROWS} WHERE m.channel_id = ?"
         async with self._transaction() as db:
             cursor_value = await self._scalar(
                 "SELECT read_cursor FROM channel_members WHERE channel_id = ? AND user_id = ?",
@@ -754,9 +758,7 @@ class Store:
     async def inbox_after(self, user_id: int, after_id: int, limit: int) -> list[PrivateMessage]:
         """Private messages to the user newer than ``after_id``, oldest first (no side effect)."""
         async with self._turn(), self._db.execute(
-            "SELECT m.id, u.name, m.body, m.created_at FROM private_messages m"
-            " JOIN users u ON u.id = m.sender_id"
-            " WHERE m.recipient_id = ? AND m.id > ? ORDER BY m.id LIMIT ?",
+            f"{_PRIVATE_ROWS} WHERE m.recipient_id = ? AND m.id > ? ORDER BY m.id LIMIT ?",
             (user_id, after_id, limit),
         ) as cursor:
             return [PrivateMessage(*row) for row in await cursor.fetchall()]
@@ -766,9 +768,7 @@ class Store:
     ) -> list[ChannelMessage]:
         """Channel messages newer than ``after_id``, oldest first (no side effect)."""
         async with self._turn(), self._db.execute(
-            "SELECT m.id, u.name, m.body, m.created_at FROM channel_messages m"
-            " JOIN users u ON u.id = m.sender_id"
-            " WHERE m.channel_id = ? AND m.id > ? ORDER BY m.id LIMIT ?",
+            f"{_CHANNEL_ROWS} WHERE m.channel_id = ? AND m.id > ? ORDER BY m.id LIMIT ?",
             (channel_id, after_id, limit),
         ) as cursor:
             return [ChannelMessage(*row) for row in await cursor.fetchall()]
@@ -780,9 +780,7 @@ class Store:
     ) -> Batch[ChannelMessage]:
         """The ``limit`` newest messages older than ``before``, returned oldest first."""
         async with self._turn(), self._db.execute(
-            "SELECT m.id, u.name, m.body, m.created_at FROM channel_messages m"
-            " JOIN users u ON u.id = m.sender_id"
-            " WHERE m.channel_id = ? AND m.id < ? ORDER BY m.id DESC LIMIT ?",
+            f"{_CHANNEL_ROWS} WHERE m.channel_id = ? AND m.id < ? ORDER BY m.id DESC LIMIT ?",
             (channel_id, _before(before), limit + 1),
         ) as cursor:
             rows = list(await cursor.fetchall())
