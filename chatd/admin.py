@@ -29,8 +29,7 @@ class AdminError(Exception):
 def backup(config: Config, target: str) -> str:
     if os.path.exists(target):
         raise AdminError(f"{target} exists; choose a new file name")
-    if not os.path.exists(config.db):
-        raise AdminError(f"no database at {config.db}")
+    require_database(config)
     try:
         store_module.backup(config.db, target)
     except Exception as exc:
@@ -89,6 +88,12 @@ def read_new_password(stdin: TextIO = sys.stdin) -> str:
             raise AdminError("the passwords differ")
         return first
     return stdin.readline().rstrip("\n")
+
+
+def require_database(config: Config) -> None:
+    """Operations work on an existing database: a mistyped path must not create one."""
+    if not os.path.exists(config.db):
+        raise AdminError(f"no database at {config.db}")
 
 
 async def open_store(config: Config) -> Store:

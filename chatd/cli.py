@@ -115,8 +115,7 @@ def _operate(args: argparse.Namespace, config: Config) -> int:
         if args.command == "backup":
             print(admin.backup(config, args.path))
         else:
-            if not os.path.exists(config.db):
-                raise admin.AdminError(f"no database at {config.db}")
+            admin.require_database(config)
             asyncio.run(_administer(args, config))
     except admin.AdminError as exc:
         print(f"chatd: {exc}", file=sys.stderr)
