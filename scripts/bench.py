@@ -550,6 +550,15 @@ class Inbox:
     ack_failures: int = 0
 
 
+async def next_events(client: Client, progress: str) -> list[dict[str, Any]]:
+    """The next event and any already waiting; BenchError after EVENT_TIMEOUT of nothing."""
+    try:
+        first = await client.next_event(timeout=EVENT_TIMEOUT)
+    except TimeoutError:
+        raise BenchError(f"{progress}, then nothing for {EVENT_TIMEOUT:.0f} s") from None
+    return [first, *client.waiting_events()]
+
+
 async def receive_private(
     client: Client, sender: str, expected: int, ack_every: int, stamped: bool = False
 ) -> Inbox:
@@ -561,12 +570,7 @@ async def receive_private(
     acks: list[asyncio.Task[dict[str, Any]]] = []
     since_ack = 0
     while len(inbox.ids) < expected:
-        try:
-            first = await client.next_event(timeout=EVENT_TIMEOUT)
-        except TimeoutError:
-            raise BenchError(f"a receiver got {len(inbox.ids)} of {expected} messages, "
-                             f"then nothing for {EVENT_TIMEOUT:.0f} s") from None
-        batch = [first, *client.waiting_events()]
+        batch = await next_events(client, f"a receiver got {len(inbox.ids)} of {expected} messages")
         now_ns = time.perf_counter_ns()
         for event in batch:
             data = event.get("data") or {}
@@ -711,12 +715,9 @@ async def scenario_fanout(run: Run) -> dict[str, Any]:
     async def receive(member: Client, want: int) -> Seen:
         seen = Seen()
         while len(seen.ids) < want:
-            try:
-                first = await member.next_event(timeout=EVENT_TIMEOUT)
-            except TimeoutError:
-                raise BenchError(f"a member got {len(seen.ids)} of {want} channel messages, "
-                                 f"then nothing for {EVENT_TIMEOUT:.0f} s") from None
-            batch = [first, *member.waiting_events()]
+            batch = await next_events(
+                member, f"a member got {len(seen.ids)} of {want} channel messages"
+            )
             for event in batch:
                 data = event.get("data") or {}
                 if event.get("event") != "channel_message":
