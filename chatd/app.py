@@ -72,17 +72,19 @@ class App:
                 return PendingReply(self, session, rid, op, result, started)
             reply = success(rid, result)
         except Exception as error:
-            reply = self._failure(session, rid, op, error)
-        return self._done(session, op, reply, started)
+            reply = self.failure_reply(session, rid, op, error)
+        return self.finish(session, op, reply, started)
 
-    def _failure(self, session: Session, rid: int | None, op: str, error: Exception) -> Data:
+    def failure_reply(self, session: Session, rid: int | None, op: str, error: Exception) -> Data:
+        """The reply to a request that raised (also used by PendingReply)."""
         if isinstance(error, ChatdError):
             return failure(rid, error)
         # Details stay in the log: they may be security-sensitive.
         log.error("%s %s: unexpected error", session.peer, op, exc_info=error)
         return failure(rid, ServerError())
 
-    def _done(self, session: Session, op: str, reply: Data, started: float) -> Data:
+    def finish(self, session: Session, op: str, reply: Data, started: float) -> Data:
+        """Count and log a reply on its way out (also used by PendingReply)."""
         code = reply["code"]
         self.metrics.request_handled(op, code, time.perf_counter() - started)
         if code:
@@ -122,7 +124,7 @@ class PendingReply:
         error = None if future.cancelled() else future.exception()
         if future.cancelled() or error is not None:
             failed = error if isinstance(error, Exception) else ServerError()
-            reply = self._app._failure(self._session, self._rid, self._op, failed)
+            reply = self._app.failure_reply(self._session, self._rid, self._op, failed)
         else:
             reply = success(self._rid, self._deferred.reply(future.result()))
-        return self._app._done(self._session, self._op, reply, self._started)
+        return self._app.finish(self._session, self._op, reply, self._started)
