@@ -54,6 +54,7 @@ class Connection(Session):
         "_queue",
         "_rate_limited",
         "_reader",
+        "_task",
         "_was_bound",
         "_writer",
     )
@@ -76,6 +77,7 @@ class Connection(Session):
         self._decoder = FrameDecoder(config.max_frame_size)
         self._closing = False
         self._idle = False  # waiting for input, no request in flight
+        self._task: asyncio.Task[object] | None = None  # the one running run()
         self._dropped: str | None = None
         self._paced_in_flight = 0  # bytes of replies and catch-up frames being sent
         self._opened_at = time.monotonic()
@@ -93,6 +95,7 @@ class Connection(Session):
         dropped (a slow or stalled client).
         """
         reason = "peer"
+        self._task = asyncio.current_task()
         try:
             try:
                 reason = await self._serve()
@@ -122,9 +125,11 @@ class Connection(Session):
     def shutdown(self) -> None:
         """Finish the request in flight, if any, then close."""
         self._closing = True
-        if self._idle:
-            # The pending read sees end of stream; replies still owed are written first.
-            self._reader.feed_eof()
+        if self._idle and self._task is not None:
+            # Ends the pending read (see _read); replies still owed are written first.
+            # Not feed_eof(): bytes arriving after it are a fatal error in feed_data(),
+            # and set_exception() would fail the writes too.
+            self._task.cancel()
 
     def write(self, frame: bytes) -> None:
         """Queue a pushed frame without waiting; drop a client that does not read.
@@ -239,6 +244,11 @@ class Connection(Session):
                 try:
                     async with asyncio.timeout(min(timeout, deadline)):
                         return await self._reader.read(READ_CHUNK)
+                except asyncio.CancelledError:
+                    if not self._closing:
+                        raise
+                    self._task.uncancel()  # type: ignore[union-attr]  # shutdown() woke us
+                    return b""
                 except TimeoutError:
                     if deadline <= timeout:
                         self._dropped = why
@@ -300,9 +310,11 @@ class _ReplyQueue:
         return not self._replies and not self._writing
 
     async def put(self, reply: Reply | PendingReply) -> None:
-        while len(self._replies) >= PIPELINE_DEPTH:
-            if self._task.done():
+        while True:
+            if self._task.done():  # a write failed: the connection is being closed
                 raise ConnectionResetError("replies can no longer be written")
+            if len(self._replies) < PIPELINE_DEPTH:
+                break
             self._room = asyncio.get_running_loop().create_future()
             await self._room
         self._replies.append(reply)

@@ -8,6 +8,7 @@ import logging
 import socket
 import ssl
 from collections import Counter
+from typing import Any
 
 from chatd import systemd
 from chatd.app import App
@@ -26,6 +27,7 @@ from chatd.store import Store
 log = logging.getLogger(__name__)
 
 TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds; a client that stalls the handshake is dropped
+ABORT_GRACE = 1.0  # seconds a reset connection gets to end before its task is cancelled
 
 
 class Server:
@@ -115,6 +117,10 @@ class Server:
         reason = "error"
         try:
             reason = await connection.run()
+        except asyncio.CancelledError:
+            # Only close() cancels, as a last resort. Not re-raised: Python 3.11's
+            # asyncio.streams reports a cancelled client task as an unhandled error.
+            reason = "shutdown"
         finally:
             self.app.metrics.connection_closed(reason)
             self.app.hub.unbind(connection)
@@ -166,13 +172,23 @@ class Server:
             connection.shutdown()
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=self.config.graceful_timeout)
-            for task in pending:
-                task.cancel()
             if pending:
-                log.warning("cancelled %d connections still busy at shutdown", len(pending))
-                await asyncio.wait(pending)
+                await self._drop_busy(pending)
         await self._close_app()
         log.info("stopped")
+
+    async def _drop_busy(self, pending: set[asyncio.Task[None]]) -> None:
+        """Reset connections still busy after graceful_timeout (most often a client that
+        stopped reading its replies), so that each ends through its own clean-up."""
+        log.warning("closing %d connections still busy at shutdown", len(pending))
+        for connection in list(self._connections):
+            connection.abort("dropped: still busy at shutdown")
+        _, pending = await asyncio.wait(pending, timeout=ABORT_GRACE)
+        for task in pending:  # a bug: say where it was stuck, then cancel as a last resort
+            log.warning("cancelling a connection that did not end when reset: %s", _awaiting(task))
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
 
     async def _close_app(self) -> None:
         if self._app is not None:
@@ -222,3 +238,17 @@ def _enable_keepalive(writer: asyncio.StreamWriter) -> None:
     sock = writer.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+def _awaiting(task: asyncio.Task[None]) -> str:
+    """Where a task is suspended: its chain of awaits, outermost first."""
+    places = []
+    awaited: Any = task.get_coro()
+    while awaited is not None and hasattr(awaited, "cr_frame"):
+        frame = awaited.cr_frame
+        if frame is not None:
+            places.append(f"{frame.f_code.co_qualname} (line {frame.f_lineno})")
+        awaited = awaited.cr_await
+    if awaited is not None:
+        places.append(repr(awaited))
+    return " -> ".join(places)

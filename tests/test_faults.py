@@ -468,3 +468,43 @@ async def test_a_client_resetting_with_replies_queued_is_let_go(spawn: Spawn) ->
     assert "Traceback" not in log, log[log.index("Traceback") - 300 :][:3000]
     assert (stats["connections"], stats["users_online"]) == (1, 1), stats
     assert shutdown < 2, "shutdown waited for connections whose peer was gone"
+
+
+async def test_shutdown_resets_a_client_that_stopped_reading(spawn: Spawn) -> None:
+    """A client that neither reads its replies nor hangs up does not hold shutdown up
+    past graceful_timeout, and ending it is not reported as a crash."""
+    server = await spawn("--graceful-timeout", "1")
+    port = await server.wait_listening()
+    log_reader = read_stderr(server)
+    try:
+        await register(port, "alice")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        login = {"op": "/login", "params": {"name": "alice", "password": PASSWORD}}
+        writer.write(encode_frame(login))
+        async with asyncio.timeout(10):
+            await reader.readexactly(4)  # logged in
+        long_text = "x" * 4000
+        writer.write(
+            encode_frame({"op": "/send", "params": {"name": "alice", "msg": long_text}}) * 50
+        )
+        # Replies of 200 KB that are never read, until the server stops reading too.
+        history = encode_frame({"op": "/history", "params": {"name": "alice", "limit": 50}})
+        async with asyncio.timeout(30):
+            while True:
+                writer.write(history * 1000)
+                try:
+                    async with asyncio.timeout(0.5):
+                        await writer.drain()
+                except TimeoutError:
+                    break  # backpressure: the server is stuck writing to us
+        started = time.monotonic()
+        assert await terminate(server, log_reader) == 0
+        shutdown = time.monotonic() - started
+        writer.transport.abort()
+    finally:
+        log_reader.cancel()
+    log = server.stderr.decode()
+    assert "Traceback" not in log, log[log.index("Traceback") - 300 :][:3000]
+    assert "closing 1 connections still busy at shutdown" in log, log[-3000:]
+    assert "dropped: still busy at shutdown" in log, log[-3000:]
+    assert 1 <= shutdown < 5, shutdown

@@ -332,9 +332,15 @@ async def hostile(port: int, fuzzer: Fuzzer, deadline: float, report: Report) ->
                 writer.transport.abort()
             else:
                 writer.close()
-            with contextlib.suppress(ConnectionError, TimeoutError):
+            try:
                 async with asyncio.timeout(2):
                     await writer.wait_closed()
+            except TimeoutError:
+                # close() waits to flush what we wrote, and the server stopped reading
+                # a client that does not read: give up the way a real client would.
+                writer.transport.abort()
+            except ConnectionError:
+                pass
             if reading is not None:
                 reading.cancel()
                 await asyncio.gather(reading, return_exceptions=True)
