@@ -72,11 +72,13 @@ async def test_pipe_mode_end_to_end(harness: Harness) -> None:
     pushes = [line for line in out if "event" in line]
     assert [r["code"] for r in replies] == [0] * 6
     assert [r["id"] for r in replies] == [1, 2, 50, 3, 4, 5]  # ids filled in, given ones kept
-    # The note reaches this subscribed connection exactly once: pushed, or taken by the
-    # /receive if that ran first (what was polled is never pushed again).
+    # The note reaches this subscribed connection, at most once per path. The /receive
+    # may run before the send commits (then only the push has it), or after its push
+    # (then it returns it too: pushed but not acknowledged, protocol.md "/receive").
     pushed = [p["data"]["msg"] for p in pushes if p["event"] == "message"]
     polled = replies[-1]["data"]["messages"].get("ann", [])
-    assert pushed + polled == ["note to self"]
+    assert pushed in ([], ["note to self"]) and polled in ([], ["note to self"])
+    assert pushed + polled, "the note was neither pushed nor polled"
     assert (await bob.request("/receive"))["messages"] == {"ann": ["hi bob"]}
 
 
