@@ -36,6 +36,9 @@ DRAIN_ABOVE = 64 * 1024
 # Replies waiting to be written per connection; beyond it the connection stops reading.
 PIPELINE_DEPTH = 512
 WRITE_BATCH = 256  # replies joined into one write
+# Why a read was interrupted.
+SHUTDOWN = "shutdown"
+TIMED_OUT = "timed out"
 
 
 class Connection(Session):
@@ -46,6 +49,7 @@ class Connection(Session):
         "_dropped",
         "_frame_started",
         "_handle_body",
+        "_hard_deadline_first",
         "_idle",
         "_metrics",
         "_opened_at",
@@ -53,8 +57,11 @@ class Connection(Session):
         "_pushes",
         "_queue",
         "_rate_limited",
+        "_read_deadline",
+        "_read_timer",
         "_reader",
         "_task",
+        "_wakeup",
         "_was_bound",
         "_writer",
     )
@@ -66,6 +73,7 @@ class Connection(Session):
         config: Config,
         handle_body: BodyHandler,
         metrics: Metrics,
+        read_timer: ReadTimer,
     ) -> None:
         peername = writer.get_extra_info("peername")
         super().__init__(_format_peer(peername), _address(peername))
@@ -78,6 +86,10 @@ class Connection(Session):
         self._closing = False
         self._idle = False  # waiting for input, no request in flight
         self._task: asyncio.Task[object] | None = None  # the one running run()
+        self._read_timer = read_timer
+        self._read_deadline = 0.0  # when the read in progress times out (time.monotonic)
+        self._wakeup: str | None = None  # why the read in progress was interrupted
+        self._hard_deadline_first = False  # the frame or login deadline ends the read
         self._dropped: str | None = None
         self._paced_in_flight = 0  # bytes of replies and catch-up frames being sent
         self._opened_at = time.monotonic()
@@ -125,11 +137,21 @@ class Connection(Session):
     def shutdown(self) -> None:
         """Finish the request in flight, if any, then close."""
         self._closing = True
-        if self._idle and self._task is not None:
-            # Ends the pending read (see _read); replies still owed are written first.
-            # Not feed_eof(): bytes arriving after it are a fatal error in feed_data(),
+        if self._idle:
+            # Ends the pending read; replies still owed are written first. Not
+            # feed_eof(): bytes arriving after it are a fatal error in feed_data(),
             # and set_exception() would fail the writes too.
-            self._task.cancel()
+            self.interrupt_read(SHUTDOWN)
+
+    def interrupt_read(self, why: str) -> None:
+        """End the read in progress early: on shutdown, or when its deadline passed."""
+        if self._idle and self._wakeup is None and self._task is not None:
+            self._wakeup = why
+            self._task.cancel()  # caught in _read, which knows it from _wakeup
+
+    @property
+    def read_deadline(self) -> float:
+        return self._read_deadline
 
     def write(self, frame: bytes) -> None:
         """Queue a pushed frame without waiting; drop a client that does not read.
@@ -192,24 +214,47 @@ class Connection(Session):
             self._paced_in_flight -= len(frame)
 
     async def _serve(self) -> str:
+        # The read is awaited here, not in a helper coroutine: every coroutine frame
+        # suspended under an idle connection costs 250 bytes, times ten thousand.
+        pinged = False
         while not self._closing:
-            data = await self._read()
+            self._start_read(pinged)
+            try:
+                data: bytes | None = await self._reader.read(READ_CHUNK)
+            except asyncio.CancelledError:
+                if self._wakeup is None:
+                    raise  # cancelled by someone else: the server's last resort
+                data = self._interrupted()
+            finally:
+                self._idle = False
+                self._read_timer.unwatch(self)
+            if data is None:  # the read timed out
+                pinged = self._read_timed_out(pinged)
+                continue
             if not data:
                 return "shutdown" if self._closing else "peer"
-            bodies = self._decoder.feed(data)
-            for body in bodies:
-                reply = await self._handle_body(self, body)
-                await self._queue_reply(reply)
-                if isinstance(body, Oversize):
-                    self._dropped = body.reason
-                    return "oversize"
-                if isinstance(reply, dict) and reply.get("code") == ErrorCode.RATE_LIMITED:
-                    self._rate_limited += 1
-                    if self._rate_limited >= self._config.abuse_limit:
-                        self._dropped = "dropped: kept going past the rate limits"
-                        return "abuse"
-            self._note_partial_frame(progressed=bool(bodies))
+            pinged = False
+            stop = await self._handle_bytes(data)
+            if stop is not None:
+                return stop
         return "shutdown"
+
+    async def _handle_bytes(self, data: bytes) -> str | None:
+        """Answer the frames completed by data; returns why to close, if it must be."""
+        bodies = self._decoder.feed(data)
+        for body in bodies:
+            reply = await self._handle_body(self, body)
+            await self._queue_reply(reply)
+            if isinstance(body, Oversize):
+                self._dropped = body.reason
+                return "oversize"
+            if isinstance(reply, dict) and reply.get("code") == ErrorCode.RATE_LIMITED:
+                self._rate_limited += 1
+                if self._rate_limited >= self._config.abuse_limit:
+                    self._dropped = "dropped: kept going past the rate limits"
+                    return "abuse"
+        self._note_partial_frame(progressed=bool(bodies))
+        return None
 
     async def _queue_reply(self, reply: Reply | PendingReply) -> None:
         """Replies go out in request order, while later requests are already being read."""
@@ -227,38 +272,37 @@ class Connection(Session):
         elif self._frame_started is None or progressed:
             self._frame_started = time.monotonic()
 
-    async def _read(self) -> bytes:
-        """The next bytes from the peer, keeping a subscribed peer alive with pings."""
+    def _start_read(self, pinged: bool) -> None:
+        """Arm the deadline of the next read: the idle, ping, frame or login timeout."""
+        if self.subscription is None:
+            timeout = self._config.idle_timeout
+        else:
+            timeout = self._config.ping_timeout if pinged else self._config.ping_interval
+        deadline, why = self._hard_deadline()
+        if deadline <= 0:  # checked first: a chatty peer's reads never time out
+            self._dropped = why
+            raise TimeoutError(why)
+        self._hard_deadline_first = deadline <= timeout
+        self._read_deadline = time.monotonic() + min(timeout, deadline)
         self._idle = True
-        pinged = False
-        try:
-            while True:
-                if self.subscription is None:
-                    timeout = self._config.idle_timeout
-                else:
-                    timeout = self._config.ping_timeout if pinged else self._config.ping_interval
-                deadline, why = self._hard_deadline()
-                if deadline <= 0:  # checked first: a chatty peer's reads never time out
-                    self._dropped = why
-                    raise TimeoutError(why)
-                try:
-                    async with asyncio.timeout(min(timeout, deadline)):
-                        return await self._reader.read(READ_CHUNK)
-                except asyncio.CancelledError:
-                    if not self._closing:
-                        raise
-                    self._task.uncancel()  # type: ignore[union-attr]  # shutdown() woke us
-                    return b""
-                except TimeoutError:
-                    if deadline <= timeout:
-                        self._dropped = why
-                        raise
-                    if self.subscription is None or pinged:
-                        raise
-                    pinged = True
-                    self.write(events.PING)
-        finally:
-            self._idle = False
+        self._read_timer.watch(self)
+
+    def _interrupted(self) -> bytes | None:
+        """After interrupt_read(): b"" on shutdown, None on a timeout."""
+        woken, self._wakeup = self._wakeup, None
+        self._task.uncancel()  # type: ignore[union-attr]  # interrupt_read() cancelled it
+        return None if woken == TIMED_OUT else b""
+
+    def _read_timed_out(self, pinged: bool) -> bool:
+        """Close on a passed deadline, or ping a subscribed client once (returns True)."""
+        if self._hard_deadline_first:
+            _, why = self._hard_deadline()
+            self._dropped = why
+            raise TimeoutError(why)
+        if self.subscription is None or pinged:
+            raise TimeoutError("idle")
+        self.write(events.PING)
+        return True
 
     def _hard_deadline(self) -> tuple[float, str]:
         """Seconds left before a half-sent frame or a missing login closes the connection."""
@@ -274,6 +318,54 @@ class Connection(Session):
             if login_deadline < deadline:
                 deadline, why = login_deadline, "dropped: never logged in (auth_timeout)"
         return max(deadline, 0.0), why
+
+
+class ReadTimer:
+    """One timer for every connection waiting for input, instead of one per read.
+
+    Ten thousand idle connections would otherwise hold ten thousand timer handles,
+    and a busy one would make and cancel a timer for every read. A read's deadline is
+    noticed within ``resolution`` seconds of passing.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self._waiting: set[Connection] = set()
+        self._handle: asyncio.TimerHandle | None = None
+        self.resolution = 1.0
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """A quarter of the shortest read timeout, at most a second."""
+        shortest = min(
+            config.frame_timeout,
+            config.auth_timeout,
+            config.idle_timeout,
+            config.ping_interval,
+            config.ping_timeout,
+        )
+        self.resolution = min(1.0, shortest / 4)
+
+    def watch(self, connection: Connection) -> None:
+        self._waiting.add(connection)
+        if self._handle is None:
+            self._handle = asyncio.get_running_loop().call_later(self.resolution, self._tick)
+
+    def unwatch(self, connection: Connection) -> None:
+        self._waiting.discard(connection)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        for connection in [c for c in self._waiting if c.read_deadline <= now]:
+            self._waiting.discard(connection)
+            connection.interrupt_read(TIMED_OUT)
+        self._handle = None
+        if self._waiting:
+            self._handle = asyncio.get_running_loop().call_later(self.resolution, self._tick)
 
 
 def _address(peername: object) -> str:

@@ -93,6 +93,8 @@ class Subscription:
         self._task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
+        if self._task is task:
+            self._task = None  # a finished task and its coroutine cost 1 KiB per connection
         if task.cancelled():
             return
         error = task.exception()
@@ -106,7 +108,7 @@ class Subscription:
 
     @property
     def catching_up(self) -> bool:
-        return self._task is not None and not self._task.done()
+        return self._task is not None
 
     def cancel(self) -> None:
         if self._task is not None:

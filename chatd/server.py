@@ -15,7 +15,7 @@ from chatd.app import App
 from chatd.auth import Hasher
 from chatd.codec import encode_frame
 from chatd.config import FIELDS, RELOADABLE, Config
-from chatd.connection import Connection
+from chatd.connection import Connection, ReadTimer
 from chatd.errors import RateLimited
 from chatd.handlers import OPS
 from chatd.hub import Hub
@@ -36,6 +36,7 @@ class Server:
         self._listener: asyncio.Server | None = None
         self._app: App | None = None
         self._connections: set[Connection] = set()
+        self._read_timer = ReadTimer(config)
         self._tasks: set[asyncio.Task[None]] = set()
         self._per_address: Counter[str] = Counter()
         self._token_sweeper: asyncio.Task[None] | None = None
@@ -98,7 +99,9 @@ class Server:
     async def _serve_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        connection = Connection(reader, writer, self.config, self.app.handle, self.app.metrics)
+        connection = Connection(
+            reader, writer, self.config, self.app.handle, self.app.metrics, self._read_timer
+        )
         refusal = self._over_capacity(connection.address)
         if refusal is not None:
             log.warning("refused connection from %s: %s", connection.peer, refusal)
@@ -174,6 +177,7 @@ class Server:
             _, pending = await asyncio.wait(set(self._tasks), timeout=self.config.graceful_timeout)
             if pending:
                 await self._drop_busy(pending)
+        self._read_timer.close()
         await self._close_app()
         log.info("stopped")
 
@@ -212,6 +216,7 @@ class Server:
                 log.warning("reload: %s changed but needs a restart to take effect", name)
         self.config = dataclasses.replace(self.config, **changes)
         self.app.reconfigure(self.config)
+        self._read_timer.reconfigure(self.config)
         for connection in self._connections:
             connection.reconfigure(self.config)
         return sorted(changes)
