@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import socket
 import ssl
@@ -37,7 +38,7 @@ class Server:
         self._app: App | None = None
         self._connections: set[Connection] = set()
         self._read_timer = ReadTimer(config)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[str]] = set()
         self._per_address: Counter[str] = Counter()
         self._token_sweeper: asyncio.Task[None] | None = None
 
@@ -68,6 +69,7 @@ class Server:
             if self.config.metrics_port:
                 metrics.serve(self.config.metrics_host, self.config.metrics_port)
             self._listener = await self._listen()
+            _enable_keepalive(self._listener)
         except BaseException:
             await self._close_app()
             raise
@@ -81,13 +83,13 @@ class Server:
         inherited = systemd.listen_sockets()
         if inherited:
             return await asyncio.start_server(
-                self._serve_client,
+                self._accept,
                 sock=inherited[0],
                 ssl=tls,
                 ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if tls else None,
             )
         return await asyncio.start_server(
-            self._serve_client,
+            self._accept,
             self.config.host,
             self.config.port,
             reuse_address=True,
@@ -96,9 +98,9 @@ class Server:
             backlog=1024,
         )
 
-    async def _serve_client(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A plain callback, not a coroutine: the connection's own task is made here, so
+        # no wrapper coroutine stays suspended above it (250 bytes per idle connection).
         connection = Connection(
             reader, writer, self.config, self.app.handle, self.app.metrics, self._read_timer
         )
@@ -108,30 +110,30 @@ class Server:
             writer.write(encode_frame(failure(None, RateLimited(refusal, retry_after=10.0))))
             writer.close()
             return
-        task = asyncio.current_task()
-        assert task is not None
         counted_as = address_key(connection.address)
         self._per_address[counted_as] += 1
         self._connections.add(connection)
-        self._tasks.add(task)
-        _enable_keepalive(writer)
         log.info("connection opened %s", connection.peer)
         self.app.metrics.connection_opened()
-        reason = "error"
-        try:
-            reason = await connection.run()
-        except asyncio.CancelledError:
-            # Only close() cancels, as a last resort. Not re-raised: Python 3.11's
-            # asyncio.streams reports a cancelled client task as an unhandled error.
-            reason = "shutdown"
-        finally:
-            self.app.metrics.connection_closed(reason)
-            self.app.hub.unbind(connection)
-            self._connections.discard(connection)
-            self._tasks.discard(task)
-            self._per_address[counted_as] -= 1
-            if not self._per_address[counted_as]:
-                del self._per_address[counted_as]
+        task = asyncio.create_task(connection.run())
+        self._tasks.add(task)
+        task.add_done_callback(functools.partial(self._closed, connection, counted_as))
+
+    def _closed(self, connection: Connection, counted_as: str, task: asyncio.Task[str]) -> None:
+        if task.cancelled():
+            reason = "shutdown"  # only close() cancels, as a last resort
+        elif task.exception() is not None:
+            log.error("connection %s failed", connection.peer, exc_info=task.exception())
+            reason = "error"
+        else:
+            reason = task.result()
+        self.app.metrics.connection_closed(reason)
+        self.app.hub.unbind(connection)
+        self._connections.discard(connection)
+        self._tasks.discard(task)
+        self._per_address[counted_as] -= 1
+        if not self._per_address[counted_as]:
+            del self._per_address[counted_as]
 
     async def _sweep_tokens(self) -> None:
         """End sessions whose token was revoked or deleted elsewhere (`chatd admin`).
@@ -181,7 +183,7 @@ class Server:
         await self._close_app()
         log.info("stopped")
 
-    async def _drop_busy(self, pending: set[asyncio.Task[None]]) -> None:
+    async def _drop_busy(self, pending: set[asyncio.Task[str]]) -> None:
         """Reset connections still busy after graceful_timeout (most often a client that
         stopped reading its replies), so that each ends through its own clean-up."""
         log.warning("closing %d connections still busy at shutdown", len(pending))
@@ -238,14 +240,15 @@ def _tls_context(config: Config) -> ssl.SSLContext | None:
     return context
 
 
-def _enable_keepalive(writer: asyncio.StreamWriter) -> None:
-    # Lets the kernel notice peers that vanished without a FIN (pulled cable, dead NAT).
-    sock = writer.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+def _enable_keepalive(listener: asyncio.Server) -> None:
+    """TCP keepalive finds peers that vanished without a FIN. Set on the listening
+    socket, it is inherited by every accepted one (Linux, the BSDs)."""
+    for sock in listener.sockets:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
-def _awaiting(task: asyncio.Task[None]) -> str:
+def _awaiting(task: asyncio.Task[str]) -> str:
     """Where a task is suspended: its chain of awaits, outermost first."""
     places = []
     awaited: Any = task.get_coro()

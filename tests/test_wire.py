@@ -191,3 +191,12 @@ async def test_garbage_from_one_client_does_not_disturb_another(harness: Harness
     assert await vandal.closed()
     assert [reply["code"] for reply in vandal.pending] == [1] * 50 + [7]
     vandal.close()
+
+
+async def test_accepted_connections_have_tcp_keepalive(harness: Harness) -> None:
+    """Set once on the listening socket, keepalive must reach every accepted one."""
+    client = await harness.connect()
+    await client.request("/ping")
+    accepted = [c._writer.get_extra_info("socket") for c in harness.server._connections]
+    assert len(accepted) == 1
+    assert accepted[0].getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
