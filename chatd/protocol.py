@@ -7,6 +7,7 @@ Sans-I/O like ``codec.py``: this module turns decoded frame bodies into
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -120,7 +121,8 @@ def failure(rid: int | None, error: ChatdError) -> Data:
     reply["code"] = int(error.code)
     reply["msg"] = error.message
     if isinstance(error, RateLimited):
-        reply["retry_after"] = round(error.retry_after, 3)  # seconds
+        # Rounded up: a client that waits exactly this long is never refused again for it.
+        reply["retry_after"] = math.ceil(max(error.retry_after, 0.0) * 1000) / 1000  # seconds
     return reply
 
 

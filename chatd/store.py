@@ -318,10 +318,14 @@ class Store:
                 raise
             await self._db.execute("COMMIT")
 
+    async def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        """Every row of one statement, in one hop to the database thread (through a
+        cursor it takes three: execute, fetch, close)."""
+        return list(await self._db.execute_fetchall(sql, args))
+
     async def _scalar(self, sql: str, args: Sequence[Any] = ()) -> Any:
-        async with self._db.execute(sql, args) as cursor:
-            row = await cursor.fetchone()
-        return None if row is None else row[0]
+        rows = await self._rows(sql, args)
+        return rows[0][0] if rows else None
 
     # Group commit: messages sent at about the same time share one transaction, and
     # each sender is answered once the transaction holding its message has committed.
@@ -411,12 +415,12 @@ class Store:
         args: list[Any] = []
         for m in messages:
             args += (m.sender_id, m.target_id, m.body, m.created_at, m.client_id)
-        async with self._db.execute(
+        inserted = await self._rows(
             f"INSERT INTO {table} (sender_id, {target}, body, created_at, client_id)"
             f" VALUES {rows} RETURNING id",
             args,
-        ) as cursor:
-            return sorted(row[0] for row in await cursor.fetchall())
+        )
+        return sorted(row[0] for row in inserted)
 
     async def _earlier_sends(self, keyed: list[NewMessage]) -> dict[tuple[str, int, str], Stored]:
         """Messages already stored under the client_ids of ``keyed``."""
@@ -470,9 +474,8 @@ class Store:
 
     async def _user_where(self, condition: str, args: Sequence[Any]) -> User | None:
         sql = f"SELECT id, name, password_hash, created_at FROM users WHERE {condition}"
-        async with self._db.execute(sql, args) as cursor:
-            row = await cursor.fetchone()
-        return None if row is None else User(*row)
+        rows = await self._rows(sql, args)
+        return User(*rows[0]) if rows else None
 
     async def set_password_hash(self, user_id: int, password_hash: str) -> None:
         async with self._transaction() as db:
@@ -490,15 +493,14 @@ class Store:
     async def token_owner(self, digest: bytes, now: float) -> tuple[User, float] | None:
         """The user a live token belongs to, and when the token expires."""
         async with self._turn():
-            async with self._db.execute(
+            rows = await self._rows(
                 "SELECT user_id, expires_at FROM tokens WHERE digest = ? AND expires_at > ?",
                 (digest, now),
-            ) as cursor:
-                row = await cursor.fetchone()
-            if row is None:
+            )
+            if not rows:
                 return None
-            user = await self._user_where("id = ?", (row[0],))
-        return None if user is None else (user, row[1])
+            user = await self._user_where("id = ?", (rows[0][0],))
+        return None if user is None else (user, rows[0][1])
 
     async def live_tokens(self, digests: Sequence[bytes], now: float) -> set[bytes]:
         """Which of these tokens are still valid (not expired, revoked or deleted)."""
@@ -703,32 +705,24 @@ class Store:
         Clamped to the newest message the user actually has, so acknowledging an id
         from the future cannot swallow messages not yet sent.
         """
-        async with self._transaction() as db:
-            await db.execute(
+        # One statement is its own transaction: no BEGIN and COMMIT round trips.
+        async with self._turn():
+            position: int = await self._scalar(
                 "UPDATE users SET inbox_cursor = MAX(inbox_cursor, COALESCE("
                 " (SELECT MAX(id) FROM private_messages WHERE recipient_id = ? AND id <= ?),"
-                " 0)) WHERE id = ?",
+                " 0)) WHERE id = ? RETURNING inbox_cursor",
                 (user_id, message_id, user_id),
-            )
-            position: int = await self._scalar(
-                "SELECT inbox_cursor FROM users WHERE id = ?", (user_id,)
             )
         return position
 
     async def ack_channel(self, channel_id: int, user_id: int, message_id: int) -> int | None:
         """As ack_private for a channel; None if the user is not a member."""
-        async with self._transaction() as db:
-            cursor = await db.execute(
+        async with self._turn():
+            position: int | None = await self._scalar(
                 "UPDATE channel_members SET read_cursor = MAX(COALESCE(read_cursor, 0), COALESCE("
                 " (SELECT MAX(id) FROM channel_messages WHERE channel_id = ? AND id <= ?), 0))"
-                " WHERE channel_id = ? AND user_id = ? AND left_at IS NULL",
+                " WHERE channel_id = ? AND user_id = ? AND left_at IS NULL RETURNING read_cursor",
                 (channel_id, message_id, channel_id, user_id),
-            )
-            if cursor.rowcount != 1:
-                return None
-            position: int = await self._scalar(
-                "SELECT read_cursor FROM channel_members WHERE channel_id = ? AND user_id = ?",
-                (channel_id, user_id),
             )
         return position
 
@@ -757,21 +751,23 @@ class Store:
 
     async def inbox_after(self, user_id: int, after_id: int, limit: int) -> list[PrivateMessage]:
         """Private messages to the user newer than ``after_id``, oldest first (no side effect)."""
-        async with self._turn(), self._db.execute(
-            f"{_PRIVATE_ROWS} WHERE m.recipient_id = ? AND m.id > ? ORDER BY m.id LIMIT ?",
-            (user_id, after_id, limit),
-        ) as cursor:
-            return [PrivateMessage(*row) for row in await cursor.fetchall()]
+        async with self._turn():
+            rows = await self._rows(
+                f"{_PRIVATE_ROWS} WHERE m.recipient_id = ? AND m.id > ? ORDER BY m.id LIMIT ?",
+                (user_id, after_id, limit),
+            )
+        return [PrivateMessage(*row) for row in rows]
 
     async def channel_after(
         self, channel_id: int, after_id: int, limit: int
     ) -> list[ChannelMessage]:
         """Channel messages newer than ``after_id``, oldest first (no side effect)."""
-        async with self._turn(), self._db.execute(
-            f"{_CHANNEL_ROWS} WHERE m.channel_id = ? AND m.id > ? ORDER BY m.id LIMIT ?",
-            (channel_id, after_id, limit),
-        ) as cursor:
-            return [ChannelMessage(*row) for row in await cursor.fetchall()]
+        async with self._turn():
+            rows = await self._rows(
+                f"{_CHANNEL_ROWS} WHERE m.channel_id = ? AND m.id > ? ORDER BY m.id LIMIT ?",
+                (channel_id, after_id, limit),
+            )
+        return [ChannelMessage(*row) for row in rows]
 
     # History: reading back, with no effect on delivery positions.
 
