@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import itertools
 import ssl as ssl_module
+from collections import deque
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
@@ -50,7 +51,7 @@ class Client:
         self._writer = writer
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
-        self._events: asyncio.Queue[Any] = asyncio.Queue()
+        self._events = _EventQueue()
         self._decoder = FrameDecoder(max_frame_size)
         self._reader_task = asyncio.create_task(self._read_loop())
         self._address: tuple[str, int, ssl_module.SSLContext | None] | None = None
@@ -164,7 +165,7 @@ class Client:
         async with asyncio.timeout(self.timeout):
             self._reader, self._writer = await asyncio.open_connection(host, port, ssl=ssl)
         self._decoder = FrameDecoder(self._decoder.max_frame_size)
-        self._events = asyncio.Queue()
+        self._events = _EventQueue()
         self._reader_task = asyncio.create_task(self._read_loop())
         if self.token is not None:
             await self.request("/ping")
@@ -176,28 +177,19 @@ class Client:
         async with asyncio.timeout(self.timeout if timeout is None else timeout):
             item = await self._events.get()
         if item is _END:
-            self._events.put_nowait(_END)
             raise ConnectionError("connection closed")
         event: dict[str, Any] = item
         return event
 
     def waiting_events(self) -> list[dict[str, Any]]:
         """The events already received and not yet taken, without waiting."""
-        found: list[dict[str, Any]] = []
-        while not self._events.empty():
-            item = self._events.get_nowait()
-            if item is _END:
-                self._events.put_nowait(_END)
-                break
-            found.append(item)
-        return found
+        return self._events.take_all()
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         """Server-initiated frames as they arrive, until the connection closes."""
         while True:
             item = await self._events.get()
             if item is _END:
-                self._events.put_nowait(_END)
                 return
             yield item
 
@@ -219,7 +211,7 @@ class Client:
             for future in self._pending.values():
                 if not future.done():
                     future.set_exception(ConnectionError("connection closed"))
-            self._events.put_nowait(_END)
+            self._events.put(_END)
 
     def _dispatch(self, body: Any) -> None:
         if isinstance(body, Malformed | Oversize):
@@ -232,7 +224,7 @@ class Client:
         elif isinstance(body, dict) and body.get("event") == "ping":
             self._answer_ping()
         else:
-            self._events.put_nowait(body)  # pushes, and replies the client cannot match
+            self._events.put(body)  # pushes, and replies the client cannot match
 
     def _answer_ping(self) -> None:
         # Any frame answers a keepalive ping; its reply is matched and dropped.
@@ -246,3 +238,40 @@ class Client:
                 done.exception()  # retrieved: a ping lost with the connection is no error
 
         self._pending[request_id].add_done_callback(forget)
+
+
+class _EventQueue:
+    """Pushed frames waiting to be taken; after _END, every get() returns _END.
+
+    Not asyncio.Queue: a busy channel delivers hundreds of thousands of events a
+    second, and a deque with one wake-up future costs a fraction of its bookkeeping.
+    """
+
+    def __init__(self) -> None:
+        self._items: deque[Any] = deque()
+        self._ready: asyncio.Future[None] | None = None
+
+    def put(self, item: Any) -> None:
+        self._items.append(item)
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_result(None)
+
+    async def get(self) -> Any:
+        while not self._items:
+            if self._ready is None or self._ready.done():
+                self._ready = asyncio.get_running_loop().create_future()
+            # wait() rather than await: a consumer that times out must not cancel the
+            # future another consumer is waiting on.
+            await asyncio.wait([self._ready])
+        item = self._items[0]
+        if item is not _END:
+            self._items.popleft()
+        return item
+
+    def take_all(self) -> list[Any]:
+        """Every item waiting, without waiting (and without _END, which stays)."""
+        found = list(self._items)
+        self._items.clear()
+        if found and found[-1] is _END:
+            self._items.append(found.pop())
+        return found

@@ -60,9 +60,16 @@ def decode_body(payload: bytes | memoryview) -> Any:
     (its ``exceptions.py`` says so), hence the broad ``except``.
     """
     try:
-        return msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True)
+        return _unpackb(payload, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:
-        return Malformed(f"body is not valid msgpack ({type(exc).__name__})")
+        return _malformed(exc)
+
+
+_unpackb = msgpack.unpackb
+
+
+def _malformed(exc: Exception) -> Malformed:
+    return Malformed(f"body is not valid msgpack ({type(exc).__name__})")
 
 
 class FrameDecoder:
@@ -90,26 +97,31 @@ class FrameDecoder:
     def feed(self, data: bytes) -> list[Any]:
         if self._failed:
             raise FrameTooLarge("stream already failed")
-        self._buffer += data
+        if self._buffer:  # the end of a frame split across reads: one copy per read
+            self._buffer += data
+            data = bytes(self._buffer)
+            self._buffer.clear()
+        # The hot loop of the server and of every client: locals, no helper calls, and
+        # bodies sliced off as bytes (cheaper than memoryview slices that must be released).
         bodies: list[Any] = []
-        view = memoryview(self._buffer)
-        offset = 0
-        try:
-            while len(view) - offset >= HEADER_SIZE:
-                (length,) = HEADER.unpack_from(view, offset)
-                if length > self.max_frame_size:
-                    self._failed = True
-                    bodies.append(Oversize(length, self.max_frame_size))
-                    offset = len(view)
-                    break
-                end = offset + HEADER_SIZE + length
-                if end > len(view):
-                    break
-                # Decoded in place: msgpack reads the slice, nothing is copied first.
-                with view[offset + HEADER_SIZE : end] as body:
-                    bodies.append(decode_body(body))
-                offset = end
-        finally:
-            view.release()
-            del self._buffer[:offset]
+        unpack_header, limit = HEADER.unpack_from, self.max_frame_size
+        offset, size = 0, len(data)
+        while size - offset >= HEADER_SIZE:
+            (length,) = unpack_header(data, offset)
+            if length > limit:
+                self._failed = True
+                bodies.append(Oversize(length, limit))
+                return bodies  # the rest is not buffered: the stream is lost
+            start = offset + HEADER_SIZE
+            end = start + length
+            if end > size:
+                break
+            try:
+                body = data[start:end]
+                bodies.append(_unpackb(body, raw=False, strict_map_key=True, use_list=True))
+            except Exception as exc:  # as in decode_body, written out: this is the hot loop
+                bodies.append(_malformed(exc))
+            offset = end
+        if offset < size:
+            self._buffer += memoryview(data)[offset:]
         return bodies
