@@ -214,6 +214,12 @@ class Client:
             self._events.put(_END)
 
     def _dispatch(self, body: Any) -> None:
+        if type(body) is dict and "id" not in body:  # the common case first: a push
+            if body.get("event") == "ping":
+                self._answer_ping()
+            else:
+                self._events.put(body)
+            return
         if isinstance(body, Malformed | Oversize):
             raise ConnectionError(f"server sent a bad frame: {body.reason}")
         request_id = body.get("id") if isinstance(body, dict) else None
@@ -221,10 +227,8 @@ class Client:
         if future is not None:
             if not future.done():
                 future.set_result(body)
-        elif isinstance(body, dict) and body.get("event") == "ping":
-            self._answer_ping()
         else:
-            self._events.put(body)  # pushes, and replies the client cannot match
+            self._events.put(body)  # replies the client cannot match
 
     def _answer_ping(self) -> None:
         # Any frame answers a keepalive ping; its reply is matched and dropped.
