@@ -147,7 +147,7 @@ class Connection(Session):
         """End the read in progress early: on shutdown, or when its deadline passed."""
         if self._idle and self._wakeup is None and self._task is not None:
             self._wakeup = why
-            self._task.cancel()  # caught in _read, which knows it from _wakeup
+            self._task.cancel()  # caught in _serve, which knows why from _wakeup
 
     @property
     def read_deadline(self) -> float:
