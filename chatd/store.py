@@ -430,15 +430,15 @@ class Store:
             for start in range(0, len(pairs), _INSERT_CHUNK):
                 chunk = pairs[start : start + _INSERT_CHUNK]
                 values = ", ".join("(?, ?)" for _ in chunk)
-                async with self._db.execute(
+                rows = await self._rows(
                     f"SELECT sender_id, client_id, id, created_at FROM {table}"
                     f" WHERE (sender_id, client_id) IN (VALUES {values})",
                     [item for pair in chunk for item in pair],
-                ) as cursor:
-                    for sender_id, client_id, message_id, created_at in await cursor.fetchall():
-                        found[(kind, sender_id, client_id)] = Stored(
-                            message_id, created_at, duplicate=True
-                        )
+                )
+                for sender_id, client_id, message_id, created_at in rows:
+                    found[(kind, sender_id, client_id)] = Stored(
+                        message_id, created_at, duplicate=True
+                    )
         return found
 
     # Users and tokens.
@@ -508,11 +508,12 @@ class Store:
         for start in range(0, len(digests), _INSERT_CHUNK):
             chunk = digests[start : start + _INSERT_CHUNK]
             marks = ", ".join("?" for _ in chunk)
-            async with self._turn(), self._db.execute(
-                f"SELECT digest FROM tokens WHERE expires_at > ? AND digest IN ({marks})",
-                (now, *chunk),
-            ) as cursor:
-                live.update(row[0] for row in await cursor.fetchall())
+            async with self._turn():
+                rows = await self._rows(
+                    f"SELECT digest FROM tokens WHERE expires_at > ? AND digest IN ({marks})",
+                    (now, *chunk),
+                )
+                live.update(row[0] for row in rows)
         return live
 
     async def revoke_token(self, digest: bytes) -> None:
@@ -532,13 +533,12 @@ class Store:
     async def take_inbox(self, user_id: int, limit: int) -> Batch[PrivateMessage]:
         """Private messages not yet received, oldest first; they count as received after this."""
         async with self._transaction() as db:
-            async with db.execute(
+            rows = await self._rows(
                 f"{_PRIVATE_ROWS} WHERE m.recipient_id = ?"
                 " AND m.id > (SELECT inbox_cursor FROM users WHERE id = ?)"
                 " ORDER BY m.id LIMIT ?",
                 (user_id, user_id, limit + 1),
-            ) as cursor:
-                rows = list(await cursor.fetchall())
+            )
             messages = [PrivateMessage(*row) for row in rows[:limit]]
             if messages:
                 await db.execute(
@@ -552,13 +552,13 @@ class Store:
         cached = self._channels.get(key)
         if cached is not None:
             return cached
-        async with self._turn(), self._db.execute(
-            "SELECT id, name, created_at FROM channels WHERE name_key = ?", (key,)
-        ) as cursor:
-            row = await cursor.fetchone()
-        if row is None:
+        async with self._turn():
+            rows = await self._rows(
+                "SELECT id, name, created_at FROM channels WHERE name_key = ?", (key,)
+            )
+        if not rows:
             return None
-        channel = self._channels[key] = Channel(*row)
+        channel = self._channels[key] = Channel(*rows[0])
         return channel
 
     async def join_channel(
@@ -574,18 +574,17 @@ class Store:
                 " ON CONFLICT (name_key) DO NOTHING",
                 (name, key, now),
             )
-            async with db.execute(
+            rows = await self._rows(
                 "SELECT id, name, created_at FROM channels WHERE name_key = ?", (key,)
-            ) as cursor:
-                row = await cursor.fetchone()
-            assert row is not None
-            channel = self._channels[key] = Channel(*row)
-            async with db.execute(
+            )
+            assert rows
+            channel = self._channels[key] = Channel(*rows[0])
+            rows = await self._rows(
                 "SELECT left_at IS NOT NULL FROM channel_members"
                 " WHERE channel_id = ? AND user_id = ?",
                 (channel.id, user_id),
-            ) as cursor:
-                member = await cursor.fetchone()
+            )
+            member = rows[0] if rows else None
             if member is not None and not member[0]:
                 return channel, Joined.ALREADY
             if member is not None and not rejoin:
@@ -609,11 +608,12 @@ class Store:
             return cursor.rowcount == 1
 
     async def channel_ids(self, user_id: int) -> list[int]:
-        async with self._turn(), self._db.execute(
-            "SELECT channel_id FROM channel_members WHERE user_id = ? AND left_at IS NULL",
-            (user_id,),
-        ) as cursor:
-            return [row[0] for row in await cursor.fetchall()]
+        async with self._turn():
+            rows = await self._rows(
+                "SELECT channel_id FROM channel_members WHERE user_id = ? AND left_at IS NULL",
+                (user_id,),
+            )
+            return [row[0] for row in rows]
 
     async def channel_name(self, channel_id: int) -> str:
         async with self._turn():
@@ -631,17 +631,18 @@ class Store:
 
     async def memberships(self, user_id: int, backlog: int) -> list[Membership]:
         """The user's channels by name, with what a /channel/receive would return now."""
-        async with self._turn(), self._db.execute(
-            "SELECT c.id, c.name, m.read_cursor,"
-            " CASE WHEN m.read_cursor IS NULL"
-            "  THEN MIN(?, (SELECT COUNT(*) FROM channel_messages WHERE channel_id = c.id))"
-            "  ELSE (SELECT COUNT(*) FROM channel_messages"
-            "        WHERE channel_id = c.id AND id > m.read_cursor) END"
-            " FROM channel_members m JOIN channels c ON c.id = m.channel_id"
-            " WHERE m.user_id = ? AND m.left_at IS NULL ORDER BY c.name_key",
-            (backlog, user_id),
-        ) as cursor:
-            return [Membership(*row) for row in await cursor.fetchall()]
+        async with self._turn():
+            rows = await self._rows(
+                "SELECT c.id, c.name, m.read_cursor,"
+                " CASE WHEN m.read_cursor IS NULL"
+                "  THEN MIN(?, (SELECT COUNT(*) FROM channel_messages WHERE channel_id = c.id))"
+                "  ELSE (SELECT COUNT(*) FROM channel_messages"
+                "        WHERE channel_id = c.id AND id > m.read_cursor) END"
+                " FROM channel_members m JOIN channels c ON c.id = m.channel_id"
+                " WHERE m.user_id = ? AND m.left_at IS NULL ORDER BY c.name_key",
+                (backlog, user_id),
+            )
+            return [Membership(*row) for row in rows]
 
     async def add_channel_message(
         self, channel_id: int, sender_id: int, body: str, now: float, client_id: str | None
@@ -663,10 +664,10 @@ class Store:
                 (channel_id, user_id),
             )
             if cursor_value is None:
-                async with db.execute(
+                rows = await self._rows(
                     f"{select} ORDER BY m.id DESC LIMIT ?", (channel_id, min(backlog, limit))
-                ) as cursor:
-                    rows = list(await cursor.fetchall())[::-1]
+                )
+                rows = rows[::-1]
                 more = False
                 # Older messages than the backlog are history, not news: skip past them all.
                 newest = await self._scalar(
@@ -674,11 +675,10 @@ class Store:
                     (channel_id,),
                 )
             else:
-                async with db.execute(
+                rows = await self._rows(
                     f"{select} AND m.id > ? ORDER BY m.id LIMIT ?",
                     (channel_id, cursor_value, limit + 1),
-                ) as cursor:
-                    rows = list(await cursor.fetchall())
+                )
                 more = len(rows) > limit
                 rows = rows[:limit]
                 newest = rows[-1][0] if rows else cursor_value
@@ -689,12 +689,13 @@ class Store:
         return Batch([ChannelMessage(*row) for row in rows], more)
 
     async def channel_members(self, channel_id: int) -> list[tuple[int, str]]:
-        async with self._turn(), self._db.execute(
-            "SELECT u.id, u.name FROM channel_members c JOIN users u ON u.id = c.user_id"
-            " WHERE c.channel_id = ? AND c.left_at IS NULL ORDER BY u.name_key",
-            (channel_id,),
-        ) as cursor:
-            return [(row[0], row[1]) for row in await cursor.fetchall()]
+        async with self._turn():
+            rows = await self._rows(
+                "SELECT u.id, u.name FROM channel_members c JOIN users u ON u.id = c.user_id"
+                " WHERE c.channel_id = ? AND c.left_at IS NULL ORDER BY u.name_key",
+                (channel_id,),
+            )
+            return [(row[0], row[1]) for row in rows]
 
 
     # Delivery positions and catch-up (live push, /ack).
@@ -737,16 +738,16 @@ class Store:
     async def channel_position(self, channel_id: int, user_id: int) -> tuple[int, bool]:
         """Where a member's catch-up starts: their read position, or (fresh: before their
         first /channel/receive or /ack, which would show the backlog) the newest message."""
-        async with self._turn(), self._db.execute(
-            "SELECT m.read_cursor,"
-            " (SELECT COALESCE(MAX(id), 0) FROM channel_messages WHERE channel_id = ?)"
-            " FROM channel_members m WHERE m.channel_id = ? AND m.user_id = ?",
-            (channel_id, channel_id, user_id),
-        ) as cursor:
-            row = await cursor.fetchone()
-        if row is None:
+        async with self._turn():
+            rows = await self._rows(
+                "SELECT m.read_cursor,"
+                " (SELECT COALESCE(MAX(id), 0) FROM channel_messages WHERE channel_id = ?)"
+                " FROM channel_members m WHERE m.channel_id = ? AND m.user_id = ?",
+                (channel_id, channel_id, user_id),
+            )
+        if not rows:
             return 0, True
-        read_cursor, newest = row
+        read_cursor, newest = rows[0]
         return (newest, True) if read_cursor is None else (read_cursor, False)
 
     async def inbox_after(self, user_id: int, after_id: int, limit: int) -> list[PrivateMessage]:
@@ -775,11 +776,11 @@ class Store:
         self, channel_id: int, before: int | None, limit: int
     ) -> Batch[ChannelMessage]:
         """The ``limit`` newest messages older than ``before``, returned oldest first."""
-        async with self._turn(), self._db.execute(
-            f"{_CHANNEL_ROWS} WHERE m.channel_id = ? AND m.id < ? ORDER BY m.id DESC LIMIT ?",
-            (channel_id, _before(before), limit + 1),
-        ) as cursor:
-            rows = list(await cursor.fetchall())
+        async with self._turn():
+            rows = await self._rows(
+                f"{_CHANNEL_ROWS} WHERE m.channel_id = ? AND m.id < ? ORDER BY m.id DESC LIMIT ?",
+                (channel_id, _before(before), limit + 1),
+            )
         page = [ChannelMessage(*row) for row in rows[:limit]]
         return Batch(page[::-1], more=len(rows) > limit)
 
@@ -787,18 +788,18 @@ class Store:
         self, user_id: int, other_id: int, before: int | None, limit: int
     ) -> Batch[SentMessage]:
         """The conversation between two users, both directions, paged like channel_history."""
-        async with self._turn(), self._db.execute(
-            "SELECT m.id, s.name, r.name, m.body, m.created_at FROM private_messages m"
-            " JOIN users s ON s.id = m.sender_id JOIN users r ON r.id = m.recipient_id"
-            " WHERE m.id IN ("
-            "  SELECT id FROM private_messages"
-            "   WHERE recipient_id = ? AND sender_id = ? AND id < ?"
-            "  UNION SELECT id FROM private_messages"
-            "   WHERE recipient_id = ? AND sender_id = ? AND id < ?)"
-            " ORDER BY m.id DESC LIMIT ?",
-            (user_id, other_id, _before(before), other_id, user_id, _before(before), limit + 1),
-        ) as cursor:
-            rows = list(await cursor.fetchall())
+        async with self._turn():
+            rows = await self._rows(
+                "SELECT m.id, s.name, r.name, m.body, m.created_at FROM private_messages m"
+                " JOIN users s ON s.id = m.sender_id JOIN users r ON r.id = m.recipient_id"
+                " WHERE m.id IN ("
+                "  SELECT id FROM private_messages"
+                "   WHERE recipient_id = ? AND sender_id = ? AND id < ?"
+                "  UNION SELECT id FROM private_messages"
+                "   WHERE recipient_id = ? AND sender_id = ? AND id < ?)"
+                " ORDER BY m.id DESC LIMIT ?",
+                (user_id, other_id, _before(before), other_id, user_id, _before(before), limit + 1),
+            )
         page = [SentMessage(*row) for row in rows[:limit]]
         return Batch(page[::-1], more=len(rows) > limit)
 
@@ -807,13 +808,14 @@ class Store:
 
     async def list_users(self, now: float) -> list[tuple[str, float, int]]:
         """Every user: name, registration time, live tokens."""
-        async with self._turn(), self._db.execute(
-            "SELECT u.name, u.created_at,"
-            " (SELECT COUNT(*) FROM tokens t WHERE t.user_id = u.id AND t.expires_at > ?)"
-            " FROM users u ORDER BY u.name_key",
-            (now,),
-        ) as cursor:
-            return [(row[0], row[1], row[2]) for row in await cursor.fetchall()]
+        async with self._turn():
+            rows = await self._rows(
+                "SELECT u.name, u.created_at,"
+                " (SELECT COUNT(*) FROM tokens t WHERE t.user_id = u.id AND t.expires_at > ?)"
+                " FROM users u ORDER BY u.name_key",
+                (now,),
+            )
+            return [(row[0], row[1], row[2]) for row in rows]
 
     async def revoke_tokens(self, user_id: int) -> int:
         """Revoke every token of a user; returns how many there were."""
