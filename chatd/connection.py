@@ -49,7 +49,6 @@ class Connection(Session):
         "_dropped",
         "_frame_started",
         "_handle_body",
-        "_hard_deadline_first",
         "_idle",
         "_metrics",
         "_opened_at",
@@ -58,6 +57,7 @@ class Connection(Session):
         "_queue",
         "_rate_limited",
         "_read_deadline",
+        "_read_ends_connection",
         "_read_timer",
         "_reader",
         "_task",
@@ -89,7 +89,9 @@ class Connection(Session):
         self._read_timer = read_timer
         self._read_deadline = 0.0  # when the read in progress times out (time.monotonic)
         self._wakeup: str | None = None  # why the read in progress was interrupted
-        self._hard_deadline_first = False  # the frame or login deadline ends the read
+        # Why the connection closes if the read times out (a frame or login deadline);
+        # None when the timeout is the idle or ping one.
+        self._read_ends_connection: str | None = None
         self._dropped: str | None = None
         self._paced_in_flight = 0  # bytes of replies and catch-up frames being sent
         self._opened_at = time.monotonic()
@@ -282,7 +284,7 @@ class Connection(Session):
         if deadline <= 0:  # checked first: a chatty peer's reads never time out
             self._dropped = why
             raise TimeoutError(why)
-        self._hard_deadline_first = deadline <= timeout
+        self._read_ends_connection = why if deadline <= timeout else None
         self._read_deadline = time.monotonic() + min(timeout, deadline)
         self._idle = True
         self._read_timer.watch(self)
@@ -295,10 +297,9 @@ class Connection(Session):
 
     def _read_timed_out(self, pinged: bool) -> bool:
         """Close on a passed deadline, or ping a subscribed client once (returns True)."""
-        if self._hard_deadline_first:
-            _, why = self._hard_deadline()
-            self._dropped = why
-            raise TimeoutError(why)
+        if self._read_ends_connection is not None:
+            self._dropped = self._read_ends_connection
+            raise TimeoutError(self._dropped)
         if self.subscription is None or pinged:
             raise TimeoutError("idle")
         self.write(events.PING)
