@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import sqlite3
 
 from tests.conftest import PASSWORD, Harness, MakeHarness
@@ -80,9 +82,6 @@ async def test_concurrent_sends_share_commits_and_keep_every_answer_right(
 
 
 async def test_the_wal_is_checkpointed_in_the_background(make_harness: MakeHarness) -> None:
-    import asyncio
-    import os
-
     def size() -> int:
         return os.path.getsize(harness.config.db)
 
