@@ -80,7 +80,7 @@ class App:
         if isinstance(error, ChatdError):
             return failure(rid, error)
         # Details stay in the log: they may be security-sensitive.
-        log.error("%s %s: unexpected error", session.peer, op, exc_info=error)
+        log.error("%s %s: unexpected error", session, op, exc_info=error)
         return failure(rid, ServerError())
 
     def finish(self, session: Session, op: str, reply: Data, started: float) -> Data:
@@ -88,9 +88,9 @@ class App:
         code = reply["code"]
         self.metrics.request_handled(op, code, time.perf_counter() - started)
         if code:
-            log.info("%s %s -> error %d: %s", session.peer, op, code, reply["msg"])
+            log.info("%s %s -> error %d: %s", session, op, code, reply["msg"])
         else:
-            log.debug("%s %s -> 0", session.peer, op)
+            log.debug("%s %s -> 0", session, op)
         return reply
 
 

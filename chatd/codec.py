@@ -82,30 +82,36 @@ class FrameDecoder:
     :class:`FrameTooLarge`: the stream can no longer be trusted.
     """
 
-    __slots__ = ("_buffer", "_failed", "max_frame_size")
+    __slots__ = ("_buffer", "_failed", "_needed", "max_frame_size")
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         self.max_frame_size = max_frame_size
-        self._buffer = bytearray()
+        # Made only while a frame is unfinished: ten thousand idle connections hold none.
+        self._buffer: bytearray | None = None
+        self._needed = 0  # bytes the buffer must hold before its first frame is whole
         self._failed = False
 
     @property
     def buffered(self) -> int:
         """Bytes held that do not yet make a whole frame."""
-        return len(self._buffer)
+        return 0 if self._buffer is None else len(self._buffer)
 
     def feed(self, data: bytes) -> list[Any]:
         if self._failed:
             raise FrameTooLarge("stream already failed")
-        if self._buffer:  # the end of a frame split across reads: one copy per read
+        if self._buffer is not None:  # the end of a frame split across reads
             self._buffer += data
-            data = bytes(self._buffer)
-            self._buffer.clear()
+            if len(self._buffer) < self._needed:
+                # Not decoded again until it can be whole: a large frame dripped in
+                # byte by byte costs one copy per byte, not one of the whole buffer.
+                return []
+            data, self._buffer = bytes(self._buffer), None
         # The hot loop of the server and of every client: locals, no helper calls, and
         # bodies sliced off as bytes (cheaper than memoryview slices that must be released).
         bodies: list[Any] = []
         unpack_header, limit = HEADER.unpack_from, self.max_frame_size
         offset, size = 0, len(data)
+        end = HEADER_SIZE
         while size - offset >= HEADER_SIZE:
             (length,) = unpack_header(data, offset)
             if length > limit:
@@ -123,5 +129,6 @@ class FrameDecoder:
                 bodies.append(_malformed(exc))
             offset = end
         if offset < size:
-            self._buffer += memoryview(data)[offset:]
+            self._buffer = bytearray(memoryview(data)[offset:])
+            self._needed = end - offset if end > size else HEADER_SIZE
         return bodies

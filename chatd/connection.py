@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -75,8 +76,7 @@ class Connection(Session):
         metrics: Metrics,
         read_timer: ReadTimer,
     ) -> None:
-        peername = writer.get_extra_info("peername")
-        super().__init__(_format_peer(peername), _address(peername))
+        super().__init__(*_peer(writer.get_extra_info("peername")))
         self._reader = reader
         self._writer = writer
         self._config = config
@@ -85,7 +85,7 @@ class Connection(Session):
         self._decoder = FrameDecoder(config.max_frame_size)
         self._closing = False
         self._idle = False  # waiting for input, no request in flight
-        self._task: asyncio.Task[object] | None = None  # the one running run()
+        self._task: asyncio.Task[None] | None = None  # the one running _run()
         self._read_timer = read_timer
         self._read_deadline = 0.0  # when the read in progress times out (time.monotonic)
         self._wakeup: str | None = None  # why the read in progress was interrupted
@@ -102,17 +102,51 @@ class Connection(Session):
         self._queue: _ReplyQueue | None = None
         self._pushes: list[bytes] | None = None  # pushed this turn, written at its end
 
-    async def run(self) -> str:
-        """Serve until the peer leaves, misbehaves, times out, or the server shuts down.
+    def start(self, closed: Callable[[Connection, str], None]) -> None:
+        """Serve in a task of its own; ``closed(self, why)`` is called when it ends."""
+        self._task = asyncio.create_task(self._run(closed))
 
-        Returns why the connection ended: peer, shutdown, oversize, timeout, error or
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        return self._task
+
+    async def _run(self, closed: Callable[[Connection, str], None]) -> None:
+        """Serve until the peer leaves, misbehaves, times out, or the server shuts down,
+        then tell ``closed`` why: peer, shutdown, oversize, abuse, timeout, error or
         dropped (a slow or stalled client).
+
+        The read loop is written out here, not in a coroutine of its own: every
+        coroutine frame suspended under an idle connection costs 250 bytes, times ten
+        thousand. Nor is there a done-callback on the task (its partial and context
+        cost 300 more): ``closed`` is called from the ``finally`` below.
         """
-        reason = "peer"
-        self._task = asyncio.current_task()
+        reason = "shutdown"  # if cancelled: only the server's last resort does that
         try:
             try:
-                reason = await self._serve()
+                pinged = False
+                while not self._closing:
+                    self._start_read(pinged)
+                    try:
+                        data: bytes | None = await self._reader.read(READ_CHUNK)
+                    except asyncio.CancelledError:
+                        if self._wakeup is None:
+                            raise  # cancelled by someone else: the server's last resort
+                        data = self._interrupted()
+                    finally:
+                        self._idle = False
+                        self._read_timer.unwatch(self)
+                    if data is None:  # the read timed out
+                        pinged = self._read_timed_out(pinged)
+                        continue
+                    if not data:
+                        reason = "shutdown" if self._closing else "peer"
+                        break
+                    pinged = False
+                    stop = await self._handle_bytes(data)
+                    del data  # not held while the connection waits for more
+                    if stop is not None:
+                        reason = stop
+                        break
             except TimeoutError:
                 reason = "timeout"
             if self._queue is not None:  # what was read and done is answered before closing
@@ -120,14 +154,21 @@ class Connection(Session):
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
             reason = "error"
             self._dropped = self._dropped or f"connection error ({type(exc).__name__})"
+        except asyncio.CancelledError:
+            reason = "shutdown"
+            raise
+        except Exception:
+            log.exception("connection %s failed", self)
+            reason = "error"
         finally:
-            if self._queue is not None:
-                self._queue.discard()
-            self._writer.close()
-            if self._dropped is not None:
-                log.info("connection closed %s: %s", self.peer, self._dropped)
-            else:
-                log.info("connection closed %s: %s", self.peer, reason)
+            closed(self, self._close(reason))
+
+    def _close(self, reason: str) -> str:
+        """Release the connection; returns why it ended, as _run() reports it."""
+        if self._queue is not None:
+            self._queue.discard()
+        self._writer.close()
+        log.info("connection closed %s: %s", self, self._dropped or reason)
         if reason == "peer" and self._dropped is not None:
             return "dropped"  # abort() made the read see end of stream
         return reason
@@ -149,7 +190,7 @@ class Connection(Session):
         """End the read in progress early: on shutdown, or when its deadline passed."""
         if self._idle and self._wakeup is None and self._task is not None:
             self._wakeup = why
-            self._task.cancel()  # caught in _serve, which knows why from _wakeup
+            self._task.cancel()  # caught in _run, which knows why from _wakeup
 
     @property
     def read_deadline(self) -> float:
@@ -214,32 +255,6 @@ class Connection(Session):
             await self.drain()
         finally:
             self._paced_in_flight -= len(frame)
-
-    async def _serve(self) -> str:
-        # The read is awaited here, not in a helper coroutine: every coroutine frame
-        # suspended under an idle connection costs 250 bytes, times ten thousand.
-        pinged = False
-        while not self._closing:
-            self._start_read(pinged)
-            try:
-                data: bytes | None = await self._reader.read(READ_CHUNK)
-            except asyncio.CancelledError:
-                if self._wakeup is None:
-                    raise  # cancelled by someone else: the server's last resort
-                data = self._interrupted()
-            finally:
-                self._idle = False
-                self._read_timer.unwatch(self)
-            if data is None:  # the read timed out
-                pinged = self._read_timed_out(pinged)
-                continue
-            if not data:
-                return "shutdown" if self._closing else "peer"
-            pinged = False
-            stop = await self._handle_bytes(data)
-            if stop is not None:
-                return stop
-        return "shutdown"
 
     async def _handle_bytes(self, data: bytes) -> str | None:
         """Answer the frames completed by data; returns why to close, if it must be."""
@@ -369,16 +384,12 @@ class ReadTimer:
             self._handle = asyncio.get_running_loop().call_later(self.resolution, self._tick)
 
 
-def _address(peername: object) -> str:
-    if isinstance(peername, tuple) and peername:
-        return str(peername[0])
-    return "-"
-
-
-def _format_peer(peername: object) -> str:
+def _peer(peername: object) -> tuple[str, int | None]:
+    """The client's address and port. The address is interned: the connections of one
+    client (or of everyone behind one NAT) share a single string."""
     if isinstance(peername, tuple) and len(peername) >= 2:
-        return f"{peername[0]}:{peername[1]}"
-    return str(peername)
+        return sys.intern(str(peername[0])), int(peername[1])
+    return ("-", None) if not peername else (sys.intern(str(peername)), None)
 
 
 class _ReplyQueue:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,14 @@ class Writer(Protocol):
 @dataclass(slots=True)
 class _Stream:
     delivered: int  # the newest id written on this connection (or the starting position)
-    live: bool
-    queued: list[tuple[int, bytes]] = field(default_factory=list)
+    # Frames offered while the stream catches up; None once it is live, so that ten
+    # thousand idle subscriptions hold no empty lists.
+    queued: list[tuple[int, bytes]] | None
     overflowed: bool = False
+
+    @property
+    def live(self) -> bool:
+        return self.queued is None
 
 
 class Subscription:
@@ -64,11 +69,11 @@ class Subscription:
 
     def hold(self, stream: int) -> None:
         """Start queueing a stream's live frames until its catch-up has run."""
-        self._streams[stream] = _Stream(delivered=0, live=False)
+        self._streams[stream] = _Stream(delivered=0, queued=[])
 
     def follow(self, stream: int) -> None:
         """Take a stream's frames live from now on (a channel joined while subscribed)."""
-        self._streams.setdefault(stream, _Stream(delivered=0, live=True))
+        self._streams.setdefault(stream, _Stream(delivered=0, queued=None))
 
     def drop(self, stream: int) -> None:
         self._streams.pop(stream, None)
@@ -77,11 +82,12 @@ class Subscription:
         state = self._streams.get(stream)
         if state is None:
             return
-        if not state.live:
-            if len(state.queued) < self._queue_limit:
-                state.queued.append((message_id, frame))
+        queued = state.queued
+        if queued is not None:  # still catching up
+            if len(queued) < self._queue_limit:
+                queued.append((message_id, frame))
             else:
-                state.queued.clear()
+                queued.clear()
                 state.overflowed = True
         elif message_id > state.delivered:
             state.delivered = message_id
@@ -147,17 +153,17 @@ class Subscription:
     def _deliver_held_up_to(self, state: _Stream, start: int) -> None:
         """A fresh stream starts at its newest message when read, a moment after the
         subscription began: what was offered in that moment is new, so it goes out."""
-        held = sorted((m for m in state.queued if m[0] <= start), key=lambda item: item[0])
+        queued = state.queued or []
+        held = sorted((m for m in queued if m[0] <= start), key=lambda item: item[0])
         for message_id, frame in held:
             if message_id > state.delivered:
                 state.delivered = message_id
                 self._writer.write(frame)
-        state.queued = [m for m in state.queued if m[0] > start]
+        state.queued = [m for m in queued if m[0] > start]
 
     def _go_live(self, state: _Stream) -> None:
-        for message_id, frame in sorted(state.queued, key=lambda item: item[0]):
+        for message_id, frame in sorted(state.queued or [], key=lambda item: item[0]):
             if message_id > state.delivered:
                 state.delivered = message_id
                 self._writer.write(frame)
-        state.queued.clear()
-        state.live = True
+        state.queued = None

@@ -141,7 +141,7 @@ async def login(ctx: Context, params: Params) -> Data:
     if user is None or not verdict.ok:
         for key in keys:
             ctx.guards.logins.failed(key, now)
-        log.info("failed login for %r from %s", name, ctx.session.peer)
+        log.info("failed login for %r from %s", name, ctx.session)
         raise BadCredentials()
     ctx.guards.logins.succeeded(keys[0])
     if verdict.new_hash is not None:
@@ -153,7 +153,7 @@ async def login(ctx: Context, params: Params) -> Data:
     await ctx.store.add_token(user.id, digest, now, expires_at)
     await _bind(ctx, ctx.session, user, digest, expires_at)
     ctx.session.token_checked_at = now
-    log.info("login %s from %s", user.name, ctx.session.peer)
+    log.info("login %s from %s", user.name, ctx.session)
     return {"token": token, "name": user.name}
 
 

@@ -24,7 +24,7 @@ class Session:
     # Slots: one of these per connection, ten thousand idle ones must stay small.
     __slots__ = (
         "address",
-        "peer",
+        "port",
         "subscription",
         "token",
         "token_checked_at",
@@ -34,9 +34,9 @@ class Session:
         "user_name",
     )
 
-    def __init__(self, peer: str = "-", address: str = "-") -> None:
-        self.peer = peer  # "address:port", for logs
+    def __init__(self, address: str = "-", port: int | None = None) -> None:
         self.address = address  # the client's IP address, for per-address limits
+        self.port = port
         self.user_id: int | None = None
         self.user_name: str | None = None
         self.token_digest: bytes | None = None
@@ -44,6 +44,15 @@ class Session:
         self.token_expires_at = 0.0
         self.token_checked_at = 0.0
         self.subscription: Subscription | None = None
+
+    @property
+    def peer(self) -> str:
+        """The client as "address:port", for logs: made when asked for, not kept."""
+        return self.address if self.port is None else f"{self.address}:{self.port}"
+
+    def __str__(self) -> str:
+        # Log calls pass the session itself, so the peer string is only made if logged.
+        return self.peer
 
     def clear(self) -> None:
         self.user_id = None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 import socket
 import ssl
@@ -16,7 +15,7 @@ from chatd.app import App
 from chatd.auth import Hasher
 from chatd.codec import encode_frame
 from chatd.config import FIELDS, RELOADABLE, Config
-from chatd.connection import Connection, ReadTimer
+from chatd.connection import BodyHandler, Connection, ReadTimer
 from chatd.errors import RateLimited
 from chatd.handlers import OPS
 from chatd.hub import Hub
@@ -32,13 +31,16 @@ ABORT_GRACE = 1.0  # seconds a reset connection gets to end before its task is c
 
 
 class Server:
+    _handle_body: BodyHandler  # the app's handle(), set by start()
+
     def __init__(self, config: Config) -> None:
         self.config = config
         self._listener: asyncio.Server | None = None
         self._app: App | None = None
         self._connections: set[Connection] = set()
         self._read_timer = ReadTimer(config)
-        self._tasks: set[asyncio.Task[str]] = set()
+        # Bound once, not per connection: every connection keeps these (64 bytes each).
+        self._report_closed = self._closed
         self._per_address: Counter[str] = Counter()
         self._token_sweeper: asyncio.Task[None] | None = None
 
@@ -62,6 +64,7 @@ class Server:
         )
         hasher = await asyncio.to_thread(Hasher, self.config)
         self._app = App(self.config, store, Hub(), hasher, metrics)
+        self._handle_body = self._app.handle
         try:
             if self.config.db_checkpoint_interval:
                 interval = self.config.db_checkpoint_interval
@@ -99,38 +102,29 @@ class Server:
         )
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # A plain callback, not a coroutine: the connection's own task is made here, so
-        # no wrapper coroutine stays suspended above it (250 bytes per idle connection).
+        # A plain callback, not a coroutine: the connection makes its own task, so no
+        # wrapper coroutine stays suspended above it (250 bytes per idle connection).
+        app = self.app
         connection = Connection(
-            reader, writer, self.config, self.app.handle, self.app.metrics, self._read_timer
+            reader, writer, self.config, self._handle_body, app.metrics, self._read_timer
         )
         refusal = self._over_capacity(connection.address)
         if refusal is not None:
-            log.warning("refused connection from %s: %s", connection.peer, refusal)
+            log.warning("refused connection from %s: %s", connection, refusal)
             writer.write(encode_frame(failure(None, RateLimited(refusal, retry_after=10.0))))
             writer.close()
             return
-        counted_as = address_key(connection.address)
-        self._per_address[counted_as] += 1
+        self._per_address[address_key(connection.address)] += 1
         self._connections.add(connection)
-        log.info("connection opened %s", connection.peer)
-        self.app.metrics.connection_opened()
-        task = asyncio.create_task(connection.run())
-        self._tasks.add(task)
-        task.add_done_callback(functools.partial(self._closed, connection, counted_as))
+        log.info("connection opened %s", connection)
+        app.metrics.connection_opened()
+        connection.start(self._report_closed)
 
-    def _closed(self, connection: Connection, counted_as: str, task: asyncio.Task[str]) -> None:
-        if task.cancelled():
-            reason = "shutdown"  # only close() cancels, as a last resort
-        elif task.exception() is not None:
-            log.error("connection %s failed", connection.peer, exc_info=task.exception())
-            reason = "error"
-        else:
-            reason = task.result()
+    def _closed(self, connection: Connection, reason: str) -> None:
         self.app.metrics.connection_closed(reason)
         self.app.hub.unbind(connection)
         self._connections.discard(connection)
-        self._tasks.discard(task)
+        counted_as = address_key(connection.address)
         self._per_address[counted_as] -= 1
         if not self._per_address[counted_as]:
             del self._per_address[counted_as]
@@ -155,7 +149,7 @@ class Server:
         for session, digest in checked:
             # Skip sessions that logged in again meanwhile: their new token was not checked.
             if digest not in live and session.token_digest == digest:
-                log.info("session on %s ended: its token was revoked", session.peer)
+                log.info("session on %s ended: its token was revoked", session)
                 hub.unbind(session)
 
     def _over_capacity(self, address: str) -> str | None:
@@ -175,15 +169,16 @@ class Server:
             self._token_sweeper.cancel()
         for connection in list(self._connections):
             connection.shutdown()
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=self.config.graceful_timeout)
+        tasks = {c.task for c in self._connections if c.task is not None}
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=self.config.graceful_timeout)
             if pending:
                 await self._drop_busy(pending)
         self._read_timer.close()
         await self._close_app()
         log.info("stopped")
 
-    async def _drop_busy(self, pending: set[asyncio.Task[str]]) -> None:
+    async def _drop_busy(self, pending: set[asyncio.Task[None]]) -> None:
         """Reset connections still busy after graceful_timeout (most often a client that
         stopped reading its replies), so that each ends through its own clean-up."""
         log.warning("closing %d connections still busy at shutdown", len(pending))
@@ -248,7 +243,7 @@ def _enable_keepalive(listener: asyncio.Server) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
-def _awaiting(task: asyncio.Task[str]) -> str:
+def _awaiting(task: asyncio.Task[None]) -> str:
     """Where a task is suspended: its chain of awaits, outermost first."""
     places = []
     awaited: Any = task.get_coro()
