@@ -102,12 +102,15 @@ class Hub:
             session.token = None  # the caller records the raw token it checked, if any
             return
         self.unbind(session)
-        session.user_id, session.user_name = user_id, name
-        session.token_digest, session.token_expires_at = digest, expires_at
         first = user_id not in self._sessions
-        self._sessions[user_id].add(session)
         if first:
             self._names[user_id] = name
+        else:
+            name = self._names[user_id]  # one string for all of a user's sessions
+        session.user_id, session.user_name = user_id, name
+        session.token_digest, session.token_expires_at = digest, expires_at
+        self._sessions[user_id].add(session)
+        if first:
             self._channels_of[user_id] = set(channels)
             self._announce_presence(user_id, online=True)
 
