@@ -207,9 +207,13 @@ class Connection(Session):
         self._metrics.pushed()
         if self._pushes is None:
             self._pushes = [frame]
-            asyncio.get_running_loop().call_soon(self._flush_pushes)
+            # The task's loop, not get_running_loop(): that makes a system call (getpid).
+            self._loop().call_soon(self._flush_pushes)
         else:
             self._pushes.append(frame)
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop() if self._task is None else self._task.get_loop()
 
     def _flush_pushes(self) -> None:
         frames, self._pushes = self._pushes, None

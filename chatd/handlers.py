@@ -185,7 +185,7 @@ async def stats(ctx: Context, params: Params) -> Data:
 async def authenticate(ctx: Context, token: str) -> None:
     """Bind the connection to the token's user, or fail with code 2."""
     session = ctx.session
-    if token == session.token and session.token_expires_at > ctx.clock():
+    if _bound_with(session, token, ctx.clock()):
         return  # already bound with this token: the gate re-checks it now and then
     digest = token_digest(token)
     owner = await ctx.store.token_owner(digest, ctx.clock())
@@ -493,11 +493,31 @@ async def dispatch(ctx: Context, request: Request) -> Data | Deferred | None:
     op = OPS.get(request.op)
     if op is None:
         raise BadRequest(f"unknown op '{request.op}'")
-    if request.token is not None and request.op not in _IGNORE_TOKEN:
-        await authenticate(ctx, request.token)
-    if op.requires_auth:
+    session, token, now = ctx.session, request.token, ctx.clock()
+    # Checked here first, without awaiting: nearly every request comes on a connection
+    # already bound with its token, and a coroutine per check costs on the hot path.
+    if (
+        token is not None
+        and request.op not in _IGNORE_TOKEN
+        and not _bound_with(session, token, now)
+    ):
+        await authenticate(ctx, token)
+    if op.requires_auth and not _recently_checked(session, now, ctx.config.token_recheck):
         await _require_live_session(ctx)
     return await op.handler(ctx, request.params)
+
+
+def _bound_with(session: Session, token: str, now: float) -> bool:
+    return token == session.token and session.token_expires_at > now
+
+
+def _recently_checked(session: Session, now: float, recheck: float) -> bool:
+    """Bound, not expired, and its token checked within ``recheck`` seconds."""
+    return (
+        session.user_id is not None
+        and session.token_expires_at > now
+        and now - session.token_checked_at < recheck
+    )
 
 
 async def _require_live_session(ctx: Context) -> None:

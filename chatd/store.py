@@ -213,6 +213,9 @@ SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 class Store:
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
+        # Kept: asyncio.get_running_loop() makes a getpid() system call each time in
+        # Python 3.11, which showed up as 2.5% of the server's time under /send load.
+        self._loop = asyncio.get_running_loop()
         self._lock = asyncio.Lock()
         self._unwritten: list[tuple[NewMessage, asyncio.Future[Stored]]] = []
         self._profiles: dict[str, tuple[float, User]] = {}  # name key -> (when read, user)
@@ -336,7 +339,7 @@ class Store:
 
         Messages are stored in the order they are enqueued.
         """
-        future: asyncio.Future[Stored] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Stored] = self._loop.create_future()
         self._unwritten.append((message, future))
         self._last_enqueued = future
         if self._flusher is None or self._flusher.done():
