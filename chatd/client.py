@@ -51,9 +51,11 @@ class Client:
         self._writer = writer
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
-        self._events = _EventQueue()
+        # Kept: asyncio.get_running_loop() makes a getpid() system call (Python 3.11).
+        self._loop = asyncio.get_running_loop()
+        self._events = _EventQueue(self._loop)
         self._decoder = FrameDecoder(max_frame_size)
-        self._reader_task = asyncio.create_task(self._read_loop())
+        self._reader_task = self._loop.create_task(self._read_loop())
         self._address: tuple[str, int, ssl_module.SSLContext | None] | None = None
 
     @classmethod
@@ -111,7 +113,7 @@ class Client:
             raise ValueError(f"request id {request_id} is already waiting for its reply")
         if self.token is not None:
             body.setdefault("token", self.token)
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Reply] = self._loop.create_future()
         self._pending[request_id] = future
         try:
             self._writer.write(encode_frame(body))
@@ -165,8 +167,8 @@ class Client:
         async with asyncio.timeout(self.timeout):
             self._reader, self._writer = await asyncio.open_connection(host, port, ssl=ssl)
         self._decoder = FrameDecoder(self._decoder.max_frame_size)
-        self._events = _EventQueue()
-        self._reader_task = asyncio.create_task(self._read_loop())
+        self._events = _EventQueue(self._loop)
+        self._reader_task = self._loop.create_task(self._read_loop())
         if self.token is not None:
             await self.request("/ping")
         if self.subscribed:
@@ -233,7 +235,7 @@ class Client:
     def _answer_ping(self) -> None:
         # Any frame answers a keepalive ping; its reply is matched and dropped.
         request_id = next(self._ids)
-        self._pending[request_id] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = self._loop.create_future()
         self._writer.write(encode_frame({"op": "/ping", "id": request_id}))
 
         def forget(done: asyncio.Future[Reply]) -> None:
@@ -251,7 +253,8 @@ class _EventQueue:
     second, and a deque with one wake-up future costs a fraction of its bookkeeping.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
         self._items: deque[Any] = deque()
         self._ready: asyncio.Future[None] | None = None
 
@@ -263,7 +266,7 @@ class _EventQueue:
     async def get(self) -> Any:
         while not self._items:
             if self._ready is None or self._ready.done():
-                self._ready = asyncio.get_running_loop().create_future()
+                self._ready = self._loop.create_future()
             # wait() rather than await: a consumer that times out must not cancel the
             # future another consumer is waiting on.
             await asyncio.wait([self._ready])
