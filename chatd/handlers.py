@@ -250,22 +250,19 @@ async def send(ctx: Context, params: Params) -> Deferred:
             lambda: events.private_message(message, to=recipient.name),
         )
 
-    return _after_commit(ctx.store.enqueue(new), publish)
+    return _after_commit(ctx.store, new, publish)
 
 
-def _after_commit(future: asyncio.Future[Stored], publish: Callable[[Stored], None]) -> Deferred:
-    """Push once committed (in commit order), and answer with the stored id and time.
+def _after_commit(
+    store: Store, message: NewMessage, publish: Callable[[Stored], None]
+) -> Deferred:
+    """Store with the next group commit, push once committed (in commit order), and
+    answer with the stored id and time.
 
     The reply waits for the group commit, but the connection reads on meanwhile, so
     a client with many sends in flight fills whole batches (protocol.md, "Pipelining").
     """
-
-    def committed(done: asyncio.Future[Stored]) -> None:
-        if not done.cancelled() and done.exception() is None and not done.result().duplicate:
-            publish(done.result())
-
-    future.add_done_callback(committed)
-    return Deferred(future, _sent)
+    return Deferred(store.enqueue(message, publish), _sent)
 
 
 def _sent(stored: Stored) -> Data:
@@ -424,7 +421,7 @@ async def channel_send(ctx: Context, params: Params) -> Deferred:
         frame = events.channel_message(channel.name, message)
         hub.publish_channel(channel.id, stored.id, frame, sender)
 
-    return _after_commit(ctx.store.enqueue(new), publish)
+    return _after_commit(ctx.store, new, publish)
 
 
 async def channel_receive(ctx: Context, params: Params) -> Data:

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -210,6 +210,27 @@ PROFILE_TTL = 10.0
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 
 
+# A message waiting for the group commit: its future, and what to call once committed.
+_Unwritten = tuple[NewMessage, asyncio.Future[Stored], Callable[[Stored], None] | None]
+
+
+def _settle(
+    future: asyncio.Future[Stored], stored: Stored, committed: Callable[[Stored], None] | None
+) -> None:
+    """Report a committed message: publish it first, then answer its sender.
+
+    Called in commit order, directly rather than through a done-callback on the
+    future: that would cost a scheduled callback and a copied context per message.
+    """
+    if committed is not None and not stored.duplicate:
+        try:
+            committed(stored)
+        except Exception:  # one failed push must not keep the others, or the reply, back
+            log.exception("publishing message %d failed", stored.id)
+    if not future.done():
+        future.set_result(stored)
+
+
 class Store:
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
@@ -217,7 +238,7 @@ class Store:
         # Python 3.11, which showed up as 2.5% of the server's time under /send load.
         self._loop = asyncio.get_running_loop()
         self._lock = asyncio.Lock()
-        self._unwritten: list[tuple[NewMessage, asyncio.Future[Stored]]] = []
+        self._unwritten: list[_Unwritten] = []
         self._profiles: dict[str, tuple[float, User]] = {}  # name key -> (when read, user)
         self._channels: dict[str, Channel] = {}  # name key -> channel (never deleted)
         self._flusher: asyncio.Task[None] | None = None
@@ -334,13 +355,17 @@ class Store:
     # each sender is answered once the transaction holding its message has committed.
     # Under load a batch gathers whatever arrived while the previous one was writing.
 
-    def enqueue(self, message: NewMessage) -> asyncio.Future[Stored]:
+    def enqueue(
+        self, message: NewMessage, committed: Callable[[Stored], None] | None = None
+    ) -> asyncio.Future[Stored]:
         """Queue a message for the next group commit; the future resolves once committed.
 
-        Messages are stored in the order they are enqueued.
+        Messages are stored in the order they are enqueued. ``committed`` is called
+        with the result right after the commit, in that order, unless the message
+        repeated an earlier client_id (it was not stored again).
         """
         future: asyncio.Future[Stored] = self._loop.create_future()
-        self._unwritten.append((message, future))
+        self._unwritten.append((message, future, committed))
         self._last_enqueued = future
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
@@ -351,7 +376,7 @@ class Store:
             batch, self._unwritten = self._unwritten, []
             try:
                 async with self._transaction(after_sends=False):
-                    results = await self._write_messages([message for message, _ in batch])
+                    results = await self._write_messages([message for message, _, _ in batch])
             except sqlite3.IntegrityError:
                 # One bad row (a user deleted meanwhile by `chatd admin`) must not sink the
                 # others: write them one by one, and only that one fails.
@@ -359,18 +384,15 @@ class Store:
                 continue
             except Exception as exc:
                 # Nothing in the batch committed: every sender gets the error (code 9).
-                for _, future in batch:
+                for _, future, _ in batch:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            for (_, future), stored in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(stored)
+            for (_, future, committed), stored in zip(batch, results, strict=True):
+                _settle(future, stored, committed)
 
-    async def _write_one_by_one(
-        self, batch: list[tuple[NewMessage, asyncio.Future[Stored]]]
-    ) -> None:
-        for message, future in batch:
+    async def _write_one_by_one(self, batch: list[_Unwritten]) -> None:
+        for message, future, committed in batch:
             try:
                 async with self._transaction(after_sends=False):
                     (stored,) = await self._write_messages([message])
@@ -378,8 +400,7 @@ class Store:
                 if not future.done():
                     future.set_exception(exc)
             else:
-                if not future.done():
-                    future.set_result(stored)
+                _settle(future, stored, committed)
 
     async def _write_messages(self, batch: list[NewMessage]) -> list[Stored]:
         """Insert a batch (inside a transaction); repeats of a client_id get the first result."""
