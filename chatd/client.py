@@ -20,7 +20,7 @@ import contextlib
 import itertools
 import ssl as ssl_module
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Any
 
@@ -43,6 +43,7 @@ class Client:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         max_frame_size: int = MAX_REPLY_SIZE,
+        unpack: Callable[[bytes], Any] | None = None,
     ) -> None:
         self.token: str | None = None
         self.subscribed = False
@@ -54,7 +55,7 @@ class Client:
         # Kept: asyncio.get_running_loop() makes a getpid() system call (Python 3.11).
         self._loop = asyncio.get_running_loop()
         self._events = _EventQueue(self._loop)
-        self._decoder = FrameDecoder(max_frame_size)
+        self._decoder = FrameDecoder(max_frame_size, unpack)
         self._reader_task = self._loop.create_task(self._read_loop())
         self._address: tuple[str, int, ssl_module.SSLContext | None] | None = None
 
@@ -67,10 +68,13 @@ class Client:
         token: str | None = None,
         ssl: ssl_module.SSLContext | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        unpack: Callable[[bytes], Any] | None = None,
     ) -> Client:
+        """Connect; ``unpack`` replaces the msgpack decoding of each frame body (see
+        FrameDecoder: a load generator may memoize it)."""
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(host, port, ssl=ssl)
-        client = cls(reader, writer, timeout=timeout)
+        client = cls(reader, writer, timeout=timeout, unpack=unpack)
         client.token = token
         client._address = (host, port, ssl)
         return client
@@ -166,7 +170,7 @@ class Client:
         host, port, ssl = self._address
         async with asyncio.timeout(self.timeout):
             self._reader, self._writer = await asyncio.open_connection(host, port, ssl=ssl)
-        self._decoder = FrameDecoder(self._decoder.max_frame_size)
+        self._decoder = FrameDecoder(self._decoder.max_frame_size, self._decoder.unpack)
         self._events = _EventQueue(self._loop)
         self._reader_task = self._loop.create_task(self._read_loop())
         if self.token is not None:

@@ -87,3 +87,29 @@ def test_arbitrary_bytes_never_raise_out_of_the_decoder(data: bytes, cuts: list[
         pieces.extend(decoder.feed(data[offset : offset + cut]))
         offset += cut
     assert pieces == whole
+
+
+def test_a_custom_unpack_decodes_bodies_and_its_errors_make_them_malformed() -> None:
+    seen: list[bytes] = []
+
+    def unpack(body: bytes) -> object:
+        seen.append(body)
+        if body == msgpack.packb("bad"):
+            raise ValueError("refused")
+        return msgpack.unpackb(body)
+
+    decoder = FrameDecoder(unpack=unpack)
+    items = decoder.feed(encode_frame({"op": "/ping"}) + encode_frame("bad") + encode_frame(7))
+    assert items[0] == {"op": "/ping"} and items[2] == 7
+    assert isinstance(items[1], Malformed)
+    assert seen == [msgpack.packb({"op": "/ping"}), msgpack.packb("bad"), msgpack.packb(7)]
+
+
+def test_a_frame_dripped_in_byte_by_byte_comes_out_once_whole() -> None:
+    frame = encode_frame({"s": "x" * 3000})
+    decoder = FrameDecoder()
+    for i in range(len(frame) - 1):
+        assert decoder.feed(frame[i : i + 1]) == []
+        assert decoder.buffered == i + 1
+    assert decoder.feed(frame[-1:]) == [{"s": "x" * 3000}]
+    assert decoder.buffered == 0
