@@ -15,7 +15,7 @@ from typing import Protocol
 DEFAULT_MAX_KEYS = 100_000
 
 
-@dataclass
+@dataclass(slots=True)
 class _Bucket:
     tokens: float
     updated: float
@@ -31,12 +31,15 @@ class RateLimiter:
 
     def take(self, key: object, now: float) -> float:
         """Spend one token: 0.0 if allowed, else the seconds until one is available."""
-        bucket = self._buckets.pop(key, None) or _Bucket(self.burst, now)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = _Bucket(self.burst, now)
+            if len(self._buckets) > self._max_keys:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(key)  # most recently used last
         bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate)
         bucket.updated = now
-        self._buckets[key] = bucket  # most recently used last
-        if len(self._buckets) > self._max_keys:
-            self._buckets.popitem(last=False)
         if bucket.tokens >= 1:
             bucket.tokens -= 1
             return 0.0

@@ -104,7 +104,7 @@ def parse_request(body: object) -> Request:
     token = body.get("token")
     if token is not None and not isinstance(token, str):
         raise BadRequest("'token' must be a string")
-    return Request(op=op, id=request_id(body), params=Params(params), token=token)
+    return Request(op=op, id=rid, params=Params(params), token=token)
 
 
 def success(rid: int | None, data: Data | None = None) -> Data:
