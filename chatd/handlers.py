@@ -183,10 +183,12 @@ async def stats(ctx: Context, params: Params) -> Data:
 
 
 async def authenticate(ctx: Context, token: str) -> None:
-    """Bind the connection to the token's user, or fail with code 2."""
+    """Bind the connection to the token's user, or fail with code 2.
+
+    Not called for the token the connection is already bound with (dispatch skips it:
+    the gate re-checks that one every token_recheck seconds).
+    """
     session = ctx.session
-    if _bound_with(session, token, ctx.clock()):
-        return  # already bound with this token: the gate re-checks it now and then
     digest = token_digest(token)
     owner = await ctx.store.token_owner(digest, ctx.clock())
     if owner is None:
@@ -490,17 +492,19 @@ async def dispatch(ctx: Context, request: Request) -> Data | Deferred | None:
     op = OPS.get(request.op)
     if op is None:
         raise BadRequest(f"unknown op '{request.op}'")
-    session, token, now = ctx.session, request.token, ctx.clock()
-    # Checked here first, without awaiting: nearly every request comes on a connection
-    # already bound with its token, and a coroutine per check costs on the hot path.
+    token = request.token
+    # Checked without awaiting: nearly every request comes on a connection already
+    # bound with its token, and a coroutine per check costs on the hot path.
     if (
         token is not None
         and request.op not in _IGNORE_TOKEN
-        and not _bound_with(session, token, now)
+        and not _bound_with(ctx.session, token, ctx.clock())
     ):
         await authenticate(ctx, token)
-    if op.requires_auth and not _recently_checked(session, now, ctx.config.token_recheck):
-        await _require_live_session(ctx)
+    if op.requires_auth:
+        now = ctx.clock()
+        if _live_session_due_for_recheck(ctx, now):
+            await _recheck_token(ctx, now)
     return await op.handler(ctx, request.params)
 
 
@@ -508,28 +512,24 @@ def _bound_with(session: Session, token: str, now: float) -> bool:
     return token == session.token and session.token_expires_at > now
 
 
-def _recently_checked(session: Session, now: float, recheck: float) -> bool:
-    """Bound, not expired, and its token checked within ``recheck`` seconds."""
-    return (
-        session.user_id is not None
-        and session.token_expires_at > now
-        and now - session.token_checked_at < recheck
-    )
-
-
-async def _require_live_session(ctx: Context) -> None:
+def _live_session_due_for_recheck(ctx: Context, now: float) -> bool:
+    """The auth gate: code 2 unless bound and unexpired; True when the token is due to
+    be checked against the store again (every token_recheck seconds)."""
     session = ctx.session
     if session.user_id is None:
         raise NotAuthenticated()
-    now = ctx.clock()
     if session.token_expires_at <= now:
         ctx.hub.unbind(session)
         raise NotAuthenticated("session expired")
-    if now - session.token_checked_at >= ctx.config.token_recheck:
-        # Tokens revoked elsewhere (/logout on another connection, `chatd admin`) end
-        # this session within token_recheck seconds.
-        assert session.token_digest is not None
-        if await ctx.store.token_owner(session.token_digest, now) is None:
-            ctx.hub.unbind(session)
-            raise NotAuthenticated("session revoked")
-        session.token_checked_at = now
+    return now - session.token_checked_at >= ctx.config.token_recheck
+
+
+async def _recheck_token(ctx: Context, now: float) -> None:
+    # Tokens revoked elsewhere (/logout on another connection, `chatd admin`) end
+    # this session within token_recheck seconds.
+    session = ctx.session
+    assert session.token_digest is not None
+    if await ctx.store.token_owner(session.token_digest, now) is None:
+        ctx.hub.unbind(session)
+        raise NotAuthenticated("session revoked")
+    session.token_checked_at = now
