@@ -20,6 +20,7 @@ from chatd.limits import Networks
 ENV_PREFIX = "CHATD_"
 
 KIB = 1024
+MIB = 1024 * KIB
 SECONDS = 1.0
 DAYS = 86400 * SECONDS
 
@@ -41,6 +42,11 @@ class Config:
     )
     db_checkpoint_interval: float = _setting(
         1 * SECONDS, "seconds between background WAL checkpoints (0: SQLite's own, in commits)", 0
+    )
+    db_wal_limit: int = _setting(
+        16 * MIB,
+        "bytes of WAL at which the checkpoint briefly holds writes back to rewind it",
+        64 * KIB,
     )
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
     log_format: str = _setting("text", "text (one line per event) or json (JSON lines)")

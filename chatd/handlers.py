@@ -179,6 +179,7 @@ async def stats(ctx: Context, params: Params) -> Data:
         "messages_stored": metrics.messages_stored,
         "messages_per_second": round(metrics.messages_per_second(), 3),
         "pushes_sent": metrics.pushes_sent,
+        "disk_full": ctx.store.disk_full,
     }
 
 

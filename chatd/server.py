@@ -68,7 +68,10 @@ class Server:
         try:
             if self.config.db_checkpoint_interval:
                 interval = self.config.db_checkpoint_interval
-                await store.checkpoint_in_background(self.config.db, interval)
+                await store.checkpoint_in_background(
+                    self.config.db, interval, self.config.db_wal_limit
+                )
+            metrics.watch_disk(lambda: store.disk_full)
             if self.config.metrics_port:
                 metrics.serve(self.config.metrics_host, self.config.metrics_port)
             self._listener = await self._listen()

@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Generic, TypeVar
 
 import aiosqlite
+
+from chatd.errors import OutOfDisk
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -209,6 +212,11 @@ PROFILE_TTL = 10.0
 
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 
+DEFAULT_WAL_LIMIT = 16 * 1024 * 1024  # config.db_wal_limit
+WAL_FRAME_HEADER = 24
+WAL_LOOK_INTERVAL = 0.1  # seconds between looks at the WAL file's size
+RESTART_WAIT = 0.5  # seconds a RESTART checkpoint waits for another process (writes wait too)
+
 
 # A message waiting for the group commit: its future, and what to call once committed.
 _Unwritten = tuple[NewMessage, asyncio.Future[Stored], Callable[[Stored], None] | None]
@@ -245,6 +253,13 @@ class Store:
         self._last_enqueued: asyncio.Future[Stored] | None = None
         self._checkpointer: aiosqlite.Connection | None = None
         self._checkpoints: asyncio.Task[None] | None = None
+        self._path = ""
+        self._wal_limit = DEFAULT_WAL_LIMIT
+        self._frame_size = 0  # bytes per WAL frame: a page and its 24-byte header
+        # Set by a write that failed for want of disk space, cleared by one that succeeds.
+        self.disk_full = False
+        # Set by a checkpoint that failed for want of space: it waits for room to retry.
+        self._checkpoint_short = False
 
     @classmethod
     async def open(
@@ -277,27 +292,96 @@ class Store:
         async with self._turn():
             await self._db.close()
 
-    async def checkpoint_in_background(self, path: str, interval: float) -> None:
+    async def checkpoint_in_background(
+        self, path: str, interval: float, wal_limit: int = DEFAULT_WAL_LIMIT
+    ) -> None:
         """Move the WAL into the database every ``interval`` seconds, off the write path.
 
         SQLite's automatic checkpoint runs inside the commit that crosses 1000 pages, so
         that commit (and every send waiting on it) pays for copying pages and an fsync:
         the p99 of send latency was 5 ms with it, under 1 ms without (docs/benchmarks.md).
         A PASSIVE checkpoint from a second connection runs beside the writer instead.
+
+        A PASSIVE checkpoint never catches a writer that keeps appending, and the WAL
+        is only rewound once a checkpoint has reached its end: under a steady load it
+        grew without bound (936 MiB in 30 s of /channel/join). So once the WAL holds
+        more than ``wal_limit`` bytes, a RESTART checkpoint runs right after the PASSIVE
+        one, holding the write lock: the writer waits for the few frames appended since
+        (a few milliseconds), and its next commit rewinds the WAL and truncates the file
+        back to ``wal_limit`` (journal_size_limit).
         """
+        self._path, self._wal_limit = path, wal_limit
         self._checkpointer = await aiosqlite.connect(path, isolation_level=None)
-        await self._checkpointer.execute("PRAGMA busy_timeout=1000")
+        # Only the RESTART checkpoint waits (PASSIVE never does): for another process's
+        # reader or writer, while this one's writes are held back.
+        await self._checkpointer.execute(f"PRAGMA busy_timeout={int(RESTART_WAIT * 1000)}")
         await self._db.execute("PRAGMA wal_autocheckpoint=0")
+        await self._db.execute(f"PRAGMA journal_size_limit={wal_limit}")
+        self._frame_size = await self._scalar("PRAGMA page_size") + WAL_FRAME_HEADER
         self._checkpoints = asyncio.create_task(self._checkpoint_every(interval))
 
     async def _checkpoint_every(self, interval: float) -> None:
-        assert self._checkpointer is not None
+        # The WAL's size is looked at more often than the checkpoint runs: under a flood
+        # it grew by 35 MiB a second, and the bound is the limit plus one look's growth.
+        look = min(interval, WAL_LOOK_INTERVAL)
+        due = self._loop.time() + interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(look)
+            now = self._loop.time()
+            if now < due and not await asyncio.to_thread(self._wal_over_limit):
+                continue
+            due = now + interval
             try:
-                await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                await self._checkpoint()
             except sqlite3.Error as exc:
-                log.warning("background checkpoint failed (will retry): %s", exc)
+                self._checkpoint_failed(exc)
+            else:
+                if self._checkpoint_short:
+                    self._checkpoint_short = False
+                    log.warning("background checkpoint succeeded again")
+
+    def _wal_over_limit(self) -> bool:
+        # journal_size_limit truncates a rewound WAL to the limit: past it, it holds more.
+        try:
+            return os.path.getsize(self._path + "-wal") > self._wal_limit
+        except OSError:
+            return False
+
+    async def _checkpoint(self) -> None:
+        short = self._checkpoint_short or self.disk_full
+        if short and not await asyncio.to_thread(self._room_to_checkpoint):
+            return  # it would only take the space that writes need
+        frames = await self._run_checkpoint("PASSIVE")
+        if frames * self._frame_size > self._wal_limit:
+            async with self._lock:  # no writer: this one reaches the WAL's end
+                await self._run_checkpoint("RESTART")
+
+    async def _run_checkpoint(self, mode: str) -> int:
+        """One checkpoint; returns the frames the WAL held."""
+        assert self._checkpointer is not None
+        rows = await self._checkpointer.execute_fetchall(f"PRAGMA wal_checkpoint({mode})")
+        busy, frames, _ = next(iter(rows))
+        if busy:
+            log.debug("%s checkpoint gave way to another process's lock", mode)
+        return int(frames)
+
+    def _checkpoint_failed(self, exc: sqlite3.Error) -> None:
+        if not _is_disk_full(exc):
+            log.warning("background checkpoint failed (will retry): %s", exc)
+        elif not self._checkpoint_short:
+            # Each try would grow the database file into whatever space was freed, and
+            # leave none for the writes: retry only once the whole WAL would fit.
+            self._checkpoint_short = True
+            log.warning("background checkpoint failed: disk full (retried once there is room)")
+
+    def _room_to_checkpoint(self) -> bool:
+        """Whether the free space could take the whole WAL (the most a checkpoint adds)."""
+        try:
+            wal = os.path.getsize(self._path + "-wal")
+            disk = os.statvfs(os.path.dirname(os.path.abspath(self._path)))
+        except OSError:
+            return True  # let the checkpoint itself report what is wrong
+        return disk.f_bavail * disk.f_frsize > wal
 
     async def _configure(self, synchronous: str, busy_timeout: float) -> None:
         # WAL: readers never block the writer; with synchronous=NORMAL a commit
@@ -334,13 +418,50 @@ class Store:
     @asynccontextmanager
     async def _transaction(self, after_sends: bool = True) -> AsyncIterator[aiosqlite.Connection]:
         async with self._turn() if after_sends else self._lock:
-            await self._db.execute("BEGIN IMMEDIATE")
+            with self._watching_disk_space():
+                await self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    await self._db.execute("COMMIT")
+                except BaseException:
+                    await self._roll_back()
+                    raise
+
+    async def _roll_back(self) -> None:
+        # SQLite has already rolled back after some errors (a full disk, for one): a
+        # ROLLBACK then fails, and its error would hide the real one.
+        if self._db.in_transaction:
             try:
-                yield self._db
-            except BaseException:
                 await self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.exception("rollback failed")
+
+    @asynccontextmanager
+    async def _write_turn(self) -> AsyncIterator[None]:
+        """The turn for a write that is one statement (its own transaction)."""
+        async with self._turn():
+            with self._watching_disk_space():
+                yield
+
+    @contextmanager
+    def _watching_disk_space(self) -> Iterator[None]:
+        """Turn a write failed for want of disk space into OutOfDisk, and track the episode.
+
+        Logged once when writes start failing and once when one succeeds again.
+        """
+        changes = self._db.total_changes
+        try:
+            yield
+        except sqlite3.Error as exc:
+            if not _is_disk_full(exc):
                 raise
-            await self._db.execute("COMMIT")
+            if not self.disk_full:
+                self.disk_full = True
+                log.error("disk full: writes fail until space is freed (%s)", exc)
+            raise OutOfDisk() from exc
+        if self.disk_full and self._db.total_changes != changes:  # something was written
+            self.disk_full = False
+            log.warning("disk space available again: writes succeed")
 
     async def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         """Every row of one statement, in one hop to the database thread (through a
@@ -731,7 +852,7 @@ class Store:
         from the future cannot swallow messages not yet sent.
         """
         # One statement is its own transaction: no BEGIN and COMMIT round trips.
-        async with self._turn():
+        async with self._write_turn():
             position: int = await self._scalar(
                 "UPDATE users SET inbox_cursor = MAX(inbox_cursor, COALESCE("
                 " (SELECT MAX(id) FROM private_messages WHERE recipient_id = ? AND id <= ?),"
@@ -742,7 +863,7 @@ class Store:
 
     async def ack_channel(self, channel_id: int, user_id: int, message_id: int) -> int | None:
         """As ack_private for a channel; None if the user is not a member."""
-        async with self._turn():
+        async with self._write_turn():
             position: int | None = await self._scalar(
                 "UPDATE channel_members SET read_cursor = MAX(COALESCE(read_cursor, 0), COALESCE("
                 " (SELECT MAX(id) FROM channel_messages WHERE channel_id = ? AND id <= ?), 0))"
@@ -853,6 +974,11 @@ class Store:
         async with self._transaction() as db:
             # ON DELETE CASCADE removes tokens, messages and memberships with the row.
             await db.execute("DELETE FROM users WHERE id = ?", (user_id,))
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", 0)
+    return isinstance(exc, sqlite3.Error) and code & 0xFF == sqlite3.SQLITE_FULL
 
 
 def _before(before: int | None) -> int:
