@@ -213,7 +213,6 @@ PROFILE_TTL = 10.0
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 
 DEFAULT_WAL_LIMIT = 16 * 1024 * 1024  # config.db_wal_limit
-WAL_FRAME_HEADER = 24
 WAL_LOOK_INTERVAL = 0.1  # seconds between looks at the WAL file's size
 RESTART_WAIT = 0.5  # seconds a RESTART checkpoint waits for another process (writes wait too)
 
@@ -255,11 +254,11 @@ class Store:
         self._checkpoints: asyncio.Task[None] | None = None
         self._path = ""
         self._wal_limit = DEFAULT_WAL_LIMIT
-        self._frame_size = 0  # bytes per WAL frame: a page and its 24-byte header
         # Set by a write that failed for want of disk space, cleared by one that succeeds.
         self.disk_full = False
-        # Set by a checkpoint that failed for want of space: it waits for room to retry.
-        self._checkpoint_short = False
+        # Set by any write or checkpoint that failed for want of space, cleared by the
+        # next checkpoint that succeeds: meanwhile checkpoints wait for room (_checkpoint).
+        self._short_of_space = False
 
     @classmethod
     async def open(
@@ -304,41 +303,45 @@ class Store:
 
         A PASSIVE checkpoint never catches a writer that keeps appending, and the WAL
         is only rewound once a checkpoint has reached its end: under a steady load it
-        grew without bound (936 MiB in 30 s of /channel/join). So once the WAL holds
-        more than ``wal_limit`` bytes, a RESTART checkpoint runs right after the PASSIVE
-        one, holding the write lock: the writer waits for the few frames appended since
-        (a few milliseconds), and its next commit rewinds the WAL and truncates the file
-        back to ``wal_limit`` (journal_size_limit).
+        grew without bound (936 MiB in 30 s of /channel/join). So the WAL file's size is
+        looked at every 0.1 s, and once past ``wal_limit`` a RESTART checkpoint runs
+        holding the write lock: writes wait while it copies what the last PASSIVE one
+        left (a few milliseconds), and the next commit rewinds the WAL and truncates the
+        file back to ``wal_limit`` (journal_size_limit). Should this task fall behind
+        all the same, the commit that takes the WAL past 1.5 times the limit checkpoints
+        it itself (wal_autocheckpoint): the WAL stays under twice the limit.
         """
         self._path, self._wal_limit = path, wal_limit
         self._checkpointer = await aiosqlite.connect(path, isolation_level=None)
         # Only the RESTART checkpoint waits (PASSIVE never does): for another process's
         # reader or writer, while this one's writes are held back.
         await self._checkpointer.execute(f"PRAGMA busy_timeout={int(RESTART_WAIT * 1000)}")
-        await self._db.execute("PRAGMA wal_autocheckpoint=0")
+        page_size = await self._scalar("PRAGMA page_size")
+        # The backstop, should this task fall behind (a loaded machine): SQLite's own
+        # checkpoint, in the commit that takes the WAL past 1.5 times the limit.
+        await self._db.execute(f"PRAGMA wal_autocheckpoint={wal_limit * 3 // 2 // page_size}")
         await self._db.execute(f"PRAGMA journal_size_limit={wal_limit}")
-        self._frame_size = await self._scalar("PRAGMA page_size") + WAL_FRAME_HEADER
         self._checkpoints = asyncio.create_task(self._checkpoint_every(interval))
 
     async def _checkpoint_every(self, interval: float) -> None:
         # The WAL's size is looked at more often than the checkpoint runs: under a flood
-        # it grew by 35 MiB a second, and the bound is the limit plus one look's growth.
+        # it grew by 35 MiB a second, and it may pass the limit by one look's growth.
         look = min(interval, WAL_LOOK_INTERVAL)
         due = self._loop.time() + interval
         while True:
             await asyncio.sleep(look)
-            now = self._loop.time()
-            if now < due and not await asyncio.to_thread(self._wal_over_limit):
+            rewind = await asyncio.to_thread(self._wal_over_limit)
+            if not rewind and self._loop.time() < due:
                 continue
-            due = now + interval
+            due = self._loop.time() + interval
             try:
-                await self._checkpoint()
+                done = await self._checkpoint(rewind)
             except sqlite3.Error as exc:
                 self._checkpoint_failed(exc)
             else:
-                if self._checkpoint_short:
-                    self._checkpoint_short = False
-                    log.warning("background checkpoint succeeded again")
+                if done and self._short_of_space:
+                    self._short_of_space = False
+                    log.warning("background checkpoints resumed: there is room on disk again")
 
     def _wal_over_limit(self) -> bool:
         # journal_size_limit truncates a rewound WAL to the limit: past it, it holds more.
@@ -347,32 +350,34 @@ class Store:
         except OSError:
             return False
 
-    async def _checkpoint(self) -> None:
-        short = self._checkpoint_short or self.disk_full
-        if short and not await asyncio.to_thread(self._room_to_checkpoint):
-            return  # it would only take the space that writes need
-        frames = await self._run_checkpoint("PASSIVE")
-        if frames * self._frame_size > self._wal_limit:
-            async with self._lock:  # no writer: this one reaches the WAL's end
-                await self._run_checkpoint("RESTART")
+    async def _checkpoint(self, rewind: bool) -> bool:
+        """Checkpoint, with writes held back if the WAL is to be rewound; False if it waited.
 
-    async def _run_checkpoint(self, mode: str) -> int:
-        """One checkpoint; returns the frames the WAL held."""
+        Each try would grow the database file into whatever space was freed (the WAL's
+        pages go there) and fail again, leaving none for the writes: once short of
+        space, a checkpoint waits until the whole WAL would fit.
+        """
+        if self._short_of_space and not await asyncio.to_thread(self._room_to_checkpoint):
+            return False
+        if rewind:
+            async with self._lock:  # no writer: the checkpoint reaches the WAL's end
+                await self._run_checkpoint("RESTART")
+        else:
+            await self._run_checkpoint("PASSIVE")
+        return True
+
+    async def _run_checkpoint(self, mode: str) -> None:
         assert self._checkpointer is not None
         rows = await self._checkpointer.execute_fetchall(f"PRAGMA wal_checkpoint({mode})")
-        busy, frames, _ = next(iter(rows))
-        if busy:
+        if next(iter(rows))[0]:  # busy
             log.debug("%s checkpoint gave way to another process's lock", mode)
-        return int(frames)
 
     def _checkpoint_failed(self, exc: sqlite3.Error) -> None:
         if not _is_disk_full(exc):
             log.warning("background checkpoint failed (will retry): %s", exc)
-        elif not self._checkpoint_short:
-            # Each try would grow the database file into whatever space was freed, and
-            # leave none for the writes: retry only once the whole WAL would fit.
-            self._checkpoint_short = True
-            log.warning("background checkpoint failed: disk full (retried once there is room)")
+        elif not self._short_of_space:
+            self._short_of_space = True
+            log.warning("background checkpoint failed: disk full (retried once the WAL fits)")
 
     def _room_to_checkpoint(self) -> bool:
         """Whether the free space could take the whole WAL (the most a checkpoint adds)."""
@@ -455,6 +460,7 @@ class Store:
         except sqlite3.Error as exc:
             if not _is_disk_full(exc):
                 raise
+            self._short_of_space = True
             if not self.disk_full:
                 self.disk_full = True
                 log.error("disk full: writes fail until space is freed (%s)", exc)
