@@ -45,7 +45,8 @@ class Config:
     )
     db_wal_limit: int = _setting(
         16 * MIB,
-        "bytes of WAL at which the checkpoint briefly holds writes back to rewind it",
+        "bytes of WAL past which writes wait briefly while it is checkpointed and started"
+        " over (the WAL file stays under twice this)",
         64 * KIB,
     )
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
