@@ -96,18 +96,19 @@ class Op:
 
 
 async def register(ctx: Context, params: Params) -> None:
-    name = validation.user_name(params)
+    name = validation.new_user_name(params)
     password = validation.new_password(params, "password")
     repeated = params.text("password_repete", validation.MAX_PASSWORD_LENGTH)
     if password != repeated:
         raise BadRequest("passwords differ")
     _throttle_registration(ctx)
-    key = validation.name_key(name)
+    key, skeletons = validation.name_key(name), validation.name_skeletons(name)
+    # A name that looks like a user's is taken too, with the same answer (no more is told).
     # Checked before hashing so a taken name costs no argon2 work; the insert re-checks.
-    if await ctx.store.find_user(key) is not None:
+    if await ctx.store.user_name_taken(key, skeletons):
         raise NameTaken()
     password_hash = await ctx.hasher.hash(password)
-    if not await ctx.store.create_user(name, key, password_hash, ctx.clock()):
+    if not await ctx.store.create_user(name, key, skeletons, password_hash, ctx.clock()):
         raise NameTaken()
 
 
@@ -375,10 +376,18 @@ async def _member_channel(ctx: Context, params: Params) -> Channel:
 async def _use_channel(ctx: Context, name: str, rejoin: bool = False) -> Channel:
     """The channel, created and joined on first use (the seed's rule)."""
     key = validation.name_key(name)
-    known = await ctx.store.find_channel(key) if ctx.hub.is_online(ctx.user_id) else None
-    if known is not None and ctx.hub.is_member(ctx.user_id, known.id):
+    known = await ctx.store.find_channel(key)
+    if known is not None and ctx.hub.is_online(ctx.user_id) and ctx.hub.is_member(
+        ctx.user_id, known.id
+    ):
         return known  # the hub knows the memberships of online users: no transaction
-    channel, joined = await ctx.store.join_channel(name, key, ctx.user_id, ctx.clock(), rejoin)
+    if known is None:
+        validation.check_new_name(name, "channel name")  # it would be created
+    channel, joined = await ctx.store.join_channel(
+        name, key, validation.name_skeletons(name), ctx.user_id, ctx.clock(), rejoin
+    )
+    if joined is Joined.LOOKALIKE:
+        raise NameTaken(f"channel name looks like the existing channel {channel.name!r}")
     if joined is Joined.LEFT:
         raise Forbidden("you left this channel: /channel/join it again")
     if joined is Joined.NOW:

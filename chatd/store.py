@@ -17,7 +17,7 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -25,11 +25,39 @@ from typing import Any, Generic, TypeVar
 
 import aiosqlite
 
+from chatd.names import skeletons_of_key
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+
+
+async def _fill_skeletons(db: aiosqlite.Connection) -> None:
+    """Compute the skeleton of every name stored before there was a skeleton column.
+
+    Names that already look alike keep working (the index is not unique); only
+    new names are refused for looking like an existing one.
+    """
+    for table in ("users", "channels"):
+        rows = list(
+            await db.execute_fetchall(f"SELECT id, name_key FROM {table} WHERE skeleton IS NULL")
+        )
+        # Off the event loop: a large database has many names to transform.
+        values = await asyncio.to_thread(_skeletons, rows)
+        await db.executemany(
+            f"UPDATE {table} SET skeleton = ?, upper_skeleton = ? WHERE id = ?", values
+        )
+
+
+def _skeletons(rows: list[Any]) -> list[tuple[str, str, int]]:
+    return [(*skeletons_of_key(key), row_id) for row_id, key in rows]
+
+
+# A migration is an SQL script, or a Python step for what SQL cannot compute.
+Migration = str | Callable[[aiosqlite.Connection], Awaitable[None]]
+
 # Each entry moves the schema one version up; PRAGMA user_version records where we are.
-MIGRATIONS: Sequence[str] = (
+MIGRATIONS: Sequence[Migration] = (
     """
     CREATE TABLE users (
         id            INTEGER PRIMARY KEY,
@@ -90,7 +118,26 @@ MIGRATIONS: Sequence[str] = (
     ALTER TABLE channel_members ADD COLUMN left_at REAL;
     CREATE INDEX private_by_pair ON private_messages(recipient_id, sender_id, id);
     """,
+    """
+    -- What a name looks like in small letters and in capitals (UTS #39 skeletons,
+    -- chatd/names.py): a new user or channel whose name looks like an existing one is
+    -- refused. Not unique: databases made before this may hold look-alikes, and they
+    -- keep working.
+    ALTER TABLE users ADD COLUMN skeleton TEXT;
+    ALTER TABLE users ADD COLUMN upper_skeleton TEXT;
+    ALTER TABLE channels ADD COLUMN skeleton TEXT;
+    ALTER TABLE channels ADD COLUMN upper_skeleton TEXT;
+    CREATE INDEX users_by_skeleton ON users(skeleton);
+    CREATE INDEX users_by_upper_skeleton ON users(upper_skeleton);
+    CREATE INDEX channels_by_skeleton ON channels(skeleton);
+    CREATE INDEX channels_by_upper_skeleton ON channels(upper_skeleton);
+    """,
+    _fill_skeletons,
 )
+
+
+# What a name looks like in small letters and in capitals (chatd/names.py).
+Skeletons = tuple[str, str]
 
 
 class StoreError(Exception):
@@ -162,6 +209,7 @@ class Joined(Enum):
     NOW = "now"  # the caller was not a member and now is
     ALREADY = "already"  # the caller was a member already
     LEFT = "left"  # the caller left this channel and has not re-joined
+    LOOKALIKE = "lookalike"  # a new name that looks like this existing channel's: nothing done
 
 
 @dataclass(slots=True)
@@ -311,11 +359,14 @@ class Store:
 
     async def _migrate(self) -> None:
         version = await self._scalar("PRAGMA user_version")
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
             log.info("migrating database schema to version %d", number)
             async with self._transaction():
-                for statement in _statements(script):
-                    await self._db.execute(statement)
+                if isinstance(step, str):
+                    for statement in _statements(step):
+                        await self._db.execute(statement)
+                else:
+                    await step(self._db)
                 await self._db.execute(f"PRAGMA user_version={number}")
 
     @asynccontextmanager
@@ -467,15 +518,37 @@ class Store:
 
     # Users and tokens.
 
-    async def create_user(self, name: str, key: str, password_hash: str, now: float) -> bool:
-        """Add a user; False if ``key`` is taken."""
+    async def create_user(
+        self, name: str, key: str, skeletons: Skeletons, password_hash: str, now: float
+    ) -> bool:
+        """Add a user; False if a user has this name key or looks alike (skeletons).
+
+        Checked and inserted in one write transaction, so of two registrations of
+        look-alike names at the same moment only one succeeds.
+        """
         async with self._transaction() as db:
+            if await self._user_name_taken(key, skeletons):
+                return False
             cursor = await db.execute(
-                "INSERT INTO users (name, name_key, password_hash, created_at)"
-                " VALUES (?, ?, ?, ?) ON CONFLICT (name_key) DO NOTHING",
-                (name, key, password_hash, now),
+                "INSERT INTO users"
+                " (name, name_key, skeleton, upper_skeleton, password_hash, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name_key) DO NOTHING",
+                (name, key, *skeletons, password_hash, now),
             )
             return cursor.rowcount == 1
+
+    async def user_name_taken(self, key: str, skeletons: Skeletons) -> bool:
+        """Whether create_user would refuse this name now."""
+        async with self._turn():
+            return await self._user_name_taken(key, skeletons)
+
+    async def _user_name_taken(self, key: str, skeletons: Skeletons) -> bool:
+        found = await self._scalar(
+            "SELECT 1 FROM users WHERE name_key = ? OR skeleton = ? OR upper_skeleton = ?"
+            " LIMIT 1",
+            (key, *skeletons),
+        )
+        return found is not None
 
     async def find_user(self, key: str) -> User | None:
         """The user with this name key, read fresh (logins need the current hash)."""
@@ -586,22 +659,37 @@ class Store:
         return channel
 
     async def join_channel(
-        self, name: str, key: str, user_id: int, now: float, rejoin: bool = False
+        self,
+        name: str,
+        key: str,
+        skeletons: Skeletons,
+        user_id: int,
+        now: float,
+        rejoin: bool = False,
     ) -> tuple[Channel, Joined]:
         """Create the channel if it is new, and make the user a member.
 
-        A user who left is made a member again only with ``rejoin``.
+        A user who left is made a member again only with ``rejoin``.  A new name
+        that looks like an existing channel's (skeletons) creates nothing: that one is
+        returned with Joined.LOOKALIKE (checked and created in one transaction).
         """
         async with self._transaction() as db:
-            await db.execute(
-                "INSERT INTO channels (name, name_key, created_at) VALUES (?, ?, ?)"
-                " ON CONFLICT (name_key) DO NOTHING",
-                (name, key, now),
-            )
             rows = await self._rows(
                 "SELECT id, name, created_at FROM channels WHERE name_key = ?", (key,)
             )
-            assert rows
+            if not rows:
+                similar = await self._rows(
+                    "SELECT id, name, created_at FROM channels"
+                    " WHERE skeleton = ? OR upper_skeleton = ? LIMIT 1",
+                    skeletons,
+                )
+                if similar:
+                    return Channel(*similar[0]), Joined.LOOKALIKE
+                rows = await self._rows(
+                    "INSERT INTO channels (name, name_key, skeleton, upper_skeleton, created_at)"
+                    " VALUES (?, ?, ?, ?, ?) RETURNING id, name, created_at",
+                    (name, key, *skeletons, now),
+                )
             channel = self._channels[key] = Channel(*rows[0])
             rows = await self._rows(
                 "SELECT left_at IS NOT NULL FROM channel_members"
