@@ -30,10 +30,12 @@ from chatd.names import skeletons_of_key
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# What a name looks like in small letters and in capitals (chatd/names.py).
+Skeletons = tuple[str, str]
 
 
 async def _fill_skeletons(db: aiosqlite.Connection) -> None:
-    """Compute the skeleton of every name stored before there was a skeleton column.
+    """Compute the skeletons of every name stored before there were skeleton columns.
 
     Names that already look alike keep working (the index is not unique); only
     new names are refused for looking like an existing one.
@@ -134,10 +136,6 @@ MIGRATIONS: Sequence[Migration] = (
     """,
     _fill_skeletons,
 )
-
-
-# What a name looks like in small letters and in capitals (chatd/names.py).
-Skeletons = tuple[str, str]
 
 
 class StoreError(Exception):

@@ -4,9 +4,12 @@ names, in memory and over real sockets, and the migration of an existing databas
 from __future__ import annotations
 
 import asyncio
+import ctypes.util
+import importlib.util
 import sqlite3
 import unicodedata
 from pathlib import Path
+from typing import Any
 
 import argon2
 import pytest
@@ -14,7 +17,7 @@ import pytest
 from chatd import names, store, validation
 from chatd.errors import BadRequest, ChatdError, NameTaken
 from chatd.protocol import Params
-from tests.conftest import PASSWORD, Harness, MakeHarness
+from tests.conftest import PASSWORD, ROOT, Harness, MakeHarness
 
 # Every name the issue found registered beside `alice`: each must be refused (code 1)
 # or taken (code 4).
@@ -153,7 +156,7 @@ def test_skeletons_are_unchanged_by_the_case_and_width_of_the_name() -> None:
 
 
 def test_the_tables_are_those_protocol_md_cites() -> None:
-    text = (Path(__file__).resolve().parent.parent / "protocol.md").read_text()
+    text = (ROOT / "protocol.md").read_text()
     assert f"Unicode {names.UNICODE_VERSION}" in text
     assert unicodedata.unidata_version <= names.UNICODE_VERSION  # no letter unknown to them
 
@@ -281,3 +284,38 @@ async def test_two_lookalike_registrations_at_once_make_one_account(harness: Har
 def test_check_new_name_names_what_it_checks() -> None:
     with pytest.raises(ChatdError, match="channel name"):
         validation.check_new_name("a\u200bb", "channel name")
+
+
+# The vendored tables against their source, where the machine has ICU (Debian: libicu72).
+
+
+def _generator() -> Any:
+    path = ROOT / "scripts" / "unicode_tables.py"
+    spec = importlib.util.spec_from_file_location("unicode_tables", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+needs_icu = pytest.mark.skipif(
+    ctypes.util.find_library("icuuc") is None, reason="no system ICU to regenerate from"
+)
+
+
+@needs_icu
+def test_uts39_txt_is_what_the_generator_makes(capsys: pytest.CaptureFixture[str]) -> None:
+    generator = _generator()
+    if generator.Icu().unicode_version != names.UNICODE_VERSION:
+        pytest.skip("the system ICU has another Unicode version than chatd/uts39.txt")
+    generator.main()
+    assert capsys.readouterr().out == (ROOT / "chatd" / "uts39.txt").read_text("utf-8")
+
+
+@needs_icu
+def test_prototypes_of_whole_strings_match_icus_skeleton() -> None:
+    icu = _generator().Icu()
+    if icu.unicode_version != names.UNICODE_VERSION:
+        pytest.skip("the system ICU has another Unicode version than chatd/uts39.txt")
+    for text in ("p\u0430ypal", "ALİCE", "ﬁle", "m\u0307", "Zoë", "अद्भुत", "ǅemal", "\ua7b50\u2113"):
+        assert names._prototypes(text) == icu.skeleton(text), text
