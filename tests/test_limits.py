@@ -321,6 +321,12 @@ def test_each_write_op_has_its_own_bucket_per_user() -> None:
     guards.reconfigure(dataclasses.replace(config, ack_rate=10.0, ack_burst=5))
     assert guards.acks.take(1, 0.0) == pytest.approx(0.1)  # the used bucket, at the new rate
     assert [guards.acks.take(3, 0.0) for _ in range(5)] == [0.0] * 5
+    guards.reconfigure(
+        dataclasses.replace(config, login_free_failures=1, login_name_concurrency=7)
+    )
+    for table in (guards.logins.pairs, guards.logins.addresses, guards.logins.names):
+        assert table.free == 1
+    assert guards.logins.name_concurrency == 7
 
 
 def test_default_ack_rate_allows_an_ack_per_message_at_the_message_rate() -> None:
