@@ -59,8 +59,9 @@ class _Guesses:
 class BackOff:
     """Guesses at a password, per key: free ones, then waits that double.
 
-    After ``free`` failures each further failure makes the key wait ``2 ** (n - free)``
-    seconds (1 s, 2 s, 4 s...), at most ``max_delay``.  A guess counts when it
+    The n-th failure in a row, from the ``free``-th on, makes the key wait
+    ``2 ** (n - free)`` seconds (1 s, 2 s, 4 s...), at most ``max_delay``: ``free``
+    guesses, then waits between the next ones.  A guess counts when it
     *starts*: while guesses are being checked, a new one is allowed only if it would
     still be free should all of them fail (so a burst of concurrent guesses gets no
     more than the free ones checked); past the free ones, one at a time, after the
