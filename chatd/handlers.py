@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from chatd import events, validation
-from chatd.auth import Hasher, new_token, token_digest
+from chatd.auth import Hasher, Verdict, new_token, token_digest
 from chatd.config import Config
 from chatd.delivery import INBOX, Fetch, Position, Subscription
 from chatd.errors import (
@@ -29,7 +29,7 @@ from chatd.errors import (
     RateLimited,
 )
 from chatd.hub import Hub, Session
-from chatd.limits import Guards, address_key
+from chatd.limits import Guards, RateLimiter, address_key
 from chatd.metrics import Metrics
 from chatd.protocol import Data, Params, Request, format_datetime
 from chatd.store import (
@@ -121,30 +121,10 @@ def _throttle_registration(ctx: Context) -> None:
         raise RateLimited("too many registrations from your address", wait)
 
 
-def _login_keys(ctx: Context, name: str) -> list[tuple[str, str]]:
-    """Failed logins are counted per name, and per address unless it is trusted."""
-    keys = [("name", validation.name_key(name))]
-    if ctx.session.address not in ctx.guards.trusted:
-        keys.append(("address", address_key(ctx.session.address)))
-    return keys
-
-
 async def login(ctx: Context, params: Params) -> Data:
     name = params.text("name", validation.MAX_NAME_LENGTH)
     password = params.text("password", validation.MAX_PASSWORD_LENGTH)
-    keys, now = _login_keys(ctx, name), ctx.clock()
-    wait = max(ctx.guards.logins.wait(key, now) for key in keys)
-    if wait:
-        raise RateLimited("too many failed logins: wait before trying again", wait)
-    user = await ctx.store.find_user(validation.name_key(name))
-    # An unknown name is verified against a dummy hash: same answer, same time.
-    verdict = await ctx.hasher.verify(user.password_hash if user else None, password)
-    if user is None or not verdict.ok:
-        for key in keys:
-            ctx.guards.logins.failed(key, now)
-        log.info("failed login for %r from %s", name, ctx.session)
-        raise BadCredentials()
-    ctx.guards.logins.succeeded(keys[0])
+    user, verdict = await _guarded_check(ctx, name, password)
     if verdict.new_hash is not None:
         await ctx.store.set_password_hash(user.id, verdict.new_hash)
     token = new_token()
@@ -156,6 +136,35 @@ async def login(ctx: Context, params: Params) -> Data:
     ctx.session.token_checked_at = now
     log.info("login %s from %s", user.name, ctx.session)
     return {"token": token, "name": user.name}
+
+
+async def _guarded_check(ctx: Context, name: str, password: str) -> tuple[User, Verdict]:
+    """The user, if the password is theirs; the guess is counted as it starts
+    (protocol.md, "Flood control"), and unknown names are counted like known ones."""
+    address = ctx.session.address
+    attempt = ctx.guards.logins.start(
+        validation.name_key(name),
+        address_key(address),
+        by_address=address not in ctx.guards.trusted,
+        now=ctx.clock(),
+    )
+    try:
+        user = await ctx.store.find_user(validation.name_key(name))
+        # An unknown name is verified against a dummy hash: same answer, same time.
+        verdict = await ctx.hasher.verify(user.password_hash if user else None, password)
+    except Exception:
+        ctx.guards.logins.released(attempt)  # the server's fault (busy, error): no guess
+        raise
+    except BaseException:
+        # Cancelled mid-check: a failure, so dropped connections buy no unseen guesses.
+        ctx.guards.logins.failed(attempt, ctx.clock())
+        raise
+    if user is None or not verdict.ok:
+        ctx.guards.logins.failed(attempt, ctx.clock())
+        log.info("failed login for %r from %s", name, ctx.session)
+        raise BadCredentials()
+    ctx.guards.logins.succeeded(attempt)
+    return user, verdict
 
 
 async def logout(ctx: Context, params: Params) -> None:
@@ -229,9 +238,14 @@ async def user_info(ctx: Context, params: Params) -> Data:
 
 
 def _throttle_messages(ctx: Context) -> None:
-    wait = ctx.guards.messages.take(ctx.user_id, ctx.clock())
+    _throttle(ctx, ctx.guards.messages, "sending too fast")
+
+
+def _throttle(ctx: Context, bucket: RateLimiter, too_fast: str) -> None:
+    """Take one from the caller's bucket, or refuse the request with code 8."""
+    wait = bucket.take(ctx.user_id, ctx.clock())
     if wait:
-        raise RateLimited("sending too fast", wait)
+        raise RateLimited(too_fast, wait)
 
 
 async def send(ctx: Context, params: Params) -> Deferred:
@@ -313,6 +327,7 @@ def _page(ctx: Context, params: Params) -> tuple[int | None, int]:
 
 
 async def subscribe(ctx: Context, params: Params) -> None:
+    _throttle(ctx, ctx.guards.subscribes, "subscribing too often")
     if ctx.session.subscription is not None:
         return  # already live: a second catch-up would only repeat what was sent
     subscription = Subscription(ctx.session, ctx.config.receive_batch, ctx.config.catch_up_queue)
@@ -343,6 +358,7 @@ async def unsubscribe(ctx: Context, params: Params) -> None:
 
 
 async def ack(ctx: Context, params: Params) -> Data:
+    _throttle(ctx, ctx.guards.acks, "acknowledging too often: acknowledge the latest id only")
     message_id = params.optional_int("id", minimum=0)
     if message_id is None:
         raise BadRequest("missing parameter 'id'")
@@ -383,6 +399,8 @@ async def _use_channel(ctx: Context, name: str, rejoin: bool = False) -> Channel
         return known  # the hub knows the memberships of online users: no transaction
     if known is None:
         validation.check_new_name(name, "channel name")  # it would be created
+    if not rejoin:  # a first use joins (or creates): /channel/join has paid already
+        _throttle_memberships(ctx)
     channel, joined = await ctx.store.join_channel(
         name, key, validation.name_skeletons(name), ctx.user_id, ctx.clock(), rejoin
     )
@@ -397,12 +415,18 @@ async def _use_channel(ctx: Context, name: str, rejoin: bool = False) -> Channel
     return channel
 
 
+def _throttle_memberships(ctx: Context) -> None:
+    _throttle(ctx, ctx.guards.memberships, "joining and leaving channels too fast")
+
+
 async def channel_join(ctx: Context, params: Params) -> Data:
+    _throttle_memberships(ctx)
     channel = await _use_channel(ctx, validation.channel_name(params), rejoin=True)
     return {"name": channel.name}
 
 
 async def channel_leave(ctx: Context, params: Params) -> None:
+    _throttle_memberships(ctx)
     channel = await _existing_channel(ctx, params)
     if not await ctx.store.leave_channel(channel.id, ctx.user_id, ctx.clock()):
         raise Forbidden("not a member of this channel")
