@@ -329,12 +329,22 @@ async def subscribe(ctx: Context, params: Params) -> None:
 
 
 def _channel_catch_up(store: Store, user_id: int, channel_id: int) -> CatchUp:
+    # The user's own messages are never news to them, so the catch-up skips those stored
+    # before it started; later ones are live, and reach this device like any live push
+    # (protocol.md, section 9, "Your own messages").
+    live_from = 0
+
+    async def position() -> tuple[int, bool]:
+        nonlocal live_from
+        start, fresh, live_from = await store.channel_position(channel_id, user_id)
+        return start, fresh
+
     async def channel_after(after: int, limit: int) -> list[tuple[int, bytes]]:
         name = await store.channel_name(channel_id)
-        messages = await store.channel_after(channel_id, after, limit)
+        messages = await store.channel_after(channel_id, after, limit, user_id, live_from)
         return [(m.id, events.channel_message(name, m)) for m in messages]
 
-    return channel_id, lambda: store.channel_position(channel_id, user_id), channel_after
+    return channel_id, position, channel_after
 
 
 async def unsubscribe(ctx: Context, params: Params) -> None:
