@@ -100,7 +100,7 @@ async def register(ctx: Context, params: Params) -> None:
     password = validation.new_password(params, "password")
     repeated = params.text("password_repete", validation.MAX_PASSWORD_LENGTH)
     if password != repeated:
-        raise BadRequest("passwords differ")
+        raise BadRequest("password and password_repete differ")
     _throttle_registration(ctx)
     key = validation.name_key(name)
     # Checked before hashing so a taken name costs no argon2 work; the insert re-checks.
@@ -193,7 +193,7 @@ async def authenticate(ctx: Context, token: str) -> None:
     owner = await ctx.store.token_owner(digest, ctx.clock())
     if owner is None:
         ctx.hub.unbind(session)  # never leave a connection acting for someone it cannot prove
-        raise NotAuthenticated("invalid or expired token")
+        raise NotAuthenticated("invalid, expired or revoked token: log in again")
     user, expires_at = owner
     await _bind(ctx, session, user, digest, expires_at)
     session.token, session.token_checked_at = token, ctx.clock()
@@ -527,10 +527,10 @@ def _live_session_due_for_recheck(ctx: Context, now: float) -> bool:
     be checked against the store again (every token_recheck seconds)."""
     session = ctx.session
     if session.user_id is None:
-        raise NotAuthenticated()
+        raise NotAuthenticated("not logged in: send /login first, or a token with the request")
     if session.token_expires_at <= now:
         ctx.hub.unbind(session)
-        raise NotAuthenticated("session expired")
+        raise NotAuthenticated("token expired: log in again")
     return now - session.token_checked_at >= ctx.config.token_recheck
 
 
@@ -541,5 +541,5 @@ async def _recheck_token(ctx: Context, now: float) -> None:
     assert session.token_digest is not None
     if await ctx.store.token_owner(session.token_digest, now) is None:
         ctx.hub.unbind(session)
-        raise NotAuthenticated("session revoked")
+        raise NotAuthenticated("token revoked: log in again")
     session.token_checked_at = now
