@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -214,3 +215,31 @@ async def test_metrics_without_the_extra_says_how_to_install_it(
         "chatd: metrics_port needs prometheus-client: pip install 'chatd[metrics]'"
         " (in a clone: pip install -e '.[metrics]')\n"
     )
+
+
+def first_steps() -> str:
+    """The README's shell block that registers, logs in and uses the token."""
+    section = (ROOT / "README.md").read_text().split("## First steps", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```sh\n(.*?)\n```", section, re.S)
+    (block,) = [b for b in blocks if "/register" in b]
+    return str(block)
+
+
+async def test_the_readmes_first_steps_register_then_log_in(harness: Harness) -> None:
+    block = first_steps()
+    requests = [json.loads(text) for text in re.findall(r"'(\{\"op\".*?\})'", block)]
+    assert [r["op"] for r in requests] == ["/register", "/login"], "register before login"
+    client = await harness.connect()
+    replies = [await client.exchange(request) for request in requests]
+    assert [reply["code"] for reply in replies] == [0, 0], replies
+    # The pipeline that takes the token out of the login reply, run on a real one.
+    (extract,) = re.findall(r"python3 -c '([^']*)'", block)
+    taken = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", extract], input=json.dumps(replies[1]) + "\n",
+        capture_output=True, text=True, timeout=30, check=True,
+    )
+    token = taken.stdout.strip()
+    assert token == replies[1]["data"]["token"]
+    assert "--token \"$TOKEN\"" in block
+    bound = await harness.connect(token=token)
+    assert (await bound.request("/channel/list")) == {"channels": []}
