@@ -100,7 +100,7 @@ async def register(ctx: Context, params: Params) -> None:
     password = validation.new_password(params, "password")
     repeated = params.text("password_repete", validation.MAX_PASSWORD_LENGTH)
     if password != repeated:
-        raise BadRequest("passwords differ")
+        raise BadRequest("password and password_repete differ")
     _throttle_registration(ctx)
     key, skeletons = validation.name_key(name), validation.name_skeletons(name)
     # A name that looks like a user's is taken too, with the same answer (no more is told).
@@ -203,7 +203,7 @@ async def authenticate(ctx: Context, token: str) -> None:
     owner = await ctx.store.token_owner(digest, ctx.clock())
     if owner is None:
         ctx.hub.unbind(session)  # never leave a connection acting for someone it cannot prove
-        raise NotAuthenticated("invalid or expired token")
+        raise NotAuthenticated("invalid, expired or revoked token: log in again")
     user, expires_at = owner
     await _bind(ctx, session, user, digest, expires_at)
     session.token, session.token_checked_at = token, ctx.clock()
@@ -345,12 +345,22 @@ async def subscribe(ctx: Context, params: Params) -> None:
 
 
 def _channel_catch_up(store: Store, user_id: int, channel_id: int) -> CatchUp:
+    # The user's own messages are never news to them, so the catch-up skips those stored
+    # before it started; later ones are live, and reach this device like any live push
+    # (protocol.md, section 9, "Your own messages").
+    live_from = 0
+
+    async def position() -> tuple[int, bool]:
+        nonlocal live_from
+        start, fresh, live_from = await store.channel_position(channel_id, user_id)
+        return start, fresh
+
     async def channel_after(after: int, limit: int) -> list[tuple[int, bytes]]:
         name = await store.channel_name(channel_id)
-        messages = await store.channel_after(channel_id, after, limit)
+        messages = await store.channel_after(channel_id, after, limit, user_id, live_from)
         return [(m.id, events.channel_message(name, m)) for m in messages]
 
-    return channel_id, lambda: store.channel_position(channel_id, user_id), channel_after
+    return channel_id, position, channel_after
 
 
 async def unsubscribe(ctx: Context, params: Params) -> None:
@@ -550,10 +560,10 @@ def _live_session_due_for_recheck(ctx: Context, now: float) -> bool:
     be checked against the store again (every token_recheck seconds)."""
     session = ctx.session
     if session.user_id is None:
-        raise NotAuthenticated()
+        raise NotAuthenticated("not logged in: send /login first, or a token with the request")
     if session.token_expires_at <= now:
         ctx.hub.unbind(session)
-        raise NotAuthenticated("session expired")
+        raise NotAuthenticated("token expired: log in again")
     return now - session.token_checked_at >= ctx.config.token_recheck
 
 
@@ -564,5 +574,5 @@ async def _recheck_token(ctx: Context, now: float) -> None:
     assert session.token_digest is not None
     if await ctx.store.token_owner(session.token_digest, now) is None:
         ctx.hub.unbind(session)
-        raise NotAuthenticated("session revoked")
+        raise NotAuthenticated("token revoked: log in again")
     session.token_checked_at = now

@@ -740,14 +740,17 @@ class Store:
         return found is not None
 
     async def memberships(self, user_id: int, backlog: int) -> list[Membership]:
-        """The user's channels by name, with what a /channel/receive would return now."""
+        """The user's channels by name, with what a /channel/receive would return now:
+        other members' messages only (protocol.md, "Your own messages")."""
         async with self._turn():
             rows = await self._rows(
                 "SELECT c.id, c.name, m.read_cursor,"
                 " CASE WHEN m.read_cursor IS NULL"
-                "  THEN MIN(?, (SELECT COUNT(*) FROM channel_messages WHERE channel_id = c.id))"
+                "  THEN MIN(?, (SELECT COUNT(*) FROM channel_messages"
+                "               WHERE channel_id = c.id AND sender_id != m.user_id))"
                 "  ELSE (SELECT COUNT(*) FROM channel_messages"
-                "        WHERE channel_id = c.id AND id > m.read_cursor) END"
+                "        WHERE channel_id = c.id AND id > m.read_cursor"
+                "        AND sender_id != m.user_id) END"
                 " FROM channel_members m JOIN channels c ON c.id = m.channel_id"
                 " WHERE m.user_id = ? AND m.left_at IS NULL ORDER BY c.name_key",
                 (backlog, user_id),
@@ -763,11 +766,12 @@ class Store:
     async def take_channel(
         self, channel_id: int, user_id: int, backlog: int, limit: int
     ) -> Batch[ChannelMessage]:
-        """What is new in a channel for a member since their previous call.
+        """What other members posted in a channel since the caller's previous call.
 
-        A member's first call gets the newest ``backlog`` messages instead.
+        A member's first call gets the newest ``backlog`` of them instead. The caller's
+        own messages are never returned, but the position moves past them all the same.
         """
-        select = f"{_CHANNEL_ROWS} WHERE m.channel_id = ?"
+        select = f"{_CHANNEL_ROWS} WHERE m.channel_id = ? AND m.sender_id != ?"
         async with self._transaction() as db:
             cursor_value = await self._scalar(
                 "SELECT read_cursor FROM channel_members WHERE channel_id = ? AND user_id = ?",
@@ -775,23 +779,29 @@ class Store:
             )
             if cursor_value is None:
                 rows = await self._rows(
-                    f"{select} ORDER BY m.id DESC LIMIT ?", (channel_id, min(backlog, limit))
+                    f"{select} ORDER BY m.id DESC LIMIT ?",
+                    (channel_id, user_id, min(backlog, limit)),
                 )
                 rows = rows[::-1]
                 more = False
-                # Older messages than the backlog are history, not news: skip past them all.
-                newest = await self._scalar(
-                    "SELECT COALESCE(MAX(id), 0) FROM channel_messages WHERE channel_id = ?",
-                    (channel_id,),
-                )
             else:
                 rows = await self._rows(
                     f"{select} AND m.id > ? ORDER BY m.id LIMIT ?",
-                    (channel_id, cursor_value, limit + 1),
+                    (channel_id, user_id, cursor_value, limit + 1),
                 )
                 more = len(rows) > limit
                 rows = rows[:limit]
-                newest = rows[-1][0] if rows else cursor_value
+            if more:
+                newest = rows[-1][0]
+            else:
+                # Everything up to the channel's newest message is taken now: older ones
+                # than the backlog are history, not news, and the rest are the caller's
+                # own. Read in this transaction, so no message below it is uncommitted.
+                newest = await self._scalar(
+                    "SELECT MAX(?, COALESCE(MAX(id), 0)) FROM channel_messages"
+                    " WHERE channel_id = ?",
+                    (cursor_value or 0, channel_id),
+                )
             await db.execute(
                 "UPDATE channel_members SET read_cursor = ? WHERE channel_id = ? AND user_id = ?",
                 (newest, channel_id, user_id),
@@ -845,9 +855,10 @@ class Store:
             )
         return position, False
 
-    async def channel_position(self, channel_id: int, user_id: int) -> tuple[int, bool]:
+    async def channel_position(self, channel_id: int, user_id: int) -> tuple[int, bool, int]:
         """Where a member's catch-up starts: their read position, or (fresh: before their
-        first /channel/receive or /ack, which would show the backlog) the newest message."""
+        first /channel/receive or /ack, which would show the backlog) the newest message;
+        and the channel's newest message id now, read in the same statement."""
         async with self._turn():
             rows = await self._rows(
                 "SELECT m.read_cursor,"
@@ -856,9 +867,9 @@ class Store:
                 (channel_id, channel_id, user_id),
             )
         if not rows:
-            return 0, True
+            return 0, True, 0
         read_cursor, newest = rows[0]
-        return (newest, True) if read_cursor is None else (read_cursor, False)
+        return (newest, True, newest) if read_cursor is None else (read_cursor, False, newest)
 
     async def inbox_after(self, user_id: int, after_id: int, limit: int) -> list[PrivateMessage]:
         """Private messages to the user newer than ``after_id``, oldest first (no side effect)."""
@@ -870,13 +881,16 @@ class Store:
         return [PrivateMessage(*row) for row in rows]
 
     async def channel_after(
-        self, channel_id: int, after_id: int, limit: int
+        self, channel_id: int, after_id: int, limit: int, reader_id: int, own_after: int
     ) -> list[ChannelMessage]:
-        """Channel messages newer than ``after_id``, oldest first (no side effect)."""
+        """What a catch-up pushes to ``reader_id``: channel messages newer than
+        ``after_id``, oldest first, leaving out the reader's own unless newer than
+        ``own_after`` (no side effect)."""
         async with self._turn():
             rows = await self._rows(
-                f"{_CHANNEL_ROWS} WHERE m.channel_id = ? AND m.id > ? ORDER BY m.id LIMIT ?",
-                (channel_id, after_id, limit),
+                f"{_CHANNEL_ROWS} WHERE m.channel_id = ? AND m.id > ?"
+                " AND (m.sender_id != ? OR m.id > ?) ORDER BY m.id LIMIT ?",
+                (channel_id, after_id, reader_id, own_after, limit),
             )
         return [ChannelMessage(*row) for row in rows]
 
