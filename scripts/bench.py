@@ -77,6 +77,11 @@ UNLIMITED = [
     "--max-connections-per-address", "1000000",
     "--max-outbound-buffer", str(256 * MIB),
 ]
+# The `wal` scenario floods every write op: the WAL bound must hold whatever the limits.
+WAL_UNLIMITED = [
+    "--membership-rate", "1e9", "--membership-burst", "1000000000",
+    "--ack-rate", "1e9", "--ack-burst", "1000000000",
+]
 # Cheap password hashing for setup logins; the `logins` scenario keeps the default.
 CHEAP_ARGON2 = [
     "--argon2-time-cost", "1", "--argon2-memory-cost", "8", "--argon2-parallelism", "1",
@@ -1375,6 +1380,8 @@ class Bench:
         argv = [sys.executable, "-m", "chatd", "--port", "0",
                 "--db", str(self.workdir / f"{label}.sqlite3"), "--log-level", "WARNING",
                 "--db-synchronous", self.args.db_synchronous, *UNLIMITED]
+        if label.startswith("wal-"):
+            argv += WAL_UNLIMITED
         return argv if default_argon2 else [*argv, *CHEAP_ARGON2]
 
     async def start_server(self, label: str, relay: bool, default_argon2: bool
