@@ -349,12 +349,13 @@ class Store:
         A PASSIVE checkpoint never catches a writer that keeps appending, and the WAL
         is only rewound once a checkpoint has reached its end: under a steady load it
         grew without bound (936 MiB in 30 s of /channel/join). So the WAL file's size is
-        looked at every 0.1 s, and once past ``wal_limit`` a RESTART checkpoint runs
-        holding the write lock: writes wait while it copies what the last PASSIVE one
-        left (a few milliseconds), and the next commit rewinds the WAL and truncates the
-        file back to ``wal_limit`` (journal_size_limit). Should this task fall behind
-        all the same, the commit that takes the WAL past 1.5 times the limit checkpoints
-        it itself (wal_autocheckpoint): the WAL stays under twice the limit.
+        looked at every 0.1 s, even while a PASSIVE checkpoint runs, and once past
+        ``wal_limit`` writes wait while a RESTART checkpoint copies what the last PASSIVE
+        one left (a few milliseconds; as long as a running PASSIVE one takes to end, if
+        one runs); the next commit then rewinds the WAL and truncates the file back to
+        ``wal_limit`` (journal_size_limit). So the WAL passes the limit by at most what
+        is written in 0.1 s. Should this task be held up all the same, the commit that
+        takes the WAL past 1.5 times the limit checkpoints it itself (wal_autocheckpoint).
         """
         self._path, self._wal_limit = path, wal_limit
         self._checkpointer = await aiosqlite.connect(path, isolation_level=None)
@@ -369,24 +370,28 @@ class Store:
         self._checkpoints = asyncio.create_task(self._checkpoint_every(interval))
 
     async def _checkpoint_every(self, interval: float) -> None:
-        # The WAL's size is looked at more often than the checkpoint runs: under a flood
-        # it grew by 35 MiB a second, and it may pass the limit by one look's growth.
+        # The WAL's size is looked at more often than the checkpoint runs, and also while
+        # one runs: a PASSIVE checkpoint ends with an fsync that a busy disk may stretch to
+        # seconds, and writes went on meanwhile (the WAL reached 87 MiB once).
         look = min(interval, WAL_LOOK_INTERVAL)
         due = self._loop.time() + interval
-        while True:
-            await asyncio.sleep(look)
-            rewind = await asyncio.to_thread(self._wal_over_limit)
-            if not rewind and self._loop.time() < due:
-                continue
-            due = self._loop.time() + interval
-            try:
-                done = await self._checkpoint(rewind)
-            except sqlite3.Error as exc:
-                self._checkpoint_failed(exc)
-            else:
-                if done and self._short_of_space:
-                    self._short_of_space = False
-                    log.warning("background checkpoints resumed: there is room on disk again")
+        passive: asyncio.Task[None] | None = None
+        try:
+            while True:
+                await asyncio.sleep(look)
+                if await asyncio.to_thread(self._wal_over_limit):
+                    async with self._lock:  # writes wait: the checkpoint reaches the WAL's end
+                        if passive is not None:
+                            await asyncio.wait([passive])  # one checkpoint at a time
+                        await self._checkpoint("RESTART")
+                    due = self._loop.time() + interval
+                elif self._loop.time() >= due and (passive is None or passive.done()):
+                    passive = asyncio.create_task(self._checkpoint("PASSIVE"))
+                    due = self._loop.time() + interval
+        finally:
+            if passive is not None:
+                passive.cancel()
+                await asyncio.gather(passive, return_exceptions=True)
 
     def _wal_over_limit(self) -> bool:
         # journal_size_limit truncates a rewound WAL to the limit: past it, it holds more.
@@ -395,27 +400,26 @@ class Store:
         except OSError:
             return False
 
-    async def _checkpoint(self, rewind: bool) -> bool:
-        """Checkpoint, with writes held back if the WAL is to be rewound; False if it waited.
+    async def _checkpoint(self, mode: str) -> None:
+        """One checkpoint; failures are logged, and the next one is tried all the same.
 
-        Each try would grow the database file into whatever space was freed (the WAL's
-        pages go there) and fail again, leaving none for the writes: once short of
-        space, a checkpoint waits until the whole WAL would fit.
+        Each try on a full disk would grow the database file into whatever space was
+        freed (the WAL's pages go there) and fail again, leaving none for the writes:
+        once short of space, a checkpoint waits until the whole WAL would fit.
         """
         if self._short_of_space and not await asyncio.to_thread(self._room_to_checkpoint):
-            return False
-        if rewind:
-            async with self._lock:  # no writer: the checkpoint reaches the WAL's end
-                await self._run_checkpoint("RESTART")
-        else:
-            await self._run_checkpoint("PASSIVE")
-        return True
-
-    async def _run_checkpoint(self, mode: str) -> None:
+            return
         assert self._checkpointer is not None
-        rows = await self._checkpointer.execute_fetchall(f"PRAGMA wal_checkpoint({mode})")
+        try:
+            rows = await self._checkpointer.execute_fetchall(f"PRAGMA wal_checkpoint({mode})")
+        except sqlite3.Error as exc:
+            self._checkpoint_failed(exc)
+            return
         if next(iter(rows))[0]:  # busy
             log.debug("%s checkpoint gave way to another process's lock", mode)
+        if self._short_of_space:
+            self._short_of_space = False
+            log.warning("background checkpoints resumed: there is room on disk again")
 
     def _checkpoint_failed(self, exc: sqlite3.Error) -> None:
         if not _is_disk_full(exc):
