@@ -1,4 +1,4 @@
-"""``chatd``: serve (the default), ``chatd backup PATH``, ``chatd admin ...``.
+"""``chatd``: serve (the default), ``chatd backup PATH``, ``chatd admin ...``, ``chatd init``.
 
 Settings come from defaults < ``--config`` TOML file < ``CHATD_*`` environment
 < flags (``config.py``).  The server runs until SIGTERM or SIGINT; SIGHUP
@@ -59,9 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"chatd {__version__}")
     parser.add_argument("--print-config", action="store_true",
                         help="print the effective configuration as TOML and exit")
-    commands = parser.add_subparsers(dest="command", metavar="[backup|admin]")
+    commands = parser.add_subparsers(dest="command", metavar="[backup|admin|init]")
     backup = commands.add_parser("backup", parents=[common], help="copy the database online")
     backup.add_argument("path", help="the new file to write")
+    commands.add_parser(
+        "init", parents=[common],
+        help="create a new, empty database where there is none (also where one went missing)",
+    )
     manage = commands.add_parser("admin", parents=[common], help="manage users")
     actions = manage.add_subparsers(dest="action", required=True)
     actions.add_parser("users", parents=[common], help="list users")
@@ -114,6 +118,8 @@ def _operate(args: argparse.Namespace, config: Config) -> int:
     try:
         if args.command == "backup":
             print(admin.backup(config, args.path))
+        elif args.command == "init":
+            print(asyncio.run(admin.init_database(config)))
         else:
             admin.require_database(config)
             asyncio.run(_administer(args, config))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -24,6 +25,8 @@ from enum import Enum
 from typing import Any, Generic, TypeVar
 
 import aiosqlite
+
+from chatd.errors import ServerError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -95,6 +98,19 @@ MIGRATIONS: Sequence[str] = (
 
 class StoreError(Exception):
     """The database cannot be opened or migrated."""
+
+
+class DatabaseFileLost(ServerError):
+    """The database file was deleted or replaced while chatd had it open (code 9).
+
+    Whatever is written after that goes into a file no one will find again, so
+    nothing more is written, and nothing written after the loss is acknowledged.
+    """
+
+    default_message = (
+        "database file was deleted or replaced; writes refused until chatd is restarted"
+        " by an operator"
+    )
 
 
 # Rows as plain slotted dataclasses, treated as read-only: frozen ones cost several
@@ -209,6 +225,8 @@ PROFILE_TTL = 10.0
 
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 
+RESCUED_INFIX = ".rescued-"  # <db>.rescued-<UTC time>: the copy saved of a lost database
+
 
 # A message waiting for the group commit: its future, and what to call once committed.
 _Unwritten = tuple[NewMessage, asyncio.Future[Stored], Callable[[Stored], None] | None]
@@ -232,8 +250,16 @@ def _settle(
 
 
 class Store:
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(
+        self, db: aiosqlite.Connection, path: str, identity: tuple[int, int] | None
+    ) -> None:
         self._db = db
+        self._path = path
+        self._identity = identity  # the file opened; None when it has none (":memory:")
+        self._lost: str | None = None  # how the file was lost, once it was
+        self._rescue: asyncio.Task[None] | None = None
+        self._rescued = False
+        self._companions: dict[str, tuple[int, int]] = {}  # "-wal", "-shm" -> identity
         # Kept: asyncio.get_running_loop() makes a getpid() system call each time in
         # Python 3.11, which showed up as 2.5% of the server's time under /send load.
         self._loop = asyncio.get_running_loop()
@@ -257,18 +283,44 @@ class Store:
             # thread posting to the event loop, which may be closed by then (aiosqlite 0.22).
             await asyncio.to_thread(_probe, path)
             db = await aiosqlite.connect(path, isolation_level=None)
+            identity = await asyncio.to_thread(_identity, path)
         except Exception as exc:
             raise StoreError(f"cannot open database {path}: {exc}") from exc
-        store = cls(db)
+        store = cls(db, await asyncio.to_thread(os.path.abspath, path), identity)
         try:
             await store._configure(synchronous, busy_timeout)
             await store._migrate()
+            store._companions = await asyncio.to_thread(_companions, store._path)
         except Exception as exc:
             await db.close()
             raise StoreError(f"cannot use database {path}: {exc}") from exc
         return store
 
+    async def require_writable(self) -> None:
+        """Refuse a database chatd can read but not write (a read-only file or mount).
+
+        SQLite opens such a file read-only without complaint, and every write would
+        then fail with code 9 while the server reports that it is serving. A write
+        is tried and rolled back: BEGIN IMMEDIATE alone succeeds even on a
+        read-only file in WAL mode.
+        """
+        try:
+            async with self._lock:
+                version = int(await self._scalar("PRAGMA user_version"))
+                await self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    await self._db.execute(f"PRAGMA user_version={version}")
+                finally:
+                    await self._db.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            raise StoreError(
+                f"database {self._path} is read-only ({exc}): chatd must be able to write"
+                " it and its directory; fix the file's permissions or the mount"
+            ) from exc
+
     async def close(self) -> None:
+        if self._rescue is not None:
+            await asyncio.gather(self._rescue, return_exceptions=True)
         if self._checkpoints is not None:
             self._checkpoints.cancel()
             await asyncio.gather(self._checkpoints, return_exceptions=True)
@@ -276,6 +328,8 @@ class Store:
             await self._checkpointer.close()
         async with self._turn():
             await self._db.close()
+        if self._lost is not None:
+            await asyncio.to_thread(self._drop_stale_companions)
 
     async def checkpoint_in_background(self, path: str, interval: float) -> None:
         """Move the WAL into the database every ``interval`` seconds, off the write path.
@@ -294,6 +348,8 @@ class Store:
         assert self._checkpointer is not None
         while True:
             await asyncio.sleep(interval)
+            if self._file_lost():  # also notices a deletion while no one writes
+                continue
             try:
                 await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
             except sqlite3.Error as exc:
@@ -334,6 +390,7 @@ class Store:
     @asynccontextmanager
     async def _transaction(self, after_sends: bool = True) -> AsyncIterator[aiosqlite.Connection]:
         async with self._turn() if after_sends else self._lock:
+            self._refuse_writes_if_lost()
             await self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -341,6 +398,98 @@ class Store:
                 await self._db.execute("ROLLBACK")
                 raise
             await self._db.execute("COMMIT")
+            # Before anyone is told "done": a commit into a deleted file is not done.
+            self._check_file()
+
+    # The database file itself: deleted or replaced under a running server (by an
+    # operator, a clean-up script, a restore done in the wrong order), SQLite goes on
+    # writing into the unlinked inode, which vanishes when chatd exits.
+
+    def _refuse_writes_if_lost(self) -> None:
+        if self._lost is not None:
+            raise DatabaseFileLost()
+
+    def _check_file(self) -> None:
+        """Raise DatabaseFileLost if the file is not (or no longer) the one opened."""
+        if self._file_lost():
+            raise DatabaseFileLost()
+
+    def _file_lost(self) -> bool:
+        """One stat of the path, compared with the file opened (about a microsecond: the
+        entry of a file just written is cached, so this does not wait on the disk)."""
+        if self._lost is not None:
+            return True
+        if self._identity is None:
+            return False
+        try:
+            now = _identity(self._path)
+        except OSError:  # cannot tell (a permission changed?): SQLite reports real faults
+            return False
+        if now == self._identity:
+            return False
+        self._lose("deleted" if now is None else "replaced by another file")
+        return True
+
+    def _lose(self, how: str) -> None:
+        self._lost = how
+        log.error(
+            "DATABASE FILE LOST: %s was %s while chatd was using it. Every write is refused"
+            " (code 9) from now on, until an operator restarts chatd. Copying what it held"
+            " to a new file next to it...",
+            self._path,
+            how,
+        )
+        self._rescue = asyncio.create_task(self._save_lost_file())
+
+    def _drop_stale_companions(self) -> None:
+        """Remove the lost file's -wal and -shm, which SQLite leaves at the path.
+
+        SQLite does not check that a WAL belongs to the database beside it: left
+        there, the old pages would be mixed into whatever file is put at the path
+        next (a restored backup). Their content is in the rescued copy; without one
+        they are kept.
+        """
+        if not self._rescued:
+            log.error("kept %s-wal and -shm: they hold what could not be copied", self._path)
+            return
+        for suffix, identity in self._companions.items():
+            name = self._path + suffix
+            try:
+                if _identity(name) == identity:
+                    os.unlink(name)
+                    log.warning("removed %s: it belonged to the lost database file", name)
+            except OSError as exc:
+                log.error("could not remove %s, left by the lost database: %s", name, exc)
+
+    async def _save_lost_file(self) -> None:
+        """Copy the lost database (still readable through the open connection) beside
+        its old path, so that what was acknowledged before the loss can be restored."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = f"{self._path}{RESCUED_INFIX}{stamp}"
+        try:
+            copy = await asyncio.to_thread(sqlite3.connect, target, check_same_thread=False)
+            try:
+                async with self._lock:
+                    await self._db.backup(copy)
+            finally:
+                await asyncio.to_thread(copy.close)
+        except Exception as exc:
+            log.error(
+                "could not copy the lost database to %s: %s. While chatd runs, the deleted"
+                " file stays readable under /proc/%d/fd (copy it from there); stopping chatd"
+                " frees it for good",
+                target,
+                exc,
+                os.getpid(),
+            )
+            return
+        self._rescued = True
+        log.error(
+            "saved everything chatd had committed to %s. To go on: stop chatd, check that"
+            " file (or a newer backup), move it to %s, and start chatd again",
+            target,
+            self._path,
+        )
 
     async def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         """Every row of one statement, in one hop to the database thread (through a
@@ -732,23 +881,27 @@ class Store:
         """
         # One statement is its own transaction: no BEGIN and COMMIT round trips.
         async with self._turn():
+            self._refuse_writes_if_lost()
             position: int = await self._scalar(
                 "UPDATE users SET inbox_cursor = MAX(inbox_cursor, COALESCE("
                 " (SELECT MAX(id) FROM private_messages WHERE recipient_id = ? AND id <= ?),"
                 " 0)) WHERE id = ? RETURNING inbox_cursor",
                 (user_id, message_id, user_id),
             )
+            self._check_file()
         return position
 
     async def ack_channel(self, channel_id: int, user_id: int, message_id: int) -> int | None:
         """As ack_private for a channel; None if the user is not a member."""
         async with self._turn():
+            self._refuse_writes_if_lost()
             position: int | None = await self._scalar(
                 "UPDATE channel_members SET read_cursor = MAX(COALESCE(read_cursor, 0), COALESCE("
                 " (SELECT MAX(id) FROM channel_messages WHERE channel_id = ? AND id <= ?), 0))"
                 " WHERE channel_id = ? AND user_id = ? AND left_at IS NULL RETURNING read_cursor",
                 (channel_id, message_id, channel_id, user_id),
             )
+            self._check_file()
         return position
 
     async def inbox_position(self, user_id: int) -> tuple[int, bool]:
@@ -859,8 +1012,23 @@ def _before(before: int | None) -> int:
     return (1 << 63) - 1 if before is None else before
 
 
+def _companions(path: str) -> dict[str, tuple[int, int]]:
+    """The identities of the database's -wal and -shm files, where they exist."""
+    found = {suffix: _identity(path + suffix) for suffix in ("-wal", "-shm")}
+    return {suffix: identity for suffix, identity in found.items() if identity is not None}
+
+
 def _probe(path: str) -> None:
     sqlite3.connect(path).close()
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """Which file ``path`` names now (device, inode); None if there is none."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def _statements(script: str) -> list[str]:
