@@ -18,7 +18,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -27,12 +27,41 @@ from typing import Any, Generic, TypeVar
 import aiosqlite
 
 from chatd.errors import ServerError
+from chatd.names import skeletons_of_key
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# What a name looks like in small letters and in capitals (chatd/names.py).
+Skeletons = tuple[str, str]
+
+
+async def _fill_skeletons(db: aiosqlite.Connection) -> None:
+    """Compute the skeletons of every name stored before there were skeleton columns.
+
+    Names that already look alike keep working (the index is not unique); only
+    new names are refused for looking like an existing one.
+    """
+    for table in ("users", "channels"):
+        rows = list(
+            await db.execute_fetchall(f"SELECT id, name_key FROM {table} WHERE skeleton IS NULL")
+        )
+        # Off the event loop: a large database has many names to transform.
+        values = await asyncio.to_thread(_skeletons, rows)
+        await db.executemany(
+            f"UPDATE {table} SET skeleton = ?, upper_skeleton = ? WHERE id = ?", values
+        )
+
+
+def _skeletons(rows: list[Any]) -> list[tuple[str, str, int]]:
+    return [(*skeletons_of_key(key), row_id) for row_id, key in rows]
+
+
+# A migration is an SQL script, or a Python step for what SQL cannot compute.
+Migration = str | Callable[[aiosqlite.Connection], Awaitable[None]]
+
 # Each entry moves the schema one version up; PRAGMA user_version records where we are.
-MIGRATIONS: Sequence[str] = (
+MIGRATIONS: Sequence[Migration] = (
     """
     CREATE TABLE users (
         id            INTEGER PRIMARY KEY,
@@ -93,6 +122,21 @@ MIGRATIONS: Sequence[str] = (
     ALTER TABLE channel_members ADD COLUMN left_at REAL;
     CREATE INDEX private_by_pair ON private_messages(recipient_id, sender_id, id);
     """,
+    """
+    -- What a name looks like in small letters and in capitals (UTS #39 skeletons,
+    -- chatd/names.py): a new user or channel whose name looks like an existing one is
+    -- refused. Not unique: databases made before this may hold look-alikes, and they
+    -- keep working.
+    ALTER TABLE users ADD COLUMN skeleton TEXT;
+    ALTER TABLE users ADD COLUMN upper_skeleton TEXT;
+    ALTER TABLE channels ADD COLUMN skeleton TEXT;
+    ALTER TABLE channels ADD COLUMN upper_skeleton TEXT;
+    CREATE INDEX users_by_skeleton ON users(skeleton);
+    CREATE INDEX users_by_upper_skeleton ON users(upper_skeleton);
+    CREATE INDEX channels_by_skeleton ON channels(skeleton);
+    CREATE INDEX channels_by_upper_skeleton ON channels(upper_skeleton);
+    """,
+    _fill_skeletons,
 )
 
 
@@ -178,6 +222,7 @@ class Joined(Enum):
     NOW = "now"  # the caller was not a member and now is
     ALREADY = "already"  # the caller was a member already
     LEFT = "left"  # the caller left this channel and has not re-joined
+    LOOKALIKE = "lookalike"  # a new name that looks like this existing channel's: nothing done
 
 
 @dataclass(slots=True)
@@ -367,11 +412,14 @@ class Store:
 
     async def _migrate(self) -> None:
         version = await self._scalar("PRAGMA user_version")
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
             log.info("migrating database schema to version %d", number)
             async with self._transaction():
-                for statement in _statements(script):
-                    await self._db.execute(statement)
+                if isinstance(step, str):
+                    for statement in _statements(step):
+                        await self._db.execute(statement)
+                else:
+                    await step(self._db)
                 await self._db.execute(f"PRAGMA user_version={number}")
 
     @asynccontextmanager
@@ -616,15 +664,37 @@ class Store:
 
     # Users and tokens.
 
-    async def create_user(self, name: str, key: str, password_hash: str, now: float) -> bool:
-        """Add a user; False if ``key`` is taken."""
+    async def create_user(
+        self, name: str, key: str, skeletons: Skeletons, password_hash: str, now: float
+    ) -> bool:
+        """Add a user; False if a user has this name key or looks alike (skeletons).
+
+        Checked and inserted in one write transaction, so of two registrations of
+        look-alike names at the same moment only one succeeds.
+        """
         async with self._transaction() as db:
+            if await self._user_name_taken(key, skeletons):
+                return False
             cursor = await db.execute(
-                "INSERT INTO users (name, name_key, password_hash, created_at)"
-                " VALUES (?, ?, ?, ?) ON CONFLICT (name_key) DO NOTHING",
-                (name, key, password_hash, now),
+                "INSERT INTO users"
+                " (name, name_key, skeleton, upper_skeleton, password_hash, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name_key) DO NOTHING",
+                (name, key, *skeletons, password_hash, now),
             )
             return cursor.rowcount == 1
+
+    async def user_name_taken(self, key: str, skeletons: Skeletons) -> bool:
+        """Whether create_user would refuse this name now."""
+        async with self._turn():
+            return await self._user_name_taken(key, skeletons)
+
+    async def _user_name_taken(self, key: str, skeletons: Skeletons) -> bool:
+        found = await self._scalar(
+            "SELECT 1 FROM users WHERE name_key = ? OR skeleton = ? OR upper_skeleton = ?"
+            " LIMIT 1",
+            (key, *skeletons),
+        )
+        return found is not None
 
     async def find_user(self, key: str) -> User | None:
         """The user with this name key, read fresh (logins need the current hash)."""
@@ -735,22 +805,37 @@ class Store:
         return channel
 
     async def join_channel(
-        self, name: str, key: str, user_id: int, now: float, rejoin: bool = False
+        self,
+        name: str,
+        key: str,
+        skeletons: Skeletons,
+        user_id: int,
+        now: float,
+        rejoin: bool = False,
     ) -> tuple[Channel, Joined]:
         """Create the channel if it is new, and make the user a member.
 
-        A user who left is made a member again only with ``rejoin``.
+        A user who left is made a member again only with ``rejoin``.  A new name
+        that looks like an existing channel's (skeletons) creates nothing: that one is
+        returned with Joined.LOOKALIKE (checked and created in one transaction).
         """
         async with self._transaction() as db:
-            await db.execute(
-                "INSERT INTO channels (name, name_key, created_at) VALUES (?, ?, ?)"
-                " ON CONFLICT (name_key) DO NOTHING",
-                (name, key, now),
-            )
             rows = await self._rows(
                 "SELECT id, name, created_at FROM channels WHERE name_key = ?", (key,)
             )
-            assert rows
+            if not rows:
+                similar = await self._rows(
+                    "SELECT id, name, created_at FROM channels"
+                    " WHERE skeleton = ? OR upper_skeleton = ? LIMIT 1",
+                    skeletons,
+                )
+                if similar:
+                    return Channel(*similar[0]), Joined.LOOKALIKE
+                rows = await self._rows(
+                    "INSERT INTO channels (name, name_key, skeleton, upper_skeleton, created_at)"
+                    " VALUES (?, ?, ?, ?, ?) RETURNING id, name, created_at",
+                    (name, key, *skeletons, now),
+                )
             channel = self._channels[key] = Channel(*rows[0])
             rows = await self._rows(
                 "SELECT left_at IS NOT NULL FROM channel_members"
@@ -803,14 +888,17 @@ class Store:
         return found is not None
 
     async def memberships(self, user_id: int, backlog: int) -> list[Membership]:
-        """The user's channels by name, with what a /channel/receive would return now."""
+        """The user's channels by name, with what a /channel/receive would return now:
+        other members' messages only (protocol.md, "Your own messages")."""
         async with self._turn():
             rows = await self._rows(
                 "SELECT c.id, c.name, m.read_cursor,"
                 " CASE WHEN m.read_cursor IS NULL"
-                "  THEN MIN(?, (SELECT COUNT(*) FROM channel_messages WHERE channel_id = c.id))"
+                "  THEN MIN(?, (SELECT COUNT(*) FROM channel_messages"
+                "               WHERE channel_id = c.id AND sender_id != m.user_id))"
                 "  ELSE (SELECT COUNT(*) FROM channel_messages"
-                "        WHERE channel_id = c.id AND id > m.read_cursor) END"
+                "        WHERE channel_id = c.id AND id > m.read_cursor"
+                "        AND sender_id != m.user_id) END"
                 " FROM channel_members m JOIN channels c ON c.id = m.channel_id"
                 " WHERE m.user_id = ? AND m.left_at IS NULL ORDER BY c.name_key",
                 (backlog, user_id),
@@ -826,11 +914,12 @@ class Store:
     async def take_channel(
         self, channel_id: int, user_id: int, backlog: int, limit: int
     ) -> Batch[ChannelMessage]:
-        """What is new in a channel for a member since their previous call.
+        """What other members posted in a channel since the caller's previous call.
 
-        A member's first call gets the newest ``backlog`` messages instead.
+        A member's first call gets the newest ``backlog`` of them instead. The caller's
+        own messages are never returned, but the position moves past them all the same.
         """
-        select = f"{_CHANNEL_ROWS} WHERE m.channel_id = ?"
+        select = f"{_CHANNEL_ROWS} WHERE m.channel_id = ? AND m.sender_id != ?"
         async with self._transaction() as db:
             cursor_value = await self._scalar(
                 "SELECT read_cursor FROM channel_members WHERE channel_id = ? AND user_id = ?",
@@ -838,23 +927,29 @@ class Store:
             )
             if cursor_value is None:
                 rows = await self._rows(
-                    f"{select} ORDER BY m.id DESC LIMIT ?", (channel_id, min(backlog, limit))
+                    f"{select} ORDER BY m.id DESC LIMIT ?",
+                    (channel_id, user_id, min(backlog, limit)),
                 )
                 rows = rows[::-1]
                 more = False
-                # Older messages than the backlog are history, not news: skip past them all.
-                newest = await self._scalar(
-                    "SELECT COALESCE(MAX(id), 0) FROM channel_messages WHERE channel_id = ?",
-                    (channel_id,),
-                )
             else:
                 rows = await self._rows(
                     f"{select} AND m.id > ? ORDER BY m.id LIMIT ?",
-                    (channel_id, cursor_value, limit + 1),
+                    (channel_id, user_id, cursor_value, limit + 1),
                 )
                 more = len(rows) > limit
                 rows = rows[:limit]
-                newest = rows[-1][0] if rows else cursor_value
+            if more:
+                newest = rows[-1][0]
+            else:
+                # Everything up to the channel's newest message is taken now: older ones
+                # than the backlog are history, not news, and the rest are the caller's
+                # own. Read in this transaction, so no message below it is uncommitted.
+                newest = await self._scalar(
+                    "SELECT MAX(?, COALESCE(MAX(id), 0)) FROM channel_messages"
+                    " WHERE channel_id = ?",
+                    (cursor_value or 0, channel_id),
+                )
             await db.execute(
                 "UPDATE channel_members SET read_cursor = ? WHERE channel_id = ? AND user_id = ?",
                 (newest, channel_id, user_id),
@@ -912,9 +1007,10 @@ class Store:
             )
         return position, False
 
-    async def channel_position(self, channel_id: int, user_id: int) -> tuple[int, bool]:
+    async def channel_position(self, channel_id: int, user_id: int) -> tuple[int, bool, int]:
         """Where a member's catch-up starts: their read position, or (fresh: before their
-        first /channel/receive or /ack, which would show the backlog) the newest message."""
+        first /channel/receive or /ack, which would show the backlog) the newest message;
+        and the channel's newest message id now, read in the same statement."""
         async with self._turn():
             rows = await self._rows(
                 "SELECT m.read_cursor,"
@@ -923,9 +1019,9 @@ class Store:
                 (channel_id, channel_id, user_id),
             )
         if not rows:
-            return 0, True
+            return 0, True, 0
         read_cursor, newest = rows[0]
-        return (newest, True) if read_cursor is None else (read_cursor, False)
+        return (newest, True, newest) if read_cursor is None else (read_cursor, False, newest)
 
     async def inbox_after(self, user_id: int, after_id: int, limit: int) -> list[PrivateMessage]:
         """Private messages to the user newer than ``after_id``, oldest first (no side effect)."""
@@ -937,13 +1033,16 @@ class Store:
         return [PrivateMessage(*row) for row in rows]
 
     async def channel_after(
-        self, channel_id: int, after_id: int, limit: int
+        self, channel_id: int, after_id: int, limit: int, reader_id: int, own_after: int
     ) -> list[ChannelMessage]:
-        """Channel messages newer than ``after_id``, oldest first (no side effect)."""
+        """What a catch-up pushes to ``reader_id``: channel messages newer than
+        ``after_id``, oldest first, leaving out the reader's own unless newer than
+        ``own_after`` (no side effect)."""
         async with self._turn():
             rows = await self._rows(
-                f"{_CHANNEL_ROWS} WHERE m.channel_id = ? AND m.id > ? ORDER BY m.id LIMIT ?",
-                (channel_id, after_id, limit),
+                f"{_CHANNEL_ROWS} WHERE m.channel_id = ? AND m.id > ?"
+                " AND (m.sender_id != ? OR m.id > ?) ORDER BY m.id LIMIT ?",
+                (channel_id, after_id, reader_id, own_after, limit),
             )
         return [ChannelMessage(*row) for row in rows]
 

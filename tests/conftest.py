@@ -30,6 +30,13 @@ TEST_SETTINGS: dict[str, Any] = {
     # Tests send thousands of messages in a second; test_limits.py checks the real limits.
     "message_rate": 1e6,
     "message_burst": 1_000_000,
+    # Likewise joins, leaves, acks and subscribes (test_login_guard.py checks the real ones).
+    "membership_rate": 1e6,
+    "membership_burst": 1_000_000,
+    "ack_rate": 1e6,
+    "ack_burst": 1_000_000,
+    "subscribe_rate": 1e6,
+    "subscribe_burst": 1_000_000,
 }
 
 
