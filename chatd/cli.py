@@ -1,4 +1,4 @@
-"""``chatd``: serve (the default), ``chatd backup PATH``, ``chatd admin ...``.
+"""``chatd``: serve (the default), ``chatd backup PATH``, ``chatd admin ...``, ``chatd init``.
 
 Settings come from defaults < ``--config`` TOML file < ``CHATD_*`` environment
 < flags (``config.py``).  The server runs until SIGTERM or SIGINT; SIGHUP
@@ -81,12 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"chatd {__version__}")
     parser.add_argument("--print-config", action="store_true",
                         help="print the effective configuration as TOML and exit")
-    commands = parser.add_subparsers(dest="command", metavar="[backup|admin]")
+    commands = parser.add_subparsers(dest="command", metavar="[backup|admin|init]")
     operation = _settings_parser(listed=_OPERATION_SETTINGS)
     backup = commands.add_parser("backup", parents=[operation], help="copy the database online",
                                  epilog=_OPERATION_EPILOG)
     backup.add_argument("path", help="the new file to write")
     _add_admin(commands, operation)
+    commands.add_parser(
+        "init", parents=[operation],
+        help="create a new, empty database where there is none (also where one went missing)",
+        epilog="Every setting of `chatd --help` is accepted too. Refused while a server runs;"
+        " see README.md, \"The database file\".",
+    )
     return parser
 
 
@@ -157,6 +163,8 @@ def _operate(args: argparse.Namespace, config: Config) -> int:
     try:
         if args.command == "backup":
             print(admin.backup(config, args.path))
+        elif args.command == "init":
+            print(asyncio.run(admin.init_database(config)))
         else:
             admin.require_database(config)
             asyncio.run(_administer(args, config))

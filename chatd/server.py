@@ -16,6 +16,7 @@ from chatd.auth import Hasher
 from chatd.codec import encode_frame
 from chatd.config import FIELDS, RELOADABLE, Config
 from chatd.connection import BodyHandler, Connection, ReadTimer
+from chatd.dbfile import InstanceLock
 from chatd.errors import RateLimited
 from chatd.handlers import OPS
 from chatd.hub import Hub
@@ -43,6 +44,7 @@ class Server:
         self._report_closed = self._closed
         self._per_address: Counter[str] = Counter()
         self._token_sweeper: asyncio.Task[None] | None = None
+        self._instance: InstanceLock | None = None
 
     @property
     def app(self) -> App:
@@ -59,9 +61,12 @@ class Server:
     async def start(self) -> None:
         """Open the database, then listen. Raises StoreError or OSError if either fails."""
         metrics = create_metrics(self.config.metrics_port > 0, OPS)
-        store = await Store.open(
-            self.config.db, self.config.db_synchronous, self.config.db_busy_timeout
-        )
+        self._instance = await asyncio.to_thread(InstanceLock.acquire, self.config.db)
+        try:
+            store = await self._open_store(self._instance)
+        except BaseException:
+            await self._release_instance()
+            raise
         hasher = await asyncio.to_thread(Hasher, self.config)
         self._app = App(self.config, store, Hub(), hasher, metrics)
         self._handle_body = self._app.handle
@@ -82,6 +87,25 @@ class Server:
         self._token_sweeper = asyncio.create_task(self._sweep_tokens())
         scheme = "tls" if self.config.tls_cert else "tcp"
         log.info("listening on %s:%d (%s)", self.config.host, self.port, scheme)
+
+    async def _open_store(self, instance: InstanceLock) -> Store:
+        """The database, if it may be served: not missing where one existed, writable."""
+        await asyncio.to_thread(instance.require_database)
+        store = await Store.open(
+            self.config.db, self.config.db_synchronous, self.config.db_busy_timeout
+        )
+        try:
+            await store.require_writable()
+            await asyncio.to_thread(instance.record_database)
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    async def _release_instance(self) -> None:
+        if self._instance is not None:
+            await asyncio.to_thread(self._instance.release)
+            self._instance = None
 
     async def _listen(self) -> asyncio.Server:
         tls = _tls_context(self.config)
@@ -200,6 +224,7 @@ class Server:
             self._app.hasher.close()
             self._app.metrics.close()
             self._app = None
+        await self._release_instance()  # last: the database is closed
 
     def reload(self, loaded: Config) -> list[str]:
         """Apply what can change while serving (RELOADABLE); returns the settings changed.

@@ -26,7 +26,7 @@ from typing import Any, Generic, TypeVar
 
 import aiosqlite
 
-from chatd.errors import OutOfDisk
+from chatd.errors import OutOfDisk, ServerError
 from chatd.names import skeletons_of_key
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,19 @@ MIGRATIONS: Sequence[Migration] = (
 
 class StoreError(Exception):
     """The database cannot be opened or migrated."""
+
+
+class DatabaseFileLost(ServerError):
+    """The database file was deleted or replaced while chatd had it open (code 9).
+
+    Whatever is written after that goes into a file no one will find again, so
+    nothing more is written, and nothing written after the loss is acknowledged.
+    """
+
+    default_message = (
+        "database file was deleted or replaced; writes refused until chatd is restarted"
+        " by an operator"
+    )
 
 
 # Rows as plain slotted dataclasses, treated as read-only: frozen ones cost several
@@ -260,6 +273,7 @@ SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 DEFAULT_WAL_LIMIT = 16 * 1024 * 1024  # config.db_wal_limit
 WAL_LOOK_INTERVAL = 0.1  # seconds between looks at the WAL file's size
 RESTART_WAIT = 0.5  # seconds a RESTART checkpoint waits for another process (writes wait too)
+RESCUED_INFIX = ".rescued-"  # <db>.rescued-<UTC time>: the copy saved of a lost database
 
 
 # A message waiting for the group commit: its future, and what to call once committed.
@@ -284,8 +298,16 @@ def _settle(
 
 
 class Store:
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(
+        self, db: aiosqlite.Connection, path: str, identity: tuple[int, int] | None
+    ) -> None:
         self._db = db
+        self._path = path
+        self._identity = identity  # the file opened; None when it has none (":memory:")
+        self._lost: str | None = None  # how the file was lost, once it was
+        self._rescue: asyncio.Task[None] | None = None
+        self._rescued = False
+        self._companions: dict[str, tuple[int, int]] = {}  # "-wal", "-shm" -> identity
         # Kept: asyncio.get_running_loop() makes a getpid() system call each time in
         # Python 3.11, which showed up as 2.5% of the server's time under /send load.
         self._loop = asyncio.get_running_loop()
@@ -297,7 +319,6 @@ class Store:
         self._last_enqueued: asyncio.Future[Stored] | None = None
         self._checkpointer: aiosqlite.Connection | None = None
         self._checkpoints: asyncio.Task[None] | None = None
-        self._path = ""
         self._wal_limit = DEFAULT_WAL_LIMIT
         # Set by a write that failed for want of disk space, cleared by one that succeeds.
         self.disk_full = False
@@ -316,18 +337,44 @@ class Store:
             # thread posting to the event loop, which may be closed by then (aiosqlite 0.22).
             await asyncio.to_thread(_probe, path)
             db = await aiosqlite.connect(path, isolation_level=None)
+            identity = await asyncio.to_thread(_identity, path)
         except Exception as exc:
             raise StoreError(f"cannot open database {path}: {exc}") from exc
-        store = cls(db)
+        store = cls(db, await asyncio.to_thread(os.path.abspath, path), identity)
         try:
             await store._configure(synchronous, busy_timeout)
             await store._migrate()
+            store._companions = await asyncio.to_thread(_companions, store._path)
         except Exception as exc:
             await db.close()
             raise StoreError(f"cannot use database {path}: {exc}") from exc
         return store
 
+    async def require_writable(self) -> None:
+        """Refuse a database chatd can read but not write (a read-only file or mount).
+
+        SQLite opens such a file read-only without complaint, and every write would
+        then fail with code 9 while the server reports that it is serving. A write
+        is tried and rolled back: BEGIN IMMEDIATE alone succeeds even on a
+        read-only file in WAL mode.
+        """
+        try:
+            async with self._lock:
+                version = int(await self._scalar("PRAGMA user_version"))
+                await self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    await self._db.execute(f"PRAGMA user_version={version}")
+                finally:
+                    await self._db.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            raise StoreError(
+                f"database {self._path} is read-only ({exc}): chatd must be able to write"
+                " it and its directory; fix the file's permissions or the mount"
+            ) from exc
+
     async def close(self) -> None:
+        if self._rescue is not None:
+            await asyncio.gather(self._rescue, return_exceptions=True)
         if self._checkpoints is not None:
             self._checkpoints.cancel()
             await asyncio.gather(self._checkpoints, return_exceptions=True)
@@ -335,6 +382,8 @@ class Store:
             await self._checkpointer.close()
         async with self._turn():
             await self._db.close()
+        if self._lost is not None:
+            await asyncio.to_thread(self._drop_stale_companions)
 
     async def checkpoint_in_background(
         self, path: str, interval: float, wal_limit: int = DEFAULT_WAL_LIMIT
@@ -357,7 +406,7 @@ class Store:
         is written in 0.1 s. Should this task be held up all the same, the commit that
         takes the WAL past 1.5 times the limit checkpoints it itself (wal_autocheckpoint).
         """
-        self._path, self._wal_limit = path, wal_limit
+        self._wal_limit = wal_limit
         self._checkpointer = await aiosqlite.connect(path, isolation_level=None)
         # Only the RESTART checkpoint waits (PASSIVE never does): for another process's
         # reader or writer, while this one's writes are held back.
@@ -379,6 +428,8 @@ class Store:
         try:
             while True:
                 await asyncio.sleep(look)
+                if self._file_lost():  # also notices a deletion while no one writes
+                    continue
                 if await asyncio.to_thread(self._wal_over_limit):
                     async with self._lock:  # writes wait: the checkpoint reaches the WAL's end
                         if passive is not None:
@@ -475,6 +526,7 @@ class Store:
     @asynccontextmanager
     async def _transaction(self, after_sends: bool = True) -> AsyncIterator[aiosqlite.Connection]:
         async with self._turn() if after_sends else self._lock:
+            self._refuse_writes_if_lost()
             with self._watching_disk_space():
                 await self._db.execute("BEGIN IMMEDIATE")
                 try:
@@ -483,6 +535,8 @@ class Store:
                 except BaseException:
                     await self._roll_back()
                     raise
+            # Before anyone is told "done": a commit into a deleted file is not done.
+            self._check_file()
 
     async def _roll_back(self) -> None:
         # SQLite has already rolled back after some errors (a full disk, for one): a
@@ -520,6 +574,96 @@ class Store:
         if self.disk_full and self._db.total_changes != changes:  # something was written
             self.disk_full = False
             log.warning("disk space available again: writes succeed")
+
+    # The database file itself: deleted or replaced under a running server (by an
+    # operator, a clean-up script, a restore done in the wrong order), SQLite goes on
+    # writing into the unlinked inode, which vanishes when chatd exits.
+
+    def _refuse_writes_if_lost(self) -> None:
+        if self._lost is not None:
+            raise DatabaseFileLost()
+
+    def _check_file(self) -> None:
+        """Raise DatabaseFileLost if the file is not (or no longer) the one opened."""
+        if self._file_lost():
+            raise DatabaseFileLost()
+
+    def _file_lost(self) -> bool:
+        """One stat of the path, compared with the file opened (about a microsecond: the
+        entry of a file just written is cached, so this does not wait on the disk)."""
+        if self._lost is not None:
+            return True
+        if self._identity is None:
+            return False
+        try:
+            now = _identity(self._path)
+        except OSError:  # cannot tell (a permission changed?): SQLite reports real faults
+            return False
+        if now == self._identity:
+            return False
+        self._lose("deleted" if now is None else "replaced by another file")
+        return True
+
+    def _lose(self, how: str) -> None:
+        self._lost = how
+        log.error(
+            "DATABASE FILE LOST: %s was %s while chatd was using it. Every write is refused"
+            " (code 9) from now on, until an operator restarts chatd. Copying what it held"
+            " to a new file next to it...",
+            self._path,
+            how,
+        )
+        self._rescue = asyncio.create_task(self._save_lost_file())
+
+    def _drop_stale_companions(self) -> None:
+        """Remove the lost file's -wal and -shm, which SQLite leaves at the path.
+
+        SQLite does not check that a WAL belongs to the database beside it: left
+        there, the old pages would be mixed into whatever file is put at the path
+        next (a restored backup). Their content is in the rescued copy; without one
+        they are kept.
+        """
+        if not self._rescued:
+            log.error("kept %s-wal and -shm: they hold what could not be copied", self._path)
+            return
+        for suffix, identity in self._companions.items():
+            name = self._path + suffix
+            try:
+                if _identity(name) == identity:
+                    os.unlink(name)
+                    log.warning("removed %s: it belonged to the lost database file", name)
+            except OSError as exc:
+                log.error("could not remove %s, left by the lost database: %s", name, exc)
+
+    async def _save_lost_file(self) -> None:
+        """Copy the lost database (still readable through the open connection) beside
+        its old path, so that what was acknowledged before the loss can be restored."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = f"{self._path}{RESCUED_INFIX}{stamp}"
+        try:
+            copy = await asyncio.to_thread(sqlite3.connect, target, check_same_thread=False)
+            try:
+                async with self._lock:
+                    await self._db.backup(copy)
+            finally:
+                await asyncio.to_thread(copy.close)
+        except Exception as exc:
+            log.error(
+                "could not copy the lost database to %s: %s. While chatd runs, the deleted"
+                " file stays readable under /proc/%d/fd (copy it from there); stopping chatd"
+                " frees it for good",
+                target,
+                exc,
+                os.getpid(),
+            )
+            return
+        self._rescued = True
+        log.error(
+            "saved everything chatd had committed to %s. To go on: stop chatd, check that"
+            " file (or a newer backup), move it to %s, and start chatd again",
+            target,
+            self._path,
+        )
 
     async def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         """Every row of one statement, in one hop to the database thread (through a
@@ -958,23 +1102,27 @@ class Store:
         """
         # One statement is its own transaction: no BEGIN and COMMIT round trips.
         async with self._write_turn():
+            self._refuse_writes_if_lost()
             position: int = await self._scalar(
                 "UPDATE users SET inbox_cursor = MAX(inbox_cursor, COALESCE("
                 " (SELECT MAX(id) FROM private_messages WHERE recipient_id = ? AND id <= ?),"
                 " 0)) WHERE id = ? RETURNING inbox_cursor",
                 (user_id, message_id, user_id),
             )
+            self._check_file()
         return position
 
     async def ack_channel(self, channel_id: int, user_id: int, message_id: int) -> int | None:
         """As ack_private for a channel; None if the user is not a member."""
         async with self._write_turn():
+            self._refuse_writes_if_lost()
             position: int | None = await self._scalar(
                 "UPDATE channel_members SET read_cursor = MAX(COALESCE(read_cursor, 0), COALESCE("
                 " (SELECT MAX(id) FROM channel_messages WHERE channel_id = ? AND id <= ?), 0))"
                 " WHERE channel_id = ? AND user_id = ? AND left_at IS NULL RETURNING read_cursor",
                 (channel_id, message_id, channel_id, user_id),
             )
+            self._check_file()
         return position
 
     async def inbox_position(self, user_id: int) -> tuple[int, bool]:
@@ -1094,8 +1242,23 @@ def _before(before: int | None) -> int:
     return (1 << 63) - 1 if before is None else before
 
 
+def _companions(path: str) -> dict[str, tuple[int, int]]:
+    """The identities of the database's -wal and -shm files, where they exist."""
+    found = {suffix: _identity(path + suffix) for suffix in ("-wal", "-shm")}
+    return {suffix: identity for suffix, identity in found.items() if identity is not None}
+
+
 def _probe(path: str) -> None:
     sqlite3.connect(path).close()
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """Which file ``path`` names now (device, inode); None if there is none."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def _statements(script: str) -> list[str]:

@@ -112,7 +112,9 @@ async def make_harness(tmp_path: Path) -> AsyncIterator[MakeHarness]:
     started: list[Harness] = []
 
     async def make(**changes: Any) -> Harness:
-        base = Config(port=0, db=str(tmp_path / "custom.sqlite3"), **TEST_SETTINGS)
+        # A database of its own for each server: a second one on a file is refused.
+        db = tmp_path / f"custom{len(started) or ''}.sqlite3"
+        base = Config(port=0, db=str(db), **TEST_SETTINGS)
         harness = Harness(dataclasses.replace(base, **changes))
         await harness.start()
         started.append(harness)
