@@ -420,38 +420,51 @@ class Store:
 
     async def _checkpoint_every(self, interval: float) -> None:
         # The WAL's size is looked at more often than the checkpoint runs, and also while
-        # one runs: a PASSIVE checkpoint ends with an fsync that a busy disk may stretch to
+        # one runs: a checkpoint ends with an fsync that a busy disk may stretch to
         # seconds, and writes went on meanwhile (the WAL reached 87 MiB once).
         look = min(interval, WAL_LOOK_INTERVAL)
         due = self._loop.time() + interval
-        passive: asyncio.Task[None] | None = None
+        running: asyncio.Task[None] | None = None  # the checkpoint under way, if any
         try:
             while True:
                 await asyncio.sleep(look)
                 if self._file_lost():  # also notices a deletion while no one writes
                     continue
-                if await asyncio.to_thread(self._wal_over_limit):
-                    async with self._lock:  # writes wait: the checkpoint reaches the WAL's end
-                        if passive is not None:
-                            await asyncio.wait([passive])  # one checkpoint at a time
+                size = await asyncio.to_thread(self._wal_size)
+                idle = running is None or running.done()
+                if idle and (size > self._wal_limit or self._loop.time() >= due):
+                    work = self._rewind() if size > self._wal_limit else self._checkpoint()
+                    running = asyncio.create_task(work)
+                    due = self._loop.time() + interval
+                elif running is not None and size > self._wal_limit * 3 // 2:
+                    # The checkpoint under way falls behind the writes: hold them back.
+                    running.cancel()
+                    await asyncio.gather(running, return_exceptions=True)
+                    async with self._lock:
                         await self._checkpoint("RESTART")
-                    due = self._loop.time() + interval
-                elif self._loop.time() >= due and (passive is None or passive.done()):
-                    passive = asyncio.create_task(self._checkpoint("PASSIVE"))
-                    due = self._loop.time() + interval
         finally:
-            if passive is not None:
-                passive.cancel()
-                await asyncio.gather(passive, return_exceptions=True)
+            if running is not None:
+                running.cancel()
+                await asyncio.gather(running, return_exceptions=True)
 
-    def _wal_over_limit(self) -> bool:
+    async def _rewind(self) -> None:
+        """Checkpoint the whole WAL, so that the next commit starts it over.
+
+        The bulk is copied beside the writes; then writes wait while a RESTART
+        checkpoint copies what they added meanwhile and syncs (a few milliseconds).
+        """
+        await self._checkpoint()
+        async with self._lock:  # no writer: the checkpoint reaches the WAL's end
+            await self._checkpoint("RESTART")
+
+    def _wal_size(self) -> int:
         # journal_size_limit truncates a rewound WAL to the limit: past it, it holds more.
         try:
-            return os.path.getsize(self._path + "-wal") > self._wal_limit
+            return os.path.getsize(self._path + "-wal")
         except OSError:
-            return False
+            return 0
 
-    async def _checkpoint(self, mode: str) -> None:
+    async def _checkpoint(self, mode: str = "PASSIVE") -> None:
         """One checkpoint; failures are logged, and the next one is tried all the same.
 
         Each try on a full disk would grow the database file into whatever space was
