@@ -398,13 +398,14 @@ class Store:
         A PASSIVE checkpoint never catches a writer that keeps appending, and the WAL
         is only rewound once a checkpoint has reached its end: under a steady load it
         grew without bound (936 MiB in 30 s of /channel/join). So the WAL file's size is
-        looked at every 0.1 s, even while a PASSIVE checkpoint runs, and once past
-        ``wal_limit`` writes wait while a RESTART checkpoint copies what the last PASSIVE
-        one left (a few milliseconds; as long as a running PASSIVE one takes to end, if
-        one runs); the next commit then rewinds the WAL and truncates the file back to
-        ``wal_limit`` (journal_size_limit). So the WAL passes the limit by at most what
-        is written in 0.1 s. Should this task be held up all the same, the commit that
-        takes the WAL past 1.5 times the limit checkpoints it itself (wal_autocheckpoint).
+        looked at every 0.1 s, and once past ``wal_limit`` it is rewound (_rewind): a
+        PASSIVE checkpoint copies the bulk beside the writes, then writes wait while a
+        RESTART checkpoint copies what they added meanwhile and syncs (1-2 ms), and the
+        next commit starts the WAL over and truncates the file back to ``wal_limit``
+        (journal_size_limit). Should the WAL pass 1.25 times the limit while a checkpoint
+        runs (a busy disk or CPU), writes wait until a RESTART one is done; should this task
+        be held up altogether, the commit that takes the WAL past 1.5 times the limit
+        checkpoints it itself (wal_autocheckpoint). The WAL stays under twice the limit.
         """
         self._wal_limit = wal_limit
         self._checkpointer = await aiosqlite.connect(path, isolation_level=None)
@@ -436,7 +437,7 @@ class Store:
                     work = self._rewind() if size > self._wal_limit else self._checkpoint()
                     running = asyncio.create_task(work)
                     due = self._loop.time() + interval
-                elif running is not None and size > self._wal_limit * 3 // 2:
+                elif running is not None and size > self._wal_limit * 5 // 4:
                     # The checkpoint under way falls behind the writes: hold them back.
                     running.cancel()
                     await asyncio.gather(running, return_exceptions=True)
