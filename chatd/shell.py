@@ -509,13 +509,16 @@ async def interactive(client: Client, address: str = "the server") -> int:
     use_terminal = sys.stdin.isatty() and sys.stdout.isatty()
     source: Input = TerminalInput() if use_terminal else PlainInput()
     if not use_terminal:
-        return await _session(client, address, source)
+        return await run_session(client, address, source)
     with patch_stdout(raw=True):
-        return await _session(client, address, source)
+        return await run_session(client, address, source)
 
 
-async def _session(client: Client, address: str, source: Input) -> int:
-    shell = Shell(client, Screen(), address)
+async def run_session(
+    client: Client, address: str, source: Input, screen: Screen | None = None
+) -> int:
+    """The interactive session: until /quit or the end of input."""
+    shell = Shell(client, screen or Screen(), address)
     shell.screen.say(f"chatcat: connected to {address}; /help lists the commands")
     queue: asyncio.Queue[Command] = asyncio.Queue()
     if client.token is not None:
@@ -547,4 +550,4 @@ async def _finish(shell: Shell, queue: asyncio.Queue[Command]) -> None:
         shell.screen.say(f"quitting with {queue.qsize() + 1} commands not done (not connected)")
 
 
-__all__ = ["Screen", "Shell", "backoff", "describe", "interactive"]
+__all__ = ["Input", "Screen", "Shell", "backoff", "describe", "interactive", "run_session"]

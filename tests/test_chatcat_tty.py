@@ -53,7 +53,8 @@ class Pane:
         screen = ""
         try:
             async with asyncio.timeout(timeout):
-                while not re.search(pattern, screen := await self.screen(), re.M):
+                # Polled: a terminal has no event for "this text is on the screen now".
+                while not re.search(pattern, screen := await self.screen(), re.M):  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
         except TimeoutError:
             raise AssertionError(f"{pattern!r} not on the screen:\n{screen}") from None
@@ -169,7 +170,7 @@ async def test_a_server_restart_mid_chat(spawn: Spawn, tmux: Tmux) -> None:
     await alice.line("/join lobby")
     await alice.expect("^#lobby>$")
     await alice.line("before the restart")
-    await alice.expect(rf"\[lobby\] alice: before the restart$")
+    await alice.expect(r"\[lobby\] alice: before the restart$")
 
     assert await server.stop() == 0
     # Noticed when it happens, without a key pressed.
