@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn, TextIO
 
 from chatd.client import Client, Reply
+from chatd.commands import network_reason
 
 EXIT_OK, EXIT_SERVER_ERROR, EXIT_USAGE = 0, 1, 2
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7777
@@ -198,7 +199,7 @@ async def _run(args: argparse.Namespace, host: str, port: int, request: list[str
     try:
         client = await Client.connect(host, port, token=args.token, timeout=args.timeout)
     except (OSError, TimeoutError) as exc:
-        print(f"chatcat: cannot connect to {host}:{port}: {exc}", file=sys.stderr)
+        print(f"chatcat: cannot connect to {host}:{port}: {network_reason(exc)}", file=sys.stderr)
         return EXIT_USAGE
     try:
         if request:
@@ -209,7 +210,7 @@ async def _run(args: argparse.Namespace, host: str, port: int, request: list[str
 
         return await interactive(client, f"{host}:{port}")
     except (ConnectionError, TimeoutError) as exc:
-        print(f"chatcat: connection to {host}:{port} lost: {exc or 'timed out'}", file=sys.stderr)
+        print(f"chatcat: connection to {host}:{port} lost: {network_reason(exc)}", file=sys.stderr)
         return EXIT_USAGE
     finally:
         await client.close()

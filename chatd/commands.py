@@ -9,7 +9,9 @@ a password is the rest of the line, exactly as typed (spaces and quotes included
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import socket
 from datetime import UTC, date, datetime, tzinfo
 from typing import Any
 
@@ -263,6 +265,18 @@ def describe(event: dict[str, Any], me: str | None = None) -> str | None:
     if "event" not in event and event.get("code"):  # a reply to no request: a refusal
         return f"server: {event.get('msg')} (code {event.get('code')})"
     return None
+
+
+def network_reason(exc: BaseException) -> str:
+    """Why a connection failed, in words: "connection refused", not asyncio's
+    "[Errno 111] Connect call failed ('127.0.0.1', 7777)"."""
+    if isinstance(exc, TimeoutError):
+        return "no answer (timed out)"
+    if isinstance(exc, socket.gaierror) and exc.strerror:  # its errno is not an errno
+        return f"cannot resolve the host name ({exc.strerror.lower()})"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return os.strerror(exc.errno).lower()
+    return str(exc) or type(exc).__name__
 
 
 def event_time(event: dict[str, Any]) -> datetime | None:

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import dataclasses
 import getpass
-import os
 import random
 import sys
 import uuid
@@ -41,6 +40,7 @@ from chatd.commands import (
     event_time,
     help_text,
     history_entry,
+    network_reason,
     parse,
     parse_wire_time,
     private_line,
@@ -171,7 +171,7 @@ class Shell:
                                 f"{error.message}")
                 return
             except (OSError, TimeoutError) as exc:  # refused, unreachable, gone again
-                reason = _reason(exc)
+                reason = network_reason(exc)
                 self.screen.say(f"cannot reconnect ({reason}): next try in {delay:.0f} s")
                 await asyncio.sleep(delay)
                 continue
@@ -387,12 +387,6 @@ class Shell:
 
     async def help(self, command: Command) -> None:
         self.screen.block("commands:", help_text(command.text))
-
-
-def _reason(exc: Exception) -> str:
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return os.strerror(exc.errno).lower()  # not asyncio's "Connect call failed (...)"
-    return str(exc) or type(exc).__name__
 
 
 def _stream_of(event: dict[str, Any]) -> str | None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import json
 import os
 import pty
 import re
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import timedelta, timezone
@@ -28,6 +30,7 @@ from chatd.commands import (
     describe,
     help_text,
     history_entry,
+    network_reason,
     parse,
     parse_wire_time,
     printable,
@@ -632,3 +635,12 @@ async def _stored(client: Client, text: str) -> None:
 async def _lobby_texts(client: Client) -> list[str]:
     history = await client.request("/channel/history", {"name": "lobby"})
     return [m["msg"] for m in history["messages"]]
+
+
+def test_network_errors_read_as_words() -> None:
+    refused = ConnectionRefusedError(errno.ECONNREFUSED, "Connect call failed ('::1', 7777)")
+    assert network_reason(refused) == "connection refused"
+    unknown = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    assert network_reason(unknown) == "cannot resolve the host name (name or service not known)"
+    assert network_reason(TimeoutError()) == "no answer (timed out)"
+    assert network_reason(ConnectionError("connection closed")) == "connection closed"

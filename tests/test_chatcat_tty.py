@@ -84,9 +84,10 @@ class Tmux:
             raise RuntimeError(f"tmux {' '.join(args)}: {err.decode().strip()}")
         return out.decode()
 
-    async def chatcat(self, name: str, port: int) -> Pane:
+    async def chatcat(self, name: str, port: int, *, positional: bool = False) -> Pane:
         # TZ: the screen shows local time; a fixed zone keeps the test independent of the host.
-        command = f"{CHATCAT} --host 127.0.0.1 --port {port}; echo chatcat exited with status $?"
+        where = f"127.0.0.1 {port}" if positional else f"--host 127.0.0.1 --port {port}"
+        command = f"{CHATCAT} {where}; echo chatcat exited with status $?"
         await self.run(
             "new-session", "-d", "-s", name, "-x", "120", "-y", "40",
             "-e", "TZ=UTC", "-e", "PROMPT_TOOLKIT_NO_CPR=1", command,
@@ -165,7 +166,7 @@ async def test_a_server_restart_mid_chat(spawn: Spawn, tmux: Tmux) -> None:
     server = await spawn()
     port = await server.wait_listening()
     await register(port, "alice", "bob")
-    alice = await tmux.chatcat("alice", port)
+    alice = await tmux.chatcat("alice", port, positional=True)
     await alice.line(f"/login alice {PASSWORD}")
     await alice.line("/join lobby")
     await alice.expect("^#lobby>$")
