@@ -103,6 +103,10 @@ class Shell:
             "/history": self.history, "/nick": self.nick, "/help": self.help,
         }
 
+    @property
+    def online(self) -> bool:
+        return self._up
+
     def prompt(self) -> str:
         if self.query is not None:
             return f"@{self.query}> "
@@ -536,12 +540,14 @@ async def run_session(
 
 
 async def _finish(shell: Shell, queue: asyncio.Queue[Command]) -> None:
-    """On /quit, let the commands already typed go out, within the client's timeout."""
+    """On /quit, let the commands already typed go out, within the client's timeout; while
+    disconnected, quit at once and say what is lost."""
     try:
-        async with asyncio.timeout(shell.client.timeout):
+        async with asyncio.timeout(shell.client.timeout if shell.online else 0):
             await queue.join()
     except TimeoutError:
-        shell.screen.say(f"quitting with {queue.qsize() + 1} commands not done (not connected)")
+        left = queue.qsize() + 1  # the one being run, and those waiting
+        shell.screen.say(f"quitting with {left} command(s) not sent (not connected)")
 
 
 __all__ = ["Input", "Screen", "Shell", "backoff", "describe", "interactive", "run_session"]

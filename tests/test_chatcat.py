@@ -35,6 +35,8 @@ from chatd.commands import (
     parse_wire_time,
     printable,
 )
+from chatd.errors import NotAuthenticated
+from chatd.server import Server
 from chatd.shell import Screen, backoff, run_session
 from tests.conftest import PASSWORD, Harness
 
@@ -644,3 +646,35 @@ def test_network_errors_read_as_words() -> None:
     assert network_reason(unknown) == "cannot resolve the host name (name or service not known)"
     assert network_reason(TimeoutError()) == "no answer (timed out)"
     assert network_reason(ConnectionError("connection closed")) == "connection closed"
+
+
+async def test_client_reconnect_with_a_revoked_token_forgets_it(harness: Harness) -> None:
+    bob = await harness.user("bob")
+    await bob.request("/subscribe")
+    other = await harness.connect(token=bob.token)
+    await other.request("/logout")  # revokes the token both connections use
+    await harness.restart()
+    assert not bob.connected
+    with pytest.raises(NotAuthenticated):
+        await bob.reconnect()
+    assert bob.connected and bob.token is None and not bob.subscribed
+    try:
+        await bob.login("bob", PASSWORD)  # the connection stays usable for a new login
+        await bob.request("/subscribe")
+        assert (await bob.request("/user/info", {"name": "bob"}))["online"] is True
+    finally:
+        await bob.close()  # the restart took it off the harness's list
+
+
+async def test_quitting_while_disconnected_says_what_is_not_sent(harness: Harness) -> None:
+    async with session(harness) as ann:
+        ann.keyboard.type("/register ann", PASSWORD, PASSWORD, "/login ann", PASSWORD,
+                          "/join lobby")
+        await ann.prompt("#lobby> ")
+        await harness.server.close()
+        await ann.screen.expect(TIME + "connection to test lost: reconnecting")
+        ann.keyboard.type("lost words")
+        await ann.screen.expect(TIME + "not connected: /channel/send waits")
+    await ann.screen.expect(TIME + r"quitting with 1 command\(s\) not sent")
+    harness.server = Server(harness.config)  # a server again, for the fixture to stop
+    await harness.server.start()
