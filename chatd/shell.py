@@ -95,6 +95,7 @@ class Shell:
         self._generation = 0  # how many times the connection was re-established
         self._up = True
         self._changed = asyncio.Condition()
+        self._wanted = asyncio.Event()  # a command waits for the connection
         self.verbs: dict[str, Callable[[Command], Awaitable[None]]] = {
             "say": self.say_line, "/register": self.register, "/login": self.login,
             "/logout": self.logout, "/join": self.join, "/leave": self.leave,
@@ -126,6 +127,7 @@ class Shell:
         """``Client.request``, waiting out a lost connection and sending again once back."""
         waiting = f"not connected: {op} waits for the connection to come back"
         if not self._up:
+            self._wanted.set()
             self.screen.say(waiting)
             waiting = ""
         generation = await self._connection()
@@ -135,6 +137,7 @@ class Shell:
             except (ConnectionError, TimeoutError) as exc:
                 if isinstance(exc, TimeoutError) and self.client.connected:
                     await self.client.close()  # no reply in time: reconnect (the follower)
+                self._wanted.set()
                 if waiting:
                     self.screen.say(waiting)
                     waiting = ""
@@ -158,7 +161,15 @@ class Shell:
             async for event in self.client.events():
                 await self.on_event(event)
             await self._set_up(False)
-            self.screen.say(f"connection to {self.address} lost: reconnecting")
+            if self.client.token is None:
+                # Not logged in: the server closes such connections after a while
+                # (protocol.md, auth_timeout and idle_timeout); reopen only when needed.
+                self.screen.say(f"connection to {self.address} closed (not logged in): "
+                                "it reopens for your next command")
+                await self._wanted.wait()
+            else:
+                self.screen.say(f"connection to {self.address} lost: reconnecting")
+            self._wanted.clear()
             await self._reconnect()
             await self._set_up(True)
 

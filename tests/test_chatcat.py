@@ -38,7 +38,7 @@ from chatd.commands import (
 from chatd.errors import NotAuthenticated
 from chatd.server import Server
 from chatd.shell import Screen, backoff, run_session
-from tests.conftest import PASSWORD, Harness
+from tests.conftest import PASSWORD, Harness, MakeHarness
 
 ROOT = Path(__file__).resolve().parent.parent
 CHATCAT = [sys.executable, str(ROOT / "scripts" / "chatcat")]
@@ -678,3 +678,15 @@ async def test_quitting_while_disconnected_says_what_is_not_sent(harness: Harnes
     await ann.screen.expect(TIME + r"quitting with 1 command\(s\) not sent")
     harness.server = Server(harness.config)  # a server again, for the fixture to stop
     await harness.server.start()
+
+
+async def test_a_connection_closed_before_login_reopens_for_the_next_command(
+    make_harness: MakeHarness,
+) -> None:
+    harness = await make_harness(auth_timeout=0.5)  # the server closes unbound connections
+    async with session(harness) as ann:
+        await ann.screen.expect(TIME + "connection to test closed \\(not logged in\\): it reopens")
+        ann.keyboard.type("/register ann", PASSWORD, PASSWORD)
+        await ann.screen.expect(TIME + "reconnected to test")
+        await ann.screen.expect(TIME + "registered ann")
+        assert not [line for line in ann.screen.lines if "cannot reconnect" in line]
