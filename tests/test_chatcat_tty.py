@@ -180,7 +180,7 @@ async def test_a_server_restart_mid_chat(spawn: Spawn, tmux: Tmux) -> None:
     await alice.expect("not connected: /channel/send waits for the connection")
     server = await spawn("--port", str(port))
     await server.wait_listening()
-    await alice.expect(r"reconnected to 127.0.0.1:\d+ \(session and subscription resumed\)")
+    await alice.expect(r"reconnected to 127.0.0.1:\d+ \(session and subscription resumed\)", 90)
     await alice.expect(rf"^{TIME} \[lobby\] alice: typed while the server was down$")
 
     bob = await Client.connect("127.0.0.1", port, timeout=10)
