@@ -142,17 +142,17 @@ async def test_one_shot_sends_one_request(harness: Harness) -> None:
     alice = await harness.user("alice")
     bob = await harness.user("bob")
     assert alice.token is not None
-    status, out, _ = await chatcat(
+    status, out, err = await chatcat(
         "--token", alice.token, "127.0.0.1", str(harness.port), "/send", "name=bob", "msg=hi there"
     )
-    assert status == 0 and out[0]["code"] == 0
+    assert status == 0 and out[0]["code"] == 0, err
     assert (await bob.request("/receive"))["messages"] == {"alice": ["hi there"]}
-    status, out, _ = await chatcat(
+    status, out, err = await chatcat(
         "127.0.0.1", str(harness.port), "--token", alice.token, "/ack", "id:=999999"
     )
-    assert status == 0 and out[0]["data"] == {"position": 0}
-    status, out, _ = await chatcat("127.0.0.1", str(harness.port), "/user/info", "name=bob")
-    assert status == 1 and out[0]["code"] == 2
+    assert status == 0 and out[0]["data"] == {"position": 0}, err
+    status, out, err = await chatcat("127.0.0.1", str(harness.port), "/user/info", "name=bob")
+    assert status == 1 and out[0]["code"] == 2, err
 
 
 async def test_cannot_connect_and_bad_usage_exit_2(harness: Harness) -> None:
