@@ -65,7 +65,7 @@ COMMANDS: dict[str, Syntax] = {
     "/whois": Syntax("NAME", "is NAME registered, since when, online?", ("user",)),
     "/list": Syntax("", "your channels and their unread messages"),
     "/history": Syntax("[#CHANNEL|NAME] [N]", f"the last N messages (default {HISTORY_DEFAULT}"
-                       ", at most 200) of a channel or a private conversation",
+                       ", at most 200) here, or of a channel or conversation",
                        ("target?", "count?")),
     "/nick": Syntax("", "names are accounts here: /login as another one", ("ignored",)),
     "/help": Syntax("[COMMAND]", "this text, or one command's", ("text?",)),
@@ -93,7 +93,7 @@ def help_text(topic: str | None = None) -> str:
             raise CommandError(f"no command {topic}: /help lists them")
         return _help_line(verb, syntax)
     lines = [_help_line(verb, syntax) for verb, syntax in COMMANDS.items()]
-    return "\n".join([*lines, HELP_FOOTER])
+    return "\n".join([*lines, "", HELP_FOOTER])
 
 
 def _help_line(verb: str, syntax: Syntax) -> str:
