@@ -22,7 +22,7 @@ from chatd.hub import Hub
 from chatd.limits import address_key
 from chatd.metrics import create as create_metrics
 from chatd.protocol import failure
-from chatd.store import Store
+from chatd.storage import open_store
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +59,11 @@ class Server:
     async def start(self) -> None:
         """Open the database, then listen. Raises StoreError or OSError if either fails."""
         metrics = create_metrics(self.config.metrics_port > 0, OPS)
-        store = await Store.open(
-            self.config.db, self.config.db_synchronous, self.config.db_busy_timeout
-        )
+        store = await open_store(self.config.db, self.config)
         hasher = await asyncio.to_thread(Hasher, self.config)
         self._app = App(self.config, store, Hub(), hasher, metrics)
         self._handle_body = self._app.handle
         try:
-            if self.config.db_checkpoint_interval:
-                interval = self.config.db_checkpoint_interval
-                await store.checkpoint_in_background(self.config.db, interval)
             if self.config.metrics_port:
                 metrics.serve(self.config.metrics_host, self.config.metrics_port)
             self._listener = await self._listen()
