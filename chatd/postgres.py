@@ -336,9 +336,10 @@ class PostgresStore:
     async def take_inbox(self, user_id: int, limit: int) -> Batch[PrivateMessage]:
         """Private messages not yet received, oldest first; they count as received after this."""
         async with self._transaction() as conn:
-            # The row lock makes two takes of one inbox (two devices) take turns.
+            # The row lock makes two takes of one inbox (two devices) take turns; NO KEY
+            # so that the user's own sends (foreign keys take KEY SHARE) go on meanwhile.
             cursor = await conn.fetchval(
-                "SELECT inbox_cursor FROM users WHERE id = $1 FOR UPDATE", user_id
+                "SELECT inbox_cursor FROM users WHERE id = $1 FOR NO KEY UPDATE", user_id
             )
             if cursor is None:
                 return Batch([], more=False)
@@ -454,7 +455,7 @@ class PostgresStore:
         async with self._transaction() as conn:
             member = await conn.fetchrow(
                 "SELECT read_cursor FROM channel_members"
-                " WHERE channel_id = $1 AND user_id = $2 FOR UPDATE",
+                " WHERE channel_id = $1 AND user_id = $2 FOR NO KEY UPDATE",
                 channel_id, user_id,
             )
             cursor_value = None if member is None else member[0]
