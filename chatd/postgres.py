@@ -684,8 +684,13 @@ async def _insert(
     for m in messages:
         seq = heads[(kind, m.target_id)] = heads.get((kind, m.target_id), 0) + 1
         seqs.append(seq)
+    targets = sorted({m.target_id for m in messages})
+    # The heads move in the same statement: one round trip to the database, not two.
     rows = await conn.fetch(
-        f"INSERT INTO {table} (sender_id, {stream}, seq, body, created_at, client_id)"
+        f"WITH heads AS (UPDATE {counter_table} SET {counter} = h.q"
+        "  FROM unnest($7::bigint[], $8::bigint[]) AS h(id, q)"
+        f"  WHERE {counter_table}.id = h.id)"
+        f" INSERT INTO {table} (sender_id, {stream}, seq, body, created_at, client_id)"
         " SELECT s, t, q, b, c, k FROM unnest($1::bigint[], $2::bigint[], $3::bigint[],"
         "  $4::bytea[], $5::float8[], $6::bytea[]) WITH ORDINALITY AS v(s, t, q, b, c, k, n)"
         f" ORDER BY n RETURNING id, {stream}, seq",
@@ -695,16 +700,10 @@ async def _insert(
         [m.body.encode() for m in messages],
         [m.created_at for m in messages],
         [None if m.client_id is None else m.client_id.encode() for m in messages],
-    )
-    ids = {(row[1], row[2]): row[0] for row in rows}
-    targets = sorted({m.target_id for m in messages})
-    await conn.execute(
-        f"UPDATE {counter_table} SET {counter} = v.q"
-        " FROM unnest($1::bigint[], $2::bigint[]) AS v(id, q)"
-        f" WHERE {counter_table}.id = v.id",
         targets,
         [heads[(kind, target)] for target in targets],
     )
+    ids = {(row[1], row[2]): row[0] for row in rows}
     return [
         Stored(ids[(m.target_id, seq)], m.created_at)
         for m, seq in zip(messages, seqs, strict=True)
