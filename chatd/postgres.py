@@ -189,10 +189,6 @@ class PostgresStore:
                 await conn.execute("DELETE FROM chatd_schema")
                 await conn.execute("INSERT INTO chatd_schema VALUES ($1)", len(MIGRATIONS))
 
-    async def schema_version(self) -> int:
-        version: int = await self._pool.fetchval("SELECT version FROM chatd_schema")
-        return version
-
     async def _settled(self) -> None:
         """Wait until every message enqueued before has committed (read your writes)."""
         last = self._last_enqueued

@@ -553,6 +553,21 @@ async def test_nodes_starting_at_once_on_an_empty_postgres_do_not_race(
     assert await stores[3].find_user("ann") is not None
 
 
+async def test_postgres_refuses_a_schema_newer_than_it_knows(backend: Backend) -> None:
+    if backend.kind != "postgresql":
+        pytest.skip("SQLite's Store does not check this yet")
+    await backend.close(await backend.open())
+    import asyncpg
+
+    conn = await asyncpg.connect(backend.db)
+    try:
+        await conn.execute("UPDATE chatd_schema SET version = 999")
+    finally:
+        await conn.close()
+    with pytest.raises(StoreError, match="version 999, newer than this chatd knows"):
+        await backend.open()
+
+
 async def test_postgres_numbers_each_stream_from_one(backend: Backend) -> None:
     if backend.kind != "postgresql":
         pytest.skip("SQLite numbers streams in the rest of issue 13")
