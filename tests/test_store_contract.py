@@ -611,3 +611,28 @@ async def test_a_missing_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch)
     assert str(caught.value) == (
         "postgresql URLs need the asyncpg driver: pip install 'chatd[postgresql]'"
     )
+
+
+SQLITE_ONLY = """
+import asyncio, sys
+from chatd.config import Config
+from chatd.server import Server
+from chatd.storage import open_store
+
+async def main() -> None:
+    store = await open_store(sys.argv[1], Config(db=sys.argv[1]))
+    await store.close()
+
+asyncio.run(main())
+print("asyncpg" in sys.modules)
+"""
+
+
+async def test_the_sqlite_default_never_loads_the_driver(tmp_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SQLITE_ONLY, str(tmp_path / "plain.sqlite3"),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(60):
+        out, _ = await proc.communicate()
+    assert (proc.returncode, out.strip()) == (0, b"False")
