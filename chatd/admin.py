@@ -1,12 +1,15 @@
-"""``chatd backup`` and ``chatd admin``: what an operator needs, run against the database file.
+"""``chatd backup``, ``chatd admin`` and ``chatd init``: what an operator needs, run
+against the database file.
 
-They work while the server runs (SQLite WAL lets both use the file).  Revoking
+Backup and admin work while the server runs (SQLite WAL lets both use the file;
+they do not take the server's instance lock, chatd/dbfile.py).  Revoking
 tokens or deleting a user ends that user's live sessions within
 ``token_recheck`` seconds (protocol.md, "Authentication and sessions").
 """
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import os
 import sys
@@ -17,6 +20,7 @@ from typing import TextIO
 from chatd import store as store_module
 from chatd.auth import Hasher
 from chatd.config import Config
+from chatd.dbfile import InstanceLock
 from chatd.protocol import format_datetime
 from chatd.store import Store, StoreError, User
 from chatd.validation import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, name_key
@@ -35,6 +39,30 @@ def backup(config: Config, target: str) -> str:
     except Exception as exc:
         raise AdminError(f"backup failed: {exc}") from exc
     return f"backed up {config.db} to {target}"
+
+
+async def init_database(config: Config) -> str:
+    """Create a new, empty database: the explicit way to start over once one went missing.
+
+    Takes the server's instance lock, so it is refused while a server runs.
+    """
+    try:
+        lock = await asyncio.to_thread(InstanceLock.acquire, config.db)
+    except StoreError as exc:
+        raise AdminError(str(exc)) from exc
+    try:
+        for leftover in (config.db, config.db + "-wal", config.db + "-shm"):
+            if await asyncio.to_thread(os.path.exists, leftover):
+                raise AdminError(
+                    f"{leftover} exists: chatd init only creates a database where there is"
+                    " none (move the old files away first)"
+                )
+        store = await open_store(config)
+        await store.close()
+        await asyncio.to_thread(lock.record_database)
+    finally:
+        await asyncio.to_thread(lock.release)
+    return f"created a new, empty database at {config.db}"
 
 
 async def list_users(store: Store, out: TextIO) -> None:

@@ -1,4 +1,4 @@
-"""``chatd``: serve (the default), ``chatd backup PATH``, ``chatd admin ...``.
+"""``chatd``: serve (the default), ``chatd backup PATH``, ``chatd admin ...``, ``chatd init``.
 
 Settings come from defaults < ``--config`` TOML file < ``CHATD_*`` environment
 < flags (``config.py``).  The server runs until SIGTERM or SIGINT; SIGHUP
@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from typing import Any, NoReturn
 
 from chatd import __version__, admin, logs, systemd
@@ -33,22 +33,44 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"chatd: {message} (see chatd --help)\n")
 
 
-def _settings_parser() -> _OneLineParser:
-    """Flags for every setting; SUPPRESS keeps unset flags out, so lower layers show through."""
+def _settings_parser(listed: Collection[str] | None = None) -> _OneLineParser:
+    """Flags for every setting; SUPPRESS keeps unset flags out, so lower layers show through.
+
+    Only the settings in ``listed`` (all when None) appear in --help; the rest are
+    accepted all the same.
+    """
     parser = _OneLineParser(add_help=False)
     parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
                         help=f"TOML file of settings (env {ENV_PREFIX}CONFIG)")
     for name, f in FIELDS.items():
         kind = type(f.default)
+        shown = listed is None or name in listed
         parser.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,
             type=kind if kind in (int, float) else str,
             default=argparse.SUPPRESS,
             metavar=name.upper(),
-            help=f"{f.metadata['help']} (default: {f.default}; env {ENV_PREFIX}{name.upper()})",
+            help=f"{f.metadata['help']} (default: {f.default}; env {ENV_PREFIX}{name.upper()})"
+            if shown else argparse.SUPPRESS,
         )
     return parser
+
+
+# `chatd admin COMMAND`: what each does, for --help.
+ADMIN_COMMANDS = {
+    "users": "list every user: name, registration time (UTC), live session tokens",
+    "reset-password": "set a user's new password (read from stdin) and end their sessions",
+    "revoke-tokens": "log a user out everywhere",
+    "delete-user": "delete a user and everything they sent, received or joined (needs --yes)",
+}
+# The settings an operation uses, listed in its --help (the others are accepted too).
+_OPERATION_SETTINGS = ("db", "db_busy_timeout")
+_OPERATION_EPILOG = "Every setting of `chatd --help` is accepted too. Works while the server runs."
+_ADMIN_EPILOG = (
+    "Every setting of `chatd --help` is accepted too (the argon2 costs matter to "
+    "reset-password). Works while the server runs; see README.md, \"Operating it\"."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,23 +81,47 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"chatd {__version__}")
     parser.add_argument("--print-config", action="store_true",
                         help="print the effective configuration as TOML and exit")
-    commands = parser.add_subparsers(dest="command", metavar="[backup|admin]")
-    backup = commands.add_parser("backup", parents=[common], help="copy the database online")
+    commands = parser.add_subparsers(dest="command", metavar="[backup|admin|init]")
+    operation = _settings_parser(listed=_OPERATION_SETTINGS)
+    backup = commands.add_parser("backup", parents=[operation], help="copy the database online",
+                                 epilog=_OPERATION_EPILOG)
     backup.add_argument("path", help="the new file to write")
-    manage = commands.add_parser("admin", parents=[common], help="manage users")
-    actions = manage.add_subparsers(dest="action", required=True)
-    actions.add_parser("users", parents=[common], help="list users")
-    for action, what in (
-        ("reset-password", "set a new password (read from stdin) and revoke every token"),
-        ("revoke-tokens", "log a user out everywhere"),
-        ("delete-user", "delete a user and everything they sent, received or joined"),
-    ):
-        sub = actions.add_parser(action, parents=[common], help=what)
-        sub.add_argument("name")
-        if action == "delete-user":
-            sub.add_argument("--yes", action="store_true", required=True,
-                             help="confirm: this cannot be undone")
+    _add_admin(commands, operation)
+    commands.add_parser(
+        "init", parents=[operation],
+        help="create a new, empty database where there is none (also where one went missing)",
+        epilog="Every setting of `chatd --help` is accepted too. Refused while a server runs;"
+        " see README.md, \"The database file\".",
+    )
     return parser
+
+
+def _add_admin(commands: Any, operation: argparse.ArgumentParser) -> None:
+    manage = commands.add_parser(
+        "admin", parents=[operation], help="manage users: " + ", ".join(ADMIN_COMMANDS),
+        description="Manage the users of a chatd database.", epilog=_ADMIN_EPILOG,
+    )
+    actions = manage.add_subparsers(dest="action", metavar="COMMAND", title="commands")
+    for action, what in ADMIN_COMMANDS.items():
+        sub = actions.add_parser(action, parents=[operation], help=what, description=what,
+                                 epilog=_ADMIN_EPILOG)
+        if action != "users":
+            sub.add_argument("name", help="the user's name (any case)")
+        if action == "delete-user":
+            sub.add_argument("--yes", action="store_true",
+                             help="confirm the deletion: it cannot be undone")
+
+
+def _admin_usage_error(args: argparse.Namespace) -> str | None:
+    """What is missing from a `chatd admin` command line, said so that it can be fixed."""
+    if args.action is None:
+        return (f"chatd admin: name a command: {', '.join(ADMIN_COMMANDS)}"
+                " (see chatd admin --help)")
+    if args.action == "delete-user" and not args.yes:
+        return (f"chatd admin delete-user: this deletes {args.name} with every message they"
+                " sent or received, their channel memberships and sessions, for good;"
+                " add --yes to confirm")
+    return None
 
 
 def load_config(args: argparse.Namespace) -> Config:
@@ -111,9 +157,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _operate(args: argparse.Namespace, config: Config) -> int:
+    if args.command == "admin" and (usage := _admin_usage_error(args)) is not None:
+        print(usage, file=sys.stderr)
+        return 2
     try:
         if args.command == "backup":
             print(admin.backup(config, args.path))
+        elif args.command == "init":
+            print(asyncio.run(admin.init_database(config)))
         else:
             admin.require_database(config)
             asyncio.run(_administer(args, config))

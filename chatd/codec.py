@@ -37,7 +37,7 @@ class Oversize:
 
     @property
     def reason(self) -> str:
-        return f"frame of {self.length} bytes exceeds the limit of {self.limit}"
+        return f"frame of {self.length} bytes is over the limit of {self.limit} bytes"
 
 
 _local = threading.local()
@@ -63,14 +63,35 @@ def decode_body(payload: bytes | memoryview) -> Any:
     try:
         return _unpackb(payload, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:
-        return _malformed(exc)
+        return _malformed(exc, len(payload))
 
 
 _unpackb = msgpack.unpackb
 
 
-def _malformed(exc: Exception) -> Malformed:
-    return Malformed(f"body is not valid msgpack ({type(exc).__name__})")
+def _malformed(exc: Exception, size: int) -> Malformed:
+    return Malformed(undecodable(exc, size))
+
+
+def undecodable(exc: Exception, size: int) -> str:
+    """Why a body of ``size`` bytes did not decode, in the client's terms: which rule of
+    protocol.md's "Framing" it broke, never the decoder's exception."""
+    if size == 0:
+        return "frame body is empty: a request is one msgpack map"
+    if isinstance(exc, msgpack.ExtraData):
+        return "frame body has bytes after its msgpack value: one value per frame"
+    if isinstance(exc, UnicodeDecodeError):
+        return "frame body has a string that is not valid UTF-8"
+    if isinstance(exc, msgpack.StackError):
+        return "frame body is nested too deeply"
+    # msgpack says these two only in the text of a plain ValueError (both its C and
+    # its pure-Python unpacker); anything else gets the general answer.
+    text = str(exc)
+    if "not allowed for map key" in text:
+        return "frame body has a map key that is not a string"
+    if "incomplete input" in text:
+        return "frame body ends in the middle of a msgpack value"
+    return "frame body is not valid msgpack"
 
 
 class FrameDecoder:
@@ -142,7 +163,7 @@ class FrameDecoder:
                 else:
                     bodies.append(unpack(body))
             except Exception as exc:  # as in decode_body, written out: this is the hot loop
-                bodies.append(_malformed(exc))
+                bodies.append(_malformed(exc, length))
             offset = end
         if offset < size:
             self._buffer = bytearray(memoryview(data)[offset:])

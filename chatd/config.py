@@ -72,10 +72,25 @@ class Config:
     abuse_limit: int = _setting(
         100, "rate-limited requests one connection may make before it is closed", 1
     )
+    # Joins and leaves share a bucket; acks follow incoming traffic, so they get their own,
+    # above the message rate (protocol.md, "Flood control").
+    membership_rate: float = _setting(
+        1.0, "channel joins and leaves a user may make per second, sustained", 0.001
+    )
+    membership_burst: int = _setting(50, "channel joins and leaves a user may make at once", 1)
+    ack_rate: float = _setting(50.0, "/ack requests a user may make per second, sustained", 0.001)
+    ack_burst: int = _setting(200, "/ack requests a user may make at once", 1)
+    subscribe_rate: float = _setting(
+        1.0, "/subscribe requests a user may make per second, sustained", 0.001
+    )
+    subscribe_burst: int = _setting(20, "/subscribe requests a user may make at once", 1)
     login_free_failures: int = _setting(
-        3, "failed logins per name or address before each further one doubles the wait", 0
+        3, "failed logins per name and address before each further guess waits 1 s, 2 s, 4 s...", 0
     )
     login_max_delay: float = _setting(300.0, "longest wait imposed after failed logins", 1)
+    login_name_concurrency: int = _setting(
+        2, "logins for one name whose password is being checked at once", 1
+    )
     register_rate: float = _setting(0.2, "registrations per second from one address", 0.001)
     register_burst: int = _setting(10, "registrations at once from one address", 1)
     hash_queue: int = _setting(64, "password hashes waiting at most; beyond: code 8", 1)
@@ -159,6 +174,13 @@ RELOADABLE = frozenset(
         "abuse_limit",
         "login_free_failures",
         "login_max_delay",
+        "login_name_concurrency",
+        "membership_rate",
+        "membership_burst",
+        "ack_rate",
+        "ack_burst",
+        "subscribe_rate",
+        "subscribe_burst",
         "register_rate",
         "register_burst",
         "max_connections",

@@ -12,6 +12,11 @@ Message ids grow with commit order, and the hub offers a message only after
 it is committed, so whatever the store's catch-up reads missed, the queue
 holds.  If the queue overflows it is dropped and the catch-up simply reads on:
 the store is the truth, the queue only a shortcut.
+
+What a stream holds for its user is the fetch's business: a channel's fetch
+leaves out the user's own messages stored before the catch-up began (they are
+not news to them, protocol.md section 9), so ids may skip them; order and the
+"above the last id written" rule are unaffected.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from chatd import events, validation
-from chatd.auth import Hasher, new_token, token_digest
+from chatd.auth import Hasher, Verdict, new_token, token_digest
 from chatd.config import Config
 from chatd.delivery import INBOX, Fetch, Position, Subscription
 from chatd.errors import (
@@ -29,7 +29,7 @@ from chatd.errors import (
     RateLimited,
 )
 from chatd.hub import Hub, Session
-from chatd.limits import Guards, address_key
+from chatd.limits import Guards, RateLimiter, address_key
 from chatd.metrics import Metrics
 from chatd.protocol import Data, Params, Request, format_datetime
 from chatd.storage import MessageStore
@@ -96,18 +96,19 @@ class Op:
 
 
 async def register(ctx: Context, params: Params) -> None:
-    name = validation.user_name(params)
+    name = validation.new_user_name(params)
     password = validation.new_password(params, "password")
     repeated = params.text("password_repete", validation.MAX_PASSWORD_LENGTH)
     if password != repeated:
-        raise BadRequest("passwords differ")
+        raise BadRequest("password and password_repete differ")
     _throttle_registration(ctx)
-    key = validation.name_key(name)
+    key, skeletons = validation.name_key(name), validation.name_skeletons(name)
+    # A name that looks like a user's is taken too, with the same answer (no more is told).
     # Checked before hashing so a taken name costs no argon2 work; the insert re-checks.
-    if await ctx.store.find_user(key) is not None:
+    if await ctx.store.user_name_taken(key, skeletons):
         raise NameTaken()
     password_hash = await ctx.hasher.hash(password)
-    if not await ctx.store.create_user(name, key, password_hash, ctx.clock()):
+    if not await ctx.store.create_user(name, key, skeletons, password_hash, ctx.clock()):
         raise NameTaken()
 
 
@@ -120,30 +121,10 @@ def _throttle_registration(ctx: Context) -> None:
         raise RateLimited("too many registrations from your address", wait)
 
 
-def _login_keys(ctx: Context, name: str) -> list[tuple[str, str]]:
-    """Failed logins are counted per name, and per address unless it is trusted."""
-    keys = [("name", validation.name_key(name))]
-    if ctx.session.address not in ctx.guards.trusted:
-        keys.append(("address", address_key(ctx.session.address)))
-    return keys
-
-
 async def login(ctx: Context, params: Params) -> Data:
     name = params.text("name", validation.MAX_NAME_LENGTH)
     password = params.text("password", validation.MAX_PASSWORD_LENGTH)
-    keys, now = _login_keys(ctx, name), ctx.clock()
-    wait = max(ctx.guards.logins.wait(key, now) for key in keys)
-    if wait:
-        raise RateLimited("too many failed logins: wait before trying again", wait)
-    user = await ctx.store.find_user(validation.name_key(name))
-    # An unknown name is verified against a dummy hash: same answer, same time.
-    verdict = await ctx.hasher.verify(user.password_hash if user else None, password)
-    if user is None or not verdict.ok:
-        for key in keys:
-            ctx.guards.logins.failed(key, now)
-        log.info("failed login for %r from %s", name, ctx.session)
-        raise BadCredentials()
-    ctx.guards.logins.succeeded(keys[0])
+    user, verdict = await _guarded_check(ctx, name, password)
     if verdict.new_hash is not None:
         await ctx.store.set_password_hash(user.id, verdict.new_hash)
     token = new_token()
@@ -155,6 +136,35 @@ async def login(ctx: Context, params: Params) -> Data:
     ctx.session.token_checked_at = now
     log.info("login %s from %s", user.name, ctx.session)
     return {"token": token, "name": user.name}
+
+
+async def _guarded_check(ctx: Context, name: str, password: str) -> tuple[User, Verdict]:
+    """The user, if the password is theirs; the guess is counted as it starts
+    (protocol.md, "Flood control"), and unknown names are counted like known ones."""
+    address = ctx.session.address
+    attempt = ctx.guards.logins.start(
+        validation.name_key(name),
+        address_key(address),
+        by_address=address not in ctx.guards.trusted,
+        now=ctx.clock(),
+    )
+    try:
+        user = await ctx.store.find_user(validation.name_key(name))
+        # An unknown name is verified against a dummy hash: same answer, same time.
+        verdict = await ctx.hasher.verify(user.password_hash if user else None, password)
+    except Exception:
+        ctx.guards.logins.released(attempt)  # the server's fault (busy, error): no guess
+        raise
+    except BaseException:
+        # Cancelled mid-check: a failure, so dropped connections buy no unseen guesses.
+        ctx.guards.logins.failed(attempt, ctx.clock())
+        raise
+    if user is None or not verdict.ok:
+        ctx.guards.logins.failed(attempt, ctx.clock())
+        log.info("failed login for %r from %s", name, ctx.session)
+        raise BadCredentials()
+    ctx.guards.logins.succeeded(attempt)
+    return user, verdict
 
 
 async def logout(ctx: Context, params: Params) -> None:
@@ -193,7 +203,7 @@ async def authenticate(ctx: Context, token: str) -> None:
     owner = await ctx.store.token_owner(digest, ctx.clock())
     if owner is None:
         ctx.hub.unbind(session)  # never leave a connection acting for someone it cannot prove
-        raise NotAuthenticated("invalid or expired token")
+        raise NotAuthenticated("invalid, expired or revoked token: log in again")
     user, expires_at = owner
     await _bind(ctx, session, user, digest, expires_at)
     session.token, session.token_checked_at = token, ctx.clock()
@@ -228,9 +238,14 @@ async def user_info(ctx: Context, params: Params) -> Data:
 
 
 def _throttle_messages(ctx: Context) -> None:
-    wait = ctx.guards.messages.take(ctx.user_id, ctx.clock())
+    _throttle(ctx, ctx.guards.messages, "sending too fast")
+
+
+def _throttle(ctx: Context, bucket: RateLimiter, too_fast: str) -> None:
+    """Take one from the caller's bucket, or refuse the request with code 8."""
+    wait = bucket.take(ctx.user_id, ctx.clock())
     if wait:
-        raise RateLimited("sending too fast", wait)
+        raise RateLimited(too_fast, wait)
 
 
 async def send(ctx: Context, params: Params) -> Deferred:
@@ -312,6 +327,7 @@ def _page(ctx: Context, params: Params) -> tuple[int | None, int]:
 
 
 async def subscribe(ctx: Context, params: Params) -> None:
+    _throttle(ctx, ctx.guards.subscribes, "subscribing too often")
     if ctx.session.subscription is not None:
         return  # already live: a second catch-up would only repeat what was sent
     subscription = Subscription(ctx.session, ctx.config.receive_batch, ctx.config.catch_up_queue)
@@ -329,12 +345,22 @@ async def subscribe(ctx: Context, params: Params) -> None:
 
 
 def _channel_catch_up(store: MessageStore, user_id: int, channel_id: int) -> CatchUp:
+    # The user's own messages are never news to them, so the catch-up skips those stored
+    # before it started; later ones are live, and reach this device like any live push
+    # (protocol.md, section 9, "Your own messages").
+    live_from = 0
+
+    async def position() -> tuple[int, bool]:
+        nonlocal live_from
+        start, fresh, live_from = await store.channel_position(channel_id, user_id)
+        return start, fresh
+
     async def channel_after(after: int, limit: int) -> list[tuple[int, bytes]]:
         name = await store.channel_name(channel_id)
-        messages = await store.channel_after(channel_id, after, limit)
+        messages = await store.channel_after(channel_id, after, limit, user_id, live_from)
         return [(m.id, events.channel_message(name, m)) for m in messages]
 
-    return channel_id, lambda: store.channel_position(channel_id, user_id), channel_after
+    return channel_id, position, channel_after
 
 
 async def unsubscribe(ctx: Context, params: Params) -> None:
@@ -342,6 +368,7 @@ async def unsubscribe(ctx: Context, params: Params) -> None:
 
 
 async def ack(ctx: Context, params: Params) -> Data:
+    _throttle(ctx, ctx.guards.acks, "acknowledging too often: acknowledge the latest id only")
     message_id = params.optional_int("id", minimum=0)
     if message_id is None:
         raise BadRequest("missing parameter 'id'")
@@ -375,10 +402,20 @@ async def _member_channel(ctx: Context, params: Params) -> Channel:
 async def _use_channel(ctx: Context, name: str, rejoin: bool = False) -> Channel:
     """The channel, created and joined on first use (the seed's rule)."""
     key = validation.name_key(name)
-    known = await ctx.store.find_channel(key) if ctx.hub.is_online(ctx.user_id) else None
-    if known is not None and ctx.hub.is_member(ctx.user_id, known.id):
+    known = await ctx.store.find_channel(key)
+    if known is not None and ctx.hub.is_online(ctx.user_id) and ctx.hub.is_member(
+        ctx.user_id, known.id
+    ):
         return known  # the hub knows the memberships of online users: no transaction
-    channel, joined = await ctx.store.join_channel(name, key, ctx.user_id, ctx.clock(), rejoin)
+    if known is None:
+        validation.check_new_name(name, "channel name")  # it would be created
+    if not rejoin:  # a first use joins (or creates): /channel/join has paid already
+        _throttle_memberships(ctx)
+    channel, joined = await ctx.store.join_channel(
+        name, key, validation.name_skeletons(name), ctx.user_id, ctx.clock(), rejoin
+    )
+    if joined is Joined.LOOKALIKE:
+        raise NameTaken(f"channel name looks like the existing channel {channel.name!r}")
     if joined is Joined.LEFT:
         raise Forbidden("you left this channel: /channel/join it again")
     if joined is Joined.NOW:
@@ -388,12 +425,18 @@ async def _use_channel(ctx: Context, name: str, rejoin: bool = False) -> Channel
     return channel
 
 
+def _throttle_memberships(ctx: Context) -> None:
+    _throttle(ctx, ctx.guards.memberships, "joining and leaving channels too fast")
+
+
 async def channel_join(ctx: Context, params: Params) -> Data:
+    _throttle_memberships(ctx)
     channel = await _use_channel(ctx, validation.channel_name(params), rejoin=True)
     return {"name": channel.name}
 
 
 async def channel_leave(ctx: Context, params: Params) -> None:
+    _throttle_memberships(ctx)
     channel = await _existing_channel(ctx, params)
     if not await ctx.store.leave_channel(channel.id, ctx.user_id, ctx.clock()):
         raise Forbidden("not a member of this channel")
@@ -517,10 +560,10 @@ def _live_session_due_for_recheck(ctx: Context, now: float) -> bool:
     be checked against the store again (every token_recheck seconds)."""
     session = ctx.session
     if session.user_id is None:
-        raise NotAuthenticated()
+        raise NotAuthenticated("not logged in: send /login first, or a token with the request")
     if session.token_expires_at <= now:
         ctx.hub.unbind(session)
-        raise NotAuthenticated("session expired")
+        raise NotAuthenticated("token expired: log in again")
     return now - session.token_checked_at >= ctx.config.token_recheck
 
 
@@ -531,5 +574,5 @@ async def _recheck_token(ctx: Context, now: float) -> None:
     assert session.token_digest is not None
     if await ctx.store.token_owner(session.token_digest, now) is None:
         ctx.hub.unbind(session)
-        raise NotAuthenticated("session revoked")
+        raise NotAuthenticated("token revoked: log in again")
     session.token_checked_at = now

@@ -7,12 +7,20 @@ also feeds prometheus-client (the ``metrics`` extra) and serves it on
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Collection
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 RATE_WINDOW = 60  # seconds over which messages per second is averaged
+# The same words as README.md's, for an installed package and for a clone.
+MISSING_EXTRA = (
+    "metrics_port needs prometheus-client: pip install 'chatd[metrics]'"
+    " (in a clone: pip install -e '.[metrics]')"
+)
 
 
 class Metrics:
@@ -59,7 +67,7 @@ class Metrics:
         return recent / min(RATE_WINDOW, max(self.uptime, 1.0))
 
     def serve(self, host: str, port: int) -> None:
-        raise RuntimeError("the metrics endpoint needs prometheus-client (chatd[metrics])")
+        raise RuntimeError(MISSING_EXTRA)
 
     def close(self) -> None:
         pass
@@ -122,6 +130,9 @@ class PrometheusMetrics(Metrics):
 
     def serve(self, host: str, port: int) -> None:
         self._server, _ = self._prom.start_http_server(port, addr=host, registry=self.registry)
+        # Logged like the listening address, so an operator sees where to point Prometheus.
+        shown = f"[{host}]" if ":" in host else host
+        log.info("metrics on http://%s:%d/metrics", shown, self._server.server_port)
 
     def close(self) -> None:
         if self._server is not None:
@@ -136,6 +147,4 @@ def create(enabled: bool, known_ops: Collection[str]) -> Metrics:
     try:
         return PrometheusMetrics(known_ops)
     except ImportError:
-        raise RuntimeError(
-            "metrics_port needs prometheus-client: pip install 'chatd[metrics]'"
-        ) from None
+        raise RuntimeError(MISSING_EXTRA) from None

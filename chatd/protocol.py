@@ -29,6 +29,24 @@ def _format_second(second: int) -> str:
     return time.strftime(DATETIME_FORMAT, time.gmtime(second))
 
 
+# What a decoded value was on the wire, for error messages in the client's terms.
+_WIRE_TYPES = {
+    bool: "a boolean",
+    int: "an integer",
+    float: "a float",
+    str: "a string",
+    bytes: "bin (bytes)",
+    list: "an array",
+    dict: "a map",
+    type(None): "nil",
+}
+
+
+def wire_type(value: object) -> str:
+    """The msgpack type ``value`` came as, with its article: "an array", "nil"..."""
+    return _WIRE_TYPES.get(type(value), "an ext type")  # ExtType, Timestamp
+
+
 def is_int(value: object) -> bool:
     # bool is a subclass of int in Python, but msgpack's true/false are not ids.
     return isinstance(value, int) and not isinstance(value, bool)
@@ -53,7 +71,7 @@ class Params:
         if value is None:
             return None
         if not isinstance(value, str):
-            raise BadRequest(f"parameter '{name}' must be a string")
+            raise BadRequest(f"parameter '{name}' must be a string, not {wire_type(value)}")
         if len(value) > max_length:
             raise TooLarge(f"parameter '{name}' is longer than {max_length} characters")
         return value
@@ -62,8 +80,10 @@ class Params:
         value = self._values.get(name)
         if value is None:
             return None
-        if not is_int(value) or not -(2**63) <= value < 2**63:
-            raise BadRequest(f"parameter '{name}' must be a 64-bit integer")
+        if not is_int(value):
+            raise BadRequest(f"parameter '{name}' must be an integer, not {wire_type(value)}")
+        if not -(2**63) <= value < 2**63:
+            raise BadRequest(f"parameter '{name}' must be a 64-bit integer, below 2^63")
         if minimum is not None and value < minimum:
             raise BadRequest(f"parameter '{name}' must be at least {minimum}")
         return int(value)
@@ -89,21 +109,23 @@ def request_id(body: object) -> int | None:
 def parse_request(body: object) -> Request:
     """Validate the envelope of a request; unknown keys are ignored."""
     if not isinstance(body, dict):
-        raise BadRequest("frame body must be a map")
+        raise BadRequest(f"frame body must be a map, not {wire_type(body)}")
     op = body.get("op")
+    if op is None:
+        raise BadRequest("missing 'op': the operation, such as \"/ping\"")
     if not isinstance(op, str):
-        raise BadRequest("'op' must be a string")
+        raise BadRequest(f"'op' must be a string, not {wire_type(op)}")
     rid = body.get("id")
     if rid is not None and not is_int(rid):
-        raise BadRequest("'id' must be an integer")
+        raise BadRequest(f"'id' must be an integer, not {wire_type(rid)}")
     params = body.get("params", {})
     if params is None:
         params = {}
     if not isinstance(params, dict):
-        raise BadRequest("'params' must be a map")
+        raise BadRequest(f"'params' must be a map, not {wire_type(params)}")
     token = body.get("token")
     if token is not None and not isinstance(token, str):
-        raise BadRequest("'token' must be a string")
+        raise BadRequest(f"'token' must be a string, not {wire_type(token)}")
     return Request(op=op, id=rid, params=Params(params), token=token)
 
 

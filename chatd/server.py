@@ -16,13 +16,14 @@ from chatd.auth import Hasher
 from chatd.codec import encode_frame
 from chatd.config import FIELDS, RELOADABLE, Config
 from chatd.connection import BodyHandler, Connection, ReadTimer
+from chatd.dbfile import InstanceLock
 from chatd.errors import RateLimited
 from chatd.handlers import OPS
 from chatd.hub import Hub
 from chatd.limits import address_key
 from chatd.metrics import create as create_metrics
 from chatd.protocol import failure
-from chatd.storage import open_store
+from chatd.storage import MessageStore, is_postgres_url, open_store
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class Server:
         self._report_closed = self._closed
         self._per_address: Counter[str] = Counter()
         self._token_sweeper: asyncio.Task[None] | None = None
+        self._instance: InstanceLock | None = None
 
     @property
     def app(self) -> App:
@@ -59,7 +61,7 @@ class Server:
     async def start(self) -> None:
         """Open the database, then listen. Raises StoreError or OSError if either fails."""
         metrics = create_metrics(self.config.metrics_port > 0, OPS)
-        store = await open_store(self.config.db, self.config)
+        store = await self._open_store()
         hasher = await asyncio.to_thread(Hasher, self.config)
         self._app = App(self.config, store, Hub(), hasher, metrics)
         self._handle_body = self._app.handle
@@ -74,6 +76,34 @@ class Server:
         self._token_sweeper = asyncio.create_task(self._sweep_tokens())
         scheme = "tls" if self.config.tls_cert else "tcp"
         log.info("listening on %s:%d (%s)", self.config.host, self.port, scheme)
+
+    async def _open_store(self) -> MessageStore:
+        """The database, if it may be served.
+
+        A SQLite file is served by one server at a time (the instance lock beside it),
+        must not be missing where one existed, and must be writable (open_store checks
+        that); a PostgreSQL database guards itself and may serve several nodes.
+        """
+        if is_postgres_url(self.config.db):
+            return await open_store(self.config.db, self.config)
+        self._instance = await asyncio.to_thread(InstanceLock.acquire, self.config.db)
+        try:
+            await asyncio.to_thread(self._instance.require_database)
+            store = await open_store(self.config.db, self.config)
+            try:
+                await asyncio.to_thread(self._instance.record_database)
+            except BaseException:
+                await store.close()
+                raise
+        except BaseException:
+            await self._release_instance()
+            raise
+        return store
+
+    async def _release_instance(self) -> None:
+        if self._instance is not None:
+            await asyncio.to_thread(self._instance.release)
+            self._instance = None
 
     async def _listen(self) -> asyncio.Server:
         tls = _tls_context(self.config)
@@ -192,6 +222,7 @@ class Server:
             self._app.hasher.close()
             self._app.metrics.close()
             self._app = None
+        await self._release_instance()  # last: the database is closed
 
     def reload(self, loaded: Config) -> list[str]:
         """Apply what can change while serving (RELOADABLE); returns the settings changed.

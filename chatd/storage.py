@@ -31,6 +31,7 @@ from chatd.store import (
     NewMessage,
     PrivateMessage,
     SentMessage,
+    Skeletons,
     Store,
     Stored,
     StoreError,
@@ -54,7 +55,10 @@ class MessageStore(Protocol):
     ) -> asyncio.Future[Stored]: ...
 
     # Users and tokens.
-    async def create_user(self, name: str, key: str, password_hash: str, now: float) -> bool: ...
+    async def create_user(
+        self, name: str, key: str, skeletons: Skeletons, password_hash: str, now: float
+    ) -> bool: ...
+    async def user_name_taken(self, key: str, skeletons: Skeletons) -> bool: ...
     async def find_user(self, key: str) -> User | None: ...
     async def find_profile(self, key: str) -> User | None: ...
     async def set_password_hash(self, user_id: int, password_hash: str) -> None: ...
@@ -71,7 +75,13 @@ class MessageStore(Protocol):
     # Channels.
     async def find_channel(self, key: str) -> Channel | None: ...
     async def join_channel(
-        self, name: str, key: str, user_id: int, now: float, rejoin: bool = False
+        self,
+        name: str,
+        key: str,
+        skeletons: Skeletons,
+        user_id: int,
+        now: float,
+        rejoin: bool = False,
     ) -> tuple[Channel, Joined]: ...
     async def leave_channel(self, channel_id: int, user_id: int, now: float) -> bool: ...
     async def channel_ids(self, user_id: int) -> list[int]: ...
@@ -87,12 +97,14 @@ class MessageStore(Protocol):
     async def ack_private(self, user_id: int, message_id: int) -> int: ...
     async def ack_channel(self, channel_id: int, user_id: int, message_id: int) -> int | None: ...
     async def inbox_position(self, user_id: int) -> tuple[int, bool]: ...
-    async def channel_position(self, channel_id: int, user_id: int) -> tuple[int, bool]: ...
+    async def channel_position(
+        self, channel_id: int, user_id: int
+    ) -> tuple[int, bool, int]: ...
     async def inbox_after(
         self, user_id: int, after_id: int, limit: int
     ) -> list[PrivateMessage]: ...
     async def channel_after(
-        self, channel_id: int, after_id: int, limit: int
+        self, channel_id: int, after_id: int, limit: int, reader_id: int, own_after: int
     ) -> list[ChannelMessage]: ...
 
     # History.
@@ -116,8 +128,9 @@ def is_postgres_url(db: str) -> bool:
 async def open_store(db: str, config: Config) -> MessageStore:
     """The store ``db`` names, schema created or migrated, ready to serve.
 
-    For SQLite this also starts the background WAL checkpointer the config asks for
-    (SQLite's own business, kept out of the server). Raises StoreError.
+    For SQLite this also refuses a file it cannot write and starts the background WAL
+    checkpointer the config asks for (SQLite's own business, kept out of the server).
+    Raises StoreError.
     """
     if is_postgres_url(db):
         try:
@@ -130,12 +143,15 @@ async def open_store(db: str, config: Config) -> MessageStore:
             ) from exc
         return await PostgresStore.open(db)
     store = await Store.open(db, config.db_synchronous, config.db_busy_timeout)
-    if config.db_checkpoint_interval:
-        try:
+    try:
+        await store.require_writable()
+        if config.db_checkpoint_interval:
             await store.checkpoint_in_background(db, config.db_checkpoint_interval)
-        except Exception as exc:
-            await store.close()
-            raise StoreError(f"cannot use database {db}: {exc}") from exc
+    except BaseException as exc:
+        await store.close()
+        if isinstance(exc, StoreError) or not isinstance(exc, Exception):
+            raise
+        raise StoreError(f"cannot use database {db}: {exc}") from exc
     return store
 
 

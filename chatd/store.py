@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -25,11 +26,42 @@ from typing import Any, Generic, TypeVar
 
 import aiosqlite
 
+from chatd.errors import ServerError
+from chatd.names import skeletons_of_key
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# What a name looks like in small letters and in capitals (chatd/names.py).
+Skeletons = tuple[str, str]
+
+
+async def _fill_skeletons(db: aiosqlite.Connection) -> None:
+    """Compute the skeletons of every name stored before there were skeleton columns.
+
+    Names that already look alike keep working (the index is not unique); only
+    new names are refused for looking like an existing one.
+    """
+    for table in ("users", "channels"):
+        rows = list(
+            await db.execute_fetchall(f"SELECT id, name_key FROM {table} WHERE skeleton IS NULL")
+        )
+        # Off the event loop: a large database has many names to transform.
+        values = await asyncio.to_thread(_skeletons, rows)
+        await db.executemany(
+            f"UPDATE {table} SET skeleton = ?, upper_skeleton = ? WHERE id = ?", values
+        )
+
+
+def _skeletons(rows: list[Any]) -> list[tuple[str, str, int]]:
+    return [(*skeletons_of_key(key), row_id) for row_id, key in rows]
+
+
+# A migration is an SQL script, or a Python step for what SQL cannot compute.
+Migration = str | Callable[[aiosqlite.Connection], Awaitable[None]]
+
 # Each entry moves the schema one version up; PRAGMA user_version records where we are.
-MIGRATIONS: Sequence[str] = (
+MIGRATIONS: Sequence[Migration] = (
     """
     CREATE TABLE users (
         id            INTEGER PRIMARY KEY,
@@ -90,11 +122,39 @@ MIGRATIONS: Sequence[str] = (
     ALTER TABLE channel_members ADD COLUMN left_at REAL;
     CREATE INDEX private_by_pair ON private_messages(recipient_id, sender_id, id);
     """,
+    """
+    -- What a name looks like in small letters and in capitals (UTS #39 skeletons,
+    -- chatd/names.py): a new user or channel whose name looks like an existing one is
+    -- refused. Not unique: databases made before this may hold look-alikes, and they
+    -- keep working.
+    ALTER TABLE users ADD COLUMN skeleton TEXT;
+    ALTER TABLE users ADD COLUMN upper_skeleton TEXT;
+    ALTER TABLE channels ADD COLUMN skeleton TEXT;
+    ALTER TABLE channels ADD COLUMN upper_skeleton TEXT;
+    CREATE INDEX users_by_skeleton ON users(skeleton);
+    CREATE INDEX users_by_upper_skeleton ON users(upper_skeleton);
+    CREATE INDEX channels_by_skeleton ON channels(skeleton);
+    CREATE INDEX channels_by_upper_skeleton ON channels(upper_skeleton);
+    """,
+    _fill_skeletons,
 )
 
 
 class StoreError(Exception):
     """The database cannot be opened or migrated."""
+
+
+class DatabaseFileLost(ServerError):
+    """The database file was deleted or replaced while chatd had it open (code 9).
+
+    Whatever is written after that goes into a file no one will find again, so
+    nothing more is written, and nothing written after the loss is acknowledged.
+    """
+
+    default_message = (
+        "database file was deleted or replaced; writes refused until chatd is restarted"
+        " by an operator"
+    )
 
 
 # Rows as plain slotted dataclasses, treated as read-only: frozen ones cost several
@@ -162,6 +222,7 @@ class Joined(Enum):
     NOW = "now"  # the caller was not a member and now is
     ALREADY = "already"  # the caller was a member already
     LEFT = "left"  # the caller left this channel and has not re-joined
+    LOOKALIKE = "lookalike"  # a new name that looks like this existing channel's: nothing done
 
 
 @dataclass(slots=True)
@@ -209,6 +270,8 @@ PROFILE_TTL = 10.0
 
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 
+RESCUED_INFIX = ".rescued-"  # <db>.rescued-<UTC time>: the copy saved of a lost database
+
 
 # A message waiting for the group commit: its future, and what to call once committed.
 _Unwritten = tuple[NewMessage, asyncio.Future[Stored], Callable[[Stored], None] | None]
@@ -232,8 +295,16 @@ def _settle(
 
 
 class Store:
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(
+        self, db: aiosqlite.Connection, path: str, identity: tuple[int, int] | None
+    ) -> None:
         self._db = db
+        self._path = path
+        self._identity = identity  # the file opened; None when it has none (":memory:")
+        self._lost: str | None = None  # how the file was lost, once it was
+        self._rescue: asyncio.Task[None] | None = None
+        self._rescued = False
+        self._companions: dict[str, tuple[int, int]] = {}  # "-wal", "-shm" -> identity
         # Kept: asyncio.get_running_loop() makes a getpid() system call each time in
         # Python 3.11, which showed up as 2.5% of the server's time under /send load.
         self._loop = asyncio.get_running_loop()
@@ -257,18 +328,44 @@ class Store:
             # thread posting to the event loop, which may be closed by then (aiosqlite 0.22).
             await asyncio.to_thread(_probe, path)
             db = await aiosqlite.connect(path, isolation_level=None)
+            identity = await asyncio.to_thread(_identity, path)
         except Exception as exc:
             raise StoreError(f"cannot open database {path}: {exc}") from exc
-        store = cls(db)
+        store = cls(db, await asyncio.to_thread(os.path.abspath, path), identity)
         try:
             await store._configure(synchronous, busy_timeout)
             await store._migrate()
+            store._companions = await asyncio.to_thread(_companions, store._path)
         except Exception as exc:
             await db.close()
             raise StoreError(f"cannot use database {path}: {exc}") from exc
         return store
 
+    async def require_writable(self) -> None:
+        """Refuse a database chatd can read but not write (a read-only file or mount).
+
+        SQLite opens such a file read-only without complaint, and every write would
+        then fail with code 9 while the server reports that it is serving. A write
+        is tried and rolled back: BEGIN IMMEDIATE alone succeeds even on a
+        read-only file in WAL mode.
+        """
+        try:
+            async with self._lock:
+                version = int(await self._scalar("PRAGMA user_version"))
+                await self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    await self._db.execute(f"PRAGMA user_version={version}")
+                finally:
+                    await self._db.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            raise StoreError(
+                f"database {self._path} is read-only ({exc}): chatd must be able to write"
+                " it and its directory; fix the file's permissions or the mount"
+            ) from exc
+
     async def close(self) -> None:
+        if self._rescue is not None:
+            await asyncio.gather(self._rescue, return_exceptions=True)
         if self._checkpoints is not None:
             self._checkpoints.cancel()
             await asyncio.gather(self._checkpoints, return_exceptions=True)
@@ -276,6 +373,8 @@ class Store:
             await self._checkpointer.close()
         async with self._turn():
             await self._db.close()
+        if self._lost is not None:
+            await asyncio.to_thread(self._drop_stale_companions)
 
     async def checkpoint_in_background(self, path: str, interval: float) -> None:
         """Move the WAL into the database every ``interval`` seconds, off the write path.
@@ -294,6 +393,8 @@ class Store:
         assert self._checkpointer is not None
         while True:
             await asyncio.sleep(interval)
+            if self._file_lost():  # also notices a deletion while no one writes
+                continue
             try:
                 await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
             except sqlite3.Error as exc:
@@ -311,11 +412,14 @@ class Store:
 
     async def _migrate(self) -> None:
         version = await self._scalar("PRAGMA user_version")
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
             log.info("migrating database schema to version %d", number)
             async with self._transaction():
-                for statement in _statements(script):
-                    await self._db.execute(statement)
+                if isinstance(step, str):
+                    for statement in _statements(step):
+                        await self._db.execute(statement)
+                else:
+                    await step(self._db)
                 await self._db.execute(f"PRAGMA user_version={number}")
 
     @asynccontextmanager
@@ -334,6 +438,7 @@ class Store:
     @asynccontextmanager
     async def _transaction(self, after_sends: bool = True) -> AsyncIterator[aiosqlite.Connection]:
         async with self._turn() if after_sends else self._lock:
+            self._refuse_writes_if_lost()
             await self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -341,6 +446,98 @@ class Store:
                 await self._db.execute("ROLLBACK")
                 raise
             await self._db.execute("COMMIT")
+            # Before anyone is told "done": a commit into a deleted file is not done.
+            self._check_file()
+
+    # The database file itself: deleted or replaced under a running server (by an
+    # operator, a clean-up script, a restore done in the wrong order), SQLite goes on
+    # writing into the unlinked inode, which vanishes when chatd exits.
+
+    def _refuse_writes_if_lost(self) -> None:
+        if self._lost is not None:
+            raise DatabaseFileLost()
+
+    def _check_file(self) -> None:
+        """Raise DatabaseFileLost if the file is not (or no longer) the one opened."""
+        if self._file_lost():
+            raise DatabaseFileLost()
+
+    def _file_lost(self) -> bool:
+        """One stat of the path, compared with the file opened (about a microsecond: the
+        entry of a file just written is cached, so this does not wait on the disk)."""
+        if self._lost is not None:
+            return True
+        if self._identity is None:
+            return False
+        try:
+            now = _identity(self._path)
+        except OSError:  # cannot tell (a permission changed?): SQLite reports real faults
+            return False
+        if now == self._identity:
+            return False
+        self._lose("deleted" if now is None else "replaced by another file")
+        return True
+
+    def _lose(self, how: str) -> None:
+        self._lost = how
+        log.error(
+            "DATABASE FILE LOST: %s was %s while chatd was using it. Every write is refused"
+            " (code 9) from now on, until an operator restarts chatd. Copying what it held"
+            " to a new file next to it...",
+            self._path,
+            how,
+        )
+        self._rescue = asyncio.create_task(self._save_lost_file())
+
+    def _drop_stale_companions(self) -> None:
+        """Remove the lost file's -wal and -shm, which SQLite leaves at the path.
+
+        SQLite does not check that a WAL belongs to the database beside it: left
+        there, the old pages would be mixed into whatever file is put at the path
+        next (a restored backup). Their content is in the rescued copy; without one
+        they are kept.
+        """
+        if not self._rescued:
+            log.error("kept %s-wal and -shm: they hold what could not be copied", self._path)
+            return
+        for suffix, identity in self._companions.items():
+            name = self._path + suffix
+            try:
+                if _identity(name) == identity:
+                    os.unlink(name)
+                    log.warning("removed %s: it belonged to the lost database file", name)
+            except OSError as exc:
+                log.error("could not remove %s, left by the lost database: %s", name, exc)
+
+    async def _save_lost_file(self) -> None:
+        """Copy the lost database (still readable through the open connection) beside
+        its old path, so that what was acknowledged before the loss can be restored."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = f"{self._path}{RESCUED_INFIX}{stamp}"
+        try:
+            copy = await asyncio.to_thread(sqlite3.connect, target, check_same_thread=False)
+            try:
+                async with self._lock:
+                    await self._db.backup(copy)
+            finally:
+                await asyncio.to_thread(copy.close)
+        except Exception as exc:
+            log.error(
+                "could not copy the lost database to %s: %s. While chatd runs, the deleted"
+                " file stays readable under /proc/%d/fd (copy it from there); stopping chatd"
+                " frees it for good",
+                target,
+                exc,
+                os.getpid(),
+            )
+            return
+        self._rescued = True
+        log.error(
+            "saved everything chatd had committed to %s. To go on: stop chatd, check that"
+            " file (or a newer backup), move it to %s, and start chatd again",
+            target,
+            self._path,
+        )
 
     async def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         """Every row of one statement, in one hop to the database thread (through a
@@ -467,15 +664,37 @@ class Store:
 
     # Users and tokens.
 
-    async def create_user(self, name: str, key: str, password_hash: str, now: float) -> bool:
-        """Add a user; False if ``key`` is taken."""
+    async def create_user(
+        self, name: str, key: str, skeletons: Skeletons, password_hash: str, now: float
+    ) -> bool:
+        """Add a user; False if a user has this name key or looks alike (skeletons).
+
+        Checked and inserted in one write transaction, so of two registrations of
+        look-alike names at the same moment only one succeeds.
+        """
         async with self._transaction() as db:
+            if await self._user_name_taken(key, skeletons):
+                return False
             cursor = await db.execute(
-                "INSERT INTO users (name, name_key, password_hash, created_at)"
-                " VALUES (?, ?, ?, ?) ON CONFLICT (name_key) DO NOTHING",
-                (name, key, password_hash, now),
+                "INSERT INTO users"
+                " (name, name_key, skeleton, upper_skeleton, password_hash, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name_key) DO NOTHING",
+                (name, key, *skeletons, password_hash, now),
             )
             return cursor.rowcount == 1
+
+    async def user_name_taken(self, key: str, skeletons: Skeletons) -> bool:
+        """Whether create_user would refuse this name now."""
+        async with self._turn():
+            return await self._user_name_taken(key, skeletons)
+
+    async def _user_name_taken(self, key: str, skeletons: Skeletons) -> bool:
+        found = await self._scalar(
+            "SELECT 1 FROM users WHERE name_key = ? OR skeleton = ? OR upper_skeleton = ?"
+            " LIMIT 1",
+            (key, *skeletons),
+        )
+        return found is not None
 
     async def find_user(self, key: str) -> User | None:
         """The user with this name key, read fresh (logins need the current hash)."""
@@ -586,22 +805,37 @@ class Store:
         return channel
 
     async def join_channel(
-        self, name: str, key: str, user_id: int, now: float, rejoin: bool = False
+        self,
+        name: str,
+        key: str,
+        skeletons: Skeletons,
+        user_id: int,
+        now: float,
+        rejoin: bool = False,
     ) -> tuple[Channel, Joined]:
         """Create the channel if it is new, and make the user a member.
 
-        A user who left is made a member again only with ``rejoin``.
+        A user who left is made a member again only with ``rejoin``.  A new name
+        that looks like an existing channel's (skeletons) creates nothing: that one is
+        returned with Joined.LOOKALIKE (checked and created in one transaction).
         """
         async with self._transaction() as db:
-            await db.execute(
-                "INSERT INTO channels (name, name_key, created_at) VALUES (?, ?, ?)"
-                " ON CONFLICT (name_key) DO NOTHING",
-                (name, key, now),
-            )
             rows = await self._rows(
                 "SELECT id, name, created_at FROM channels WHERE name_key = ?", (key,)
             )
-            assert rows
+            if not rows:
+                similar = await self._rows(
+                    "SELECT id, name, created_at FROM channels"
+                    " WHERE skeleton = ? OR upper_skeleton = ? LIMIT 1",
+                    skeletons,
+                )
+                if similar:
+                    return Channel(*similar[0]), Joined.LOOKALIKE
+                rows = await self._rows(
+                    "INSERT INTO channels (name, name_key, skeleton, upper_skeleton, created_at)"
+                    " VALUES (?, ?, ?, ?, ?) RETURNING id, name, created_at",
+                    (name, key, *skeletons, now),
+                )
             channel = self._channels[key] = Channel(*rows[0])
             rows = await self._rows(
                 "SELECT left_at IS NOT NULL FROM channel_members"
@@ -654,14 +888,17 @@ class Store:
         return found is not None
 
     async def memberships(self, user_id: int, backlog: int) -> list[Membership]:
-        """The user's channels by name, with what a /channel/receive would return now."""
+        """The user's channels by name, with what a /channel/receive would return now:
+        other members' messages only (protocol.md, "Your own messages")."""
         async with self._turn():
             rows = await self._rows(
                 "SELECT c.id, c.name, m.read_cursor,"
                 " CASE WHEN m.read_cursor IS NULL"
-                "  THEN MIN(?, (SELECT COUNT(*) FROM channel_messages WHERE channel_id = c.id))"
+                "  THEN MIN(?, (SELECT COUNT(*) FROM channel_messages"
+                "               WHERE channel_id = c.id AND sender_id != m.user_id))"
                 "  ELSE (SELECT COUNT(*) FROM channel_messages"
-                "        WHERE channel_id = c.id AND id > m.read_cursor) END"
+                "        WHERE channel_id = c.id AND id > m.read_cursor"
+                "        AND sender_id != m.user_id) END"
                 " FROM channel_members m JOIN channels c ON c.id = m.channel_id"
                 " WHERE m.user_id = ? AND m.left_at IS NULL ORDER BY c.name_key",
                 (backlog, user_id),
@@ -677,11 +914,12 @@ class Store:
     async def take_channel(
         self, channel_id: int, user_id: int, backlog: int, limit: int
     ) -> Batch[ChannelMessage]:
-        """What is new in a channel for a member since their previous call.
+        """What other members posted in a channel since the caller's previous call.
 
-        A member's first call gets the newest ``backlog`` messages instead.
+        A member's first call gets the newest ``backlog`` of them instead. The caller's
+        own messages are never returned, but the position moves past them all the same.
         """
-        select = f"{_CHANNEL_ROWS} WHERE m.channel_id = ?"
+        select = f"{_CHANNEL_ROWS} WHERE m.channel_id = ? AND m.sender_id != ?"
         async with self._transaction() as db:
             cursor_value = await self._scalar(
                 "SELECT read_cursor FROM channel_members WHERE channel_id = ? AND user_id = ?",
@@ -689,23 +927,29 @@ class Store:
             )
             if cursor_value is None:
                 rows = await self._rows(
-                    f"{select} ORDER BY m.id DESC LIMIT ?", (channel_id, min(backlog, limit))
+                    f"{select} ORDER BY m.id DESC LIMIT ?",
+                    (channel_id, user_id, min(backlog, limit)),
                 )
                 rows = rows[::-1]
                 more = False
-                # Older messages than the backlog are history, not news: skip past them all.
-                newest = await self._scalar(
-                    "SELECT COALESCE(MAX(id), 0) FROM channel_messages WHERE channel_id = ?",
-                    (channel_id,),
-                )
             else:
                 rows = await self._rows(
                     f"{select} AND m.id > ? ORDER BY m.id LIMIT ?",
-                    (channel_id, cursor_value, limit + 1),
+                    (channel_id, user_id, cursor_value, limit + 1),
                 )
                 more = len(rows) > limit
                 rows = rows[:limit]
-                newest = rows[-1][0] if rows else cursor_value
+            if more:
+                newest = rows[-1][0]
+            else:
+                # Everything up to the channel's newest message is taken now: older ones
+                # than the backlog are history, not news, and the rest are the caller's
+                # own. Read in this transaction, so no message below it is uncommitted.
+                newest = await self._scalar(
+                    "SELECT MAX(?, COALESCE(MAX(id), 0)) FROM channel_messages"
+                    " WHERE channel_id = ?",
+                    (cursor_value or 0, channel_id),
+                )
             await db.execute(
                 "UPDATE channel_members SET read_cursor = ? WHERE channel_id = ? AND user_id = ?",
                 (newest, channel_id, user_id),
@@ -732,23 +976,27 @@ class Store:
         """
         # One statement is its own transaction: no BEGIN and COMMIT round trips.
         async with self._turn():
+            self._refuse_writes_if_lost()
             position: int = await self._scalar(
                 "UPDATE users SET inbox_cursor = MAX(inbox_cursor, COALESCE("
                 " (SELECT MAX(id) FROM private_messages WHERE recipient_id = ? AND id <= ?),"
                 " 0)) WHERE id = ? RETURNING inbox_cursor",
                 (user_id, message_id, user_id),
             )
+            self._check_file()
         return position
 
     async def ack_channel(self, channel_id: int, user_id: int, message_id: int) -> int | None:
         """As ack_private for a channel; None if the user is not a member."""
         async with self._turn():
+            self._refuse_writes_if_lost()
             position: int | None = await self._scalar(
                 "UPDATE channel_members SET read_cursor = MAX(COALESCE(read_cursor, 0), COALESCE("
                 " (SELECT MAX(id) FROM channel_messages WHERE channel_id = ? AND id <= ?), 0))"
                 " WHERE channel_id = ? AND user_id = ? AND left_at IS NULL RETURNING read_cursor",
                 (channel_id, message_id, channel_id, user_id),
             )
+            self._check_file()
         return position
 
     async def inbox_position(self, user_id: int) -> tuple[int, bool]:
@@ -759,9 +1007,10 @@ class Store:
             )
         return position, False
 
-    async def channel_position(self, channel_id: int, user_id: int) -> tuple[int, bool]:
+    async def channel_position(self, channel_id: int, user_id: int) -> tuple[int, bool, int]:
         """Where a member's catch-up starts: their read position, or (fresh: before their
-        first /channel/receive or /ack, which would show the backlog) the newest message."""
+        first /channel/receive or /ack, which would show the backlog) the newest message;
+        and the channel's newest message id now, read in the same statement."""
         async with self._turn():
             rows = await self._rows(
                 "SELECT m.read_cursor,"
@@ -770,9 +1019,9 @@ class Store:
                 (channel_id, channel_id, user_id),
             )
         if not rows:
-            return 0, True
+            return 0, True, 0
         read_cursor, newest = rows[0]
-        return (newest, True) if read_cursor is None else (read_cursor, False)
+        return (newest, True, newest) if read_cursor is None else (read_cursor, False, newest)
 
     async def inbox_after(self, user_id: int, after_id: int, limit: int) -> list[PrivateMessage]:
         """Private messages to the user newer than ``after_id``, oldest first (no side effect)."""
@@ -784,13 +1033,16 @@ class Store:
         return [PrivateMessage(*row) for row in rows]
 
     async def channel_after(
-        self, channel_id: int, after_id: int, limit: int
+        self, channel_id: int, after_id: int, limit: int, reader_id: int, own_after: int
     ) -> list[ChannelMessage]:
-        """Channel messages newer than ``after_id``, oldest first (no side effect)."""
+        """What a catch-up pushes to ``reader_id``: channel messages newer than
+        ``after_id``, oldest first, leaving out the reader's own unless newer than
+        ``own_after`` (no side effect)."""
         async with self._turn():
             rows = await self._rows(
-                f"{_CHANNEL_ROWS} WHERE m.channel_id = ? AND m.id > ? ORDER BY m.id LIMIT ?",
-                (channel_id, after_id, limit),
+                f"{_CHANNEL_ROWS} WHERE m.channel_id = ? AND m.id > ?"
+                " AND (m.sender_id != ? OR m.id > ?) ORDER BY m.id LIMIT ?",
+                (channel_id, after_id, reader_id, own_after, limit),
             )
         return [ChannelMessage(*row) for row in rows]
 
@@ -859,8 +1111,23 @@ def _before(before: int | None) -> int:
     return (1 << 63) - 1 if before is None else before
 
 
+def _companions(path: str) -> dict[str, tuple[int, int]]:
+    """The identities of the database's -wal and -shm files, where they exist."""
+    found = {suffix: _identity(path + suffix) for suffix in ("-wal", "-shm")}
+    return {suffix: identity for suffix, identity in found.items() if identity is not None}
+
+
 def _probe(path: str) -> None:
     sqlite3.connect(path).close()
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """Which file ``path`` names now (device, inode); None if there is none."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def _statements(script: str) -> list[str]:

@@ -1,7 +1,9 @@
 """Rules for names, passwords and message text (protocol.md, "Names and limits").
 
 A value longer than its maximum is TooLarge (code 7); any other violation
-(empty, too short, bad characters) is BadRequest (code 1).
+(empty, too short, bad characters) is BadRequest (code 1).  A new name (a
+registration, a channel's creation) must also pass Unicode's identifier rules
+(chatd/names.py); names already in the database keep working under the old rule.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import functools
 import unicodedata
 
+from chatd import names
 from chatd.errors import BadRequest
 from chatd.protocol import Params
 
@@ -50,6 +53,43 @@ def user_name(params: Params, key: str = "name") -> str:
 
 def channel_name(params: Params, key: str = "name") -> str:
     return _check_name(params.text(key, MAX_NAME_LENGTH), "channel name")
+
+
+def new_user_name(params: Params, key: str = "name") -> str:
+    """A name for a new account: the name rule, and Unicode's rules for new names."""
+    name = user_name(params, key)
+    check_new_name(name, "name")
+    return name
+
+
+def check_new_name(name: str, what: str) -> None:
+    """Raise BadRequest unless ``name`` (valid as a name) may be given to something new."""
+    problem = _new_name_problem(name)
+    if problem is not None:
+        raise BadRequest(f"{what} {problem}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _new_name_problem(name: str) -> str | None:
+    normalized = unicodedata.normalize("NFKC", name)
+    # Both forms: NFKC maps some invisible characters to others (U+3164 to U+1160).
+    problem = names.invisible_problem(name) or names.invisible_problem(normalized)
+    if problem is not None:
+        return problem
+    if not names.is_highly_restrictive(normalized):
+        return (
+            "must be written in one script (digits and '_-.' go with any; Latin also"
+            f" with Chinese, Japanese or Korean; Unicode {names.UNICODE_VERSION})"
+        )
+    if names.mixes_number_systems(normalized):
+        return "must not mix digits of different number systems"
+    return None
+
+
+def name_skeletons(name: str) -> tuple[str, str]:
+    """What the name looks like, in small letters and in capitals (chatd/names.py):
+    a new name must share neither with an existing one."""
+    return names.skeletons_of_key(name_key(name))
 
 
 def new_password(params: Params, key: str) -> str:

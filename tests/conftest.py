@@ -30,6 +30,13 @@ TEST_SETTINGS: dict[str, Any] = {
     # Tests send thousands of messages in a second; test_limits.py checks the real limits.
     "message_rate": 1e6,
     "message_burst": 1_000_000,
+    # Likewise joins, leaves, acks and subscribes (test_login_guard.py checks the real ones).
+    "membership_rate": 1e6,
+    "membership_burst": 1_000_000,
+    "ack_rate": 1e6,
+    "ack_burst": 1_000_000,
+    "subscribe_rate": 1e6,
+    "subscribe_burst": 1_000_000,
 }
 
 
@@ -105,7 +112,9 @@ async def make_harness(tmp_path: Path) -> AsyncIterator[MakeHarness]:
     started: list[Harness] = []
 
     async def make(**changes: Any) -> Harness:
-        base = Config(port=0, db=str(tmp_path / "custom.sqlite3"), **TEST_SETTINGS)
+        # A database of its own for each server: a second one on a file is refused.
+        db = tmp_path / f"custom{len(started) or ''}.sqlite3"
+        base = Config(port=0, db=str(db), **TEST_SETTINGS)
         harness = Harness(dataclasses.replace(base, **changes))
         await harness.start()
         started.append(harness)

@@ -37,13 +37,14 @@ async def test_first_receive_gets_the_latest_backlog_then_only_new(
     await alice.request("/channel/send", {"name": "dev", "message": "m5"})
     await bob.request("/channel/send", {"name": "dev", "message": "m6"})
     later = await bob.request("/channel/receive", {"name": "dev"})
-    assert [(m["name"], m["msg"]) for m in later["messages"]] == [("alice", "m5"), ("bob", "m6")]
+    assert [(m["name"], m["msg"]) for m in later["messages"]] == [("alice", "m5")]  # not bob's
 
 
 async def test_channel_messages_carry_id_name_datetime_msg(harness: Harness) -> None:
     alice = await harness.user("alice")
+    bob = await harness.user("bob")
     sent = await alice.request("/channel/send", {"name": "dev", "message": "hi"})
-    (message,) = (await alice.request("/channel/receive", {"name": "dev"}))["messages"]
+    (message,) = (await bob.request("/channel/receive", {"name": "dev"}))["messages"]
     assert message == {"id": sent["id"], "name": "alice", "datetime": sent["datetime"], "msg": "hi"}
 
 
@@ -109,7 +110,7 @@ async def test_channel_send_with_client_id_is_stored_once(harness: Harness) -> N
     assert await alice.request("/channel/send", params) == await alice.request(
         "/channel/send", params
     )
-    assert len((await alice.request("/channel/receive", {"name": "dev"}))["messages"]) == 1
+    assert len((await alice.request("/channel/history", {"name": "dev"}))["messages"]) == 1
 
 
 async def test_zero_backlog_first_receive_skips_history_for_good(

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from chatd.client import Client
-from tests.conftest import PASSWORD, ROOT, Process, Spawn, fast_env
+from tests.conftest import PASSWORD, ROOT, Harness, Process, Spawn, fast_env
 
 
 async def test_sigterm_finishes_in_flight_requests_and_exits_0(spawn: Spawn) -> None:
@@ -142,3 +144,102 @@ async def test_readmes_start_command_works_on_a_fresh_copy(tmp_path: Path) -> No
         os.killpg(proc.pid, signal.SIGTERM)
         async with asyncio.timeout(30):
             await proc.wait()
+
+
+def chatd_run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "chatd", *args], capture_output=True, text=True, timeout=60,
+        env=fast_env(), cwd=ROOT, check=False,
+    )
+
+
+def test_admin_help_lists_the_admin_commands_not_every_server_flag() -> None:
+    shown = chatd_run("admin", "--help")
+    assert shown.returncode == 0
+    for command in ("users", "reset-password", "revoke-tokens", "delete-user"):
+        assert re.search(rf"^\s+{command}\s+\w", shown.stdout, re.M), shown.stdout
+    assert "--db DB" in shown.stdout
+    for server_flag in ("--max-frame-size", "--ping-interval", "--tls-cert", "--port"):
+        assert server_flag not in shown.stdout
+    assert len(shown.stdout.splitlines()) < 40
+    assert "--yes" in chatd_run("admin", "delete-user", "--help").stdout
+
+
+def test_admin_without_a_command_names_them() -> None:
+    done = chatd_run("admin")
+    assert done.returncode == 2
+    assert done.stderr == (
+        "chatd admin: name a command: users, reset-password, revoke-tokens, delete-user"
+        " (see chatd admin --help)\n"
+    )
+
+
+async def test_delete_user_without_yes_says_what_yes_is_for_and_deletes_nothing(
+    harness: Harness,
+) -> None:
+    alice = await harness.user("alice")
+    done = await asyncio.to_thread(
+        chatd_run, "admin", "delete-user", "alice", "--db", harness.config.db
+    )
+    assert done.returncode == 2
+    assert done.stderr == (
+        "chatd admin delete-user: this deletes alice with every message they sent or"
+        " received, their channel memberships and sessions, for good; add --yes to confirm\n"
+    )
+    assert (await alice.request("/user/info", {"name": "alice"}))["name"] == "alice"
+
+
+async def test_the_metrics_address_is_logged_at_start_up(spawn: Spawn) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    server = await spawn("--metrics-port", str(metrics_port))
+    await server.wait_listening()
+    assert f"metrics on http://127.0.0.1:{metrics_port}/metrics".encode() in server.stderr
+    assert await server.stop() == 0
+
+
+async def test_metrics_without_the_extra_says_how_to_install_it(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    # A prometheus_client that cannot be imported, as on an install without the extra.
+    missing = tmp_path / "without-metrics" / "prometheus_client"
+    missing.mkdir(parents=True)
+    (missing / "__init__.py").write_text("raise ImportError('not installed')\n")
+    server = await spawn("--metrics-port", "9", env=fast_env(PYTHONPATH=str(missing.parent)))
+    async with asyncio.timeout(30):
+        assert server.proc.stderr is not None
+        stderr = await server.proc.stderr.read()
+        assert await server.proc.wait() == 1
+    assert stderr.decode() == (
+        "chatd: metrics_port needs prometheus-client: pip install 'chatd[metrics]'"
+        " (in a clone: pip install -e '.[metrics]')\n"
+    )
+
+
+def first_steps() -> str:
+    """The README's shell block that registers, logs in and uses the token."""
+    section = (ROOT / "README.md").read_text().split("## First steps", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```sh\n(.*?)\n```", section, re.S)
+    (block,) = [b for b in blocks if "/register" in b]
+    return str(block)
+
+
+async def test_the_readmes_first_steps_register_then_log_in(harness: Harness) -> None:
+    block = first_steps()
+    requests = [json.loads(text) for text in re.findall(r"'(\{\"op\".*?\})'", block)]
+    assert [r["op"] for r in requests] == ["/register", "/login"], "register before login"
+    client = await harness.connect()
+    replies = [await client.exchange(request) for request in requests]
+    assert [reply["code"] for reply in replies] == [0, 0], replies
+    # The pipeline that takes the token out of the login reply, run on a real one.
+    (extract,) = re.findall(r"python3 -c '([^']*)'", block)
+    taken = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", extract], input=json.dumps(replies[1]) + "\n",
+        capture_output=True, text=True, timeout=30, check=True,
+    )
+    token = taken.stdout.strip()
+    assert token == replies[1]["data"]["token"]
+    assert "--token \"$TOKEN\"" in block
+    bound = await harness.connect(token=token)
+    assert (await bound.request("/channel/list")) == {"channels": []}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ssl
 import struct
 
@@ -11,8 +12,9 @@ import trustme
 
 from chatd.client import Client
 from chatd.codec import encode_frame
+from chatd.config import Config
 from chatd.errors import RateLimited
-from chatd.limits import BackOff, Networks, RateLimiter, address_key
+from chatd.limits import BackOff, Guards, Networks, RateLimiter, address_key
 from tests.conftest import PASSWORD, MakeHarness
 from tests.test_wire import RawPeer
 
@@ -45,13 +47,15 @@ def test_back_off_doubles_after_the_free_failures_and_clears_on_success() -> Non
     for _ in range(7):
         back_off.failed("k", 0.0)
         waits.append(back_off.wait("k", 0.0))
-    assert waits == [0.0, 0.0, 1.0, 2.0, 4.0, 5.0, 5.0]
+    assert waits == [0.0, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0]  # 2 free, then 1 s, 2 s, 4 s...
     assert back_off.wait("k", 5.0) == 0.0
     back_off.failed("k", 100.0)  # a quiet spell longer than max_delay starts afresh
     assert back_off.wait("k", 100.0) == 0.0
+    back_off.failed("k", 100.0)
+    assert back_off.wait("k", 100.0) == 1.0
     back_off.succeeded("k")
-    back_off.failed("k", 10.0)
-    assert back_off.wait("k", 10.0) == 0.0
+    back_off.failed("k", 110.0)
+    assert back_off.wait("k", 110.0) == 0.0
 
 
 def test_networks_and_address_keys() -> None:
@@ -105,7 +109,7 @@ async def test_failed_logins_back_off_the_same_for_known_and_unknown_names(
             (await client.call("/login", {"name": name, "password": "wrong password"}))["code"]
             for _ in range(4)
         ]
-        assert codes == [3, 3, 3, 8]
+        assert codes == [3, 3, 8, 8]  # two free failures, then a wait
     blocked = await client.call("/login", {"name": "alice", "password": PASSWORD})
     assert blocked["code"] == 8 and 0 < blocked["retry_after"] <= 1.0  # even the right one
     await asyncio.sleep(blocked["retry_after"] + TIMER_SLACK)
@@ -123,7 +127,7 @@ async def test_failed_logins_from_one_address_back_off_across_names(
         (await client.call("/login", {"name": f"guess{i}", "password": "wrong password"}))["code"]
         for i in range(5)
     ]
-    assert codes == [3, 3, 3, 3, 8]
+    assert codes == [3, 3, 3, 8, 8]
 
 
 async def test_registrations_from_one_address_are_rate_limited(
@@ -150,6 +154,7 @@ async def test_hashing_is_bounded_under_a_login_storm(make_harness: MakeHarness)
         hash_workers=1,
         hash_queue=1,
         login_free_failures=1000,
+        login_name_concurrency=1000,  # this test is about the server-wide hash queue
     )
     await harness.user("alice")
     clients = [await harness.connect() for _ in range(6)]
@@ -288,3 +293,100 @@ async def test_logging_out_does_not_start_the_login_deadline(make_harness: MakeH
     alice.token = None
     await asyncio.sleep(0.5)
     assert (await alice.call("/ping"))["code"] == 0
+
+
+# Joins, leaves, acks and subscribes: a bucket per user each, like sends.
+
+
+def test_each_write_op_has_its_own_bucket_per_user() -> None:
+    config = Config(
+        message_rate=1.0, message_burst=1,
+        membership_rate=1.0, membership_burst=2,
+        ack_rate=2.0, ack_burst=3,
+        subscribe_rate=0.5, subscribe_burst=1,
+    )  # fmt: skip
+    guards = Guards(config)
+    buckets = {
+        "messages": guards.messages,
+        "memberships": guards.memberships,
+        "acks": guards.acks,
+        "subscribes": guards.subscribes,
+    }
+    for name, bucket in buckets.items():
+        burst = int(bucket.burst)
+        assert [bucket.take(1, 0.0) for _ in range(burst)] == [0.0] * burst, name
+        assert bucket.take(1, 0.0) == pytest.approx(1 / bucket.rate), name
+        assert bucket.take(2, 0.0) == 0.0, name  # another user
+    # Emptying one bucket left the others as they were: a fresh user in each is full.
+    guards.reconfigure(dataclasses.replace(config, ack_rate=10.0, ack_burst=5))
+    assert guards.acks.take(1, 0.0) == pytest.approx(0.1)  # the used bucket, at the new rate
+    assert [guards.acks.take(3, 0.0) for _ in range(5)] == [0.0] * 5
+    guards.reconfigure(
+        dataclasses.replace(config, login_free_failures=1, login_name_concurrency=7)
+    )
+    for table in (guards.logins.pairs, guards.logins.addresses, guards.logins.names):
+        assert table.free == 1
+    assert guards.logins.name_concurrency == 7
+
+
+def test_default_ack_rate_allows_an_ack_per_message_at_the_message_rate() -> None:
+    defaults = Config()
+    assert defaults.ack_rate >= defaults.message_rate
+    assert defaults.ack_burst >= defaults.message_burst
+
+
+async def test_joins_and_leaves_share_a_rate_limit(make_harness: MakeHarness) -> None:
+    harness = await make_harness(membership_rate=0.001, membership_burst=3)
+    alice = await harness.user("alice")
+    await alice.request("/channel/join", {"name": "a"})
+    await alice.request("/channel/leave", {"name": "a"})
+    await alice.request("/channel/join", {"name": "b"})
+    for op in ("/channel/join", "/channel/leave"):
+        refused = await alice.call(op, {"name": "b"})
+        assert refused["code"] == 8 and refused["retry_after"] > 100
+        assert refused["msg"] == "joining and leaving channels too fast"
+    # A first use joins, so it is limited likewise; and nothing was created.
+    refused = await alice.call("/channel/receive", {"name": "c"})
+    assert refused["code"] == 8
+    assert (await alice.call("/channel/list_users", {"name": "c"}))["code"] == 5
+    assert (await alice.request("/channel/list"))["channels"] == [{"name": "b", "unread": 0}]
+    # Using a channel one is a member of takes nothing from the bucket.
+    await alice.request("/channel/send", {"name": "b", "message": "still here"})
+    history = await alice.request("/channel/history", {"name": "b"})
+    assert [m["msg"] for m in history["messages"]] == ["still here"]
+    bob = await harness.user("bob")  # per user
+    await bob.request("/channel/join", {"name": "b"})
+
+
+async def test_acks_are_rate_limited(make_harness: MakeHarness) -> None:
+    harness = await make_harness(ack_rate=0.001, ack_burst=2, abuse_limit=4)
+    alice, bob = await harness.user("alice"), await harness.user("bob")
+    ids = [(await bob.request("/send", {"name": "alice", "msg": f"m{i}"}))["id"] for i in range(3)]
+    assert (await alice.request("/ack", {"id": ids[0]}))["position"] == ids[0]
+    assert (await alice.request("/ack", {"id": ids[0]}))["position"] == ids[0]
+    refused = await alice.call("/ack", {"id": ids[2]})
+    assert refused["code"] == 8 and refused["retry_after"] > 100
+    assert refused["msg"].startswith("acknowledging too often")
+    data = await alice.request("/receive")  # the refused ack moved nothing
+    assert data["messages"] == {"bob": ["m1", "m2"]}
+    await bob.request("/ack", {"id": ids[2]})  # per user
+    # Counted by the abuse limit like sends: the 4th code 8 is the last reply.
+    with pytest.raises(ConnectionError):
+        for _ in range(10):
+            assert (await alice.call("/ack", {"id": ids[2]}))["code"] == 8
+
+
+async def test_subscribes_are_rate_limited(make_harness: MakeHarness) -> None:
+    harness = await make_harness(subscribe_rate=0.001, subscribe_burst=2)
+    alice, bob = await harness.user("alice"), await harness.user("bob")
+    await alice.request("/subscribe")
+    await alice.request("/unsubscribe")
+    await alice.request("/subscribe")
+    await alice.request("/unsubscribe")
+    refused = await alice.call("/subscribe")
+    assert refused["code"] == 8 and refused["retry_after"] > 100
+    assert refused["msg"] == "subscribing too often"
+    await bob.request("/send", {"name": "alice", "msg": "not pushed"})
+    await alice.request("/ping")  # a push would have come before this reply
+    assert alice.waiting_events() == []
+    await bob.request("/subscribe")  # per user

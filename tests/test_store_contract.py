@@ -27,9 +27,11 @@ from chatd.store import (
     Batch,
     Joined,
     NewMessage,
+    Skeletons,
     Stored,
     StoreError,
 )
+from chatd.validation import name_skeletons
 from tests.pg_helpers import fresh_database
 
 NOW = 1_800_000_000.0
@@ -102,10 +104,14 @@ async def store(backend: Backend) -> MessageStore:
 
 
 async def add_user(store: MessageStore, name: str, now: float = NOW) -> int:
-    assert await store.create_user(name, name.lower(), f"hash-of-{name}", now)
+    assert await store.create_user(name, name.lower(), looks(name), f"hash-of-{name}", now)
     user = await store.find_user(name.lower())
     assert user is not None
     return user.id
+
+
+def looks(name: str) -> Skeletons:
+    return name_skeletons(name)
 
 
 def private(sender: int, recipient: int, body: str, client_id: str | None = None) -> NewMessage:
@@ -124,8 +130,8 @@ def bodies(batch: Batch[Any]) -> list[str]:
 
 
 async def test_users_are_created_once_per_name_key(store: MessageStore) -> None:
-    assert await store.create_user("Ann", "ann", "h1", NOW)
-    assert not await store.create_user("ANN", "ann", "h2", NOW + 1)
+    assert await store.create_user("Ann", "ann", looks("Ann"), "h1", NOW)
+    assert not await store.create_user("ANN", "ann", looks("ANN"), "h2", NOW + 1)
     user = await store.find_user("ann")
     assert user is not None
     assert (user.name, user.password_hash, user.created_at) == ("Ann", "h1", NOW)
@@ -179,8 +185,8 @@ async def test_tokens_live_expire_and_are_revoked(store: MessageStore) -> None:
 async def test_deleting_a_user_removes_what_they_held(store: MessageStore) -> None:
     ann = await add_user(store, "ann")
     bob = await add_user(store, "bob")
-    channel, _ = await store.join_channel("Lobby", "lobby", ann, NOW)
-    await store.join_channel("Lobby", "lobby", bob, NOW)
+    channel, _ = await store.join_channel("Lobby", "lobby", looks("Lobby"), ann, NOW)
+    await store.join_channel("Lobby", "lobby", looks("Lobby"), bob, NOW)
     await store.add_token(ann, b"a1", NOW, NOW + HOUR)
     await store.enqueue(private(ann, bob, "to bob"))
     await store.enqueue(private(bob, ann, "to ann"))
@@ -274,15 +280,15 @@ async def test_private_history_pages_both_directions(store: MessageStore) -> Non
 async def test_joining_leaving_and_rejoining(store: MessageStore) -> None:
     ann = await add_user(store, "ann")
     bob = await add_user(store, "bob")
-    channel, joined = await store.join_channel("Lobby", "lobby", ann, NOW)
+    channel, joined = await store.join_channel("Lobby", "lobby", looks("Lobby"), ann, NOW)
     assert joined is Joined.NOW
     assert (channel.name, channel.created_at) == ("Lobby", NOW)
-    again, joined = await store.join_channel("LOBBY", "lobby", ann, NOW + 1)
+    again, joined = await store.join_channel("LOBBY", "lobby", looks("LOBBY"), ann, NOW + 1)
     assert (again, joined) == (channel, Joined.ALREADY)
     assert await store.find_channel("lobby") == channel
     assert await store.find_channel("nowhere") is None
     assert await store.channel_name(channel.id) == "Lobby"
-    await store.join_channel("Lobby", "lobby", bob, NOW)
+    await store.join_channel("Lobby", "lobby", looks("Lobby"), bob, NOW)
     assert await store.channel_members(channel.id) == [(ann, "ann"), (bob, "bob")]
     assert await store.leave_channel(channel.id, ann, NOW + 2)
     assert not await store.leave_channel(channel.id, ann, NOW + 3)
@@ -290,9 +296,11 @@ async def test_joining_leaving_and_rejoining(store: MessageStore) -> None:
     assert await store.is_member(channel.id, bob)
     assert await store.channel_ids(ann) == []
     assert await store.channel_members(channel.id) == [(bob, "bob")]
-    _, joined = await store.join_channel("Lobby", "lobby", ann, NOW + 4)
+    _, joined = await store.join_channel("Lobby", "lobby", looks("Lobby"), ann, NOW + 4)
     assert joined is Joined.LEFT
-    _, joined = await store.join_channel("Lobby", "lobby", ann, NOW + 5, rejoin=True)
+    _, joined = await store.join_channel(
+        "Lobby", "lobby", looks("Lobby"), ann, NOW + 5, rejoin=True
+    )
     assert joined is Joined.NOW
     assert await store.channel_ids(ann) == [channel.id]
 
@@ -300,14 +308,12 @@ async def test_joining_leaving_and_rejoining(store: MessageStore) -> None:
 async def test_channel_receive_backlog_then_news(store: MessageStore) -> None:
     ann = await add_user(store, "ann")
     bob = await add_user(store, "bob")
-    channel, _ = await store.join_channel("Lobby", "lobby", ann, NOW)
+    channel, _ = await store.join_channel("Lobby", "lobby", looks("Lobby"), ann, NOW)
     for i in range(5):
         await store.enqueue(to_channel(ann, channel.id, f"m{i}"))
-    await store.join_channel("Lobby", "lobby", bob, NOW)
-    assert await store.channel_position(channel.id, bob) == (
-        (await store.channel_history(channel.id, None, 1)).messages[0].id,
-        True,
-    )
+    await store.join_channel("Lobby", "lobby", looks("Lobby"), bob, NOW)
+    newest = (await store.channel_history(channel.id, None, 1)).messages[0].id
+    assert await store.channel_position(channel.id, bob) == (newest, True, newest)
     backlog = await store.take_channel(channel.id, bob, backlog=2, limit=10)
     assert (bodies(backlog), backlog.more) == (["m3", "m4"], False)
     assert bodies(await store.take_channel(channel.id, bob, 2, 10)) == []
@@ -317,16 +323,17 @@ async def test_channel_receive_backlog_then_news(store: MessageStore) -> None:
     assert (bodies(news), news.more) == (["m5", "m6"], True)
     rest = await store.take_channel(channel.id, bob, 2, limit=2)
     assert (bodies(rest), rest.more) == (["m7"], False)
-    assert await store.channel_position(channel.id, bob) == (rest.messages[0].id, False)
-    assert await store.channel_position(channel.id, ann + bob + 1) == (0, True)
+    newest = rest.messages[0].id
+    assert await store.channel_position(channel.id, bob) == (newest, False, newest)
+    assert await store.channel_position(channel.id, ann + bob + 1) == (0, True, 0)
 
 
 async def test_memberships_count_what_receive_would_return(store: MessageStore) -> None:
     ann = await add_user(store, "ann")
     bob = await add_user(store, "bob")
-    lobby, _ = await store.join_channel("lobby", "lobby", ann, NOW)
-    dev, _ = await store.join_channel("Dev", "dev", ann, NOW)
-    await store.join_channel("lobby", "lobby", bob, NOW)
+    lobby, _ = await store.join_channel("lobby", "lobby", looks("lobby"), ann, NOW)
+    dev, _ = await store.join_channel("Dev", "dev", looks("Dev"), ann, NOW)
+    await store.join_channel("lobby", "lobby", looks("lobby"), bob, NOW)
     for i in range(4):
         await store.enqueue(to_channel(bob, lobby.id, f"m{i}"))
     listed = await store.memberships(ann, backlog=3)
@@ -341,11 +348,54 @@ async def test_memberships_count_what_receive_would_return(store: MessageStore) 
     assert [(m.read_cursor, m.unread) for m in listed] == [(None, 0), (taken.messages[-1].id, 1)]
 
 
+async def test_own_channel_messages_are_never_news(store: MessageStore) -> None:
+    ann = await add_user(store, "ann")
+    bob = await add_user(store, "bob")
+    lobby, _ = await store.join_channel("lobby", "lobby", looks("lobby"), ann, NOW)
+    await store.join_channel("lobby", "lobby", looks("lobby"), bob, NOW)
+    await store.enqueue(to_channel(ann, lobby.id, "ann 1"))
+    await store.enqueue(to_channel(bob, lobby.id, "bob 1"))
+    own_last = await store.enqueue(to_channel(ann, lobby.id, "ann 2"))
+    listed = await store.memberships(ann, backlog=10)
+    assert [m.unread for m in listed] == [1]
+    first = await store.take_channel(lobby.id, ann, backlog=10, limit=10)
+    assert (bodies(first), first.more) == (["bob 1"], False)
+    # The position moved past the caller's own newest message all the same.
+    assert (await store.channel_position(lobby.id, ann))[:2] == (own_last.id, False)
+    await store.enqueue(to_channel(ann, lobby.id, "ann 3"))
+    assert [m.unread for m in await store.memberships(ann, backlog=10)] == [0]
+    assert bodies(await store.take_channel(lobby.id, ann, 10, 10)) == []
+    assert bodies(await store.take_channel(lobby.id, bob, 10, 10)) == ["ann 1", "ann 2", "ann 3"]
+
+
+async def test_look_alike_names_are_refused(store: MessageStore) -> None:
+    ann = await add_user(store, "alice")
+    assert await store.user_name_taken("alice", looks("alice"))
+    assert await store.user_name_taken("aiice", looks("AIice"))  # a capital i for the l
+    assert not await store.user_name_taken("bob", looks("bob"))
+    assert not await store.create_user("AIice", "aiice", looks("AIice"), "h", NOW)
+    lobby, joined = await store.join_channel("lobby", "lobby", looks("lobby"), ann, NOW)
+    assert joined is Joined.NOW
+    similar, joined = await store.join_channel("IobbY", "iobby", looks("IobbY"), ann, NOW)
+    assert (similar, joined) == (lobby, Joined.LOOKALIKE)
+    assert await store.find_channel("iobby") is None
+
+
+async def test_look_alikes_registered_at_once_on_two_stores(backend: Backend) -> None:
+    one, two = await backend.open(), await backend.open()
+    for round_ in range(10):
+        a, b = f"rn{round_}", f"m{round_}"  # in small letters "rn" looks like "m"
+        created = await asyncio.gather(
+            one.create_user(a, a, looks(a), "h", NOW), two.create_user(b, b, looks(b), "h", NOW)
+        )
+        assert sorted(created) == [False, True]
+
+
 async def test_channel_acks_and_catch_up(store: MessageStore) -> None:
     ann = await add_user(store, "ann")
     bob = await add_user(store, "bob")
-    lobby, _ = await store.join_channel("lobby", "lobby", ann, NOW)
-    other, _ = await store.join_channel("other", "other", ann, NOW)
+    lobby, _ = await store.join_channel("lobby", "lobby", looks("lobby"), ann, NOW)
+    other, _ = await store.join_channel("other", "other", looks("other"), ann, NOW)
     first = await store.enqueue(to_channel(ann, lobby.id, "one"))
     elsewhere = await store.enqueue(to_channel(ann, other.id, "elsewhere"))
     second = await store.enqueue(to_channel(ann, lobby.id, "two"))
@@ -353,17 +403,22 @@ async def test_channel_acks_and_catch_up(store: MessageStore) -> None:
     assert await store.ack_channel(lobby.id, ann, elsewhere.id) == first.id
     assert await store.ack_channel(lobby.id, ann, 1 << 62) == second.id
     assert await store.ack_channel(lobby.id, ann, 1) == second.id
-    assert [m.body for m in await store.channel_after(lobby.id, 0, 10)] == ["one", "two"]
-    assert [m.body for m in await store.channel_after(lobby.id, first.id, 10)] == ["two"]
-    assert [m.body for m in await store.channel_after(lobby.id, 0, 1)] == ["one"]
+    after = store.channel_after
+    assert [m.body for m in await after(lobby.id, 0, 10, bob, 0)] == ["one", "two"]
+    assert [m.body for m in await after(lobby.id, first.id, 10, bob, 0)] == ["two"]
+    assert [m.body for m in await after(lobby.id, 0, 1, bob, 0)] == ["one"]
+    # The reader's own messages only past own_after (those sent once the catch-up began).
+    assert [m.body for m in await after(lobby.id, 0, 10, ann, 0)] == ["one", "two"]
+    assert [m.body for m in await after(lobby.id, 0, 10, ann, first.id)] == ["two"]
+    assert [m.body for m in await after(lobby.id, 0, 10, ann, second.id)] == []
     await store.leave_channel(lobby.id, ann, NOW)
     assert await store.ack_channel(lobby.id, ann, second.id) is None  # left
 
 
 async def test_channel_history_pages_backwards(store: MessageStore) -> None:
     ann = await add_user(store, "ann")
-    lobby, _ = await store.join_channel("lobby", "lobby", ann, NOW)
-    other, _ = await store.join_channel("other", "other", ann, NOW)
+    lobby, _ = await store.join_channel("lobby", "lobby", looks("lobby"), ann, NOW)
+    other, _ = await store.join_channel("other", "other", looks("other"), ann, NOW)
     for i in range(7):
         await store.enqueue(to_channel(ann, lobby.id, f"m{i}"))
         await store.enqueue(to_channel(ann, other.id, "elsewhere"))
@@ -384,7 +439,7 @@ async def test_a_repeated_client_id_is_stored_once(store: MessageStore) -> None:
     ann = await add_user(store, "ann")
     bob = await add_user(store, "bob")
     carol = await add_user(store, "carol")
-    lobby, _ = await store.join_channel("lobby", "lobby", ann, NOW)
+    lobby, _ = await store.join_channel("lobby", "lobby", looks("lobby"), ann, NOW)
     first = await store.enqueue(private(ann, bob, "hi", client_id="c1"))
     retry = await store.enqueue(private(ann, carol, "other text", client_id="c1"))
     assert (retry.id, retry.created_at, retry.duplicate) == (first.id, first.created_at, True)
@@ -432,7 +487,7 @@ async def test_two_devices_taking_one_inbox_get_each_message_once(backend: Backe
     one, two = await backend.open(), await backend.open()
     ann = await add_user(one, "ann")
     bob = await add_user(one, "bob")
-    lobby, _ = await one.join_channel("lobby", "lobby", bob, NOW)
+    lobby, _ = await one.join_channel("lobby", "lobby", looks("lobby"), bob, NOW)
     for i in range(200):
         one.enqueue(private(ann, bob, f"p{i}"))
         one.enqueue(to_channel(ann, lobby.id, f"c{i}"))
@@ -461,7 +516,7 @@ async def test_group_commit_stores_all_and_publishes_in_commit_order(
 ) -> None:
     ann = await add_user(store, "ann")
     users = [await add_user(store, f"u{i}") for i in range(3)]
-    lobby, _ = await store.join_channel("lobby", "lobby", ann, NOW)
+    lobby, _ = await store.join_channel("lobby", "lobby", looks("lobby"), ann, NOW)
     published: list[tuple[int, int]] = []  # (enqueue position, stored id), as called
     futures: list[asyncio.Future[Stored]] = []
     count = 600
@@ -512,7 +567,7 @@ async def test_a_failed_message_does_not_sink_its_batch(store: MessageStore) -> 
 async def test_reads_see_the_sends_enqueued_before_them(store: MessageStore) -> None:
     ann = await add_user(store, "ann")
     bob = await add_user(store, "bob")
-    lobby, _ = await store.join_channel("lobby", "lobby", ann, NOW)
+    lobby, _ = await store.join_channel("lobby", "lobby", looks("lobby"), ann, NOW)
     for i in range(50):
         sent = store.enqueue(private(ann, bob, f"p{i}"))  # not awaited
         store.enqueue(to_channel(ann, lobby.id, f"c{i}"))
@@ -528,7 +583,7 @@ async def test_reads_see_the_sends_enqueued_before_them(store: MessageStore) -> 
 async def test_reopening_migrates_nothing_and_keeps_everything(backend: Backend) -> None:
     store = await backend.open()
     ann = await add_user(store, "ann")
-    lobby, _ = await store.join_channel("lobby", "lobby", ann, NOW)
+    lobby, _ = await store.join_channel("lobby", "lobby", looks("lobby"), ann, NOW)
     await store.enqueue(to_channel(ann, lobby.id, "kept"))
     version = await backend.schema_version()
     assert version >= 1
@@ -574,8 +629,8 @@ async def test_postgres_numbers_each_stream_from_one(backend: Backend) -> None:
     store = await backend.open()
     ann = await add_user(store, "ann")
     bob = await add_user(store, "bob")
-    lobby, _ = await store.join_channel("lobby", "lobby", ann, NOW)
-    dev, _ = await store.join_channel("dev", "dev", ann, NOW)
+    lobby, _ = await store.join_channel("lobby", "lobby", looks("lobby"), ann, NOW)
+    dev, _ = await store.join_channel("dev", "dev", looks("dev"), ann, NOW)
     futures = []
     for i in range(30):
         target = (lobby.id, dev.id)[i % 2]

@@ -178,7 +178,11 @@ async def test_a_frame_trickled_byte_by_byte_is_understood(raw: RawPeer) -> None
 
 async def test_error_reply_has_no_data_key(raw: RawPeer) -> None:
     raw.send({"op": "/user/info", "id": 1, "params": {"name": "x"}})
-    assert await raw.reply() == {"id": 1, "code": 2, "msg": "not authenticated"}
+    assert await raw.reply() == {
+        "id": 1,
+        "code": 2,
+        "msg": "not logged in: send /login first, or a token with the request",
+    }
 
 
 async def test_garbage_from_one_client_does_not_disturb_another(harness: Harness) -> None:
