@@ -1,6 +1,7 @@
 """chatcat: the netcat of chatd.
 
-    chatcat [HOST] [PORT]                     interactive when stdin is a terminal
+    chatcat [--host HOST] [--port PORT]       interactive when stdin is a terminal
+    chatcat [HOST] [PORT]                     the same, positionally
     printf '%s\\n' '{"op": "/ping"}' | chatcat  pipe mode: JSON lines in, JSON lines out
     chatcat --token T /send name=bob msg=hi   one-shot: one request, one reply, exit
 
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn, TextIO
 
 from chatd.client import Client, Reply
+from chatd.commands import network_reason
 
 EXIT_OK, EXIT_SERVER_ERROR, EXIT_USAGE = 0, 1, 2
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7777
@@ -41,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(chatcat /ack id:=42).",
     )
     parser.add_argument("words", nargs="*", metavar="[HOST] [PORT] [OP PARAM...]")
+    parser.add_argument("--host", help=f"server address (default {DEFAULT_HOST})")
+    parser.add_argument("--port", type=_port, help=f"server port (default {DEFAULT_PORT})")
     parser.add_argument("--token", default=os.environ.get("CHATD_TOKEN"),
                         help="session token to reuse (default: $CHATD_TOKEN)")
     parser.add_argument("--json", action="store_true",
@@ -50,19 +54,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def split_words(words: Sequence[str]) -> tuple[str, int, list[str]]:
-    """[HOST] [PORT] then an optional request: ``/op key=value ...``."""
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"not a port: {text}")
+    return int(text)
+
+
+def split_words(
+    words: Sequence[str], host: str | None = None, port: int | None = None
+) -> tuple[str, int, list[str]]:
+    """[HOST] [PORT] then an optional request: ``/op key=value ...``; ``host`` and
+    ``port`` are the --host and --port options, which the positional forms must not repeat."""
     rest = list(words)
-    host, port = DEFAULT_HOST, DEFAULT_PORT
     if rest and not rest[0].startswith("/"):
+        if host is not None:
+            raise UsageError(f"--host given, and {rest[0]!r} as a host too")
         host = rest.pop(0)
     if rest and not rest[0].startswith("/"):
-        if not rest[0].isdigit() or not 0 < int(rest[0]) < 65536:
-            raise UsageError(f"not a port: {rest[0]}")
-        port = int(rest.pop(0))
+        if port is not None:
+            raise UsageError(f"--port given, and {rest[0]!r} as a port too")
+        try:
+            port = _port(rest.pop(0))
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(str(exc)) from None
     if rest and not rest[0].startswith("/"):
         raise UsageError(f"expected an op such as /ping, got {rest[0]!r}")
-    return host, port, rest
+    return host or DEFAULT_HOST, port or DEFAULT_PORT, rest
 
 
 def parse_params(pairs: Sequence[str]) -> dict[str, Any]:
@@ -166,7 +183,7 @@ def _print_waiting_events(client: Client, out: TextIO) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     try:
-        host, port, request = split_words(args.words)
+        host, port, request = split_words(args.words, args.host, args.port)
         if request:
             parse_params(request[1:])  # usage errors before connecting
     except UsageError as exc:
@@ -182,7 +199,7 @@ async def _run(args: argparse.Namespace, host: str, port: int, request: list[str
     try:
         client = await Client.connect(host, port, token=args.token, timeout=args.timeout)
     except (OSError, TimeoutError) as exc:
-        print(f"chatcat: cannot connect to {host}:{port}: {exc}", file=sys.stderr)
+        print(f"chatcat: cannot connect to {host}:{port}: {network_reason(exc)}", file=sys.stderr)
         return EXIT_USAGE
     try:
         if request:
@@ -191,9 +208,9 @@ async def _run(args: argparse.Namespace, host: str, port: int, request: list[str
             return await pipe_mode(client, sys.stdin, sys.stdout)
         from chatd.shell import interactive
 
-        return await interactive(client)
+        return await interactive(client, f"{host}:{port}")
     except (ConnectionError, TimeoutError) as exc:
-        print(f"chatcat: connection to {host}:{port} lost: {exc or 'timed out'}", file=sys.stderr)
+        print(f"chatcat: connection to {host}:{port} lost: {network_reason(exc)}", file=sys.stderr)
         return EXIT_USAGE
     finally:
         await client.close()

@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import Any
 
 from chatd.codec import FrameDecoder, Malformed, Oversize, encode_frame
-from chatd.errors import RateLimited, error_for
+from chatd.errors import NotAuthenticated, RateLimited, error_for
 
 Reply = dict[str, Any]
 DEFAULT_TIMEOUT = 30.0
@@ -158,11 +158,21 @@ class Client:
         assert self.token is not None
         return self.token
 
+    @property
+    def connected(self) -> bool:
+        """False once the connection has closed (the server went away, or :meth:`close`)."""
+        return not self._reader_task.done()
+
     async def reconnect(self) -> None:
         """Open a fresh connection to the same address and pick up where this one was.
 
         The token binds the new connection, and a subscription is renewed, so the
         server replays whatever was not acknowledged (protocol.md, "Live delivery").
+        Raises OSError or TimeoutError if the server cannot be reached (call again
+        later), ConnectionError if it goes away meanwhile, and the error of a refused
+        token (``NotAuthenticated``: expired or revoked), after forgetting the token and
+        the subscription, so the connection stays open, unbound, for a new ``/login``.
+        An :meth:`events` iteration of the old connection ends; iterate again.
         """
         if self._address is None:
             raise RuntimeError("reconnect needs a client made by Client.connect")
@@ -174,9 +184,16 @@ class Client:
         self._events = _EventQueue(self._loop)
         self._reader_task = self._loop.create_task(self._read_loop())
         if self.token is not None:
-            await self.request("/ping")
+            await self._bind_again()
         if self.subscribed:
             await self.request("/subscribe")
+
+    async def _bind_again(self) -> None:
+        try:
+            await self.request("/ping")
+        except NotAuthenticated:
+            self.token, self.subscribed = None, False
+            raise
 
     async def next_event(self, timeout: float | None = None) -> dict[str, Any]:
         """The next server-initiated frame; raises TimeoutError or ConnectionError."""

@@ -33,7 +33,7 @@ def _setting(default: Any, help: str, minimum: float | None = None) -> Any:
 class Config:
     host: str = _setting("127.0.0.1", "address to listen on")
     port: int = _setting(7777, "TCP port to listen on (0 picks a free one)", 0)
-    db: str = _setting("./chatd.sqlite3", "path of the SQLite database file")
+    db: str = _setting("./chatd.sqlite3", "SQLite database file, or a postgresql:// URL")
     db_synchronous: str = _setting(
         "NORMAL", "NORMAL survives a crash of chatd; FULL also survives power loss"
     )

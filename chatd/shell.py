@@ -1,273 +1,564 @@
 """chatcat's interactive mode: IRC-like commands, messages printed as they arrive.
 
-prompt_toolkit (the ``cli`` extra) keeps the line being typed intact while
-messages print above it, and gives history and tab completion; without it
-chatcat falls back to plain line input.
+Three tasks share the terminal: the input loop reads and parses lines (and asks for
+passwords), the worker runs the commands one at a time in the order typed, and the
+follower prints pushed events and, when the connection drops, reconnects with back-off.
+A request that meets a lost connection waits for the next one and is sent again (sends
+with the same ``client_id``, so the server stores them once).  prompt_toolkit keeps the
+line being typed intact while messages print above it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import shlex
+import contextlib
+import dataclasses
+import getpass
+import random
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import datetime
+from typing import Any, Protocol
+
+from prompt_toolkit import PromptSession
+from prompt_toolkit.completion import WordCompleter
+from prompt_toolkit.history import DummyHistory, InMemoryHistory
+from prompt_toolkit.layout.processors import PasswordProcessor
+from prompt_toolkit.patch_stdout import patch_stdout
 
 from chatd.client import Client
-from chatd.errors import ChatdError, NotFound
+from chatd.commands import (
+    ALIASES,
+    COMMANDS,
+    HISTORY_DEFAULT,
+    Command,
+    CommandError,
+    Timeline,
+    channel_line,
+    describe,
+    event_time,
+    help_text,
+    history_entry,
+    network_reason,
+    parse,
+    parse_wire_time,
+    private_line,
+)
+from chatd.errors import ChatdError, Forbidden, NotAuthenticated, NotFound
 
-HELP = """\
-/register NAME PASSWORD PASSWORD   create an account
-/login NAME PASSWORD               log in (messages then arrive as they are sent)
-/logout                            end the session
-/msg NAME TEXT...                  private message
-/join CHANNEL                      join a channel and make it current
-/leave [CHANNEL]                   leave a channel (default: the current one)
-TEXT                               say TEXT in the current channel
-/who CHANNEL                       members of a channel, and who is online
-/channels                          your channels with unread counts
-/inbox                             private messages not yet seen
-/history CHANNEL|NAME [N]          the last N messages of a channel or conversation
-/help                              this text
-/quit                              leave chatcat"""
+FIRST_RETRY, MAX_RETRY = 1.0, 30.0  # seconds between reconnection attempts
+INBOX = ""  # the stream key of private messages; channels are "#" + casefolded name
+
+
+class Screen:
+    """Where every line goes: stamped with the local time, a date line when the day changes."""
+
+    def __init__(self, write: Callable[[str], None] | None = None) -> None:
+        self.timeline = Timeline()
+        self._write = write or _print
+
+    def say(self, text: str, when: datetime | None = None) -> None:
+        for line in self.timeline.lines(text, when):
+            self._write(line)
+
+    def block(self, title: str, text: str) -> None:
+        self.say(title)
+        for line in text.splitlines():
+            self._write("      " + line)
+
+
+def _print(line: str) -> None:
+    # Under prompt_toolkit's patch_stdout this prints above the line being typed.
+    print(line, flush=True)
+
+
+def backoff(first: float = FIRST_RETRY, most: float = MAX_RETRY) -> Iterator[float]:
+    """Waits between reconnection attempts: doubling up to ``most``, each within ±20 %
+    so that the clients of a restarted server do not all come back at once."""
+    delay = first
+    while True:
+        yield delay * random.uniform(0.8, 1.2)
+        delay = min(delay * 2, most)
 
 
 class Shell:
-    def __init__(self, client: Client, say: Callable[[str], None]) -> None:
+    def __init__(self, client: Client, screen: Screen, address: str = "the server") -> None:
         self.client = client
-        self.say = say
-        self.channel: str | None = None
+        self.screen = screen
+        self.address = address
         self.me: str | None = None
-        self.commands: dict[str, Callable[[list[str]], Awaitable[None]]] = {
-            "/register": self.register,
-            "/login": self.login,
-            "/logout": self.logout,
-            "/msg": self.msg,
-            "/join": self.join,
-            "/leave": self.leave,
-            "/who": self.who,
-            "/channels": self.channels,
-            "/inbox": self.inbox,
-            "/history": self.history,
-            "/help": self.help,
+        self.channel: str | None = None  # where plain lines go, unless there is a query
+        self.query: str | None = None
+        self._shown: dict[str, int] = {}  # per stream, the highest id shown
+        self._own: set[tuple[str, int]] = set()  # own messages, shown when sent
+        self._generation = 0  # how many times the connection was re-established
+        self._up = True
+        self._changed = asyncio.Condition()
+        self._wanted = asyncio.Event()  # a command waits for the connection
+        self.verbs: dict[str, Callable[[Command], Awaitable[None]]] = {
+            "say": self.say_line, "/register": self.register, "/login": self.login,
+            "/logout": self.logout, "/join": self.join, "/leave": self.leave,
+            "/msg": self.msg, "/query": self.start_query, "/me": self.action,
+            "/names": self.names, "/whois": self.whois, "/list": self.list_channels,
+            "/history": self.history, "/nick": self.nick, "/help": self.help,
         }
 
-    async def handle(self, line: str) -> bool:
-        """Run one input line; False when the user wants to quit."""
-        line = line.strip()
-        if not line:
-            return True
-        if line in ("/quit", "/exit"):
-            return False
+    @property
+    def online(self) -> bool:
+        return self._up
+
+    def prompt(self) -> str:
+        if self.query is not None:
+            return f"@{self.query}> "
+        return f"#{self.channel}> " if self.channel is not None else "> "
+
+    async def execute(self, command: Command) -> None:
         try:
-            await self._dispatch(line)
+            await self.verbs[command.verb](command)
         except ChatdError as error:
-            self.say(f"error {int(error.code)}: {error.message}")
-        except ValueError as error:  # shlex: unbalanced quotes
-            self.say(f"cannot parse that line: {error}")
-        return True
+            self.screen.say(f"error {int(error.code)}: {error.message}")
+        except CommandError as error:
+            self.screen.say(str(error))
 
-    async def _dispatch(self, line: str) -> None:
-        if not line.startswith("/"):
-            await self.say_in_channel(line)
-            return
-        command, _, rest = line.partition(" ")
-        handler = self.commands.get(command)
-        if handler is None:
-            self.say(f"unknown command {command}: try /help")
-            return
-        await handler(shlex.split(rest) if command != "/msg" else rest.split(" ", 1))
+    # Requests, across reconnections.
 
-    def _need(self, args: list[str], count: int, usage: str) -> bool:
-        if len(args) < count or any(not arg for arg in args[:count]):
-            self.say(f"usage: {usage}")
+    async def call(self, op: str, params: dict[str, Any] | None = None) -> Any:
+        """``Client.request``, waiting out a lost connection and sending again once back."""
+        waiting = f"not connected: {op} waits for the connection to come back"
+        if not self._up:
+            self._wanted.set()
+            self.screen.say(waiting)
+            waiting = ""
+        generation = await self._connection()
+        while True:
+            try:
+                return await self.client.request(op, params)
+            except (ConnectionError, TimeoutError) as exc:
+                if isinstance(exc, TimeoutError) and self.client.connected:
+                    await self.client.close()  # no reply in time: reconnect (the follower)
+                self._wanted.set()
+                if waiting:
+                    self.screen.say(waiting)
+                    waiting = ""
+                generation = await self._connection(newer_than=generation)
+
+    async def _connection(self, newer_than: int = -1) -> int:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._up and self._generation > newer_than)
+            return self._generation
+
+    async def _set_up(self, up: bool) -> None:
+        async with self._changed:
+            self._up = up
+            self._generation += up
+            self._changed.notify_all()
+
+    # The follower: events, and reconnection when the connection drops.
+
+    async def follow(self) -> None:
+        while True:
+            async for event in self.client.events():
+                await self.on_event(event)
+            await self._set_up(False)
+            if self.client.token is None:
+                # Not logged in: the server closes such connections after a while
+                # (protocol.md, auth_timeout and idle_timeout); reopen only when needed.
+                self.screen.say(f"connection to {self.address} closed (not logged in): "
+                                "it reopens for your next command")
+                await self._wanted.wait()
+            else:
+                self.screen.say(f"connection to {self.address} lost: reconnecting")
+            self._wanted.clear()
+            await self._reconnect()
+            await self._set_up(True)
+
+    async def _reconnect(self) -> None:
+        for delay in backoff():
+            try:
+                await self.client.reconnect()
+            except NotAuthenticated:
+                self.screen.say(f"reconnected to {self.address}, but the session has ended "
+                                "(token expired or revoked): /login again")
+                return
+            except ChatdError as error:  # connected, but /subscribe was refused
+                self.screen.say(f"reconnected to {self.address}; error {int(error.code)}: "
+                                f"{error.message}")
+                return
+            except (OSError, TimeoutError) as exc:  # refused, unreachable, gone again
+                reason = network_reason(exc)
+                self.screen.say(f"cannot reconnect ({reason}): next try in {delay:.0f} s")
+                await asyncio.sleep(delay)
+                continue
+            resumed = " (session and subscription resumed)" if self.client.subscribed else ""
+            self.screen.say(f"reconnected to {self.address}{resumed}")
+            return
+
+    async def on_event(self, event: dict[str, Any]) -> None:
+        data = event.get("data") or {}
+        if event.get("event") == "message" and "to" in data and self.me is None:
+            self.me = data["name"]  # a copy of what this user sent elsewhere
+        stream = _stream_of(event)
+        if stream is None or self._is_new(stream, data["id"]):
+            text = describe(event, self.me)
+            if text is not None:
+                self.screen.say(text, event_time(event))
+        if stream is not None:
+            await self._acknowledge(stream, data["id"])
+
+    def _is_new(self, stream: str, message_id: int) -> bool:
+        """Not shown yet: a new subscription repeats what was not acknowledged, and the
+        server may push back this user's own messages, already shown when sent."""
+        if message_id <= self._shown.get(stream, 0) or (stream, message_id) in self._own:
             return False
+        self._shown[stream] = message_id
         return True
 
-    async def register(self, args: list[str]) -> None:
-        if self._need(args, 3, "/register NAME PASSWORD PASSWORD"):
-            params = {"name": args[0], "password": args[1], "password_repete": args[2]}
-            await self.client.request("/register", params)
-            self.say(f"registered {args[0]}: now /login {args[0]} PASSWORD")
+    async def _acknowledge(self, stream: str, message_id: int) -> None:
+        params: dict[str, Any] = {"id": message_id}
+        if stream != INBOX:
+            params["channel"] = stream[1:]
+        # Lost with the connection: the catch-up after reconnecting shows the message again,
+        # or _is_new drops it.
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            await self.client.call("/ack", params)
 
-    async def login(self, args: list[str]) -> None:
-        if self._need(args, 2, "/login NAME PASSWORD"):
-            await self.client.request("/login", {"name": args[0], "password": args[1]})
-            await self.start_session()
+    # Sessions.
+
+    async def register(self, command: Command) -> None:
+        assert command.name is not None and command.text is not None
+        password = command.text
+        params = {"name": command.name, "password": password, "password_repete": password}
+        await self.call("/register", params)
+        self.screen.say(f"registered {command.name}: now /login {command.name}")
+
+    async def login(self, command: Command) -> None:
+        assert command.name is not None and command.text is not None
+        data = await self.call("/login", {"name": command.name, "password": command.text})
+        self.me = data["name"]
+        await self.start_session()
 
     async def start_session(self) -> None:
         """Subscribe and list the user's channels (after /login, or at start with a token)."""
-        await self.client.request("/subscribe")
-        joined = await self.client.request("/channel/list")
-        names = ", ".join(c["name"] for c in joined["channels"]) or "none yet"
-        self.say(f"logged in; your channels: {names}")
+        await self.call("/subscribe")
+        joined = [c["name"] for c in (await self.call("/channel/list"))["channels"]]
+        who = f" as {self.me}" if self.me else ""
+        self.screen.say(f"logged in{who}; your channels: {', '.join(joined) or 'none yet'}")
+        if self.channel is not None:
+            self._keep_channel(joined)
 
-    async def logout(self, args: list[str]) -> None:
-        await self.client.request("/logout")
-        self.channel = None
-        self.say("logged out")
+    def _keep_channel(self, joined: list[str]) -> None:
+        assert self.channel is not None
+        same = [name for name in joined if name.casefold() == self.channel.casefold()]
+        if same:
+            self.channel = same[0]
+            self.screen.say(f"talking in {self.channel}")
+        else:
+            self.screen.say(f"not a member of {self.channel}: /join it to talk there")
+            self.channel = None
 
-    async def msg(self, args: list[str]) -> None:
-        if self._need(args, 2, "/msg NAME TEXT"):
-            await self.client.request("/send", {"name": args[0], "msg": args[1]})
-            self.say(f"-> {args[0]}: {args[1]}")
+    async def logout(self, command: Command) -> None:
+        await self.call("/logout")
+        self.screen.say("logged out (/login to come back)")
 
-    async def join(self, args: list[str]) -> None:
-        if self._need(args, 1, "/join CHANNEL"):
-            joined = await self.client.request("/channel/join", {"name": args[0]})
-            self.channel = joined["name"]
-            self.say(f"now talking in {self.channel}")
+    async def resume(self) -> None:
+        try:
+            await self.start_session()
+        except ChatdError as error:
+            self.screen.say(f"error {int(error.code)}: {error.message} (the token was not "
+                            "accepted: /login)")
 
-    async def leave(self, args: list[str]) -> None:
-        name = args[0] if args else self.channel
+    # Channels.
+
+    async def join(self, command: Command) -> None:
+        joined = await self.call("/channel/join", {"name": command.name})
+        self.channel, self.query = joined["name"], None
+        self.screen.say(f"talking in {self.channel}")
+
+    async def leave(self, command: Command) -> None:
+        name = command.name or self.channel
         if name is None:
-            self.say("usage: /leave CHANNEL")
-            return
-        await self.client.request("/channel/leave", {"name": name})
+            raise CommandError("no current channel: /leave CHANNEL")
+        await self.call("/channel/leave", {"name": name})
         if self.channel is not None and name.casefold() == self.channel.casefold():
             self.channel = None
-        self.say(f"left {name}")
+            self.screen.say(f"left {name}; /join a channel to talk")
+        else:
+            self.screen.say(f"left {name}" + (f"; still in {self.channel}" if self.channel else ""))
 
-    async def say_in_channel(self, text: str) -> None:
-        if self.channel is None:
-            self.say("not in a channel: /join one first, or /msg NAME TEXT")
-            return
-        await self.client.request("/channel/send", {"name": self.channel, "message": text})
-
-    async def who(self, args: list[str]) -> None:
-        name = args[0] if args else self.channel
+    async def names(self, command: Command) -> None:
+        name = command.name or self.channel
         if name is None:
-            self.say("usage: /who CHANNEL")
-            return
-        users = (await self.client.request("/channel/list_users", {"name": name}))["users"]
+            raise CommandError("no current channel: /names CHANNEL")
+        users = (await self.call("/channel/list_users", {"name": name}))["users"]
         listed = ", ".join(u["name"] + (" (online)" if u["online"] else "") for u in users)
-        self.say(f"{name}: {listed}")
+        self.screen.say(f"{name}: {listed}")
 
-    async def channels(self, args: list[str]) -> None:
-        found = (await self.client.request("/channel/list"))["channels"]
+    async def list_channels(self, command: Command) -> None:
+        found = (await self.call("/channel/list"))["channels"]
         for channel in found:
-            self.say(f"{channel['name']}: {channel['unread']} unread")
+            self.screen.say(f"{channel['name']}: {channel['unread']} unread")
         if not found:
-            self.say("no channels: /join one")
+            self.screen.say("you are in no channel: /join one")
 
-    async def inbox(self, args: list[str]) -> None:
-        data = await self.client.request("/receive")
-        for sender, texts in data["messages"].items():
-            for text in texts:
-                self.say(f"{sender}: {text}")
-        if not data["messages"]:
-            self.say("no new private messages")
+    # Talking.
 
-    async def history(self, args: list[str]) -> None:
-        if not self._need(args, 1, "/history CHANNEL|NAME [N]"):
+    async def say_line(self, command: Command) -> None:
+        assert command.text is not None
+        if self.query is not None:
+            await self._send_private(self.query, command.text)
+        elif self.channel is not None:
+            await self._send_channel(self.channel, command.text)
+        else:
+            raise CommandError("not in a channel: /join one, /query NAME or /msg NAME TEXT")
+
+    async def action(self, command: Command) -> None:
+        # The server has no action type: "/me waves" travels as that text (README).
+        await self.say_line(dataclasses.replace(command, text="/me " + (command.text or "")))
+
+    async def msg(self, command: Command) -> None:
+        assert command.name is not None and command.text is not None
+        await self._send_private(command.name, command.text)
+
+    async def start_query(self, command: Command) -> None:
+        if command.name is None:
+            self.query = None
+            where = f"talking in {self.channel}" if self.channel else "no current channel"
+            self.screen.say(f"query closed; {where}")
             return
-        limit = int(args[1]) if len(args) > 1 and args[1].isdigit() else 20
-        params = {"name": args[0], "limit": max(limit, 1)}
+        info = await self.call("/user/info", {"name": command.name})
+        self.query = info["name"]
+        self.screen.say(f"talking privately with {self.query} (/query alone to stop)")
+        if command.text:
+            await self._send_private(self.query, command.text)
+
+    async def _send_private(self, name: str, text: str) -> None:
+        params = {"name": name, "msg": text, "client_id": uuid.uuid4().hex}
+        sent = await self.call("/send", params)
+        if self.me is not None and name.casefold() == self.me.casefold():
+            return  # a note to self comes back as an event, shown then
+        self._own.add((INBOX, sent["id"]))
+        line = private_line(self.me or "you", name, text)
+        self.screen.say(line, parse_wire_time(sent["datetime"]))
+
+    async def _send_channel(self, channel: str, text: str) -> None:
+        params = {"name": channel, "message": text, "client_id": uuid.uuid4().hex}
+        sent = await self.call("/channel/send", params)
+        self._own.add(("#" + channel.casefold(), sent["id"]))
+        line = channel_line(channel, self.me or "you", text)
+        self.screen.say(line, parse_wire_time(sent["datetime"]))
+
+    # Looking things up.
+
+    async def whois(self, command: Command) -> None:
+        info = await self.call("/user/info", {"name": command.name})
+        since = parse_wire_time(info["registered"]).astimezone(self.screen.timeline.tz)
+        state = "online" if info["online"] else "offline"
+        self.screen.say(f"{info['name']}: {state}, registered {since:%Y-%m-%d %H:%M}")
+
+    async def history(self, command: Command) -> None:
+        limit = command.count or HISTORY_DEFAULT
+        if command.name is None:
+            if self.query is not None:
+                await self._private_history(self.query, limit)
+            elif self.channel is not None:
+                await self._channel_history(self.channel, limit)
+            else:
+                raise CommandError("no current channel: /history #CHANNEL or /history NAME")
+        elif command.channel:
+            await self._channel_history(command.name, limit)
+        else:
+            await self._history_of_either(command.name, limit)
+
+    async def _history_of_either(self, name: str, limit: int) -> None:
+        """A bare name: the channel of that name if the user is in it, else the user."""
         try:
-            data = await self.client.request("/channel/history", params)
-            lines = [f"[{m['datetime']}] {m['name']}: {m['msg']}" for m in data["messages"]]
-        except NotFound:
-            data = await self.client.request("/history", params)
-            lines = [
-                f"[{m['datetime']}] {m['name']} -> {m['to']}: {m['msg']}" for m in data["messages"]
-            ]
-        for line in lines or ["no messages"]:
-            self.say(line)
+            await self._channel_history(name, limit)
+        except (NotFound, Forbidden) as channel_error:
+            try:
+                await self._private_history(name, limit)
+            except NotFound:
+                raise channel_error from None
 
-    async def help(self, args: list[str]) -> None:
-        self.say(HELP)
+    async def _channel_history(self, channel: str, limit: int) -> None:
+        data = await self.call("/channel/history", {"name": channel, "limit": limit})
+        for item in data["messages"]:
+            line = channel_line(channel, item["name"], item["msg"])
+            self.screen.say(line, parse_wire_time(item["datetime"]))
+        if not data["messages"]:
+            self.screen.say(f"no messages in {channel}")
 
-    async def show_events(self) -> None:
-        """Print pushed events as they arrive, acknowledging messages once shown."""
-        async for event in self.client.events():
-            text = describe(event)
-            if text is not None:
-                self.say(text)
-            await self._acknowledge(event)
+    async def _private_history(self, name: str, limit: int) -> None:
+        data = await self.call("/history", {"name": name, "limit": limit})
+        for item in data["messages"]:
+            line = private_line(item["name"], item["to"], item["msg"])
+            self.screen.say(line, parse_wire_time(item["datetime"]))
+        if not data["messages"]:
+            self.screen.say(f"no messages with {name}")
 
-    async def _acknowledge(self, event: dict[str, Any]) -> None:
-        data = event.get("data") or {}
-        if event.get("event") == "message" and "to" not in data:
-            await self.client.call("/ack", {"id": data["id"]})
-        elif event.get("event") == "channel_message":
-            await self.client.call("/ack", {"channel": data["channel"], "id": data["id"]})
+    async def nick(self, command: Command) -> None:
+        self.screen.say("names are accounts here, there are no nicknames: /login NAME as "
+                        "another account, or /register NAME for a new one")
+
+    async def help(self, command: Command) -> None:
+        self.screen.block("commands:", help_text(command.text))
 
 
-def describe(event: dict[str, Any]) -> str | None:
-    """One line for a pushed event, or None for events not worth showing."""
-    kind, data = event.get("event"), event.get("data") or {}
-    if kind == "message":
-        if "to" in data:
-            return f"(you -> {data['to']}): {data['msg']}"
-        return f"{data['name']} -> you: {data['msg']}"
-    if kind == "channel_message":
-        return f"[{data['channel']}] {data['name']}: {data['msg']}"
-    if kind in ("join", "leave"):
-        return f"* {data['name']} {'joined' if kind == 'join' else 'left'} {data['channel']}"
-    if kind == "presence":
-        return f"* {data['name']} is {'online' if data['online'] else 'offline'}"
+def _stream_of(event: dict[str, Any]) -> str | None:
+    """The stream an event belongs to (protocol.md, section 9), None if none."""
+    data = event.get("data") or {}
+    if event.get("event") == "message" and "to" not in data:
+        return INBOX
+    if event.get("event") == "channel_message":
+        return "#" + str(data["channel"]).casefold()
     return None
 
 
-async def interactive(client: Client) -> int:
-    try:
-        import prompt_toolkit  # noqa: F401
-    except ImportError:
-        lines = _plain_lines()
-    else:
-        lines = _prompt_toolkit_lines()
-    shell = Shell(client, _say)
-    _say("chatcat: /help lists the commands")
+# Input.
+
+
+class Input(Protocol):
+    async def line(self, prompt: Callable[[], str]) -> str | None: ...
+
+    async def secret(self, prompt: str) -> str | None: ...
+
+
+class TerminalInput:
+    """prompt_toolkit: an input line that output never garbles, history, completion."""
+
+    def __init__(self) -> None:
+        completer = WordCompleter([*COMMANDS, *ALIASES], sentence=True)
+        self.session: PromptSession[str] = PromptSession(
+            completer=completer, history=PasswordFreeHistory(), erase_when_done=True
+        )
+
+    async def line(self, prompt: Callable[[], str]) -> str | None:
+        while True:
+            try:
+                return await self.session.prompt_async(prompt)
+            except KeyboardInterrupt:
+                continue  # Ctrl-C clears the line, as in a shell
+            except EOFError:
+                return None
+
+    async def secret(self, prompt: str) -> str | None:
+        # A session of its own, with no history; nothing of what is typed is drawn.
+        asking: PromptSession[str] = PromptSession(
+            history=DummyHistory(), input_processors=[PasswordProcessor(char="")],
+            erase_when_done=True,
+        )
+        try:
+            return await asking.prompt_async(prompt)
+        except (KeyboardInterrupt, EOFError):
+            return None
+
+
+class PasswordFreeHistory(InMemoryHistory):
+    """Up-arrow history that keeps ``/login NAME`` but never the password after it."""
+
+    def append_string(self, string: str) -> None:
+        super().append_string(history_entry(string))
+
+
+class PlainInput:
+    """Line input without prompt_toolkit, when stdout is not a terminal (nothing to garble)."""
+
+    async def line(self, prompt: Callable[[], str]) -> str | None:
+        line = await asyncio.to_thread(sys.stdin.readline)
+        return line.rstrip("\n") if line else None
+
+    async def secret(self, prompt: str) -> str | None:
+        try:
+            return await asyncio.to_thread(getpass.getpass, prompt)
+        except EOFError:
+            return None
+
+
+async def read_commands(shell: Shell, source: Input, queue: asyncio.Queue[Command]) -> None:
+    """Read, parse and queue lines until /quit or end of input; ask for missing passwords."""
+    while (line := await source.line(shell.prompt)) is not None:
+        if not line.strip():
+            continue
+        try:
+            command = parse(line)
+        except CommandError as error:
+            shell.screen.say(str(error))
+            continue
+        if command.verb == "/quit":
+            return
+        if command.verb in ("/login", "/register") and command.text is None:
+            password = await _ask_password(shell.screen, source, twice=command.verb == "/register")
+            if password is None:
+                continue
+            command = dataclasses.replace(command, text=password)
+        queue.put_nowait(command)
+
+
+async def _ask_password(screen: Screen, source: Input, *, twice: bool) -> str | None:
+    password = await source.secret("password: ")
+    if password and twice and await source.secret("again: ") != password:
+        screen.say("the passwords differ: nothing sent")
+        return None
+    if not password:
+        screen.say("no password: nothing sent")
+        return None
+    return password
+
+
+async def run_commands(shell: Shell, queue: asyncio.Queue[Command]) -> None:
+    while True:
+        command = await queue.get()
+        try:
+            await shell.execute(command)
+        finally:
+            queue.task_done()
+
+
+async def interactive(client: Client, address: str = "the server") -> int:
+    use_terminal = sys.stdin.isatty() and sys.stdout.isatty()
+    source: Input = TerminalInput() if use_terminal else PlainInput()
+    if not use_terminal:
+        return await run_session(client, address, source)
+    with patch_stdout(raw=True):
+        return await run_session(client, address, source)
+
+
+async def run_session(
+    client: Client, address: str, source: Input, screen: Screen | None = None
+) -> int:
+    """The interactive session: until /quit or the end of input."""
+    shell = Shell(client, screen or Screen(), address)
+    shell.screen.say(f"chatcat: connected to {address}; /help lists the commands")
+    queue: asyncio.Queue[Command] = asyncio.Queue()
     if client.token is not None:
-        await _resume(shell)
-    printer = asyncio.create_task(shell.show_events())
+        await shell.resume()
+    background = [
+        asyncio.create_task(shell.follow()),
+        asyncio.create_task(run_commands(shell, queue)),
+    ]
+    reader = asyncio.create_task(read_commands(shell, source, queue))
     try:
-        async for line in lines:
-            if not await shell.handle(line):
-                break
+        await asyncio.wait([reader, *background], return_when=asyncio.FIRST_COMPLETED)
+        for task in background:
+            if task.done():
+                task.result()  # a bug in the follower or the worker: show it
+        await _finish(shell, queue)
     finally:
-        printer.cancel()
+        for task in [reader, *background]:
+            task.cancel()
+        await asyncio.gather(reader, *background, return_exceptions=True)
     return 0
 
 
-async def _resume(shell: Shell) -> None:
+async def _finish(shell: Shell, queue: asyncio.Queue[Command]) -> None:
+    """On /quit, let the commands already typed go out, within the client's timeout; while
+    disconnected, quit at once and say what is lost."""
     try:
-        await shell.start_session()
-    except ChatdError as error:
-        shell.say(f"error {int(error.code)}: {error.message} (the token was not accepted)")
+        async with asyncio.timeout(shell.client.timeout if shell.online else 0):
+            await queue.join()
+    except TimeoutError:
+        left = queue.qsize() + 1  # the one being run, and those waiting
+        shell.screen.say(f"quitting with {left} command(s) not sent (not connected)")
 
 
-async def _plain_lines() -> AsyncIterator[str]:
-    while line := await asyncio.to_thread(sys.stdin.readline):
-        yield line
-
-
-def _say(text: str) -> None:
-    # Under prompt_toolkit's patch_stdout this prints above the line being typed.
-    print(text, flush=True)
-
-
-async def _prompt_toolkit_lines() -> AsyncIterator[str]:
-    from prompt_toolkit import PromptSession
-    from prompt_toolkit.completion import WordCompleter
-    from prompt_toolkit.history import InMemoryHistory
-    from prompt_toolkit.patch_stdout import patch_stdout
-
-    completer = WordCompleter([*_command_names(), "/quit"], sentence=True)
-    session: PromptSession[str] = PromptSession(completer=completer, history=InMemoryHistory())
-    with patch_stdout(raw=True):
-        while True:
-            try:
-                yield await session.prompt_async("> ")
-            except (EOFError, KeyboardInterrupt):
-                return
-
-
-def _command_names() -> Iterator[str]:
-    for line in HELP.splitlines():
-        word = line.split(" ", 1)[0]
-        if word.startswith("/"):
-            yield word
-
-
-__all__ = ["Shell", "describe", "interactive"]
+__all__ = ["Input", "Screen", "Shell", "backoff", "describe", "interactive", "run_session"]

@@ -4,20 +4,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import itertools
 import json
 import os
 import pty
 import re
+import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from chatd.chatcat import UsageError, parse_params, split_words
-from chatd.shell import describe
-from tests.conftest import PASSWORD, Harness
+from chatd.client import Client
+from chatd.codec import FrameDecoder
+from chatd.commands import (
+    Command,
+    CommandError,
+    Timeline,
+    channel_line,
+    describe,
+    help_text,
+    history_entry,
+    network_reason,
+    parse,
+    parse_wire_time,
+    printable,
+)
+from chatd.errors import NotAuthenticated
+from chatd.server import Server
+from chatd.shell import Screen, backoff, run_session
+from tests.conftest import PASSWORD, Harness, MakeHarness
 
 ROOT = Path(__file__).resolve().parent.parent
 CHATCAT = [sys.executable, str(ROOT / "scripts" / "chatcat")]
@@ -121,17 +142,17 @@ async def test_one_shot_sends_one_request(harness: Harness) -> None:
     alice = await harness.user("alice")
     bob = await harness.user("bob")
     assert alice.token is not None
-    status, out, _ = await chatcat(
+    status, out, err = await chatcat(
         "--token", alice.token, "127.0.0.1", str(harness.port), "/send", "name=bob", "msg=hi there"
     )
-    assert status == 0 and out[0]["code"] == 0
+    assert status == 0 and out[0]["code"] == 0, err
     assert (await bob.request("/receive"))["messages"] == {"alice": ["hi there"]}
-    status, out, _ = await chatcat(
+    status, out, err = await chatcat(
         "127.0.0.1", str(harness.port), "--token", alice.token, "/ack", "id:=999999"
     )
-    assert status == 0 and out[0]["data"] == {"position": 0}
-    status, out, _ = await chatcat("127.0.0.1", str(harness.port), "/user/info", "name=bob")
-    assert status == 1 and out[0]["code"] == 2
+    assert status == 0 and out[0]["data"] == {"position": 0}, err
+    status, out, err = await chatcat("127.0.0.1", str(harness.port), "/user/info", "name=bob")
+    assert status == 1 and out[0]["code"] == 2, err
 
 
 async def test_cannot_connect_and_bad_usage_exit_2(harness: Harness) -> None:
@@ -226,16 +247,16 @@ async def test_interactive_login_msg_push_while_typing_and_quit(harness: Harness
     term = Terminal(master, proc)
     try:
         await term.expect("/help lists the commands")
-        term.type(f"/login ann '{PASSWORD}'\r")
-        await term.expect("logged in")
+        term.type(f"/login ann {PASSWORD}\r")  # the rest of the line: spaces, no quotes
+        await term.expect("logged in as ann")
         term.type("/msg bob hello bob\r")
-        await term.expect("-> bob: hello bob")
+        await term.expect("ann -> bob: hello bob")
         assert (await bob.request("/receive"))["messages"] == {"ann": ["hello bob"]}
 
         term.type("half a sentence")
         await term.expect("half a sentence")
         await bob.request("/send", {"name": "ann", "msg": "ping from bob"})
-        await term.expect("bob -> you: ping from bob")
+        await term.expect("bob -> ann: ping from bob")
         term.screen = term.screen[term.screen.rfind(b"ping from bob") :]
         await term.expect("> half a sentence")  # the typed line is redrawn below the message
 
@@ -247,3 +268,425 @@ async def test_interactive_login_msg_push_while_typing_and_quit(harness: Harness
             proc.kill()
             await proc.wait()
         os.close(master)
+
+
+# The command language, without a socket.
+
+
+@pytest.mark.parametrize(
+    ("line", "command"),
+    [
+        ("hello there", Command("say", text="hello there")),
+        ("//etc/hosts is a file", Command("say", text="/etc/hosts is a file")),
+        ("/join #lobby", Command("/join", name="lobby", channel=True)),
+        ("/JOIN lobby", Command("/join", name="lobby", channel=True)),
+        ("/part #dev", Command("/leave", name="dev", channel=True)),
+        ("/leave", Command("/leave")),
+        ("/login bob battery staple", Command("/login", name="bob", text="battery staple")),
+        ("/login bob  'q' x ", Command("/login", name="bob", text="'q' x ")),
+        ("/login bob", Command("/login", name="bob")),
+        ("/register bob", Command("/register", name="bob")),
+        ("/msg bob  hi  there", Command("/msg", name="bob", text="hi  there")),
+        ("/query bob", Command("/query", name="bob")),
+        ("/query bob hi", Command("/query", name="bob", text="hi")),
+        ("/query", Command("/query")),
+        ("/me waves", Command("/me", text="waves")),
+        ("/history", Command("/history")),
+        ("/history 5", Command("/history", count=5)),
+        ("/history #5", Command("/history", name="5", channel=True)),
+        ("/history bob 3", Command("/history", name="bob", count=3)),
+        ("/history #lobby 3", Command("/history", name="lobby", channel=True, count=3)),
+        ("/names #lobby", Command("/names", name="lobby", channel=True)),
+        ("/who", Command("/names")),
+        ("/whois bob", Command("/whois", name="bob")),
+        ("/list", Command("/list")),
+        ("/channels", Command("/list")),
+        ("/nick carol", Command("/nick")),
+        ("/quit see you", Command("/quit")),
+        ("/help login", Command("/help", text="login")),
+    ],
+)
+def test_command_lines_parse(line: str, command: Command) -> None:
+    assert parse(line) == command
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        ("/history lobby abc", "'abc' is not a number"),
+        ("/history lobby 0", "'0' is not a number"),
+        ("/history lobby 3 4", "unexpected '4'"),
+        ("/history lobby \uff13", "not a number"),  # a fullwidth 3: a digit, not ASCII
+        ("/join", "usage: /join CHANNEL"),
+        ("/join #", "a name is missing after #"),
+        ("/join a b", "unexpected 'b'"),
+        ("/leave lobby bye", "unexpected 'bye'"),
+        ("/msg bob", "usage: /msg NAME TEXT"),
+        ("/whois", "usage: /whois NAME"),
+        ("/list all", "unexpected 'all'"),
+        ("/me", "usage: /me TEXT"),
+        ("/login", "usage: /login NAME [PASSWORD]"),
+        ("/register bob secret12 secret12", "takes the password once"),
+        ("/frobnicate", "unknown command /frobnicate"),
+        ("   ", "empty line"),
+    ],
+)
+def test_malformed_command_lines_are_refused(line: str, error: str) -> None:
+    with pytest.raises(CommandError, match=re.escape(error)):
+        parse(line)
+
+
+def test_passwords_never_reach_the_history() -> None:
+    assert history_entry("/login bob battery staple") == "/login bob"
+    assert history_entry("/LOGIN bob battery staple") == "/login bob"
+    assert history_entry("/register bob hunter2hunter2") == "/register bob"
+    assert history_entry("/login bob") == "/login bob"
+    assert history_entry("/msg bob /login is how") == "/msg bob /login is how"
+
+
+def test_help_explains_every_command_and_quoting() -> None:
+    text = help_text()
+    for verb in ("/part", "/names", "/whois", "/list", "/query", "/me", "/nick", "/quit"):
+        assert verb in text
+    assert "No quoting" in text and "password:" in text
+    assert help_text("part").startswith("/leave [CHANNEL]")
+    with pytest.raises(CommandError):
+        help_text("nope")
+
+
+def test_lines_carry_local_time_and_the_date_when_it_changes() -> None:
+    timeline = Timeline(timezone(timedelta(hours=2)))
+    late = parse_wire_time("2026.11.27:21:47:51")  # 23:47 at UTC+2
+    assert timeline.lines("[lobby] bob: hi", late) == [
+        "-- Friday 27 November 2026 --",
+        "23:47 [lobby] bob: hi",
+    ]
+    assert timeline.lines("again", late) == ["23:47 again"]
+    next_day = parse_wire_time("2026.11.27:22:01:00")  # past midnight at UTC+2
+    assert timeline.lines("x", next_day) == ["-- Saturday 28 November 2026 --", "00:01 x"]
+    assert timeline.lines("two\nlines", next_day) == ["00:01 two", "      lines"]
+
+
+def test_control_characters_cannot_drive_the_terminal() -> None:
+    assert printable("a\x1b[2Jb\x07\tc\r\n") == "a^[[2Jb^G\tc\n"
+    assert printable("\x9b2J\rx") == "^[2J^Mx"  # the one-byte CSI of C1, a bare return
+
+
+def test_events_and_own_lines_read_alike() -> None:
+    said = {"event": "channel_message",
+            "data": {"id": 2, "channel": "dev", "name": "bob", "msg": "yo", "datetime": "x"}}
+    assert describe(said) == channel_line("dev", "bob", "yo") == "[dev] bob: yo"
+    assert channel_line("dev", "bob", "/me waves") == "[dev] * bob waves"
+    private = {"event": "message", "data": {"id": 1, "name": "bob", "msg": "hi"}}
+    assert describe(private, "ann") == "bob -> ann: hi"
+    copy = {"event": "message", "data": {"id": 1, "name": "ann", "msg": "hi", "to": "bob"}}
+    assert describe(copy, "ann") == "ann -> bob: hi"
+    refused = {"code": 8, "msg": "too many connections"}
+    assert describe(refused) == "server: too many connections (code 8)"
+
+
+def test_reconnection_waits_double_up_to_a_ceiling() -> None:
+    waits = list(itertools.islice(backoff(1.0, 30.0), 8))
+    for wait, nominal in zip(waits, [1, 2, 4, 8, 16, 30, 30, 30], strict=True):
+        assert 0.8 * nominal <= wait <= 1.2 * nominal
+
+
+def test_host_and_port_options_and_their_positional_forms() -> None:
+    assert split_words([], "h", 9000) == ("h", 9000, [])
+    assert split_words(["/ping"], None, 9000) == ("127.0.0.1", 9000, ["/ping"])
+    with pytest.raises(UsageError, match="--host given"):
+        split_words(["h2"], "h", None)
+    with pytest.raises(UsageError, match="--port given"):
+        split_words(["h", "9001"], None, 9000)
+
+
+async def test_host_and_port_options_reach_the_server(harness: Harness) -> None:
+    status, out, _ = await chatcat("--host", "127.0.0.1", "--port", str(harness.port), "/ping")
+    assert status == 0 and out[0]["code"] == 0
+    status, _, err = await chatcat("--port", "99999", "/ping")
+    assert status == 2 and "not a port" in err
+
+
+# The interactive session in memory: scripted typing, the screen as a list of lines.
+
+
+class Transcript:
+    """What chatcat printed; ``expect`` waits for the next line matching, in order."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._cursor = 0
+        self._changed = asyncio.Condition()
+
+    def write(self, line: str) -> None:
+        self.lines.append(line)
+        asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def expect(self, pattern: str, timeout: float = 20) -> str:
+        try:
+            async with asyncio.timeout(timeout), self._changed:
+                await self._changed.wait_for(lambda: self._find(pattern) is not None)
+        except TimeoutError:
+            raise AssertionError(f"{pattern!r} not printed: {self.lines}") from None
+        found = self._find(pattern)
+        assert found is not None
+        self._cursor = found + 1
+        return self.lines[found]
+
+    def _find(self, pattern: str) -> int | None:
+        for index in range(self._cursor, len(self.lines)):
+            if re.search(pattern, self.lines[index]):
+                return index
+        return None
+
+
+class Keyboard:
+    """Input for run_session: the lines a test types, and the prompts it was shown."""
+
+    def __init__(self) -> None:
+        self.typed: asyncio.Queue[str | None] = asyncio.Queue()
+        self.prompts: list[str] = []
+        self.shown: Callable[[], str] = lambda: ""  # the input line's prompt, as redrawn
+
+    def type(self, *lines: str) -> None:
+        for line in lines:
+            self.typed.put_nowait(line)
+
+    async def line(self, prompt: Callable[[], str]) -> str | None:
+        self.prompts.append(prompt())
+        self.shown = prompt
+        return await self.typed.get()
+
+    async def secret(self, prompt: str) -> str | None:
+        self.prompts.append(prompt)
+        return await self.typed.get()
+
+
+class Session:
+    def __init__(self, client: Client) -> None:
+        self.keyboard, self.screen = Keyboard(), Transcript()
+        self.task = asyncio.create_task(
+            run_session(client, "test", self.keyboard, Screen(self.screen.write))
+        )
+
+    async def prompt(self, expected: str, timeout: float = 20) -> None:
+        """Wait until the input line shows ``expected``."""
+        async with asyncio.timeout(timeout):
+            # Polled: the prompt is a function of the shell's state, with no event.
+            while self.keyboard.typed.qsize() or self.keyboard.shown() != expected:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+
+    async def quit(self) -> None:
+        self.keyboard.type("/quit")
+        async with asyncio.timeout(20):
+            assert await self.task == 0
+
+
+@contextlib.asynccontextmanager
+async def session(harness: Harness, port: int | None = None) -> AsyncIterator[Session]:
+    client = await Client.connect("127.0.0.1", port or harness.port, timeout=10)
+    running = Session(client)
+    try:
+        yield running
+        await running.quit()
+    finally:
+        running.task.cancel()
+        await client.close()
+
+
+TIME = r"^\d\d:\d\d "
+
+
+async def test_session_channels_queries_history_and_errors(harness: Harness) -> None:
+    bob = await harness.user("bob")
+    await (await harness.connect()).request(
+        "/register", {"name": "ann", "password": PASSWORD, "password_repete": PASSWORD}
+    )
+    async with session(harness) as ann:
+        ann.keyboard.type("/login ann", PASSWORD)  # asked for: the password prompt
+        await ann.screen.expect(TIME + "logged in as ann; your channels: none yet")
+        assert "password: " in ann.keyboard.prompts
+        ann.keyboard.type("/join #lobby", "/join dev", "/join lobby", "/part #dev")
+        await ann.screen.expect(TIME + "left dev; still in lobby")
+        await ann.prompt("#lobby> ")  # leaving another channel keeps the current one
+
+        await bob.request("/channel/send", {"name": "lobby", "message": "hi ann"})
+        await ann.screen.expect(TIME + r"\[lobby\] bob: hi ann$")
+        ann.keyboard.type("hello bob", "/me waves")
+        await ann.screen.expect(TIME + r"\[lobby\] ann: hello bob$")  # own lines alike
+        await ann.screen.expect(TIME + r"\[lobby\] \* ann waves$")
+        ann.keyboard.type("/history lobby abc", "/history #lobby 2")
+        await ann.screen.expect(TIME + "/history: 'abc' is not a number")
+        await ann.screen.expect(TIME + r"\[lobby\] ann: hello bob$")  # same format as live
+        await ann.screen.expect(TIME + r"\[lobby\] \* ann waves$")
+        history = await bob.request("/channel/history", {"name": "lobby"})
+        assert [m["msg"] for m in history["messages"]] == ["hi ann", "hello bob", "/me waves"]
+
+        ann.keyboard.type("/query bob", "psst")
+        await ann.screen.expect(TIME + "talking privately with bob")
+        await ann.screen.expect(TIME + "ann -> bob: psst$")
+        await ann.prompt("@bob> ")
+        assert (await bob.request("/history", {"name": "ann"}))["messages"][-1]["msg"] == "psst"
+        ann.keyboard.type("/query", "/whois bob", "/names", "/nick annie", "/list")
+        await ann.screen.expect(TIME + "query closed; talking in lobby")
+        await ann.screen.expect(TIME + "bob: online, registered 20")
+        await ann.screen.expect(TIME + "lobby: ann \\(online\\), bob \\(online\\)")
+        await ann.screen.expect(TIME + "names are accounts here")
+        await ann.screen.expect(TIME + "lobby: \\d+ unread")
+
+        ann.keyboard.type("/logout", f"/login ann {PASSWORD}")  # the channel is remembered
+        await ann.screen.expect(TIME + "logged in as ann")
+        await ann.screen.expect(TIME + "talking in lobby")
+        await ann.prompt("#lobby> ")
+
+
+class CuttingProxy:
+    """Between chatcat and the server; cut() drops the connection that next sends a
+    channel message once the server has it, before its reply can reach the client."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.cut_next_send = False
+        self.forwarded_send = asyncio.Event()
+        self._links: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._link, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self._links.append((writer, up_writer))
+        holding = asyncio.Event()
+        await asyncio.gather(
+            self._requests(reader, up_writer, holding),
+            self._replies(up_reader, writer, holding),
+            return_exceptions=True,
+        )
+
+    async def _requests(
+        self, reader: asyncio.StreamReader, out: asyncio.StreamWriter, holding: asyncio.Event
+    ) -> None:
+        decoder = FrameDecoder()
+        while data := await reader.read(65536):
+            out.write(data)
+            bodies = decoder.feed(data)
+            if self.cut_next_send and any(b.get("op") == "/channel/send" for b in bodies):
+                self.cut_next_send = False
+                holding.set()  # the reply must not get through
+                self.forwarded_send.set()
+        out.close()
+
+    async def _replies(
+        self, reader: asyncio.StreamReader, out: asyncio.StreamWriter, holding: asyncio.Event
+    ) -> None:
+        while (data := await reader.read(65536)) and not holding.is_set():
+            out.write(data)
+
+    def drop_all(self) -> None:
+        for client_side, server_side in self._links:
+            client_side.transport.abort()
+            server_side.transport.abort()
+        self._links.clear()
+
+    async def close(self) -> None:
+        self.drop_all()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+async def test_a_send_cut_off_before_its_reply_is_stored_once(harness: Harness) -> None:
+    bob = await harness.user("bob")
+    await bob.request("/channel/join", {"name": "lobby"})
+    await bob.request("/register", {"name": "ann", "password": PASSWORD,
+                                    "password_repete": PASSWORD})
+    proxy = CuttingProxy(harness.port)
+    try:
+        async with session(harness, await proxy.start()) as ann:
+            ann.keyboard.type(f"/login ann {PASSWORD}", "/join lobby")
+            await ann.prompt("#lobby> ")
+            proxy.cut_next_send = True
+            ann.keyboard.type("only once")
+            await proxy.forwarded_send.wait()
+            await _stored(bob, "only once")  # committed; its reply is held back
+            proxy.drop_all()
+            await ann.screen.expect(TIME + "connection to test lost: reconnecting")
+            await ann.screen.expect(TIME + "reconnected to test")
+            await ann.screen.expect(TIME + r"\[lobby\] ann: only once$")
+            history = await bob.request("/channel/history", {"name": "lobby"})
+            assert [m["msg"] for m in history["messages"]] == ["only once"]
+            await bob.request("/channel/send", {"name": "lobby", "message": "got it"})
+            await ann.screen.expect(TIME + r"\[lobby\] bob: got it$")
+            assert sum("only once" in line for line in ann.screen.lines) == 1
+    finally:
+        await proxy.close()
+
+
+async def _stored(client: Client, text: str) -> None:
+    async with asyncio.timeout(20):
+        while text not in await _lobby_texts(client):  # noqa: ASYNC110 - the server's state
+            await asyncio.sleep(0.01)
+
+
+async def _lobby_texts(client: Client) -> list[str]:
+    history = await client.request("/channel/history", {"name": "lobby"})
+    return [m["msg"] for m in history["messages"]]
+
+
+def test_network_errors_read_as_words() -> None:
+    refused = ConnectionRefusedError(errno.ECONNREFUSED, "Connect call failed ('::1', 7777)")
+    assert network_reason(refused) == "connection refused"
+    unknown = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    assert network_reason(unknown) == "cannot resolve the host name (name or service not known)"
+    assert network_reason(TimeoutError()) == "no answer (timed out)"
+    assert network_reason(ConnectionError("connection closed")) == "connection closed"
+
+
+async def test_client_reconnect_with_a_revoked_token_forgets_it(harness: Harness) -> None:
+    bob = await harness.user("bob")
+    await bob.request("/subscribe")
+    other = await harness.connect(token=bob.token)
+    await other.request("/logout")  # revokes the token both connections use
+    await harness.restart()
+    assert not bob.connected
+    with pytest.raises(NotAuthenticated):
+        await bob.reconnect()
+    assert bob.connected and bob.token is None and not bob.subscribed
+    try:
+        await bob.login("bob", PASSWORD)  # the connection stays usable for a new login
+        await bob.request("/subscribe")
+        assert (await bob.request("/user/info", {"name": "bob"}))["online"] is True
+    finally:
+        await bob.close()  # the restart took it off the harness's list
+
+
+async def test_quitting_while_disconnected_says_what_is_not_sent(harness: Harness) -> None:
+    async with session(harness) as ann:
+        ann.keyboard.type("/register ann", PASSWORD, PASSWORD, "/login ann", PASSWORD,
+                          "/join lobby")
+        await ann.prompt("#lobby> ")
+        await harness.server.close()
+        await ann.screen.expect(TIME + "connection to test lost: reconnecting")
+        ann.keyboard.type("lost words")
+        await ann.screen.expect(TIME + "not connected: /channel/send waits")
+    await ann.screen.expect(TIME + r"quitting with 1 command\(s\) not sent")
+    harness.server = Server(harness.config)  # a server again, for the fixture to stop
+    await harness.server.start()
+
+
+async def test_a_connection_closed_before_login_reopens_for_the_next_command(
+    make_harness: MakeHarness,
+) -> None:
+    harness = await make_harness(auth_timeout=0.5)  # the server closes unbound connections
+    async with session(harness) as ann:
+        await ann.screen.expect(TIME + "connection to test closed \\(not logged in\\): it reopens")
+        ann.keyboard.type("/register ann", PASSWORD, PASSWORD)
+        await ann.screen.expect(TIME + "reconnected to test")
+        await ann.screen.expect(TIME + "registered ann")
+        assert not [line for line in ann.screen.lines if "cannot reconnect" in line]
