@@ -38,12 +38,11 @@ def wal_size(db: str) -> int:
 # The WAL under a flood of every write op.
 
 WAL_LIMIT = 4 * MIB
-# protocol.md/README: the WAL file stays under twice db_wal_limit. Past the limit, the
-# background checkpoint rewinds it (within about 0.1 s); should it fall behind, the commit
-# that takes the WAL past 1.5 times the limit checkpoints it. The same flood grew the WAL
-# past 30 MiB before the bound existed.
+# protocol.md/README ("Disk use"): the WAL file stays under twice db_wal_limit. Past the
+# limit it is started over (looked at every 0.1 s); past 1.25 times it during a checkpoint,
+# writes wait. The same flood grew the WAL to 34.5 MiB before the bound existed.
 WAL_BOUND = 2 * WAL_LIMIT
-FLOOD_CYCLES = 1500  # per lane: about 45 MiB of WAL frames with nothing rewinding it
+FLOOD_CYCLES = 1500  # per lane
 
 
 async def flood(client: Client, partner: str, lane: int, cycles: int) -> None:
