@@ -31,11 +31,12 @@ READ_CHUNK = 64 * 1024
 # Requests one connection may have handled before the event loop gets a turn (and with it
 # every other connection). Most requests never suspend (/ping, errors, sends that only
 # queue their message), so without it a 180 KB burst of 10,000 pings ran in one slice of
-# the loop and held every other client up for half a second. A turn of 64 small
-# requests costs about 0.3 ms; the loop turn it gives away costs about 2 us per 64
-# (docs/benchmarks.md, "hostile"). A read that fills READ_CHUNK ends the turn too, so a
-# turn also handles at most one read's bytes, however large its frames.
-TURN_FRAMES = 64
+# the loop and held every other client up for half a second. A ping costs about 7 us, so
+# 16 make a turn of about 0.1 ms: another client waits a turn or two, well within its
+# quiet round trip (0.15-0.5 ms). Giving the loop a turn costs a few microseconds, so
+# the flood itself was served as fast with 16 as with 64 (docs/benchmarks.md, "hostile").
+# A read that fills READ_CHUNK ends the turn too: a turn handles at most one read's bytes.
+TURN_FRAMES = 16
 
 Reply = dict[str, Any]
 # A frame body in; its reply, or a pending one (a send waiting for its commit), out.
@@ -45,11 +46,11 @@ DRAIN_ABOVE = 64 * 1024
 # Replies waiting to be written per connection; beyond it the connection stops reading.
 PIPELINE_DEPTH = 512
 WRITE_BATCH = 256  # replies joined into one write
-# Timed-out reads ended per turn of the event loop. Ending one costs tens of microseconds
-# (the task wakes, logs, closes its transport, leaves the hub): 5,000 connections reaching
-# auth_timeout together held the loop for up to half a second when all went in one tick.
-# 64 a turn is a few milliseconds, and 5,000 still go within a fraction of a second.
-TIMEOUT_BATCH = 64
+# Timed-out reads ended per turn of the event loop. Ending one costs 0.1-0.2 ms (the
+# task wakes, logs, closes its transport, leaves the hub): 5,000 connections reaching
+# auth_timeout together held the loop for 0.12-0.56 s when all went in one tick. 32 a
+# turn hold it a few milliseconds, and 5,000 still go within a fraction of a second.
+TIMEOUT_BATCH = 32
 # Why a read was interrupted.
 SHUTDOWN = "shutdown"
 TIMED_OUT = "timed out"
@@ -430,6 +431,7 @@ class ReadTimer:
         self._waiting.discard(connection)
 
     def close(self) -> None:
+        self._expired.clear()
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None

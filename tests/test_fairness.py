@@ -278,7 +278,7 @@ async def test_a_burst_of_pings_does_not_hold_up_another_client(spawn: Spawn) ->
         assert good_reply == {"id": -1, "code": 0, "msg": "success"}
         # How many hostile replies come between depends on how soon the kernel hands the
         # good request over on a busy machine: a few of the hostile connection's turns
-        # (64 pings each) on a quiet one, all 10,000 before the fix.
+        # (TURN_FRAMES pings each) on a quiet one, all 10,000 before the fix.
         assert seen_at < BURST, f"answered only after the whole burst ({sent_at}, {seen_at})"
         assert ids == list(range(BURST + 1))  # every hostile reply, in order, and served on
 
