@@ -244,7 +244,8 @@ class Connection(Session):
 
     @property
     def held_request_bytes(self) -> int:
-        """Bytes of requests read from the socket but not yet handled: at most one read."""
+        """Bytes of requests read from the socket but not yet handled: at most one read
+        (READ_CHUNK), and the start of a frame that read finishes."""
         return self._decoder.held
 
     @property
