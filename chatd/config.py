@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -54,6 +56,22 @@ class Config:
     metrics_host: str = _setting("127.0.0.1", "address of the Prometheus metrics endpoint")
     metrics_port: int = _setting(0, "port of the Prometheus metrics endpoint (0: off)", 0)
     event_loop: str = _setting("auto", "auto (uvloop when installed), asyncio or uvloop")
+
+    # Several nodes (README, "Running several nodes").
+    bus: str = _setting(
+        "local", "local (one node, in-process) or redis://host:port/N (several nodes)"
+    )
+    node_id: str = _setting(
+        "", "this node's name in logs, metrics and presence (default: host name-pid)"
+    )
+    bus_position_check: float = _setting(
+        2 * SECONDS, "seconds between checks of every followed stream's newest seq (bus only)", 0.05
+    )
+    presence_ttl: float = _setting(
+        30 * SECONDS,
+        "seconds a node's presence entries outlive it (refreshed every third of this)",
+        0.3,
+    )
 
     # Wire limits (protocol.md, "Names and limits").
     max_frame_size: int = _setting(64 * KIB, "largest frame body accepted, in bytes", 16)
@@ -159,6 +177,18 @@ class Config:
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be 0..65535, got {self.metrics_port}")
         _check_choice("event_loop", self.event_loop, ("auto", "asyncio", "uvloop"))
+        if self.bus != "local" and not self.bus.startswith(REDIS_SCHEMES):
+            raise ValueError(f"bus must be local or a redis:// URL, got {self.bus!r}")
+        if any(c.isspace() or c in "|/" for c in self.node_id):
+            raise ValueError(f"node_id may not hold spaces, '|' or '/', got {self.node_id!r}")
+
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def node_name(config: Config) -> str:
+    """The node's name: ``node_id`` if set, else host name and process id."""
+    return config.node_id or f"{socket.gethostname()}-{os.getpid()}"
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -1,0 +1,499 @@
+"""Several nodes: Redis pub/sub carries notices between them; the store is the truth.
+
+Three parts, each usable alone (the server wires them together, README "Running
+several nodes"):
+
+- ``RedisBus``: after COMMIT a node publishes a ``Notice`` (stream, seq, id and the
+  message's fields) on one Redis channel; every node receives every notice.  Redis
+  pub/sub is at-most-once: a notice published while a node is disconnected is gone.
+  Publishing never blocks a send: notices queue (bounded) for one writer task, and a
+  full queue or a failed publish drops them, counted.  The subscriber connection is
+  pinged every ``liveness / 3`` seconds and torn down when nothing at all has arrived
+  for ``liveness`` seconds (a black-holed link keeps its socket open); every
+  (re)subscription, the first excepted, calls ``on_resync``.
+- ``StreamOrder``: per stream a node follows, the highest seq pushed to its local
+  sessions.  The next seq is pushed; a seq already pushed is dropped (the sender's
+  own echo, a link that came back); a seq beyond the next makes the node read the
+  missing range from the store and push it in order.  ``check_positions`` (every
+  ``bus_position_check`` seconds, and at once on ``on_resync``) compares with the
+  store's newest seq of each stream: the only guard against a lost *last* notice
+  and against a node killed between COMMIT and publish.
+- ``RedisPresence``: per user a sorted set of the nodes with a session for them,
+  scored by expiry time; each node refreshes its own entries every ``ttl / 3``
+  seconds, so a killed node's users read as offline at most ``ttl`` seconds later.
+  Node clocks are assumed to agree within a second (NTP).
+
+Stream names: ``c:<channel id>`` for a channel, ``u:<user id>`` for a user's inbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import msgpack
+
+log = logging.getLogger(__name__)
+
+BUS_CHANNEL = "chatd:bus"
+PRESENCE_PREFIX = "chatd:online:"
+WIRE_VERSION = 1
+_NOTICE, _REVOKE = "n", "r"
+
+
+class BusFormatError(ValueError):
+    """Bytes on the bus that are not a notice of this version (logged and dropped)."""
+
+
+def channel_stream(channel_id: int) -> str:
+    return f"c:{channel_id}"
+
+
+def inbox_stream(user_id: int) -> str:
+    return f"u:{user_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """One committed message: its stream, its seq in the stream, its id, its fields."""
+
+    stream: str
+    seq: int
+    id: int
+    fields: dict[str, Any] = field(default_factory=dict)
+    # The publishing node ("" when read from the store): provenance, not identity.
+    node: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Revoke:
+    """End these tokens (all of the user's when ``digests`` is empty) on every node."""
+
+    user_id: int
+    digests: tuple[bytes, ...] = ()
+    node: str = field(default="", compare=False)
+
+
+BusMessage = Notice | Revoke
+
+
+def encode(message: BusMessage) -> bytes:
+    if isinstance(message, Notice):
+        body = [WIRE_VERSION, _NOTICE, message.node, message.stream, message.seq, message.id,
+                message.fields]
+    else:
+        body = [WIRE_VERSION, _REVOKE, message.node, message.user_id, list(message.digests)]
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    return packed
+
+
+def decode(data: bytes) -> BusMessage:
+    try:
+        body = msgpack.unpackb(data, raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise BusFormatError(f"not msgpack: {exc}") from None
+    if not isinstance(body, list) or len(body) < 3 or body[0] != WIRE_VERSION:
+        raise BusFormatError("not a chatd bus message of this version")
+    kind, node = body[1], body[2]
+    if kind == _NOTICE and len(body) == 7:
+        _, _, _, stream, seq, message_id, fields = body
+        if (isinstance(stream, str) and _is_int(seq) and _is_int(message_id)
+                and isinstance(fields, dict) and isinstance(node, str)):
+            return Notice(stream, seq, message_id, fields, node)
+    elif kind == _REVOKE and len(body) == 5:
+        _, _, _, user_id, digests = body
+        if (_is_int(user_id) and isinstance(digests, list) and isinstance(node, str)
+                and all(isinstance(d, bytes) for d in digests)):
+            return Revoke(user_id, tuple(digests), node)
+    raise BusFormatError(f"malformed bus message of kind {kind!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# Stream order on one node.
+
+
+class StreamLog(Protocol):
+    """What StreamOrder reads from the store (the truth)."""
+
+    async def heads(self, streams: Collection[str]) -> dict[str, int]:
+        """The newest seq of each stream (0 for a stream without messages)."""
+
+    async def read(self, stream: str, after: int, limit: int) -> list[Notice]:
+        """Up to ``limit`` messages of ``stream`` with seq > ``after``, by seq."""
+
+
+@dataclass(slots=True)
+class StreamCounts:
+    pushed: int = 0
+    duplicates: int = 0  # notices dropped as already pushed
+    repaired: int = 0  # messages read from the store to fill a gap
+
+
+class StreamOrder:
+    """Pushes each message of each followed stream once, in seq order (module doc)."""
+
+    def __init__(
+        self, log_: StreamLog, push: Callable[[Notice], None], page_size: int = 500
+    ) -> None:
+        self._log = log_
+        self._push = push
+        self._page_size = page_size
+        self._high: dict[str, int] = {}  # stream -> highest seq pushed (or its start)
+        self._wanted: dict[str, int] = {}  # stream -> seq a repair must reach
+        self._repairs: dict[str, asyncio.Task[None]] = {}
+        self.counts = StreamCounts()
+
+    def follow(self, stream: str, head: int) -> None:
+        """Start following ``stream`` after seq ``head`` (the store's newest when read)."""
+        self._high.setdefault(stream, head)
+
+    def unfollow(self, stream: str) -> None:
+        self._high.pop(stream, None)
+        self._wanted.pop(stream, None)
+        task = self._repairs.pop(stream, None)
+        if task is not None:
+            task.cancel()
+
+    def position(self, stream: str) -> int | None:
+        return self._high.get(stream)
+
+    @property
+    def streams(self) -> list[str]:
+        return list(self._high)
+
+    def offer(self, notice: Notice) -> None:
+        high = self._high.get(notice.stream)
+        if high is None:
+            return  # no local interest
+        if notice.seq <= high:
+            self.counts.duplicates += 1
+        elif notice.seq == high + 1 and notice.stream not in self._repairs:
+            self._deliver(notice)
+        else:
+            self._repair_to(notice.stream, notice.seq)
+
+    async def check_positions(self) -> None:
+        """Read every followed stream's newest seq; repair those this node is behind on."""
+        streams = list(self._high)
+        if not streams:
+            return
+        for stream, head in (await self._log.heads(streams)).items():
+            high = self._high.get(stream)
+            if high is not None and head > high:
+                self._repair_to(stream, head)
+
+    async def idle(self) -> None:
+        """Wait until no repair is running (tests and shutdown)."""
+        while self._repairs:
+            await asyncio.gather(*self._repairs.values(), return_exceptions=True)
+
+    def close(self) -> None:
+        for task in self._repairs.values():
+            task.cancel()
+        self._repairs.clear()
+
+    def _deliver(self, notice: Notice) -> None:
+        self._high[notice.stream] = notice.seq
+        self.counts.pushed += 1
+        try:
+            self._push(notice)
+        except Exception:  # one bad push must not stop the stream
+            log.exception("push of %s seq %d failed", notice.stream, notice.seq)
+
+    def _repair_to(self, stream: str, seq: int) -> None:
+        self._wanted[stream] = max(self._wanted.get(stream, 0), seq)
+        if stream not in self._repairs:
+            task = asyncio.create_task(self._repair(stream))
+            self._repairs[stream] = task
+            task.add_done_callback(lambda done: self._repaired(stream, done))
+
+    def _repaired(self, stream: str, task: asyncio.Task[None]) -> None:
+        if self._repairs.get(stream) is task:
+            del self._repairs[stream]
+        if not task.cancelled() and task.exception() is not None:
+            # The store failed (PostgreSQL restarting): the next position check retries.
+            log.warning("reading %s from the store failed: %s", stream, task.exception())
+
+    async def _repair(self, stream: str) -> None:
+        while (high := self._high.get(stream)) is not None and high < self._wanted.get(stream, 0):
+            page = await self._log.read(stream, high, self._page_size)
+            for notice in page:
+                current = self._high.get(stream)
+                if current is None:
+                    return  # unfollowed meanwhile
+                if notice.seq > current:  # holes (deleted rows) are skipped, never waited for
+                    self.counts.repaired += 1
+                    self._deliver(notice)
+            if len(page) < self._page_size:
+                break  # the store has no more: what was wanted is in hand (or deleted)
+        self._wanted.pop(stream, None)
+
+
+# The Redis connections.
+
+
+@dataclass(slots=True)
+class BusCounts:
+    published: int = 0
+    received: int = 0
+    dropped: int = 0  # notices not published: queue full or Redis unreachable
+    malformed: int = 0
+    reconnects: int = 0
+
+
+class RedisBus:
+    """Publishes and receives bus messages over Redis pub/sub (module doc)."""
+
+    def __init__(
+        self,
+        url: str,
+        node: str,
+        receive: Callable[[BusMessage], None],
+        on_resync: Callable[[], None],
+        *,
+        liveness: float = 3.0,
+        reconnect_delay: float = 0.2,
+        queue_limit: int = 100_000,
+        channel: str = BUS_CHANNEL,
+    ) -> None:
+        self.url, self.node, self.channel = url, node, channel
+        self._receive = receive
+        self._on_resync = on_resync
+        self._liveness = liveness
+        self._reconnect_delay = reconnect_delay
+        self._queue: asyncio.Queue[bytes] = asyncio.Queue(queue_limit)
+        self._tasks: list[asyncio.Task[None]] = []
+        self.subscribed = asyncio.Event()
+        self.counts = BusCounts()
+
+    async def start(self, timeout: float = 10.0) -> None:
+        """Start both loops; wait (bounded) for the first subscription, raise if none."""
+        self._tasks = [
+            asyncio.create_task(self._subscriber(), name="bus-subscriber"),
+            asyncio.create_task(self._publisher(), name="bus-publisher"),
+        ]
+        try:
+            async with asyncio.timeout(timeout):
+                await self.subscribed.wait()
+        except TimeoutError:
+            await self.close()
+            raise ConnectionError(f"cannot subscribe on the bus at {self.url}") from None
+
+    def publish(self, message: BusMessage) -> None:
+        """Queue a message for the bus without waiting; a full queue drops it."""
+        if isinstance(message, Notice) and not message.node:
+            message = Notice(message.stream, message.seq, message.id, message.fields, self.node)
+        elif isinstance(message, Revoke) and not message.node:
+            message = Revoke(message.user_id, message.digests, self.node)
+        try:
+            self._queue.put_nowait(encode(message))
+        except asyncio.QueueFull:
+            self.counts.dropped += 1
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    def _client(self) -> Any:
+        from redis import asyncio as aioredis  # the optional extra: chatd[redis]
+
+        timeout = max(self._liveness, 1.0)
+        return aioredis.Redis.from_url(
+            self.url, socket_connect_timeout=timeout, socket_timeout=timeout,
+            retry_on_timeout=False,
+        )
+
+    async def _subscriber(self) -> None:
+        first = True
+        while True:
+            client = self._client()
+            pubsub = client.pubsub()
+            try:
+                await pubsub.subscribe(self.channel)
+                if not first:
+                    self.counts.reconnects += 1
+                    log.info("bus: subscribed again to %s: resynchronising", self.url)
+                    self._on_resync()
+                first = False
+                self.subscribed.set()
+                await self._read(pubsub)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # redis-py's ConnectionError, TimeoutError, OSError...
+                log.warning("bus: subscriber connection lost (%s); reconnecting", exc)
+            finally:
+                self.subscribed.clear()
+                await _quietly(pubsub.aclose())
+                await _quietly(client.aclose())
+            await asyncio.sleep(self._reconnect_delay)
+
+    async def _read(self, pubsub: Any) -> None:
+        loop = asyncio.get_running_loop()
+        heard = pinged = loop.time()
+        while True:
+            message = await pubsub.get_message(timeout=self._liveness / 3)
+            now = loop.time()
+            if message is not None:
+                heard = now
+                if message.get("type") == "message":
+                    self._take(message["data"])
+                continue
+            if now - heard > self._liveness:
+                raise TimeoutError(f"nothing from Redis for {self._liveness:g} s")
+            if now - pinged >= self._liveness / 3:
+                pinged = now
+                await pubsub.ping()
+
+    def _take(self, data: bytes) -> None:
+        try:
+            message = decode(data)
+        except BusFormatError as exc:
+            self.counts.malformed += 1
+            log.warning("bus: dropped a message: %s", exc)
+            return
+        if message.node == self.node:
+            return  # delivered locally when published
+        self.counts.received += 1
+        self._receive(message)
+
+    async def _publisher(self) -> None:
+        client = self._client()
+        try:
+            while True:
+                batch = [await self._queue.get()]
+                while not self._queue.empty() and len(batch) < 512:
+                    batch.append(self._queue.get_nowait())
+                try:
+                    pipe = client.pipeline(transaction=False)
+                    for data in batch:
+                        pipe.publish(self.channel, data)
+                    await pipe.execute()
+                    self.counts.published += len(batch)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    # At most once: the position checks on the other nodes fill the gap.
+                    self.counts.dropped += len(batch)
+                    log.warning("bus: %d notices not published (%s)", len(batch), exc)
+                    await _quietly(client.aclose())
+                    client = self._client()
+                    await asyncio.sleep(self._reconnect_delay)
+        finally:
+            await _quietly(client.aclose())
+
+
+async def _quietly(closing: Awaitable[Any]) -> None:
+    try:
+        async with asyncio.timeout(2):
+            await closing
+    except Exception:  # closing a broken connection: nothing left to save
+        log.debug("bus: closing a connection failed", exc_info=True)
+
+
+# Presence.
+
+
+class RedisPresence:
+    """Who has a session on some node (module doc); one instance per node."""
+
+    def __init__(self, url: str, node: str, ttl: float) -> None:
+        self.node, self.ttl = node, ttl
+        self._url = url
+        self._users: set[int] = set()
+        self._client: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._pending: set[asyncio.Task[None]] = set()
+        # Writes go out one at a time, in the order asked: an "offline" never overtakes
+        # the "online" before it.
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        from redis import asyncio as aioredis
+
+        timeout = max(self.ttl / 3, 1.0)
+        self._client = aioredis.Redis.from_url(
+            self._url, socket_connect_timeout=timeout, socket_timeout=timeout
+        )
+        self._task = asyncio.create_task(self._refresh_forever(), name="presence")
+
+    async def close(self, forget: bool = True) -> None:
+        """Stop refreshing; with ``forget``, take this node's entries out at once."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if forget and self._users and self._client is not None:
+            await _quietly(self._remove(self._users))
+        if self._client is not None:
+            await _quietly(self._client.aclose())
+
+    def online_here(self, user_id: int) -> None:
+        """A user's first session on this node."""
+        self._users.add(user_id)
+        self._spawn(self._write([user_id]))
+
+    def offline_here(self, user_id: int) -> None:
+        """A user's last session on this node ended."""
+        self._users.discard(user_id)
+        self._spawn(self._remove([user_id]))
+
+    async def is_online(self, user_id: int) -> bool:
+        if user_id in self._users:
+            return True
+        count = await self._client.zcount(_presence_key(user_id), time.time(), "+inf")
+        return bool(count)
+
+    async def refresh(self) -> None:
+        async with self._lock:
+            await self._write(list(self._users))
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception as exc:  # Redis down: entries may lapse; they return with it
+                log.warning("presence: refresh failed (%s)", exc)
+            await asyncio.sleep(self.ttl / 3)
+
+    async def _write(self, users: Iterable[int]) -> None:
+        users = list(users)
+        if not users:
+            return
+        now = time.time()
+        pipe = self._client.pipeline(transaction=False)
+        for user_id in users:
+            key = _presence_key(user_id)
+            pipe.zadd(key, {self.node: now + self.ttl})
+            pipe.zremrangebyscore(key, "-inf", now)  # other nodes' lapsed entries
+            pipe.expire(key, max(1, int(self.ttl * 2)))
+        await pipe.execute()
+
+    async def _remove(self, users: Iterable[int]) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for user_id in users:
+            pipe.zrem(_presence_key(user_id), self.node)
+        await pipe.execute()
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        async def run() -> None:
+            try:
+                async with self._lock:
+                    await work
+            except Exception as exc:  # the refresh loop writes it again
+                log.warning("presence: update failed (%s)", exc)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+
+def _presence_key(user_id: int) -> str:
+    return f"{PRESENCE_PREFIX}{user_id}"

@@ -1,0 +1,317 @@
+"""The Redis bus, stream order and presence (chatd/bus_redis.py).
+
+Stream order is tested in memory against a list standing in for the store's log;
+the bus and presence against a real redis-server of the test's own (killed -9,
+restarted, black-holed through a proxy).  Skipped where redis-server or redis-py is
+absent, failed instead with CHATD_REQUIRE_POSTGRES=1 (CI).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Collection
+
+import pytest
+
+from chatd.bus_redis import (
+    BusFormatError,
+    BusMessage,
+    Notice,
+    RedisBus,
+    RedisPresence,
+    Revoke,
+    StreamOrder,
+    decode,
+    encode,
+)
+from tests.cluster_helpers import RedisServer, proxy, redis_server
+from tests.pg_helpers import unavailable
+
+WAIT = 20.0  # bound on every wait for an event; generous for a loaded machine
+
+
+async def until(condition: Callable[[], bool], timeout: float = WAIT) -> None:
+    """Poll a condition (bounded): for state that changes without an event to wait on."""
+    async with asyncio.timeout(timeout):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[RedisServer]:
+    try:
+        import redis as _  # noqa: F401
+    except ImportError:
+        unavailable("redis-py is not installed: pip install 'chatd[redis]'")
+    async with redis_server() as server:
+        yield server
+
+
+# The wire format.
+
+
+def test_notices_and_revokes_survive_the_wire() -> None:
+    notice = Notice("c:3", 7, 1207, {"name": "alice", "msg": "hi", "created_at": 1.5}, "n1")
+    revoke = Revoke(42, (b"\x00" * 32,), "n2")
+    assert decode(encode(notice)) == notice
+    assert decode(encode(revoke)) == revoke
+    assert decode(encode(Revoke(42))) == Revoke(42)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\xc1",
+        encode(Notice("c:1", 1, 1))[:-1],
+        b"\x93\x02\xa1n\xa0",  # another version
+        b"\x95\x01\xa1n\xa0\x01\x02",  # a notice with too few fields
+    ],
+)
+def test_garbage_on_the_bus_is_a_format_error(data: bytes) -> None:
+    with pytest.raises(BusFormatError):
+        decode(data)
+
+
+# Stream order, in memory.
+
+
+class ListLog:
+    """The store's log as a dict of lists: what StreamOrder reads to fill gaps."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[Notice]] = {}
+        self.reads = 0
+
+    def append(self, stream: str) -> Notice:
+        rows = self.rows.setdefault(stream, [])
+        notice = Notice(stream, len(rows) + 1, 1000 + sum(map(len, self.rows.values())))
+        rows.append(notice)
+        return notice
+
+    async def heads(self, streams: Collection[str]) -> dict[str, int]:
+        return {s: len(self.rows.get(s, [])) for s in streams}
+
+    async def read(self, stream: str, after: int, limit: int) -> list[Notice]:
+        self.reads += 1
+        await asyncio.sleep(0)  # a real read yields to the loop: offers may interleave
+        return [n for n in self.rows.get(stream, []) if n.seq > after][:limit]
+
+
+def pushed_seqs(pushed: list[Notice], stream: str) -> list[int]:
+    return [n.seq for n in pushed if n.stream == stream]
+
+
+async def test_next_seq_is_pushed_and_a_repeat_dropped() -> None:
+    log, pushed = ListLog(), list[Notice]()
+    order = StreamOrder(log, pushed.append)
+    order.follow("c:1", 0)
+    first, second = log.append("c:1"), log.append("c:1")
+    for notice in (first, first, second, first, second):
+        order.offer(notice)
+    assert pushed == [first, second]
+    assert order.counts.duplicates == 3
+    assert log.reads == 0
+
+
+async def test_a_gap_is_filled_from_the_store_in_order() -> None:
+    log, pushed = ListLog(), list[Notice]()
+    order = StreamOrder(log, pushed.append, page_size=2)
+    order.follow("c:1", 0)
+    notices = [log.append("c:1") for _ in range(7)]
+    order.offer(notices[0])
+    order.offer(notices[5])  # 2..5 lost on the bus
+    order.offer(notices[3])  # late, arrives while the repair runs
+    order.offer(notices[6])
+    await order.idle()
+    assert pushed_seqs(pushed, "c:1") == [1, 2, 3, 4, 5, 6, 7]
+
+
+async def test_position_check_finds_a_lost_last_message() -> None:
+    log, pushed = ListLog(), list[Notice]()
+    order = StreamOrder(log, pushed.append)
+    order.follow("u:5", 0)
+    order.follow("c:2", 0)
+    order.offer(log.append("u:5"))
+    log.append("u:5")  # its notice was lost: nothing follows to reveal the gap
+    log.append("c:9")  # a stream not followed here
+    await order.check_positions()
+    await order.idle()
+    assert pushed_seqs(pushed, "u:5") == [1, 2]
+    assert pushed_seqs(pushed, "c:9") == []
+
+
+async def test_a_stream_followed_late_starts_after_its_head() -> None:
+    log, pushed = ListLog(), list[Notice]()
+    order = StreamOrder(log, pushed.append)
+    for _ in range(3):
+        log.append("c:1")
+    order.offer(log.rows["c:1"][0])  # not followed yet: no local interest
+    order.follow("c:1", 3)
+    order.offer(log.append("c:1"))
+    assert pushed_seqs(pushed, "c:1") == [4]
+    order.unfollow("c:1")
+    order.offer(log.append("c:1"))
+    assert pushed_seqs(pushed, "c:1") == [4]
+
+
+# The bus against a real redis-server.
+
+
+class Node:
+    """One node's bus and stream order over a shared ListLog, as a server would wire them."""
+
+    def __init__(self, name: str, url: str, log: ListLog, liveness: float = 3.0) -> None:
+        self.pushed: list[Notice] = []
+        self.revoked: list[Revoke] = []
+        self.resyncs = 0
+        self.order = StreamOrder(log, self.pushed.append)
+        self.bus = RedisBus(url, name, self._receive, self._resync, liveness=liveness,
+                            reconnect_delay=0.1)
+        self._checks: set[asyncio.Task[None]] = set()
+
+    def _receive(self, message: BusMessage) -> None:
+        if isinstance(message, Notice):
+            self.order.offer(message)
+        else:
+            self.revoked.append(message)
+
+    def _resync(self) -> None:
+        self.resyncs += 1
+        task = asyncio.get_running_loop().create_task(self.order.check_positions())
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    def send(self, log: ListLog, stream: str) -> Notice:
+        """What a node does after COMMIT: deliver locally, then publish."""
+        notice = log.append(stream)
+        self.order.offer(notice)
+        self.bus.publish(notice)
+        return notice
+
+    async def close(self) -> None:
+        await self.bus.close()
+        self.order.close()
+
+
+@pytest.fixture
+async def nodes(redis: RedisServer) -> AsyncIterator[tuple[ListLog, Node, Node]]:
+    log = ListLog()
+    a, b = Node("a", redis.url, log), Node("b", redis.url, log)
+    for node in (a, b):
+        node.order.follow("c:1", 0)
+        await node.bus.start()
+    yield log, a, b
+    await a.close()
+    await b.close()
+
+
+async def test_published_on_one_node_pushed_once_on_both(
+    nodes: tuple[ListLog, Node, Node],
+) -> None:
+    log, a, b = nodes
+    sent = [a.send(log, "c:1") for _ in range(200)]
+    await until(lambda: len(b.pushed) == len(sent))
+    assert b.pushed == sent
+    assert a.pushed == sent
+    assert a.bus.counts.received == 0  # its own notices are not taken twice
+    a.bus.publish(Revoke(9, (b"d" * 32,)))
+    await until(lambda: bool(b.revoked))
+    assert b.revoked == [Revoke(9, (b"d" * 32,))]
+    assert b.revoked[0].node == "a"
+
+
+async def test_redis_killed_and_restarted_loses_nothing(
+    redis: RedisServer, nodes: tuple[ListLog, Node, Node],
+) -> None:
+    log, a, b = nodes
+    before = [a.send(log, "c:1") for _ in range(50)]
+    await until(lambda: len(b.pushed) == len(before))
+    await redis.kill()
+    during = [a.send(log, "c:1") for _ in range(50)]  # the store is up: sends succeed
+    await redis.start()
+    await until(lambda: b.resyncs >= 1)
+    after = [a.send(log, "c:1") for _ in range(50)]
+    everything = before + during + after
+    await until(lambda: len(b.pushed) == len(everything))
+    assert pushed_seqs(b.pushed, "c:1") == list(range(1, 151))
+    await b.order.idle()
+    assert len(b.pushed) == len(everything)  # nothing pushed twice, even later
+
+
+async def test_a_black_holed_link_is_noticed_and_replaced(redis: RedisServer) -> None:
+    log = ListLog()
+    async with proxy(redis.port) as link:
+        a = Node("a", redis.url, log)
+        b = Node("b", f"redis://127.0.0.1:{link.port}/0", log, liveness=1.0)
+        for node in (a, b):
+            node.order.follow("c:1", 0)
+            await node.bus.start()
+        try:
+            a.send(log, "c:1")
+            await until(lambda: len(b.pushed) == 1)
+            link.black_hole()
+            lost = [a.send(log, "c:1") for _ in range(20)]
+            # b hears nothing, not even its pings' answers: it gives the link up.
+            await until(lambda: not b.bus.subscribed.is_set())
+            link.restore()
+            await until(lambda: b.resyncs >= 1)
+            await until(lambda: len(b.pushed) == 1 + len(lost))
+            assert pushed_seqs(b.pushed, "c:1") == list(range(1, 22))
+        finally:
+            await a.close()
+            await b.close()
+
+
+async def test_a_bus_that_cannot_connect_says_so(redis: RedisServer) -> None:
+    port = redis.port
+    await redis.kill()
+    bus = RedisBus(f"redis://127.0.0.1:{port}/0", "a", lambda m: None, lambda: None)
+    with pytest.raises(ConnectionError, match="cannot subscribe"):
+        await bus.start(timeout=1.0)
+
+
+# Presence.
+
+
+async def test_presence_is_seen_by_other_nodes_and_expires_with_its_node(
+    redis: RedisServer,
+) -> None:
+    ttl = 0.9
+    a, b = RedisPresence(redis.url, "a", ttl), RedisPresence(redis.url, "b", ttl)
+    await a.start()
+    await b.start()
+    try:
+        a.online_here(7)
+        b.online_here(8)
+        assert await a.is_online(7)  # its own users, without asking Redis
+        await until_online(b, 7, True)
+        a.offline_here(7)
+        await until_online(b, 7, False)  # a clean logout: at once
+        a.online_here(7)
+        await until_online(b, 7, True)
+        await a.close(forget=False)  # as if killed: the entry lapses on its own
+        loop = asyncio.get_running_loop()
+        killed_at = loop.time()
+        await until_online(b, 7, False)
+        # Bounded: within the TTL of the last refresh (plus scheduling slack).
+        assert loop.time() - killed_at <= ttl + 1.0
+        assert await a_fresh_reader(redis, 8)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def until_online(presence: RedisPresence, user_id: int, online: bool) -> None:
+    async with asyncio.timeout(WAIT):
+        while await presence.is_online(user_id) != online:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+
+async def a_fresh_reader(redis: RedisServer, user_id: int) -> bool:
+    reader = RedisPresence(redis.url, "c", 5.0)
+    await reader.start()
+    try:
+        return await reader.is_online(user_id)
+    finally:
+        await reader.close()
