@@ -12,12 +12,12 @@ several nodes"):
   for ``liveness`` seconds (a black-holed link keeps its socket open); every
   (re)subscription, the first excepted, calls ``on_resync``.
 - ``StreamOrder``: per stream a node follows, the highest seq pushed to its local
-  sessions.  The next seq is pushed; a seq already pushed is dropped (the sender's
-  own echo, a link that came back); a seq beyond the next makes the node read the
-  missing range from the store and push it in order.  ``check_positions`` (every
-  ``bus_position_check`` seconds, and at once on ``on_resync``) compares with the
-  store's newest seq of each stream: the only guard against a lost *last* notice
-  and against a node killed between COMMIT and publish.
+  sessions (and that message's id).  The next seq is pushed; a seq already pushed is
+  dropped (the sender's own echo, a link that came back); a seq beyond the next makes
+  the node read the stream from the store past its position and push what it finds,
+  in order.  ``check_positions`` (every ``bus_position_check`` seconds, and at once on
+  ``on_resync``) does that read for every followed stream: the only guard against a
+  lost *last* notice and against a node killed between COMMIT and publish.
 - ``RedisPresence``: per user a sorted set of the nodes with a session for them,
   scored by expiry time; each node refreshes its own entries every ``ttl / 3``
   seconds, so a killed node's users read as offline at most ``ttl`` seconds later.
@@ -31,9 +31,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import msgpack
 
@@ -119,14 +119,31 @@ def _is_int(value: object) -> bool:
 # Stream order on one node.
 
 
-class StreamLog(Protocol):
+class Sequenced(Protocol):
+    """A stored message as StreamOrder sees it: its seq in its stream, and its id
+    (within one stream ids grow with seq: both are taken under the stream's lock)."""
+
+    @property
+    def seq(self) -> int: ...
+
+    @property
+    def id(self) -> int: ...
+
+
+M = TypeVar("M", bound=Sequenced)
+
+
+class StreamLog(Protocol[M]):
     """What StreamOrder reads from the store (the truth)."""
 
-    async def heads(self, streams: Collection[str]) -> dict[str, int]:
-        """The newest seq of each stream (0 for a stream without messages)."""
+    async def read(self, stream: str, after_id: int, limit: int) -> list[M]:
+        """Up to ``limit`` messages of ``stream`` with an id above ``after_id``, by id."""
 
-    async def read(self, stream: str, after: int, limit: int) -> list[Notice]:
-        """Up to ``limit`` messages of ``stream`` with seq > ``after``, by seq."""
+
+@dataclass(slots=True)
+class _Position:
+    seq: int | None  # the highest seq pushed; None while only the id is known
+    id: int  # the id of that message (or a position: everything up to it is not news)
 
 
 @dataclass(slots=True)
@@ -136,58 +153,70 @@ class StreamCounts:
     repaired: int = 0  # messages read from the store to fill a gap
 
 
-class StreamOrder:
+class StreamOrder(Generic[M]):
     """Pushes each message of each followed stream once, in seq order (module doc)."""
 
     def __init__(
-        self, log_: StreamLog, push: Callable[[Notice], None], page_size: int = 500
+        self, log_: StreamLog[M], push: Callable[[str, M], None], page_size: int = 500
     ) -> None:
         self._log = log_
         self._push = push
         self._page_size = page_size
-        self._high: dict[str, int] = {}  # stream -> highest seq pushed (or its start)
-        self._wanted: dict[str, int] = {}  # stream -> seq a repair must reach
+        self._high: dict[str, _Position] = {}
         self._repairs: dict[str, asyncio.Task[None]] = {}
+        self._again: set[str] = set()  # streams to read once more when their repair ends
         self.counts = StreamCounts()
 
-    def follow(self, stream: str, head: int) -> None:
-        """Start following ``stream`` after seq ``head`` (the store's newest when read)."""
-        self._high.setdefault(stream, head)
+    def follow(self, stream: str, seq: int | None, message_id: int) -> None:
+        """Follow ``stream`` from a position: its newest message when read (``seq`` and
+        its id), or only an id (``seq`` None: the next message is checked in the store)."""
+        if stream not in self._high:
+            self._high[stream] = _Position(seq, message_id)
 
     def unfollow(self, stream: str) -> None:
         self._high.pop(stream, None)
-        self._wanted.pop(stream, None)
+        self._again.discard(stream)
         task = self._repairs.pop(stream, None)
         if task is not None:
             task.cancel()
 
-    def position(self, stream: str) -> int | None:
-        return self._high.get(stream)
+    def following(self, stream: str) -> bool:
+        return stream in self._high
+
+    def position(self, stream: str) -> tuple[int | None, int] | None:
+        high = self._high.get(stream)
+        return None if high is None else (high.seq, high.id)
 
     @property
     def streams(self) -> list[str]:
         return list(self._high)
 
-    def offer(self, notice: Notice) -> None:
-        high = self._high.get(notice.stream)
+    def offer(self, stream: str, message: M) -> None:
+        high = self._high.get(stream)
         if high is None:
             return  # no local interest
-        if notice.seq <= high:
+        if message.id <= high.id or (high.seq is not None and message.seq <= high.seq):
             self.counts.duplicates += 1
-        elif notice.seq == high + 1 and notice.stream not in self._repairs:
-            self._deliver(notice)
+        elif high.seq is not None and message.seq == high.seq + 1 and stream not in self._repairs:
+            self._deliver(stream, high, message)
         else:
-            self._repair_to(notice.stream, notice.seq)
+            self.repair(stream)
 
-    async def check_positions(self) -> None:
-        """Read every followed stream's newest seq; repair those this node is behind on."""
-        streams = list(self._high)
-        if not streams:
+    def repair(self, stream: str) -> None:
+        """Read ``stream`` from the store past its position and push what is there."""
+        if stream not in self._high:
             return
-        for stream, head in (await self._log.heads(streams)).items():
-            high = self._high.get(stream)
-            if high is not None and head > high:
-                self._repair_to(stream, head)
+        if stream in self._repairs:
+            self._again.add(stream)  # it may have read before this message committed
+            return
+        task = asyncio.create_task(self._repair(stream))
+        self._repairs[stream] = task
+        task.add_done_callback(lambda done: self._repaired(stream, done))
+
+    def check_positions(self) -> None:
+        """Repair every followed stream: the guard against a lost *last* notice."""
+        for stream in list(self._high):
+            self.repair(stream)
 
     async def idle(self) -> None:
         """Wait until no repair is running (tests and shutdown)."""
@@ -199,41 +228,41 @@ class StreamOrder:
             task.cancel()
         self._repairs.clear()
 
-    def _deliver(self, notice: Notice) -> None:
-        self._high[notice.stream] = notice.seq
+    def _deliver(self, stream: str, high: _Position, message: M) -> None:
+        high.seq, high.id = message.seq, message.id
         self.counts.pushed += 1
         try:
-            self._push(notice)
+            self._push(stream, message)
         except Exception:  # one bad push must not stop the stream
-            log.exception("push of %s seq %d failed", notice.stream, notice.seq)
-
-    def _repair_to(self, stream: str, seq: int) -> None:
-        self._wanted[stream] = max(self._wanted.get(stream, 0), seq)
-        if stream not in self._repairs:
-            task = asyncio.create_task(self._repair(stream))
-            self._repairs[stream] = task
-            task.add_done_callback(lambda done: self._repaired(stream, done))
+            log.exception("push of %s seq %d failed", stream, message.seq)
 
     def _repaired(self, stream: str, task: asyncio.Task[None]) -> None:
         if self._repairs.get(stream) is task:
             del self._repairs[stream]
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:
             # The store failed (PostgreSQL restarting): the next position check retries.
+            self._again.discard(stream)
             log.warning("reading %s from the store failed: %s", stream, task.exception())
+        elif stream in self._again:
+            self._again.discard(stream)
+            self.repair(stream)
 
     async def _repair(self, stream: str) -> None:
-        while (high := self._high.get(stream)) is not None and high < self._wanted.get(stream, 0):
-            page = await self._log.read(stream, high, self._page_size)
-            for notice in page:
-                current = self._high.get(stream)
-                if current is None:
-                    return  # unfollowed meanwhile
-                if notice.seq > current:  # holes (deleted rows) are skipped, never waited for
+        while True:
+            high = self._high.get(stream)
+            if high is None:
+                return  # unfollowed meanwhile
+            page = await self._log.read(stream, high.id, self._page_size)
+            for message in page:
+                if self._high.get(stream) is not high:
+                    return
+                if message.id > high.id:  # holes (deleted rows) are skipped, never waited for
                     self.counts.repaired += 1
-                    self._deliver(notice)
+                    self._deliver(stream, high, message)
             if len(page) < self._page_size:
-                break  # the store has no more: what was wanted is in hand (or deleted)
-        self._wanted.pop(stream, None)
+                return  # the store has no more
 
 
 # The Redis connections.

@@ -9,7 +9,7 @@ absent, failed instead with CHATD_REQUIRE_POSTGRES=1 (CI).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -89,13 +89,18 @@ class ListLog:
         rows.append(notice)
         return notice
 
-    async def heads(self, streams: Collection[str]) -> dict[str, int]:
-        return {s: len(self.rows.get(s, [])) for s in streams}
-
-    async def read(self, stream: str, after: int, limit: int) -> list[Notice]:
+    async def read(self, stream: str, after_id: int, limit: int) -> list[Notice]:
         self.reads += 1
         await asyncio.sleep(0)  # a real read yields to the loop: offers may interleave
-        return [n for n in self.rows.get(stream, []) if n.seq > after][:limit]
+        return [n for n in self.rows.get(stream, []) if n.id > after_id][:limit]
+
+
+class Pushed(list[Notice]):
+    """What a StreamOrder pushed, in order."""
+
+    def __call__(self, stream: str, notice: Notice) -> None:
+        assert notice.stream == stream
+        self.append(notice)
 
 
 def pushed_seqs(pushed: list[Notice], stream: str) -> list[int]:
@@ -103,55 +108,66 @@ def pushed_seqs(pushed: list[Notice], stream: str) -> list[int]:
 
 
 async def test_next_seq_is_pushed_and_a_repeat_dropped() -> None:
-    log, pushed = ListLog(), list[Notice]()
-    order = StreamOrder(log, pushed.append)
-    order.follow("c:1", 0)
+    log, pushed = ListLog(), Pushed()
+    order = StreamOrder(log, pushed)
+    order.follow("c:1", 0, 0)
     first, second = log.append("c:1"), log.append("c:1")
     for notice in (first, first, second, first, second):
-        order.offer(notice)
+        order.offer(notice.stream, notice)
     assert pushed == [first, second]
     assert order.counts.duplicates == 3
     assert log.reads == 0
 
 
 async def test_a_gap_is_filled_from_the_store_in_order() -> None:
-    log, pushed = ListLog(), list[Notice]()
-    order = StreamOrder(log, pushed.append, page_size=2)
-    order.follow("c:1", 0)
+    log, pushed = ListLog(), Pushed()
+    order = StreamOrder(log, pushed, page_size=2)
+    order.follow("c:1", 0, 0)
     notices = [log.append("c:1") for _ in range(7)]
-    order.offer(notices[0])
-    order.offer(notices[5])  # 2..5 lost on the bus
-    order.offer(notices[3])  # late, arrives while the repair runs
-    order.offer(notices[6])
+    order.offer("c:1", notices[0])
+    order.offer("c:1", notices[5])  # 2..5 lost on the bus
+    order.offer("c:1", notices[3])  # late, arrives while the repair runs
+    order.offer("c:1", notices[6])
     await order.idle()
     assert pushed_seqs(pushed, "c:1") == [1, 2, 3, 4, 5, 6, 7]
 
 
+async def test_a_position_without_seq_is_settled_by_the_store() -> None:
+    log, pushed = ListLog(), Pushed()
+    order = StreamOrder(log, pushed)
+    first, second = log.append("u:1"), log.append("u:1")
+    order.follow("u:1", None, first.id)  # an ack position: its seq is not known
+    third = log.append("u:1")
+    order.offer("u:1", third)  # is it the next one? the store says 2 came first
+    await order.idle()
+    assert pushed == [second, third]
+
+
 async def test_position_check_finds_a_lost_last_message() -> None:
-    log, pushed = ListLog(), list[Notice]()
-    order = StreamOrder(log, pushed.append)
-    order.follow("u:5", 0)
-    order.follow("c:2", 0)
-    order.offer(log.append("u:5"))
+    log, pushed = ListLog(), Pushed()
+    order = StreamOrder(log, pushed)
+    order.follow("u:5", 0, 0)
+    order.follow("c:2", 0, 0)
+    order.offer("u:5", log.append("u:5"))
     log.append("u:5")  # its notice was lost: nothing follows to reveal the gap
     log.append("c:9")  # a stream not followed here
-    await order.check_positions()
+    order.check_positions()
     await order.idle()
     assert pushed_seqs(pushed, "u:5") == [1, 2]
     assert pushed_seqs(pushed, "c:9") == []
 
 
 async def test_a_stream_followed_late_starts_after_its_head() -> None:
-    log, pushed = ListLog(), list[Notice]()
-    order = StreamOrder(log, pushed.append)
+    log, pushed = ListLog(), Pushed()
+    order = StreamOrder(log, pushed)
     for _ in range(3):
         log.append("c:1")
-    order.offer(log.rows["c:1"][0])  # not followed yet: no local interest
-    order.follow("c:1", 3)
-    order.offer(log.append("c:1"))
+    order.offer("c:1", log.rows["c:1"][0])  # not followed yet: no local interest
+    order.follow("c:1", 3, log.rows["c:1"][2].id)
+    order.offer("c:1", log.append("c:1"))
     assert pushed_seqs(pushed, "c:1") == [4]
     order.unfollow("c:1")
-    order.offer(log.append("c:1"))
+    order.offer("c:1", log.append("c:1"))
     assert pushed_seqs(pushed, "c:1") == [4]
 
 
@@ -162,30 +178,27 @@ class Node:
     """One node's bus and stream order over a shared ListLog, as a server would wire them."""
 
     def __init__(self, name: str, url: str, log: ListLog, liveness: float = 3.0) -> None:
-        self.pushed: list[Notice] = []
+        self.pushed = Pushed()
         self.revoked: list[Revoke] = []
         self.resyncs = 0
-        self.order = StreamOrder(log, self.pushed.append)
+        self.order: StreamOrder[Notice] = StreamOrder(log, self.pushed)
         self.bus = RedisBus(url, name, self._receive, self._resync, liveness=liveness,
                             reconnect_delay=0.1)
-        self._checks: set[asyncio.Task[None]] = set()
 
     def _receive(self, message: BusMessage) -> None:
         if isinstance(message, Notice):
-            self.order.offer(message)
+            self.order.offer(message.stream, message)
         else:
             self.revoked.append(message)
 
     def _resync(self) -> None:
         self.resyncs += 1
-        task = asyncio.get_running_loop().create_task(self.order.check_positions())
-        self._checks.add(task)
-        task.add_done_callback(self._checks.discard)
+        self.order.check_positions()
 
     def send(self, log: ListLog, stream: str) -> Notice:
         """What a node does after COMMIT: deliver locally, then publish."""
         notice = log.append(stream)
-        self.order.offer(notice)
+        self.order.offer(notice.stream, notice)
         self.bus.publish(notice)
         return notice
 
@@ -199,7 +212,7 @@ async def nodes(redis: RedisServer) -> AsyncIterator[tuple[ListLog, Node, Node]]
     log = ListLog()
     a, b = Node("a", redis.url, log), Node("b", redis.url, log)
     for node in (a, b):
-        node.order.follow("c:1", 0)
+        node.order.follow("c:1", 0, 0)
         await node.bus.start()
     yield log, a, b
     await a.close()
@@ -245,7 +258,7 @@ async def test_a_black_holed_link_is_noticed_and_replaced(redis: RedisServer) ->
         a = Node("a", redis.url, log)
         b = Node("b", f"redis://127.0.0.1:{link.port}/0", log, liveness=1.0)
         for node in (a, b):
-            node.order.follow("c:1", 0)
+            node.order.follow("c:1", 0, 0)
             await node.bus.start()
         try:
             a.send(log, "c:1")
