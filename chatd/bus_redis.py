@@ -420,6 +420,22 @@ class RedisBus:
             await _quietly(client.aclose())
 
 
+async def publish_once(url: str, message: BusMessage, timeout: float = 5.0) -> None:
+    """Publish one message from outside a node (``chatd admin``); raises ConnectionError
+    if Redis cannot be reached within ``timeout`` seconds."""
+    from redis import asyncio as aioredis
+
+    client = aioredis.Redis.from_url(
+        url, socket_connect_timeout=timeout, socket_timeout=timeout
+    )
+    try:
+        await client.publish(BUS_CHANNEL, encode(message))
+    except Exception as exc:  # redis-py's own errors, OSError
+        raise ConnectionError(f"cannot publish on the bus at {url}: {exc}") from None
+    finally:
+        await _quietly(client.aclose())
+
+
 async def _quietly(closing: Awaitable[Any]) -> None:
     try:
         async with asyncio.timeout(2):
@@ -479,6 +495,18 @@ class RedisPresence:
             return True
         count = await self._client.zcount(_presence_key(user_id), time.time(), "+inf")
         return bool(count)
+
+    async def online(self, user_ids: Iterable[int]) -> set[int]:
+        """Those of ``user_ids`` with a live entry of any node."""
+        asked = list(user_ids)
+        if not asked:
+            return set()
+        now = time.time()
+        pipe = self._client.pipeline(transaction=False)
+        for user_id in asked:
+            pipe.zcount(_presence_key(user_id), now, "+inf")
+        counts = await pipe.execute()
+        return {u for u, count in zip(asked, counts, strict=True) if count}
 
     async def refresh(self) -> None:
         async with self._lock:

@@ -285,16 +285,18 @@ async def postgres_cluster() -> AsyncIterator[PostgresCluster]:
 class Node:
     """One ``python -m chatd`` process, with its stderr kept for failure messages."""
 
-    def __init__(self, name: str, db: str, bus: str, extra: dict[str, str]) -> None:
+    def __init__(
+        self, name: str, db: str, bus: str, extra: dict[str, str], env: dict[str, str]
+    ) -> None:
         self.name, self.db, self.bus = name, db, bus
-        self.extra = extra
+        self.extra, self.env = extra, env
         self.port = 0
         self.proc: asyncio.subprocess.Process | None = None
         self.stderr = b""
         self._reader: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        env = fast_env(**{f"CHATD_{k.upper()}": v for k, v in self.extra.items()})
+        env = fast_env(**{f"CHATD_{k.upper()}": v for k, v in self.extra.items()}, **self.env)
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "chatd", "--port", str(self.port), "--db", self.db,
             "--bus", self.bus, "--node-id", self.name,
@@ -350,11 +352,15 @@ class Cluster:
         self._clients: list[Client] = []
         self._registered = 0
 
-    async def add_nodes(self, count: int) -> list[Node]:
+    async def add_nodes(
+        self, count: int, bus: str | None = None, env: dict[str, str] | None = None
+    ) -> list[Node]:
+        """``bus``: another URL for these nodes' bus (a proxy); ``env``: extra variables."""
         # One after the other: the first creates the schema (a race is tested elsewhere).
         new = []
         for _ in range(count):
-            node = Node(f"n{len(self.nodes) + 1}", self.db, self.bus, self.settings)
+            name = f"n{len(self.nodes) + 1}"
+            node = Node(name, self.db, bus or self.bus, self.settings, env or {})
             self.nodes.append(node)
             await node.start()
             new.append(node)

@@ -23,6 +23,7 @@ from chatd.bus_redis import (
     StreamOrder,
     decode,
     encode,
+    publish_once,
 )
 from tests.cluster_helpers import RedisServer, proxy, redis_server
 from tests.pg_helpers import unavailable
@@ -232,6 +233,9 @@ async def test_published_on_one_node_pushed_once_on_both(
     await until(lambda: bool(b.revoked))
     assert b.revoked == [Revoke(9, (b"d" * 32,))]
     assert b.revoked[0].node == "a"
+    await publish_once(a.bus.url, Revoke(10, node="admin"))  # as `chatd admin` does
+    await until(lambda: len(b.revoked) == 2 and len(a.revoked) == 1)
+    assert a.revoked == b.revoked[1:] == [Revoke(10)]
 
 
 async def test_redis_killed_and_restarted_loses_nothing(
@@ -282,6 +286,8 @@ async def test_a_bus_that_cannot_connect_says_so(redis: RedisServer) -> None:
     bus = RedisBus(f"redis://127.0.0.1:{port}/0", "a", lambda m: None, lambda: None)
     with pytest.raises(ConnectionError, match="cannot subscribe"):
         await bus.start(timeout=1.0)
+    with pytest.raises(ConnectionError, match="cannot publish"):
+        await publish_once(f"redis://127.0.0.1:{port}/0", Revoke(1), timeout=1.0)
 
 
 # Presence.
