@@ -1,4 +1,4 @@
-"""The store contract (chatd.storage.MessageStore), run against every store.
+"""The store contract (chatd.store.MessageStore), run against every store.
 
 Each test runs on a fresh SQLite file and on a fresh PostgreSQL database; the
 PostgreSQL cases skip where PostgreSQL is absent (or fail, with
@@ -20,16 +20,17 @@ from typing import Any
 import pytest
 
 from chatd.config import Config
-from chatd.storage import MessageStore, open_store
 from chatd.store import (
     CHANNEL,
     PRIVATE,
     Batch,
     Joined,
+    MessageStore,
     NewMessage,
     Skeletons,
     Stored,
     StoreError,
+    open_store,
 )
 from chatd.validation import name_skeletons
 from tests.pg_helpers import fresh_database
@@ -659,7 +660,7 @@ async def test_an_unreachable_postgres_is_a_store_error() -> None:
 
 async def test_a_missing_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "asyncpg", None)  # makes `import asyncpg` fail
-    monkeypatch.delitem(sys.modules, "chatd.postgres", raising=False)
+    monkeypatch.delitem(sys.modules, "chatd.store.postgres", raising=False)
     url = "postgresql://postgres@127.0.0.1:5432/chatd"
     with pytest.raises(StoreError) as caught:
         await open_store(url, Config(db=url))
@@ -672,7 +673,7 @@ SQLITE_ONLY = """
 import asyncio, sys
 from chatd.config import Config
 from chatd.server import Server
-from chatd.storage import open_store
+from chatd.store import open_store
 
 async def main() -> None:
     store = await open_store(sys.argv[1], Config(db=sys.argv[1]))

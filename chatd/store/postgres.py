@@ -1,4 +1,4 @@
-"""The PostgreSQL store: the same contract as the SQLite one (chatd.storage), on asyncpg.
+"""The PostgreSQL store: the same contract as the SQLite one (chatd.store), on asyncpg.
 
 Chosen with ``--db postgresql://user@host:port/dbname``; needs the optional driver
 (``pip install 'chatd[postgresql]'``).  A pool of connections serves reads and
@@ -28,7 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from chatd.store import (
+from chatd.store.rows import (
     CHANNEL,
     PRIVATE,
     PROFILE_TTL,
@@ -44,8 +44,8 @@ from chatd.store import (
     Stored,
     StoreError,
     User,
-    _settle,  # the one rule for publishing then answering, shared with SQLite
 )
+from chatd.store.sqlite import _settle  # the one rule for publishing then answering
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ MIGRATIONS: Sequence[str] = (
         user_id     BIGINT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
         joined_at   DOUBLE PRECISION NOT NULL,
         read_cursor BIGINT,  -- newest id received, NULL before the first /channel/receive
-        left_at     DOUBLE PRECISION,  -- see chatd.store's migration 2
+        left_at     DOUBLE PRECISION,  -- see chatd.store.sqlite's migration 2
         PRIMARY KEY (channel_id, user_id)
     );
     CREATE INDEX members_by_user ON channel_members(user_id);

@@ -1,4 +1,4 @@
-"""Everything chatd keeps on disk: schema, migrations and every SQL statement.
+"""The SQLite store, chatd's embedded default: schema, migrations and every SQL statement.
 
 One aiosqlite connection in WAL mode does all the reading and writing.  Each
 public method is one transaction, taken under an asyncio lock so that coroutines
@@ -20,20 +20,32 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
-from enum import Enum
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import aiosqlite
 
-from chatd.errors import OutOfDisk, ServerError
+from chatd.errors import OutOfDisk
 from chatd.names import skeletons_of_key
+from chatd.store.rows import (
+    CHANNEL,
+    PRIVATE,
+    PROFILE_TTL,
+    Batch,
+    Channel,
+    ChannelMessage,
+    DatabaseFileLost,
+    Joined,
+    Membership,
+    NewMessage,
+    PrivateMessage,
+    SentMessage,
+    Skeletons,
+    Stored,
+    StoreError,
+    User,
+)
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-# What a name looks like in small letters and in capitals (chatd/names.py).
-Skeletons = tuple[str, str]
 
 
 async def _fill_skeletons(db: aiosqlite.Connection) -> None:
@@ -140,100 +152,6 @@ MIGRATIONS: Sequence[Migration] = (
 )
 
 
-class StoreError(Exception):
-    """The database cannot be opened or migrated."""
-
-
-class DatabaseFileLost(ServerError):
-    """The database file was deleted or replaced while chatd had it open (code 9).
-
-    Whatever is written after that goes into a file no one will find again, so
-    nothing more is written, and nothing written after the loss is acknowledged.
-    """
-
-    default_message = (
-        "database file was deleted or replaced; writes refused until chatd is restarted"
-        " by an operator"
-    )
-
-
-# Rows as plain slotted dataclasses, treated as read-only: frozen ones cost several
-# times more to create, and several are made per message on the hot path.
-@dataclass(slots=True)
-class User:
-    id: int
-    name: str
-    password_hash: str
-    created_at: float
-
-
-@dataclass(slots=True)
-class Channel:
-    id: int
-    name: str
-    created_at: float
-
-
-@dataclass(slots=True)
-class Stored:
-    """The result of storing a message: what the sender is told."""
-
-    id: int
-    created_at: float
-    duplicate: bool = False  # True when client_id matched an earlier send
-
-
-@dataclass(slots=True)
-class PrivateMessage:
-    id: int
-    sender: str
-    body: str
-    created_at: float
-
-
-@dataclass(slots=True)
-class ChannelMessage:
-    id: int
-    sender: str
-    body: str
-    created_at: float
-
-
-@dataclass(slots=True)
-class SentMessage:
-    """A private message seen from either side of a conversation."""
-
-    id: int
-    sender: str
-    recipient: str
-    body: str
-    created_at: float
-
-
-@dataclass(slots=True)
-class Membership:
-    channel_id: int
-    channel: str
-    read_cursor: int | None
-    unread: int
-
-
-class Joined(Enum):
-    NOW = "now"  # the caller was not a member and now is
-    ALREADY = "already"  # the caller was a member already
-    LEFT = "left"  # the caller left this channel and has not re-joined
-    LOOKALIKE = "lookalike"  # a new name that looks like this existing channel's: nothing done
-
-
-@dataclass(slots=True)
-class Batch(Generic[T]):
-    """Messages handed to a reader, and whether more were left waiting."""
-
-    messages: list[T]
-    more: bool
-
-
-PRIVATE, CHANNEL = "private", "channel"
 # The columns of PrivateMessage and ChannelMessage, the sender's name joined in.
 _PRIVATE_ROWS = (
     "SELECT m.id, u.name, m.body, m.created_at FROM private_messages m"
@@ -248,25 +166,6 @@ _TABLES = {
     CHANNEL: ("channel_messages", "channel_id"),
 }
 _INSERT_CHUNK = 500  # rows per INSERT: 5 variables each, far below SQLite's 32766
-
-
-@dataclass(slots=True)
-class NewMessage:
-    kind: str
-    sender_id: int
-    target_id: int  # recipient or channel
-    body: str
-    created_at: float
-    client_id: str | None
-
-    @property
-    def dedup_key(self) -> tuple[str, int, str] | None:
-        return None if self.client_id is None else (self.kind, self.sender_id, self.client_id)
-
-
-# How stale a cached user may be: a user deleted by `chatd admin` in another process can
-# still be addressed this long (the send then fails alone, with code 9).
-PROFILE_TTL = 10.0
 
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 
