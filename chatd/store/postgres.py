@@ -28,6 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from chatd.store.commit import BatchPlan, DedupKey, GroupCommit
 from chatd.store.rows import (
     CHANNEL,
     PRIVATE,
@@ -45,7 +46,6 @@ from chatd.store.rows import (
     StoreError,
     User,
 )
-from chatd.store.sqlite import _settle  # the one rule for publishing then answering
 
 log = logging.getLogger(__name__)
 
@@ -152,19 +152,14 @@ _CHANNEL_ROWS = (
 _NO_UPPER_BOUND = (1 << 63) - 1
 _CHANNEL_BY_KEY = "SELECT id, name, created_at FROM channels WHERE name_key = $1"
 
-_Unwritten = tuple[NewMessage, asyncio.Future[Stored], Callable[[Stored], None] | None]
-_DedupKey = tuple[str, int, str]
 
 
 class PostgresStore:
     def __init__(self, pool: Any) -> None:
         self._pool = pool  # an asyncpg.Pool (asyncpg ships no type hints)
-        self._loop = asyncio.get_running_loop()
-        self._unwritten: list[_Unwritten] = []
+        self._commit = GroupCommit(self._write_batch, asyncpg.IntegrityConstraintViolationError)
         self._profiles: dict[str, tuple[float, User]] = {}  # name key -> (when read, user)
         self._channels: dict[str, Channel] = {}  # name key -> channel (never deleted)
-        self._flusher: asyncio.Task[None] | None = None
-        self._last_enqueued: asyncio.Future[Stored] | None = None
         # The database server keeps its own disk: a write it refuses for want of space
         # reaches the client as a plain code 9, and /stats says false.
         self.disk_full = False
@@ -211,9 +206,7 @@ class PostgresStore:
 
     async def _settled(self) -> None:
         """Wait until every message enqueued before has committed (read your writes)."""
-        last = self._last_enqueued
-        if last is not None and not last.done():
-            await asyncio.wait([last])
+        await self._commit.settled()
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Any]:
@@ -230,53 +223,13 @@ class PostgresStore:
         await self._settled()
         return await self._pool.fetchval(sql, *args)
 
-    # Group commit, as in chatd.store: messages sent at about the same time share one
-    # transaction, and each sender is answered once that transaction has committed.
+    # Group commit (chatd.store.commit): one flusher writes a batch per transaction.
 
     def enqueue(
         self, message: NewMessage, committed: Callable[[Stored], None] | None = None
     ) -> asyncio.Future[Stored]:
-        """Queue a message for the next group commit; the future resolves once committed.
-
-        Messages are stored in the order they are enqueued. ``committed`` is called
-        with the result right after the commit, in that order, unless the message
-        repeated an earlier client_id (it was not stored again).
-        """
-        future: asyncio.Future[Stored] = self._loop.create_future()
-        self._unwritten.append((message, future, committed))
-        self._last_enqueued = future
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        return future
-
-    async def _flush(self) -> None:
-        while self._unwritten:
-            batch, self._unwritten = self._unwritten, []
-            try:
-                results = await self._write_batch([message for message, _, _ in batch])
-            except asyncpg.IntegrityConstraintViolationError:
-                # One bad row (a user deleted meanwhile, or a client_id reused across
-                # streams by another node at this instant) must not sink the others.
-                await self._write_one_by_one(batch)
-                continue
-            except Exception as exc:
-                # Nothing in the batch committed: every sender gets the error (code 9).
-                for _, future, _ in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            for (_, future, committed), stored in zip(batch, results, strict=True):
-                _settle(future, stored, committed)
-
-    async def _write_one_by_one(self, batch: list[_Unwritten]) -> None:
-        for message, future, committed in batch:
-            try:
-                (stored,) = await self._write_batch([message])
-            except Exception as exc:
-                if not future.done():
-                    future.set_exception(exc)
-            else:
-                _settle(future, stored, committed)
+        """Queue a message for the next group commit (GroupCommit.enqueue)."""
+        return self._commit.enqueue(message, committed)
 
     async def _write_batch(self, batch: list[NewMessage]) -> list[Stored]:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -687,32 +640,14 @@ async def _write_messages(conn: Any, batch: list[NewMessage]) -> list[Stored]:
     waits for it here, then finds it below (a unique constraint backs the check).
     """
     heads = await _lock_streams(conn, batch)
-    earlier = await _earlier_sends(conn, [m for m in batch if m.client_id is not None])
-    results: list[Stored | None] = [None] * len(batch)
-    fresh: dict[str, list[int]] = {PRIVATE: [], CHANNEL: []}  # batch positions to insert
-    repeats: dict[int, int] = {}  # batch position -> position of the same client_id
-    first_in_batch: dict[_DedupKey, int] = {}
-    for position, message in enumerate(batch):
-        key = message.dedup_key
-        if key is not None and key in earlier:
-            results[position] = earlier[key]
-        elif key is not None and key in first_in_batch:
-            repeats[position] = first_in_batch[key]
-        else:
-            if key is not None:
-                first_in_batch[key] = position
-            fresh[message.kind].append(position)
-    for kind, positions in fresh.items():
+    keyed = [m for m in batch if m.client_id is not None]
+    plan = BatchPlan(batch, await _earlier_sends(conn, keyed))
+    for kind, positions in plan.fresh.items():
         if positions:
             stored = await _insert(conn, kind, [batch[i] for i in positions], heads)
             for position, result in zip(positions, stored, strict=True):
-                results[position] = result
-    for position, first_position in repeats.items():
-        first = results[first_position]
-        assert first is not None
-        results[position] = Stored(first.id, first.created_at, duplicate=True)
-    assert all(stored is not None for stored in results)
-    return [stored for stored in results if stored is not None]
+                plan.results[position] = result
+    return plan.done()
 
 
 async def _lock_streams(conn: Any, batch: list[NewMessage]) -> dict[tuple[str, int], int]:
@@ -770,9 +705,9 @@ async def _insert(
     ]
 
 
-async def _earlier_sends(conn: Any, keyed: list[NewMessage]) -> dict[_DedupKey, Stored]:
+async def _earlier_sends(conn: Any, keyed: list[NewMessage]) -> dict[DedupKey, Stored]:
     """Messages already stored under the client_ids of ``keyed``."""
-    found: dict[_DedupKey, Stored] = {}
+    found: dict[DedupKey, Stored] = {}
     for kind, (table, _, _, _) in _STREAMS.items():
         mine = [m for m in keyed if m.kind == kind]
         if not mine:

@@ -58,6 +58,7 @@ class Stored:
     id: int
     created_at: float
     duplicate: bool = False  # True when client_id matched an earlier send
+    seq: int = 0  # its number in its stream (the channel, or the recipient's inbox)
 
 
 @dataclass(slots=True)

@@ -26,6 +26,7 @@ import aiosqlite
 
 from chatd.errors import OutOfDisk
 from chatd.names import skeletons_of_key
+from chatd.store.commit import BatchPlan, GroupCommit
 from chatd.store.rows import (
     CHANNEL,
     PRIVATE,
@@ -175,27 +176,6 @@ RESTART_WAIT = 0.5  # seconds a RESTART checkpoint waits for another process (wr
 RESCUED_INFIX = ".rescued-"  # <db>.rescued-<UTC time>: the copy saved of a lost database
 
 
-# A message waiting for the group commit: its future, and what to call once committed.
-_Unwritten = tuple[NewMessage, asyncio.Future[Stored], Callable[[Stored], None] | None]
-
-
-def _settle(
-    future: asyncio.Future[Stored], stored: Stored, committed: Callable[[Stored], None] | None
-) -> None:
-    """Report a committed message: publish it first, then answer its sender.
-
-    Called in commit order, directly rather than through a done-callback on the
-    future: that would cost a scheduled callback and a copied context per message.
-    """
-    if committed is not None and not stored.duplicate:
-        try:
-            committed(stored)
-        except Exception:  # one failed push must not keep the others, or the reply, back
-            log.exception("publishing message %d failed", stored.id)
-    if not future.done():
-        future.set_result(stored)
-
-
 class Store:
     def __init__(
         self, db: aiosqlite.Connection, path: str, identity: tuple[int, int] | None
@@ -207,15 +187,11 @@ class Store:
         self._rescue: asyncio.Task[None] | None = None
         self._rescued = False
         self._companions: dict[str, tuple[int, int]] = {}  # "-wal", "-shm" -> identity
-        # Kept: asyncio.get_running_loop() makes a getpid() system call each time in
-        # Python 3.11, which showed up as 2.5% of the server's time under /send load.
         self._loop = asyncio.get_running_loop()
         self._lock = asyncio.Lock()
-        self._unwritten: list[_Unwritten] = []
+        self._commit = GroupCommit(self._write_batch, sqlite3.IntegrityError)
         self._profiles: dict[str, tuple[float, User]] = {}  # name key -> (when read, user)
         self._channels: dict[str, Channel] = {}  # name key -> channel (never deleted)
-        self._flusher: asyncio.Task[None] | None = None
-        self._last_enqueued: asyncio.Future[Stored] | None = None
         self._checkpointer: aiosqlite.Connection | None = None
         self._checkpoints: asyncio.Task[None] | None = None
         self._wal_limit = DEFAULT_WAL_LIMIT
@@ -430,7 +406,7 @@ class Store:
         So a request sees the effects of the sends before it (read your writes), even
         though sends are answered by the group commit rather than in line.
         """
-        last = self._last_enqueued
+        last = self._commit.last
         if last is not None and not last.done():
             await asyncio.wait([last])
         async with self._lock:
@@ -587,86 +563,27 @@ class Store:
         rows = await self._rows(sql, args)
         return rows[0][0] if rows else None
 
-    # Group commit: messages sent at about the same time share one transaction, and
-    # each sender is answered once the transaction holding its message has committed.
-    # Under load a batch gathers whatever arrived while the previous one was writing.
+    # Group commit (chatd.store.commit): messages sent at about the same time share one
+    # transaction, and each sender is answered once that transaction has committed.
 
     def enqueue(
         self, message: NewMessage, committed: Callable[[Stored], None] | None = None
     ) -> asyncio.Future[Stored]:
-        """Queue a message for the next group commit; the future resolves once committed.
+        """Queue a message for the next group commit (GroupCommit.enqueue)."""
+        return self._commit.enqueue(message, committed)
 
-        Messages are stored in the order they are enqueued. ``committed`` is called
-        with the result right after the commit, in that order, unless the message
-        repeated an earlier client_id (it was not stored again).
-        """
-        future: asyncio.Future[Stored] = self._loop.create_future()
-        self._unwritten.append((message, future, committed))
-        self._last_enqueued = future
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        return future
-
-    async def _flush(self) -> None:
-        while self._unwritten:
-            batch, self._unwritten = self._unwritten, []
-            try:
-                async with self._transaction(after_sends=False):
-                    results = await self._write_messages([message for message, _, _ in batch])
-            except sqlite3.IntegrityError:
-                # One bad row (a user deleted meanwhile by `chatd admin`) must not sink the
-                # others: write them one by one, and only that one fails.
-                await self._write_one_by_one(batch)
-                continue
-            except Exception as exc:
-                # Nothing in the batch committed: every sender gets the error (code 9).
-                for _, future, _ in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            for (_, future, committed), stored in zip(batch, results, strict=True):
-                _settle(future, stored, committed)
-
-    async def _write_one_by_one(self, batch: list[_Unwritten]) -> None:
-        for message, future, committed in batch:
-            try:
-                async with self._transaction(after_sends=False):
-                    (stored,) = await self._write_messages([message])
-            except Exception as exc:
-                if not future.done():
-                    future.set_exception(exc)
-            else:
-                _settle(future, stored, committed)
-
-    async def _write_messages(self, batch: list[NewMessage]) -> list[Stored]:
-        """Insert a batch (inside a transaction); repeats of a client_id get the first result."""
-        earlier = await self._earlier_sends([m for m in batch if m.client_id is not None])
-        results: list[Stored | None] = [None] * len(batch)
-        fresh: dict[str, list[int]] = {PRIVATE: [], CHANNEL: []}  # batch positions to insert
-        repeats: dict[int, int] = {}  # batch position -> position of the same client_id
-        first_in_batch: dict[tuple[str, int, str], int] = {}
-        for position, message in enumerate(batch):
-            key = message.dedup_key
-            if key is not None and key in earlier:
-                results[position] = earlier[key]
-            elif key is not None and key in first_in_batch:
-                repeats[position] = first_in_batch[key]
-            else:
-                if key is not None:
-                    first_in_batch[key] = position
-                fresh[message.kind].append(position)
-        for kind, positions in fresh.items():
-            for start in range(0, len(positions), _INSERT_CHUNK):
-                chunk = positions[start : start + _INSERT_CHUNK]
-                ids = await self._insert(kind, [batch[i] for i in chunk])
-                for position, message_id in zip(chunk, ids, strict=True):
-                    results[position] = Stored(message_id, batch[position].created_at)
-        for position, first_position in repeats.items():
-            first = results[first_position]
-            assert first is not None
-            results[position] = Stored(first.id, first.created_at, duplicate=True)
-        assert all(stored is not None for stored in results)
-        return [stored for stored in results if stored is not None]
+    async def _write_batch(self, batch: list[NewMessage]) -> list[Stored]:
+        """Insert a batch in one transaction; repeats of a client_id get the first result."""
+        async with self._transaction(after_sends=False):
+            keyed = [m for m in batch if m.client_id is not None]
+            plan = BatchPlan(batch, await self._earlier_sends(keyed))
+            for kind, positions in plan.fresh.items():
+                for start in range(0, len(positions), _INSERT_CHUNK):
+                    chunk = positions[start : start + _INSERT_CHUNK]
+                    ids = await self._insert(kind, [batch[i] for i in chunk])
+                    for position, message_id in zip(chunk, ids, strict=True):
+                        plan.results[position] = Stored(message_id, batch[position].created_at)
+            return plan.done()
 
     async def _insert(self, kind: str, messages: list[NewMessage]) -> list[int]:
         """One multi-row INSERT; rowids are handed out in VALUES order, so sorted ids match."""
