@@ -598,35 +598,42 @@ async def test_reopening_migrates_nothing_and_keeps_everything(backend: Backend)
     assert again.id > (await store.channel_history(lobby.id, again.id, 1)).messages[0].id
 
 
-async def test_nodes_starting_at_once_on_an_empty_postgres_do_not_race(
+async def test_stores_opened_at_once_on_an_empty_database_do_not_race(
     backend: Backend,
 ) -> None:
-    if backend.kind != "postgresql":
-        pytest.skip("SQLite serves one node")
+    # Several nodes starting at once on PostgreSQL; on SQLite, the server and an admin
+    # command (the version is read under the write lock, or both create the tables).
     stores = await asyncio.gather(*(backend.open() for _ in range(4)))
     assert await backend.schema_version() >= 1
     assert await add_user(stores[0], "ann") > 0
     assert await stores[3].find_user("ann") is not None
 
 
-async def test_postgres_refuses_a_schema_newer_than_it_knows(backend: Backend) -> None:
-    if backend.kind != "postgresql":
-        pytest.skip("SQLite's Store does not check this yet")
+async def test_a_schema_newer_than_the_store_knows_is_refused(backend: Backend) -> None:
     await backend.close(await backend.open())
-    import asyncpg
+    if backend.kind == "sqlite":
+        await asyncio.to_thread(_sqlite_write, backend.db, "PRAGMA user_version = 999")
+    else:
+        import asyncpg
 
-    conn = await asyncpg.connect(backend.db)
-    try:
-        await conn.execute("UPDATE chatd_schema SET version = 999")
-    finally:
-        await conn.close()
+        conn = await asyncpg.connect(backend.db)
+        try:
+            await conn.execute("UPDATE chatd_schema SET version = 999")
+        finally:
+            await conn.close()
     with pytest.raises(StoreError, match="version 999, newer than this chatd knows"):
         await backend.open()
 
 
-async def test_postgres_numbers_each_stream_from_one(backend: Backend) -> None:
-    if backend.kind != "postgresql":
-        pytest.skip("SQLite numbers streams in the rest of issue 13")
+def _sqlite_write(path: str, sql: str) -> None:
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute(sql)
+    finally:
+        conn.close()
+
+
+async def test_each_stream_is_numbered_from_one(backend: Backend) -> None:
     store = await backend.open()
     ann = await add_user(store, "ann")
     bob = await add_user(store, "bob")
@@ -635,9 +642,9 @@ async def test_postgres_numbers_each_stream_from_one(backend: Backend) -> None:
     futures = []
     for i in range(30):
         target = (lobby.id, dev.id)[i % 2]
-        futures.append(store.enqueue(to_channel(ann, target, f"c{i}")))
+        futures.append(store.enqueue(to_channel(ann, target, f"c{i}", f"k{i}")))
         futures.append(store.enqueue(private(ann, bob if i % 3 else ann, f"p{i}")))
-    await asyncio.gather(*futures)
+    results = await asyncio.gather(*futures)
     await store.enqueue(private(bob, ann, "one more"))
     for table, stream in (("channel_messages", "channel_id"), ("private_messages", "recipient_id")):
         rows = await backend.query(f"SELECT {stream}, seq FROM {table} ORDER BY id")
@@ -648,6 +655,17 @@ async def test_postgres_numbers_each_stream_from_one(backend: Backend) -> None:
             assert seqs == list(range(1, len(seqs) + 1))
     heads = await backend.query(f"SELECT last_seq FROM channels WHERE id = {lobby.id}")
     assert heads == [(15,)]
+    # Results and rows carry the seq, and a repeated client_id gets the first one's.
+    assert [r.seq for r in results[0:8:4]] == [1, 2]  # c0 and c2, both in lobby
+    repeat = await store.enqueue(to_channel(ann, lobby.id, "c2 again", "k2"))
+    assert (repeat.id, repeat.seq, repeat.duplicate) == (results[4].id, 2, True)
+    history = await store.channel_history(lobby.id, None, 3)
+    assert [m.seq for m in history.messages] == [13, 14, 15]
+    caught_up = await store.inbox_after(bob, 0, 100)
+    assert [m.seq for m in caught_up] == list(range(1, 21))
+    assert [m.seq for m in await store.channel_after(lobby.id, 0, 2, bob, 0)] == [1, 2]
+    assert [m.seq for m in (await store.take_inbox(ann, 2)).messages] == [1, 2]
+    assert [m.seq for m in (await store.take_channel(dev.id, bob, 2, 2)).messages] == [14, 15]
 
 
 async def test_an_unreachable_postgres_is_a_store_error() -> None:

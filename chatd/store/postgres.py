@@ -142,11 +142,11 @@ _STREAMS = {
 # Names sort as SQLite sorts them (by code point), whatever the database's collation.
 _BY_NAME = 'name_key COLLATE "C"'
 _PRIVATE_ROWS = (
-    "SELECT m.id, u.name, m.body, m.created_at FROM private_messages m"
+    "SELECT m.id, u.name, m.body, m.created_at, m.seq FROM private_messages m"
     " JOIN users u ON u.id = m.sender_id"
 )
 _CHANNEL_ROWS = (
-    "SELECT m.id, u.name, m.body, m.created_at FROM channel_messages m"
+    "SELECT m.id, u.name, m.body, m.created_at, m.seq FROM channel_messages m"
     " JOIN users u ON u.id = m.sender_id"
 )
 _NO_UPPER_BOUND = (1 << 63) - 1
@@ -700,7 +700,7 @@ async def _insert(
     )
     ids = {(row[1], row[2]): row[0] for row in rows}
     return [
-        Stored(ids[(m.target_id, seq)], m.created_at)
+        Stored(ids[(m.target_id, seq)], m.created_at, False, seq)
         for m, seq in zip(messages, seqs, strict=True)
     ]
 
@@ -713,16 +713,14 @@ async def _earlier_sends(conn: Any, keyed: list[NewMessage]) -> dict[DedupKey, S
         if not mine:
             continue
         rows = await conn.fetch(
-            f"SELECT m.sender_id, m.client_id, m.id, m.created_at FROM {table} m"
+            f"SELECT m.sender_id, m.client_id, m.id, m.created_at, m.seq FROM {table} m"
             " JOIN unnest($1::bigint[], $2::bytea[]) AS k(sender_id, client_id)"
             " ON m.sender_id = k.sender_id AND m.client_id = k.client_id",
             [m.sender_id for m in mine],
             [m.client_id.encode() for m in mine if m.client_id is not None],
         )
-        for sender_id, client_id, message_id, created_at in rows:
-            found[(kind, sender_id, client_id.decode())] = Stored(
-                message_id, created_at, duplicate=True
-            )
+        for sender_id, client_id, message_id, created_at, seq in rows:
+            found[(kind, sender_id, client_id.decode())] = Stored(message_id, created_at, True, seq)
     return found
 
 
@@ -736,11 +734,11 @@ async def _user_name_taken(conn: Any, key: str, skeletons: Skeletons) -> bool:
 
 
 def _private(row: Any) -> PrivateMessage:
-    return PrivateMessage(row[0], row[1], row[2].decode(), row[3])
+    return PrivateMessage(row[0], row[1], row[2].decode(), row[3], row[4])
 
 
 def _channel(row: Any) -> ChannelMessage:
-    return ChannelMessage(row[0], row[1], row[2].decode(), row[3])
+    return ChannelMessage(row[0], row[1], row[2].decode(), row[3], row[4])
 
 
 def _before(before: int | None) -> int:

@@ -67,6 +67,7 @@ class PrivateMessage:
     sender: str
     body: str
     created_at: float
+    seq: int = 0  # its number in its stream (the channel, or the recipient's inbox)
 
 
 @dataclass(slots=True)
@@ -75,6 +76,7 @@ class ChannelMessage:
     sender: str
     body: str
     created_at: float
+    seq: int = 0  # its number in its stream (the channel, or the recipient's inbox)
 
 
 @dataclass(slots=True)

@@ -18,6 +18,7 @@ import logging
 import os
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
@@ -150,23 +151,48 @@ MIGRATIONS: Sequence[Migration] = (
     CREATE INDEX channels_by_upper_skeleton ON channels(upper_skeleton);
     """,
     _fill_skeletons,
+    """
+    -- Per-stream sequence numbers: each channel, and each user's inbox, numbers its
+    -- messages 1, 2, 3, ... (seq), the stream's newest number kept on its row (as
+    -- PostgreSQL does) and moved in the transaction that inserts. Messages stored
+    -- before are numbered here, by id within each stream.
+    ALTER TABLE users ADD COLUMN inbox_seq INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE channels ADD COLUMN last_seq INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE private_messages ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE channel_messages ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
+    UPDATE private_messages SET seq = n.seq FROM (
+        SELECT id, ROW_NUMBER() OVER (PARTITION BY recipient_id ORDER BY id) AS seq
+        FROM private_messages) AS n
+    WHERE private_messages.id = n.id;
+    UPDATE channel_messages SET seq = n.seq FROM (
+        SELECT id, ROW_NUMBER() OVER (PARTITION BY channel_id ORDER BY id) AS seq
+        FROM channel_messages) AS n
+    WHERE channel_messages.id = n.id;
+    UPDATE users SET inbox_seq = COALESCE(
+        (SELECT MAX(seq) FROM private_messages WHERE recipient_id = users.id), 0);
+    UPDATE channels SET last_seq = COALESCE(
+        (SELECT MAX(seq) FROM channel_messages WHERE channel_id = channels.id), 0);
+    CREATE UNIQUE INDEX private_by_seq ON private_messages(recipient_id, seq);
+    CREATE UNIQUE INDEX channel_messages_by_seq ON channel_messages(channel_id, seq);
+    """,
 )
 
 
 # The columns of PrivateMessage and ChannelMessage, the sender's name joined in.
 _PRIVATE_ROWS = (
-    "SELECT m.id, u.name, m.body, m.created_at FROM private_messages m"
+    "SELECT m.id, u.name, m.body, m.created_at, m.seq FROM private_messages m"
     " JOIN users u ON u.id = m.sender_id"
 )
 _CHANNEL_ROWS = (
-    "SELECT m.id, u.name, m.body, m.created_at FROM channel_messages m"
+    "SELECT m.id, u.name, m.body, m.created_at, m.seq FROM channel_messages m"
     " JOIN users u ON u.id = m.sender_id"
 )
+# Per kind of message: its table, its stream column, and the row keeping the stream's head.
 _TABLES = {
-    PRIVATE: ("private_messages", "recipient_id"),
-    CHANNEL: ("channel_messages", "channel_id"),
+    PRIVATE: ("private_messages", "recipient_id", "users", "inbox_seq"),
+    CHANNEL: ("channel_messages", "channel_id", "channels", "last_seq"),
 }
-_INSERT_CHUNK = 500  # rows per INSERT: 5 variables each, far below SQLite's 32766
+_INSERT_CHUNK = 500  # rows per INSERT: 6 variables each, far below SQLite's 32766
 
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 
@@ -380,24 +406,38 @@ class Store:
     async def _configure(self, synchronous: str, busy_timeout: float) -> None:
         # WAL: readers never block the writer; with synchronous=NORMAL a commit
         # survives a crash of the process (FULL also survives power loss).
+        # Another process holding the write lock (a backup, the admin command) is waited
+        # for this long; then the request fails with code 9 and the server goes on. Set
+        # first: switching to WAL and migrating wait for a store opened at the same time.
+        await self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         await self._db.execute("PRAGMA journal_mode=WAL")
         await self._db.execute(f"PRAGMA synchronous={synchronous}")
         await self._db.execute("PRAGMA foreign_keys=ON")
-        # Another process holding the write lock (a backup, the admin command) is waited
-        # for this long; then the request fails with code 9 and the server goes on.
-        await self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
 
     async def _migrate(self) -> None:
-        version = await self._scalar("PRAGMA user_version")
-        for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
-            log.info("migrating database schema to version %d", number)
+        """Run the migrations this file lacks, one transaction each.
+
+        The version is read inside the write transaction (BEGIN IMMEDIATE), so that of
+        two stores opened at once on a new file only one creates the tables.
+        """
+        while True:
             async with self._transaction():
+                version = await self._scalar("PRAGMA user_version")
+                if version > len(MIGRATIONS):
+                    raise StoreError(
+                        f"the schema is at version {version}, newer than this chatd knows"
+                        f" ({len(MIGRATIONS)}): upgrade chatd"
+                    )
+                if version == len(MIGRATIONS):
+                    return
+                log.info("migrating database schema to version %d", version + 1)
+                step = MIGRATIONS[version]
                 if isinstance(step, str):
                     for statement in _statements(step):
                         await self._db.execute(statement)
                 else:
                     await step(self._db)
-                await self._db.execute(f"PRAGMA user_version={number}")
+                await self._db.execute(f"PRAGMA user_version={version + 1}")
 
     @asynccontextmanager
     async def _turn(self) -> AsyncIterator[None]:
@@ -580,41 +620,63 @@ class Store:
             for kind, positions in plan.fresh.items():
                 for start in range(0, len(positions), _INSERT_CHUNK):
                     chunk = positions[start : start + _INSERT_CHUNK]
-                    ids = await self._insert(kind, [batch[i] for i in chunk])
-                    for position, message_id in zip(chunk, ids, strict=True):
-                        plan.results[position] = Stored(message_id, batch[position].created_at)
+                    stored = await self._insert(kind, [batch[i] for i in chunk])
+                    for position, result in zip(chunk, stored, strict=True):
+                        plan.results[position] = result
             return plan.done()
 
-    async def _insert(self, kind: str, messages: list[NewMessage]) -> list[int]:
-        """One multi-row INSERT; rowids are handed out in VALUES order, so sorted ids match."""
-        table, target = _TABLES[kind]
-        rows = ", ".join("(?, ?, ?, ?, ?)" for _ in messages)
+    async def _insert(self, kind: str, messages: list[NewMessage]) -> list[Stored]:
+        """One multi-row INSERT, each message numbered on from its stream's head.
+
+        The heads move first, in this transaction (SQLite has one writer, so number
+        order is commit order). Rowids are handed out in VALUES order, so sorted ids
+        match. A stream whose row is gone numbers from 1: its insert then fails on the
+        foreign key.
+        """
+        table, target, head_table, head = _TABLES[kind]
+        counts = Counter(m.target_id for m in messages)
+        pairs = ", ".join("(?, ?)" for _ in counts)
+        moved = await self._rows(
+            f"UPDATE {head_table} SET {head} = {head} + n.column2 FROM (VALUES {pairs}) AS n"
+            f" WHERE {head_table}.id = n.column1 RETURNING id, {head}",
+            [item for pair in counts.items() for item in pair],
+        )
+        next_seq = {stream: newest - counts[stream] + 1 for stream, newest in moved}
+        rows = ", ".join("(?, ?, ?, ?, ?, ?)" for _ in messages)
         args: list[Any] = []
+        seqs: list[int] = []
         for m in messages:
-            args += (m.sender_id, m.target_id, m.body, m.created_at, m.client_id)
+            seq = next_seq.get(m.target_id, 1)
+            next_seq[m.target_id] = seq + 1
+            seqs.append(seq)
+            args += (m.sender_id, m.target_id, seq, m.body, m.created_at, m.client_id)
         inserted = await self._rows(
-            f"INSERT INTO {table} (sender_id, {target}, body, created_at, client_id)"
+            f"INSERT INTO {table} (sender_id, {target}, seq, body, created_at, client_id)"
             f" VALUES {rows} RETURNING id",
             args,
         )
-        return sorted(row[0] for row in inserted)
+        ids = sorted(row[0] for row in inserted)
+        return [
+            Stored(message_id, m.created_at, False, seq)
+            for message_id, m, seq in zip(ids, messages, seqs, strict=True)
+        ]
 
     async def _earlier_sends(self, keyed: list[NewMessage]) -> dict[tuple[str, int, str], Stored]:
         """Messages already stored under the client_ids of ``keyed``."""
         found: dict[tuple[str, int, str], Stored] = {}
-        for kind, (table, _) in _TABLES.items():
+        for kind, (table, *_) in _TABLES.items():
             pairs = [(m.sender_id, m.client_id) for m in keyed if m.kind == kind]
             for start in range(0, len(pairs), _INSERT_CHUNK):
                 chunk = pairs[start : start + _INSERT_CHUNK]
                 values = ", ".join("(?, ?)" for _ in chunk)
                 rows = await self._rows(
-                    f"SELECT sender_id, client_id, id, created_at FROM {table}"
+                    f"SELECT sender_id, client_id, id, created_at, seq FROM {table}"
                     f" WHERE (sender_id, client_id) IN (VALUES {values})",
                     [item for pair in chunk for item in pair],
                 )
-                for sender_id, client_id, message_id, created_at in rows:
+                for sender_id, client_id, message_id, created_at, seq in rows:
                     found[(kind, sender_id, client_id)] = Stored(
-                        message_id, created_at, duplicate=True
+                        message_id, created_at, True, seq
                     )
         return found
 
