@@ -2,9 +2,11 @@
 
 Chosen with ``--db postgresql://user@host:port/dbname``; needs the optional driver
 (``pip install 'chatd[postgresql]'``).  A pool of connections serves reads and
-writes; as in SQLite, messages wait for a group commit (one flusher writes a batch
-per transaction, one batch at a time) and every other method first waits for the
-messages enqueued before it (read your writes).
+writes; as in SQLite, messages wait for a group commit (chatd.store.commit: one
+flusher writes a batch per transaction, one batch at a time) and every other method
+first waits for the messages enqueued before it (read your writes).  A batch is one
+round trip: a call of the server-side function chatd_store_batch (migration 2), which
+locks the streams, finds repeated client_ids, numbers, inserts and moves the heads.
 
 Per-stream sequence numbers: each channel and each user's inbox numbers its messages
 1, 2, 3, ... (``seq``).  The number is taken under that stream's row lock
@@ -28,10 +30,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from chatd.store.commit import BatchPlan, DedupKey, GroupCommit
+from chatd.store.commit import GroupCommit
 from chatd.store.rows import (
     CHANNEL,
-    PRIVATE,
     PROFILE_TTL,
     Batch,
     Channel,
@@ -59,6 +60,94 @@ MIGRATION_LOCK = 0x63686174_64000001
 # the same moment only one succeeds. Rare operations: one lock each is enough.
 USER_NAMES_LOCK = 0x63686174_64000002
 CHANNEL_NAMES_LOCK = 0x63686174_64000003
+
+# A whole group-commit batch in one round trip to the database (one statement, its own
+# transaction). Arrays, one element per message in enqueue order: channel (false: a
+# private message to the inbox of target), sender, target, body, created_at, client_id.
+# Returns, per message in that order, its id, seq and created_at, and whether it repeated
+# an earlier client_id (then the first send's id, seq and created_at).
+_STORE_BATCH = """
+    CREATE FUNCTION chatd_store_batch(
+        p_channel boolean[], p_sender bigint[], p_target bigint[], p_body bytea[],
+        p_created double precision[], p_client bytea[]
+    ) RETURNS TABLE (id bigint, seq bigint, created_at double precision, duplicate boolean)
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        -- Lock the row of every stream written to, inboxes before channels and by id
+        -- within each, so that two writers never wait for each other in a circle; a
+        -- retry racing its original on another node waits for it here.
+        PERFORM 1 FROM users u
+            WHERE u.id IN (SELECT x.t FROM unnest(p_channel, p_target) AS x(c, t) WHERE NOT x.c)
+            ORDER BY u.id FOR NO KEY UPDATE;
+        PERFORM 1 FROM channels ch
+            WHERE ch.id IN (SELECT x.t FROM unnest(p_channel, p_target) AS x(c, t) WHERE x.c)
+            ORDER BY ch.id FOR NO KEY UPDATE;
+        -- The rest in one statement, whose snapshot is taken after the locks: it sees
+        -- what a racing writer committed while this one waited.
+        RETURN QUERY
+        WITH batch AS (
+            SELECT * FROM unnest(p_channel, p_sender, p_target, p_body, p_created, p_client)
+                WITH ORDINALITY AS b(c, s, t, body, ts, k, n)
+        ), keyed AS (  -- each client_id of the batch, and its first position
+            SELECT b.c, b.s, b.k, min(b.n) AS first FROM batch b
+            WHERE b.k IS NOT NULL GROUP BY b.c, b.s, b.k
+        ), earlier AS (  -- sends stored before under one of those client_ids
+            SELECT kd.first, m.id, m.seq, m.created_at FROM keyed kd
+                JOIN private_messages m ON m.sender_id = kd.s AND m.client_id = kd.k
+                WHERE NOT kd.c
+            UNION ALL
+            SELECT kd.first, m.id, m.seq, m.created_at FROM keyed kd
+                JOIN channel_messages m ON m.sender_id = kd.s AND m.client_id = kd.k
+                WHERE kd.c
+        ), fresh AS (  -- what to insert, counted within each stream in batch order
+            SELECT b.*, row_number() OVER (PARTITION BY b.c, b.t ORDER BY b.n) AS r,
+                   count(*) OVER (PARTITION BY b.c, b.t) AS total
+            FROM batch b LEFT JOIN keyed kd ON kd.c = b.c AND kd.s = b.s AND kd.k = b.k
+            WHERE (b.k IS NULL OR kd.first = b.n)
+                AND b.n NOT IN (SELECT e.first FROM earlier e)
+        ), inbox_heads AS (
+            UPDATE users u SET inbox_seq = u.inbox_seq + f.total
+            FROM (SELECT DISTINCT fr.t, fr.total FROM fresh fr WHERE NOT fr.c) f
+            WHERE u.id = f.t RETURNING false AS c, u.id, u.inbox_seq - f.total AS base
+        ), channel_heads AS (
+            UPDATE channels ch SET last_seq = ch.last_seq + f.total
+            FROM (SELECT DISTINCT fr.t, fr.total FROM fresh fr WHERE fr.c) f
+            WHERE ch.id = f.t RETURNING true AS c, ch.id, ch.last_seq - f.total AS base
+        ), numbered AS (  -- a stream whose row is gone gets no seq: NOT NULL refuses it
+            SELECT f.*, h.base + f.r AS q FROM fresh f
+            LEFT JOIN (SELECT * FROM inbox_heads UNION ALL SELECT * FROM channel_heads) h
+                ON h.c = f.c AND h.id = f.t
+        ), private_rows AS (
+            INSERT INTO private_messages
+                (sender_id, recipient_id, seq, body, created_at, client_id)
+            SELECT nb.s, nb.t, nb.q, nb.body, nb.ts, nb.k FROM numbered nb
+            WHERE NOT nb.c ORDER BY nb.n
+            RETURNING private_messages.id, private_messages.recipient_id AS t,
+                private_messages.seq AS q
+        ), channel_rows AS (
+            INSERT INTO channel_messages
+                (sender_id, channel_id, seq, body, created_at, client_id)
+            SELECT nb.s, nb.t, nb.q, nb.body, nb.ts, nb.k FROM numbered nb
+            WHERE nb.c ORDER BY nb.n
+            RETURNING channel_messages.id, channel_messages.channel_id AS t,
+                channel_messages.seq AS q
+        ), stored AS (
+            SELECT nb.n, r.id, nb.q, nb.ts FROM numbered nb
+                JOIN private_rows r ON NOT nb.c AND r.t = nb.t AND r.q = nb.q
+            UNION ALL
+            SELECT nb.n, r.id, nb.q, nb.ts FROM numbered nb
+                JOIN channel_rows r ON nb.c AND r.t = nb.t AND r.q = nb.q
+        )
+        SELECT COALESCE(st.id, e.id), COALESCE(st.q, e.seq), COALESCE(st.ts, e.created_at),
+            st.n IS DISTINCT FROM b.n
+        FROM batch b
+        LEFT JOIN keyed kd ON kd.c = b.c AND kd.s = b.s AND kd.k = b.k
+        LEFT JOIN stored st ON st.n = COALESCE(kd.first, b.n)
+        LEFT JOIN earlier e ON e.first = kd.first
+        ORDER BY b.n;
+    END
+    $$;
+"""
 
 # Each entry moves the schema one version up; chatd_schema.version records where we are.
 MIGRATIONS: Sequence[str] = (
@@ -132,13 +221,9 @@ MIGRATIONS: Sequence[str] = (
     );
     CREATE INDEX channel_messages_by_channel ON channel_messages(channel_id, id);
     """,
+    _STORE_BATCH,
 )
 
-# Per kind of message: its table, its stream column, and the stream's counter.
-_STREAMS = {
-    PRIVATE: ("private_messages", "recipient_id", "users", "inbox_seq"),
-    CHANNEL: ("channel_messages", "channel_id", "channels", "last_seq"),
-}
 # Names sort as SQLite sorts them (by code point), whatever the database's collation.
 _BY_NAME = 'name_key COLLATE "C"'
 _PRIVATE_ROWS = (
@@ -158,6 +243,7 @@ class PostgresStore:
     def __init__(self, pool: Any) -> None:
         self._pool = pool  # an asyncpg.Pool (asyncpg ships no type hints)
         self._commit = GroupCommit(self._write_batch, asyncpg.IntegrityConstraintViolationError)
+        self._writer: Any = None  # the flusher's connection, taken from the pool when needed
         self._profiles: dict[str, tuple[float, User]] = {}  # name key -> (when read, user)
         self._channels: dict[str, Channel] = {}  # name key -> channel (never deleted)
         # The database server keeps its own disk: a write it refuses for want of space
@@ -183,6 +269,7 @@ class PostgresStore:
 
     async def close(self) -> None:
         await self._settled()
+        await self._drop_writer()
         await self._pool.close()
 
     async def _migrate(self) -> None:
@@ -232,8 +319,30 @@ class PostgresStore:
         return self._commit.enqueue(message, committed)
 
     async def _write_batch(self, batch: list[NewMessage]) -> list[Stored]:
-        async with self._pool.acquire() as conn, conn.transaction():
-            return await _write_messages(conn, batch)
+        """The whole batch in one round trip: one call of chatd_store_batch (migration 2),
+        its own transaction, on a connection the flusher keeps (releasing a pooled one
+        costs a second round trip, its reset)."""
+        if self._writer is None:
+            self._writer = await self._pool.acquire()
+        try:
+            rows = await self._writer.fetch(
+                "SELECT * FROM chatd_store_batch($1, $2, $3, $4, $5, $6)",
+                [m.kind == CHANNEL for m in batch],
+                [m.sender_id for m in batch],
+                [m.target_id for m in batch],
+                [m.body.encode() for m in batch],
+                [m.created_at for m in batch],
+                [None if m.client_id is None else m.client_id.encode() for m in batch],
+            )
+        except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
+            await self._drop_writer()  # the next batch takes a fresh connection
+            raise
+        return [Stored(row[0], row[2], row[3], row[1]) for row in rows]
+
+    async def _drop_writer(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            await self._pool.release(writer)
 
     # Users and tokens.
 
@@ -628,100 +737,6 @@ class PostgresStore:
         self._profiles = {k: v for k, v in self._profiles.items() if v[1].id != user_id}
         # ON DELETE CASCADE removes tokens, messages and memberships with the row.
         await self._value("DELETE FROM users WHERE id = $1", user_id)
-
-
-# Writing a batch of messages, inside the flusher's transaction.
-
-
-async def _write_messages(conn: Any, batch: list[NewMessage]) -> list[Stored]:
-    """Insert a batch; repeats of a client_id get the first result.
-
-    The streams are locked first, so a retry racing its original on another node
-    waits for it here, then finds it below (a unique constraint backs the check).
-    """
-    heads = await _lock_streams(conn, batch)
-    keyed = [m for m in batch if m.client_id is not None]
-    plan = BatchPlan(batch, await _earlier_sends(conn, keyed))
-    for kind, positions in plan.fresh.items():
-        if positions:
-            stored = await _insert(conn, kind, [batch[i] for i in positions], heads)
-            for position, result in zip(positions, stored, strict=True):
-                plan.results[position] = result
-    return plan.done()
-
-
-async def _lock_streams(conn: Any, batch: list[NewMessage]) -> dict[tuple[str, int], int]:
-    """Lock the row of every stream the batch writes to; their newest seq, by stream.
-
-    Always inboxes before channels and by id within each, so that two writers never
-    wait for each other in a circle. A stream whose row is gone gets no entry: its
-    insert then fails on the foreign key.
-    """
-    heads: dict[tuple[str, int], int] = {}
-    for kind, (_, _, table, counter) in _STREAMS.items():
-        targets = sorted({m.target_id for m in batch if m.kind == kind})
-        if targets:
-            rows = await conn.fetch(
-                f"SELECT id, {counter} FROM {table} WHERE id = ANY($1::bigint[])"
-                " ORDER BY id FOR NO KEY UPDATE",
-                targets,
-            )
-            heads.update(((kind, row[0]), row[1]) for row in rows)
-    return heads
-
-
-async def _insert(
-    conn: Any, kind: str, messages: list[NewMessage], heads: dict[tuple[str, int], int]
-) -> list[Stored]:
-    """One multi-row INSERT numbering each stream on from its head; advances the heads."""
-    table, stream, counter_table, counter = _STREAMS[kind]
-    seqs: list[int] = []
-    for m in messages:
-        seq = heads[(kind, m.target_id)] = heads.get((kind, m.target_id), 0) + 1
-        seqs.append(seq)
-    targets = sorted({m.target_id for m in messages})
-    # The heads move in the same statement: one round trip to the database, not two.
-    rows = await conn.fetch(
-        f"WITH heads AS (UPDATE {counter_table} SET {counter} = h.q"
-        "  FROM unnest($7::bigint[], $8::bigint[]) AS h(id, q)"
-        f"  WHERE {counter_table}.id = h.id)"
-        f" INSERT INTO {table} (sender_id, {stream}, seq, body, created_at, client_id)"
-        " SELECT s, t, q, b, c, k FROM unnest($1::bigint[], $2::bigint[], $3::bigint[],"
-        "  $4::bytea[], $5::float8[], $6::bytea[]) WITH ORDINALITY AS v(s, t, q, b, c, k, n)"
-        f" ORDER BY n RETURNING id, {stream}, seq",
-        [m.sender_id for m in messages],
-        [m.target_id for m in messages],
-        seqs,
-        [m.body.encode() for m in messages],
-        [m.created_at for m in messages],
-        [None if m.client_id is None else m.client_id.encode() for m in messages],
-        targets,
-        [heads[(kind, target)] for target in targets],
-    )
-    ids = {(row[1], row[2]): row[0] for row in rows}
-    return [
-        Stored(ids[(m.target_id, seq)], m.created_at, False, seq)
-        for m, seq in zip(messages, seqs, strict=True)
-    ]
-
-
-async def _earlier_sends(conn: Any, keyed: list[NewMessage]) -> dict[DedupKey, Stored]:
-    """Messages already stored under the client_ids of ``keyed``."""
-    found: dict[DedupKey, Stored] = {}
-    for kind, (table, _, _, _) in _STREAMS.items():
-        mine = [m for m in keyed if m.kind == kind]
-        if not mine:
-            continue
-        rows = await conn.fetch(
-            f"SELECT m.sender_id, m.client_id, m.id, m.created_at, m.seq FROM {table} m"
-            " JOIN unnest($1::bigint[], $2::bytea[]) AS k(sender_id, client_id)"
-            " ON m.sender_id = k.sender_id AND m.client_id = k.client_id",
-            [m.sender_id for m in mine],
-            [m.client_id.encode() for m in mine if m.client_id is not None],
-        )
-        for sender_id, client_id, message_id, created_at, seq in rows:
-            found[(kind, sender_id, client_id.decode())] = Stored(message_id, created_at, True, seq)
-    return found
 
 
 async def _user_name_taken(conn: Any, key: str, skeletons: Skeletons) -> bool:
