@@ -30,7 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from chatd.store.commit import GroupCommit
+from chatd.store.commit import DedupKey, GroupCommit
 from chatd.store.rows import (
     CHANNEL,
     PROFILE_TTL,
@@ -64,13 +64,16 @@ CHANNEL_NAMES_LOCK = 0x63686174_64000003
 # A whole group-commit batch in one round trip to the database (one statement, its own
 # transaction). Arrays, one element per message in enqueue order: channel (false: a
 # private message to the inbox of target), sender, target, body, created_at, client_id.
-# Returns, per message in that order, its id, seq and created_at, and whether it repeated
-# an earlier client_id (then the first send's id, seq and created_at).
+# Returns a row per message stored (its position n from 1, id, seq, created_at, false)
+# and per message whose client_id was stored before (the earlier send's, true); a message
+# repeating a client_id earlier in the batch gets no row (see _results).
 _STORE_BATCH = """
     CREATE FUNCTION chatd_store_batch(
         p_channel boolean[], p_sender bigint[], p_target bigint[], p_body bytea[],
         p_created double precision[], p_client bytea[]
-    ) RETURNS TABLE (id bigint, seq bigint, created_at double precision, duplicate boolean)
+    ) RETURNS TABLE (
+        n bigint, id bigint, seq bigint, created_at double precision, duplicate boolean
+    )
     LANGUAGE plpgsql AS $$
     BEGIN
         -- Lock the row of every stream written to, inboxes before channels and by id
@@ -85,66 +88,54 @@ _STORE_BATCH = """
         -- The rest in one statement, whose snapshot is taken after the locks: it sees
         -- what a racing writer committed while this one waited.
         RETURN QUERY
-        WITH batch AS (
-            SELECT * FROM unnest(p_channel, p_sender, p_target, p_body, p_created, p_client)
+        WITH batch AS (  -- nth: 1 for the first message of each client_id in the batch
+            SELECT b.*, row_number() OVER (PARTITION BY b.c, b.s, b.k ORDER BY b.n) AS nth
+            FROM unnest(p_channel, p_sender, p_target, p_body, p_created, p_client)
                 WITH ORDINALITY AS b(c, s, t, body, ts, k, n)
-        ), keyed AS (  -- each client_id of the batch, and its first position
-            SELECT b.c, b.s, b.k, min(b.n) AS first FROM batch b
-            WHERE b.k IS NOT NULL GROUP BY b.c, b.s, b.k
-        ), earlier AS (  -- sends stored before under one of those client_ids
-            SELECT kd.first, m.id, m.seq, m.created_at FROM keyed kd
-                JOIN private_messages m ON m.sender_id = kd.s AND m.client_id = kd.k
-                WHERE NOT kd.c
+        ), earlier AS (  -- sends stored before under a client_id of the batch
+            SELECT b.n, m.id, m.seq, m.created_at FROM batch b
+                JOIN private_messages m ON m.sender_id = b.s AND m.client_id = b.k
+                WHERE NOT b.c AND b.nth = 1
             UNION ALL
-            SELECT kd.first, m.id, m.seq, m.created_at FROM keyed kd
-                JOIN channel_messages m ON m.sender_id = kd.s AND m.client_id = kd.k
-                WHERE kd.c
+            SELECT b.n, m.id, m.seq, m.created_at FROM batch b
+                JOIN channel_messages m ON m.sender_id = b.s AND m.client_id = b.k
+                WHERE b.c AND b.nth = 1
         ), fresh AS (  -- what to insert, counted within each stream in batch order
-            SELECT b.*, row_number() OVER (PARTITION BY b.c, b.t ORDER BY b.n) AS r,
-                   count(*) OVER (PARTITION BY b.c, b.t) AS total
-            FROM batch b LEFT JOIN keyed kd ON kd.c = b.c AND kd.s = b.s AND kd.k = b.k
-            WHERE (b.k IS NULL OR kd.first = b.n)
-                AND b.n NOT IN (SELECT e.first FROM earlier e)
+            SELECT b.*, row_number() OVER (PARTITION BY b.c, b.t ORDER BY b.n) AS r
+            FROM batch b
+            WHERE (b.k IS NULL OR b.nth = 1) AND b.n NOT IN (SELECT e.n FROM earlier e)
+        ), numbered AS MATERIALIZED (
+            -- Numbered on from the heads as this statement's snapshot has them (their
+            -- rows are locked above); a stream whose row is gone gets no seq, which NOT
+            -- NULL refuses. Ids drawn after the sort: in batch order.
+            SELECT f.c, f.s, f.t, f.body, f.ts, f.k, f.n,
+                COALESCE(u.inbox_seq, ch.last_seq) + f.r AS q,
+                CASE WHEN f.c THEN nextval('channel_messages_id_seq')
+                    ELSE nextval('private_messages_id_seq') END AS id
+            FROM fresh f
+            LEFT JOIN users u ON NOT f.c AND u.id = f.t
+            LEFT JOIN channels ch ON f.c AND ch.id = f.t
+            ORDER BY f.n
         ), inbox_heads AS (
             UPDATE users u SET inbox_seq = u.inbox_seq + f.total
-            FROM (SELECT DISTINCT fr.t, fr.total FROM fresh fr WHERE NOT fr.c) f
-            WHERE u.id = f.t RETURNING false AS c, u.id, u.inbox_seq - f.total AS base
+            FROM (SELECT fr.t, count(*) AS total FROM fresh fr WHERE NOT fr.c GROUP BY fr.t) f
+            WHERE u.id = f.t
         ), channel_heads AS (
             UPDATE channels ch SET last_seq = ch.last_seq + f.total
-            FROM (SELECT DISTINCT fr.t, fr.total FROM fresh fr WHERE fr.c) f
-            WHERE ch.id = f.t RETURNING true AS c, ch.id, ch.last_seq - f.total AS base
-        ), numbered AS (  -- a stream whose row is gone gets no seq: NOT NULL refuses it
-            SELECT f.*, h.base + f.r AS q FROM fresh f
-            LEFT JOIN (SELECT * FROM inbox_heads UNION ALL SELECT * FROM channel_heads) h
-                ON h.c = f.c AND h.id = f.t
+            FROM (SELECT fr.t, count(*) AS total FROM fresh fr WHERE fr.c GROUP BY fr.t) f
+            WHERE ch.id = f.t
         ), private_rows AS (
             INSERT INTO private_messages
-                (sender_id, recipient_id, seq, body, created_at, client_id)
-            SELECT nb.s, nb.t, nb.q, nb.body, nb.ts, nb.k FROM numbered nb
-            WHERE NOT nb.c ORDER BY nb.n
-            RETURNING private_messages.id, private_messages.recipient_id AS t,
-                private_messages.seq AS q
+                (id, sender_id, recipient_id, seq, body, created_at, client_id)
+            SELECT nb.id, nb.s, nb.t, nb.q, nb.body, nb.ts, nb.k FROM numbered nb WHERE NOT nb.c
         ), channel_rows AS (
             INSERT INTO channel_messages
-                (sender_id, channel_id, seq, body, created_at, client_id)
-            SELECT nb.s, nb.t, nb.q, nb.body, nb.ts, nb.k FROM numbered nb
-            WHERE nb.c ORDER BY nb.n
-            RETURNING channel_messages.id, channel_messages.channel_id AS t,
-                channel_messages.seq AS q
-        ), stored AS (
-            SELECT nb.n, r.id, nb.q, nb.ts FROM numbered nb
-                JOIN private_rows r ON NOT nb.c AND r.t = nb.t AND r.q = nb.q
-            UNION ALL
-            SELECT nb.n, r.id, nb.q, nb.ts FROM numbered nb
-                JOIN channel_rows r ON nb.c AND r.t = nb.t AND r.q = nb.q
+                (id, sender_id, channel_id, seq, body, created_at, client_id)
+            SELECT nb.id, nb.s, nb.t, nb.q, nb.body, nb.ts, nb.k FROM numbered nb WHERE nb.c
         )
-        SELECT COALESCE(st.id, e.id), COALESCE(st.q, e.seq), COALESCE(st.ts, e.created_at),
-            st.n IS DISTINCT FROM b.n
-        FROM batch b
-        LEFT JOIN keyed kd ON kd.c = b.c AND kd.s = b.s AND kd.k = b.k
-        LEFT JOIN stored st ON st.n = COALESCE(kd.first, b.n)
-        LEFT JOIN earlier e ON e.first = kd.first
-        ORDER BY b.n;
+        SELECT nb.n, nb.id, nb.q, nb.ts, false FROM numbered nb
+        UNION ALL
+        SELECT e.n, e.id, e.seq, e.created_at, true FROM earlier e;
     END
     $$;
 """
@@ -337,7 +328,7 @@ class PostgresStore:
         except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
             await self._drop_writer()  # the next batch takes a fresh connection
             raise
-        return [Stored(row[0], row[2], row[3], row[1]) for row in rows]
+        return _results(batch, rows)
 
     async def _drop_writer(self) -> None:
         writer, self._writer = self._writer, None
@@ -737,6 +728,26 @@ class PostgresStore:
         self._profiles = {k: v for k, v in self._profiles.items() if v[1].id != user_id}
         # ON DELETE CASCADE removes tokens, messages and memberships with the row.
         await self._value("DELETE FROM users WHERE id = $1", user_id)
+
+
+def _results(batch: list[NewMessage], rows: list[Any]) -> list[Stored]:
+    """One Stored per message of the batch, from chatd_store_batch's rows by position;
+    a repeat of a client_id earlier in the batch gets the first one's, as a duplicate."""
+    by_position = {n: Stored(id_, created_at, duplicate, seq) for n, id_, seq, created_at,
+                   duplicate in rows}
+    first: dict[DedupKey, int] = {}
+    results: list[Stored] = []
+    for position, message in enumerate(batch, start=1):
+        key = message.dedup_key
+        if key is not None:
+            first.setdefault(key, position)
+        stored = by_position.get(position)
+        if stored is None:
+            assert key is not None
+            original = by_position[first[key]]
+            stored = Stored(original.id, original.created_at, True, original.seq)
+        results.append(stored)
+    return results
 
 
 async def _user_name_taken(conn: Any, key: str, skeletons: Skeletons) -> bool:
