@@ -554,15 +554,19 @@ async def test_a_failed_message_does_not_sink_its_batch(store: MessageStore) -> 
     bob = await add_user(store, "bob")
     gone = await add_user(store, "gone")
     await store.delete_user(gone)
+    lobby, _ = await store.join_channel("lobby", "lobby", looks("lobby"), bob, NOW)
     futures = [
         store.enqueue(private(ann, bob, "before")),
         store.enqueue(private(ann, gone, "to nobody")),
+        store.enqueue(private(gone, bob, "from nobody")),  # a sender deleted meanwhile
+        store.enqueue(to_channel(gone, lobby.id, "from nobody")),
         store.enqueue(private(ann, bob, "after")),
     ]
-    before, failed, after = await asyncio.gather(*futures, return_exceptions=True)
+    before, *failed, after = await asyncio.gather(*futures, return_exceptions=True)
     assert isinstance(before, Stored) and isinstance(after, Stored)
-    assert isinstance(failed, Exception)
+    assert all(isinstance(result, Exception) for result in failed)
     assert bodies(await store.take_inbox(bob, 10)) == ["before", "after"]
+    assert bodies(await store.channel_history(lobby.id, None, 10)) == []
 
 
 async def test_reads_see_the_sends_enqueued_before_them(store: MessageStore) -> None:

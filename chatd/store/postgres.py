@@ -68,6 +68,15 @@ CHANNEL_NAMES_LOCK = 0x63686174_64000003
 # and per message whose client_id was stored before (the earlier send's, true); a message
 # repeating a client_id earlier in the batch gets no row (see _results).
 _STORE_BATCH = """
+    -- Foreign keys on the message tables checked each row of a batch on its own (a
+    -- trigger and a query per row and key): the batch function checks its streams and
+    -- senders once per batch instead, and delete_user deletes a user's messages.
+    ALTER TABLE private_messages
+        DROP CONSTRAINT private_messages_sender_id_fkey,
+        DROP CONSTRAINT private_messages_recipient_id_fkey;
+    ALTER TABLE channel_messages
+        DROP CONSTRAINT channel_messages_sender_id_fkey,
+        DROP CONSTRAINT channel_messages_channel_id_fkey;
     CREATE FUNCTION chatd_store_batch(
         p_channel boolean[], p_sender bigint[], p_target bigint[], p_body bytea[],
         p_created double precision[], p_client bytea[]
@@ -85,6 +94,14 @@ _STORE_BATCH = """
         PERFORM 1 FROM channels ch
             WHERE ch.id IN (SELECT x.t FROM unnest(p_channel, p_target) AS x(c, t) WHERE x.c)
             ORDER BY ch.id FOR NO KEY UPDATE;
+        -- The senders must exist until COMMIT (what a foreign key checked row by row):
+        -- a KEY SHARE lock makes delete_user wait, and a sender it deleted first is gone.
+        PERFORM 1 FROM users u WHERE u.id IN (SELECT unnest(p_sender))
+            ORDER BY u.id FOR KEY SHARE;
+        IF EXISTS (SELECT 1 FROM unnest(p_sender) AS x(s)
+                   WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.id = x.s)) THEN
+            RAISE foreign_key_violation USING MESSAGE = 'the sender no longer exists';
+        END IF;
         -- The rest in one statement, whose snapshot is taken after the locks: it sees
         -- what a racing writer committed while this one waited.
         RETURN QUERY
@@ -726,8 +743,16 @@ class PostgresStore:
     async def delete_user(self, user_id: int) -> None:
         """Delete a user with everything they sent, received, joined or held."""
         self._profiles = {k: v for k, v in self._profiles.items() if v[1].id != user_id}
-        # ON DELETE CASCADE removes tokens, messages and memberships with the row.
-        await self._value("DELETE FROM users WHERE id = $1", user_id)
+        async with self._transaction() as conn:
+            # The row first: its lock waits for a batch writing to or from this user, and
+            # a later batch finds the user gone (chatd_store_batch). ON DELETE CASCADE
+            # removes tokens and memberships; messages have no foreign key (migration 2).
+            await conn.execute("DELETE FROM users WHERE id = $1", user_id)
+            await conn.execute(
+                "DELETE FROM private_messages WHERE sender_id = $1 OR recipient_id = $1",
+                user_id,
+            )
+            await conn.execute("DELETE FROM channel_messages WHERE sender_id = $1", user_id)
 
 
 def _results(batch: list[NewMessage], rows: list[Any]) -> list[Stored]:
