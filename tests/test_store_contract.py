@@ -714,3 +714,28 @@ async def test_the_sqlite_default_never_loads_the_driver(tmp_path: Path) -> None
     async with asyncio.timeout(60):
         out, _ = await proc.communicate()
     assert (proc.returncode, out.strip()) == (0, b"False")
+
+
+async def test_postgres_sends_go_on_after_the_writer_connection_is_cut() -> None:
+    async with fresh_database() as url:
+        import asyncpg
+
+        store = await open_store(url, Config(db=url))
+        try:
+            ann = await add_user(store, "ann")
+            await store.enqueue(private(ann, ann, "before"))
+            admin = await asyncpg.connect(url)
+            try:  # every other backend of this database: the flusher's among them
+                await admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            finally:
+                await admin.close()
+            with pytest.raises(Exception):  # noqa: B017 (asyncpg's own kinds of loss)
+                await store.enqueue(private(ann, ann, "lost with the connection"))
+            after = await store.enqueue(private(ann, ann, "after"))
+            assert after.seq == 2
+            assert bodies(await store.take_inbox(ann, 10)) == ["before", "after"]
+        finally:
+            await store.close()

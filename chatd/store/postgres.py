@@ -50,7 +50,7 @@ from chatd.store.rows import (
 
 log = logging.getLogger(__name__)
 
-POOL_SIZE = 10  # connections: the flusher holds one, reads share the rest
+POOL_SIZE = 10  # connections for everything but the group commit, which has its own
 CONNECT_TIMEOUT = 10.0  # seconds to reach the server at start-up
 # Taken by every node while it migrates, so two nodes starting at once on an empty
 # database run the migrations one after the other (the second finds nothing to do).
@@ -248,10 +248,11 @@ _CHANNEL_BY_KEY = "SELECT id, name, created_at FROM channels WHERE name_key = $1
 
 
 class PostgresStore:
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: Any, url: str) -> None:
         self._pool = pool  # an asyncpg.Pool (asyncpg ships no type hints)
+        self._url = url
         self._commit = GroupCommit(self._write_batch, asyncpg.IntegrityConstraintViolationError)
-        self._writer: Any = None  # the flusher's connection, taken from the pool when needed
+        self._writer: Any = None  # the flusher's own connection, opened when needed
         self._profiles: dict[str, tuple[float, User]] = {}  # name key -> (when read, user)
         self._channels: dict[str, Channel] = {}  # name key -> channel (never deleted)
         # The database server keeps its own disk: a write it refuses for want of space
@@ -267,7 +268,7 @@ class PostgresStore:
             )
         except Exception as exc:
             raise StoreError(f"cannot open database {shown}: {exc}") from exc
-        store = cls(pool)
+        store = cls(pool, url)
         try:
             await store._migrate()
         except Exception as exc:
@@ -328,10 +329,10 @@ class PostgresStore:
 
     async def _write_batch(self, batch: list[NewMessage]) -> list[Stored]:
         """The whole batch in one round trip: one call of chatd_store_batch (migration 2),
-        its own transaction, on a connection the flusher keeps (releasing a pooled one
-        costs a second round trip, its reset)."""
+        its own transaction, on a connection of the flusher's own (releasing a pooled one
+        costs a second round trip, its reset; and a pool takes back a broken one)."""
         if self._writer is None:
-            self._writer = await self._pool.acquire()
+            self._writer = await asyncpg.connect(self._url, timeout=CONNECT_TIMEOUT)
         try:
             rows = await self._writer.fetch(
                 "SELECT * FROM chatd_store_batch($1, $2, $3, $4, $5, $6)",
@@ -342,15 +343,16 @@ class PostgresStore:
                 [m.created_at for m in batch],
                 [None if m.client_id is None else m.client_id.encode() for m in batch],
             )
-        except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
-            await self._drop_writer()  # the next batch takes a fresh connection
+        except Exception:
+            if self._writer.is_closed():  # the server went away: the next batch reconnects
+                await self._drop_writer()
             raise
         return _results(batch, rows)
 
     async def _drop_writer(self) -> None:
         writer, self._writer = self._writer, None
         if writer is not None:
-            await self._pool.release(writer)
+            await writer.close()
 
     # Users and tokens.
 
