@@ -739,3 +739,35 @@ async def test_postgres_sends_go_on_after_the_writer_connection_is_cut() -> None
             assert bodies(await store.take_inbox(ann, 10)) == ["before", "after"]
         finally:
             await store.close()
+
+
+async def test_postgres_schema_1_migrates_with_its_messages() -> None:
+    # A database made by chatd before the batch function (schema 1, as on main at 7de4ee5).
+    from chatd.store.postgres import MIGRATIONS
+
+    async with fresh_database() as url:
+        import asyncpg
+
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(MIGRATIONS[0])
+            await conn.execute(
+                "CREATE TABLE chatd_schema (version INTEGER NOT NULL);"
+                " INSERT INTO chatd_schema VALUES (1);"
+                " INSERT INTO users (name, name_key, skeleton, upper_skeleton, password_hash,"
+                "  created_at, inbox_seq) VALUES ('ann', 'ann', 'ann', 'ANN', 'h', 0, 1);"
+                " INSERT INTO private_messages (sender_id, recipient_id, seq, body, created_at,"
+                "  client_id) VALUES (1, 1, 1, 'old', 0, 'k')"
+            )
+        finally:
+            await conn.close()
+        store = await open_store(url, Config(db=url))
+        try:
+            repeat = await store.enqueue(private(1, 1, "old again", "k"))
+            assert (repeat.id, repeat.seq, repeat.duplicate) == (1, 1, True)
+            new = await store.enqueue(private(1, 1, "new"))
+            assert (new.id, new.seq) == (2, 2)
+            await store.delete_user(1)
+            assert await store.inbox_after(1, 0, 10) == []
+        finally:
+            await store.close()
