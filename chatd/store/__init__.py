@@ -174,7 +174,7 @@ async def open_store(db: str, config: Config) -> MessageStore:
     """The store ``db`` names, schema created or migrated, ready to serve.
 
     For SQLite this also refuses a file it cannot write and starts the background WAL
-    checkpointer the config asks for (SQLite's own business, kept out of the server).
+    checkpointer the config asks for (Store.open_configured: SQLite's own business).
     Raises StoreError.
     """
     if is_postgres_url(db):
@@ -187,19 +187,7 @@ async def open_store(db: str, config: Config) -> MessageStore:
                 f"{db.split(':', 1)[0]} URLs need the asyncpg driver: {POSTGRES_EXTRA}"
             ) from exc
         return await PostgresStore.open(db)
-    store = await Store.open(db, config.db_synchronous, config.db_busy_timeout)
-    try:
-        await store.require_writable()
-        if config.db_checkpoint_interval:
-            await store.checkpoint_in_background(
-                db, config.db_checkpoint_interval, config.db_wal_limit
-            )
-    except BaseException as exc:
-        await store.close()
-        if isinstance(exc, StoreError) or not isinstance(exc, Exception):
-            raise
-        raise StoreError(f"cannot use database {db}: {exc}") from exc
-    return store
+    return await Store.open_configured(db, config)
 
 
 if TYPE_CHECKING:

@@ -25,6 +25,7 @@ from typing import Any
 
 import aiosqlite
 
+from chatd.config import Config
 from chatd.errors import OutOfDisk
 from chatd.names import skeletons_of_key
 from chatd.store.commit import BatchPlan, GroupCommit
@@ -248,6 +249,24 @@ class Store:
             store._companions = await asyncio.to_thread(_companions, store._path)
         except Exception as exc:
             await db.close()
+            raise StoreError(f"cannot use database {path}: {exc}") from exc
+        return store
+
+    @classmethod
+    async def open_configured(cls, path: str, config: Config) -> Store:
+        """The store a server uses: opened with the config's db_* settings, refused if
+        the file cannot be written, and checkpointed in the background as asked."""
+        store = await cls.open(path, config.db_synchronous, config.db_busy_timeout)
+        try:
+            await store.require_writable()
+            if config.db_checkpoint_interval:
+                await store.checkpoint_in_background(
+                    path, config.db_checkpoint_interval, config.db_wal_limit
+                )
+        except BaseException as exc:
+            await store.close()
+            if isinstance(exc, StoreError) or not isinstance(exc, Exception):
+                raise
             raise StoreError(f"cannot use database {path}: {exc}") from exc
         return store
 
