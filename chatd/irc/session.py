@@ -1,0 +1,593 @@
+"""The IRC session core: the machine's actions carried out with chatd's handlers.
+
+Every account, channel and message operation goes through ``handlers.dispatch``
+with a :class:`~chatd.handlers.Context`, as ``App.handle`` does for msgpack
+requests: same auth gate, same flood control, same store, same hub.  Handlers
+return data or raise :class:`~chatd.errors.ChatdError`; this module turns both
+into IRC lines (protocol.md, "IRC").  No sockets here: output goes to a
+:class:`Transport`, which tests replace with a list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from chatd import __version__
+from chatd.app import App
+from chatd.codec import HEADER_SIZE, decode_body
+from chatd.errors import (
+    BadRequest,
+    ChatdError,
+    Forbidden,
+    NotFound,
+    RateLimited,
+    ServerError,
+)
+from chatd.handlers import Context, Deferred, dispatch
+from chatd.hub import Session
+from chatd.irc import numerics as n
+from chatd.irc.lines import MAX_LINE, Message, split_text, utf8_len
+from chatd.irc.machine import (
+    Action,
+    Command,
+    IrcMachine,
+    Limits,
+    Login,
+    Quit,
+    Register,
+    user_source,
+)
+from chatd.protocol import DATETIME_FORMAT, Data, Params, Request
+from chatd.validation import MAX_NAME_LENGTH, name_key
+
+log = logging.getLogger(__name__)
+
+INBOX = "@inbox"  # the delivery-position key of private messages (channels use "#name")
+MAX_TARGETS = 4  # targets of one PRIVMSG
+RATE_LIMIT_HOLD = 10.0  # the longest a rate-limited line is held before it is refused
+ACTION_PREFIX, ACTION_END = "\x01ACTION ", "\x01"
+
+
+class Transport(Protocol):
+    def write(self, data: bytes) -> None:
+        """Queue bytes without waiting; may drop a client that does not read."""
+
+    async def drain(self) -> None:
+        """Wait while too much is queued (with the write timeout)."""
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection."""
+
+    def probe_soon(self) -> None:
+        """Send a PING soon, so that a silent client shows it is alive (the delivery rule)."""
+
+
+class IrcSession(Session):
+    """The connection as the hub and the handlers see it."""
+
+    __slots__ = ("core",)
+
+    def __init__(self, core: IrcCore, address: str, port: int | None) -> None:
+        super().__init__(address, port)
+        self.core = core
+
+    def write(self, frame: bytes) -> None:
+        self.core.pushed(frame)
+
+    async def push_paced(self, frame: bytes) -> None:
+        self.core.pushed(frame)
+        await self.core.transport.drain()
+
+    def abort(self, reason: str) -> None:
+        self.core.transport.abort(reason)
+
+
+class IrcCore:
+    def __init__(
+        self, app: App, transport: Transport, address: str = "-", port: int | None = None
+    ) -> None:
+        self.app = app
+        self.transport = transport
+        self.session = IrcSession(self, address, port)
+        config = app.config
+        self.machine = IrcMachine(
+            config.server_name,
+            Limits(MAX_NAME_LENGTH, MAX_NAME_LENGTH + 1, config.history_page),
+        )
+        # Newest message id written per stream and not yet acknowledged (the delivery rule).
+        self._unacked: dict[str, int] = {}
+
+    @property
+    def closed(self) -> bool:
+        return self.machine.closed
+
+    # Input.
+
+    async def receive(self, data: bytes) -> None:
+        """Handle the lines in ``data``; output goes to the transport as it is made."""
+        actions = self.machine.receive(data)
+        if self.machine.take_alive() and self._unacked:
+            await self._acknowledge()
+        self._flush()
+        for action in actions:
+            await self._act(action)
+            self._flush()
+            if self.closed:
+                return
+
+    async def _act(self, action: Action) -> None:
+        if isinstance(action, Login):
+            await self._login(action)
+        elif isinstance(action, Register):
+            await self._register(action)
+        elif isinstance(action, Command):
+            self.machine.begin_label(action.message.tags)
+            try:
+                await self._command(action.message)
+            finally:
+                self.machine.end_label()
+        elif isinstance(action, Quit):
+            pass  # the machine has written ERROR; the transport closes
+
+    def _flush(self) -> None:
+        out = self.machine.take_output()
+        if out:
+            self.transport.write(out)
+
+    async def close(self) -> None:
+        """The connection is gone: end the login (its token) and leave the hub."""
+        if self.session.user_id is not None and self.session.token_digest is not None:
+            try:
+                await self._call("/logout")
+            except Exception:  # the store may be closing with the server
+                log.debug("IRC logout at close failed", exc_info=True)
+        self.app.hub.unbind(self.session)
+
+    # Calling chatd.
+
+    async def _call(self, op: str, **params: Any) -> Data:
+        """One handler call through the auth gate, as App.handle makes it; a send waits
+        for its commit.  Raises ChatdError (anything else is logged, then ServerError)."""
+        app = self.app
+        ctx = Context(
+            app.config, app.store, app.hub, app.hasher, app.metrics, app.guards,
+            self.session, app.clock,
+        )
+        started = time.perf_counter()
+        code = 0
+        try:
+            result = await dispatch(ctx, Request(op, None, Params(params), None))
+            if isinstance(result, Deferred):
+                result = result.reply(await result.future)
+            return result or {}
+        except ChatdError as error:
+            code = int(error.code)
+            raise
+        except Exception as error:
+            code = int(ServerError.code)
+            log.error("%s IRC %s: unexpected error", self.session, op, exc_info=error)
+            raise ServerError() from None
+        finally:
+            app.metrics.request_handled(op, code, time.perf_counter() - started)
+
+    async def _held(self, op: str, **params: Any) -> Data:
+        """Flood control on IRC holds the line (reads nothing more) until the rate
+        allows it, up to RATE_LIMIT_HOLD seconds; beyond, RateLimited is raised."""
+        while True:
+            try:
+                return await self._call(op, **params)
+            except RateLimited as error:
+                if error.retry_after > RATE_LIMIT_HOLD:
+                    raise
+                await asyncio.sleep(error.retry_after)
+
+    # Registration.
+
+    async def _login(self, action: Login) -> None:
+        try:
+            data = await self._call("/login", name=action.name, password=action.password)
+        except RateLimited as error:
+            wait = f"too many attempts, wait {error.retry_after:.0f} s"
+            self.machine.login_failed(action.via_sasl, wait)
+            return
+        except ChatdError:
+            self.machine.login_failed(action.via_sasl)
+            return
+        for follow_up in self.machine.logged_in(data["name"], action.via_sasl):
+            await self._act(follow_up)
+
+    async def _register(self, action: Register) -> None:
+        machine = self.machine
+        if machine.account is None:
+            await self._refuse_unauthenticated(action.nick)
+            return
+        config = self.app.config
+        machine.welcome(machine.account, config.server_name, __version__, self._isupport())
+        machine.numeric(n.ERR_NOMOTD, "MOTD File is missing")
+        self._flush()
+        channels = await self._call("/channel/list")
+        for channel in channels["channels"]:
+            target = "#" + channel["name"]
+            machine.send("JOIN", [target], machine.source)
+            await self._names(target)
+            self._flush()
+        # Live delivery, after catching up on what was missed (the delivery rule).
+        await self._call("/subscribe")
+
+    async def _refuse_unauthenticated(self, nick: str) -> None:
+        machine = self.machine
+        machine.registration_refused()
+        if await self._is_account(nick):
+            machine.numeric(
+                n.ERR_NICKNAMEINUSE,
+                nick,
+                "Nickname is registered to an account: authenticate"
+                " (SASL PLAIN, or PASS name:password)",
+            )
+            return
+        machine.send(
+            "FAIL",
+            ["*", "ACCOUNT_REQUIRED", "Log in first: SASL PLAIN, or PASS name:password"],
+            self.app.config.server_name,
+        )
+
+    async def _is_account(self, nick: str) -> bool:
+        return await self.app.store.find_user(name_key(nick)) is not None
+
+    def _isupport(self) -> list[str]:
+        config = self.app.config
+        return [
+            "CASEMAPPING=ascii",
+            "CHANTYPES=#",
+            f"NICKLEN={MAX_NAME_LENGTH}",
+            f"CHANNELLEN={MAX_NAME_LENGTH + 1}",
+            "PREFIX=",
+            "CHANMODES=,,,",
+            f"NETWORK={config.server_name}",
+            "UTF8ONLY",
+            f"CHATHISTORY={config.history_page}",
+            "MSGREFTYPES=msgid,timestamp",
+            f"TARGMAX=PRIVMSG:{MAX_TARGETS},NOTICE:{MAX_TARGETS}",
+            "SAFELIST",
+        ]
+
+    # Commands of a registered client.
+
+    async def _command(self, message: Message) -> None:
+        handler = _COMMANDS.get(message.command)
+        if handler is None:
+            self.machine.numeric(n.ERR_UNKNOWNCOMMAND, message.command, "Unknown command")
+            return
+        await handler(self, message)
+
+    async def _privmsg(self, message: Message) -> None:
+        notice = message.command == "NOTICE"
+        if len(message.params) < 2 or not message.params[1]:
+            if not notice:
+                self.machine.numeric(n.ERR_NEEDMOREPARAMS, message.command, "Not enough parameters")
+            return
+        text = message.params[1]
+        if text.startswith(ACTION_PREFIX):  # CTCP ACTION is chatd's "/me" (protocol.md)
+            text = "/me " + text[len(ACTION_PREFIX) :].removesuffix(ACTION_END)
+        for target in message.params[0].split(",")[:MAX_TARGETS]:
+            await self._send_to(target, text, message.command, notice)
+
+    async def _send_to(self, target: str, text: str, command: str, notice: bool) -> None:
+        machine = self.machine
+        try:
+            if target.startswith("#"):
+                await self._require_member(target)
+                sent = await self._held("/channel/send", name=target[1:], message=text)
+            else:
+                sent = await self._held("/send", name=target, msg=text)
+        except (NotFound, BadRequest):
+            if not notice:
+                machine.numeric(n.ERR_NOSUCHNICK, target, "No such nick/channel")
+            return
+        except Forbidden:
+            if not notice:
+                machine.numeric(
+                    n.ERR_CANNOTSENDTOCHAN, target, "Cannot send to channel: JOIN it first"
+                )
+            return
+        except ChatdError as error:
+            failure = [command, "MESSAGE_NOT_SENT", error.message]
+            machine.send("FAIL", failure, self.app.config.server_name)
+            return
+        if "echo-message" in machine.caps:
+            stamp = _parse_datetime(sent["datetime"])
+            self._message_lines(sent["id"], machine.nick, target, text, stamp, self.machine.send)
+
+    async def _require_member(self, target: str) -> None:
+        """PRIVMSG to a channel not joined is refused (chatd's first-use join is not IRC's)."""
+        channel = await self.app.store.find_channel(name_key(target[1:]))
+        user_id = self.session.user_id
+        if channel is None:
+            raise NotFound("no such channel")
+        if user_id is None or not self.app.hub.is_member(user_id, channel.id):
+            raise Forbidden("not a member")
+
+    async def _join(self, message: Message) -> None:
+        machine = self.machine
+        if not message.params:
+            machine.numeric(n.ERR_NEEDMOREPARAMS, "JOIN", "Not enough parameters")
+            return
+        for target in message.param(0).split(","):
+            if not target.startswith("#") or len(target) < 2:
+                machine.numeric(n.ERR_NOSUCHCHANNEL, target, "No such channel (they start with #)")
+                continue
+            try:
+                joined = await self._held("/channel/join", name=target[1:])
+            except ChatdError as error:
+                machine.numeric("479", target, f"Cannot join channel: {error.message}")
+                continue
+            canonical = "#" + joined["name"]
+            machine.send("JOIN", [canonical], machine.source)
+            await self._names(canonical)
+
+    async def _part(self, message: Message) -> None:
+        machine = self.machine
+        if not message.params:
+            machine.numeric(n.ERR_NEEDMOREPARAMS, "PART", "Not enough parameters")
+            return
+        for target in message.param(0).split(","):
+            try:
+                await self._held("/channel/leave", name=target.removeprefix("#"))
+            except Forbidden:
+                machine.numeric(n.ERR_NOTONCHANNEL, target, "You're not on that channel")
+                continue
+            except ChatdError:
+                machine.numeric(n.ERR_NOSUCHCHANNEL, target, "No such channel")
+                continue
+            params = [target] + ([message.param(1)] if len(message.params) > 1 else [])
+            machine.send("PART", params, machine.source)
+
+    async def _names_command(self, message: Message) -> None:
+        if not message.params:
+            self.machine.numeric(n.RPL_ENDOFNAMES, "*", "End of /NAMES list")
+            return
+        for target in message.param(0).split(","):
+            await self._names(target)
+
+    async def _names(self, target: str) -> None:
+        """353 lines (members, online or not: chatd channels are memberships), then 366."""
+        machine = self.machine
+        members = await self._members(target)
+        prefix = f":{machine.server_name} 353 {machine.nick} = {target} :"
+        budget = MAX_LINE - 2 - utf8_len(prefix)
+        line: list[str] = []
+        for name in members:
+            if line and utf8_len(" ".join([*line, name])) > budget:
+                machine.numeric(n.RPL_NAMREPLY, "=", target, " ".join(line))
+                line = []
+            line.append(name)
+        if line:
+            machine.numeric(n.RPL_NAMREPLY, "=", target, " ".join(line))
+        machine.numeric(n.RPL_ENDOFNAMES, target, "End of /NAMES list")
+
+    async def _members(self, target: str) -> list[str]:
+        members = await self._member_list(target)
+        return [name for name, _ in members]
+
+    async def _member_list(self, target: str) -> list[tuple[str, bool]]:
+        if not target.startswith("#"):
+            return []
+        try:
+            data = await self._call("/channel/list_users", name=target[1:])
+        except ChatdError:
+            return []
+        return [(user["name"], user["online"]) for user in data["users"]]
+
+    async def _list(self, message: Message) -> None:
+        machine = self.machine
+        machine.numeric(n.RPL_LISTSTART, "Channel", "Users  Name")
+        channels = await self._call("/channel/list")
+        for channel in channels["channels"]:
+            target = "#" + channel["name"]
+            members = await self._member_list(target)
+            machine.numeric(n.RPL_LIST, target, str(len(members)), "")
+        machine.numeric(n.RPL_LISTEND, "End of /LIST")
+
+    async def _who(self, message: Message) -> None:
+        machine = self.machine
+        mask = message.param(0, "*")
+        server = machine.server_name
+        if mask.startswith("#"):
+            for name, online in await self._member_list(mask):
+                self._who_reply(mask, name, online, server)
+        else:
+            try:
+                info = await self._call("/user/info", name=mask)
+                self._who_reply("*", info["name"], info["online"], server)
+            except ChatdError:
+                pass
+        machine.numeric(n.RPL_ENDOFWHO, mask, "End of WHO list")
+
+    def _who_reply(self, channel: str, name: str, online: bool, server: str) -> None:
+        here = "H" if online else "G"  # G (gone): a member not connected now
+        self.machine.numeric(
+            n.RPL_WHOREPLY, channel, name, "chatd", server, name, here, f"0 {name}"
+        )
+
+    async def _whois(self, message: Message) -> None:
+        machine = self.machine
+        if not message.params:
+            machine.numeric(n.ERR_NONICKNAMEGIVEN, "No nickname given")
+            return
+        target = message.params[-1]
+        try:
+            info = await self._call("/user/info", name=target)
+        except ChatdError:
+            machine.numeric(n.ERR_NOSUCHNICK, target, "No such nick/channel")
+            machine.numeric(n.RPL_ENDOFWHOIS, target, "End of /WHOIS list")
+            return
+        name = info["name"]
+        machine.numeric(n.RPL_WHOISUSER, name, name, "chatd", "*", name)
+        machine.numeric(n.RPL_WHOISSERVER, name, machine.server_name, "chatd")
+        machine.numeric(n.RPL_WHOISACCOUNT, name, name, "is logged in as")
+        if not info["online"]:
+            machine.numeric(n.RPL_AWAY, name, "Not connected (messages wait for them)")
+        machine.numeric(n.RPL_ENDOFWHOIS, name, "End of /WHOIS list")
+
+    async def _topic(self, message: Message) -> None:
+        machine = self.machine
+        target = message.param(0)
+        if not target:
+            machine.numeric(n.ERR_NEEDMOREPARAMS, "TOPIC", "Not enough parameters")
+        elif len(message.params) == 1:
+            machine.numeric(n.RPL_NOTOPIC, target, "No topic is set")
+        else:
+            machine.numeric(n.ERR_CHANOPRIVSNEEDED, target, "chatd channels have no topics")
+
+    async def _mode(self, message: Message) -> None:
+        machine = self.machine
+        target, modes = message.param(0), message.param(1)
+        if not target:
+            machine.numeric(n.ERR_NEEDMOREPARAMS, "MODE", "Not enough parameters")
+        elif target.startswith("#"):
+            if not modes:
+                machine.numeric(n.RPL_CHANNELMODEIS, target, "+")
+            elif modes.lstrip("+") == "b":
+                machine.numeric(n.RPL_ENDOFBANLIST, target, "End of channel ban list")
+            else:
+                machine.numeric(n.ERR_CHANOPRIVSNEEDED, target, "chatd channels have no modes")
+        elif target.lower() != machine.nick.lower():
+            machine.numeric(n.ERR_USERSDONTMATCH, "Cannot change mode for other users")
+        elif not modes:
+            machine.numeric(n.RPL_UMODEIS, "+")
+        # A user mode change (+i from irssi) is accepted silently: chatd has no user modes.
+
+    # Delivery: from the hub's pushed events to lines.
+
+    # ---- ADAPTER (temporary) ---------------------------------------------------------
+    # The hub and delivery.py still carry encoded msgpack event frames.  Until events
+    # are data, this decodes the frame and hands its fields to deliver_message(); the
+    # typed events will replace exactly this method.
+    def pushed(self, frame: bytes) -> None:
+        body = decode_body(memoryview(frame)[HEADER_SIZE:])
+        if not isinstance(body, dict) or not isinstance(body.get("data"), dict):
+            return
+        data, kind = body["data"], body.get("event")
+        if kind in ("message", "channel_message"):
+            channel = data.get("channel")
+            self.deliver_message(
+                data["id"], channel, data["name"], data.get("to"), data["msg"],
+                _parse_datetime(data["datetime"]),
+            )
+        elif kind in ("join", "leave"):
+            self.deliver_membership(kind, data["channel"], data["name"])
+    # ---- end of ADAPTER ----------------------------------------------------------------
+
+    def deliver_message(
+        self,
+        message_id: int,
+        channel: str | None,
+        sender: str,
+        recipient: str | None,
+        text: str,
+        created_at: float,
+    ) -> None:
+        """The one place a stored message becomes IRC lines on this connection."""
+        nick = self.machine.nick
+        if channel is not None:
+            target = "#" + channel
+            stream = target
+        elif recipient is not None:  # a copy of the user's own message, from another session
+            target, stream = recipient, ""
+        else:
+            target, stream = nick, INBOX
+        self._message_lines(message_id, sender, target, text, created_at, self._write_line)
+        self._flush()
+        if stream and message_id > self._unacked.get(stream, 0):
+            self._unacked[stream] = message_id
+            self.transport.probe_soon()
+
+    def _write_line(
+        self, command: str, params: list[str], source: str | None, tags: dict[str, str] | None
+    ) -> None:
+        self.machine.send(command, params, source, tags)
+
+    def _message_lines(
+        self,
+        message_id: int,
+        sender: str,
+        target: str,
+        text: str,
+        created_at: float,
+        send: Callable[[str, list[str], str | None, dict[str, str] | None], None],
+    ) -> None:
+        """PRIVMSG lines for one message, split to fit 512 bytes (never cut); the msgid
+        tag goes on the first line only, as ids must not repeat."""
+        caps = self.machine.caps
+        tags: dict[str, str] = {}
+        if "server-time" in caps:
+            tags["time"] = _format_time(created_at)
+        if "message-tags" in caps:
+            tags["msgid"] = str(message_id)
+        if "account-tag" in caps:
+            tags["account"] = sender
+        action = text.startswith("/me ")
+        if action:
+            text = text[4:]
+        source = user_source(sender)
+        overhead = utf8_len(f":{source} PRIVMSG {target} :") + 2
+        if action:
+            overhead += len(ACTION_PREFIX) + len(ACTION_END)
+        for index, piece in enumerate(split_text(text, MAX_LINE - overhead) or [" "]):
+            body = f"{ACTION_PREFIX}{piece}{ACTION_END}" if action else piece
+            line_tags = tags if index == 0 else {k: v for k, v in tags.items() if k != "msgid"}
+            send("PRIVMSG", [target, body], source, line_tags or None)
+
+    def deliver_membership(self, kind: str, channel: str, name: str) -> None:
+        command = "JOIN" if kind == "join" else "PART"
+        self.machine.send(command, ["#" + channel], user_source(name))
+        self._flush()
+
+    async def _acknowledge(self) -> None:
+        """The client is alive after the lines written so far: they count as received."""
+        unacked, self._unacked = self._unacked, {}
+        for stream, message_id in unacked.items():
+            try:
+                if stream == INBOX:
+                    await self._call("/ack", id=message_id)
+                else:
+                    await self._call("/ack", id=message_id, channel=stream[1:])
+            except RateLimited:
+                self._unacked.setdefault(stream, message_id)  # next time
+            except ChatdError:
+                pass  # left the channel meanwhile: nothing to acknowledge
+
+
+Handler = Callable[[IrcCore, Message], Awaitable[None]]
+
+
+_COMMANDS: dict[str, Handler] = {
+    "PRIVMSG": IrcCore._privmsg,
+    "NOTICE": IrcCore._privmsg,
+    "JOIN": IrcCore._join,
+    "PART": IrcCore._part,
+    "NAMES": IrcCore._names_command,
+    "LIST": IrcCore._list,
+    "WHO": IrcCore._who,
+    "WHOIS": IrcCore._whois,
+    "TOPIC": IrcCore._topic,
+    "MODE": IrcCore._mode,
+}
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_datetime(text: str) -> float:
+    return float(calendar.timegm(time.strptime(text, DATETIME_FORMAT)))
+
+
+def _format_time(timestamp: float) -> str:
+    """IRCv3 server-time: UTC with milliseconds."""
+    whole = int(timestamp)
+    millis = int((timestamp - whole) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"

@@ -1,0 +1,368 @@
+"""The IRC front-end in memory: bytes in, lines out, over a real store and hub, no sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+from collections.abc import AsyncIterator
+
+import pytest
+
+from chatd.app import App
+from chatd.auth import Hasher
+from chatd.config import Config
+from chatd.hub import Hub, Session
+from chatd.irc.session import IrcCore
+from tests.conftest import PASSWORD
+from tests.test_handlers import answer
+
+SERVER = "irc.test"
+NOW = 1583410320.0  # 2020-03-05 12:12:00 UTC
+
+
+class MemoryTransport:
+    def __init__(self) -> None:
+        self.data = b""
+        self.probes = 0
+        self.aborted: str | None = None
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    async def drain(self) -> None:
+        return None
+
+    def abort(self, reason: str) -> None:
+        self.aborted = reason
+
+    def probe_soon(self) -> None:
+        self.probes += 1
+
+
+class Irc:
+    """One IRC client's view: feed it lines, read back what the server wrote."""
+
+    def __init__(self, app: App) -> None:
+        self.transport = MemoryTransport()
+        self.core = IrcCore(app, self.transport, "127.0.0.1", 1)
+
+    async def send(self, *lines: str | bytes) -> list[str]:
+        data = b"".join(
+            (line if isinstance(line, bytes) else line.encode()) + b"\r\n" for line in lines
+        )
+        await self.core.receive(data)
+        return self.take()
+
+    def take(self) -> list[str]:
+        out, self.transport.data = self.transport.data, b""
+        assert out == b"" or out.endswith(b"\r\n")
+        return out.decode().split("\r\n")[:-1]
+
+    async def login(self, name: str, caps: str = "") -> list[str]:
+        """Registration with CAP and SASL PLAIN, as WeeChat does it."""
+        await self.send("CAP LS 302", f"NICK {name}", f"USER {name} 0 * :{name}")
+        await self.send(f"CAP REQ :sasl {caps}".rstrip())
+        await self.send("AUTHENTICATE PLAIN")
+        token = base64.b64encode(f"\0{name}\0{PASSWORD}".encode()).decode()
+        await self.send(f"AUTHENTICATE {token}")
+        return await self.send("CAP END")
+
+
+@pytest.fixture
+async def app(config: Config) -> AsyncIterator[App]:
+    from chatd.store import Store
+
+    config = dataclasses.replace(config, server_name=SERVER)
+    store = await Store.open(config.db)
+    hasher = Hasher(config)
+    app = App(config, store, Hub(), hasher, clock=lambda: NOW)
+    yield app
+    for session in app.hub.bound_sessions():
+        app.hub.unbind(session)  # stops catch-ups before the store closes
+    hasher.close()
+    await store.close()
+
+
+async def register(app: App, *names: str) -> None:
+    for name in names:
+        params = {"name": name, "password": PASSWORD, "password_repete": PASSWORD}
+        reply = await answer(app, Session(), {"op": "/register", "params": params})
+        assert reply["code"] == 0, reply
+
+
+async def msgpack_user(app: App, name: str) -> Session:
+    session = Session()
+    params = {"name": name, "password": PASSWORD}
+    reply = await answer(app, session, {"op": "/login", "params": params})
+    assert reply["code"] == 0
+    return session
+
+
+async def test_cap_ls_302_lists_capabilities_with_values(app: App) -> None:
+    irc = Irc(app)
+    assert await irc.send("CAP LS 302") == [
+        f":{SERVER} CAP * LS :account-tag batch draft/chathistory echo-message"
+        " labeled-response message-tags sasl=PLAIN server-time"
+    ]
+    assert (await irc.send("CAP LS"))[0].endswith(" sasl server-time")
+
+
+async def test_registration_with_cap_and_sasl_welcomes_byte_exact(app: App) -> None:
+    await register(app, "alice")
+    irc = Irc(app)
+    assert await irc.send("CAP LS 302", "NICK alice", "USER alice 0 * :Alice") == [
+        f":{SERVER} CAP * LS :account-tag batch draft/chathistory echo-message"
+        " labeled-response message-tags sasl=PLAIN server-time"
+    ]  # CAP LS holds registration: no 001 yet
+    assert await irc.send("CAP REQ :sasl server-time") == [
+        f":{SERVER} CAP alice ACK :sasl server-time"
+    ]
+    assert await irc.send("AUTHENTICATE PLAIN") == ["AUTHENTICATE +"]
+    token = base64.b64encode(f"\0alice\0{PASSWORD}".encode()).decode()
+    assert await irc.send(f"AUTHENTICATE {token}") == [
+        f":{SERVER} 900 alice alice!alice@chatd alice :You are now logged in as alice",
+        f":{SERVER} 903 alice :SASL authentication successful",
+    ]
+    welcome = await irc.send("CAP END")
+    assert welcome[0] == (
+        f":{SERVER} 001 alice :Welcome to the {SERVER} IRC network, alice!alice@chatd"
+    )
+    assert [line.split()[1] for line in welcome] == ["001", "002", "003", "004", "005", "422"]
+    isupport = welcome[4]
+    for token in (
+        "CASEMAPPING=ascii", "CHANTYPES=#", "NICKLEN=32", "CHANNELLEN=33", "PREFIX=",
+        "CHANMODES=,,,", f"NETWORK={SERVER}", "UTF8ONLY", "CHATHISTORY=200",
+        "MSGREFTYPES=msgid,timestamp",
+    ):
+        assert f" {token} " in isupport
+    assert isupport.endswith(":are supported by this server")
+    assert welcome[5] == f":{SERVER} 422 alice :MOTD File is missing"
+
+
+async def test_registration_without_cap_uses_pass(app: App) -> None:
+    await register(app, "alice")
+    irc = Irc(app)
+    assert await irc.send(f"PASS :alice:{PASSWORD}", "NICK alice") == []
+    welcome = await irc.send("USER alice 0 * :Alice")
+    assert welcome[0].startswith(f":{SERVER} 001 alice ")
+    # PASS with the bare password logs in the account named as the nick.
+    irc = Irc(app)
+    welcome = await irc.send(f"PASS :{PASSWORD}", "NICK alice", "USER a 0 * :A")
+    assert welcome[0].startswith(f":{SERVER} 001 alice ")
+
+
+async def test_wrong_pass_gets_464_and_stays_unregistered(app: App) -> None:
+    await register(app, "alice")
+    irc = Irc(app)
+    assert await irc.send("PASS alice:wrong-password", "NICK alice", "USER a 0 * :A") == [
+        f":{SERVER} 464 alice :Password incorrect"
+    ]
+    assert await irc.send("JOIN #x") == [f":{SERVER} 451 alice :You have not registered"]
+
+
+async def test_sasl_failure_is_904_and_registration_waits(app: App) -> None:
+    await register(app, "alice")
+    irc = Irc(app)
+    await irc.send("CAP LS 302", "CAP REQ sasl", "NICK alice", "USER a 0 * :A")
+    assert await irc.send("AUTHENTICATE PLAIN") == ["AUTHENTICATE +"]
+    bad = base64.b64encode(b"\0alice\0not the password").decode()
+    assert await irc.send(f"AUTHENTICATE {bad}") == [
+        f":{SERVER} 904 alice :SASL authentication failed"
+    ]
+    assert await irc.send("AUTHENTICATE SCRAM-SHA-256") == [
+        f":{SERVER} 908 alice PLAIN :are available SASL mechanisms",
+        f":{SERVER} 904 alice :SASL authentication failed",
+    ]
+    assert await irc.send("AUTHENTICATE PLAIN", "AUTHENTICATE *") == [
+        "AUTHENTICATE +",
+        f":{SERVER} 906 alice :SASL authentication aborted",
+    ]
+    # CAP END without an account: the nick is an account, so 433, and no welcome.
+    refused = await irc.send("CAP END")
+    assert refused == [
+        f":{SERVER} 433 alice alice :Nickname is registered to an account: authenticate"
+        " (SASL PLAIN, or PASS name:password)"
+    ]
+
+
+async def test_unknown_nick_without_login_is_refused_when_guests_are_off(app: App) -> None:
+    irc = Irc(app)
+    assert await irc.send("NICK nobody", "USER n 0 * :N") == [
+        f":{SERVER} FAIL * ACCOUNT_REQUIRED :Log in first: SASL PLAIN, or PASS name:password"
+    ]
+
+
+async def test_nick_is_forced_to_the_account_and_cannot_change(app: App) -> None:
+    await register(app, "alice")
+    irc = Irc(app)
+    await irc.send("CAP LS 302", "NICK somebody", "USER a 0 * :A", "CAP REQ sasl")
+    await irc.send("AUTHENTICATE PLAIN")
+    token = base64.b64encode(f"alice\0alice\0{PASSWORD}".encode()).decode()
+    await irc.send(f"AUTHENTICATE {token}")
+    welcome = await irc.send("CAP END")
+    assert welcome[0].startswith(f":{SERVER} 001 alice ")
+    assert await irc.send("NICK bob") == [
+        f":{SERVER} 400 alice NICK :Your nick is your account name here:"
+        " log in as another account instead"
+    ]
+    assert await irc.send("NICK alice") == []
+
+
+async def test_line_limits_417_and_not_utf8(app: App) -> None:
+    await register(app, "alice")
+    irc = Irc(app)
+    await irc.login("alice")
+    long_line = "PRIVMSG alice :" + "x" * (510 - len("PRIVMSG alice :") + 1)
+    assert await irc.send(long_line) == [f":{SERVER} 417 alice :Input line was too long"]
+    tags = "@+a=" + "b" * 4091
+    assert await irc.send(tags + " PING x") == [f":{SERVER} PONG {SERVER} :x"]
+    assert await irc.send(tags + "b PING x") == [f":{SERVER} 417 alice :Input line was too long"]
+    assert await irc.send(b"PRIVMSG alice :\xff\xfe") == [
+        f":{SERVER} FAIL PRIVMSG INVALID_UTF8 :Line is not UTF-8"
+    ]
+    assert await irc.send("", "   ", ":source") == []  # blank and command-less lines: ignored
+
+
+async def test_channel_join_names_and_queries(app: App) -> None:
+    await register(app, "alice", "bob")
+    irc = Irc(app)
+    await irc.login("alice")
+    assert await irc.send("JOIN #Lobby") == [
+        ":alice!alice@chatd JOIN #Lobby",
+        f":{SERVER} 353 alice = #Lobby :alice",
+        f":{SERVER} 366 alice #Lobby :End of /NAMES list",
+    ]
+    assert await irc.send("MODE #Lobby", "MODE #Lobby b", "MODE alice", "TOPIC #Lobby") == [
+        f":{SERVER} 324 alice #Lobby :+",
+        f":{SERVER} 368 alice #Lobby :End of channel ban list",
+        f":{SERVER} 221 alice :+",
+        f":{SERVER} 331 alice #Lobby :No topic is set",
+    ]
+    assert await irc.send("WHO #Lobby") == [
+        f":{SERVER} 352 alice #Lobby alice chatd {SERVER} alice H :0 alice",
+        f":{SERVER} 315 alice #Lobby :End of WHO list",
+    ]
+    assert await irc.send("WHOIS bob") == [
+        f":{SERVER} 311 alice bob bob chatd * :bob",
+        f":{SERVER} 312 alice bob {SERVER} :chatd",
+        f":{SERVER} 330 alice bob bob :is logged in as",
+        f":{SERVER} 301 alice bob :Not connected (messages wait for them)",
+        f":{SERVER} 318 alice bob :End of /WHOIS list",
+    ]
+    assert await irc.send("LIST") == [
+        f":{SERVER} 321 alice Channel :Users  Name",
+        f":{SERVER} 322 alice #Lobby 1 :",
+        f":{SERVER} 323 alice :End of /LIST",
+    ]
+    assert await irc.send("PART #lobby :bye") == [":alice!alice@chatd PART #lobby :bye"]
+    assert await irc.send("PART #lobby") == [
+        f":{SERVER} 442 alice #lobby :You're not on that channel"
+    ]
+    assert await irc.send("PRIVMSG #lobby :hi") == [
+        f":{SERVER} 404 alice #lobby :Cannot send to channel: JOIN it first"
+    ]
+    assert await irc.send("PRIVMSG nobody :hi", "NOTICE nobody :hi") == [
+        f":{SERVER} 401 alice nobody :No such nick/channel"
+    ]  # NOTICE never gets an error reply
+
+
+async def test_private_message_both_ways_with_ids_and_echo(app: App) -> None:
+    await register(app, "alice", "bob")
+    irc = Irc(app)
+    await irc.login("alice", "server-time message-tags echo-message account-tag")
+    bob = await msgpack_user(app, "bob")
+    echoed = await irc.send("PRIVMSG bob :hello bob")
+    assert echoed == [
+        "@account=alice;msgid=1;time=2020-03-05T12:12:00.000Z"
+        " :alice!alice@chatd PRIVMSG bob :hello bob"
+    ]
+    reply = await answer(app, bob, {"op": "/send", "params": {"name": "alice", "msg": "hi alice"}})
+    assert reply["data"]["id"] == 2
+    assert irc.take() == [
+        "@account=bob;msgid=2;time=2020-03-05T12:12:00.000Z"
+        " :bob!bob@chatd PRIVMSG alice :hi alice"
+    ]
+    assert irc.transport.probes == 1  # a PING soon, so the delivery can count as received
+
+
+async def test_long_message_is_split_never_cut(app: App) -> None:
+    await register(app, "alice", "bob")
+    irc = Irc(app)
+    await irc.login("alice", "message-tags")
+    bob = await msgpack_user(app, "bob")
+    text = ("word " * 800).strip() + "\nsecond line é"
+    reply = await answer(app, bob, {"op": "/send", "params": {"name": "alice", "msg": text}})
+    assert reply["code"] == 0
+    lines = irc.take()
+    assert len(lines) > 2
+    assert all(len(line.encode()) + 2 <= 512 + len("@msgid=1 ") for line in lines)
+    assert lines[0].startswith("@msgid=1 :bob!bob@chatd PRIVMSG alice :word")
+    assert not any("msgid" in line for line in lines[1:])  # ids never repeat
+    pieces = [line.split(" :", 1)[1] for line in lines[1:]]
+    assert pieces[-1] == "second line é"
+    assert "".join([lines[0].split("alice :", 1)[1], *pieces[:-1]]) == text.split("\n")[0]
+
+
+async def test_labeled_response_ack_single_and_batch(app: App) -> None:
+    await register(app, "alice")
+    irc = Irc(app)
+    await irc.login("alice", "labeled-response batch message-tags")
+    assert await irc.send("@label=a1 MODE alice +i") == [f"@label=a1 :{SERVER} ACK"]
+    assert await irc.send("@label=a2 TOPIC #x") == [
+        f"@label=a2 :{SERVER} 331 alice #x :No topic is set"
+    ]
+    batch = await irc.send("@label=a3 JOIN #x")
+    assert batch[0] == f"@label=a3 :{SERVER} BATCH +L1 labeled-response"
+    assert batch[1] == "@batch=L1 :alice!alice@chatd JOIN #x"
+    assert batch[-1] == f":{SERVER} BATCH -L1"
+
+
+async def test_reconnect_replays_missed_dms_and_channel_lines(app: App) -> None:
+    await register(app, "alice", "bob")
+    irc = Irc(app)
+    await irc.login("alice", "server-time")
+    await irc.send("JOIN #room")
+    bob = await msgpack_user(app, "bob")
+    await answer(app, bob, {"op": "/channel/join", "params": {"name": "room"}})
+    await answer(app, bob, {"op": "/channel/send", "params": {"name": "room", "message": "one"}})
+    assert irc.take()[-1] == "@time=2020-03-05T12:12:00.000Z :bob!bob@chatd PRIVMSG #room :one"
+    await irc.send("PING alive")  # the client showed it is alive: "one" counts as received
+    await irc.core.close()
+    await answer(app, bob, {"op": "/channel/send", "params": {"name": "room", "message": "two"}})
+    await answer(app, bob, {"op": "/send", "params": {"name": "alice", "msg": "psst"}})
+    irc = Irc(app)
+    welcome = await irc.login("alice", "server-time")
+    assert welcome[-3:] == [
+        ":alice!alice@chatd JOIN #room",
+        f":{SERVER} 353 alice = #room :alice bob",
+        f":{SERVER} 366 alice #room :End of /NAMES list",
+    ]
+    await _settle(irc)
+    assert irc.take() == [
+        "@time=2020-03-05T12:12:00.000Z :bob!bob@chatd PRIVMSG alice :psst",
+        "@time=2020-03-05T12:12:00.000Z :bob!bob@chatd PRIVMSG #room :two",
+    ]
+
+
+async def test_unacknowledged_lines_come_again(app: App) -> None:
+    await register(app, "alice", "bob")
+    irc = Irc(app)
+    await irc.login("alice")
+    bob = await msgpack_user(app, "bob")
+    await answer(app, bob, {"op": "/send", "params": {"name": "alice", "msg": "lost?"}})
+    assert irc.take() == [":bob!bob@chatd PRIVMSG alice :lost?"]
+    await irc.core.close()  # gone without a line after it: not known to be received
+    irc = Irc(app)
+    await irc.login("alice")
+    await _settle(irc)
+    assert irc.take() == [":bob!bob@chatd PRIVMSG alice :lost?"]
+
+
+async def _settle(irc: Irc) -> None:
+    """Wait for the subscription's catch-up task to finish."""
+    subscription = irc.core.session.subscription
+    assert subscription is not None
+    task = subscription._task  # the catch-up: nothing public tells when it is done
+    if task is not None:
+        await asyncio.wait_for(asyncio.shield(task), 10)
