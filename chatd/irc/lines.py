@@ -39,6 +39,7 @@ class Message:
     command: str  # upper case
     params: list[str]
     tags: dict[str, str] = field(default_factory=dict)
+    source: str | None = None  # clients may send one; servers ignore it
 
     def param(self, index: int, default: str = "") -> str:
         return self.params[index] if index < len(self.params) else default
@@ -68,7 +69,7 @@ def parse(raw: bytes) -> Message | None:
         raise LineError(MALFORMED) from None
     if not line.command:
         raise LineError(MALFORMED)
-    return Message(line.command, line.params, line.tags or {})
+    return Message(line.command, line.params, line.tags or {}, line.source)
 
 
 def _guess_command(rest: bytes) -> str | None:
