@@ -1,0 +1,191 @@
+"""The IRC front-end over real sockets, next to msgpack clients of the same server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import socket
+from collections.abc import Callable
+
+from chatd.client import Client
+from tests.conftest import PASSWORD, Harness, MakeHarness, Spawn, fast_env
+from tests.test_live import events_of
+
+SERVER = "irc.test"
+
+
+def free_port() -> int:
+    """A port free now, for settings where 0 means "off" (irc_port)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class IrcClient:
+    """A raw-socket IRC client: writes lines, waits for lines."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.seen: list[str] = []
+
+    @classmethod
+    async def connect(cls, port: int) -> IrcClient:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    async def send(self, *lines: str) -> None:
+        self.writer.write("".join(line + "\r\n" for line in lines).encode())
+        await self.writer.drain()
+
+    async def expect(self, wanted: str | Callable[[str], bool], timeout: float = 10) -> str:
+        """The next line matching (a regular expression, or a predicate); PINGs answered."""
+        matches = wanted if callable(wanted) else re.compile(wanted).search
+        async with asyncio.timeout(timeout):
+            while True:
+                raw = await self.reader.readline()
+                if not raw:
+                    raise ConnectionError(f"closed while waiting for {wanted!r}: {self.seen}")
+                line = raw.decode().rstrip("\r\n")
+                self.seen.append(line)
+                if line.startswith("PING "):
+                    await self.send("PONG " + line[5:])
+                if matches(line):
+                    return line
+
+    async def login(self, name: str, caps: str = "message-tags server-time") -> None:
+        await self.send("CAP LS 302", f"NICK {name}", f"USER {name} 0 * :{name}")
+        await self.send(f"CAP REQ :sasl {caps}", "AUTHENTICATE PLAIN")
+        await self.expect(r"^AUTHENTICATE \+$")
+        plain = base64.b64encode(f"\0{name}\0{PASSWORD}".encode()).decode()
+        await self.send(f"AUTHENTICATE {plain}")
+        await self.expect(r" 903 ")
+        await self.send("CAP END")
+        await self.expect(r" 422 ")
+
+    async def close(self) -> None:
+        self.writer.close()
+
+
+async def irc_harness(make_harness: MakeHarness, **changes: object) -> tuple[Harness, int]:
+    port = free_port()
+    harness = await make_harness(irc_port=port, server_name=SERVER, **changes)
+    return harness, port
+
+
+def msgid(line: str) -> int:
+    match = re.search(r"(?:^@|;)msgid=(\d+)[; ]", line)
+    assert match, line
+    return int(match[1])
+
+
+async def test_irc_and_msgpack_users_share_a_channel_and_dms_with_the_same_ids(
+    make_harness: MakeHarness,
+) -> None:
+    harness, port = await irc_harness(make_harness)
+    bob = await harness.user("bob")
+    await bob.request("/subscribe")
+    await harness.user("alice")  # registers alice
+    alice = await IrcClient.connect(port)
+    await alice.login("alice", "message-tags server-time echo-message")
+    await alice.send("JOIN #room")
+    await alice.expect(r" 366 alice #room ")
+    await bob.request("/channel/join", {"name": "room"})
+    await alice.expect(r":bob!bob@chatd JOIN #room")
+
+    sent = await bob.request("/channel/send", {"name": "room", "message": "hello from msgpack"})
+    line = await alice.expect(r"PRIVMSG #room :hello from msgpack$")
+    assert msgid(line) == sent["id"] and ":bob!bob@chatd PRIVMSG" in line
+
+    await alice.send("PRIVMSG #room :hello from IRC")
+    echo = await alice.expect(r"PRIVMSG #room :hello from IRC$")
+    (pushed,) = await events_of(bob, 1, "channel_message")
+    assert pushed["data"]["msg"] == "hello from IRC" and pushed["data"]["name"] == "alice"
+    assert pushed["data"]["id"] == msgid(echo)
+
+    await alice.send("PRIVMSG bob :a private word")
+    echo = await alice.expect(r"PRIVMSG bob :a private word$")
+    (dm,) = await events_of(bob, 1, "message")
+    assert dm["data"]["id"] == msgid(echo) and dm["data"]["name"] == "alice"
+
+    sent = await bob.request("/send", {"name": "alice", "msg": "and back"})
+    line = await alice.expect(r"PRIVMSG alice :and back$")
+    assert msgid(line) == sent["id"] and line.startswith("@msgid=")
+    await alice.close()
+
+
+async def test_one_user_on_both_front_ends_gets_copies(make_harness: MakeHarness) -> None:
+    harness, port = await irc_harness(make_harness)
+    await harness.user("bob")
+    laptop = await harness.user("alice")
+    await laptop.request("/subscribe")
+    irc = await IrcClient.connect(port)
+    await irc.login("alice")
+    await laptop.request("/send", {"name": "bob", "msg": "sent from msgpack"})
+    copy = await irc.expect(r"PRIVMSG bob :sent from msgpack$")
+    assert copy.split(" ", 2)[1] == ":alice!alice@chatd"
+    await irc.send("PRIVMSG bob :sent from IRC")  # no echo-message: no copy on this line
+    (event,) = await events_of(laptop, 1, "message")
+    assert event["data"]["msg"] == "sent from IRC" and event["data"]["to"] == "bob"
+    await irc.send("PING check")
+    await irc.expect(r"PONG \S+ :check$")
+    assert not any("sent from IRC" in line for line in irc.seen)
+    await irc.close()
+
+
+async def test_missed_messages_are_replayed_on_connect(make_harness: MakeHarness) -> None:
+    harness, port = await irc_harness(make_harness)
+    bob = await harness.user("bob")
+    await harness.user("alice")
+    irc = await IrcClient.connect(port)
+    await irc.login("alice")
+    await irc.send("JOIN #room")
+    await irc.expect(r" 366 ")
+    await bob.request("/channel/join", {"name": "room"})
+    await bob.request("/channel/send", {"name": "room", "message": "seen live"})
+    await irc.expect(r"PRIVMSG #room :seen live$")
+    await irc.send("QUIT :bye")  # a line after it: "seen live" counts as received
+    assert (await irc.expect(r"^ERROR ")).startswith("ERROR :Closing link")
+    await irc.close()
+
+    await bob.request("/channel/send", {"name": "room", "message": "while away"})
+    await bob.request("/send", {"name": "alice", "msg": "a DM while away"})
+    irc = await IrcClient.connect(port)
+    await irc.login("alice")
+    await irc.expect(r"^:alice!alice@chatd JOIN #room$")
+    await irc.expect(r" 366 alice #room ")
+    dm = await irc.expect(r"PRIVMSG alice :a DM while away$")
+    assert re.match(r"@msgid=\d+;time=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ", dm)
+    await irc.expect(r"PRIVMSG #room :while away$")
+    assert not any("seen live" in line for line in irc.seen)
+    await irc.close()
+
+
+async def test_registration_times_out(make_harness: MakeHarness) -> None:
+    _, port = await irc_harness(make_harness, auth_timeout=0.5)
+    irc = await IrcClient.connect(port)
+    await irc.send("NICK slow")
+    assert await irc.expect(r"^ERROR ") == "ERROR :Closing link: Registration timed out"
+    assert await irc.reader.read() == b""
+    await irc.close()
+
+
+async def test_the_irc_flags_from_the_command_line(spawn: Spawn) -> None:
+    port = free_port()
+    process = await spawn("--irc-port", str(port), "--server-name", SERVER, env=fast_env())
+    await process.wait_listening()
+    irc = await IrcClient.connect(port)
+    await irc.send("NICK nobody", "USER n 0 * :N")
+    line = await irc.expect(r"FAIL")
+    assert line == (
+        f":{SERVER} FAIL * ACCOUNT_REQUIRED :Log in first: SASL PLAIN, or PASS name:password"
+    )
+    await irc.close()
+    assert await process.stop() == 0
+
+
+async def test_msgpack_client_still_works_alongside(make_harness: MakeHarness) -> None:
+    harness, _ = await irc_harness(make_harness)
+    client: Client = await harness.user("carol")
+    assert await client.request("/ping") is None
