@@ -57,6 +57,9 @@ def _skeletons(rows: list[Any]) -> list[tuple[str, str, int]]:
     return [(*skeletons_of_key(key), row_id) for row_id, key in rows]
 
 
+# The password hash of an IRC guest: no argon2 hash, so no password ever matches it.
+GUEST_HASH = "guest"
+
 # A migration is an SQL script, or a Python step for what SQL cannot compute.
 Migration = str | Callable[[aiosqlite.Connection], Awaitable[None]]
 
@@ -1092,6 +1095,45 @@ class Store:
                 (now,),
             )
             return [(row[0], row[1], row[2]) for row in rows]
+
+    # IRC guests (protocol.md, "IRC", "Guests"): a user row that lives as long as the
+    # connection holds its name, then keeps only what it sent, under its name.
+
+    async def create_guest(
+        self, name: str, key: str, skeletons: Skeletons, now: float
+    ) -> int | None:
+        """A guest user holding ``name`` while connected; None if the name is taken."""
+        async with self._transaction() as db:
+            if await self._user_name_taken(key, skeletons):
+                return None
+            cursor = await db.execute(
+                "INSERT INTO users"
+                " (name, name_key, skeleton, upper_skeleton, password_hash, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name_key) DO NOTHING",
+                (name, key, *skeletons, GUEST_HASH, now),
+            )
+            return cursor.lastrowid if cursor.rowcount == 1 else None
+
+    async def release_guests(self, user_id: int | None = None) -> None:
+        """End a guest (every guest when None, as at start-up after a crash): its name is
+        free again, what it received and joined is deleted; what it sent stays."""
+        only = "" if user_id is None else " AND id = ?"
+        args: tuple[Any, ...] = () if user_id is None else (user_id,)
+        self._profiles = {}
+        async with self._transaction() as db:
+            guests = f"SELECT id FROM users WHERE password_hash = '{GUEST_HASH}'{only}"
+            await db.execute(f"DELETE FROM tokens WHERE user_id IN ({guests})", args)
+            await db.execute(f"DELETE FROM channel_members WHERE user_id IN ({guests})", args)
+            await db.execute(
+                f"DELETE FROM private_messages WHERE recipient_id IN ({guests})", args
+            )
+            # '#' is in no name, so the old guest matches no lookup and blocks no name.
+            await db.execute(
+                "UPDATE users SET name_key = '#guest' || id, skeleton = NULL,"
+                f" upper_skeleton = NULL WHERE password_hash = '{GUEST_HASH}'{only}"
+                " AND name_key NOT LIKE '#guest%'",
+                args,
+            )
 
     async def revoke_tokens(self, user_id: int) -> int:
         """Revoke every token of a user; returns how many there were."""

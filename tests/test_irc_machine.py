@@ -366,3 +366,67 @@ async def _settle(irc: Irc) -> None:
     task = subscription._task  # the catch-up: nothing public tells when it is done
     if task is not None:
         await asyncio.wait_for(asyncio.shield(task), 10)
+
+
+@pytest.fixture
+async def guest_app(app: App) -> App:
+    app.reconfigure(dataclasses.replace(app.config, irc_guests=True))
+    return app
+
+
+async def test_guest_talks_under_its_nick_while_connected(guest_app: App) -> None:
+    app = guest_app
+    await register(app, "bob")
+    bob = await msgpack_user(app, "bob")
+    guest = Irc(app)
+    welcome = await guest.send("NICK visitor", "USER v 0 * :V")
+    assert welcome[0] == (
+        f":{SERVER} 001 visitor :Welcome to the {SERVER} IRC network, visitor!visitor@chatd"
+    )
+    await guest.send("JOIN #lobby")
+    await answer(app, bob, {"op": "/channel/join", "params": {"name": "lobby"}})
+    assert guest.take() == [":bob!bob@chatd JOIN #lobby"]
+    assert await guest.send("PRIVMSG #lobby :hi from a guest") == []
+    history = await answer(app, bob, {"op": "/channel/history", "params": {"name": "lobby"}})
+    assert [(m["name"], m["msg"]) for m in history["data"]["messages"]] == [
+        ("visitor", "hi from a guest")
+    ]
+    info = await answer(app, bob, {"op": "/user/info", "params": {"name": "visitor"}})
+    assert info["data"]["online"] is True
+    sent = await answer(app, bob, {"op": "/send", "params": {"name": "visitor", "msg": "welcome"}})
+    assert sent["code"] == 0
+    assert guest.take() == [":bob!bob@chatd PRIVMSG visitor :welcome"]
+    params = {"name": "Visitor", "password": PASSWORD, "password_repete": PASSWORD}
+    taken = await answer(app, Session(), {"op": "/register", "params": params})
+    assert taken["code"] == 4  # a connected guest's name is taken
+
+    await guest.core.close()
+    gone = await answer(app, bob, {"op": "/user/info", "params": {"name": "visitor"}})
+    assert gone["code"] == 5  # nothing of the guest outlives the connection...
+    history = await answer(app, bob, {"op": "/channel/history", "params": {"name": "lobby"}})
+    assert [m["name"] for m in history["data"]["messages"]] == ["visitor"]  # ...but its words
+    members = await answer(app, bob, {"op": "/channel/list_users", "params": {"name": "lobby"}})
+    assert [u["name"] for u in members["data"]["users"]] == ["bob"]
+    again = Irc(app)
+    assert (await again.send("NICK visitor", "USER v 0 * :V"))[0].startswith(f":{SERVER} 001 ")
+    await again.core.close()
+
+
+async def test_guest_nick_rules(guest_app: App) -> None:
+    app = guest_app
+    await register(app, "alice")
+    assert await Irc(app).send("NICK alice", "USER a 0 * :A") == [
+        f":{SERVER} 433 alice alice :Nickname is in use: pick another, or authenticate"
+        " (SASL PLAIN, or PASS name:password)"
+    ]
+    first = Irc(app)
+    await first.send("NICK visitor", "USER v 0 * :V")
+    second = Irc(app)
+    assert (await second.send("NICK VISITOR", "USER v 0 * :V"))[0].split()[1] == "433"
+    assert await second.send("NICK bad!nick") == [
+        f":{SERVER} 432 bad!nick bad!nick :Erroneous nickname:"
+        " name may contain only letters, digits, '_', '-' and '.'"
+    ]
+    assert (await second.send("NICK visitor2"))[0].startswith(f":{SERVER} 001 visitor2 ")
+    await first.core.close()
+    await second.core.close()

@@ -151,6 +151,7 @@ class IrcListener:
 
     async def start(self) -> None:
         config = self._app.config
+        await self._app.store.release_guests()  # left over if the last run crashed
         if config.irc_port:
             self._servers.append(await self._listen(config.irc_port, None))
         if config.irc_tls_port:

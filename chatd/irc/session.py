@@ -18,8 +18,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from chatd import __version__
+from chatd import __version__, validation
 from chatd.app import App
+from chatd.auth import new_token, token_digest
 from chatd.codec import HEADER_SIZE, decode_body
 from chatd.errors import (
     BadRequest,
@@ -102,6 +103,8 @@ class IrcCore:
         )
         # Newest message id written per stream and not yet acknowledged (the delivery rule).
         self._unacked: dict[str, int] = {}
+        self._guest_id: int | None = None
+        self._erroneous_nick_told = False
 
     @property
     def closed(self) -> bool:
@@ -148,6 +151,8 @@ class IrcCore:
             except Exception:  # the store may be closing with the server
                 log.debug("IRC logout at close failed", exc_info=True)
         self.app.hub.unbind(self.session)
+        if self._guest_id is not None:
+            await self.app.store.release_guests(self._guest_id)
 
     # Calling chatd.
 
@@ -204,6 +209,8 @@ class IrcCore:
 
     async def _register(self, action: Register) -> None:
         machine = self.machine
+        if machine.account is None and self.app.config.irc_guests:
+            await self._become_guest(action.nick)
         if machine.account is None:
             await self._refuse_unauthenticated(action.nick)
             return
@@ -220,16 +227,41 @@ class IrcCore:
         # Live delivery, after catching up on what was missed (the delivery rule).
         await self._call("/subscribe")
 
+    async def _become_guest(self, nick: str) -> None:
+        """A guest identity under the nick, for as long as the connection lasts
+        (protocol.md, "IRC", "Guests"); refusals are left to the caller."""
+        try:
+            validation.user_name(Params({"name": nick}))
+            validation.check_new_name(nick, "nick")
+        except ChatdError as error:
+            self.machine.numeric(n.ERR_ERRONEUSNICKNAME, nick, f"Erroneous nickname: {error}")
+            self._erroneous_nick_told = True
+            return
+        store, now = self.app.store, self.app.clock()
+        key = name_key(nick)
+        guest_id = await store.create_guest(nick, key, validation.name_skeletons(nick), now)
+        if guest_id is None:
+            return  # an account or a connected guest has the name: 433
+        token = new_token()
+        expires_at = now + self.app.config.token_ttl
+        await store.add_token(guest_id, token_digest(token), now, expires_at)
+        self.app.hub.bind(self.session, guest_id, nick, token_digest(token), expires_at)
+        self.session.token, self.session.token_checked_at = token, now
+        self._guest_id = guest_id
+        self.machine.account = nick
+
     async def _refuse_unauthenticated(self, nick: str) -> None:
         machine = self.machine
         machine.registration_refused()
+        if self._erroneous_nick_told:
+            self._erroneous_nick_told = False
+            return
         if await self._is_account(nick):
-            machine.numeric(
-                n.ERR_NICKNAMEINUSE,
-                nick,
-                "Nickname is registered to an account: authenticate"
-                " (SASL PLAIN, or PASS name:password)",
-            )
+            text = "Nickname is registered to an account: authenticate"
+            if self.app.config.irc_guests:
+                text = "Nickname is in use: pick another, or authenticate"
+            text += " (SASL PLAIN, or PASS name:password)"
+            machine.numeric(n.ERR_NICKNAMEINUSE, nick, text)
             return
         machine.send(
             "FAIL",
