@@ -213,6 +213,19 @@ class SentMessage:
     created_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """An open interval of messages, by id and by time (IRC CHATHISTORY)."""
+
+    after_id: int = 0
+    before_id: int = (1 << 63) - 1
+    after_time: float = float("-inf")
+    before_time: float = float("inf")
+
+    def values(self) -> tuple[int, int, float, float]:
+        return self.after_id, self.before_id, self.after_time, self.before_time
+
+
 @dataclass(slots=True)
 class Membership:
     channel_id: int
@@ -1082,6 +1095,74 @@ class Store:
         page = [SentMessage(*row) for row in rows[:limit]]
         return Batch(page[::-1], more=len(rows) > limit)
 
+
+    # Ranges for IRC CHATHISTORY: open intervals by id and time, newest or oldest first.
+
+    async def channel_range(
+        self, channel_id: int, bounds: Bounds, limit: int, newest: bool
+    ) -> list[ChannelMessage]:
+        """Up to ``limit`` messages inside ``bounds``, taken from the newest end or the
+        oldest, returned oldest first."""
+        order = "DESC" if newest else "ASC"
+        async with self._turn():
+            rows = await self._rows(
+                f"{_CHANNEL_ROWS} WHERE m.channel_id = ? AND m.id > ? AND m.id < ?"
+                f" AND m.created_at > ? AND m.created_at < ? ORDER BY m.id {order} LIMIT ?",
+                (channel_id, *bounds.values(), limit),
+            )
+        page = [ChannelMessage(*row) for row in rows]
+        return page[::-1] if newest else page
+
+    async def private_range(
+        self, user_id: int, other_id: int, bounds: Bounds, limit: int, newest: bool
+    ) -> list[SentMessage]:
+        """As channel_range for the conversation of two users, both directions."""
+        order = "DESC" if newest else "ASC"
+        inside = "id > ? AND id < ? AND created_at > ? AND created_at < ?"
+        async with self._turn():
+            rows = await self._rows(
+                "SELECT m.id, s.name, r.name, m.body, m.created_at FROM private_messages m"
+                " JOIN users s ON s.id = m.sender_id JOIN users r ON r.id = m.recipient_id"
+                " WHERE m.id IN ("
+                f"  SELECT id FROM private_messages WHERE recipient_id = ? AND sender_id = ?"
+                f"   AND {inside}"
+                f"  UNION SELECT id FROM private_messages WHERE recipient_id = ? AND sender_id = ?"
+                f"   AND {inside})"
+                f" ORDER BY m.id {order} LIMIT ?",
+                (user_id, other_id, *bounds.values(), other_id, user_id, *bounds.values(), limit),
+            )
+        page = [SentMessage(*row) for row in rows]
+        return page[::-1] if newest else page
+
+    async def message_time(self, in_channel: bool, message_id: int) -> float | None:
+        """When a channel or private message was stored (ids are per kind)."""
+        table = "channel_messages" if in_channel else "private_messages"
+        async with self._turn():
+            sql = f"SELECT created_at FROM {table} WHERE id = ?"
+            found = await self._scalar(sql, (message_id,))
+        return None if found is None else float(found)
+
+    async def recent_targets(
+        self, user_id: int, after: float, before: float, limit: int
+    ) -> list[tuple[str, bool, float]]:
+        """The user's channels and conversations with a message in (after, before):
+        (name, is_channel, newest time), newest first."""
+        async with self._turn():
+            rows = await self._rows(
+                "SELECT c.name, 1, MAX(m.created_at) AS t FROM channel_messages m"
+                " JOIN channels c ON c.id = m.channel_id"
+                " JOIN channel_members cm ON cm.channel_id = c.id AND cm.user_id = ?"
+                "  AND cm.left_at IS NULL"
+                " WHERE m.created_at > ? AND m.created_at < ? GROUP BY c.id"
+                " UNION ALL SELECT u.name, 0, MAX(m.created_at) FROM private_messages m"
+                " JOIN users u ON u.id = CASE WHEN m.sender_id = ? THEN m.recipient_id"
+                "  ELSE m.sender_id END"
+                " WHERE (m.sender_id = ? OR m.recipient_id = ?)"
+                "  AND m.created_at > ? AND m.created_at < ? GROUP BY u.id"
+                " ORDER BY t DESC LIMIT ?",
+                (user_id, after, before, user_id, user_id, user_id, after, before, limit),
+            )
+        return [(row[0], bool(row[1]), float(row[2])) for row in rows]
 
     # Operations (chatd admin).
 

@@ -19,6 +19,25 @@ from tests.test_handlers import answer
 
 SERVER = "irc.test"
 NOW = 1583410320.0  # 2020-03-05 12:12:00 UTC
+CAP_LS = (
+    f":{SERVER} CAP * LS :account-tag batch draft/chathistory draft/read-marker echo-message"
+    " labeled-response message-tags sasl=PLAIN server-time"
+)
+
+
+class Clock:
+    """The app's clock, set by the tests that need time to pass."""
+
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def clock_of(app: App) -> Clock:
+    assert isinstance(app.clock, Clock)
+    return app.clock
 
 
 class MemoryTransport:
@@ -76,7 +95,7 @@ async def app(config: Config) -> AsyncIterator[App]:
     config = dataclasses.replace(config, server_name=SERVER)
     store = await Store.open(config.db)
     hasher = Hasher(config)
-    app = App(config, store, Hub(), hasher, clock=lambda: NOW)
+    app = App(config, store, Hub(), hasher, clock=Clock())
     yield app
     for session in app.hub.bound_sessions():
         app.hub.unbind(session)  # stops catch-ups before the store closes
@@ -101,10 +120,7 @@ async def msgpack_user(app: App, name: str) -> Session:
 
 async def test_cap_ls_302_lists_capabilities_with_values(app: App) -> None:
     irc = Irc(app)
-    assert await irc.send("CAP LS 302") == [
-        f":{SERVER} CAP * LS :account-tag batch draft/chathistory echo-message"
-        " labeled-response message-tags sasl=PLAIN server-time"
-    ]
+    assert await irc.send("CAP LS 302") == [CAP_LS]
     assert (await irc.send("CAP LS"))[0].endswith(" sasl server-time")
 
 
@@ -112,8 +128,7 @@ async def test_registration_with_cap_and_sasl_welcomes_byte_exact(app: App) -> N
     await register(app, "alice")
     irc = Irc(app)
     assert await irc.send("CAP LS 302", "NICK alice", "USER alice 0 * :Alice") == [
-        f":{SERVER} CAP * LS :account-tag batch draft/chathistory echo-message"
-        " labeled-response message-tags sasl=PLAIN server-time"
+        CAP_LS
     ]  # CAP LS holds registration: no 001 yet
     assert await irc.send("CAP REQ :sasl server-time") == [
         f":{SERVER} CAP alice ACK :sasl server-time"
@@ -313,9 +328,9 @@ async def test_labeled_response_ack_single_and_batch(app: App) -> None:
         f"@label=a2 :{SERVER} 331 alice #x :No topic is set"
     ]
     batch = await irc.send("@label=a3 JOIN #x")
-    assert batch[0] == f"@label=a3 :{SERVER} BATCH +L1 labeled-response"
-    assert batch[1] == "@batch=L1 :alice!alice@chatd JOIN #x"
-    assert batch[-1] == f":{SERVER} BATCH -L1"
+    assert batch[0] == f"@label=a3 :{SERVER} BATCH +B1 labeled-response"
+    assert batch[1] == "@batch=B1 :alice!alice@chatd JOIN #x"
+    assert batch[-1] == f":{SERVER} BATCH -B1"
 
 
 async def test_reconnect_replays_missed_dms_and_channel_lines(app: App) -> None:
@@ -430,3 +445,78 @@ async def test_guest_nick_rules(guest_app: App) -> None:
     assert (await second.send("NICK visitor2"))[0].startswith(f":{SERVER} 001 visitor2 ")
     await first.core.close()
     await second.core.close()
+
+
+async def test_chathistory_ranges_in_a_batch(app: App) -> None:
+    await register(app, "alice", "bob")
+    irc = Irc(app)
+    await irc.login("alice", "batch message-tags server-time draft/chathistory")
+    await irc.send("JOIN #h")
+    for second in range(1, 6):  # ids 1..5 at NOW+1..NOW+5
+        clock_of(app).now = NOW + second
+        await irc.send(f"PRIVMSG #h :m{second}")
+
+    def texts(lines: list[str]) -> list[str]:
+        assert lines[0] == f":{SERVER} BATCH +B1 chathistory #h"
+        assert lines[-1] == f":{SERVER} BATCH -B1"
+        assert all(line.startswith("@batch=B1;msgid=") for line in lines[1:-1])
+        return [line.rsplit(":", 1)[1] for line in lines[1:-1]]
+
+    irc.core.machine._batches = 0
+    assert texts(await irc.send("CHATHISTORY LATEST #h * 2")) == ["m4", "m5"]
+    irc.core.machine._batches = 0
+    assert texts(await irc.send("CHATHISTORY BEFORE #h msgid=4 2")) == ["m2", "m3"]
+    irc.core.machine._batches = 0
+    assert texts(await irc.send("CHATHISTORY AFTER #h msgid=4 10")) == ["m5"]
+    irc.core.machine._batches = 0
+    assert texts(await irc.send("CHATHISTORY AROUND #h msgid=3 3")) == ["m2", "m3", "m4"]
+    irc.core.machine._batches = 0
+    between = "CHATHISTORY BETWEEN #h timestamp=2020-03-05T12:12:01.000Z msgid=5 10"
+    assert texts(await irc.send(between)) == ["m2", "m3", "m4"]
+    irc.core.machine._batches = 0
+    first = await irc.send("CHATHISTORY LATEST #h timestamp=2020-03-05T12:12:04.000Z 10")
+    assert texts(first) == ["m5"]
+    assert (await irc.send("CHATHISTORY LATEST #nope * 10")) == [
+        f":{SERVER} FAIL CHATHISTORY INVALID_TARGET LATEST #nope"
+        " :No such target, or not yours to read"
+    ]
+    assert (await irc.send("CHATHISTORY LATEST #h bogus 10")) == [
+        f":{SERVER} FAIL CHATHISTORY INVALID_PARAMS LATEST :Invalid parameters"
+    ]
+    irc.core.machine._batches = 0
+    targets = await irc.send(
+        "CHATHISTORY TARGETS timestamp=2020-03-05T12:00:00.000Z"
+        " timestamp=2020-03-05T13:00:00.000Z 10"
+    )
+    assert targets == [
+        f":{SERVER} BATCH +B1 draft/chathistory-targets",
+        f"@batch=B1 :{SERVER} CHATHISTORY TARGETS #h timestamp=2020-03-05T12:12:05.000Z",
+        f":{SERVER} BATCH -B1",
+    ]
+
+
+async def test_markread_moves_forward_only_and_tells_other_sessions(app: App) -> None:
+    await register(app, "alice", "bob")
+    alice = await msgpack_user(app, "alice")
+    await answer(app, alice, {"op": "/channel/join", "params": {"name": "r"}})
+    bob = await msgpack_user(app, "bob")
+    await answer(app, bob, {"op": "/channel/join", "params": {"name": "r"}})
+    for second in (1, 2, 3):
+        clock_of(app).now = NOW + second
+        await answer(app, bob, {"op": "/channel/send", "params": {"name": "r", "message": "x"}})
+    phone, laptop = Irc(app), Irc(app)
+    joined = await phone.login("alice", "draft/read-marker")
+    assert joined[-2:] == [
+        f":{SERVER} MARKREAD #r *",  # on JOIN, before 366
+        f":{SERVER} 366 alice #r :End of /NAMES list",
+    ]
+    await laptop.login("alice", "draft/read-marker")
+    assert await phone.send("MARKREAD #r") == [f":{SERVER} MARKREAD #r *"]  # never read
+    mark = "timestamp=2020-03-05T12:12:02.000Z"
+    assert await phone.send(f"MARKREAD #r {mark}") == [f":{SERVER} MARKREAD #r {mark}"]
+    assert laptop.take() == [f":{SERVER} MARKREAD #r {mark}"]
+    earlier = "timestamp=2020-03-05T12:12:01.000Z"
+    assert await phone.send(f"MARKREAD #r {earlier}") == [f":{SERVER} MARKREAD #r {mark}"]
+    assert await phone.send("MARKREAD #r bogus") == [
+        f":{SERVER} FAIL MARKREAD INVALID_PARAMS bogus :Expected timestamp=..."
+    ]

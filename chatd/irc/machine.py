@@ -29,6 +29,7 @@ CAPABILITIES = {
     "account-tag": "",
     "batch": "",
     "draft/chathistory": "",
+    "draft/read-marker": "",
     "echo-message": "",
     "labeled-response": "",
     "message-tags": "",
@@ -343,6 +344,10 @@ class IrcMachine:
         out, self._out = self._out, []
         return b"".join(format_line(*line) for line in out)
 
+    def new_batch_reference(self) -> str:
+        self._batches += 1
+        return f"B{self._batches}"
+
     def begin_label(self, tags: dict[str, str]) -> None:
         """Mark the start of a command's replies, to label them (IRCv3 labeled-response)."""
         label = tags.get("label")
@@ -363,8 +368,7 @@ class IrcMachine:
             command, params, source, tags = replies[0]
             self.send(command, params, source, {**(tags or {}), "label": label})
         else:
-            self._batches += 1
-            reference = f"L{self._batches}"
+            reference = self.new_batch_reference()
             tags = {"label": label}
             self.send("BATCH", [f"+{reference}", "labeled-response"], self.server_name, tags)
             for command, params, source, line_tags in replies:

@@ -32,6 +32,7 @@ from chatd.errors import (
 )
 from chatd.handlers import Context, Deferred, dispatch
 from chatd.hub import Session
+from chatd.irc import history
 from chatd.irc import numerics as n
 from chatd.irc.lines import MAX_LINE, Message, split_text, utf8_len
 from chatd.irc.machine import (
@@ -45,6 +46,7 @@ from chatd.irc.machine import (
     user_source,
 )
 from chatd.protocol import DATETIME_FORMAT, Data, Params, Request
+from chatd.store import Bounds
 from chatd.validation import MAX_NAME_LENGTH, name_key
 
 log = logging.getLogger(__name__)
@@ -222,7 +224,7 @@ class IrcCore:
         for channel in channels["channels"]:
             target = "#" + channel["name"]
             machine.send("JOIN", [target], machine.source)
-            await self._names(target)
+            await self._names(target, read_marker=True)
             self._flush()
         # Live delivery, after catching up on what was missed (the delivery rule).
         await self._call("/subscribe")
@@ -361,7 +363,7 @@ class IrcCore:
                 continue
             canonical = "#" + joined["name"]
             machine.send("JOIN", [canonical], machine.source)
-            await self._names(canonical)
+            await self._names(canonical, read_marker=True)
 
     async def _part(self, message: Message) -> None:
         machine = self.machine
@@ -387,8 +389,9 @@ class IrcCore:
         for target in message.param(0).split(","):
             await self._names(target)
 
-    async def _names(self, target: str) -> None:
-        """353 lines (members, online or not: chatd channels are memberships), then 366."""
+    async def _names(self, target: str, read_marker: bool = False) -> None:
+        """353 lines (members, online or not: chatd channels are memberships), then 366;
+        on a JOIN, the read marker comes before the 366 (draft/read-marker)."""
         machine = self.machine
         members = await self._members(target)
         prefix = f":{machine.server_name} 353 {machine.nick} = {target} :"
@@ -401,6 +404,11 @@ class IrcCore:
             line.append(name)
         if line:
             machine.numeric(n.RPL_NAMREPLY, "=", target, " ".join(line))
+        if read_marker and "draft/read-marker" in machine.caps:
+            found = await history.find_target(self.app.store, self._user_id, target)
+            if found is not None:
+                marker = await self._read_marker(found)
+                machine.send("MARKREAD", [found.name, marker], machine.server_name)
         machine.numeric(n.RPL_ENDOFNAMES, target, "End of /NAMES list")
 
     async def _members(self, target: str) -> list[str]:
@@ -495,6 +503,172 @@ class IrcCore:
             machine.numeric(n.RPL_UMODEIS, "+")
         # A user mode change (+i from irssi) is accepted silently: chatd has no user modes.
 
+    # IRCv3 draft/chathistory and draft/read-marker.
+
+    async def _chathistory(self, message: Message) -> None:
+        machine = self.machine
+        sub = message.param(0).upper()
+        try:
+            if sub == "TARGETS":
+                await self._history_targets(message)
+                return
+            target = await history.find_target(
+                self.app.store, self._user_id, message.param(1)
+            )
+            if target is None:
+                failure = ["CHATHISTORY", "INVALID_TARGET", sub, message.param(1)]
+                machine.send("FAIL", [*failure, "No such target, or not yours to read"],
+                             machine.server_name)
+                return
+            rows = await self._history_rows(sub, target, message.params[2:])
+        except (history.InvalidParams, ValueError, IndexError):
+            failure = ["CHATHISTORY", "INVALID_PARAMS", sub or "*", "Invalid parameters"]
+            machine.send("FAIL", failure, machine.server_name)
+            return
+        self._history_batch(target.name, rows)
+
+    @property
+    def _user_id(self) -> int:
+        assert self.session.user_id is not None
+        return self.session.user_id
+
+    def _history_limit(self, text: str) -> int:
+        limit = int(text)
+        if limit < 0:
+            raise history.InvalidParams("negative limit")
+        return min(limit, self.app.config.history_page)
+
+    async def _history_rows(
+        self, sub: str, target: history.Target, args: list[str]
+    ) -> list[tuple[int, str, str, str, float]]:
+        """(id, sender, target shown, text, time) rows, oldest first."""
+        if sub == "BETWEEN":
+            first, second = history.parse_reference(args[0]), history.parse_reference(args[1])
+            limit = self._history_limit(args[2])
+            if _later(first, second):  # newest first when the references are reversed
+                return await self._range(target, history.bounds_between(second, first), limit, True)
+            return await self._range(target, history.bounds_between(first, second), limit, False)
+        ref, limit = history.parse_reference(args[0]), self._history_limit(args[1])
+        if sub == "LATEST":
+            return await self._range(target, history.bounds_after(ref), limit, True)
+        if sub == "BEFORE" and (ref.message_id or ref.timestamp):
+            return await self._range(target, history.bounds_before(ref), limit, True)
+        if sub == "AFTER" and (ref.message_id or ref.timestamp):
+            return await self._range(target, history.bounds_after(ref), limit, False)
+        if sub == "AROUND" and (ref.message_id or ref.timestamp):
+            before = await self._range(target, history.bounds_before(ref), limit // 2, True)
+            inclusive = history.Reference(
+                None if ref.message_id is None else ref.message_id - 1,
+                None if ref.timestamp is None else ref.timestamp - 1e-6,
+            )
+            after = await self._range(
+                target, history.bounds_after(inclusive), limit - len(before), False
+            )
+            return before + after
+        raise history.InvalidParams(sub)
+
+    async def _range(
+        self, target: history.Target, bounds: Bounds, limit: int, newest: bool
+    ) -> list[tuple[int, str, str, str, float]]:
+        store = self.app.store
+        if limit <= 0:
+            return []
+        if target.channel is not None:
+            found = await store.channel_range(target.channel.id, bounds, limit, newest)
+            return [(m.id, m.sender, target.name, m.body, m.created_at) for m in found]
+        assert target.user is not None
+        pairs = await store.private_range(self._user_id, target.user.id, bounds, limit, newest)
+        return [(m.id, m.sender, m.recipient, m.body, m.created_at) for m in pairs]
+
+    def _history_batch(self, name: str, rows: list[tuple[int, str, str, str, float]]) -> None:
+        machine = self.machine
+        batched = "batch" in machine.caps
+        reference = machine.new_batch_reference()
+        if batched:
+            machine.send("BATCH", [f"+{reference}", "chathistory", name], machine.server_name)
+
+        def send(
+            command: str, params: list[str], source: str | None, tags: dict[str, str] | None
+        ) -> None:
+            extra = {"batch": reference} if batched else {}
+            machine.send(command, params, source, {**(tags or {}), **extra} or None)
+
+        for message_id, sender, shown, text, created_at in rows:
+            self._message_lines(message_id, sender, shown, text, created_at, send)
+        if batched:
+            machine.send("BATCH", [f"-{reference}"], machine.server_name)
+
+    async def _history_targets(self, message: Message) -> None:
+        machine = self.machine
+        first = history.parse_reference(message.param(1))
+        second = history.parse_reference(message.param(2))
+        limit = self._history_limit(message.param(3))
+        if first.timestamp is None or second.timestamp is None:
+            raise history.InvalidParams("TARGETS takes timestamps")
+        low, high = sorted((first.timestamp, second.timestamp))
+        found = await self.app.store.recent_targets(self._user_id, low, high, limit)
+        batched = "batch" in machine.caps
+        reference = machine.new_batch_reference()
+        if batched:
+            batch = [f"+{reference}", "draft/chathistory-targets"]
+            machine.send("BATCH", batch, machine.server_name)
+        for name, is_channel, newest in found:
+            shown = "#" + name if is_channel else name
+            tags = {"batch": reference} if batched else None
+            stamp = "timestamp=" + history.format_timestamp(newest)
+            machine.send("CHATHISTORY", ["TARGETS", shown, stamp], machine.server_name, tags)
+        if batched:
+            machine.send("BATCH", [f"-{reference}"], machine.server_name)
+
+    async def _markread(self, message: Message) -> None:
+        """MARKREAD target [timestamp=T]: the read position, moved forward only; the
+        account's other IRC sessions are told (protocol.md, "IRC", "Read markers")."""
+        machine = self.machine
+        target = await history.find_target(self.app.store, self._user_id, message.param(0))
+        if target is None:
+            machine.send("FAIL", ["MARKREAD", "INVALID_PARAMS", message.param(0), "No such target"],
+                         machine.server_name)
+            return
+        if len(message.params) > 1:
+            ref = history.parse_reference(message.param(1)) if "=" in message.param(1) else None
+            if ref is None or ref.timestamp is None:
+                machine.send("FAIL", ["MARKREAD", "INVALID_PARAMS", message.param(1),
+                                      "Expected timestamp=..."], machine.server_name)
+                return
+            await self._mark_read(target, ref.timestamp)
+        marker = await self._read_marker(target)
+        machine.send("MARKREAD", [target.name, marker], machine.server_name)
+        if len(message.params) > 1:
+            for other in self.app.hub.bound_sessions():
+                if (other is not self.session and other.user_id == self.session.user_id
+                        and isinstance(other, IrcSession)):
+                    other.core.machine.send("MARKREAD", [target.name, marker],
+                                            machine.server_name)
+                    other.core._flush()
+
+    async def _mark_read(self, target: history.Target, timestamp: float) -> None:
+        newest = await self._range(
+            target, Bounds(before_time=timestamp + 0.0005), 1, True
+        )
+        if not newest:
+            return
+        if target.channel is not None:
+            await self._call("/ack", id=newest[0][0], channel=target.channel.name)
+        else:
+            await self._call("/ack", id=newest[0][0])
+
+    async def _read_marker(self, target: history.Target) -> str:
+        store = self.app.store
+        if target.channel is not None:
+            position, fresh, _ = await store.channel_position(target.channel.id, self._user_id)
+            if fresh:
+                return "*"
+            stamp = await store.message_time(True, position)
+        else:
+            position, _ = await store.inbox_position(self._user_id)
+            stamp = await store.message_time(False, position)
+        return "*" if stamp is None else "timestamp=" + history.format_timestamp(stamp)
+
     # Delivery: from the hub's pushed events to lines.
 
     # ---- ADAPTER (temporary) ---------------------------------------------------------
@@ -559,7 +733,7 @@ class IrcCore:
         caps = self.machine.caps
         tags: dict[str, str] = {}
         if "server-time" in caps:
-            tags["time"] = _format_time(created_at)
+            tags["time"] = history.format_timestamp(created_at)
         if "message-tags" in caps:
             tags["msgid"] = str(message_id)
         if "account-tag" in caps:
@@ -610,6 +784,8 @@ _COMMANDS: dict[str, Handler] = {
     "WHOIS": IrcCore._whois,
     "TOPIC": IrcCore._topic,
     "MODE": IrcCore._mode,
+    "CHATHISTORY": IrcCore._chathistory,
+    "MARKREAD": IrcCore._markread,
 }
 
 
@@ -618,8 +794,9 @@ def _parse_datetime(text: str) -> float:
     return float(calendar.timegm(time.strptime(text, DATETIME_FORMAT)))
 
 
-def _format_time(timestamp: float) -> str:
-    """IRCv3 server-time: UTC with milliseconds."""
-    whole = int(timestamp)
-    millis = int((timestamp - whole) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
+def _later(first: history.Reference, second: history.Reference) -> bool:
+    if first.message_id is not None and second.message_id is not None:
+        return first.message_id > second.message_id
+    if first.timestamp is not None and second.timestamp is not None:
+        return first.timestamp > second.timestamp
+    return False
