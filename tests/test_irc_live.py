@@ -6,7 +6,11 @@ import asyncio
 import base64
 import re
 import socket
+import ssl
 from collections.abc import Callable
+from pathlib import Path
+
+import trustme
 
 from chatd.client import Client
 from tests.conftest import PASSWORD, Harness, MakeHarness, Spawn, fast_env
@@ -31,8 +35,8 @@ class IrcClient:
         self.seen: list[str] = []
 
     @classmethod
-    async def connect(cls, port: int) -> IrcClient:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    async def connect(cls, port: int, tls: ssl.SSLContext | None = None) -> IrcClient:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
         return cls(reader, writer)
 
     async def send(self, *lines: str) -> None:
@@ -189,3 +193,27 @@ async def test_msgpack_client_still_works_alongside(make_harness: MakeHarness) -
     harness, _ = await irc_harness(make_harness)
     client: Client = await harness.user("carol")
     assert await client.request("/ping") is None
+
+
+async def test_irc_over_tls_next_to_plain_irc(make_harness: MakeHarness, tmp_path: Path) -> None:
+    authority = trustme.CA()
+    certificate = authority.issue_cert("127.0.0.1")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    certificate.private_key_and_cert_chain_pem.write_to_path(cert_file)
+    certificate.private_key_pem.write_to_path(key_file)
+    tls_port = free_port()
+    harness, plain_port = await irc_harness(
+        make_harness, irc_tls_port=tls_port, tls_cert=str(cert_file), tls_key=str(key_file)
+    )
+    context = ssl.create_default_context()
+    authority.configure_trust(context)
+    client = await Client.connect("127.0.0.1", harness.port, ssl=context)
+    params = {"name": "ann", "password": PASSWORD, "password_repete": PASSWORD}
+    await client.request("/register", params)
+    await client.close()
+    for port, tls in ((tls_port, context), (plain_port, None)):
+        irc = await IrcClient.connect(port, tls)
+        await irc.login("ann")
+        await irc.send("PING tls")
+        await irc.expect(r"PONG \S+ :tls$")
+        await irc.close()

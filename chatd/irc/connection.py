@@ -152,13 +152,10 @@ class IrcListener:
     async def start(self) -> None:
         config = self._app.config
         await self._app.store.release_guests()  # left over if the last run crashed
-        if config.irc_port:
-            self._servers.append(await self._listen(config.irc_port, None))
-        if config.irc_tls_port:
-            self._servers.append(await self._listen(config.irc_tls_port, self._tls))
-        for server, tls in zip(self._servers, (config.irc_port, config.irc_tls_port), strict=False):
-            port = server.sockets[0].getsockname()[1]
-            log.info("listening on %s:%d (irc%s)", config.host, port, "" if tls else "s")
+        for port, tls in ((config.irc_port, None), (config.irc_tls_port, self._tls)):
+            if port:
+                self._servers.append(await self._listen(port, tls))
+                log.info("listening on %s:%d (%s)", config.host, port, "ircs" if tls else "irc")
 
     async def _listen(self, port: int, tls: ssl.SSLContext | None) -> asyncio.Server:
         return await asyncio.start_server(
