@@ -155,7 +155,7 @@ class IrcListener:
         for port, tls in ((config.irc_port, None), (config.irc_tls_port, self._tls)):
             if port:
                 self._servers.append(await self._listen(port, tls))
-                log.info("listening on %s:%d (%s)", config.host, port, "ircs" if tls else "irc")
+                log.info("IRC on %s:%d (%s)", config.host, port, "tls" if tls else "plain")
 
     async def _listen(self, port: int, tls: ssl.SSLContext | None) -> asyncio.Server:
         return await asyncio.start_server(
