@@ -497,21 +497,20 @@ async def test_chathistory_ranges_in_a_batch(app: App) -> None:
 
 async def test_markread_moves_forward_only_and_tells_other_sessions(app: App) -> None:
     await register(app, "alice", "bob")
-    alice = await msgpack_user(app, "alice")
-    await answer(app, alice, {"op": "/channel/join", "params": {"name": "r"}})
     bob = await msgpack_user(app, "bob")
     await answer(app, bob, {"op": "/channel/join", "params": {"name": "r"}})
     for second in (1, 2, 3):
         clock_of(app).now = NOW + second
         await answer(app, bob, {"op": "/channel/send", "params": {"name": "r", "message": "x"}})
     phone, laptop = Irc(app), Irc(app)
-    joined = await phone.login("alice", "draft/read-marker")
-    assert joined[-2:] == [
-        f":{SERVER} MARKREAD #r *",  # on JOIN, before 366
-        f":{SERVER} 366 alice #r :End of /NAMES list",
-    ]
+    await phone.login("alice", "draft/read-marker")
     await laptop.login("alice", "draft/read-marker")
-    assert await phone.send("MARKREAD #r") == [f":{SERVER} MARKREAD #r *"]  # never read
+    # Joined on another front-end: IRC shows the JOIN, and the channel has no position yet.
+    alice = await msgpack_user(app, "alice")
+    await answer(app, alice, {"op": "/channel/join", "params": {"name": "r"}})
+    assert phone.take() == [":alice!alice@chatd JOIN #r"]
+    laptop.take()
+    assert await phone.send("MARKREAD #r") == [f":{SERVER} MARKREAD #r *"]
     mark = "timestamp=2020-03-05T12:12:02.000Z"
     assert await phone.send(f"MARKREAD #r {mark}") == [f":{SERVER} MARKREAD #r {mark}"]
     assert laptop.take() == [f":{SERVER} MARKREAD #r {mark}"]
@@ -520,3 +519,23 @@ async def test_markread_moves_forward_only_and_tells_other_sessions(app: App) ->
     assert await phone.send("MARKREAD #r bogus") == [
         f":{SERVER} FAIL MARKREAD INVALID_PARAMS bogus :Expected timestamp=..."
     ]
+    # A JOIN on IRC shows the marker before 366: the position it starts from.
+    assert (await phone.send("JOIN #r"))[-2:] == [
+        f":{SERVER} MARKREAD #r {mark}",
+        f":{SERVER} 366 alice #r :End of /NAMES list",
+    ]
+
+
+async def test_a_channel_joined_on_irc_replays_what_was_missed(app: App) -> None:
+    await register(app, "alice", "bob")
+    irc = Irc(app)
+    await irc.login("alice")
+    await irc.send("JOIN #quiet")  # nothing said there yet, nothing received
+    await irc.core.close()
+    bob = await msgpack_user(app, "bob")
+    await answer(app, bob, {"op": "/channel/join", "params": {"name": "quiet"}})
+    await answer(app, bob, {"op": "/channel/send", "params": {"name": "quiet", "message": "m"}})
+    irc = Irc(app)
+    await irc.login("alice")
+    await _settle(irc)
+    assert irc.take() == [":bob!bob@chatd PRIVMSG #quiet :m"]

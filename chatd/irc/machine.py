@@ -293,8 +293,8 @@ class IrcMachine:
         self.account = account
         if via_sasl:
             self._sasl = None
-            source = f"{self.nick}!{self.user or account}@{USER_HOST}"
-            self.numeric(n.RPL_LOGGEDIN, source, account, f"You are now logged in as {account}")
+            text = f"You are now logged in as {account}"
+            self.numeric(n.RPL_LOGGEDIN, user_source(account), account, text)
             self.numeric(n.RPL_SASLSUCCESS, "SASL authentication successful")
             return self._maybe_register()
         self._registering = False

@@ -223,6 +223,7 @@ class IrcCore:
         channels = await self._call("/channel/list")
         for channel in channels["channels"]:
             target = "#" + channel["name"]
+            await self._start_position(channel["name"])
             machine.send("JOIN", [target], machine.source)
             await self._names(target, read_marker=True)
             self._flush()
@@ -251,6 +252,17 @@ class IrcCore:
         self.session.token, self.session.token_checked_at = token, now
         self._guest_id = guest_id
         self.machine.account = nick
+
+    async def _start_position(self, channel_name: str) -> None:
+        """A channel joined on IRC is shown from now on: one with no position (never
+        read) gets its newest message as position, so that what is said later is
+        replayed if this client misses it (protocol.md, "IRC", "Delivery")."""
+        channel = await self.app.store.find_channel(name_key(channel_name))
+        if channel is None:
+            return
+        _, fresh, newest = await self.app.store.channel_position(channel.id, self._user_id)
+        if fresh:
+            await self._call("/ack", id=newest, channel=channel.name)
 
     async def _refuse_unauthenticated(self, nick: str) -> None:
         machine = self.machine
@@ -362,6 +374,7 @@ class IrcCore:
                 machine.numeric("479", target, f"Cannot join channel: {error.message}")
                 continue
             canonical = "#" + joined["name"]
+            await self._start_position(joined["name"])
             machine.send("JOIN", [canonical], machine.source)
             await self._names(canonical, read_marker=True)
 
