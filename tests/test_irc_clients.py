@@ -42,7 +42,7 @@ def text_of(directory: Path) -> str:
 async def bob_and_port(make_harness: MakeHarness) -> tuple[Client, int]:
     port = free_port()
     harness = await make_harness(irc_port=port, server_name="irc.test")
-    await harness.user("alice", CLIENT_PASSWORD)
+    await (await harness.user("alice", CLIENT_PASSWORD)).close()  # registered, not online
     bob = await harness.user("bob")
     await bob.request("/channel/join", {"name": "test"})
     await bob.request("/subscribe")
