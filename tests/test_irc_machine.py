@@ -539,3 +539,27 @@ async def test_a_channel_joined_on_irc_replays_what_was_missed(app: App) -> None
     await irc.login("alice")
     await _settle(irc)
     assert irc.take() == [":bob!bob@chatd PRIVMSG #quiet :m"]
+
+
+async def test_a_revoked_login_ends_the_irc_session(app: App) -> None:
+    await register(app, "alice")
+    irc = Irc(app)
+    await irc.login("alice")
+    assert irc.core.session.token_digest is not None
+    await app.store.revoke_tokens(irc.core.session.user_id or 0)
+    clock_of(app).now = NOW + app.config.token_recheck + 1  # the next command re-checks
+    assert await irc.send("PRIVMSG alice :still there?") == [
+        "ERROR :Closing link: Session ended: token revoked: log in again",
+    ]  # and nothing after the ERROR line
+    assert irc.core.closed
+
+
+async def test_privmsg_without_recipient_or_text(app: App) -> None:
+    await register(app, "alice")
+    irc = Irc(app)
+    await irc.login("alice")
+    assert await irc.send("PRIVMSG", "PRIVMSG alice", "PRIVMSG alice :", "NOTICE alice") == [
+        f":{SERVER} 411 alice :No recipient given (PRIVMSG)",
+        f":{SERVER} 412 alice :No text to send",
+        f":{SERVER} 412 alice :No text to send",
+    ]

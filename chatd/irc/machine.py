@@ -333,7 +333,8 @@ class IrcMachine:
         source: str | None = None,
         tags: dict[str, str] | None = None,
     ) -> None:
-        self._out.append((command, params, source, tags))
+        if not self.closed:  # nothing follows the ERROR line
+            self._out.append((command, params, source, tags))
 
     def numeric(self, code: str, *params: str) -> None:
         self.send(code, [self.nick, *params], self.server_name)

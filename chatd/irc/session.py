@@ -26,6 +26,7 @@ from chatd.errors import (
     BadRequest,
     ChatdError,
     Forbidden,
+    NotAuthenticated,
     NotFound,
     RateLimited,
     ServerError,
@@ -175,6 +176,9 @@ class IrcCore:
             return result or {}
         except ChatdError as error:
             code = int(error.code)
+            if isinstance(error, NotAuthenticated) and self.machine.registered:
+                # The login ended elsewhere (token revoked, expired): so does this session.
+                self.machine.close(f"Session ended: {error.message}")
             raise
         except Exception as error:
             code = int(ServerError.code)
@@ -315,8 +319,12 @@ class IrcCore:
     async def _privmsg(self, message: Message) -> None:
         notice = message.command == "NOTICE"
         if len(message.params) < 2 or not message.params[1]:
-            if not notice:
-                self.machine.numeric(n.ERR_NEEDMOREPARAMS, message.command, "Not enough parameters")
+            if notice:
+                return
+            if not message.params:
+                self.machine.numeric(n.ERR_NORECIPIENT, f"No recipient given ({message.command})")
+            else:
+                self.machine.numeric(n.ERR_NOTEXTTOSEND, "No text to send")
             return
         text = message.params[1]
         if text.startswith(ACTION_PREFIX):  # CTCP ACTION is chatd's "/me" (protocol.md)
