@@ -1,4 +1,4 @@
-"""chatd's IRC front-end (protocol.md, "IRC"): a second front-end over the same
+"""chatd's IRC front-end (protocol.md, section 12): a second front-end over the same
 handlers, hub and store as the msgpack one, not a bridge.
 
     lines.py       bytes <-> IRC lines, limits (Sans-I/O, irctokens underneath)

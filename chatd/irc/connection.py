@@ -1,8 +1,8 @@
 """The IRC transport: sockets in and out of the session core, and the listener.
 
 Thin on purpose: it reads, feeds :class:`~chatd.irc.session.IrcCore`, writes
-what comes back with backpressure, and keeps the timeouts (protocol.md, "IRC",
-"Limits"): registration (``auth_timeout``), idle (``ping_interval``, then a
+what comes back with backpressure, and keeps the timeouts (protocol.md, section 12.1,
+"Timeouts"): registration (``auth_timeout``), idle (``ping_interval``, then a
 PING answered within ``ping_timeout``), writes (``write_timeout``), and a
 client that lets ``max_outbound_buffer`` bytes pile up is dropped.
 """
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 READ_CHUNK = 16 * 1024
 DRAIN_ABOVE = 64 * 1024
 # After delivering messages, a PING this soon lets a silent client show it is alive,
-# so what it was sent counts as received (protocol.md, "IRC", "Delivery").
+# so what it was sent counts as received (protocol.md, section 12.4).
 ACK_PROBE_DELAY = 2.0
 TLS_HANDSHAKE_TIMEOUT = 10.0
 

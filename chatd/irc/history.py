@@ -1,4 +1,4 @@
-"""IRCv3 draft/chathistory and draft/read-marker over chatd's store (protocol.md, "IRC").
+"""IRCv3 draft/chathistory and draft/read-marker over chatd's store (protocol.md, section 12).
 
 The ranges are read from the store with the membership rule of /channel/history
 (members only) and /history (your own conversations); message references are

@@ -1,4 +1,4 @@
-"""IRC lines: bytes to messages and back (protocol.md, "IRC", "Lines and limits").
+"""IRC lines: bytes to messages and back (protocol.md, section 12.1).
 
 Sans-I/O.  Tokenising is ``irctokens``'; this module adds what it leaves out:
 blank lines (which raise inside it), the 512-byte limit on the line without

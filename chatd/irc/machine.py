@@ -1,4 +1,4 @@
-"""The IRC protocol machine: bytes in, actions and lines out (protocol.md, "IRC").
+"""The IRC protocol machine: bytes in, actions and lines out (protocol.md, section 12).
 
 Sans-I/O: no sockets, no asyncio, no store.  It owns what IRC itself decides:
 line limits, capability negotiation, the registration sequence (CAP holding
@@ -36,7 +36,6 @@ CAPABILITIES = {
     "sasl": "PLAIN",
     "server-time": "",
 }
-# Capabilities that only make sense with message-tags' tags: asking for them implies it.
 SASL_CHUNK = 400  # bytes of base64 per AUTHENTICATE line (IRCv3 sasl-3.1)
 MAX_SASL = 4096  # bytes of base64 in all: a name, a 1024-character password, some slack
 USER_HOST = "chatd"  # the host part of every user's source: chatd shows no addresses
@@ -75,19 +74,9 @@ Action = Login | Register | Command | Quit
 OutLine = tuple[str, list[str], str | None, dict[str, str] | None]
 
 
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """What the 005 line tells clients."""
-
-    nicklen: int = 32
-    channellen: int = 33
-    history: int = 200
-
-
 @dataclass
 class IrcMachine:
     server_name: str
-    limits: Limits = field(default_factory=Limits)
     nick: str = "*"
     user: str | None = None
     caps: set[str] = field(default_factory=set)

@@ -4,7 +4,7 @@ Every account, channel and message operation goes through ``handlers.dispatch``
 with a :class:`~chatd.handlers.Context`, as ``App.handle`` does for msgpack
 requests: same auth gate, same flood control, same store, same hub.  Handlers
 return data or raise :class:`~chatd.errors.ChatdError`; this module turns both
-into IRC lines (protocol.md, "IRC").  No sockets here: output goes to a
+into IRC lines (protocol.md, section 12).  No sockets here: output goes to a
 :class:`Transport`, which tests replace with a list.
 """
 
@@ -40,7 +40,6 @@ from chatd.irc.machine import (
     Action,
     Command,
     IrcMachine,
-    Limits,
     Login,
     Quit,
     Register,
@@ -100,10 +99,7 @@ class IrcCore:
         self.transport = transport
         self.session = IrcSession(self, address, port)
         config = app.config
-        self.machine = IrcMachine(
-            config.server_name,
-            Limits(MAX_NAME_LENGTH, MAX_NAME_LENGTH + 1, config.history_page),
-        )
+        self.machine = IrcMachine(config.server_name)
         # Newest message id written per stream and not yet acknowledged (the delivery rule).
         self._unacked: dict[str, int] = {}
         self._guest_id: int | None = None
@@ -236,7 +232,7 @@ class IrcCore:
 
     async def _become_guest(self, nick: str) -> None:
         """A guest identity under the nick, for as long as the connection lasts
-        (protocol.md, "IRC", "Guests"); refusals are left to the caller."""
+        (protocol.md, section 12.6); refusals are left to the caller."""
         try:
             validation.user_name(Params({"name": nick}))
             validation.check_new_name(nick, "nick")
@@ -260,7 +256,7 @@ class IrcCore:
     async def _start_position(self, channel_name: str) -> None:
         """A channel joined on IRC is shown from now on: one with no position (never
         read) gets its newest message as position, so that what is said later is
-        replayed if this client misses it (protocol.md, "IRC", "Delivery")."""
+        replayed if this client misses it (protocol.md, section 12.4)."""
         channel = await self.app.store.find_channel(name_key(channel_name))
         if channel is None:
             return
@@ -643,7 +639,7 @@ class IrcCore:
 
     async def _markread(self, message: Message) -> None:
         """MARKREAD target [timestamp=T]: the read position, moved forward only; the
-        account's other IRC sessions are told (protocol.md, "IRC", "Read markers")."""
+        account's other IRC sessions are told (protocol.md, section 12.5)."""
         machine = self.machine
         target = await history.find_target(self.app.store, self._user_id, message.param(0))
         if target is None:
