@@ -563,3 +563,16 @@ async def test_privmsg_without_recipient_or_text(app: App) -> None:
         f":{SERVER} 412 alice :No text to send",
         f":{SERVER} 412 alice :No text to send",
     ]
+
+
+async def test_actions_travel_as_me_and_other_ctcp_is_dropped(app: App) -> None:
+    await register(app, "alice", "bob")
+    irc = Irc(app)
+    await irc.login("alice", "echo-message")
+    bob = await msgpack_user(app, "bob")
+    assert await irc.send("PRIVMSG bob :\x01ACTION waves\x01", "PRIVMSG bob :\x01VERSION\x01") == [
+        ":alice!alice@chatd PRIVMSG bob :\x01ACTION waves\x01"
+    ]
+    assert await irc.send("NOTICE bob :a notice") == [":alice!alice@chatd NOTICE bob :a notice"]
+    history = await answer(app, bob, {"op": "/history", "params": {"name": "alice"}})
+    assert [m["msg"] for m in history["data"]["messages"]] == ["/me waves", "a notice"]

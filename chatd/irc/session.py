@@ -325,6 +325,8 @@ class IrcCore:
         text = message.params[1]
         if text.startswith(ACTION_PREFIX):  # CTCP ACTION is chatd's "/me" (protocol.md)
             text = "/me " + text[len(ACTION_PREFIX) :].removesuffix(ACTION_END)
+        elif text.startswith("\x01"):
+            return  # other CTCP (VERSION, PING...): client chatter, not messages to store
         for target in message.params[0].split(",")[:MAX_TARGETS]:
             await self._send_to(target, text, message.command, notice)
 
@@ -352,7 +354,9 @@ class IrcCore:
             return
         if "echo-message" in machine.caps:
             stamp = _parse_datetime(sent["datetime"])
-            self._message_lines(sent["id"], machine.nick, target, text, stamp, self.machine.send)
+            self._message_lines(
+                sent["id"], machine.nick, target, text, stamp, self.machine.send, command
+            )
 
     async def _require_member(self, target: str) -> None:
         """PRIVMSG to a channel not joined is refused (chatd's first-use join is not IRC's)."""
@@ -744,9 +748,11 @@ class IrcCore:
         text: str,
         created_at: float,
         send: Callable[[str, list[str], str | None, dict[str, str] | None], None],
+        command: str = "PRIVMSG",
     ) -> None:
-        """PRIVMSG lines for one message, split to fit 512 bytes (never cut); the msgid
-        tag goes on the first line only, as ids must not repeat."""
+        """PRIVMSG lines for one message (NOTICE for the echo of one), split to fit 512
+        bytes (never cut); the msgid tag goes on the first line only, as ids must not
+        repeat."""
         caps = self.machine.caps
         tags: dict[str, str] = {}
         if "server-time" in caps:
@@ -759,13 +765,13 @@ class IrcCore:
         if action:
             text = text[4:]
         source = user_source(sender)
-        overhead = utf8_len(f":{source} PRIVMSG {target} :") + 2
+        overhead = utf8_len(f":{source} {command} {target} :") + 2
         if action:
             overhead += len(ACTION_PREFIX) + len(ACTION_END)
         for index, piece in enumerate(split_text(text, MAX_LINE - overhead) or [" "]):
             body = f"{ACTION_PREFIX}{piece}{ACTION_END}" if action else piece
             line_tags = tags if index == 0 else {k: v for k, v in tags.items() if k != "msgid"}
-            send("PRIVMSG", [target, body], source, line_tags or None)
+            send(command, [target, body], source, line_tags or None)
 
     def deliver_membership(self, kind: str, channel: str, name: str) -> None:
         command = "JOIN" if kind == "join" else "PART"
