@@ -576,3 +576,20 @@ async def test_actions_travel_as_me_and_other_ctcp_is_dropped(app: App) -> None:
     assert await irc.send("NOTICE bob :a notice") == [":alice!alice@chatd NOTICE bob :a notice"]
     history = await answer(app, bob, {"op": "/history", "params": {"name": "alice"}})
     assert [m["msg"] for m in history["data"]["messages"]] == ["/me waves", "a notice"]
+
+
+async def test_channel_lines_made_once_fit_each_kind_of_client(app: App) -> None:
+    await register(app, "alice", "bob", "carol", "dave")
+    plain, tagged, also_tagged = Irc(app), Irc(app), Irc(app)
+    await plain.login("alice")
+    await tagged.login("bob", "message-tags")
+    await also_tagged.login("carol", "message-tags")
+    for irc in (plain, tagged, also_tagged):
+        await irc.send("JOIN #c")
+    dave = await msgpack_user(app, "dave")
+    await answer(app, dave, {"op": "/channel/join", "params": {"name": "c"}})
+    for irc in (plain, tagged, also_tagged):
+        irc.take()
+    await answer(app, dave, {"op": "/channel/send", "params": {"name": "c", "message": "one"}})
+    assert plain.take() == [":dave!dave@chatd PRIVMSG #c :one"]
+    assert tagged.take() == also_tagged.take() == ["@msgid=1 :dave!dave@chatd PRIVMSG #c :one"]

@@ -35,7 +35,7 @@ from chatd.handlers import Context, Deferred, dispatch
 from chatd.hub import Session
 from chatd.irc import history
 from chatd.irc import numerics as n
-from chatd.irc.lines import MAX_LINE, Message, split_text, utf8_len
+from chatd.irc.lines import MAX_LINE, Message, format_line, split_text, utf8_len
 from chatd.irc.machine import (
     Action,
     Command,
@@ -697,7 +697,12 @@ class IrcCore:
     # are data, this decodes the frame and hands its fields to deliver_message(); the
     # typed events will replace exactly this method.
     def pushed(self, frame: bytes) -> None:
-        body = decode_body(memoryview(frame)[HEADER_SIZE:])
+        global _last_frame  # the hub writes one frame object to every recipient in turn
+        if _last_frame[0] is frame:
+            body = _last_frame[1]
+        else:
+            body = decode_body(memoryview(frame)[HEADER_SIZE:])
+            _last_frame = (frame, body)
         if not isinstance(body, dict) or not isinstance(body.get("data"), dict):
             return
         data, kind = body["data"], body.get("event")
@@ -729,11 +734,38 @@ class IrcCore:
             target, stream = recipient, ""
         else:
             target, stream = nick, INBOX
-        self._message_lines(message_id, sender, target, text, created_at, self._write_line)
-        self._flush()
+        if channel is None:
+            self._message_lines(message_id, sender, target, text, created_at, self._write_line)
+            self._flush()
+        else:
+            self._flush()
+            self.transport.write(self._channel_lines(message_id, sender, target, text, created_at))
         if stream and message_id > self._unacked.get(stream, 0):
             self._unacked[stream] = message_id
             self.transport.probe_soon()
+
+    def _channel_lines(
+        self, message_id: int, sender: str, target: str, text: str, created_at: float
+    ) -> bytes:
+        """A channel message's lines are the same for every member with the same tag
+        capabilities: made once per message and kind of client, not once per member."""
+        global _last_channel_lines
+        caps = self.machine.caps
+        # The whole message in the key: ids repeat across servers (tests run several).
+        key = (message_id, target, sender, created_at, text, *(cap in caps for cap in _TAG_CAPS))
+        if _last_channel_lines[0] == key:
+            return _last_channel_lines[1]
+        lines: list[bytes] = []
+
+        def send(
+            command: str, params: list[str], source: str | None, tags: dict[str, str] | None
+        ) -> None:
+            lines.append(format_line(command, params, source, tags))
+
+        self._message_lines(message_id, sender, target, text, created_at, send)
+        data = b"".join(lines)
+        _last_channel_lines = (key, data)
+        return data
 
     def _write_line(
         self, command: str, params: list[str], source: str | None, tags: dict[str, str] | None
@@ -794,6 +826,12 @@ class IrcCore:
 
 
 Handler = Callable[[IrcCore, Message], Awaitable[None]]
+
+# One-entry memos of the fan-out (the event loop is single-threaded): the last frame the
+# hub pushed, decoded; the last channel message's lines, per set of tag capabilities.
+_last_frame: tuple[bytes | None, Any] = (None, None)
+_last_channel_lines: tuple[tuple[object, ...] | None, bytes] = (None, b"")
+_TAG_CAPS = ("server-time", "message-tags", "account-tag")
 
 
 _COMMANDS: dict[str, Handler] = {
