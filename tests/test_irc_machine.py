@@ -593,3 +593,18 @@ async def test_channel_lines_made_once_fit_each_kind_of_client(app: App) -> None
     await answer(app, dave, {"op": "/channel/send", "params": {"name": "c", "message": "one"}})
     assert plain.take() == [":dave!dave@chatd PRIVMSG #c :one"]
     assert tagged.take() == also_tagged.take() == ["@msgid=1 :dave!dave@chatd PRIVMSG #c :one"]
+
+
+async def test_a_client_sending_everything_at_once_is_answered_in_order(app: App) -> None:
+    await register(app, "alice")
+    irc = Irc(app)
+    plain = base64.b64encode(f"\0alice\0{PASSWORD}".encode()).decode()
+    lines = await irc.send(
+        "CAP LS 302", "NICK alice", "USER alice 0 * :A", "CAP REQ :sasl",
+        "AUTHENTICATE PLAIN", f"AUTHENTICATE {plain}", "CAP END", "JOIN #now", "PING end",
+    )
+    numerics = [line.split()[1] for line in lines]
+    assert numerics == [
+        "CAP", "CAP", "+", "900", "903", "001", "002", "003", "004", "005", "422",
+        "JOIN", "353", "366", "PONG",
+    ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections import deque
 from dataclasses import dataclass, field
 
 from chatd.irc import numerics as n
@@ -93,20 +94,31 @@ class IrcMachine:
     _label: tuple[str, int] | None = None
     _batches: int = 0
     _decoder: LineDecoder = field(default_factory=LineDecoder)
+    _queue: deque[Message | LineError] = field(default_factory=deque)
 
     # Input.
 
-    def receive(self, data: bytes) -> list[Action]:
-        actions: list[Action] = []
-        for item in self._decoder.feed(data):
-            if self.closed:
-                break
+    def receive(self, data: bytes) -> None:
+        """Take bytes; their lines wait in order for next_actions()."""
+        items = self._decoder.feed(data)
+        if items:
             self.alive = True
+            self._queue.extend(items)
+
+    def next_actions(self) -> list[Action]:
+        """Handle waiting lines up to the first that needs the core, and return its
+        actions; [] when no line is left.  One line at a time, so that a client that
+        sends registration and commands in one go (bots do) has its commands run after
+        the login they depend on, and every reply comes in the order of the lines."""
+        while self._queue and not self.closed:
+            item = self._queue.popleft()
             if isinstance(item, LineError):
                 self._line_error(item)
                 continue
-            actions.extend(self._handle(item))
-        return actions
+            actions = self._handle(item)
+            if actions:
+                return actions
+        return []
 
     def take_alive(self) -> bool:
         alive, self.alive = self.alive, False

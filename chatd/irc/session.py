@@ -113,15 +113,16 @@ class IrcCore:
 
     async def receive(self, data: bytes) -> None:
         """Handle the lines in ``data``; output goes to the transport as it is made."""
-        actions = self.machine.receive(data)
-        if self.machine.take_alive() and self._unacked:
+        machine = self.machine
+        machine.receive(data)
+        if machine.take_alive() and self._unacked:
             await self._acknowledge()
+        while actions := machine.next_actions():
+            self._flush()  # the replies of the lines before, in order
+            for action in actions:
+                await self._act(action)
+                self._flush()
         self._flush()
-        for action in actions:
-            await self._act(action)
-            self._flush()
-            if self.closed:
-                return
 
     async def _act(self, action: Action) -> None:
         if isinstance(action, Login):
