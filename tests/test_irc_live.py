@@ -217,3 +217,19 @@ async def test_irc_over_tls_next_to_plain_irc(make_harness: MakeHarness, tmp_pat
         await irc.send("PING tls")
         await irc.expect(r"PONG \S+ :tls$")
         await irc.close()
+
+
+async def test_min_password_length_is_the_operators_on_every_front_end(
+    make_harness: MakeHarness,
+) -> None:
+    harness, port = await irc_harness(make_harness, min_password_length=4)
+    client = await harness.connect()
+    params = {"name": "shorty", "password": "abcd", "password_repete": "abcd"}
+    assert await client.request("/register", params) is None
+    short = {"name": "shorter", "password": "abc", "password_repete": "abc"}
+    refused = await client.call("/register", short)
+    assert (refused["code"], refused["msg"]) == (1, "password must be at least 4 characters")
+    irc = await IrcClient.connect(port)
+    await irc.send("PASS shorty:abcd", "NICK shorty", "USER s 0 * :S")
+    await irc.expect(r" 001 shorty ")
+    await irc.close()
