@@ -608,3 +608,24 @@ async def test_a_client_sending_everything_at_once_is_answered_in_order(app: App
         "CAP", "CAP", "+", "900", "903", "001", "002", "003", "004", "005", "422",
         "JOIN", "353", "366", "PONG",
     ]
+
+
+async def test_a_push_during_a_labelled_command_is_not_labelled(app: App) -> None:
+    await register(app, "alice")
+    irc = Irc(app)
+    await irc.login("alice", "labeled-response batch")
+    machine = irc.core.machine
+    # A command in progress (its replies held for the label) when the hub pushes.
+    machine.begin_label({"label": "w"})
+    machine.numeric("311", "reply one")
+    irc.core.deliver_message(7, None, "bob", None, "psst", NOW)
+    assert irc.take() == [":bob!bob@chatd PRIVMSG alice :psst"]  # out at once, unlabelled
+    machine.numeric("318", "reply two")
+    machine.end_label()
+    irc.core._flush()
+    assert irc.take() == [
+        f"@label=w :{SERVER} BATCH +B1 labeled-response",
+        f"@batch=B1 :{SERVER} 311 alice :reply one",
+        f"@batch=B1 :{SERVER} 318 alice :reply two",
+        f":{SERVER} BATCH -B1",
+    ]

@@ -735,11 +735,14 @@ class IrcCore:
             target, stream = recipient, ""
         else:
             target, stream = nick, INBOX
+        # Written straight to the transport, not through the machine: a push is no reply,
+        # and must not be held in (or labelled as) the replies of a command in progress.
+        self._flush()
         if channel is None:
-            self._message_lines(message_id, sender, target, text, created_at, self._write_line)
-            self._flush()
+            lines: list[bytes] = []
+            self._message_lines(message_id, sender, target, text, created_at, _collect(lines))
+            self.transport.write(b"".join(lines))
         else:
-            self._flush()
             self.transport.write(self._channel_lines(message_id, sender, target, text, created_at))
         if stream and message_id > self._unacked.get(stream, 0):
             self._unacked[stream] = message_id
@@ -757,21 +760,10 @@ class IrcCore:
         if _last_channel_lines[0] == key:
             return _last_channel_lines[1]
         lines: list[bytes] = []
-
-        def send(
-            command: str, params: list[str], source: str | None, tags: dict[str, str] | None
-        ) -> None:
-            lines.append(format_line(command, params, source, tags))
-
-        self._message_lines(message_id, sender, target, text, created_at, send)
+        self._message_lines(message_id, sender, target, text, created_at, _collect(lines))
         data = b"".join(lines)
         _last_channel_lines = (key, data)
         return data
-
-    def _write_line(
-        self, command: str, params: list[str], source: str | None, tags: dict[str, str] | None
-    ) -> None:
-        self.machine.send(command, params, source, tags)
 
     def _message_lines(
         self,
@@ -808,8 +800,8 @@ class IrcCore:
 
     def deliver_membership(self, kind: str, channel: str, name: str) -> None:
         command = "JOIN" if kind == "join" else "PART"
-        self.machine.send(command, ["#" + channel], user_source(name))
         self._flush()
+        self.transport.write(format_line(command, ["#" + channel], user_source(name)))
 
     async def _acknowledge(self) -> None:
         """The client is alive after the lines written so far: they count as received."""
@@ -827,6 +819,18 @@ class IrcCore:
 
 
 Handler = Callable[[IrcCore, Message], Awaitable[None]]
+LineSink = Callable[[str, list[str], str | None, dict[str, str] | None], None]
+
+
+def _collect(lines: list[bytes]) -> LineSink:
+    """A line sink that formats into ``lines``."""
+
+    def send(
+        command: str, params: list[str], source: str | None, tags: dict[str, str] | None
+    ) -> None:
+        lines.append(format_line(command, params, source, tags))
+
+    return send
 
 # One-entry memos of the fan-out (the event loop is single-threaded): the last frame the
 # hub pushed, decoded; the last channel message's lines, per set of tag capabilities.
