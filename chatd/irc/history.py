@@ -12,7 +12,8 @@ import re
 import time
 from dataclasses import dataclass
 
-from chatd.store import Bounds, Channel, Store, User
+from chatd.storage import MessageStore
+from chatd.store import Bounds, Channel, User
 from chatd.validation import name_key
 
 MILLISECOND = 0.001
@@ -93,7 +94,7 @@ class Target:
     user: User | None = None
 
 
-async def find_target(store: Store, user_id: int, target: str) -> Target | None:
+async def find_target(store: MessageStore, user_id: int, target: str) -> Target | None:
     if target.startswith("#"):
         channel = await store.find_channel(name_key(target[1:]))
         if channel is None or not await store.is_member(channel.id, user_id):
