@@ -13,7 +13,9 @@ from pathlib import Path
 import trustme
 
 from chatd.client import Client
-from tests.conftest import PASSWORD, Harness, MakeHarness, Spawn, fast_env
+from chatd.config import Config
+from tests.conftest import PASSWORD, TEST_SETTINGS, Harness, MakeHarness, Spawn, fast_env
+from tests.pg_helpers import fresh_database
 from tests.test_live import events_of
 
 SERVER = "irc.test"
@@ -233,3 +235,41 @@ async def test_min_password_length_is_the_operators_on_every_front_end(
     await irc.send("PASS shorty:abcd", "NICK shorty", "USER s 0 * :S")
     await irc.expect(r" 001 shorty ")
     await irc.close()
+
+
+async def test_irc_on_postgres_guests_history_and_replay(tmp_path: Path) -> None:
+    """The IRC front-end over the PostgreSQL store: the store methods it adds, for real."""
+    async with fresh_database() as url:
+        port = free_port()
+        config = Config(
+            host="127.0.0.1", port=0, db=url, irc_port=port, server_name=SERVER,
+            irc_guests=True, **TEST_SETTINGS,
+        )
+        harness = Harness(config)
+        await harness.start()
+        try:
+            bob = await harness.user("bob")
+            await bob.request("/channel/join", {"name": "pg"})
+            guest = await IrcClient.connect(port)
+            await guest.send("CAP LS 302", "CAP REQ :batch message-tags draft/chathistory")
+            await guest.send("NICK visitor", "USER v 0 * :V", "CAP END", "JOIN #pg")
+            await guest.expect(r" 366 visitor #pg ")
+            sent = await bob.request("/channel/send", {"name": "pg", "message": "on postgres"})
+            line = await guest.expect(r"PRIVMSG #pg :on postgres$")
+            assert msgid(line) == sent["id"]
+            await guest.send("CHATHISTORY LATEST #pg * 10")
+            await guest.expect(r"BATCH \+\S+ chathistory #pg")
+            replayed = await guest.expect(r"PRIVMSG #pg :on postgres$")
+            assert replayed.startswith("@batch=")
+            await guest.send("PRIVMSG #pg :a guest's words")
+            await guest.send("QUIT")
+            await guest.expect(r"^ERROR ")
+            await guest.close()
+            history = await bob.request("/channel/history", {"name": "pg"})
+            assert [m["name"] for m in history["messages"]] == ["bob", "visitor"]
+            # The guest ends as its connection does; no event tells when the store is done.
+            async with asyncio.timeout(10):
+                while (await bob.call("/user/info", {"name": "visitor"}))["code"] != 5:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+        finally:
+            await harness.stop()
