@@ -90,6 +90,19 @@ class SentMessage:
     created_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """An open interval of messages, by id and by time (IRC CHATHISTORY)."""
+
+    after_id: int = 0
+    before_id: int = (1 << 63) - 1
+    after_time: float = float("-inf")
+    before_time: float = float("inf")
+
+    def values(self) -> tuple[int, int, float, float]:
+        return self.after_id, self.before_id, self.after_time, self.before_time
+
+
 @dataclass(slots=True)
 class Membership:
     channel_id: int
@@ -133,3 +146,6 @@ class NewMessage:
 # How stale a cached user may be: a user deleted by `chatd admin` in another process can
 # still be addressed this long (the send then fails alone, with code 9).
 PROFILE_TTL = 10.0
+
+# The password hash of an IRC guest: no argon2 hash, so no password ever matches it.
+GUEST_HASH = "guest"
