@@ -32,13 +32,13 @@ from chatd.hub import Hub, Session
 from chatd.limits import Guards, RateLimiter, address_key
 from chatd.metrics import Metrics
 from chatd.protocol import Data, Params, Request, format_datetime
-from chatd.storage import MessageStore
 from chatd.store import (
     CHANNEL,
     PRIVATE,
     Channel,
     ChannelMessage,
     Joined,
+    MessageStore,
     NewMessage,
     PrivateMessage,
     Stored,
@@ -97,7 +97,7 @@ class Op:
 
 async def register(ctx: Context, params: Params) -> None:
     name = validation.new_user_name(params)
-    password = validation.new_password(params, "password")
+    password = validation.new_password(params, "password", ctx.config.min_password_length)
     repeated = params.text("password_repete", validation.MAX_PASSWORD_LENGTH)
     if password != repeated:
         raise BadRequest("password and password_repete differ")
