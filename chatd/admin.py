@@ -1,8 +1,10 @@
 """``chatd backup``, ``chatd admin`` and ``chatd init``: what an operator needs, run
-against the database file.
+against the database (``--db``: a SQLite file or a ``postgresql://`` URL).
 
 Backup and admin work while the server runs (SQLite WAL lets both use the file;
-they do not take the server's instance lock, chatd/dbfile.py).  Revoking
+they do not take the server's instance lock, chatd/dbfile.py).  Admin asks the store
+only what chatd.storage.MessageStore offers, so it works on either store.  Backing up
+PostgreSQL is pg_dump's job: ``chatd backup`` prints the command instead.  Revoking
 tokens or deleting a user ends that user's live sessions within
 ``token_recheck`` seconds (protocol.md, "Authentication and sessions").
 """
@@ -12,16 +14,20 @@ from __future__ import annotations
 import asyncio
 import getpass
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
 from typing import TextIO
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from chatd import store as store_module
 from chatd.auth import Hasher
 from chatd.config import Config
 from chatd.dbfile import InstanceLock
 from chatd.protocol import format_datetime
+from chatd.storage import MessageStore, is_postgres_url
+from chatd.storage import open_store as open_any_store
 from chatd.store import Store, StoreError, User
 from chatd.validation import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, name_key
 
@@ -31,6 +37,8 @@ class AdminError(Exception):
 
 
 def backup(config: Config, target: str) -> str:
+    if is_postgres_url(config.db):
+        return postgres_backup_advice(config.db, target)
     if os.path.exists(target):
         raise AdminError(f"{target} exists; choose a new file name")
     require_database(config)
@@ -41,11 +49,33 @@ def backup(config: Config, target: str) -> str:
     return f"backed up {config.db} to {target}"
 
 
+def postgres_backup_advice(url: str, target: str) -> str:
+    """The exact pg_dump command (and its restore) for a PostgreSQL --db: chatd writes nothing.
+
+    pg_dump takes a consistent snapshot while chatd serves; a password in the URL is left
+    out of the printed command (give it through PGPASSWORD or ~/.pgpass).
+    """
+    url = without_password(url)
+    return (
+        "chatd backup copies SQLite files; a PostgreSQL database is backed up with pg_dump"
+        f" (nothing was written to {target}). Run:\n"
+        f"  pg_dump --format=custom --file={shlex.quote(target)} {shlex.quote(url)}\n"
+        "and to restore it into a new, empty database:\n"
+        f"  pg_restore --dbname=NEW_DATABASE_URL {shlex.quote(target)}"
+    )
+
+
 async def init_database(config: Config) -> str:
     """Create a new, empty database: the explicit way to start over once one went missing.
 
-    Takes the server's instance lock, so it is refused while a server runs.
+    Takes the server's instance lock, so it is refused while a server runs.  On
+    PostgreSQL the database itself is the operator's (createdb): init creates chatd's
+    tables in it, as a server starting on it would.
     """
+    if is_postgres_url(config.db):
+        store = await open_store(config)
+        await store.close()
+        return f"chatd's tables are ready in {without_password(config.db)}"
     try:
         lock = await asyncio.to_thread(InstanceLock.acquire, config.db)
     except StoreError as exc:
@@ -65,7 +95,7 @@ async def init_database(config: Config) -> str:
     return f"created a new, empty database at {config.db}"
 
 
-async def list_users(store: Store, out: TextIO) -> None:
+async def list_users(store: MessageStore, out: TextIO) -> None:
     users = await store.list_users(time.time())
     print(f"{'name':<32}  {'registered (UTC)':<19}  tokens", file=out)
     for name, created_at, tokens in users:
@@ -73,7 +103,7 @@ async def list_users(store: Store, out: TextIO) -> None:
 
 
 async def reset_password(
-    store: Store, config: Config, name: str, read_password: Callable[[], str]
+    store: MessageStore, config: Config, name: str, read_password: Callable[[], str]
 ) -> str:
     user = await _user(store, name)
     password = read_password()
@@ -90,22 +120,31 @@ async def reset_password(
     return f"password of {user.name} reset; {revoked} session token(s) revoked"
 
 
-async def revoke_tokens(store: Store, name: str) -> str:
+async def revoke_tokens(store: MessageStore, name: str) -> str:
     user = await _user(store, name)
     return f"{await store.revoke_tokens(user.id)} session token(s) of {user.name} revoked"
 
 
-async def delete_user(store: Store, name: str) -> str:
+async def delete_user(store: MessageStore, name: str) -> str:
     user = await _user(store, name)
     await store.delete_user(user.id)
     return f"deleted {user.name} and their messages, memberships and tokens"
 
 
-async def _user(store: Store, name: str) -> User:
+async def _user(store: MessageStore, name: str) -> User:
     user = await store.find_user(name_key(name))
     if user is None:
         raise AdminError(f"no user named {name!r}")
     return user
+
+
+def without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = quote(unquote(parts.username or ""), safe="")
+    return urlunsplit(parts._replace(netloc=f"{user}@{netloc}" if user else netloc))
 
 
 def read_new_password(stdin: TextIO = sys.stdin) -> str:
@@ -119,14 +158,21 @@ def read_new_password(stdin: TextIO = sys.stdin) -> str:
 
 
 def require_database(config: Config) -> None:
-    """Operations work on an existing database: a mistyped path must not create one."""
+    """Operations work on an existing database: a mistyped path must not create one.
+
+    A URL is no path: PostgreSQL refuses to connect to a database that does not exist.
+    """
+    if is_postgres_url(config.db):
+        return
     if not os.path.exists(config.db):
         raise AdminError(f"no database at {config.db}")
 
 
-async def open_store(config: Config) -> Store:
+async def open_store(config: Config) -> MessageStore:
     """The existing database (callers check it exists: a typo must not create a new one)."""
     try:
+        if is_postgres_url(config.db):
+            return await open_any_store(config.db, config)
         return await Store.open(config.db, config.db_synchronous, config.db_busy_timeout)
     except StoreError as exc:
         raise AdminError(str(exc)) from exc
