@@ -7,6 +7,8 @@
     python scripts/bench.py --scenario dm --scenario store --db-synchronous FULL
     python scripts/bench.py --target 127.0.0.1:7777 --target-pid 1234 --scenario latency
     python scripts/bench.py --scenario wal       # WAL size under a 2-minute write flood
+    python scripts/bench.py --db-url postgresql://postgres@127.0.0.1/postgres  # on PostgreSQL
+    python scripts/bench.py --db-url postgresql://... --compare  # dm, store, latency on both
 
 It starts its own chatd (``python -m chatd``) on a temporary database for each
 scenario, or drives an already running one (``--target``).  Every scenario
@@ -46,7 +48,7 @@ import sys
 import tempfile
 import time
 from array import array
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
@@ -1375,10 +1377,12 @@ class Bench:
     workdir: Path
     meta: dict[str, Any]
     prefix: str = field(default_factory=lambda: "b" + secrets.token_hex(3))
+    postgres_db: str | None = None  # the scenario's PostgreSQL database, if on one
 
     def chatd_argv(self, label: str, default_argon2: bool) -> list[str]:
+        db = self.postgres_db or str(self.workdir / f"{label}.sqlite3")
         argv = [sys.executable, "-m", "chatd", "--port", "0",
-                "--db", str(self.workdir / f"{label}.sqlite3"), "--log-level", "WARNING",
+                "--db", db, "--log-level", "WARNING",
                 "--db-synchronous", self.args.db_synchronous, *UNLIMITED]
         if label.startswith("wal-"):
             argv += WAL_UNLIMITED
@@ -1398,7 +1402,7 @@ class Bench:
         server = await self.start_server(label, relay, default_argon2=name == "logins")
         run = Run(self.args, self.sizes, server.host, server.port,
                   f"{self.prefix}{name[:2]}", server)
-        if server.pid is not None and not relay and not self.args.target:
+        if server.pid is not None and not relay and not self.args.target and not self.postgres_db:
             run.db = self.workdir / f"{label}.sqlite3"
         metrics: dict[str, Any] = {}
         try:
@@ -1468,13 +1472,79 @@ async def measure(bench: Bench, name: str, relay: bool) -> dict[str, Any]:
     return best
 
 
+# --compare: the scenarios run on SQLite then PostgreSQL, and the figure compared.
+COMPARED = {"dm": "delivered_per_s", "store": "messages_per_s", "latency": "p50_ms"}
+
+
+@contextlib.asynccontextmanager
+async def postgres_database(server_url: str) -> AsyncIterator[str]:
+    """A new database on the server of ``server_url`` for one run, dropped after it."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    import asyncpg  # chatd[postgresql]: needed only with --db-url
+
+    name = f"chatd_bench_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(server_url, timeout=10)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
+    finally:
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+async def measure_on(bench: Bench, name: str, relay: bool, postgres: bool) -> dict[str, Any]:
+    """``measure``, on a fresh PostgreSQL database when ``postgres``; says which store."""
+    if not postgres or relay or bench.args.target:
+        result = await measure(bench, name, relay)
+        result["store"] = None if relay or bench.args.target else "sqlite"
+        return result
+    async with postgres_database(bench.args.db_url) as url:
+        bench.postgres_db = url
+        try:
+            result = await measure(bench, name, relay)
+        finally:
+            bench.postgres_db = None
+    result["store"] = "postgresql"
+    result["postgres_database"] = url.rsplit("/", 1)[1]  # dropped by now
+    return result
+
+
+async def compare_stores(bench: Bench, output: TextIO | None) -> list[dict[str, Any]]:
+    """dm, store and latency on SQLite, then on PostgreSQL; each PostgreSQL result gets
+    ``vs_sqlite``, its figure divided by SQLite's (for latency: lower is better)."""
+    results: list[dict[str, Any]] = []
+    for name in bench.args.scenario or COMPARED:
+        on_sqlite = await measure_on(bench, name, relay=False, postgres=False)
+        on_postgres = await measure_on(bench, name, relay=False, postgres=True)
+        key = COMPARED.get(name)
+        if key and on_sqlite.get(key) and on_postgres.get(key):
+            on_postgres["vs_sqlite"] = round(on_postgres[key] / on_sqlite[key], 3)
+        for result in (on_sqlite, on_postgres):
+            results.append(result)
+            emit(result, output)
+    return results
+
+
+def emit(result: dict[str, Any], output: TextIO | None) -> None:
+    line = json.dumps(result)
+    print(line, flush=True)
+    if output is not None:
+        output.write(line + "\n")
+        output.flush()
+
+
 async def bench_main(bench: Bench, output: TextIO | None) -> list[dict[str, Any]]:
     args = bench.args
+    if args.compare:
+        return await compare_stores(bench, output)
     results: list[dict[str, Any]] = []
     for name in args.scenario or SCENARIOS:
         runs = [True, False] if name == "dm" and args.baseline else [False]
         for relay in runs:
-            result = await measure(bench, name, relay)
+            result = await measure_on(bench, name, relay, postgres=bool(args.db_url))
             if name == "dm" and not relay and args.baseline:
                 relay_rate = next((r.get("delivered_per_s") for r in results
                                    if r["scenario"] == "dm" and r["server"] == "relay"), None)
@@ -1521,7 +1591,8 @@ def headline(result: dict[str, Any]) -> str:
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
-    rows = [(r["scenario"], r["server"], "yes" if r["verified"] else "NO", headline(r),
+    rows = [(r["scenario"], f"{r['server']} on {r['store']}" if r.get("store") else r["server"],
+             "yes" if r["verified"] else "NO", headline(r) + _versus_sqlite(r),
              f"{r.get('server_cpu_pct', '-')}% / {r.get('client_cpu_pct', '-')}% / "
              f"{r.get('other_cpu_pct', '-')}%")
             for r in results]
@@ -1539,6 +1610,10 @@ def print_table(results: list[dict[str, Any]]) -> None:
         if not r["verified"]:
             print(f"{r['scenario']}/{r['server']} FAILED: {r['verification']['errors'][:5]}",
                   file=sys.stderr)
+
+
+def _versus_sqlite(result: dict[str, Any]) -> str:
+    return f" ({result['vs_sqlite']}x SQLite)" if "vs_sqlite" in result else ""
 
 
 def raise_nofile() -> tuple[int, int]:
@@ -1583,6 +1658,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json-only", action="store_true", help="no table on stderr")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary directory (databases, server logs)")
+    parser.add_argument("--db-url", metavar="URL",
+                        help="serve from PostgreSQL: a fresh database on this server per "
+                             "scenario, dropped after it (postgresql://user@host:port/dbname)")
+    parser.add_argument("--compare", action="store_true",
+                        help="with --db-url: dm, store and latency on SQLite and on "
+                             "PostgreSQL in one run, each PostgreSQL figure over SQLite's")
     parser.add_argument("--relay-server", type=int, metavar="PORT",
                         help=argparse.SUPPRESS)  # internal: run the baseline relay
     args = parser.parse_args(argv)
@@ -1596,6 +1677,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--pin needs taskset (util-linux)")
     if args.target and not re.fullmatch(r"[^\s]+:\d+", args.target):
         parser.error("--target must be HOST:PORT")
+    if args.compare and not args.db_url:
+        parser.error("--compare needs --db-url")
+    if args.db_url and not args.db_url.startswith(("postgresql://", "postgres://")):
+        parser.error("--db-url must be a postgresql:// URL")
+    if args.db_url and args.target:
+        parser.error("--db-url starts its own servers: not with --target")
     return args
 
 
