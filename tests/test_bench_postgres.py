@@ -7,6 +7,7 @@ failed instead with CHATD_REQUIRE_POSTGRES=1 (tests/pg_helpers.py).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -20,7 +21,8 @@ from tests.test_bench import BENCH, ROOT
 @pytest.mark.slow
 async def test_compare_runs_each_scenario_on_both_stores() -> None:
     async with fresh_database() as url:  # the server to make the benchmark's databases on
-        done = subprocess.run(
+        done = await asyncio.to_thread(
+            subprocess.run,
             [sys.executable, str(BENCH), "--quick", "--json-only", "--db-url", url,
              "--compare", "--scenario", "store"],
             cwd=ROOT, capture_output=True, text=True, timeout=110,
