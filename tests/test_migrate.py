@@ -195,7 +195,7 @@ async def test_a_non_empty_target_is_refused_and_left_alone(
     await build_history(harness)
     await harness.stop()
     await migrate(harness.config.db, pg_url)
-    with pytest.raises(MigrateError, match="is not empty .* users table has rows"):
+    with pytest.raises(MigrateError, match=r"is not empty .* users table has rows"):
         await migrate(harness.config.db, pg_url)
     # And through the command: one line, exit status 1.
     status, _, err = await chatd_command("migrate", "--from", harness.config.db, "--to", pg_url)
