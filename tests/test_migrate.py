@@ -8,6 +8,7 @@ Skipped where PostgreSQL is absent, failed instead with CHATD_REQUIRE_POSTGRES=1
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import sqlite3
 from collections.abc import AsyncIterator
@@ -18,8 +19,9 @@ import pytest
 
 from chatd import admin
 from chatd.client import Client
+from chatd.config import Config
 from chatd.migrate import MigrateError, migrate
-from tests.conftest import PASSWORD, Harness
+from tests.conftest import PASSWORD, TEST_SETTINGS, Harness
 from tests.pg_helpers import fresh_database
 from tests.test_operations import chatd_command
 
@@ -236,3 +238,48 @@ async def test_bad_sources_and_targets_are_refused(
         await migrate(chatd_db, "postgresql://nobody@127.0.0.1:1/nothing")
     status, _, err = await chatd_command("migrate", "--from", missing)
     assert status == 2 and "--to" in err
+
+
+async def test_a_first_schema_database_migrates_with_what_later_schemas_added(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Schema 1 had no left_at, no skeletons, no per-stream seq: all are made on the way."""
+    from argon2 import PasswordHasher
+
+    from chatd.store import MIGRATIONS
+
+    first_schema = MIGRATIONS[0]
+    assert isinstance(first_schema, str)
+    password_hash = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1).hash(PASSWORD)
+    old = tmp_path / "old.sqlite3"
+    with contextlib.closing(sqlite3.connect(old)) as db, db:
+        db.executescript(first_schema)
+        db.execute("PRAGMA user_version = 1")
+        db.executemany(
+            "INSERT INTO users (id, name, name_key, password_hash, created_at) VALUES (?,?,?,?,0)",
+            [(1, "ann", "ann", password_hash), (2, "Bob", "bob", password_hash)],
+        )
+        db.executemany(
+            "INSERT INTO private_messages (sender_id, recipient_id, body, created_at)"
+            " VALUES (?, ?, ?, 0)",
+            [(1, 2, "one"), (2, 1, "two"), (1, 2, "three")],
+        )
+    await migrate(str(old), pg_url)
+    harness = Harness(Config(host="127.0.0.1", port=0, db=pg_url, **TEST_SETTINGS))
+    await harness.start()
+    try:
+        bob = await harness.connect()
+        await bob.login("bob", PASSWORD)
+        await bob.request("/subscribe")
+        pushed = [(await bob.next_event(timeout=10))["data"] for _ in range(2)]
+        assert [(m["id"], m["msg"]) for m in pushed] == [(1, "one"), (3, "three")]
+        ann = await harness.connect()
+        await ann.login("ann", PASSWORD)
+        sent = await ann.request("/send", {"name": "bob", "msg": "four"})
+        assert sent["id"] == 4
+        assert (await bob.next_event(timeout=10))["data"]["msg"] == "four"
+        # The skeletons were computed: a look-alike of bob is refused.
+        look_alike = {"name": "B0B", "password": PASSWORD, "password_repete": PASSWORD}
+        assert (await ann.call("/register", look_alike))["code"] != 0
+    finally:
+        await harness.stop()
