@@ -423,12 +423,16 @@ class Probe:
         self._server = server
         self._started: tuple[float, float, float | None, float | None] | None = None
         self.result: dict[str, Any] = {}
+        # On PostgreSQL (--db-url): the CPU seconds of the database's backends, by pid.
+        self.database_cpu: Callable[[], dict[int, float]] | None = None
+        self._database0: dict[int, float] = {}
 
     def start(self) -> None:
         server_cpu = None if self._server is None else self._server.cpu_seconds()
         gc.collect()
         gc.freeze()
         gc.disable()
+        self._database0 = self.database_cpu() if self.database_cpu else {}
         self._started = (time.perf_counter(), _own_cpu_seconds(), server_cpu,
                          _machine_busy_seconds())
 
@@ -447,9 +451,14 @@ class Probe:
             "server_cpu_pct": None if server_cpu is None or server0 is None
             else round(100 * (server_cpu - server0) / wall, 1),
         }
+        database = 0.0
+        if self.database_cpu is not None:
+            now = self.database_cpu()
+            database = sum(cpu - self._database0.get(pid, 0.0) for pid, cpu in now.items())
+            self.result["postgres_cpu_pct"] = round(100 * database / wall, 1)
         # Everything else the machine ran meanwhile: a busy neighbour makes a noisy run.
         if busy is not None and busy0 is not None and server_cpu is not None and server0:
-            other = (busy - busy0) - (own - own0) - (server_cpu - server0)
+            other = (busy - busy0) - (own - own0) - (server_cpu - server0) - database
             self.result["other_cpu_pct"] = round(max(0.0, 100 * other / wall), 1)
 
 
@@ -1402,6 +1411,9 @@ class Bench:
         server = await self.start_server(label, relay, default_argon2=name == "logins")
         run = Run(self.args, self.sizes, server.host, server.port,
                   f"{self.prefix}{name[:2]}", server)
+        if self.postgres_db and not relay:
+            database = self.postgres_db.rsplit("/", 1)[1]
+            run.probe.database_cpu = lambda: postgres_backends_cpu(database)
         if server.pid is not None and not relay and not self.args.target and not self.postgres_db:
             run.db = self.workdir / f"{label}.sqlite3"
         metrics: dict[str, Any] = {}
@@ -1493,6 +1505,28 @@ async def postgres_database(server_url: str) -> AsyncIterator[str]:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await admin.close()
+
+
+def postgres_backends_cpu(database: str) -> dict[int, float]:
+    """CPU seconds of each local PostgreSQL backend serving ``database``, by pid.
+
+    Backends set their process title to "postgres: [CLUSTER:] USER DATABASE HOST(PORT)
+    STATE" (the benchmark's database names are unique).  Not counted: the server's shared
+    processes (WAL writer, checkpointer), and any server on another machine.
+    """
+    found: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").split()
+        except OSError:
+            continue
+        if title[:1] == [b"postgres:"] and database.encode() in title:
+            cpu = _proc_cpu_seconds(int(entry.name))
+            if cpu is not None:
+                found[int(entry.name)] = cpu
+    return found
 
 
 async def measure_on(bench: Bench, name: str, relay: bool, postgres: bool) -> dict[str, Any]:
