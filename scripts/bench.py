@@ -48,7 +48,7 @@ import sys
 import tempfile
 import time
 from array import array
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
@@ -1386,7 +1386,9 @@ class Bench:
     workdir: Path
     meta: dict[str, Any]
     prefix: str = field(default_factory=lambda: "b" + secrets.token_hex(3))
-    postgres_db: str | None = None  # the scenario's PostgreSQL database, if on one
+    on_postgres: bool = False  # start servers on a new PostgreSQL database each (--db-url)
+    postgres_db: str | None = None  # the running server's PostgreSQL database, if on one
+    made_databases: list[str] = field(default_factory=list)  # to drop after the scenario
 
     def chatd_argv(self, label: str, default_argon2: bool) -> list[str]:
         db = self.postgres_db or str(self.workdir / f"{label}.sqlite3")
@@ -1402,6 +1404,12 @@ class Bench:
         if self.args.target and not relay:  # the relay is always the benchmark's own
             host, _, port = self.args.target.rpartition(":")
             return ServerProcess(host, int(port), self.args.target_pid, None, None)
+        if self.on_postgres and not relay:
+            self.postgres_db = await new_postgres_database(self.args.db_url)
+            self.made_databases.append(self.postgres_db.rsplit("/", 1)[1])
+        else:  # a retried scenario starts on a new database too
+            for leftover in self.workdir.glob(f"{label}.sqlite3*"):
+                leftover.unlink()
         argv = ([sys.executable, str(SCRIPT), "--relay-server", "0"] if relay
                 else self.chatd_argv(label, default_argon2))
         return await ServerProcess.start(argv, self.workdir, label, self.args.pin)
@@ -1411,7 +1419,7 @@ class Bench:
         server = await self.start_server(label, relay, default_argon2=name == "logins")
         run = Run(self.args, self.sizes, server.host, server.port,
                   f"{self.prefix}{name[:2]}", server)
-        if self.postgres_db and not relay:
+        if self.on_postgres and self.postgres_db and not relay:
             database = self.postgres_db.rsplit("/", 1)[1]
             run.probe.database_cpu = lambda: postgres_backends_cpu(database)
         if server.pid is not None and not relay and not self.args.target and not self.postgres_db:
@@ -1488,23 +1496,23 @@ async def measure(bench: Bench, name: str, relay: bool) -> dict[str, Any]:
 COMPARED = {"dm": "delivered_per_s", "store": "messages_per_s", "latency": "p50_ms"}
 
 
-@contextlib.asynccontextmanager
-async def postgres_database(server_url: str) -> AsyncIterator[str]:
-    """A new database on the server of ``server_url`` for one run, dropped after it."""
-    from urllib.parse import urlsplit, urlunsplit
-
+async def on_postgres_server(server_url: str, statement: str) -> None:
     import asyncpg  # chatd[postgresql]: needed only with --db-url
 
-    name = f"chatd_bench_{secrets.token_hex(4)}"
     admin = await asyncpg.connect(server_url, timeout=10)
     try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
+        await admin.execute(statement)
     finally:
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        await admin.close()
+
+
+async def new_postgres_database(server_url: str) -> str:
+    """The URL of a new database on the server of ``server_url``, for one server start."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    name = f"chatd_bench_{secrets.token_hex(4)}"
+    await on_postgres_server(server_url, f'CREATE DATABASE "{name}"')
+    return urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
 
 
 def postgres_backends_cpu(database: str) -> dict[int, float]:
@@ -1535,14 +1543,16 @@ async def measure_on(bench: Bench, name: str, relay: bool, postgres: bool) -> di
         result = await measure(bench, name, relay)
         result["store"] = None if relay or bench.args.target else "sqlite"
         return result
-    async with postgres_database(bench.args.db_url) as url:
-        bench.postgres_db = url
-        try:
-            result = await measure(bench, name, relay)
-        finally:
-            bench.postgres_db = None
+    bench.on_postgres = True
+    try:
+        result = await measure(bench, name, relay)  # each attempt on a database of its own
+    finally:
+        bench.on_postgres, bench.postgres_db = False, None
+        for made in bench.made_databases:
+            await on_postgres_server(bench.args.db_url, f'DROP DATABASE "{made}" WITH (FORCE)')
+        result_databases, bench.made_databases = bench.made_databases, []
     result["store"] = "postgresql"
-    result["postgres_database"] = url.rsplit("/", 1)[1]  # dropped by now
+    result["postgres_database"] = result_databases[-1]  # dropped by now
     return result
 
 
