@@ -112,11 +112,16 @@ async def _copy(asyncpg: Any, reader: Source, target: str, progress: Progress,
         except StoreError as exc:
             raise MigrateError(str(exc)) from exc
         await store.close()
-        async with conn.transaction():
-            # No server may write while we copy (one starting now waits for COMMIT).
-            await conn.execute(f"LOCK TABLE {', '.join(CHATD_TABLES)} IN EXCLUSIVE MODE")
-            await _require_empty(conn, shown)
-            report = await Writer(conn, reader, progress, chunk_rows).copy_all()
+        try:
+            async with conn.transaction():
+                # No server may write while we copy (one starting now waits for COMMIT).
+                await conn.execute(f"LOCK TABLE {', '.join(CHATD_TABLES)} IN EXCLUSIVE MODE")
+                await _require_empty(conn, shown)
+                report = await Writer(conn, reader, progress, chunk_rows).copy_all()
+        except (asyncpg.PostgresError, sqlite3.Error) as exc:  # e.g. rows a key refuses
+            raise MigrateError(
+                f"copying {reader.path} into {shown} failed, nothing was kept: {exc}"
+            ) from exc
         await conn.execute("ANALYZE")  # the planner's statistics, before the first query
         return report
     finally:

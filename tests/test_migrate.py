@@ -240,10 +240,8 @@ async def test_bad_sources_and_targets_are_refused(
     assert status == 2 and "--to" in err
 
 
-async def test_a_first_schema_database_migrates_with_what_later_schemas_added(
-    tmp_path: Path, pg_url: str
-) -> None:
-    """Schema 1 had no left_at, no skeletons, no per-stream seq: all are made on the way."""
+def first_schema_database(directory: Path, messages: list[tuple[int, int, str]]) -> Path:
+    """Users ann (1) and Bob (2) and ``messages`` (sender, recipient, text), in schema 1."""
     from argon2 import PasswordHasher
 
     from chatd.store import MIGRATIONS
@@ -251,8 +249,8 @@ async def test_a_first_schema_database_migrates_with_what_later_schemas_added(
     first_schema = MIGRATIONS[0]
     assert isinstance(first_schema, str)
     password_hash = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1).hash(PASSWORD)
-    old = tmp_path / "old.sqlite3"
-    with contextlib.closing(sqlite3.connect(old)) as db, db:
+    path = directory / "old.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
         db.executescript(first_schema)
         db.execute("PRAGMA user_version = 1")
         db.executemany(
@@ -262,8 +260,16 @@ async def test_a_first_schema_database_migrates_with_what_later_schemas_added(
         db.executemany(
             "INSERT INTO private_messages (sender_id, recipient_id, body, created_at)"
             " VALUES (?, ?, ?, 0)",
-            [(1, 2, "one"), (2, 1, "two"), (1, 2, "three")],
+            messages,
         )
+    return path
+
+
+async def test_a_first_schema_database_migrates_with_what_later_schemas_added(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Schema 1 had no left_at, no skeletons, no per-stream seq: all are made on the way."""
+    old = first_schema_database(tmp_path, [(1, 2, "one"), (2, 1, "two"), (1, 2, "three")])
     await migrate(str(old), pg_url)
     harness = Harness(Config(host="127.0.0.1", port=0, db=pg_url, **TEST_SETTINGS))
     await harness.start()
@@ -283,3 +289,21 @@ async def test_a_first_schema_database_migrates_with_what_later_schemas_added(
         assert (await ann.call("/register", look_alike))["code"] != 0
     finally:
         await harness.stop()
+
+
+async def test_a_failed_copy_keeps_nothing(tmp_path: Path, pg_url: str) -> None:
+    # Foreign keys were not enforced on this file: a message from a user who is not there.
+    broken = first_schema_database(tmp_path, [(1, 2, "fine"), (7, 2, "orphan")])
+    with pytest.raises(MigrateError, match=r"failed, nothing was kept: .*foreign key"):
+        await migrate(str(broken), pg_url)
+    import asyncpg
+
+    conn = await asyncpg.connect(pg_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM users") == 0
+    finally:
+        await conn.close()
+    with contextlib.closing(sqlite3.connect(broken)) as db, db:
+        db.execute("DELETE FROM private_messages WHERE sender_id = 7")
+    report = await migrate(str(broken), pg_url)  # the target is still empty: try again
+    assert report.copied["private_messages"] == 1
