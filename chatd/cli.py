@@ -86,15 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the effective configuration as TOML and exit")
     commands = parser.add_subparsers(dest="command", metavar="[backup|admin|init|migrate]")
     operation = _settings_parser(listed=_OPERATION_SETTINGS)
-    backup = commands.add_parser("backup", parents=[operation], help="copy the database online",
-                                 epilog=_OPERATION_EPILOG)
+    backup = commands.add_parser(
+        "backup", parents=[operation], epilog=_OPERATION_EPILOG,
+        help="copy the database online (on PostgreSQL: print the pg_dump command to run)",
+    )
     backup.add_argument("path", help="the new file to write")
     _add_admin(commands, operation)
     commands.add_parser(
         "init", parents=[operation],
         help="create a new, empty database where there is none (also where one went missing)",
-        epilog="Every setting of `chatd --help` is accepted too. Refused while a server runs;"
-        " see README.md, \"The database file\".",
+        epilog="Every setting of `chatd --help` is accepted too. On SQLite refused while a"
+        " server runs (see README.md, \"The database file\"); on PostgreSQL it creates"
+        " chatd's tables in the existing database.",
     )
     _add_migrate(commands)
     return parser
