@@ -292,8 +292,10 @@ async def test_a_first_schema_database_migrates_with_what_later_schemas_added(
 
 
 async def test_a_failed_copy_keeps_nothing(tmp_path: Path, pg_url: str) -> None:
-    # Foreign keys were not enforced on this file: a message from a user who is not there.
-    broken = first_schema_database(tmp_path, [(1, 2, "fine"), (7, 2, "orphan")])
+    # Foreign keys were not enforced on this file: a token of a user who is not there.
+    broken = first_schema_database(tmp_path, [(1, 2, "fine")])
+    with contextlib.closing(sqlite3.connect(broken)) as db, db:
+        db.execute("INSERT INTO tokens VALUES (?, 7, 0, 1e12)", (b"\x01" * 32,))
     with pytest.raises(MigrateError, match=r"failed, nothing was kept: .*foreign key"):
         await migrate(str(broken), pg_url)
     import asyncpg
@@ -304,6 +306,6 @@ async def test_a_failed_copy_keeps_nothing(tmp_path: Path, pg_url: str) -> None:
     finally:
         await conn.close()
     with contextlib.closing(sqlite3.connect(broken)) as db, db:
-        db.execute("DELETE FROM private_messages WHERE sender_id = 7")
+        db.execute("DELETE FROM tokens WHERE user_id = 7")
     report = await migrate(str(broken), pg_url)  # the target is still empty: try again
     assert report.copied["private_messages"] == 1
