@@ -167,27 +167,38 @@ async def test_a_migrated_database_answers_as_the_sqlite_one(
         assert postgres_line == sqlite_line
 
 
-async def test_streams_are_numbered_in_id_order(harness: Harness, pg_url: str) -> None:
+async def test_streams_keep_the_sources_numbers(harness: Harness, pg_url: str) -> None:
+    """A source with per-stream seqs keeps them and its heads (a head can be past the last
+    message left: a deleted user's); one made before them gets each stream numbered 1, 2,
+    3, ... in id order, its head at the last."""
     await build_history(harness)
     await harness.stop()
     await migrate(harness.config.db, pg_url)
     import asyncpg
 
     conn = await asyncpg.connect(pg_url)
+    source = sqlite3.connect(harness.config.db)
     try:
         for table, stream, heads, head in (
             ("private_messages", "recipient_id", "users", "inbox_seq"),
             ("channel_messages", "channel_id", "channels", "last_seq"),
         ):
-            rows = await conn.fetch(f"SELECT {stream}, seq FROM {table} ORDER BY id")
+            rows = [tuple(row) for row in
+                    await conn.fetch(f"SELECT id, {stream}, seq FROM {table} ORDER BY id")]
+            tops = dict(await conn.fetch(f"SELECT id, {head} FROM {heads}"))
+            if "seq" in {column[1] for column in source.execute(f"PRAGMA table_info({table})")}:
+                assert rows == source.execute(
+                    f"SELECT id, {stream}, seq FROM {table} ORDER BY id").fetchall()
+                assert tops == dict(source.execute(f"SELECT id, {head} FROM {heads}"))
+                continue
             by_stream: dict[int, list[int]] = {}
-            for row in rows:
-                by_stream.setdefault(row[0], []).append(row[1])
+            for _, stream_id, seq in rows:
+                by_stream.setdefault(stream_id, []).append(seq)
             for seqs in by_stream.values():
                 assert seqs == list(range(1, len(seqs) + 1))
-            for stream_id, top in await conn.fetch(f"SELECT id, {head} FROM {heads}"):
-                assert top == len(by_stream.get(stream_id, []))
+            assert tops == {stream_id: len(by_stream.get(stream_id, [])) for stream_id in tops}
     finally:
+        source.close()
         await conn.close()
 
 
@@ -271,6 +282,16 @@ async def test_a_first_schema_database_migrates_with_what_later_schemas_added(
     """Schema 1 had no left_at, no skeletons, no per-stream seq: all are made on the way."""
     old = first_schema_database(tmp_path, [(1, 2, "one"), (2, 1, "two"), (1, 2, "three")])
     await migrate(str(old), pg_url)
+    import asyncpg
+
+    conn = await asyncpg.connect(pg_url)
+    try:  # numbered per inbox in id order, each inbox's head at its last
+        assert [tuple(row) for row in await conn.fetch(
+            "SELECT id, recipient_id, seq FROM private_messages ORDER BY id")] == [
+            (1, 2, 1), (2, 1, 1), (3, 2, 2)]
+        assert dict(await conn.fetch("SELECT id, inbox_seq FROM users")) == {1: 1, 2: 2}
+    finally:
+        await conn.close()
     harness = Harness(Config(host="127.0.0.1", port=0, db=pg_url, **TEST_SETTINGS))
     await harness.start()
     try:
