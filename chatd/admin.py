@@ -3,7 +3,7 @@ against the database (``--db``: a SQLite file or a ``postgresql://`` URL).
 
 Backup and admin work while the server runs (SQLite WAL lets both use the file;
 they do not take the server's instance lock, chatd/dbfile.py).  Admin asks the store
-only what chatd.storage.MessageStore offers, so it works on either store.  Backing up
+only what chatd.store.MessageStore offers, so it works on either store.  Backing up
 PostgreSQL is pg_dump's job: ``chatd backup`` prints the command instead.  Revoking
 tokens or deleting a user ends that user's live sessions within
 ``token_recheck`` seconds (protocol.md, "Authentication and sessions").
@@ -26,9 +26,8 @@ from chatd.auth import Hasher
 from chatd.config import Config
 from chatd.dbfile import InstanceLock
 from chatd.protocol import format_datetime
-from chatd.storage import MessageStore, is_postgres_url
-from chatd.storage import open_store as open_any_store
-from chatd.store import Store, StoreError, User
+from chatd.store import MessageStore, Store, StoreError, User, is_postgres_url
+from chatd.store import open_store as open_any_store
 from chatd.validation import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, name_key
 
 

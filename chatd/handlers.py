@@ -32,13 +32,13 @@ from chatd.hub import Hub, Session
 from chatd.limits import Guards, RateLimiter, address_key
 from chatd.metrics import Metrics
 from chatd.protocol import Data, Params, Request, format_datetime
-from chatd.storage import MessageStore
 from chatd.store import (
     CHANNEL,
     PRIVATE,
     Channel,
     ChannelMessage,
     Joined,
+    MessageStore,
     NewMessage,
     PrivateMessage,
     Stored,

@@ -82,7 +82,7 @@ async def migrate(
 
 
 def _driver(target: str) -> Any:
-    from chatd.storage import POSTGRES_EXTRA, is_postgres_url
+    from chatd.store import POSTGRES_EXTRA, is_postgres_url
 
     if not is_postgres_url(target):
         raise MigrateError(f"--to takes a postgresql://user@host:port/dbname URL, not {target!r}")
@@ -97,7 +97,7 @@ def _driver(target: str) -> Any:
 
 async def _copy(asyncpg: Any, reader: Source, target: str, progress: Progress,
                 chunk_rows: int) -> Report:
-    from chatd.postgres import PostgresStore, redact
+    from chatd.store.postgres import PostgresStore, redact
 
     shown = redact(target)
     try:
