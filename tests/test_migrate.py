@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import shutil
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -330,3 +331,41 @@ async def test_a_failed_copy_keeps_nothing(tmp_path: Path, pg_url: str) -> None:
         db.execute("DELETE FROM tokens WHERE user_id = 7")
     report = await migrate(str(broken), pg_url)  # the target is still empty: try again
     assert report.copied["private_messages"] == 1
+
+
+FIXTURE_V4 = Path(__file__).parent / "fixtures" / "chatd-v4.sqlite3"
+
+
+async def test_a_file_of_the_code_before_seqs_is_numbered_as_sqlite_numbers_it(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """The v4 fixture (made by main's Store before per-stream seqs), migrated as it is,
+    gets the seqs and heads that SQLite's own in-place migration gives it; and migrate
+    only read it."""
+    from chatd.store import Store
+
+    source, upgraded = tmp_path / "source.sqlite3", tmp_path / "upgraded.sqlite3"
+    for copy in (source, upgraded):
+        await asyncio.to_thread(shutil.copyfile, FIXTURE_V4, copy)
+    await migrate(str(source), pg_url)
+    assert await asyncio.to_thread(source.read_bytes) == FIXTURE_V4.read_bytes()
+    store = await Store.open(str(upgraded))  # numbers the streams in place
+    await store.close()
+    import asyncpg
+
+    conn = await asyncpg.connect(pg_url)
+    sqlite = sqlite3.connect(upgraded)
+    try:
+        for sql in (
+            "SELECT id, recipient_id, seq FROM private_messages ORDER BY id",
+            "SELECT id, channel_id, seq FROM channel_messages ORDER BY id",
+            "SELECT id, inbox_seq FROM users ORDER BY id",
+            "SELECT id, last_seq FROM channels ORDER BY id",
+            "SELECT channel_id, user_id, read_cursor, left_at FROM channel_members"
+            " ORDER BY channel_id, user_id",
+            "SELECT id, inbox_cursor, password_hash FROM users ORDER BY id",
+        ):
+            assert [tuple(row) for row in await conn.fetch(sql)] == sqlite.execute(sql).fetchall()
+    finally:
+        sqlite.close()
+        await conn.close()
