@@ -4,7 +4,7 @@ against the database (``--db``: a SQLite file or a ``postgresql://`` URL).
 Backup and admin work while the server runs (SQLite WAL lets both use the file;
 they do not take the server's instance lock, chatd/dbfile.py).  Admin asks the store
 only what chatd.store.MessageStore offers, so it works on either store.  Backing up
-PostgreSQL is pg_dump's job: ``chatd backup`` prints the command instead.  Revoking
+PostgreSQL is pg_dump's job: ``chatd backup`` runs it (or, without it, names the command).  Revoking
 tokens or deleting a user ends that user's live sessions within
 ``token_recheck`` seconds (protocol.md, "Authentication and sessions").
 """
@@ -12,9 +12,12 @@ tokens or deleting a user ends that user's live sessions within
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import os
 import shlex
+import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -36,10 +39,10 @@ class AdminError(Exception):
 
 
 def backup(config: Config, target: str) -> str:
-    if is_postgres_url(config.db):
-        return postgres_backup_advice(config.db, target)
     if os.path.exists(target):
         raise AdminError(f"{target} exists; choose a new file name")
+    if is_postgres_url(config.db):
+        return postgres_backup(config.db, target)
     require_database(config)
     try:
         store_module.backup(config.db, target)
@@ -48,16 +51,38 @@ def backup(config: Config, target: str) -> str:
     return f"backed up {config.db} to {target}"
 
 
-def postgres_backup_advice(url: str, target: str) -> str:
-    """The exact pg_dump command (and its restore) for a PostgreSQL --db: chatd writes nothing.
+def postgres_backup(url: str, target: str) -> str:
+    """A PostgreSQL database is backed up by pg_dump (a consistent snapshot while chatd
+    serves): run it when installed; otherwise fail, naming the command, so that a backup
+    job never reports success for a backup that was not made."""
+    pg_dump = shutil.which("pg_dump")
+    if pg_dump is None:
+        raise AdminError(f"pg_dump is not installed. {postgres_backup_advice(url, target)}")
+    # The password goes through the environment, never the process list.
+    env = {**os.environ, **({"PGPASSWORD": p} if (p := urlsplit(url).password) else {})}
+    done = subprocess.run(
+        [pg_dump, "--format=custom", f"--file={target}", without_password(url)],
+        env=env, capture_output=True, text=True, check=False,
+    )
+    if done.returncode != 0:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(target)  # never leave half a dump where a backup is expected
+        raise AdminError(f"pg_dump failed: {done.stderr.strip()}")
+    return (
+        f"backed up {without_password(url)} to {target} with pg_dump; restore it into a new,"
+        f" empty database with: pg_restore --dbname=NEW_DATABASE_URL {shlex.quote(target)}"
+    )
 
-    pg_dump takes a consistent snapshot while chatd serves; a password in the URL is left
-    out of the printed command (give it through PGPASSWORD or ~/.pgpass).
+
+def postgres_backup_advice(url: str, target: str) -> str:
+    """The exact pg_dump command (and its restore), for when pg_dump is not installed here.
+
+    A password in the URL is left out of the printed command (give it through PGPASSWORD
+    or ~/.pgpass).
     """
     url = without_password(url)
     return (
-        "chatd backup copies SQLite files; a PostgreSQL database is backed up with pg_dump"
-        f" (nothing was written to {target}). Run:\n"
+        "Install the PostgreSQL client tools, or run where they are:\n"
         f"  pg_dump --format=custom --file={shlex.quote(target)} {shlex.quote(url)}\n"
         "and to restore it into a new, empty database:\n"
         f"  pg_restore --dbname=NEW_DATABASE_URL {shlex.quote(target)}"

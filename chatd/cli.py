@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     operation = _settings_parser(listed=_OPERATION_SETTINGS)
     backup = commands.add_parser(
         "backup", parents=[operation], epilog=_OPERATION_EPILOG,
-        help="copy the database online (on PostgreSQL: print the pg_dump command to run)",
+        help="copy the database online (on PostgreSQL: with pg_dump)",
     )
     backup.add_argument("path", help="the new file to write")
     _add_admin(commands, operation)

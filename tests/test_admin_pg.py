@@ -8,11 +8,15 @@ Skipped where PostgreSQL is absent, failed instead with CHATD_REQUIRE_POSTGRES=1
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import shutil
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from chatd.admin import AdminError, backup
 from chatd.config import Config
 from chatd.errors import NotAuthenticated
 from tests.conftest import PASSWORD, TEST_SETTINGS, Harness
@@ -84,16 +88,37 @@ async def test_admin_deletes_a_user_and_their_data(pg_harness: Harness) -> None:
     assert (await bob.call("/user/info", {"name": "alice"}))["code"] == 5
 
 
-async def test_backup_prints_the_pg_dump_command_and_writes_nothing(
+async def test_backup_runs_pg_dump_and_the_dump_restores(
     tmp_path: Path, pg_harness: Harness
 ) -> None:
+    if shutil.which("pg_dump") is None or shutil.which("pg_restore") is None:
+        pytest.skip("the PostgreSQL client tools (pg_dump, pg_restore) are not installed")
     await pg_harness.user("alice")
     target = tmp_path / "chatd.dump"
     url = pg_harness.config.db
     status, out, err = await chatd_command("backup", str(target), "--db", url)
     assert status == 0, err
-    assert f"pg_dump --format=custom --file={target} {url}" in out
-    assert f"pg_restore --dbname=NEW_DATABASE_URL {target}" in out
+    assert f"backed up {url} to {target} with pg_dump" in out
+    listing = await asyncio.to_thread(
+        subprocess.run, ["pg_restore", "--list", str(target)],
+        capture_output=True, text=True, check=True,
+    )
+    assert "TABLE DATA public users" in listing.stdout
+    # A second run refuses to overwrite the backup it made.
+    status, _, err = await chatd_command("backup", str(target), "--db", url)
+    assert status == 1 and "exists" in err
+
+
+async def test_backup_without_pg_dump_fails_and_names_the_command(
+    tmp_path: Path, pg_harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no pg_dump to be found
+    target = tmp_path / "chatd.dump"
+    url = pg_harness.config.db
+    with pytest.raises(AdminError) as failure:
+        backup(dataclasses.replace(pg_harness.config, db=url), str(target))
+    assert "pg_dump is not installed" in str(failure.value)
+    assert f"pg_dump --format=custom --file={target} {url}" in str(failure.value)
     assert not await asyncio.to_thread(target.exists)
 
 
