@@ -24,6 +24,7 @@ from chatd.config import Config
 from chatd.errors import ErrorCode
 from chatd.hub import Session
 from chatd.metrics import Metrics
+from chatd.model import PING, Event
 
 log = logging.getLogger(__name__)
 
@@ -196,14 +197,17 @@ class Connection(Session):
     def read_deadline(self) -> float:
         return self._read_deadline
 
-    def write(self, frame: bytes) -> None:
-        """Queue a pushed frame without waiting; drop a client that does not read.
+    def write(self, event: Event) -> None:
+        """Queue a pushed event without waiting; drop a client that does not read.
 
-        Pushes made in one turn of the event loop leave in one write: a busy channel
-        costs one system call per member per turn, not one per message.
+        The event is encoded here, at the edge, and only once for every connection
+        it goes to (events.frame). Pushes made in one turn of the event loop leave in
+        one write: a busy channel costs one system call per member per turn, not one
+        per message.
         """
         if self._writer.is_closing():
             return
+        frame = events.frame(event)
         self._metrics.pushed()
         if self._pushes is None:
             self._pushes = [frame]
@@ -244,7 +248,8 @@ class Connection(Session):
         async with asyncio.timeout(self._config.write_timeout):
             await self._writer.drain()
 
-    async def push_paced(self, frame: bytes) -> None:
+    async def push_paced(self, event: Event) -> None:
+        frame = events.frame(event)
         self._metrics.pushed()
         await self.send(frame)
 
@@ -321,7 +326,7 @@ class Connection(Session):
             raise TimeoutError(self._dropped)
         if self.subscription is None or pinged:
             raise TimeoutError("idle")
-        self.write(events.PING)
+        self.write(PING)
         return True
 
     def _hard_deadline(self) -> tuple[float, str]:
