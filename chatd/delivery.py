@@ -88,9 +88,9 @@ class Subscription:
     def drop(self, stream: int) -> None:
         self._streams.pop(stream, None)
 
-    def offer(self, event: StreamEvent) -> None:
-        """A message of one of the streams followed, just committed."""
-        state = self._streams.get(event.stream)
+    def offer(self, stream: int, event: StreamEvent) -> None:
+        """A message of ``stream`` (INBOX or a channel id), just committed."""
+        state = self._streams.get(stream)
         if state is None:
             return
         queued = state.queued
@@ -100,8 +100,8 @@ class Subscription:
             else:
                 queued.clear()
                 state.overflowed = True
-        elif event.id > state.delivered:
-            state.delivered = event.id
+        elif (message_id := event.id) > state.delivered:
+            state.delivered = message_id
             self._writer.write(event)
 
     def start(self, catch_ups: list[tuple[int, Position, Fetch]]) -> None:

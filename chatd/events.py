@@ -23,7 +23,6 @@ from chatd.model import (
     memoised,
 )
 from chatd.protocol import Data, event, format_datetime
-from chatd.store import PrivateMessage
 
 __all__ = ["frame"]
 
@@ -32,6 +31,10 @@ MSGPACK = "msgpack"  # this front-end's key in an event's memo
 
 def frame(item: Event) -> bytes:
     """The event's frame, encoded on first use and shared from then on."""
+    memo = item.encodings
+    if memo is not None and MSGPACK in memo:  # inlined: read once per recipient
+        known: bytes = memo[MSGPACK]
+        return known
     return memoised(item, MSGPACK, _encode)
 
 
@@ -45,35 +48,34 @@ def _encode(item: Event) -> bytes:
 # The keys in the order protocol.md shows them: the wire must not change.
 
 
-def _private(message: PrivateMessage) -> Data:
+def _private(item: InboxMessage | SentCopy) -> Data:
     return {
-        "id": message.id,
-        "name": message.sender,
-        "msg": message.body,
-        "datetime": format_datetime(message.created_at),
+        "id": item.id,
+        "name": item.sender,
+        "msg": item.body,
+        "datetime": format_datetime(item.created_at),
     }
 
 
 def _inbox_message(item: InboxMessage) -> Data:
-    return event("message", _private(item.message))
+    return event("message", _private(item))
 
 
 def _sent_copy(item: SentCopy) -> Data:
-    data = _private(item.message)
+    data = _private(item)
     data["to"] = item.to
     return event("message", data)
 
 
 def _channel_post(item: ChannelPost) -> Data:
-    message = item.message
     return event(
         "channel_message",
         {
-            "id": message.id,
+            "id": item.id,
             "channel": item.channel,
-            "name": message.sender,
-            "msg": message.body,
-            "datetime": format_datetime(message.created_at),
+            "name": item.sender,
+            "msg": item.body,
+            "datetime": format_datetime(item.created_at),
         },
     )
 

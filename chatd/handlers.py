@@ -42,7 +42,6 @@ from chatd.store import (
     ChannelMessage,
     Joined,
     NewMessage,
-    PrivateMessage,
     Stored,
     User,
 )
@@ -263,10 +262,14 @@ async def send(ctx: Context, params: Params) -> Deferred:
 
     def committed(stored: Stored) -> None:
         metrics.message_stored("private")
-        message = PrivateMessage(stored.id, sender_name, text, stored.created_at)
-        bus.publish(InboxMessage(recipient.id, message))
+        message_id, created_at = stored.id, stored.created_at
+        bus.publish(InboxMessage(recipient.id, message_id, sender_name, text, created_at))
         if recipient.id != sender_id:  # a note to self reached every device already
-            bus.publish(SentCopy(sender_id, recipient.name, message, origin))
+            bus.publish(
+                SentCopy(
+                    sender_id, recipient.name, message_id, sender_name, text, created_at, origin
+                )
+            )
 
     return _after_commit(ctx.store, new, committed)
 
@@ -337,7 +340,7 @@ async def subscribe(ctx: Context, params: Params) -> None:
 
     async def inbox_after(after: int, limit: int) -> list[StreamEvent]:
         messages = await store.inbox_after(user_id, after, limit)
-        return [InboxMessage(user_id, m) for m in messages]
+        return [InboxMessage(user_id, m.id, m.sender, m.body, m.created_at) for m in messages]
 
     catch_ups: list[CatchUp] = [(INBOX, lambda: store.inbox_position(user_id), inbox_after)]
     for channel_id in channels:
@@ -359,7 +362,9 @@ def _channel_catch_up(store: MessageStore, user_id: int, channel_id: int) -> Cat
     async def channel_after(after: int, limit: int) -> list[StreamEvent]:
         name = await store.channel_name(channel_id)
         messages = await store.channel_after(channel_id, after, limit, user_id, live_from)
-        return [ChannelPost(channel_id, name, m) for m in messages]
+        return [
+            ChannelPost(channel_id, name, m.id, m.sender, m.body, m.created_at) for m in messages
+        ]
 
     return channel_id, position, channel_after
 
@@ -462,8 +467,11 @@ async def channel_send(ctx: Context, params: Params) -> Deferred:
 
     def committed(stored: Stored) -> None:
         metrics.message_stored("channel")
-        message = ChannelMessage(stored.id, sender_name, text, stored.created_at)
-        bus.publish(ChannelPost(channel.id, channel.name, message, origin))
+        bus.publish(
+            ChannelPost(
+                channel.id, channel.name, stored.id, sender_name, text, stored.created_at, origin
+            )
+        )
 
     return _after_commit(ctx.store, new, committed)
 

@@ -254,7 +254,7 @@ class Hub:
         calling one included."""
         for session in self._sessions.get(event.recipient_id, ()):
             if session.subscription is not None:
-                session.subscription.offer(event)
+                session.subscription.offer(INBOX, event)
 
     def _deliver_sent_copy(self, event: SentCopy) -> None:
         """To the sender's other subscribed sessions."""
@@ -263,10 +263,10 @@ class Hub:
                 session.write(event)
 
     def _deliver_channel_post(self, event: ChannelPost) -> None:
-        origin = event.origin
-        for session in self._followers.get(event.channel_id, ()):
+        channel_id, origin = event.channel_id, event.origin
+        for session in self._followers.get(channel_id, ()):
             if session.serial != origin and session.subscription is not None:
-                session.subscription.offer(event)
+                session.subscription.offer(channel_id, event)
 
     def _announce(self, event: Join | Leave) -> None:
         """A channel event that is not a message: no ids, no catch-up."""

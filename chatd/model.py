@@ -6,8 +6,9 @@ frames, protocol.md section 10).  A channel message reaches many sessions as one
 object, so each front-end memoises its encoding on the event (:func:`memoised`):
 encoded once per front-end however many receive it.
 
-Stored messages wrap the store's rows (``PrivateMessage``, ``ChannelMessage``):
-the row says what was said, the event where it goes.  The events a commit
+A stored message's event holds the store row's fields (id, sender, body, time, and
+the stream sequence number ``seq``) and where it goes: the recipient's inbox or the
+channel, with the channel's name.  The events a commit
 produces (:data:`Published`) also say who caused them, as ``origin``: the
 :attr:`chatd.hub.Session.serial` of the calling connection, which gets its reply
 instead of the event (protocol.md section 9, "Who receives what"); 0 for none.
@@ -19,8 +20,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeVar
-
-from chatd.store import ChannelMessage, PrivateMessage
 
 __all__ = [
     "INBOX",
@@ -50,18 +49,19 @@ T = TypeVar("T")
 # more to create, and a few are made per message on the hot path).
 @dataclass(slots=True)
 class Event:
-    """The base of every event: a memo where front-ends keep their encodings of it."""
+    """The base of every event: where front-ends keep their encodings of it, each
+    under a key of its own (see :func:`memoised`)."""
 
-    _memo: dict[object, Any] | None = field(
+    encodings: dict[object, Any] | None = field(
         default=None, init=False, repr=False, compare=False
     )
 
 
 def memoised(event: E, encoding: object, encode: Callable[[E], T]) -> T:
     """``encode(event)``, computed once per event and ``encoding`` (a front-end's own key)."""
-    memo = event._memo
+    memo = event.encodings
     if memo is None:
-        memo = event._memo = {}
+        memo = event.encodings = {}
     elif encoding in memo:
         result: T = memo[encoding]
         return result
@@ -69,7 +69,9 @@ def memoised(event: E, encoding: object, encode: Callable[[E], T]) -> T:
     return encoded
 
 
-# Messages: committed, in a stream, caught up when missed.
+# Messages: committed, in a stream, caught up when missed.  Flat records (no row
+# inside): a live push makes one object, and ``id`` is a plain attribute, read for
+# every recipient.
 
 
 @dataclass(slots=True)
@@ -77,18 +79,13 @@ class InboxMessage(Event):
     """A private message in its recipient's inbox (the ``message`` event)."""
 
     recipient_id: int
-    message: PrivateMessage
-
-    stream: ClassVar[int] = INBOX
-
-    @property
-    def id(self) -> int:
-        return self.message.id
-
-    @property
-    def seq(self) -> int:
-        """The message's number in its stream: 0 until the store numbers streams."""
-        return 0
+    id: int
+    sender: str  # the sender's name
+    body: str
+    created_at: float
+    # The message's number in the inbox stream, once the store numbers streams (the
+    # place for it: delivery orders by id until then); 0 when not known.
+    seq: int = 0
 
 
 @dataclass(slots=True)
@@ -97,25 +94,17 @@ class ChannelPost(Event):
 
     channel_id: int
     channel: str  # the channel's name
-    message: ChannelMessage
+    id: int
+    sender: str
+    body: str
+    created_at: float
     origin: int = 0
-
-    @property
-    def stream(self) -> int:
-        return self.channel_id
-
-    @property
-    def id(self) -> int:
-        return self.message.id
-
-    @property
-    def seq(self) -> int:
-        """The message's number in its stream: 0 until the store numbers streams."""
-        return 0
+    seq: int = 0  # its number in the channel's stream (as InboxMessage.seq)
 
 
-# Events that belong to a stream: offered to subscriptions, ordered and deduplicated
-# by ``id`` within ``stream``, and caught up from the store when missed.
+# Events that belong to a stream (the recipient's inbox, the channel): offered to
+# subscriptions, ordered and deduplicated by ``id`` within their stream, and caught
+# up from the store when missed.
 StreamEvent = InboxMessage | ChannelPost
 
 
@@ -128,7 +117,10 @@ class SentCopy(Event):
 
     sender_id: int
     to: str  # the recipient's name
-    message: PrivateMessage
+    id: int
+    sender: str
+    body: str
+    created_at: float
     origin: int = 0
 
 

@@ -40,7 +40,7 @@ from chatd.model import (
     StreamEvent,
 )
 from chatd.protocol import Data
-from chatd.store import ChannelMessage, PrivateMessage, Store
+from chatd.store import Store
 from tests.conftest import PASSWORD
 
 CHANNEL_ID = 7
@@ -97,9 +97,7 @@ async def go_live(hub: Hub, session: Session, user_id: int, name: str) -> None:
 
 
 def post(message_id: int, origin: int = 0) -> ChannelPost:
-    return ChannelPost(
-        CHANNEL_ID, "general", ChannelMessage(message_id, "alice", "hello all", NOW), origin
-    )
+    return ChannelPost(CHANNEL_ID, "general", message_id, "alice", "hello all", NOW, origin)
 
 
 @pytest.fixture
@@ -122,17 +120,16 @@ BOB_IN_GENERAL = {"channel": "general", "name": "Bob"}
 
 
 def test_each_event_encodes_as_protocol_md_shows_it() -> None:
-    private = PrivateMessage(41, "alice", "hi", NOW)
     expected: list[tuple[Event, dict[str, Any]]] = [
         (
-            InboxMessage(2, private),
+            InboxMessage(2, 41, "alice", "hi", NOW),
             {
                 "event": "message",
                 "data": {"id": 41, "name": "alice", "msg": "hi", "datetime": "2020.03.05:12:12:00"},
             },
         ),
         (
-            SentCopy(1, "Bob", private),
+            SentCopy(1, "Bob", 41, "alice", "hi", NOW),
             {
                 "event": "message",
                 "data": {
@@ -330,9 +327,9 @@ def messages(session: RecordingSession) -> list[tuple[str, int, str]]:
     taken = []
     for event in session.take():
         if isinstance(event, InboxMessage | ChannelPost):
-            taken.append((type(event).__name__, event.id, event.message.body))
+            taken.append((type(event).__name__, event.id, event.body))
         elif isinstance(event, SentCopy):
-            taken.append(("SentCopy", event.message.id, f"to {event.to}: {event.message.body}"))
+            taken.append(("SentCopy", event.id, f"to {event.to}: {event.body}"))
         elif isinstance(event, Join | Leave):
             taken.append((event.kind, event.channel_id, event.name))
     return taken
