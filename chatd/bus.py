@@ -7,6 +7,8 @@ bus hands each event to the hubs that have sessions to deliver it to.  With one
 node that is :class:`LocalBus`, delivering straight to this process's hub; a bus
 between nodes (Redis pub/sub, the next step) implements the same Protocol, and
 every node's hub then runs the same delivery code single-node mode runs today.
+
+Presence and ping are not published: each hub makes them from its own sessions.
 """
 
 from __future__ import annotations

@@ -208,7 +208,6 @@ class Connection(Session):
         if self._writer.is_closing():
             return
         frame = events.frame(event)
-        self._metrics.pushed()
         if self._pushes is None:
             self._pushes = [frame]
             # The task's loop, not get_running_loop(): that makes a system call (getpid).
@@ -224,6 +223,7 @@ class Connection(Session):
         if not frames or self._writer.is_closing():
             return
         self._writer.write(b"".join(frames))
+        self._metrics.pushed(len(frames))  # counted here: once per write, not per event
         # Frames written at the client's pace (replies, catch-up) are not the client's
         # fault: only what piles up beyond them counts.
         pushed = self._writer.transport.get_write_buffer_size() - self._paced_in_flight
