@@ -11,7 +11,9 @@ from __future__ import annotations
 import ast
 import asyncio
 import socket
+import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ from chatd.model import (
     Join,
     Leave,
     Presence,
+    Published,
     SentCopy,
     StreamEvent,
 )
@@ -401,3 +404,30 @@ async def test_pipelined_sends_are_delivered_in_commit_order(app: App) -> None:
     channel = [message_id for kind, message_id, _ in got if kind == "ChannelPost"]
     assert private == sorted(private) and channel == sorted(channel)
     assert [message_id for _, message_id, _ in got] == ids
+
+
+class CheckingBus:
+    """A bus that, as each event is published, reads its message back through a
+    connection of its own to the database file: it sees only committed rows."""
+
+    def __init__(self, db: str) -> None:
+        self.db = db
+        self.seen: list[tuple[str, int, bool]] = []
+
+    def publish(self, event: Published) -> None:
+        if isinstance(event, InboxMessage | ChannelPost):
+            table = "private_messages" if isinstance(event, InboxMessage) else "channel_messages"
+            with closing(sqlite3.connect(self.db)) as other:
+                found = other.execute(f"SELECT 1 FROM {table} WHERE id = ?", (event.id,))
+                self.seen.append((event.body, event.id, found.fetchone() is not None))
+
+
+async def test_events_are_published_after_commit_never_inside_it(
+    app: App, config: Config
+) -> None:
+    alice = await device(app, "alice", register=True)
+    await device(app, "bob", register=True)
+    bus = app.bus = CheckingBus(config.db)
+    await answer(app, alice, "/send", name="bob", msg="one")
+    await answer(app, alice, "/channel/send", name="general", message="two")
+    assert bus.seen == [("one", 1, True), ("two", 1, True)]
