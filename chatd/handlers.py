@@ -3,7 +3,9 @@
 A handler takes the request's context and parameters, and returns the reply's
 ``data`` (or None) or raises a :class:`~chatd.errors.ChatdError`.  The sends
 return a :class:`Deferred` instead: their reply is known once the group commit
-holding the message is done.  Handlers never see bytes, sockets or SQL
+holding the message is done.  What others must hear of (a stored message, a join,
+a leave) is published to the bus as an event (chatd.model) once committed; each
+front-end encodes it for its clients.  Handlers never see bytes, sockets or SQL
 (protocol.md, "Operations").
 """
 

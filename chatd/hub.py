@@ -12,8 +12,9 @@ import itertools
 from collections import defaultdict
 from collections.abc import Iterable
 
-from chatd.delivery import INBOX, Subscription
+from chatd.delivery import Subscription
 from chatd.model import (
+    INBOX,
     ChannelPost,
     Event,
     InboxMessage,
