@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "scripts" / "bench.py"
-SCENARIOS = {"dm", "fanout", "latency", "idle", "logins", "catchup", "store"}
+SCENARIOS = {"dm", "fanout", "latency", "idle", "logins", "catchup", "store", "hostile"}
 
 
 @pytest.mark.slow
