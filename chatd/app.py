@@ -18,7 +18,7 @@ from chatd.hub import Hub, Session
 from chatd.limits import Guards
 from chatd.metrics import Metrics
 from chatd.protocol import Data, failure, parse_request, request_id, success
-from chatd.storage import MessageStore
+from chatd.store import MessageStore
 
 log = logging.getLogger(__name__)
 

@@ -36,13 +36,13 @@ from chatd.limits import Guards, RateLimiter, address_key
 from chatd.metrics import Metrics
 from chatd.model import INBOX, ChannelPost, InboxMessage, Join, Leave, SentCopy, StreamEvent
 from chatd.protocol import Data, Params, Request, format_datetime
-from chatd.storage import MessageStore
 from chatd.store import (
     CHANNEL,
     PRIVATE,
     Channel,
     ChannelMessage,
     Joined,
+    MessageStore,
     NewMessage,
     Stored,
     User,
