@@ -265,7 +265,9 @@ async def send(ctx: Context, params: Params) -> Deferred:
     def committed(stored: Stored) -> None:
         metrics.message_stored("private")
         message_id, created_at = stored.id, stored.created_at
-        bus.publish(InboxMessage(recipient.id, message_id, sender_name, text, created_at))
+        bus.publish(
+            InboxMessage(recipient.id, message_id, sender_name, text, created_at, stored.seq)
+        )
         if recipient.id != sender_id:  # a note to self reached every device already
             bus.publish(
                 SentCopy(
@@ -342,7 +344,9 @@ async def subscribe(ctx: Context, params: Params) -> None:
 
     async def inbox_after(after: int, limit: int) -> list[StreamEvent]:
         messages = await store.inbox_after(user_id, after, limit)
-        return [InboxMessage(user_id, m.id, m.sender, m.body, m.created_at) for m in messages]
+        return [
+            InboxMessage(user_id, m.id, m.sender, m.body, m.created_at, m.seq) for m in messages
+        ]
 
     catch_ups: list[CatchUp] = [(INBOX, lambda: store.inbox_position(user_id), inbox_after)]
     for channel_id in channels:
@@ -365,7 +369,8 @@ def _channel_catch_up(store: MessageStore, user_id: int, channel_id: int) -> Cat
         name = await store.channel_name(channel_id)
         messages = await store.channel_after(channel_id, after, limit, user_id, live_from)
         return [
-            ChannelPost(channel_id, name, m.id, m.sender, m.body, m.created_at) for m in messages
+            ChannelPost(channel_id, name, m.id, m.sender, m.body, m.created_at, seq=m.seq)
+            for m in messages
         ]
 
     return channel_id, position, channel_after
@@ -471,7 +476,14 @@ async def channel_send(ctx: Context, params: Params) -> Deferred:
         metrics.message_stored("channel")
         bus.publish(
             ChannelPost(
-                channel.id, channel.name, stored.id, sender_name, text, stored.created_at, origin
+                channel.id,
+                channel.name,
+                stored.id,
+                sender_name,
+                text,
+                stored.created_at,
+                origin,
+                stored.seq,
             )
         )
 

@@ -83,8 +83,9 @@ class InboxMessage(Event):
     sender: str  # the sender's name
     body: str
     created_at: float
-    # The message's number in the inbox stream, once the store numbers streams (the
-    # place for it: delivery orders by id until then); 0 when not known.
+    # The message's number in the inbox stream (1, 2, 3, ... in commit order, the
+    # store's per-stream sequence); delivery still orders by id, which agrees with it
+    # within a stream on one node.
     seq: int = 0
 
 

@@ -431,3 +431,27 @@ async def test_events_are_published_after_commit_never_inside_it(
     await answer(app, alice, "/send", name="bob", msg="one")
     await answer(app, alice, "/channel/send", name="general", message="two")
     assert bus.seen == [("one", 1, True), ("two", 1, True)]
+
+
+async def test_message_events_carry_their_stream_sequence_number(app: App) -> None:
+    alice = await device(app, "alice", register=True)
+    bob = await device(app, "bob", register=True)
+    carol = await device(app, "carol", register=True)
+    await answer(app, bob, "/channel/join", name="general")
+    await answer(app, alice, "/channel/join", name="general")
+    await answer(app, alice, "/send", name="carol", msg="to carol")  # another inbox stream
+    for text in ("one", "two"):
+        await answer(app, alice, "/send", name="bob", msg=text)
+        await answer(app, alice, "/channel/send", name="general", message=text)
+    live = [e for e in bob.take() if isinstance(e, InboxMessage | ChannelPost)]
+    assert [(type(e).__name__, e.body, e.seq) for e in live] == [
+        ("InboxMessage", "one", 1),
+        ("ChannelPost", "one", 1),
+        ("InboxMessage", "two", 2),
+        ("ChannelPost", "two", 2),
+    ]
+    assert [e.seq for e in carol.take() if isinstance(e, InboxMessage)] == [1]
+    # A catch-up on a new session brings the same numbers (bob acknowledged nothing).
+    laptop = await device(app, "bob")
+    caught_up = [e for e in laptop.take() if isinstance(e, InboxMessage)]
+    assert [(e.body, e.seq) for e in caught_up] == [("one", 1), ("two", 2)]
