@@ -223,7 +223,9 @@ class Connection(Session):
         """
         if self._writer.is_closing():
             return
-        frame = events.frame(event)
+        frame = event.msgpack_frame  # read here: the call costs more than the read
+        if frame is None:
+            frame = events.frame(event)
         if self._pushes is None:
             self._pushes = [frame]
             # The task's loop, not get_running_loop(): that makes a system call (getpid).

@@ -1,8 +1,8 @@
 """The msgpack front-end's edge: events (chatd.model) as frames (protocol.md section 10).
 
 :func:`frame` encodes an event once, however many msgpack connections receive it:
-the frame is memoised on the event, so a channel message costs one encoding for
-all its members.
+the frame is kept on the event (``Event.msgpack_frame``), so a channel message
+costs one encoding for all its members.
 """
 
 from __future__ import annotations
@@ -20,22 +20,18 @@ from chatd.model import (
     Ping,
     Presence,
     SentCopy,
-    memoised,
 )
 from chatd.protocol import Data, event, format_datetime
 
 __all__ = ["frame"]
 
-MSGPACK = "msgpack"  # this front-end's key in an event's memo
-
 
 def frame(item: Event) -> bytes:
     """The event's frame, encoded on first use and shared from then on."""
-    memo = item.encodings
-    if memo is not None and MSGPACK in memo:  # inlined: read once per recipient
-        known: bytes = memo[MSGPACK]
-        return known
-    return memoised(item, MSGPACK, _encode)
+    encoded = item.msgpack_frame
+    if encoded is None:
+        encoded = item.msgpack_frame = _encode(item)
+    return encoded
 
 
 def _encode(item: Event) -> bytes:

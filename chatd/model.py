@@ -55,6 +55,9 @@ class Event:
     encodings: dict[object, Any] | None = field(
         default=None, init=False, repr=False, compare=False
     )
+    # The msgpack front-end's frame (chatd.events), in a slot of its own: it is read
+    # once per recipient of every push, and a slot is the cheapest memo to read.
+    msgpack_frame: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
 
 def memoised(event: E, encoding: object, encode: Callable[[E], T]) -> T:
