@@ -3,13 +3,14 @@
 The hub, the bus and delivery carry these objects and never bytes; a front-end's
 session turns one into its own wire form at its edge (chatd.events for msgpack
 frames, protocol.md section 10).  A channel message reaches many sessions as one
-object, so each front-end memoises its encoding on the event (:func:`memoised`):
-encoded once per front-end however many receive it.
+object, so each front-end memoises its encoding on the event (:func:`memoised`;
+msgpack's frame has a slot of its own): encoded once per front-end however many
+receive it.
 
 A stored message's event holds the store row's fields (id, sender, body, time, and
 the stream sequence number ``seq``) and where it goes: the recipient's inbox or the
-channel, with the channel's name.  The events a commit
-produces (:data:`Published`) also say who caused them, as ``origin``: the
+channel, with the channel's name.  The events a commit produces (:data:`Published`)
+also say who caused them, as ``origin``: the
 :attr:`chatd.hub.Session.serial` of the calling connection, which gets its reply
 instead of the event (protocol.md section 9, "Who receives what"); 0 for none.
 Serials are unique within one process; a bus between nodes pairs them with the node.
