@@ -448,3 +448,21 @@ async def test_logout_ends_the_token_on_every_node(three_nodes: Cluster) -> None
         while (await elsewhere.call("/ping", {}))["code"] == 0:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
     assert (await elsewhere.call("/ping", {}))["code"] == 2
+
+
+async def test_every_session_of_a_user_gets_every_push_and_the_senders_copies(
+    three_nodes: Cluster,
+) -> None:
+    a, b, c = three_nodes.nodes
+    alice = await three_nodes.user(a, "alice")
+    await three_nodes.user(b, "bob")
+    bob_b, bob_c = await three_nodes.login(b, "bob"), await three_nodes.login(c, "bob")
+    alice_c = await three_nodes.login(c, "alice")
+    for client in (bob_b, bob_c, alice_c):
+        await client.request("/subscribe", {})
+    sent = await alice.request("/send", {"name": "bob", "msg": "to both"})
+    for client in (bob_b, bob_c):
+        event = await next_message(client)
+        assert event["data"]["id"] == sent["id"] and "to" not in event["data"]
+    copy = await next_message(alice_c)
+    assert copy["data"]["id"] == sent["id"] and copy["data"]["to"] == "bob"
