@@ -22,6 +22,7 @@ from chatd import config as settings
 from chatd.config import ENV_PREFIX, FIELDS, Config, ConfigError
 from chatd.server import Server
 from chatd.store import StoreError
+from chatd.validation import name_key
 
 log = logging.getLogger("chatd")
 
@@ -184,14 +185,32 @@ async def _administer(args: argparse.Namespace, config: Config) -> None:
     try:
         if args.action == "users":
             await admin.list_users(store, sys.stdout)
-        elif args.action == "reset-password":
+            return
+        user = await store.find_user(name_key(args.name))  # read before a deletion
+        if args.action == "reset-password":
             print(await admin.reset_password(store, config, args.name, admin.read_new_password))
         elif args.action == "revoke-tokens":
             print(await admin.revoke_tokens(store, args.name))
         elif args.action == "delete-user":
             print(await admin.delete_user(store, args.name))
+        if user is not None:
+            await _end_sessions_on_every_node(config, user.id)
     finally:
         await store.close()
+
+
+async def _end_sessions_on_every_node(config: Config, user_id: int) -> None:
+    """With several nodes, their sessions of the user end at once (README, "Running
+    several nodes"); without the bus, within token_recheck."""
+    if config.bus == "local":
+        return
+    from chatd.bus_redis import Revoke, publish_once
+
+    try:
+        await publish_once(config.bus, Revoke(user_id, node="admin"))
+    except (ConnectionError, ImportError) as exc:
+        print(f"chatd: {exc}; sessions on the nodes end within token_recheck"
+              f" ({config.token_recheck:g} s)", file=sys.stderr)
 
 
 def choose_runner(event_loop: str) -> Runner:

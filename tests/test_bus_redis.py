@@ -9,6 +9,7 @@ absent, failed instead with CHATD_REQUIRE_POSTGRES=1 (CI).
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -26,6 +27,7 @@ from chatd.bus_redis import (
     publish_once,
 )
 from tests.cluster_helpers import RedisServer, proxy, redis_server
+from tests.conftest import ROOT, Harness
 from tests.pg_helpers import unavailable
 
 WAIT = 20.0  # bound on every wait for an event; generous for a loaded machine
@@ -334,3 +336,26 @@ async def a_fresh_reader(redis: RedisServer, user_id: int) -> bool:
         return await reader.is_online(user_id)
     finally:
         await reader.close()
+
+
+async def test_admin_revoke_tokens_tells_every_node(
+    redis: RedisServer, harness: Harness
+) -> None:
+    await harness.user("alice")  # the first user: id 1
+    heard: list[BusMessage] = []
+    listener = RedisBus(redis.url, "listener", heard.append, lambda: None)
+    await listener.start()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "chatd", "admin", "revoke-tokens", "alice",
+            "--db", harness.config.db, "--bus", redis.url,
+            cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(60):
+            out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        assert b"revoked" in out
+        await until(lambda: bool(heard))
+        assert heard == [Revoke(1)]
+    finally:
+        await listener.close()
