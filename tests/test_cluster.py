@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
+import sys
 from collections.abc import AsyncIterator, Collection
 from typing import Any
 
@@ -24,6 +26,7 @@ from tests.cluster_helpers import (
     proxy,
     redis_server,
 )
+from tests.conftest import ROOT
 from tests.pg_helpers import fresh_database, unavailable
 
 pytestmark = pytest.mark.slow
@@ -466,3 +469,30 @@ async def test_every_session_of_a_user_gets_every_push_and_the_senders_copies(
         assert event["data"]["id"] == sent["id"] and "to" not in event["data"]
     copy = await next_message(alice_c)
     assert copy["data"]["id"] == sent["id"] and copy["data"]["to"] == "bob"
+
+
+# `chatd admin` on PostgreSQL arrives with `chatd migrate` (the pgtools branch).
+ADMIN_ON_POSTGRES = importlib.util.find_spec("chatd.migrate") is not None
+
+
+@pytest.mark.xfail(
+    not ADMIN_ON_POSTGRES, reason="chatd admin works on SQLite only", raises=AssertionError
+)
+async def test_admin_revoke_tokens_ends_sessions_on_every_node(
+    three_nodes: Cluster, redis: RedisServer
+) -> None:
+    a, b, _ = three_nodes.nodes
+    alice_a = await three_nodes.user(a, "alice")
+    alice_b = await three_nodes.login(b, "alice")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "chatd", "admin", "revoke-tokens", "alice",
+        "--db", three_nodes.db, "--bus", redis.url,
+        cwd=ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(60):
+        _, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    for client in (alice_a, alice_b):
+        async with asyncio.timeout(3):  # not token_recheck (60 s): the bus
+            while (await client.call("/ping", {}))["code"] == 0:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
