@@ -8,9 +8,11 @@ in its stream's seq order, and a lost notice is read from the store (the truth):
 
 - a stream is followed while this node has interest in it (a subscribed session of
   the inbox's user, a follower of the channel), from the moment a session starts
-  following it: from the user's acknowledged position for an inbox, from the newest
-  message for a channel (what came before is the subscription's own catch-up).  While
-  that position is read, the stream's messages are held, then pushed;
+  following it: from the newest message this node has seen of it (it hears every
+  notice) or, for a stream it has not heard of, from a store read (the user's
+  acknowledged position for an inbox, the newest message for a channel); what came
+  before is the subscription's own catch-up.  While that position is read, the
+  stream's messages are held, then pushed;
 - every ``bus_position_check`` seconds, and at once when the bus reconnects, every
   followed stream is read past its position (a lost last message, a node killed
   between COMMIT and publish), and streams without local interest are dropped.  That
@@ -67,6 +69,7 @@ _EVENT_TYPES: dict[str, type[Any]] = {
     cls.__name__: cls for cls in (InboxMessage, ChannelPost, SentCopy, Join, Leave)
 }
 _NOT_SENT = frozenset({"encodings", "origin"})
+SEEN_LIMIT = 1_000_000  # streams remembered (two ints each) before starting over
 
 
 REDIS_EXTRA = "pip install 'chatd[redis]'"
@@ -159,6 +162,10 @@ class ClusterBus:
         # Streams whose starting position is being read: their messages meanwhile.
         self._pending: dict[str, list[StreamEvent]] = {}
         self._starting: dict[str, asyncio.Task[None]] = {}
+        # The newest (seq, id) seen of each stream not followed, and the start of
+        # streams followed from a store read since the last position check.
+        self._seen: dict[str, tuple[int, int]] = {}
+        self._early: dict[str, int] = {}
         # Test-only fault hook (tests/test_cluster.py): die between COMMIT and publish
         # when a message with this text is published.
         fault = os.environ.get("CHATD_TEST_FAULT", "")
@@ -214,6 +221,15 @@ class ClusterBus:
         if pending is not None:
             pending.append(event)
             return
+        if not self.order.following(stream):
+            self._remember(stream, event)
+            return
+        early = self._early.get(stream)
+        if early is not None and event.id <= early:
+            # Committed before its stream's start was read, announced after: only the
+            # subscriptions can tell whether it is news (they drop ids they wrote).
+            self._hub.deliver(event)
+            return
         origin = getattr(event, "origin", 0)
         before = self.order.position(stream)
         self.order.offer(stream, event)
@@ -256,9 +272,25 @@ class ClusterBus:
         for channel_id in channel_ids:
             self._watch(channel_stream(channel_id))
 
+    def _remember(self, stream: str, event: StreamEvent) -> None:
+        """The newest message seen of a stream not followed: where to follow it from."""
+        if len(self._seen) >= SEEN_LIMIT and stream not in self._seen:
+            self._seen.clear()  # a rare reset: streams then start from a store read
+        self._seen[stream] = (event.seq, event.id)
+
     def _watch(self, stream: str) -> asyncio.Task[None] | None:
-        """Start following ``stream``; the task reading its position, if one runs."""
+        """Start following ``stream``; the task reading its position, if one runs.
+
+        A stream whose notices this node has seen is followed at once from the newest
+        seen, which no message committed from now on can precede.  Another one's start
+        is read from the store; until the next position check, a late notice of a
+        message at or below that start goes to the hub as it is.
+        """
         if self.order.following(stream):
+            return None
+        seen = self._seen.pop(stream, None)
+        if seen is not None:
+            self.order.follow(stream, *seen)
             return None
         task = self._starting.get(stream)
         if task is None:
@@ -282,6 +314,7 @@ class ClusterBus:
             if event.id <= message_id:
                 self._hub.deliver(event)
         self.order.follow(stream, seq, message_id)
+        self._early[stream] = message_id
         for event in held:
             if event.id > message_id:
                 self.order.offer(stream, event)
@@ -314,6 +347,7 @@ class ClusterBus:
                     self.order.unfollow(stream)
             self.order.check_positions()
             self._forget_origins()
+            self._early.clear()
 
     def _forget_origins(self) -> None:
         """Origins of events already pushed (or never to be): keep the map small."""
