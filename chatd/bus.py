@@ -13,6 +13,7 @@ Presence and ping are not published: each hub makes them from its own sessions.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Protocol
 
 from chatd.hub import Hub
@@ -25,6 +26,17 @@ class Bus(Protocol):
     def publish(self, event: Published) -> None:
         """Deliver a committed event to every hub, in the order published; never waits."""
 
+    async def follow(self, user_id: int, channel_ids: Collection[int]) -> None:
+        """A session of this node subscribes to these streams: once this returns, every
+        message committed from now on reaches the hub (its catch-up reads the rest)."""
+
+    async def online(self, user_ids: Collection[int]) -> set[int]:
+        """Those of ``user_ids`` with a session on some node."""
+
+    def revoke(self, user_id: int, digests: tuple[bytes, ...] = ()) -> None:
+        """Tokens revoked here (all the user's if ``digests`` is empty): the other nodes
+        end their sessions; this node has ended its own."""
+
 
 class LocalBus:
     """One node: published events go to the local hub at once, in the caller's turn."""
@@ -36,3 +48,12 @@ class LocalBus:
 
     def publish(self, event: Published) -> None:
         self._hub.deliver(event)
+
+    async def follow(self, user_id: int, channel_ids: Collection[int]) -> None:
+        pass  # every commit of this one node reaches its hub
+
+    async def online(self, user_ids: Collection[int]) -> set[int]:
+        return {u for u in user_ids if self._hub.is_online(u)}
+
+    def revoke(self, user_id: int, digests: tuple[bytes, ...] = ()) -> None:
+        pass  # no other node

@@ -175,8 +175,10 @@ async def logout(ctx: Context, params: Params) -> None:
     digest = ctx.session.token_digest
     assert digest is not None
     await ctx.store.revoke_token(digest)
-    for session in ctx.hub.sessions_with_token(ctx.user_id, digest):
+    user_id = ctx.user_id
+    for session in ctx.hub.sessions_with_token(user_id, digest):
         ctx.hub.unbind(session)
+    ctx.bus.revoke(user_id, (digest,))  # and on every other node
 
 
 async def ping(ctx: Context, params: Params) -> None:
@@ -238,7 +240,7 @@ async def user_info(ctx: Context, params: Params) -> Data:
     return {
         "name": user.name,
         "registered": format_datetime(user.created_at),
-        "online": ctx.hub.is_online(user.id),
+        "online": bool(await ctx.bus.online([user.id])),
     }
 
 
@@ -341,6 +343,9 @@ async def subscribe(ctx: Context, params: Params) -> None:
     subscription = Subscription(ctx.session, ctx.config.receive_batch, ctx.config.catch_up_queue)
     channels = ctx.hub.subscribe(ctx.session, subscription)
     user_id, store = ctx.user_id, ctx.store
+    # With several nodes: the bus follows the streams before the catch-up reads the
+    # store, so nothing committed in between slips past both.
+    await ctx.bus.follow(user_id, channels)
 
     async def inbox_after(after: int, limit: int) -> list[StreamEvent]:
         messages = await store.inbox_after(user_id, after, limit)
@@ -517,9 +522,10 @@ def _channel_item(message: ChannelMessage) -> Data:
 async def channel_list_users(ctx: Context, params: Params) -> Data:
     channel = await _existing_channel(ctx, params)
     members = await ctx.store.channel_members(channel.id)
+    online = await ctx.bus.online([member_id for member_id, _ in members])
     return {
         "users": [
-            {"name": member_name, "online": ctx.hub.is_online(member_id)}
+            {"name": member_name, "online": member_id in online}
             for member_id, member_name in members
         ]
     }

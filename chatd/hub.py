@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from chatd.delivery import Subscription
 from chatd.model import (
@@ -102,6 +102,12 @@ class Hub:
         # Channel memberships of online users, and the subscribed sessions of each channel.
         self._channels_of: dict[int, set[int]] = {}
         self._followers: defaultdict[int, set[Session]] = defaultdict(set)
+        # Told of a user's first session here (True) and their last one's end (False):
+        # with several nodes, presence is shared (chatd.cluster).
+        self.on_presence: Callable[[int, bool], None] | None = None
+        # Told when a subscribed session starts following a channel it joined, so that
+        # a bus between nodes follows it too (chatd.cluster); /subscribe tells the bus.
+        self.on_follow: Callable[[int, list[int]], None] | None = None
 
     # Sessions and presence.
 
@@ -152,6 +158,10 @@ class Hub:
     def is_online(self, user_id: int) -> bool:
         return user_id in self._sessions
 
+    def has_followers(self, channel_id: int) -> bool:
+        """Whether a subscribed session here follows the channel."""
+        return bool(self._followers.get(channel_id))
+
     def is_member(self, user_id: int, channel_id: int) -> bool:
         """For online users only (the hub keeps their memberships)."""
         return channel_id in self._channels_of.get(user_id, ())
@@ -175,6 +185,8 @@ class Hub:
         }
 
     def _announce_presence(self, user_id: int, online: bool) -> None:
+        if self.on_presence is not None:
+            self.on_presence(user_id, online)
         own = self._sessions.get(user_id, set())
         audience: set[Session] = set()
         for channel_id in self._channels_of.get(user_id, ()):
@@ -223,6 +235,8 @@ class Hub:
             if session.subscription is not None:
                 session.subscription.follow(channel_id)
                 self._followers[channel_id].add(session)
+        if self.on_follow is not None and self._followers.get(channel_id):
+            self.on_follow(user_id, [channel_id])
 
     def left(self, user_id: int, channel_id: int) -> None:
         self._channels_of.get(user_id, set()).discard(channel_id)

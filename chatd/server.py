@@ -8,13 +8,13 @@ import logging
 import socket
 import ssl
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chatd import systemd
 from chatd.app import App
 from chatd.auth import Hasher
 from chatd.codec import encode_frame
-from chatd.config import FIELDS, RELOADABLE, Config
+from chatd.config import FIELDS, RELOADABLE, Config, node_name
 from chatd.connection import BodyHandler, Connection, ReadTimer
 from chatd.dbfile import InstanceLock
 from chatd.errors import RateLimited
@@ -25,6 +25,9 @@ from chatd.limits import address_key
 from chatd.metrics import create as create_metrics
 from chatd.protocol import failure
 from chatd.store import MessageStore, is_postgres_url, open_store
+
+if TYPE_CHECKING:
+    from chatd.cluster import ClusterBus
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,7 @@ class Server:
         self._token_sweeper: asyncio.Task[None] | None = None
         self._instance: InstanceLock | None = None
         self.irc: IrcListener | None = None
+        self._cluster: ClusterBus | None = None
 
     @property
     def app(self) -> App:
@@ -68,6 +72,7 @@ class Server:
         self._app = App(self.config, store, Hub(), hasher, metrics)
         self._handle_body = self._app.handle
         try:
+            await self._join_cluster()
             metrics.watch_disk(lambda: store.disk_full)
             if self.config.metrics_port:
                 metrics.serve(self.config.metrics_host, self.config.metrics_port)
@@ -224,7 +229,26 @@ class Server:
         if pending:
             await asyncio.wait(pending)
 
+    async def _join_cluster(self) -> None:
+        """With ``--bus redis://...``: the bus, presence and revocations shared with the
+        other nodes (chatd.cluster). Raises RuntimeError if Redis cannot be reached."""
+        if self.config.bus == "local":
+            return
+        from chatd.cluster import ClusterBus, require_redis
+
+        require_redis()
+        app = self.app
+        self._cluster = ClusterBus(self.config, app.hub, app.store, node_name(self.config))
+        try:
+            await self._cluster.start()
+        except ConnectionError as exc:
+            raise RuntimeError(str(exc)) from None
+        app.bus = self._cluster
+
     async def _close_app(self) -> None:
+        if self._cluster is not None:
+            await self._cluster.close()  # before the store: it reads the store
+            self._cluster = None
         if self._app is not None:
             await self._app.store.close()
             self._app.hasher.close()

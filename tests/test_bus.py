@@ -12,7 +12,7 @@ import ast
 import asyncio
 import socket
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -420,6 +420,15 @@ class CheckingBus:
             with closing(sqlite3.connect(self.db)) as other:
                 found = other.execute(f"SELECT 1 FROM {table} WHERE id = ?", (event.id,))
                 self.seen.append((event.body, event.id, found.fetchone() is not None))
+
+    async def follow(self, user_id: int, channel_ids: Collection[int]) -> None:
+        pass
+
+    async def online(self, user_ids: Collection[int]) -> set[int]:
+        return set()
+
+    def revoke(self, user_id: int, digests: tuple[bytes, ...] = ()) -> None:
+        pass
 
 
 async def test_events_are_published_after_commit_never_inside_it(

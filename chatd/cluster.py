@@ -1,0 +1,372 @@
+"""Several nodes as one server: the bus (chatd.bus) over Redis (chatd.bus_redis).
+
+``ClusterBus`` is the Bus of a node started with ``--bus redis://...``.  A committed
+event goes to this node's hub at once and to Redis for the others; whichever way a
+stored message arrives (its own publish, another node's notice, a read of the store),
+it reaches the hub through one ``StreamOrder`` per node, so each message is pushed once,
+in its stream's seq order, and a lost notice is read from the store (the truth):
+
+- a stream is followed while this node has interest in it (a subscribed session of
+  the inbox's user, a follower of the channel), from the moment a session starts
+  following it: from the newest message this node has seen of it (it hears every
+  notice) or, for a stream it has not heard of, from a store read (the user's
+  acknowledged position for an inbox, the newest message for a channel); what came
+  before is the subscription's own catch-up.  While that position is read, the
+  stream's messages are held, then pushed;
+- every ``bus_position_check`` seconds, and at once when the bus reconnects, every
+  followed stream is read past its position (a lost last message, a node killed
+  between COMMIT and publish), and streams without local interest are dropped.  That
+  is one query per followed stream per check: fine for hundreds of streams; many
+  thousands want one statement for all the streams' newest seqs (not done yet);
+- events outside streams (a sender's copy, joins, leaves) are live only: a node that
+  misses them (Redis down) does not replay them; the store still has the messages.
+
+The calling connection gets its reply instead of its own event (protocol.md section
+9): ``origin`` is a session serial of the publishing node, so other nodes deliver
+with origin 0, and a local event that goes the store's way keeps its origin.
+
+Presence is in Redis (chatd.bus_redis.RedisPresence); a token revoked on one node
+(``/logout``, ``chatd admin revoke-tokens``) is a bus message that ends its sessions
+on every node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+from collections.abc import Collection
+from typing import Any
+
+from chatd.bus_redis import (
+    BusMessage,
+    Notice,
+    RedisBus,
+    RedisPresence,
+    Revoke,
+    StreamOrder,
+    channel_stream,
+    inbox_stream,
+)
+from chatd.config import Config
+from chatd.hub import Hub
+from chatd.model import (
+    ChannelPost,
+    InboxMessage,
+    Join,
+    Leave,
+    Published,
+    SentCopy,
+    StreamEvent,
+)
+from chatd.store import MessageStore
+
+log = logging.getLogger(__name__)
+
+# Event types as they travel, by name (a node never builds a class it was not sent).
+_EVENT_TYPES: dict[str, type[Any]] = {
+    cls.__name__: cls for cls in (InboxMessage, ChannelPost, SentCopy, Join, Leave)
+}
+_NOT_SENT = frozenset({"encodings", "origin"})
+SEEN_LIMIT = 1_000_000  # streams remembered (two ints each) before starting over
+
+
+REDIS_EXTRA = "pip install 'chatd[redis]'"
+
+
+def require_redis() -> None:
+    """Raises RuntimeError naming the extra if redis-py is missing."""
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        raise RuntimeError(f"--bus redis:// needs the redis-py driver: {REDIS_EXTRA}") from None
+
+
+def stream_of(event: Published) -> str | None:
+    """The stream a stored message belongs to; None for live-only events."""
+    if isinstance(event, InboxMessage):
+        return inbox_stream(event.recipient_id)
+    if isinstance(event, ChannelPost):
+        return channel_stream(event.channel_id)
+    return None
+
+
+def to_notice(event: Published) -> Notice:
+    fields = {
+        f.name: getattr(event, f.name)
+        for f in dataclasses.fields(event)
+        if f.name not in _NOT_SENT
+    }
+    fields["type"] = type(event).__name__
+    seq = getattr(event, "seq", 0)
+    message_id = getattr(event, "id", 0)
+    return Notice(stream_of(event) or "", seq, message_id, fields)
+
+
+def from_notice(notice: Notice) -> Published:
+    """The event a notice carries, with origin 0 (its origin is on another node).
+    Raises ValueError if the notice holds no event this node knows."""
+    fields = dict(notice.fields)
+    cls = _EVENT_TYPES.get(fields.pop("type", None))
+    if cls is None:
+        raise ValueError(f"unknown event type in notice {notice.stream}:{notice.seq}")
+    try:
+        event: Published = cls(**fields)
+    except TypeError as exc:
+        raise ValueError(f"bad event fields: {exc}") from None
+    return event
+
+
+class StoreLog:
+    """A stream read from the store, as events (StreamOrder's StreamLog)."""
+
+    def __init__(self, store: MessageStore) -> None:
+        self._store = store
+
+    async def read(self, stream: str, after_id: int, limit: int) -> list[StreamEvent]:
+        kind, _, key = stream.partition(":")
+        target = int(key)
+        if kind == "u":
+            rows = await self._store.inbox_after(target, after_id, limit)
+            return [
+                InboxMessage(target, m.id, m.sender, m.body, m.created_at, m.seq) for m in rows
+            ]
+        name = await self._store.channel_name(target)
+        posts = await self._store.channel_after(target, after_id, limit, 0, 0)
+        return [
+            ChannelPost(target, name, m.id, m.sender, m.body, m.created_at, 0, m.seq)
+            for m in posts
+        ]
+
+
+class ClusterBus:
+    """The Bus of one node among several (module doc)."""
+
+    def __init__(self, config: Config, hub: Hub, store: MessageStore, node: str) -> None:
+        self.node = node
+        self._hub = hub
+        self._interval = config.bus_position_check
+        self.order: StreamOrder[StreamEvent] = StreamOrder(StoreLog(store), self._push)
+        self.redis = RedisBus(
+            config.bus, node, self._receive, self._resync,
+            liveness=max(3 * config.bus_position_check, 1.0),
+        )
+        self.presence = RedisPresence(config.bus, node, config.presence_ttl)
+        # Origins of this node's own events that wait for a store read (keyed by id).
+        self._origins: dict[int, int] = {}
+        self._checker: asyncio.Task[None] | None = None
+        hub.on_presence = self._presence_changed
+        hub.on_follow = self._follow
+        self._store = store
+        # Streams whose starting position is being read: their messages meanwhile.
+        self._pending: dict[str, list[StreamEvent]] = {}
+        self._starting: dict[str, asyncio.Task[None]] = {}
+        # The newest (seq, id) seen of each stream not followed, and the start of
+        # streams followed from a store read since the last position check.
+        self._seen: dict[str, tuple[int, int]] = {}
+        self._early: dict[str, int] = {}
+        # Test-only fault hook (tests/test_cluster.py): die between COMMIT and publish
+        # when a message with this text is published.
+        fault = os.environ.get("CHATD_TEST_FAULT", "")
+        self._exit_before_publishing = fault.removeprefix("exit-before-publish:") or None
+
+    async def start(self) -> None:
+        await self.redis.start()
+        await self.presence.start()
+        self._checker = asyncio.create_task(self._check_forever(), name="position-check")
+        log.info("node %s on bus %s", self.node, self.redis.url)
+
+    async def close(self) -> None:
+        tasks = [*self._starting.values(), *([self._checker] if self._checker else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.order.close()
+        await self.redis.close()
+        await self.presence.close()
+
+    # The Bus Protocol.
+
+    def publish(self, event: Published) -> None:
+        if self._exit_before_publishing is not None:
+            self._fault(event, self._exit_before_publishing)
+        self._take(event, local=True)
+        self.redis.publish(to_notice(event))
+
+    async def online(self, user_ids: Collection[int]) -> set[int]:
+        here = {u for u in user_ids if self._hub.is_online(u)}
+        elsewhere = [u for u in user_ids if u not in here]
+        if elsewhere:
+            try:
+                here |= await self.presence.online(elsewhere)
+            except Exception as exc:  # Redis down: this node's own view is all there is
+                log.warning("presence: cannot ask Redis (%s)", exc)
+        return here
+
+    def revoke(self, user_id: int, digests: tuple[bytes, ...] = ()) -> None:
+        """End these tokens' sessions on the other nodes (this one ends its own)."""
+        self.redis.publish(Revoke(user_id, digests))
+
+    @staticmethod
+    def _fault(event: Published, text: str) -> None:
+        if getattr(event, "body", None) == text:
+            log.warning("test fault: exiting between COMMIT and publish")
+            os._exit(70)
+
+    # Delivery.
+
+    def _offer(self, stream: str, event: StreamEvent, local: bool) -> None:
+        pending = self._pending.get(stream)
+        if pending is not None:
+            pending.append(event)
+            return
+        if not self.order.following(stream):
+            self._remember(stream, event)
+            return
+        early = self._early.get(stream)
+        if early is not None and event.id <= early:
+            # Committed before its stream's start was read, announced after: only the
+            # subscriptions can tell whether it is news (they drop ids they wrote).
+            self._hub.deliver(event)
+            return
+        origin = getattr(event, "origin", 0)
+        before = self.order.position(stream)
+        self.order.offer(stream, event)
+        if local and origin and self.order.position(stream) == before:
+            self._origins[event.id] = origin  # it goes the store's way: keep its origin
+
+    def _push(self, stream: str, event: StreamEvent) -> None:
+        origin = self._origins.pop(event.id, None)
+        if origin is not None and isinstance(event, ChannelPost) and not event.origin:
+            event = dataclasses.replace(event, origin=origin)
+        self._hub.deliver(event)
+
+    def _receive(self, message: BusMessage) -> None:
+        if isinstance(message, Revoke):
+            self._end_sessions(message)
+            return
+        try:
+            event = from_notice(message)
+        except ValueError as exc:
+            log.warning("bus: dropped a notice from %s: %s", message.node, exc)
+            return
+        self._take(event, local=False)
+
+    def _take(self, event: Published, local: bool) -> None:
+        if isinstance(event, InboxMessage | ChannelPost):
+            self._offer(stream_of(event) or "", event, local)
+        else:
+            self._hub.deliver(event)
+
+    async def follow(self, user_id: int, channel_ids: Collection[int]) -> None:
+        streams = [inbox_stream(user_id)] + [channel_stream(c) for c in channel_ids]
+        starting = [t for s in streams if (t := self._watch(s)) is not None]
+        if starting:
+            # Bounded: a store that does not answer fails the task, which then follows
+            # from what it holds.
+            await asyncio.wait(starting)
+
+    def _follow(self, user_id: int, channel_ids: list[int]) -> None:
+        """A subscribed session joined channels (the hub's on_follow)."""
+        for channel_id in channel_ids:
+            self._watch(channel_stream(channel_id))
+
+    def _remember(self, stream: str, event: StreamEvent) -> None:
+        """The newest message seen of a stream not followed: where to follow it from."""
+        if len(self._seen) >= SEEN_LIMIT and stream not in self._seen:
+            self._seen.clear()  # a rare reset: streams then start from a store read
+        self._seen[stream] = (event.seq, event.id)
+
+    def _watch(self, stream: str) -> asyncio.Task[None] | None:
+        """Start following ``stream``; the task reading its position, if one runs.
+
+        A stream whose notices this node has seen is followed at once from the newest
+        seen, which no message committed from now on can precede.  Another one's start
+        is read from the store; until the next position check, a late notice of a
+        message at or below that start goes to the hub as it is.
+        """
+        if self.order.following(stream):
+            return None
+        seen = self._seen.pop(stream, None)
+        if seen is not None:
+            self.order.follow(stream, *seen)
+            return None
+        task = self._starting.get(stream)
+        if task is None:
+            self._pending[stream] = []
+            task = self._starting[stream] = asyncio.create_task(self._start_following(stream))
+            task.add_done_callback(lambda _: self._starting.pop(stream, None))
+        return task
+
+    async def _start_following(self, stream: str) -> None:
+        try:
+            async with asyncio.timeout(30):
+                seq, message_id = await self._start_of(stream)
+        except Exception as exc:  # the store is down: from the first held message, or 0
+            log.warning("cannot read where %s starts (%s)", stream, exc)
+            first = self._pending.get(stream) or []
+            seq, message_id = None, (first[0].id - 1 if first else 0)
+        held = self._pending.pop(stream, [])
+        # Held messages at or below the start went unseen by the order: the hub has
+        # them (each subscription drops an id it has written).
+        for event in held:
+            if event.id <= message_id:
+                self._hub.deliver(event)
+        self.order.follow(stream, seq, message_id)
+        self._early[stream] = message_id
+        for event in held:
+            if event.id > message_id:
+                self.order.offer(stream, event)
+
+    async def _start_of(self, stream: str) -> tuple[int | None, int]:
+        """A stream's starting position: (seq or None, id)."""
+        kind, _, key = stream.partition(":")
+        if kind == "u":
+            cursor, _ = await self._store.inbox_position(int(key))
+            return None, cursor
+        newest = await self._store.channel_history(int(key), None, 1)
+        if not newest.messages:
+            return 0, 0
+        return newest.messages[-1].seq, newest.messages[-1].id
+
+    def _interested(self, stream: str) -> bool:
+        kind, _, key = stream.partition(":")
+        if kind == "u":
+            return self._hub.is_online(int(key))
+        return self._hub.has_followers(int(key))
+
+    def _resync(self) -> None:
+        self.order.check_positions()
+
+    async def _check_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            for stream in self.order.streams:
+                if not self._interested(stream):
+                    self.order.unfollow(stream)
+            self.order.check_positions()
+            self._forget_origins()
+            self._early.clear()
+
+    def _forget_origins(self) -> None:
+        """Origins of events already pushed (or never to be): keep the map small."""
+        if len(self._origins) > 10_000:
+            self._origins.clear()
+
+    # Sessions and presence.
+
+    def _end_sessions(self, revoke: Revoke) -> None:
+        for session in self._hub.bound_sessions():
+            if session.user_id != revoke.user_id:
+                continue
+            if not revoke.digests or session.token_digest in revoke.digests:
+                log.info("session on %s ended: its token was revoked on node %s",
+                         session, revoke.node)
+                self._hub.unbind(session)
+
+    def _presence_changed(self, user_id: int, online: bool) -> None:
+        if online:
+            self.presence.online_here(user_id)
+        else:
+            self.presence.offline_here(user_id)
