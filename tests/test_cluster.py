@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import sys
 from collections.abc import AsyncIterator, Collection
 from typing import Any
@@ -471,13 +470,6 @@ async def test_every_session_of_a_user_gets_every_push_and_the_senders_copies(
     assert copy["data"]["id"] == sent["id"] and copy["data"]["to"] == "bob"
 
 
-# `chatd admin` on PostgreSQL arrives with `chatd migrate` (the pgtools branch).
-ADMIN_ON_POSTGRES = importlib.util.find_spec("chatd.migrate") is not None
-
-
-@pytest.mark.xfail(
-    not ADMIN_ON_POSTGRES, reason="chatd admin works on SQLite only", raises=AssertionError
-)
 async def test_admin_revoke_tokens_ends_sessions_on_every_node(
     three_nodes: Cluster, redis: RedisServer
 ) -> None:
