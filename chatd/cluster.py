@@ -68,7 +68,6 @@ log = logging.getLogger(__name__)
 _EVENT_TYPES: dict[str, type[Any]] = {
     cls.__name__: cls for cls in (InboxMessage, ChannelPost, SentCopy, Join, Leave)
 }
-_NOT_SENT = frozenset({"encodings", "origin"})
 SEEN_LIMIT = 1_000_000  # streams remembered (two ints each) before starting over
 
 
@@ -93,10 +92,11 @@ def stream_of(event: Published) -> str | None:
 
 
 def to_notice(event: Published) -> Notice:
+    # The constructor's fields: front-ends' encodings and memos are not (init=False).
     fields = {
         f.name: getattr(event, f.name)
         for f in dataclasses.fields(event)
-        if f.name not in _NOT_SENT
+        if f.init and f.name != "origin"
     }
     fields["type"] = type(event).__name__
     seq = getattr(event, "seq", 0)
