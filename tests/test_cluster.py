@@ -132,11 +132,16 @@ async def test_postgres_restart_refuses_sends_and_the_node_recovers(
                 await send("again")
                 if "again" not in acked:
                     await asyncio.sleep(0.2)
-        history = await alice.request("/history", {"name": "bob", "limit": 200})
         stored: dict[str, int] = {}
-        for message in history["messages"]:
-            assert message["msg"] not in stored, f"{message['msg']} stored twice"
-            stored[message["msg"]] = message["id"]
+        params: dict[str, Any] = {"name": "bob", "limit": 200}
+        while True:  # every page, newest first
+            page = await alice.request("/history", params)
+            for message in page["messages"]:
+                assert message["msg"] not in stored, f"{message['msg']} stored twice"
+                stored[message["msg"]] = message["id"]
+            if not page["more"]:
+                break
+            params["before"] = page["messages"][0]["id"]
         for text, message_id in acked.items():
             assert stored.get(text) == message_id, f"{text} acked with 0 but not stored"
         with contextlib.suppress(Exception):
