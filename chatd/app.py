@@ -17,7 +17,7 @@ from chatd.hub import Hub, Session
 from chatd.limits import Guards
 from chatd.metrics import Metrics
 from chatd.protocol import Data, failure, parse_request, request_id, success
-from chatd.store import Store
+from chatd.storage import MessageStore
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class App:
     """The server's long-lived parts, shared by every connection."""
 
     config: Config
-    store: Store
+    store: MessageStore
     hub: Hub
     hasher: Hasher
     metrics: Metrics = field(default_factory=Metrics)

@@ -20,6 +20,7 @@ from chatd.limits import Networks
 ENV_PREFIX = "CHATD_"
 
 KIB = 1024
+MIB = 1024 * KIB
 SECONDS = 1.0
 DAYS = 86400 * SECONDS
 
@@ -32,7 +33,7 @@ def _setting(default: Any, help: str, minimum: float | None = None) -> Any:
 class Config:
     host: str = _setting("127.0.0.1", "address to listen on")
     port: int = _setting(7777, "TCP port to listen on (0 picks a free one)", 0)
-    db: str = _setting("./chatd.sqlite3", "path of the SQLite database file")
+    db: str = _setting("./chatd.sqlite3", "SQLite database file, or a postgresql:// URL")
     db_synchronous: str = _setting(
         "NORMAL", "NORMAL survives a crash of chatd; FULL also survives power loss"
     )
@@ -41,6 +42,12 @@ class Config:
     )
     db_checkpoint_interval: float = _setting(
         1 * SECONDS, "seconds between background WAL checkpoints (0: SQLite's own, in commits)", 0
+    )
+    db_wal_limit: int = _setting(
+        16 * MIB,
+        "bytes of WAL past which writes wait briefly while it is checkpointed and started"
+        " over (the WAL file stays under twice this)",
+        64 * KIB,
     )
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
     log_format: str = _setting("text", "text (one line per event) or json (JSON lines)")

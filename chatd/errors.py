@@ -11,6 +11,7 @@
     │   └── FrameTooLarge         length header over the limit: the stream is dropped
     ├── RateLimited       (8)     slow down
     └── ServerError       (9)     our fault; details go to the log, never the wire
+        └── OutOfDisk             a write failed because the database's disk is full
 
 The server turns any other exception into ServerError in one place
 (``connection.py``), so no traceback text ever reaches a client.
@@ -97,6 +98,12 @@ class RateLimited(ChatdError):
 class ServerError(ChatdError):
     code = ErrorCode.SERVER_ERROR
     default_message = "server error"
+
+
+class OutOfDisk(ServerError):
+    """A write found no disk space; nothing of it was stored, and reads go on working."""
+
+    default_message = "server is out of disk space"
 
 
 def error_for(code: int, message: str) -> ChatdError:

@@ -32,6 +32,7 @@ from chatd.hub import Hub, Session
 from chatd.limits import Guards, RateLimiter, address_key
 from chatd.metrics import Metrics
 from chatd.protocol import Data, Params, Request, format_datetime
+from chatd.storage import MessageStore
 from chatd.store import (
     CHANNEL,
     PRIVATE,
@@ -40,7 +41,6 @@ from chatd.store import (
     Joined,
     NewMessage,
     PrivateMessage,
-    Store,
     Stored,
     User,
 )
@@ -55,7 +55,7 @@ class Context:
     """What a handler may use: the server's parts and the calling connection."""
 
     config: Config
-    store: Store
+    store: MessageStore
     hub: Hub
     hasher: Hasher
     metrics: Metrics
@@ -189,6 +189,7 @@ async def stats(ctx: Context, params: Params) -> Data:
         "messages_stored": metrics.messages_stored,
         "messages_per_second": round(metrics.messages_per_second(), 3),
         "pushes_sent": metrics.pushes_sent,
+        "disk_full": ctx.store.disk_full,
     }
 
 
@@ -271,7 +272,7 @@ async def send(ctx: Context, params: Params) -> Deferred:
 
 
 def _after_commit(
-    store: Store, message: NewMessage, publish: Callable[[Stored], None]
+    store: MessageStore, message: NewMessage, publish: Callable[[Stored], None]
 ) -> Deferred:
     """Store with the next group commit, push once committed (in commit order), and
     answer with the stored id and time.
@@ -344,7 +345,7 @@ async def subscribe(ctx: Context, params: Params) -> None:
     subscription.start(catch_ups)
 
 
-def _channel_catch_up(store: Store, user_id: int, channel_id: int) -> CatchUp:
+def _channel_catch_up(store: MessageStore, user_id: int, channel_id: int) -> CatchUp:
     # The user's own messages are never news to them, so the catch-up skips those stored
     # before it started; later ones are live, and reach this device like any live push
     # (protocol.md, section 9, "Your own messages").

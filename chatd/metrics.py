@@ -66,6 +66,9 @@ class Metrics:
         recent = sum(count for second, count in self._per_second if second > now - RATE_WINDOW)
         return recent / min(RATE_WINDOW, max(self.uptime, 1.0))
 
+    def watch_disk(self, disk_full: Callable[[], bool]) -> None:
+        """Where to read whether writes fail for want of disk space (the store knows)."""
+
     def serve(self, host: str, port: int) -> None:
         raise RuntimeError(MISSING_EXTRA)
 
@@ -104,6 +107,11 @@ class PrometheusMetrics(Metrics):
         self._disconnects = prom.Counter(
             "chatd_disconnects", "Connections closed", ["reason"], registry=self.registry
         )
+        self._disk_full = prom.Gauge(
+            "chatd_disk_full",
+            "1 while database writes fail for want of disk space",
+            registry=self.registry,
+        )
 
     def connection_opened(self) -> None:
         super().connection_opened()
@@ -127,6 +135,9 @@ class PrometheusMetrics(Metrics):
     def pushed(self) -> None:
         super().pushed()
         self._pushes.inc()
+
+    def watch_disk(self, disk_full: Callable[[], bool]) -> None:
+        self._disk_full.set_function(lambda: float(disk_full()))
 
     def serve(self, host: str, port: int) -> None:
         self._server, _ = self._prom.start_http_server(port, addr=host, registry=self.registry)

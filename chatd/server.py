@@ -23,7 +23,7 @@ from chatd.hub import Hub
 from chatd.limits import address_key
 from chatd.metrics import create as create_metrics
 from chatd.protocol import failure
-from chatd.store import Store
+from chatd.storage import MessageStore, is_postgres_url, open_store
 
 log = logging.getLogger(__name__)
 
@@ -61,19 +61,12 @@ class Server:
     async def start(self) -> None:
         """Open the database, then listen. Raises StoreError or OSError if either fails."""
         metrics = create_metrics(self.config.metrics_port > 0, OPS)
-        self._instance = await asyncio.to_thread(InstanceLock.acquire, self.config.db)
-        try:
-            store = await self._open_store(self._instance)
-        except BaseException:
-            await self._release_instance()
-            raise
+        store = await self._open_store()
         hasher = await asyncio.to_thread(Hasher, self.config)
         self._app = App(self.config, store, Hub(), hasher, metrics)
         self._handle_body = self._app.handle
         try:
-            if self.config.db_checkpoint_interval:
-                interval = self.config.db_checkpoint_interval
-                await store.checkpoint_in_background(self.config.db, interval)
+            metrics.watch_disk(lambda: store.disk_full)
             if self.config.metrics_port:
                 metrics.serve(self.config.metrics_host, self.config.metrics_port)
             self._listener = await self._listen()
@@ -85,17 +78,26 @@ class Server:
         scheme = "tls" if self.config.tls_cert else "tcp"
         log.info("listening on %s:%d (%s)", self.config.host, self.port, scheme)
 
-    async def _open_store(self, instance: InstanceLock) -> Store:
-        """The database, if it may be served: not missing where one existed, writable."""
-        await asyncio.to_thread(instance.require_database)
-        store = await Store.open(
-            self.config.db, self.config.db_synchronous, self.config.db_busy_timeout
-        )
+    async def _open_store(self) -> MessageStore:
+        """The database, if it may be served.
+
+        A SQLite file is served by one server at a time (the instance lock beside it),
+        must not be missing where one existed, and must be writable (open_store checks
+        that); a PostgreSQL database guards itself and may serve several nodes.
+        """
+        if is_postgres_url(self.config.db):
+            return await open_store(self.config.db, self.config)
+        self._instance = await asyncio.to_thread(InstanceLock.acquire, self.config.db)
         try:
-            await store.require_writable()
-            await asyncio.to_thread(instance.record_database)
+            await asyncio.to_thread(self._instance.require_database)
+            store = await open_store(self.config.db, self.config)
+            try:
+                await asyncio.to_thread(self._instance.record_database)
+            except BaseException:
+                await store.close()
+                raise
         except BaseException:
-            await store.close()
+            await self._release_instance()
             raise
         return store
 

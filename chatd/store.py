@@ -18,15 +18,15 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Generic, TypeVar
 
 import aiosqlite
 
-from chatd.errors import ServerError
+from chatd.errors import OutOfDisk, ServerError
 from chatd.names import skeletons_of_key
 
 log = logging.getLogger(__name__)
@@ -270,6 +270,9 @@ PROFILE_TTL = 10.0
 
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 
+DEFAULT_WAL_LIMIT = 16 * 1024 * 1024  # config.db_wal_limit
+WAL_LOOK_INTERVAL = 0.1  # seconds between looks at the WAL file's size
+RESTART_WAIT = 0.5  # seconds a RESTART checkpoint waits for another process (writes wait too)
 RESCUED_INFIX = ".rescued-"  # <db>.rescued-<UTC time>: the copy saved of a lost database
 
 
@@ -316,6 +319,12 @@ class Store:
         self._last_enqueued: asyncio.Future[Stored] | None = None
         self._checkpointer: aiosqlite.Connection | None = None
         self._checkpoints: asyncio.Task[None] | None = None
+        self._wal_limit = DEFAULT_WAL_LIMIT
+        # Set by a write that failed for want of disk space, cleared by one that succeeds.
+        self.disk_full = False
+        # Set by any write or checkpoint that failed for want of space, cleared by the
+        # next checkpoint that succeeds: meanwhile checkpoints wait for room (_checkpoint).
+        self._short_of_space = False
 
     @classmethod
     async def open(
@@ -376,29 +385,122 @@ class Store:
         if self._lost is not None:
             await asyncio.to_thread(self._drop_stale_companions)
 
-    async def checkpoint_in_background(self, path: str, interval: float) -> None:
+    async def checkpoint_in_background(
+        self, path: str, interval: float, wal_limit: int = DEFAULT_WAL_LIMIT
+    ) -> None:
         """Move the WAL into the database every ``interval`` seconds, off the write path.
 
         SQLite's automatic checkpoint runs inside the commit that crosses 1000 pages, so
         that commit (and every send waiting on it) pays for copying pages and an fsync:
         the p99 of send latency was 5 ms with it, under 1 ms without (docs/benchmarks.md).
         A PASSIVE checkpoint from a second connection runs beside the writer instead.
+
+        A PASSIVE checkpoint never catches a writer that keeps appending, and the WAL
+        is only rewound once a checkpoint has reached its end: under a steady load it
+        grew without bound (936 MiB in 30 s of /channel/join). So the WAL file's size is
+        looked at every 0.1 s, and once past ``wal_limit`` it is rewound (_rewind): a
+        PASSIVE checkpoint copies the bulk beside the writes, then writes wait while a
+        RESTART checkpoint copies what they added meanwhile and syncs (1-2 ms), and the
+        next commit starts the WAL over and truncates the file back to ``wal_limit``
+        (journal_size_limit). Should the WAL pass 1.25 times the limit while a checkpoint
+        runs (a busy disk or CPU), writes wait until a RESTART one is done; should this task
+        be held up altogether, the commit that takes the WAL past 1.5 times the limit
+        checkpoints it itself (wal_autocheckpoint). The WAL stays under twice the limit.
         """
+        self._wal_limit = wal_limit
         self._checkpointer = await aiosqlite.connect(path, isolation_level=None)
-        await self._checkpointer.execute("PRAGMA busy_timeout=1000")
-        await self._db.execute("PRAGMA wal_autocheckpoint=0")
+        # Only the RESTART checkpoint waits (PASSIVE never does): for another process's
+        # reader or writer, while this one's writes are held back.
+        await self._checkpointer.execute(f"PRAGMA busy_timeout={int(RESTART_WAIT * 1000)}")
+        page_size = await self._scalar("PRAGMA page_size")
+        # The backstop, should this task fall behind (a loaded machine): SQLite's own
+        # checkpoint, in the commit that takes the WAL past 1.5 times the limit.
+        await self._db.execute(f"PRAGMA wal_autocheckpoint={wal_limit * 3 // 2 // page_size}")
+        await self._db.execute(f"PRAGMA journal_size_limit={wal_limit}")
         self._checkpoints = asyncio.create_task(self._checkpoint_every(interval))
 
     async def _checkpoint_every(self, interval: float) -> None:
+        # The WAL's size is looked at more often than the checkpoint runs, and also while
+        # one runs: a checkpoint ends with an fsync that a busy disk may stretch to
+        # seconds, and writes went on meanwhile (the WAL reached 87 MiB once).
+        look = min(interval, WAL_LOOK_INTERVAL)
+        due = self._loop.time() + interval
+        running: asyncio.Task[None] | None = None  # the checkpoint under way, if any
+        try:
+            while True:
+                await asyncio.sleep(look)
+                if self._file_lost():  # also notices a deletion while no one writes
+                    continue
+                size = await asyncio.to_thread(self._wal_size)
+                idle = running is None or running.done()
+                if idle and (size > self._wal_limit or self._loop.time() >= due):
+                    work = self._rewind() if size > self._wal_limit else self._checkpoint()
+                    running = asyncio.create_task(work)
+                    due = self._loop.time() + interval
+                elif running is not None and size > self._wal_limit * 5 // 4:
+                    # The checkpoint under way falls behind the writes: hold them back.
+                    running.cancel()
+                    await asyncio.gather(running, return_exceptions=True)
+                    async with self._lock:
+                        await self._checkpoint("RESTART")
+        finally:
+            if running is not None:
+                running.cancel()
+                await asyncio.gather(running, return_exceptions=True)
+
+    async def _rewind(self) -> None:
+        """Checkpoint the whole WAL, so that the next commit starts it over.
+
+        The bulk is copied beside the writes; then writes wait while a RESTART
+        checkpoint copies what they added meanwhile and syncs (a few milliseconds).
+        """
+        await self._checkpoint()
+        async with self._lock:  # no writer: the checkpoint reaches the WAL's end
+            await self._checkpoint("RESTART")
+
+    def _wal_size(self) -> int:
+        # journal_size_limit truncates a rewound WAL to the limit: past it, it holds more.
+        try:
+            return os.path.getsize(self._path + "-wal")
+        except OSError:
+            return 0
+
+    async def _checkpoint(self, mode: str = "PASSIVE") -> None:
+        """One checkpoint; failures are logged, and the next one is tried all the same.
+
+        Each try on a full disk would grow the database file into whatever space was
+        freed (the WAL's pages go there) and fail again, leaving none for the writes:
+        once short of space, a checkpoint waits until the whole WAL would fit.
+        """
+        if self._short_of_space and not await asyncio.to_thread(self._room_to_checkpoint):
+            return
         assert self._checkpointer is not None
-        while True:
-            await asyncio.sleep(interval)
-            if self._file_lost():  # also notices a deletion while no one writes
-                continue
-            try:
-                await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            except sqlite3.Error as exc:
-                log.warning("background checkpoint failed (will retry): %s", exc)
+        try:
+            rows = await self._checkpointer.execute_fetchall(f"PRAGMA wal_checkpoint({mode})")
+        except sqlite3.Error as exc:
+            self._checkpoint_failed(exc)
+            return
+        if next(iter(rows))[0]:  # busy
+            log.debug("%s checkpoint gave way to another process's lock", mode)
+        if self._short_of_space:
+            self._short_of_space = False
+            log.warning("background checkpoints resumed: there is room on disk again")
+
+    def _checkpoint_failed(self, exc: sqlite3.Error) -> None:
+        if not _is_disk_full(exc):
+            log.warning("background checkpoint failed (will retry): %s", exc)
+        elif not self._short_of_space:
+            self._short_of_space = True
+            log.warning("background checkpoint failed: disk full (retried once the WAL fits)")
+
+    def _room_to_checkpoint(self) -> bool:
+        """Whether the free space could take the whole WAL (the most a checkpoint adds)."""
+        try:
+            wal = os.path.getsize(self._path + "-wal")
+            disk = os.statvfs(os.path.dirname(os.path.abspath(self._path)))
+        except OSError:
+            return True  # let the checkpoint itself report what is wrong
+        return disk.f_bavail * disk.f_frsize > wal
 
     async def _configure(self, synchronous: str, busy_timeout: float) -> None:
         # WAL: readers never block the writer; with synchronous=NORMAL a commit
@@ -439,15 +541,53 @@ class Store:
     async def _transaction(self, after_sends: bool = True) -> AsyncIterator[aiosqlite.Connection]:
         async with self._turn() if after_sends else self._lock:
             self._refuse_writes_if_lost()
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                await self._db.execute("ROLLBACK")
-                raise
-            await self._db.execute("COMMIT")
+            with self._watching_disk_space():
+                await self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    await self._db.execute("COMMIT")
+                except BaseException:
+                    await self._roll_back()
+                    raise
             # Before anyone is told "done": a commit into a deleted file is not done.
             self._check_file()
+
+    async def _roll_back(self) -> None:
+        # SQLite has already rolled back after some errors (a full disk, for one): a
+        # ROLLBACK then fails, and its error would hide the real one.
+        if self._db.in_transaction:
+            try:
+                await self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.exception("rollback failed")
+
+    @asynccontextmanager
+    async def _write_turn(self) -> AsyncIterator[None]:
+        """The turn for a write that is one statement (its own transaction)."""
+        async with self._turn():
+            with self._watching_disk_space():
+                yield
+
+    @contextmanager
+    def _watching_disk_space(self) -> Iterator[None]:
+        """Turn a write failed for want of disk space into OutOfDisk, and track the episode.
+
+        Logged once when writes start failing and once when one succeeds again.
+        """
+        changes = self._db.total_changes
+        try:
+            yield
+        except sqlite3.Error as exc:
+            if not _is_disk_full(exc):
+                raise
+            self._short_of_space = True
+            if not self.disk_full:
+                self.disk_full = True
+                log.error("disk full: writes fail until space is freed (%s)", exc)
+            raise OutOfDisk() from exc
+        if self.disk_full and self._db.total_changes != changes:  # something was written
+            self.disk_full = False
+            log.warning("disk space available again: writes succeed")
 
     # The database file itself: deleted or replaced under a running server (by an
     # operator, a clean-up script, a restore done in the wrong order), SQLite goes on
@@ -975,7 +1115,7 @@ class Store:
         from the future cannot swallow messages not yet sent.
         """
         # One statement is its own transaction: no BEGIN and COMMIT round trips.
-        async with self._turn():
+        async with self._write_turn():
             self._refuse_writes_if_lost()
             position: int = await self._scalar(
                 "UPDATE users SET inbox_cursor = MAX(inbox_cursor, COALESCE("
@@ -988,7 +1128,7 @@ class Store:
 
     async def ack_channel(self, channel_id: int, user_id: int, message_id: int) -> int | None:
         """As ack_private for a channel; None if the user is not a member."""
-        async with self._turn():
+        async with self._write_turn():
             self._refuse_writes_if_lost()
             position: int | None = await self._scalar(
                 "UPDATE channel_members SET read_cursor = MAX(COALESCE(read_cursor, 0), COALESCE("
@@ -1105,6 +1245,11 @@ class Store:
         async with self._transaction() as db:
             # ON DELETE CASCADE removes tokens, messages and memberships with the row.
             await db.execute("DELETE FROM users WHERE id = ?", (user_id,))
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", 0)
+    return isinstance(exc, sqlite3.Error) and code & 0xFF == sqlite3.SQLITE_FULL
 
 
 def _before(before: int | None) -> int:

@@ -6,6 +6,7 @@
     python scripts/bench.py --pin --baseline     # the documented run (docs/benchmarks.md)
     python scripts/bench.py --scenario dm --scenario store --db-synchronous FULL
     python scripts/bench.py --target 127.0.0.1:7777 --target-pid 1234 --scenario latency
+    python scripts/bench.py --scenario wal       # WAL size under a 2-minute write flood
 
 It starts its own chatd (``python -m chatd``) on a temporary database for each
 scenario, or drives an already running one (``--target``).  Every scenario
@@ -61,6 +62,11 @@ Unpack = Callable[[bytes], Any]  # decodes one frame body (chatd.codec.FrameDeco
 SCRIPT = Path(__file__).resolve()
 PASSWORD = "bench password 1234"
 SCENARIOS = ("dm", "fanout", "latency", "idle", "logins", "catchup", "store")
+# Run only when named: `wal` floods the server for minutes by design.
+EXTRA_SCENARIOS = ("wal",)
+# The WAL bound the `wal` scenario holds chatd to (README, "Disk use"): twice the
+# default db_wal_limit (16 MiB), i.e. the limit plus what one checkpoint interval writes.
+WAL_BOUND_MIB = 32
 MIB = 1024 * 1024
 
 # Flood control and connection caps out of the way: the benchmark measures throughput,
@@ -73,6 +79,11 @@ UNLIMITED = [
     "--max-connections", "1000000",
     "--max-connections-per-address", "1000000",
     "--max-outbound-buffer", str(256 * MIB),
+]
+# The `wal` scenario floods every write op: the WAL bound must hold whatever the limits.
+WAL_UNLIMITED = [
+    "--membership-rate", "1e9", "--membership-burst", "1000000000",
+    "--ack-rate", "1e9", "--ack-burst", "1000000000",
 ]
 # Cheap password hashing for setup logins; the `logins` scenario keeps the default.
 CHEAP_ARGON2 = [
@@ -120,6 +131,9 @@ class Sizes:
     store_senders: int = 50
     store_messages: int = 2_000  # per sender
     message_size: int = 64  # characters of a message text (sequence number, then padding)
+    wal_seconds: float = 120.0  # the write flood of the `wal` scenario
+    wal_workers: int = 16  # connections flooding, one user each
+    wal_window: int = 8  # op cycles in flight per connection
 
 
 # About 20-100x smaller: every scenario and every check, in a few seconds.
@@ -140,6 +154,8 @@ QUICK = Sizes(
     catchup_messages=2_500,
     store_senders=10,
     store_messages=100,
+    wal_seconds=3.0,
+    wal_workers=4,
     peer_idle_connections=50,
 )
 
@@ -459,6 +475,7 @@ class Run:
     port: int
     prefix: str  # makes user and channel names unique per run (for --target)
     server: ServerProcess | None
+    db: Path | None = None  # the server's database, when the benchmark started it
     check: Check = field(default_factory=Check)
     probe: Probe = field(init=False)
     clients: list[Client] = field(default_factory=list)
@@ -1147,6 +1164,97 @@ async def scenario_store(run: Run) -> dict[str, Any]:
     }
 
 
+# Every write op but the account ones, in one cycle: each stores or moves something.
+WAL_CYCLE = ("/send", "/channel/send", "/channel/join", "/channel/leave", "/ack", "/receive")
+
+
+async def scenario_wal(run: Run) -> dict[str, Any]:
+    """Every write op, pipelined on every connection, for wal_seconds: the WAL stays bounded.
+
+    The WAL file's size is sampled every 20 ms (from this process: a stat), and the
+    largest size seen is checked against WAL_BOUND_MIB.
+    """
+    s = run.sizes
+    if run.db is None:
+        raise BenchError("the wal scenario needs a server it started (not --target)")
+    wal_path = Path(f"{run.db}-wal")
+    names = [run.name("w", i) for i in range(s.wal_workers)]
+    clients = await users(run, "w", s.wal_workers)
+    counts = dict.fromkeys(WAL_CYCLE, 0)
+    latencies: list[float] = []
+    stop = asyncio.Event()
+
+    def cycle(worker: int, lane: int, turn: int) -> list[tuple[str, dict[str, Any]]]:
+        text = make_text(turn, s.message_size)
+        own = f"{run.prefix}w{worker}l{lane}c{turn % 8}"  # joined, then left again
+        return [
+            ("/send", {"name": names[(worker + 1) % len(names)], "msg": text}),
+            ("/channel/send", {"name": f"{run.prefix}shared{worker % 4}", "message": text}),
+            ("/channel/join", {"name": own}),
+            ("/channel/leave", {"name": own}),
+            ("/ack", {"id": 1 << 62}),
+            ("/receive", {}),
+        ]
+
+    async def flood(worker: int, lane: int) -> None:
+        for turn in itertools.count():
+            if stop.is_set():
+                return
+            for op, params in cycle(worker, lane, turn):
+                started = time.perf_counter()
+                reply = await clients[worker].call(op, params)
+                latencies.append(time.perf_counter() - started)
+                if reply.get("code") != 0:
+                    run.check.fail(f"worker {worker}: {op}: code {reply.get('code')}: "
+                                   f"{reply.get('msg')}")
+                    stop.set()
+                    return
+                counts[op] += 1
+
+    sizes: list[int] = []
+
+    async def sample() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(FileNotFoundError):
+                sizes.append(os.stat(wal_path).st_size)
+            await asyncio.sleep(0.02)
+
+    run.probe.start()
+    started = time.perf_counter()
+    sampler = asyncio.create_task(sample())
+    lanes = [asyncio.create_task(flood(w, k))
+             for w in range(s.wal_workers) for k in range(s.wal_window)]
+    await asyncio.wait(lanes, timeout=s.wal_seconds)
+    stop.set()
+    await asyncio.gather(*lanes, sampler)
+    elapsed = time.perf_counter() - started
+    run.probe.stop()
+    stats = (await call_ok(clients[0], "/stats"))["data"]
+    run.check.equal("messages stored", stats["messages_stored"],
+                    counts["/send"] + counts["/channel/send"])
+    largest = max(sizes, default=0)
+    run.check.expect(largest <= WAL_BOUND_MIB * MIB,
+                     f"WAL reached {largest / MIB:.1f} MiB, over {WAL_BOUND_MIB} MiB")
+    run.check.expect(len(sizes) > 0, "the WAL was never sampled")
+    latencies.sort()
+    ops = sum(counts.values())
+    run.check.details = {"ops": counts, "samples": len(sizes)}
+    return {
+        "workers": s.wal_workers,
+        "window": s.wal_window,
+        "duration_s": r3(elapsed),
+        "ops": ops,
+        "ops_per_s": round(ops / elapsed),
+        "max_wal_mib": round(largest / MIB, 2),
+        "final_wal_mib": round(sizes[-1] / MIB, 2) if sizes else None,
+        "wal_bound_mib": WAL_BOUND_MIB,
+        "db_mib": round(os.stat(run.db).st_size / MIB, 2),
+        "op_p50_ms": r3(percentile(latencies, 50) * 1000),
+        "op_p99_ms": r3(percentile(latencies, 99) * 1000),
+        "op_max_ms": r3(latencies[-1] * 1000 if latencies else math.nan),
+    }
+
+
 SCENARIO_FUNCTIONS: dict[str, Callable[[Run], Awaitable[dict[str, Any]]]] = {
     "dm": scenario_dm,
     "fanout": scenario_fanout,
@@ -1155,6 +1263,7 @@ SCENARIO_FUNCTIONS: dict[str, Callable[[Run], Awaitable[dict[str, Any]]]] = {
     "logins": scenario_logins,
     "catchup": scenario_catchup,
     "store": scenario_store,
+    "wal": scenario_wal,
 }
 
 
@@ -1282,6 +1391,8 @@ class Bench:
         argv = [sys.executable, "-m", "chatd", "--port", "0",
                 "--db", str(self.workdir / f"{label}.sqlite3"), "--log-level", "WARNING",
                 "--db-synchronous", self.args.db_synchronous, *UNLIMITED]
+        if label.startswith("wal-"):
+            argv += WAL_UNLIMITED
         return argv if default_argon2 else [*argv, *CHEAP_ARGON2]
 
     async def start_server(self, label: str, relay: bool, default_argon2: bool
@@ -1298,6 +1409,8 @@ class Bench:
         server = await self.start_server(label, relay, default_argon2=name == "logins")
         run = Run(self.args, self.sizes, server.host, server.port,
                   f"{self.prefix}{name[:2]}", server)
+        if server.pid is not None and not relay and not self.args.target:
+            run.db = self.workdir / f"{label}.sqlite3"
         metrics: dict[str, Any] = {}
         try:
             async with asyncio.timeout(self.args.timeout):
@@ -1411,6 +1524,10 @@ def headline(result: dict[str, Any]) -> str:
         return (f"{g('logins_per_s')} logins/s, ping p50 {g('ping_p50_ms')} / "
                 f"p99 {g('ping_p99_ms')} / max {g('ping_max_ms')} ms, "
                 f"{g('busy_retries')} busy retries")
+    if name == "wal":
+        return (f"WAL max {g('max_wal_mib')} MiB (bound {g('wal_bound_mib')}) over "
+                f"{g('duration_s')} s at {g('ops_per_s')} write ops/s, "
+                f"op p99 {g('op_p99_ms')} ms")
     return f"{g('messages_per_s')} msg/s"
 
 
@@ -1742,8 +1859,9 @@ def raise_nofile() -> tuple[int, int]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Benchmark chatd; every scenario verifies what it measured.")
-    parser.add_argument("--scenario", action="append", choices=SCENARIOS,
-                        help="run this scenario (repeatable; default: all)")
+    parser.add_argument("--scenario", action="append", choices=SCENARIOS + EXTRA_SCENARIOS,
+                        help="run this scenario (repeatable; default: all but "
+                             + ", ".join(EXTRA_SCENARIOS) + ")")
     parser.add_argument("--quick", action="store_true",
                         help="every count scaled down 20-100x: a smoke run of a few seconds")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",

@@ -1,0 +1,172 @@
+"""The store as the rest of chatd sees it: one Protocol, and ``open_store`` to pick one.
+
+``--db`` is either a path (the embedded SQLite store, chatd.store) or a URL
+``postgresql://user@host:port/dbname`` (chatd.postgres, which needs the optional
+driver: ``pip install 'chatd[postgresql]'``).  Both implement MessageStore with the
+same contract, which tests/test_store_contract.py runs against each:
+
+- Every method is one transaction; a method that returns has committed.
+- ``enqueue`` stores a message with the next group commit (many messages, one
+  transaction) and calls its ``committed`` callback after COMMIT, in commit order,
+  before the future resolves; a repeated (sender, client_id) is not stored again and
+  resolves to the first result with ``duplicate=True`` (a unique constraint decides).
+- Read your writes: every other method first waits for the messages enqueued before
+  it, so a caller sees its own sends.
+- Same rows, same order and same paging on either store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from chatd.config import Config
+from chatd.store import (
+    Batch,
+    Channel,
+    ChannelMessage,
+    Joined,
+    Membership,
+    NewMessage,
+    PrivateMessage,
+    SentMessage,
+    Skeletons,
+    Store,
+    Stored,
+    StoreError,
+    User,
+)
+
+__all__ = ["POSTGRES_SCHEMES", "MessageStore", "is_postgres_url", "open_store"]
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+POSTGRES_EXTRA = "pip install 'chatd[postgresql]'"
+
+
+class MessageStore(Protocol):
+    """What handlers, delivery, server and admin ask of a store (see the module doc)."""
+
+    async def close(self) -> None: ...
+
+    # True while writes fail for want of disk space (/stats, the metrics).
+    @property
+    def disk_full(self) -> bool: ...
+
+    # Messages: the group commit.
+    def enqueue(
+        self, message: NewMessage, committed: Callable[[Stored], None] | None = None
+    ) -> asyncio.Future[Stored]: ...
+
+    # Users and tokens.
+    async def create_user(
+        self, name: str, key: str, skeletons: Skeletons, password_hash: str, now: float
+    ) -> bool: ...
+    async def user_name_taken(self, key: str, skeletons: Skeletons) -> bool: ...
+    async def find_user(self, key: str) -> User | None: ...
+    async def find_profile(self, key: str) -> User | None: ...
+    async def set_password_hash(self, user_id: int, password_hash: str) -> None: ...
+    async def add_token(
+        self, user_id: int, digest: bytes, now: float, expires_at: float
+    ) -> None: ...
+    async def token_owner(self, digest: bytes, now: float) -> tuple[User, float] | None: ...
+    async def live_tokens(self, digests: Sequence[bytes], now: float) -> set[bytes]: ...
+    async def revoke_token(self, digest: bytes) -> None: ...
+
+    # Private messages.
+    async def take_inbox(self, user_id: int, limit: int) -> Batch[PrivateMessage]: ...
+
+    # Channels.
+    async def find_channel(self, key: str) -> Channel | None: ...
+    async def join_channel(
+        self,
+        name: str,
+        key: str,
+        skeletons: Skeletons,
+        user_id: int,
+        now: float,
+        rejoin: bool = False,
+    ) -> tuple[Channel, Joined]: ...
+    async def leave_channel(self, channel_id: int, user_id: int, now: float) -> bool: ...
+    async def channel_ids(self, user_id: int) -> list[int]: ...
+    async def channel_name(self, channel_id: int) -> str: ...
+    async def is_member(self, channel_id: int, user_id: int) -> bool: ...
+    async def memberships(self, user_id: int, backlog: int) -> list[Membership]: ...
+    async def take_channel(
+        self, channel_id: int, user_id: int, backlog: int, limit: int
+    ) -> Batch[ChannelMessage]: ...
+    async def channel_members(self, channel_id: int) -> list[tuple[int, str]]: ...
+
+    # Delivery positions and catch-up.
+    async def ack_private(self, user_id: int, message_id: int) -> int: ...
+    async def ack_channel(self, channel_id: int, user_id: int, message_id: int) -> int | None: ...
+    async def inbox_position(self, user_id: int) -> tuple[int, bool]: ...
+    async def channel_position(
+        self, channel_id: int, user_id: int
+    ) -> tuple[int, bool, int]: ...
+    async def inbox_after(
+        self, user_id: int, after_id: int, limit: int
+    ) -> list[PrivateMessage]: ...
+    async def channel_after(
+        self, channel_id: int, after_id: int, limit: int, reader_id: int, own_after: int
+    ) -> list[ChannelMessage]: ...
+
+    # History.
+    async def channel_history(
+        self, channel_id: int, before: int | None, limit: int
+    ) -> Batch[ChannelMessage]: ...
+    async def private_history(
+        self, user_id: int, other_id: int, before: int | None, limit: int
+    ) -> Batch[SentMessage]: ...
+
+    # Operations (chatd admin).
+    async def list_users(self, now: float) -> list[tuple[str, float, int]]: ...
+    async def revoke_tokens(self, user_id: int) -> int: ...
+    async def delete_user(self, user_id: int) -> None: ...
+
+
+def is_postgres_url(db: str) -> bool:
+    return db.startswith(POSTGRES_SCHEMES)
+
+
+async def open_store(db: str, config: Config) -> MessageStore:
+    """The store ``db`` names, schema created or migrated, ready to serve.
+
+    For SQLite this also refuses a file it cannot write and starts the background WAL
+    checkpointer the config asks for (SQLite's own business, kept out of the server).
+    Raises StoreError.
+    """
+    if is_postgres_url(db):
+        try:
+            from chatd.postgres import PostgresStore
+        except ImportError as exc:
+            if exc.name != "asyncpg":  # a fault of chatd's own, not the optional driver
+                raise
+            raise StoreError(
+                f"{db.split(':', 1)[0]} URLs need the asyncpg driver: {POSTGRES_EXTRA}"
+            ) from exc
+        return await PostgresStore.open(db)
+    store = await Store.open(db, config.db_synchronous, config.db_busy_timeout)
+    try:
+        await store.require_writable()
+        if config.db_checkpoint_interval:
+            await store.checkpoint_in_background(
+                db, config.db_checkpoint_interval, config.db_wal_limit
+            )
+    except BaseException as exc:
+        await store.close()
+        if isinstance(exc, StoreError) or not isinstance(exc, Exception):
+            raise
+        raise StoreError(f"cannot use database {db}: {exc}") from exc
+    return store
+
+
+if TYPE_CHECKING:
+    # Static checks: mypy fails here if a store drifts from the Protocol.
+    from chatd.postgres import PostgresStore
+
+    def _sqlite_is_a_message_store(store: Store) -> MessageStore:
+        return store
+
+    def _postgres_is_a_message_store(store: PostgresStore) -> MessageStore:
+        return store
