@@ -1564,6 +1564,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
 # servers it is compared with, each fresh per scenario, pinned like chatd.
 
 PEERS = ("miniircd", "ngircd")
+PEER_SERVERS = ("chatd", "chatd-irc", *PEERS)
 PEER_SCENARIOS = loadgen.SCENARIOS
 PEERS_HOME = Path(os.environ.get("CHATD_BENCH_PEERS",
                                  Path.home() / ".cache" / "chatd-bench-peers"))
@@ -1777,15 +1778,13 @@ def peer_ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
 async def peers_main(bench: Bench, output: TextIO | None) -> list[dict[str, Any]]:
     """Each scenario on every server in turn, interleaved, so the ratios share a time."""
     args = bench.args
-    servers = ["chatd", *(["chatd-irc"] if args.chatd_irc else [])]
+    servers: list[str] = []
     skipped: dict[str, str] = {}
-    for peer in args.peer or PEERS:
-        if peer == "none":
-            continue
-        if find_peer(peer, args) is None:
-            skipped[peer] = "not installed (scripts/bench-peers-setup.sh)"
+    for server in dict.fromkeys(args.peer or ("chatd", *PEERS)):
+        if server in PEERS and find_peer(server, args) is None:
+            skipped[server] = "not installed (scripts/bench-peers-setup.sh)"
         else:
-            servers.append(peer)
+            servers.append(server)
     results: list[dict[str, Any]] = []
 
     def emit(line_result: dict[str, Any]) -> None:
@@ -1893,20 +1892,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--peers", action="store_true",
                         help="run dm, fanout, latency and idle against chatd and the IRC "
                              "peers (miniircd, ngircd) with scripts/loadgen.py; print ratios")
-    parser.add_argument("--peer", action="append", choices=(*PEERS, "none"),
-                        help="with --peers: only this peer (repeatable; default: both; "
-                             "none: chatd alone)")
+    parser.add_argument("--peer", action="append", choices=PEER_SERVERS,
+                        help="with --peers: run this server (repeatable; default: chatd, "
+                             "miniircd, ngircd; chatd-irc is chatd over its IRC port, "
+                             "chatd --irc-port)")
     parser.add_argument("--peer-window", type=int, default=256, metavar="N",
                         help="with --peers: messages a sender may be ahead of its receivers "
                              "(default 256)")
-    parser.add_argument("--peer-refill", type=int, default=3, metavar="N",
+    parser.add_argument("--peer-refill", type=int, default=8, metavar="N",
                         help="with --peers: a sender writes once N more messages may go "
-                             "(default 3: ngircd runs at most 3 commands of a client per "
-                             "loop turn, and turns on socket events)")
+                             "(default 8; ngircd runs at most 3 commands of a client per "
+                             "loop turn and turns on socket events, so it needs small, "
+                             "frequent writes)")
     parser.add_argument("--miniircd", metavar="PATH", help="the miniircd to run")
     parser.add_argument("--ngircd", metavar="PATH", help="the ngircd to run")
-    parser.add_argument("--chatd-irc", action="store_true",
-                        help="with --peers: also chatd over its IRC port (chatd --irc-port)")
     parser.add_argument("--relay-server", type=int, metavar="PORT",
                         help=argparse.SUPPRESS)  # internal: run the baseline relay
     args = parser.parse_args(argv)

@@ -82,7 +82,7 @@ def check_peer_lines(results: list[dict[str, Any]], servers: set[str]) -> None:
 
 @pytest.mark.slow
 def test_quick_peers_run_against_chatd_alone(tmp_path: Path) -> None:
-    results, summary = run_peers(tmp_path, "--peer", "none")
+    results, summary = run_peers(tmp_path, "--peer", "chatd")
     check_peer_lines(results, {"chatd"})
     dm = next(r for r in results if r["scenario"] == "dm")
     assert dm["delivered"] == dm["pairs"] * dm["messages_per_sender"]
@@ -94,7 +94,7 @@ def test_quick_peers_run_against_chatd_alone(tmp_path: Path) -> None:
 @pytest.mark.skipif(not ngircd_installed(), reason="ngircd not installed "
                     "(scripts/bench-peers-setup.sh)")
 def test_quick_peers_run_against_ngircd(tmp_path: Path) -> None:
-    results, summary = run_peers(tmp_path, "--peer", "ngircd")
+    results, summary = run_peers(tmp_path, "--peer", "chatd", "--peer", "ngircd")
     check_peer_lines(results, {"chatd", "ngircd"})
     assert set(summary["ratios"]) == {f"{name}/ngircd" for name in PEER_SCENARIOS}
     for ratio in summary["ratios"].values():
