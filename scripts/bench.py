@@ -1633,7 +1633,16 @@ PAM = no
 
 async def start_peer(name: str, command: list[str], bench: Bench, label: str
                      ) -> ServerProcess:
-    port = spare_port()
+    """The peer on a spare port; again on another if someone took that port meanwhile."""
+    for _ in range(3):
+        server = await start_peer_on(name, command, bench, label, spare_port())
+        if server is not None:
+            return server
+    raise BenchError(f"{name} could not listen on a spare port (three tries)")
+
+
+async def start_peer_on(name: str, command: list[str], bench: Bench, label: str, port: int
+                        ) -> ServerProcess | None:
     if name == "ngircd":
         argv = [*command, "--nodaemon", "--config", str(ngircd_config(port, bench.workdir))]
     else:
@@ -1657,7 +1666,13 @@ async def start_peer(name: str, command: list[str], bench: Bench, label: str
             await asyncio.sleep(0.05)
             continue
         writer.close()
-        return server
+        # Something answered; it is the peer only if the peer is still running (a peer
+        # that lost the port to another process exits at once).
+        await asyncio.sleep(0.3)
+        if popen.poll() is None:
+            return server
+        await server.stop()
+        return None
 
 
 def load_sizes(sizes: Sizes, args: argparse.Namespace, prefix: str, server: str
@@ -1673,10 +1688,10 @@ def load_sizes(sizes: Sizes, args: argparse.Namespace, prefix: str, server: str
         latency_seconds=sizes.latency_seconds, latency_pairs=sizes.latency_pairs,
         idle_connections=idle, idle_users=min(sizes.idle_users, idle),
         message_size=sizes.message_size, timeout=EVENT_TIMEOUT, prefix=prefix,
-        # miniircd listens with a backlog of 5: more connects at once are dropped and
-        # retried by the kernel seconds later.
-        connect_concurrency=4 if server == "miniircd" else 32,
-        idle_concurrency=4 if server == "miniircd" else sizes.idle_concurrency)
+        # miniircd listens with a backlog of 5 (ngircd's is small too): more connects at
+        # once are dropped and retried by the kernel seconds later.
+        connect_concurrency=32 if server == "chatd" else 4,
+        idle_concurrency=sizes.idle_concurrency if server == "chatd" else 4)
 
 
 async def peer_scenario(bench: Bench, server_name: str, name: str) -> dict[str, Any]:
@@ -1733,6 +1748,24 @@ async def peer_scenario(bench: Bench, server_name: str, name: str) -> dict[str, 
         "verified": check.ok,
         "verification": check.report(),
     }
+
+
+async def quietest_peer_run(bench: Bench, server_name: str, name: str) -> dict[str, Any]:
+    """As ``measure``: again while other processes made it noisy; the quietest is kept."""
+    best: dict[str, Any] | None = None
+    for attempt in range(1, bench.args.retries_if_noisy + 2):
+        waited = await wait_idle(bench.args.wait_idle) if bench.args.wait_idle else 0.0
+        result = await peer_scenario(bench, server_name, name)
+        result["attempt"], result["waited_idle_s"] = attempt, waited
+        noise = result.get("other_cpu_pct") or 0.0
+        if best is None or noise < (best.get("other_cpu_pct") or 0.0):
+            best = result
+        if not result["verified"]:
+            return result
+        if noise <= NOISY_PCT:
+            break
+    assert best is not None
+    return best
 
 
 def peer_ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -1798,9 +1831,7 @@ async def peers_main(bench: Bench, output: TextIO | None) -> list[dict[str, Any]
         if name not in PEER_SCENARIOS:
             continue
         for server_name in servers:
-            if args.wait_idle:
-                await wait_idle(args.wait_idle)
-            result = await peer_scenario(bench, server_name, name)
+            result = await quietest_peer_run(bench, server_name, name)
             results.append(result)
             emit(result)
     summary = {"scenario": "peers", "server": "all", "mode": "peers", **bench.meta,
