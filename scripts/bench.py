@@ -1579,6 +1579,7 @@ PEER_TARGETS = (
 )
 PEER_METRIC = {"dm": "delivered_per_s", "fanout": "deliveries_per_s", "latency": "p99_ms",
                "idle": "bytes_per_connection"}
+PEER_RUNS = itertools.count(1)
 MINIIRCD_MAX_CONNECTIONS = 1_000  # select() in miniircd: it dies at about 1,019
 
 
@@ -1697,7 +1698,8 @@ def load_sizes(sizes: Sizes, args: argparse.Namespace, prefix: str, server: str
 async def peer_scenario(bench: Bench, server_name: str, name: str) -> dict[str, Any]:
     """One scenario against one server, fresh, through scripts/loadgen.py."""
     args = bench.args
-    label = f"peer-{name}-{server_name}"
+    # A fresh database for every attempt (--retries-if-noisy runs a scenario again).
+    label = f"peer-{name}-{server_name}-{next(PEER_RUNS)}"
     if server_name in ("chatd", "chatd-irc"):
         argv = bench.chatd_argv(label, default_argon2=False)
         irc_port = spare_port() if server_name == "chatd-irc" else None
