@@ -24,23 +24,24 @@ from collections.abc import Sequence
 # (stage, pattern on "function (file)"), tried on each frame from the leaf up.
 RULES: tuple[tuple[str, str], ...] = (
     ("gc", r"gc_collect|collect_with_callback|gc_collect_main|\bcollect \(gc"),
-    ("encode", r"encode_frame|Packer\.pack|msgpack_pack|_packer|pack_"),
-    ("decode", r"decode_body|unpackb|FrameDecoder|unpack_callback|_unpacker"),
+    ("decode", r"decode_body|unpackb|FrameDecoder|unpack_|_unpacker"),
+    ("encode", r"encode_frame|Packer|msgpack_pack|(?<!un)pack_|format_datetime|_format_second"),
     ("write", r"Connection\.write\b|_flush_pushes|UVStream.*write|try_write|__libc_write|"
-              r"\bwritev?\b|sendmsg|__send\b|tcp_sendmsg|sock_sendmsg"),
+              r"^writev? \(|sendmsg|__send\b|tcp_sendmsg|sock_sendmsg"),
     ("rate limit", r"limits\.py|RateLimiter|_throttle"),
+    ("reply", r"_ReplyQueue|PendingReply|app\.py.*(finish|result)|metrics\.py|"
+              r"^success \(|_sent \("),
     ("validation", r"parse_request|protocol\.py|Params\.|valid|names\.py|_existing_user|"
                    r"request_id"),
     ("store, main thread", r"store\.py|storage\.py|aiosqlite/core\.py.*(_execute|execute|"
                            r"_connection_worker_thread_done)|call_soon_threadsafe"),
     ("fan-out", r"hub\.py|delivery\.py|publish|_after_commit"),
-    ("reply", r"_ReplyQueue|PendingReply|app\.py.*(finish|result)|metrics\.py|success|"
-              r"_sent\b"),
     ("dispatch", r"handlers\.py|app\.py|dispatch|Context"),
     ("read", r"_handle_bytes|_run \(chatd/connection|StreamReader|uv__read|__libc_read|"
-             r"\bread\b|recv"),
+             r"^read \(|recv"),
     ("event loop", r"uvloop|uv__|epoll|asyncio|_run_once|Handle\._run"),
 )
+IDLE = re.compile(r"^epoll_p?wait ")
 COMPILED = tuple((stage, re.compile(pattern)) for stage, pattern in RULES)
 
 
@@ -68,7 +69,8 @@ def parse(lines: Sequence[str]) -> Counter[str]:
         if main_tid is None and any("chatd/connection.py" in f for f in frames):
             main_tid = frames[0]
     for tid, stack_frames, samples_in in rows:
-        if tid == main_tid:
+        # A sample in epoll's wait is the loop waiting for work, not CPU spent.
+        if tid == main_tid and not (stack_frames and IDLE.search(stack_frames[-1])):
             counts[stage_of(stack_frames)] += samples_in
     return counts
 
