@@ -43,14 +43,19 @@ def _settings_parser(listed: Collection[str] | None = None) -> _OneLineParser:
     parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
                         help=f"TOML file of settings (env {ENV_PREFIX}CONFIG)")
     for name, f in FIELDS.items():
-        kind = type(f.default)
+        kind: type[Any] = type(f.default)
         shown = listed is None or name in listed
+        # A yes/no setting is a flag: --irc-guests, --no-irc-guests.
+        typed: dict[str, Any] = (
+            {"action": argparse.BooleanOptionalAction}
+            if kind is bool
+            else {"type": kind if kind in (int, float) else str, "metavar": name.upper()}
+        )
         parser.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,
-            type=kind if kind in (int, float) else str,
             default=argparse.SUPPRESS,
-            metavar=name.upper(),
+            **typed,
             help=f"{f.metadata['help']} (default: {f.default}; env {ENV_PREFIX}{name.upper()})"
             if shown else argparse.SUPPRESS,
         )

@@ -7,6 +7,7 @@ sockets or asyncio, so the server, the client library and the tests share it.
 from __future__ import annotations
 
 import struct
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,14 +98,21 @@ def undecodable(exc: Exception, size: int) -> str:
 class FrameDecoder:
     """Cuts frames out of a byte stream fed in arbitrary pieces.
 
-    ``feed`` returns every body completed by the new bytes, decoded, in order;
+    ``feed`` returns the bodies completed by the new bytes, decoded, in order;
     a body that does not decode comes out as :class:`Malformed`.  A length
     header over ``max_frame_size`` comes out as :class:`Oversize` before any of
     that body is buffered, ends the list, and makes every later ``feed`` raise
     :class:`FrameTooLarge`: the stream can no longer be trusted.
+
+    With a ``limit``, at most that many bodies come out; the whole frames left
+    are kept undecoded (``pending``) and come out of the next calls, ``feed(b"",
+    limit)``, before any new bytes. The server uses it to do a bounded amount of
+    work per connection at a time: a 64 KiB read can hold ten thousand frames.
     """
 
-    __slots__ = ("_buffer", "_failed", "_needed", "_unpack", "max_frame_size")
+    __slots__ = (
+        "_buffer", "_failed", "_needed", "_rest", "_rest_at", "_unpack", "max_frame_size"
+    )
 
     def __init__(
         self,
@@ -119,6 +127,10 @@ class FrameDecoder:
         # Made only while a frame is unfinished: ten thousand idle connections hold none.
         self._buffer: bytearray | None = None
         self._needed = 0  # bytes the buffer must hold before its first frame is whole
+        # Bytes fed whose frames were held back by a limit: they start at _rest_at. Kept
+        # as fed, not copied: a limit of 64 over a 64 KiB read would copy it 50 times.
+        self._rest: bytes | None = None
+        self._rest_at = 0
         self._failed = False
 
     @property
@@ -130,10 +142,24 @@ class FrameDecoder:
         """Bytes held that do not yet make a whole frame."""
         return 0 if self._buffer is None else len(self._buffer)
 
-    def feed(self, data: bytes) -> list[Any]:
+    @property
+    def pending(self) -> bool:
+        """Bytes held back by a ``limit``: ``feed(b"", limit)`` hands out their frames."""
+        return self._rest is not None
+
+    @property
+    def held(self) -> int:
+        """Every byte held: the undecoded rest of what was fed, and an unfinished frame."""
+        rest = 0 if self._rest is None else len(self._rest) - self._rest_at
+        return rest + self.buffered
+
+    def feed(self, data: bytes, limit: int | None = None) -> list[Any]:
         if self._failed:
             raise FrameTooLarge("stream already failed")
-        if self._buffer is not None:  # the end of a frame split across reads
+        offset = 0
+        if self._rest is not None:  # frames held back by a limit come first
+            data, offset = self._take_rest(data)
+        elif self._buffer is not None:  # the end of a frame split across reads
             self._buffer += data
             if len(self._buffer) < self._needed:
                 # Not decoded again until it can be whole: a large frame dripped in
@@ -143,14 +169,18 @@ class FrameDecoder:
         # The hot loop of the server and of every client: locals, no helper calls, and
         # bodies sliced off as bytes (cheaper than memoryview slices that must be released).
         bodies: list[Any] = []
-        unpack_header, limit, unpack = HEADER.unpack_from, self.max_frame_size, self._unpack
-        offset, size = 0, len(data)
+        unpack_header, limit_size, unpack = HEADER.unpack_from, self.max_frame_size, self._unpack
+        most = sys.maxsize if limit is None else limit
+        size = len(data)
         end = HEADER_SIZE
         while size - offset >= HEADER_SIZE:
+            if len(bodies) >= most:
+                self._rest, self._rest_at = data, offset
+                return bodies
             (length,) = unpack_header(data, offset)
-            if length > limit:
+            if length > limit_size:
                 self._failed = True
-                bodies.append(Oversize(length, limit))
+                bodies.append(Oversize(length, limit_size))
                 return bodies  # the rest is not buffered: the stream is lost
             start = offset + HEADER_SIZE
             end = start + length
@@ -169,3 +199,12 @@ class FrameDecoder:
             self._buffer = bytearray(memoryview(data)[offset:])
             self._needed = end - offset if end > size else HEADER_SIZE
         return bodies
+
+    def _take_rest(self, data: bytes) -> tuple[bytes, int]:
+        """The bytes held back by a limit, then ``data``, and where decoding resumes."""
+        rest, at = self._rest, self._rest_at
+        assert rest is not None
+        self._rest = None
+        if not data:
+            return rest, at
+        return rest[at:] + data, 0  # more fed before the rest was taken: rare, so copied

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -54,6 +55,17 @@ class Config:
     metrics_host: str = _setting("127.0.0.1", "address of the Prometheus metrics endpoint")
     metrics_port: int = _setting(0, "port of the Prometheus metrics endpoint (0: off)", 0)
     event_loop: str = _setting("auto", "auto (uvloop when installed), asyncio or uvloop")
+
+    # The IRC front-end (protocol.md, "IRC").
+    irc_port: int = _setting(0, "TCP port of the IRC listener (0: off; 6667 is usual)", 0)
+    irc_tls_port: int = _setting(
+        0, "TLS port of the IRC listener, with tls_cert/tls_key (0: off; 6697 is usual)", 0
+    )
+    server_name: str = _setting(socket.gethostname(), "the server's name in IRC replies")
+    irc_guests: bool = _setting(
+        False, "let IRC clients that do not log in talk as guests under their nick"
+    )
+    min_password_length: int = _setting(8, "shortest password a new account may have", 1)
 
     # Wire limits (protocol.md, "Names and limits").
     max_frame_size: int = _setting(64 * KIB, "largest frame body accepted, in bytes", 16)
@@ -159,6 +171,13 @@ class Config:
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be 0..65535, got {self.metrics_port}")
         _check_choice("event_loop", self.event_loop, ("auto", "asyncio", "uvloop"))
+        for name in ("irc_port", "irc_tls_port"):
+            if getattr(self, name) > 65535:
+                raise ValueError(f"{name} must be 0..65535, got {getattr(self, name)}")
+        if self.irc_tls_port and not self.tls_cert:
+            raise ValueError("irc_tls_port needs tls_cert and tls_key")
+        if not self.server_name or " " in self.server_name:
+            raise ValueError(f"server_name must be one word, got {self.server_name!r}")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -255,7 +274,11 @@ def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
 
 def parse_value(name: str, raw: str, where: str) -> Any:
     """A setting's value from text (environment or flag)."""
-    kind = type(FIELDS[name].default)
+    kind: type[Any] = type(FIELDS[name].default)
+    if kind is bool:
+        if raw.lower() in _TRUE or raw.lower() in _FALSE:
+            return raw.lower() in _TRUE
+        raise ConfigError(f"{where}: expected {_KIND_NAMES[kind]}, got {raw!r}")
     try:
         return kind(raw) if kind in (int, float) else raw
     except ValueError:
@@ -264,7 +287,7 @@ def parse_value(name: str, raw: str, where: str) -> Any:
 
 def _checked(name: str, value: Any, where: str) -> Any:
     kind = type(FIELDS[name].default)
-    ok = isinstance(value, kind) and not isinstance(value, bool)
+    ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         ok, value = True, float(value)
     if not ok:
@@ -272,7 +295,8 @@ def _checked(name: str, value: Any, where: str) -> Any:
     return value
 
 
-_KIND_NAMES = {int: "an integer", float: "a number", str: "a string"}
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def to_toml(config: Config) -> str:
@@ -280,7 +304,7 @@ def to_toml(config: Config) -> str:
     lines = []
     for name, f in FIELDS.items():
         value = getattr(config, name)
-        rendered = json.dumps(value) if isinstance(value, str) else repr(value)
+        rendered = json.dumps(value) if isinstance(value, str | bool) else repr(value)
         lines.append(f"# {f.metadata['help']}")
         lines.append(f"{name} = {rendered}")
     return "\n".join(lines) + "\n"

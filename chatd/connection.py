@@ -28,6 +28,15 @@ from chatd.metrics import Metrics
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024
+# Requests one connection may have handled before the event loop gets a turn (and with it
+# every other connection). Most requests never suspend (/ping, errors, sends that only
+# queue their message), so without it a 180 KB burst of 10,000 pings ran in one slice of
+# the loop and held every other client up for half a second. A ping costs about 7 us, so
+# 16 make a turn of about 0.1 ms: another client waits a turn or two, well within its
+# quiet round trip (0.15-0.5 ms). Giving the loop a turn costs a few microseconds, so
+# the flood itself was served as fast with 16 as with 64 (docs/benchmarks.md, "hostile").
+# A read that fills READ_CHUNK ends the turn too: a turn handles at most one read's bytes.
+TURN_FRAMES = 16
 
 Reply = dict[str, Any]
 # A frame body in; its reply, or a pending one (a send waiting for its commit), out.
@@ -37,6 +46,11 @@ DRAIN_ABOVE = 64 * 1024
 # Replies waiting to be written per connection; beyond it the connection stops reading.
 PIPELINE_DEPTH = 512
 WRITE_BATCH = 256  # replies joined into one write
+# Timed-out reads ended per turn of the event loop. Ending one costs 0.1-0.2 ms (the
+# task wakes, logs, closes its transport, leaves the hub): 5,000 connections reaching
+# auth_timeout together held the loop for 0.12-0.56 s when all went in one tick. 32 a
+# turn hold it a few milliseconds, and 5,000 still go within a fraction of a second.
+TIMEOUT_BATCH = 32
 # Why a read was interrupted.
 SHUTDOWN = "shutdown"
 TIMED_OUT = "timed out"
@@ -62,6 +76,7 @@ class Connection(Session):
         "_read_timer",
         "_reader",
         "_task",
+        "_turn_frames",
         "_wakeup",
         "_was_bound",
         "_writer",
@@ -101,6 +116,7 @@ class Connection(Session):
         # Made on the first reply that has to wait its turn: idle connections stay small.
         self._queue: _ReplyQueue | None = None
         self._pushes: list[bytes] | None = None  # pushed this turn, written at its end
+        self._turn_frames = 0  # requests handled since the event loop last had a turn
 
     def start(self, closed: Callable[[Connection, str], None]) -> None:
         """Serve in a task of its own; ``closed(self, why)`` is called when it ends."""
@@ -227,6 +243,12 @@ class Connection(Session):
             self.abort("dropped: outbound buffer full (client not reading)")
 
     @property
+    def held_request_bytes(self) -> int:
+        """Bytes of requests read from the socket but not yet handled: at most one read
+        (READ_CHUNK), and the start of a frame that read finishes."""
+        return self._decoder.held
+
+    @property
     def queued_bytes(self) -> int:
         return self._writer.transport.get_write_buffer_size()
 
@@ -261,8 +283,37 @@ class Connection(Session):
             self._paced_in_flight -= len(frame)
 
     async def _handle_bytes(self, data: bytes) -> str | None:
-        """Answer the frames completed by data; returns why to close, if it must be."""
-        bodies = self._decoder.feed(data)
+        """Answer the frames completed by data, TURN_FRAMES at a time; returns why to
+        close, if it must be.
+
+        Frames beyond the turn's budget stay undecoded in the decoder, and the connection
+        reads nothing more until they are handled: a client pipelining without bound is
+        held back by TCP (the reader's buffer fills and the transport stops reading).
+        """
+        decoder = self._decoder
+        progressed = False
+        chunk = data
+        while True:
+            bodies = decoder.feed(chunk, TURN_FRAMES - self._turn_frames)
+            chunk = b""
+            self._turn_frames += len(bodies)
+            progressed = progressed or bool(bodies)
+            stop = await self._handle_bodies(bodies)
+            if stop is not None:
+                return stop
+            if not decoder.pending:
+                break
+            await self._next_turn()  # the budget ran out with frames left
+        self._note_partial_frame(progressed)
+        if len(data) < READ_CHUNK:
+            # A short read emptied the reader's buffer: the next read waits for the loop
+            # (or a request already waited), so that is a turn given away already.
+            self._turn_frames = 0
+        else:
+            await self._next_turn()  # more bytes wait: the others go first
+        return None
+
+    async def _handle_bodies(self, bodies: list[Any]) -> str | None:
         for body in bodies:
             reply = await self._handle_body(self, body)
             await self._queue_reply(reply)
@@ -274,8 +325,12 @@ class Connection(Session):
                 if self._rate_limited >= self._config.abuse_limit:
                     self._dropped = "dropped: kept going past the rate limits"
                     return "abuse"
-        self._note_partial_frame(progressed=bool(bodies))
         return None
+
+    async def _next_turn(self) -> None:
+        """Let every other ready task and callback of the event loop run first."""
+        self._turn_frames = 0
+        await asyncio.sleep(0)
 
     async def _queue_reply(self, reply: Reply | PendingReply) -> None:
         """Replies go out in request order, while later requests are already being read."""
@@ -345,12 +400,15 @@ class ReadTimer:
 
     Ten thousand idle connections would otherwise hold ten thousand timer handles,
     and a busy one would make and cancel a timer for every read. A read's deadline is
-    noticed within ``resolution`` seconds of passing.
+    noticed within ``resolution`` seconds of passing; when many pass together, their
+    reads are ended TIMEOUT_BATCH per turn of the event loop, so that other
+    connections are served in between.
     """
 
     def __init__(self, config: Config) -> None:
         self._waiting: set[Connection] = set()
-        self._handle: asyncio.TimerHandle | None = None
+        self._expired: list[Connection] = []  # found past their deadline, not yet ended
+        self._handle: asyncio.Handle | None = None
         self.resolution = 1.0
         self.reconfigure(config)
 
@@ -374,18 +432,33 @@ class ReadTimer:
         self._waiting.discard(connection)
 
     def close(self) -> None:
+        self._expired.clear()
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
 
     def _tick(self) -> None:
-        now = time.monotonic()
-        for connection in [c for c in self._waiting if c.read_deadline <= now]:
-            self._waiting.discard(connection)
-            connection.interrupt_read(TIMED_OUT)
         self._handle = None
-        if self._waiting:
-            self._handle = asyncio.get_running_loop().call_later(self.resolution, self._tick)
+        if not self._expired:
+            now = time.monotonic()
+            self._expired = [c for c in self._waiting if c.read_deadline <= now]
+        self._interrupt_batch()
+        loop = asyncio.get_running_loop()
+        if self._expired:  # the rest in the next turn, after the loop has polled
+            self._handle = loop.call_soon(self._tick)
+        elif self._waiting:
+            self._handle = loop.call_later(self.resolution, self._tick)
+
+    def _interrupt_batch(self) -> None:
+        """End up to TIMEOUT_BATCH of the expired reads; skip those that ended meanwhile."""
+        now = time.monotonic()
+        expired = self._expired
+        for _ in range(min(TIMEOUT_BATCH, len(expired))):
+            connection = expired.pop()
+            # Still waiting on the same read? Data may have come since the scan.
+            if connection in self._waiting and connection.read_deadline <= now:
+                self._waiting.discard(connection)
+                connection.interrupt_read(TIMED_OUT)
 
 
 def _peer(peername: object) -> tuple[str, int | None]:

@@ -97,7 +97,7 @@ class Op:
 
 async def register(ctx: Context, params: Params) -> None:
     name = validation.new_user_name(params)
-    password = validation.new_password(params, "password")
+    password = validation.new_password(params, "password", ctx.config.min_password_length)
     repeated = params.text("password_repete", validation.MAX_PASSWORD_LENGTH)
     if password != repeated:
         raise BadRequest("password and password_repete differ")

@@ -30,9 +30,11 @@ import asyncpg
 
 from chatd.store import (
     CHANNEL,
+    GUEST_HASH,
     PRIVATE,
     PROFILE_TTL,
     Batch,
+    Bounds,
     Channel,
     ChannelMessage,
     Joined,
@@ -648,6 +650,98 @@ class PostgresStore:
             SentMessage(row[0], row[1], row[2], row[3].decode(), row[4]) for row in rows[:limit]
         ]
         return Batch(page[::-1], more=len(rows) > limit)
+
+    # IRC guests (protocol.md 12.6), as in chatd.store.
+
+    async def create_guest(
+        self, name: str, key: str, skeletons: Skeletons, now: float
+    ) -> int | None:
+        """A guest user holding ``name`` while connected; None if the name is taken."""
+        async with self._transaction() as conn:
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", USER_NAMES_LOCK)
+            if await _user_name_taken(conn, key, skeletons):
+                return None
+            guest_id: int | None = await conn.fetchval(
+                "INSERT INTO users"
+                " (name, name_key, skeleton, upper_skeleton, password_hash, created_at)"
+                " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name_key) DO NOTHING RETURNING id",
+                name, key, *skeletons, GUEST_HASH, now,
+            )
+        return guest_id
+
+    async def release_guests(self, user_id: int | None = None) -> None:
+        """End a guest (every guest when None): its name is free again, what it received
+        and joined is deleted; what it sent stays."""
+        self._profiles = {}
+        only = "" if user_id is None else " AND id = $2"
+        args: tuple[Any, ...] = (GUEST_HASH,) if user_id is None else (GUEST_HASH, user_id)
+        guests = f"SELECT id FROM users WHERE password_hash = $1{only}"
+        async with self._transaction() as conn:
+            await conn.execute(f"DELETE FROM tokens WHERE user_id IN ({guests})", *args)
+            await conn.execute(f"DELETE FROM channel_members WHERE user_id IN ({guests})", *args)
+            await conn.execute(
+                f"DELETE FROM private_messages WHERE recipient_id IN ({guests})", *args
+            )
+            await conn.execute(
+                "UPDATE users SET name_key = '#guest' || id, skeleton = '', upper_skeleton = ''"
+                f" WHERE password_hash = $1{only} AND name_key NOT LIKE '#guest%'",
+                *args,
+            )
+
+    # Ranges for IRC CHATHISTORY (protocol.md 12.5), as in chatd.store.
+
+    async def channel_range(
+        self, channel_id: int, bounds: Bounds, limit: int, newest: bool
+    ) -> list[ChannelMessage]:
+        order = "DESC" if newest else "ASC"
+        rows = await self._rows(
+            f"{_CHANNEL_ROWS} WHERE m.channel_id = $1 AND m.id > $2 AND m.id < $3"
+            f" AND m.created_at > $4 AND m.created_at < $5 ORDER BY m.id {order} LIMIT $6",
+            channel_id, *bounds.values(), limit,
+        )
+        page = [_channel(row) for row in rows]
+        return page[::-1] if newest else page
+
+    async def private_range(
+        self, user_id: int, other_id: int, bounds: Bounds, limit: int, newest: bool
+    ) -> list[SentMessage]:
+        order = "DESC" if newest else "ASC"
+        rows = await self._rows(
+            "SELECT m.id, s.name, r.name, m.body, m.created_at FROM private_messages m"
+            " JOIN users s ON s.id = m.sender_id JOIN users r ON r.id = m.recipient_id"
+            " WHERE m.id > $3 AND m.id < $4 AND m.created_at > $5 AND m.created_at < $6"
+            " AND ((m.recipient_id = $1 AND m.sender_id = $2)"
+            "  OR (m.recipient_id = $2 AND m.sender_id = $1))"
+            f" ORDER BY m.id {order} LIMIT $7",
+            user_id, other_id, *bounds.values(), limit,
+        )
+        page = [SentMessage(row[0], row[1], row[2], row[3].decode(), row[4]) for row in rows]
+        return page[::-1] if newest else page
+
+    async def message_time(self, in_channel: bool, message_id: int) -> float | None:
+        table = "channel_messages" if in_channel else "private_messages"
+        found = await self._value(f"SELECT created_at FROM {table} WHERE id = $1", message_id)
+        return None if found is None else float(found)
+
+    async def recent_targets(
+        self, user_id: int, after: float, before: float, limit: int
+    ) -> list[tuple[str, bool, float]]:
+        rows = await self._rows(
+            "SELECT * FROM ("
+            " SELECT c.name, TRUE, MAX(m.created_at) AS t FROM channel_messages m"
+            " JOIN channels c ON c.id = m.channel_id"
+            " JOIN channel_members cm ON cm.channel_id = c.id AND cm.user_id = $1"
+            "  AND cm.left_at IS NULL"
+            " WHERE m.created_at > $2 AND m.created_at < $3 GROUP BY c.id, c.name"
+            " UNION ALL SELECT u.name, FALSE, MAX(m.created_at) FROM private_messages m"
+            " JOIN users u ON u.id = CASE WHEN m.sender_id = $1 THEN m.recipient_id"
+            "  ELSE m.sender_id END"
+            " WHERE (m.sender_id = $1 OR m.recipient_id = $1)"
+            "  AND m.created_at > $2 AND m.created_at < $3 GROUP BY u.id, u.name"
+            ") AS targets ORDER BY t DESC LIMIT $4",
+            user_id, after, before, limit,
+        )
+        return [(row[0], bool(row[1]), float(row[2])) for row in rows]
 
     # Operations (chatd admin).
 

@@ -20,6 +20,7 @@ from chatd.dbfile import InstanceLock
 from chatd.errors import RateLimited
 from chatd.handlers import OPS
 from chatd.hub import Hub
+from chatd.irc.connection import IrcListener
 from chatd.limits import address_key
 from chatd.metrics import create as create_metrics
 from chatd.protocol import failure
@@ -45,6 +46,7 @@ class Server:
         self._per_address: Counter[str] = Counter()
         self._token_sweeper: asyncio.Task[None] | None = None
         self._instance: InstanceLock | None = None
+        self.irc: IrcListener | None = None
 
     @property
     def app(self) -> App:
@@ -71,6 +73,9 @@ class Server:
                 metrics.serve(self.config.metrics_host, self.config.metrics_port)
             self._listener = await self._listen()
             _enable_keepalive(self._listener)
+            if self.config.irc_port or self.config.irc_tls_port:  # the IRC front-end
+                self.irc = IrcListener(self._app, _tls_context(self.config))
+                await self.irc.start()
         except BaseException:
             await self._close_app()
             raise
@@ -193,6 +198,8 @@ class Server:
             self._listener.close()
         if self._token_sweeper is not None:
             self._token_sweeper.cancel()
+        if self.irc is not None:
+            await self.irc.close(self.config.graceful_timeout)
         for connection in list(self._connections):
             connection.shutdown()
         tasks = {c.task for c in self._connections if c.task is not None}

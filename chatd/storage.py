@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 from chatd.config import Config
 from chatd.store import (
     Batch,
+    Bounds,
     Channel,
     ChannelMessage,
     Joined,
@@ -118,6 +119,22 @@ class MessageStore(Protocol):
     async def private_history(
         self, user_id: int, other_id: int, before: int | None, limit: int
     ) -> Batch[SentMessage]: ...
+
+    # IRC: guests (protocol.md 12.6) and CHATHISTORY ranges (12.5).
+    async def create_guest(
+        self, name: str, key: str, skeletons: Skeletons, now: float
+    ) -> int | None: ...
+    async def release_guests(self, user_id: int | None = None) -> None: ...
+    async def channel_range(
+        self, channel_id: int, bounds: Bounds, limit: int, newest: bool
+    ) -> list[ChannelMessage]: ...
+    async def private_range(
+        self, user_id: int, other_id: int, bounds: Bounds, limit: int, newest: bool
+    ) -> list[SentMessage]: ...
+    async def message_time(self, in_channel: bool, message_id: int) -> float | None: ...
+    async def recent_targets(
+        self, user_id: int, after: float, before: float, limit: int
+    ) -> list[tuple[str, bool, float]]: ...
 
     # Operations (chatd admin).
     async def list_users(self, now: float) -> list[tuple[str, float, int]]: ...

@@ -57,6 +57,9 @@ def _skeletons(rows: list[Any]) -> list[tuple[str, str, int]]:
     return [(*skeletons_of_key(key), row_id) for row_id, key in rows]
 
 
+# The password hash of an IRC guest: no argon2 hash, so no password ever matches it.
+GUEST_HASH = "guest"
+
 # A migration is an SQL script, or a Python step for what SQL cannot compute.
 Migration = str | Callable[[aiosqlite.Connection], Awaitable[None]]
 
@@ -208,6 +211,19 @@ class SentMessage:
     recipient: str
     body: str
     created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """An open interval of messages, by id and by time (IRC CHATHISTORY)."""
+
+    after_id: int = 0
+    before_id: int = (1 << 63) - 1
+    after_time: float = float("-inf")
+    before_time: float = float("inf")
+
+    def values(self) -> tuple[int, int, float, float]:
+        return self.after_id, self.before_id, self.after_time, self.before_time
 
 
 @dataclass(slots=True)
@@ -1220,6 +1236,74 @@ class Store:
         return Batch(page[::-1], more=len(rows) > limit)
 
 
+    # Ranges for IRC CHATHISTORY: open intervals by id and time, newest or oldest first.
+
+    async def channel_range(
+        self, channel_id: int, bounds: Bounds, limit: int, newest: bool
+    ) -> list[ChannelMessage]:
+        """Up to ``limit`` messages inside ``bounds``, taken from the newest end or the
+        oldest, returned oldest first."""
+        order = "DESC" if newest else "ASC"
+        async with self._turn():
+            rows = await self._rows(
+                f"{_CHANNEL_ROWS} WHERE m.channel_id = ? AND m.id > ? AND m.id < ?"
+                f" AND m.created_at > ? AND m.created_at < ? ORDER BY m.id {order} LIMIT ?",
+                (channel_id, *bounds.values(), limit),
+            )
+        page = [ChannelMessage(*row) for row in rows]
+        return page[::-1] if newest else page
+
+    async def private_range(
+        self, user_id: int, other_id: int, bounds: Bounds, limit: int, newest: bool
+    ) -> list[SentMessage]:
+        """As channel_range for the conversation of two users, both directions."""
+        order = "DESC" if newest else "ASC"
+        inside = "id > ? AND id < ? AND created_at > ? AND created_at < ?"
+        async with self._turn():
+            rows = await self._rows(
+                "SELECT m.id, s.name, r.name, m.body, m.created_at FROM private_messages m"
+                " JOIN users s ON s.id = m.sender_id JOIN users r ON r.id = m.recipient_id"
+                " WHERE m.id IN ("
+                f"  SELECT id FROM private_messages WHERE recipient_id = ? AND sender_id = ?"
+                f"   AND {inside}"
+                f"  UNION SELECT id FROM private_messages WHERE recipient_id = ? AND sender_id = ?"
+                f"   AND {inside})"
+                f" ORDER BY m.id {order} LIMIT ?",
+                (user_id, other_id, *bounds.values(), other_id, user_id, *bounds.values(), limit),
+            )
+        page = [SentMessage(*row) for row in rows]
+        return page[::-1] if newest else page
+
+    async def message_time(self, in_channel: bool, message_id: int) -> float | None:
+        """When a channel or private message was stored (ids are per kind)."""
+        table = "channel_messages" if in_channel else "private_messages"
+        async with self._turn():
+            sql = f"SELECT created_at FROM {table} WHERE id = ?"
+            found = await self._scalar(sql, (message_id,))
+        return None if found is None else float(found)
+
+    async def recent_targets(
+        self, user_id: int, after: float, before: float, limit: int
+    ) -> list[tuple[str, bool, float]]:
+        """The user's channels and conversations with a message in (after, before):
+        (name, is_channel, newest time), newest first."""
+        async with self._turn():
+            rows = await self._rows(
+                "SELECT c.name, 1, MAX(m.created_at) AS t FROM channel_messages m"
+                " JOIN channels c ON c.id = m.channel_id"
+                " JOIN channel_members cm ON cm.channel_id = c.id AND cm.user_id = ?"
+                "  AND cm.left_at IS NULL"
+                " WHERE m.created_at > ? AND m.created_at < ? GROUP BY c.id"
+                " UNION ALL SELECT u.name, 0, MAX(m.created_at) FROM private_messages m"
+                " JOIN users u ON u.id = CASE WHEN m.sender_id = ? THEN m.recipient_id"
+                "  ELSE m.sender_id END"
+                " WHERE (m.sender_id = ? OR m.recipient_id = ?)"
+                "  AND m.created_at > ? AND m.created_at < ? GROUP BY u.id"
+                " ORDER BY t DESC LIMIT ?",
+                (user_id, after, before, user_id, user_id, user_id, after, before, limit),
+            )
+        return [(row[0], bool(row[1]), float(row[2])) for row in rows]
+
     # Operations (chatd admin).
 
     async def list_users(self, now: float) -> list[tuple[str, float, int]]:
@@ -1232,6 +1316,45 @@ class Store:
                 (now,),
             )
             return [(row[0], row[1], row[2]) for row in rows]
+
+    # IRC guests (protocol.md, "IRC", "Guests"): a user row that lives as long as the
+    # connection holds its name, then keeps only what it sent, under its name.
+
+    async def create_guest(
+        self, name: str, key: str, skeletons: Skeletons, now: float
+    ) -> int | None:
+        """A guest user holding ``name`` while connected; None if the name is taken."""
+        async with self._transaction() as db:
+            if await self._user_name_taken(key, skeletons):
+                return None
+            cursor = await db.execute(
+                "INSERT INTO users"
+                " (name, name_key, skeleton, upper_skeleton, password_hash, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name_key) DO NOTHING",
+                (name, key, *skeletons, GUEST_HASH, now),
+            )
+            return cursor.lastrowid if cursor.rowcount == 1 else None
+
+    async def release_guests(self, user_id: int | None = None) -> None:
+        """End a guest (every guest when None, as at start-up after a crash): its name is
+        free again, what it received and joined is deleted; what it sent stays."""
+        only = "" if user_id is None else " AND id = ?"
+        args: tuple[Any, ...] = () if user_id is None else (user_id,)
+        self._profiles = {}
+        async with self._transaction() as db:
+            guests = f"SELECT id FROM users WHERE password_hash = '{GUEST_HASH}'{only}"
+            await db.execute(f"DELETE FROM tokens WHERE user_id IN ({guests})", args)
+            await db.execute(f"DELETE FROM channel_members WHERE user_id IN ({guests})", args)
+            await db.execute(
+                f"DELETE FROM private_messages WHERE recipient_id IN ({guests})", args
+            )
+            # '#' is in no name, so the old guest matches no lookup and blocks no name.
+            await db.execute(
+                "UPDATE users SET name_key = '#guest' || id, skeleton = '',"
+                f" upper_skeleton = '' WHERE password_hash = '{GUEST_HASH}'{only}"
+                " AND name_key NOT LIKE '#guest%'",
+                args,
+            )
 
     async def revoke_tokens(self, user_id: int) -> int:
         """Revoke every token of a user; returns how many there were."""

@@ -92,10 +92,11 @@ def name_skeletons(name: str) -> tuple[str, str]:
     return names.skeletons_of_key(name_key(name))
 
 
-def new_password(params: Params, key: str) -> str:
+def new_password(params: Params, key: str, minimum: int = MIN_PASSWORD_LENGTH) -> str:
+    """``minimum`` is the operator's min_password_length."""
     password = params.text(key, MAX_PASSWORD_LENGTH)
-    if len(password) < MIN_PASSWORD_LENGTH:
-        raise BadRequest(f"password must be at least {MIN_PASSWORD_LENGTH} characters")
+    if len(password) < minimum:
+        raise BadRequest(f"password must be at least {minimum} characters")
     return password
 
 

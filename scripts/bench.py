@@ -61,7 +61,7 @@ ROOT = Path(__file__).resolve().parent.parent
 Unpack = Callable[[bytes], Any]  # decodes one frame body (chatd.codec.FrameDecoder)
 SCRIPT = Path(__file__).resolve()
 PASSWORD = "bench password 1234"
-SCENARIOS = ("dm", "fanout", "latency", "idle", "logins", "catchup", "store")
+SCENARIOS = ("dm", "fanout", "latency", "idle", "logins", "catchup", "store", "hostile")
 # Run only when named: `wal` floods the server for minutes by design.
 EXTRA_SCENARIOS = ("wal",)
 # The WAL bound the `wal` scenario holds chatd to (README, "Disk use"): twice the
@@ -136,6 +136,8 @@ class Sizes:
     wal_seconds: float = 120.0  # the write flood of the `wal` scenario
     wal_workers: int = 16  # connections flooding, one user each
     wal_window: int = 8  # op cycles in flight per connection
+    hostile_pings: int = 2_000  # round trips timed, quiet and again under attack
+    hostile_burst: int = 10_000  # /ping frames in each of the hostile connection's writes
 
 
 # About 20-100x smaller: every scenario and every check, in a few seconds.
@@ -158,6 +160,8 @@ QUICK = Sizes(
     store_messages=100,
     wal_seconds=3.0,
     wal_workers=4,
+    hostile_pings=100,
+    hostile_burst=2_000,
     peer_idle_connections=50,
 )
 
@@ -1257,6 +1261,108 @@ async def scenario_wal(run: Run) -> dict[str, Any]:
     }
 
 
+class Burster:
+    """A hostile connection: writes bursts of /ping frames back to back, each burst in
+    one write, and checks every reply byte for byte (ids in order, code 0).
+
+    It is the one client that does not go through ``chatd.client.Client``: an attacker
+    does not decode what it gets, and decoding 10,000 replies per burst on the
+    generator's one core would delay the good client's pings, measured on it too.
+    """
+
+    def __init__(self, burst: int) -> None:
+        ids = range(burst)
+        self._requests = b"".join(encode_frame({"op": "/ping", "id": i}) for i in ids)
+        self._replies = b"".join(
+            encode_frame({"id": i, "code": 0, "msg": "success"}) for i in ids)
+        self.sent = 0  # bursts written
+        self.answered = 0  # bursts whose every reply came back as expected
+        self.wrong = 0  # bursts whose replies differed
+        self.first_answered = asyncio.Event()
+
+    async def run(self, host: str, port: int, stop: asyncio.Event) -> None:
+        """Until ``stop``, then until every burst written is answered."""
+        reader, writer = await asyncio.open_connection(host, port)
+        reading = asyncio.create_task(self._read(reader, stop))
+        try:
+            while not stop.is_set():
+                writer.write(self._requests)
+                self.sent += 1
+                await writer.drain()  # TCP holds the writer back once chatd stops reading
+            if self.answered + self.wrong == self.sent:
+                reading.cancel()  # it waits for a burst that was never sent
+            with contextlib.suppress(asyncio.CancelledError):
+                await reading
+        finally:
+            reading.cancel()
+            writer.close()
+
+    async def _read(self, reader: asyncio.StreamReader, stop: asyncio.Event) -> None:
+        while not (stop.is_set() and self.answered + self.wrong >= self.sent):
+            got = await reader.readexactly(len(self._replies))
+            if got == self._replies:
+                self.answered += 1
+            else:
+                self.wrong += 1
+            self.first_answered.set()
+
+
+async def ping_rtts(client: Client, count: int, interval: float, check: Check) -> list[float]:
+    """``count`` /ping round trips, ``interval`` apart, in seconds, sorted."""
+    rtts = []
+    for _ in range(count):
+        started = time.perf_counter()
+        reply = await client.call("/ping")
+        rtts.append(time.perf_counter() - started)
+        check.expect(reply.get("code") == 0, f"/ping failed: {reply}")
+        await asyncio.sleep(interval)
+    return sorted(rtts)
+
+
+async def scenario_hostile(run: Run) -> dict[str, Any]:
+    """A good client's /ping round trip, quiet and while one connection floods chatd with
+    bursts of pipelined pings (issue 11, F1)."""
+    s = run.sizes
+    pinger = await run.connect()
+    await ping_rtts(pinger, 20, s.ping_interval, run.check)  # warm up
+    run.probe.start()
+    quiet = await ping_rtts(pinger, s.hostile_pings, s.ping_interval, run.check)
+    run.probe.stop()
+    quiet_cpu = {f"quiet_{key}": value for key, value in run.probe.result.items()}
+    burster, stop = Burster(s.hostile_burst), asyncio.Event()
+    attack = asyncio.create_task(burster.run(run.host, run.port, stop))
+    async with asyncio.timeout(EVENT_TIMEOUT):
+        await burster.first_answered.wait()  # the flood is under way
+    run.probe.start()
+    started, answered_before = time.perf_counter(), burster.answered
+    under_attack = await ping_rtts(pinger, s.hostile_pings, s.ping_interval, run.check)
+    attack_s, answered = time.perf_counter() - started, burster.answered - answered_before
+    run.probe.stop()
+    stop.set()
+    async with asyncio.timeout(EVENT_TIMEOUT):
+        await attack
+    run.check.equal("hostile bursts answered wrongly", burster.wrong, 0)
+    run.check.equal("hostile bursts answered", burster.answered, burster.sent)
+    run.check.expect(answered >= 2, f"only {answered} bursts answered while measuring")
+    run.check.details = {"pings": 2 * s.hostile_pings, "bursts": burster.sent}
+    quiet_p99, attack_p99 = percentile(quiet, 99), percentile(under_attack, 99)
+    return {
+        "pings": s.hostile_pings,
+        "ping_interval_ms": s.ping_interval * 1000,
+        "burst": s.hostile_burst,
+        "quiet_p50_ms": r3(percentile(quiet, 50) * 1000),
+        "quiet_p99_ms": r3(quiet_p99 * 1000),
+        "quiet_max_ms": r3(quiet[-1] * 1000),
+        "attack_p50_ms": r3(percentile(under_attack, 50) * 1000),
+        "attack_p99_ms": r3(attack_p99 * 1000),
+        "attack_max_ms": r3(under_attack[-1] * 1000),
+        "p99_ratio": round(attack_p99 / quiet_p99, 2),
+        "hostile_bursts": burster.sent,
+        "hostile_pings_per_s": round(answered * s.hostile_burst / attack_s),
+        **quiet_cpu,
+    }
+
+
 SCENARIO_FUNCTIONS: dict[str, Callable[[Run], Awaitable[dict[str, Any]]]] = {
     "dm": scenario_dm,
     "fanout": scenario_fanout,
@@ -1266,6 +1372,7 @@ SCENARIO_FUNCTIONS: dict[str, Callable[[Run], Awaitable[dict[str, Any]]]] = {
     "catchup": scenario_catchup,
     "store": scenario_store,
     "wal": scenario_wal,
+    "hostile": scenario_hostile,
 }
 
 
@@ -1530,6 +1637,9 @@ def headline(result: dict[str, Any]) -> str:
         return (f"WAL max {g('max_wal_mib')} MiB (bound {g('wal_bound_mib')}) over "
                 f"{g('duration_s')} s at {g('ops_per_s')} write ops/s, "
                 f"op p99 {g('op_p99_ms')} ms")
+    if name == "hostile":
+        return (f"ping p99 {g('quiet_p99_ms')} ms quiet, {g('attack_p99_ms')} ms under "
+                f"attack ({g('p99_ratio')}x), {g('hostile_pings_per_s')} hostile pings/s")
     return f"{g('messages_per_s')} msg/s"
 
 

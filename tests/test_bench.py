@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "scripts" / "bench.py"
-SCENARIOS = {"dm", "fanout", "latency", "idle", "logins", "catchup", "store"}
+SCENARIOS = {"dm", "fanout", "latency", "idle", "logins", "catchup", "store", "hostile"}
 PEER_SCENARIOS = ("dm", "fanout", "latency", "idle")
 
 

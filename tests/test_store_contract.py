@@ -25,6 +25,7 @@ from chatd.store import (
     CHANNEL,
     PRIVATE,
     Batch,
+    Bounds,
     Joined,
     NewMessage,
     Skeletons,
@@ -691,3 +692,61 @@ async def test_the_sqlite_default_never_loads_the_driver(tmp_path: Path) -> None
     async with asyncio.timeout(60):
         out, _ = await proc.communicate()
     assert (proc.returncode, out.strip()) == (0, b"False")
+
+
+# IRC: guests (protocol.md 12.6) and CHATHISTORY ranges (12.5).
+
+
+async def test_a_guest_holds_its_name_while_connected_and_leaves_its_words(
+    store: MessageStore,
+) -> None:
+    ann = await add_user(store, "ann")
+    guest = await store.create_guest("Visitor", "visitor", looks("Visitor"), NOW)
+    assert guest is not None
+    assert await store.create_guest("visitor", "visitor", looks("visitor"), NOW) is None
+    assert not await store.create_user("VISITOR", "visitor", looks("VISITOR"), "h", NOW)
+    assert await store.create_guest("ann", "ann", looks("ann"), NOW) is None
+    channel, _ = await store.join_channel("Lobby", "lobby", looks("Lobby"), guest, NOW)
+    await store.join_channel("Lobby", "lobby", looks("Lobby"), ann, NOW)
+    await store.add_token(guest, b"g", NOW, NOW + HOUR)
+    await store.enqueue(to_channel(guest, channel.id, "hello from a guest"))
+    await store.enqueue(private(guest, ann, "to ann"))
+    await store.enqueue(private(ann, guest, "to the guest"))
+    await store.release_guests(guest)
+    assert await store.find_user("visitor") is None
+    assert await store.live_tokens([b"g"], NOW) == set()
+    assert [name for _, name in await store.channel_members(channel.id)] == ["ann"]
+    history = await store.channel_history(channel.id, None, 10)
+    assert [(m.sender, m.body) for m in history.messages] == [("Visitor", "hello from a guest")]
+    assert bodies(await store.take_inbox(ann, 10)) == ["to ann"]
+    assert await store.create_user("visitor", "visitor", looks("visitor"), "h", NOW)
+    await store.release_guests()  # at start-up: nothing left to release, no account touched
+    assert await store.find_user("visitor") is not None
+
+
+async def test_history_ranges_by_id_and_time(store: MessageStore) -> None:
+    ann = await add_user(store, "ann")
+    bob = await add_user(store, "bob")
+    channel, _ = await store.join_channel("Lobby", "lobby", looks("Lobby"), ann, NOW)
+    ids = []
+    for second in range(1, 6):
+        message = NewMessage(CHANNEL, ann, channel.id, f"c{second}", NOW + second, None)
+        ids.append((await store.enqueue(message)).id)
+        await store.enqueue(NewMessage(PRIVATE, bob, ann, f"p{second}", NOW + second, None))
+    newest = await store.channel_range(channel.id, Bounds(), 2, newest=True)
+    assert [m.body for m in newest] == ["c4", "c5"]
+    after = await store.channel_range(channel.id, Bounds(after_id=ids[1]), 2, newest=False)
+    assert [m.body for m in after] == ["c3", "c4"]
+    timed = Bounds(after_time=NOW + 1.5, before_time=NOW + 4)
+    assert [m.body for m in await store.channel_range(channel.id, timed, 9, False)] == [
+        "c2", "c3"
+    ]
+    pairs = await store.private_range(ann, bob, Bounds(before_time=NOW + 3), 9, newest=True)
+    assert [(m.sender, m.recipient, m.body) for m in pairs] == [
+        ("bob", "ann", "p1"), ("bob", "ann", "p2")
+    ]
+    assert await store.message_time(True, ids[2]) == NOW + 3
+    assert await store.message_time(True, 10_000) is None
+    targets = await store.recent_targets(ann, NOW, NOW + 10, 10)
+    assert sorted(targets) == [("Lobby", True, NOW + 5), ("bob", False, NOW + 5)]
+    assert await store.recent_targets(ann, NOW + 6, NOW + 10, 10) == []
