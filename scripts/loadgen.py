@@ -32,7 +32,7 @@ import time
 from abc import ABC, abstractmethod
 from array import array
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
 
 from chatd.codec import FrameDecoder, encode_frame
@@ -639,7 +639,6 @@ class LoadSizes:
     message_size: int = 64
     timeout: float = 120.0  # silence while messages are still expected
     prefix: str = "b"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def check_in_order(check: CheckLike, what: str, received: Sequence[Received], sender: str,
