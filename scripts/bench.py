@@ -1899,13 +1899,15 @@ def peer_ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
     """chatd / peer for each scenario's headline metric, from this one run, and the targets."""
     by = {(r["scenario"], r["server"]): r for r in results}
     ratios: dict[str, Any] = {}
-    for name, metric in PEER_METRIC.items():
-        mine = by.get((name, "chatd"))
+    for (name, metric), (ours, key) in itertools.product(
+            PEER_METRIC.items(), (("chatd", ""), ("chatd-irc", "irc "))):
+        mine = by.get((name, ours))
         for peer in PEERS:
             theirs = by.get((name, peer))
             if not mine or not theirs or not mine.get(metric) or not theirs.get(metric):
                 continue
-            ratios[f"{name}/{peer}"] = {
+            # "dm/miniircd": chatd over msgpack; "irc dm/miniircd": over its IRC port.
+            ratios[f"{key}{name}/{peer}"] = {
                 "metric": metric,
                 "ratio": round(mine[metric] / theirs[metric], 3),
                 "chatd": mine[metric], peer: theirs[metric],

@@ -81,11 +81,12 @@ def check_peer_lines(results: list[dict[str, Any]], servers: set[str]) -> None:
 
 
 @pytest.mark.slow
-def test_quick_peers_run_against_chatd_alone(tmp_path: Path) -> None:
-    results, summary = run_peers(tmp_path, "--peer", "chatd")
-    check_peer_lines(results, {"chatd"})
-    dm = next(r for r in results if r["scenario"] == "dm")
-    assert dm["delivered"] == dm["pairs"] * dm["messages_per_sender"]
+def test_quick_peers_run_against_chatd_over_msgpack_and_irc(tmp_path: Path) -> None:
+    results, summary = run_peers(tmp_path, "--peer", "chatd", "--peer", "chatd-irc")
+    check_peer_lines(results, {"chatd", "chatd-irc"})
+    for dm in (r for r in results if r["scenario"] == "dm"):
+        assert dm["delivered"] == dm["pairs"] * dm["messages_per_sender"]
+    assert {r["protocol"] for r in results} == {"msgpack", "irc"}
     assert summary["scenario"] == "peers" and summary["ratios"] == {}
     assert [t["met"] for t in summary["targets"]] == [False] * 4  # no peer, no ratio
 

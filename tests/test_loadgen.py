@@ -170,3 +170,34 @@ async def test_a_message_the_server_never_delivered_fails_the_run(harness: Harne
         await loadgen.scenario_dm(Deaf("127.0.0.1", harness.port),
                                   small_sizes(pairs=1, messages=20, timeout=1.0),
                                   NoProbe(), Recorder())
+
+
+class Wrote:
+    """A transport that keeps what is written."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += bytes(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+
+async def test_server_pings_are_answered_and_not_counted_while_counting() -> None:
+    conn = loadgen.LineConn()
+    transport = Wrote()
+    conn.transport = transport
+    conn.count_from_now(3)
+    data = (b":a!~a@h PRIVMSG b :0 xx\r\nPING vm\r\n:a!~a@h PRIVMSG b :1 xx\r\n"
+            b":srv PING :tok\r\n:a!~a@h PRIVMSG b :2 xx\r\n")
+    cut = data.index(b"NG vm")  # a PING cut in two by the reads
+    for piece in (data[:cut], data[cut:cut + 30], data[cut + 30:]):
+        conn.data_received(piece)
+    await conn.reached(1.0)
+    assert conn.count == 3
+    assert transport.data == b"PONG vm\r\nPONG :tok\r\n"
+    check = Recorder()
+    received, _ = loadgen.IrcWire("h", 1, "x").decode(conn, check, "irc")
+    assert check.failures == [] and [m.text for m in received] == ["0 xx", "1 xx", "2 xx"]
