@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from chatd.auth import Hasher
+from chatd.bus import Bus, LocalBus
 from chatd.codec import Malformed, Oversize
 from chatd.config import Config
 from chatd.errors import BadRequest, ChatdError, FrameTooLarge, ServerError
@@ -17,7 +18,7 @@ from chatd.hub import Hub, Session
 from chatd.limits import Guards
 from chatd.metrics import Metrics
 from chatd.protocol import Data, failure, parse_request, request_id, success
-from chatd.storage import MessageStore
+from chatd.store import MessageStore
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,26 @@ class App:
     metrics: Metrics = field(default_factory=Metrics)
     clock: Callable[[], float] = field(default=time.time)
     guards: Guards = field(init=False)
+    # Where handlers publish committed events: one node, so straight to the hub.
+    bus: Bus = field(init=False)
 
     def __post_init__(self) -> None:
         self.guards = Guards(self.config)
+        self.bus = LocalBus(self.hub)
+
+    def context(self, session: Session) -> Context:
+        """What a handler called for ``session`` may use."""
+        return Context(
+            self.config,
+            self.store,
+            self.hub,
+            self.bus,
+            self.hasher,
+            self.metrics,
+            self.guards,
+            session,
+            self.clock,
+        )
 
     def reconfigure(self, config: Config) -> None:
         self.config = config
@@ -57,17 +75,7 @@ class App:
         try:
             request = parse_request(body)
             op = request.op
-            ctx = Context(
-                self.config,
-                self.store,
-                self.hub,
-                self.hasher,
-                self.metrics,
-                self.guards,
-                session,
-                self.clock,
-            )
-            result = await dispatch(ctx, request)
+            result = await dispatch(self.context(session), request)
             if isinstance(result, Deferred):
                 return PendingReply(self, session, rid, op, result, started)
             reply = success(rid, result)

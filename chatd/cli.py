@@ -1,4 +1,5 @@
-"""``chatd``: serve (the default), ``chatd backup PATH``, ``chatd admin ...``, ``chatd init``.
+"""``chatd``: serve (the default), ``chatd backup PATH``, ``chatd admin ...``, ``chatd init``,
+``chatd migrate --from PATH --to postgresql://...``.
 
 Settings come from defaults < ``--config`` TOML file < ``CHATD_*`` environment
 < flags (``config.py``).  The server runs until SIGTERM or SIGINT; SIGHUP
@@ -17,7 +18,7 @@ import sys
 from collections.abc import Callable, Collection, Coroutine, Sequence
 from typing import Any, NoReturn
 
-from chatd import __version__, admin, logs, systemd
+from chatd import __version__, admin, logs, migrate, systemd
 from chatd import config as settings
 from chatd.config import ENV_PREFIX, FIELDS, Config, ConfigError
 from chatd.server import Server
@@ -80,25 +81,45 @@ _ADMIN_EPILOG = (
 
 def build_parser() -> argparse.ArgumentParser:
     common = _settings_parser()
+    # No abbreviated flags: `migrate --to` must not be read as --token-ttl.
     parser = _OneLineParser(
-        prog="chatd", parents=[common], description="A small self-hosted chat server."
+        prog="chatd", parents=[common], description="A small self-hosted chat server.",
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"chatd {__version__}")
     parser.add_argument("--print-config", action="store_true",
                         help="print the effective configuration as TOML and exit")
-    commands = parser.add_subparsers(dest="command", metavar="[backup|admin|init]")
+    commands = parser.add_subparsers(dest="command", metavar="[backup|admin|init|migrate]")
     operation = _settings_parser(listed=_OPERATION_SETTINGS)
-    backup = commands.add_parser("backup", parents=[operation], help="copy the database online",
-                                 epilog=_OPERATION_EPILOG)
+    backup = commands.add_parser(
+        "backup", parents=[operation], epilog=_OPERATION_EPILOG,
+        help="copy the database online (on PostgreSQL: with pg_dump)",
+    )
     backup.add_argument("path", help="the new file to write")
     _add_admin(commands, operation)
     commands.add_parser(
         "init", parents=[operation],
         help="create a new, empty database where there is none (also where one went missing)",
-        epilog="Every setting of `chatd --help` is accepted too. Refused while a server runs;"
-        " see README.md, \"The database file\".",
+        epilog="Every setting of `chatd --help` is accepted too. On SQLite refused while a"
+        " server runs (see README.md, \"The database file\"); on PostgreSQL it creates"
+        " chatd's tables in the existing database.",
     )
+    _add_migrate(commands)
     return parser
+
+
+def _add_migrate(commands: Any) -> None:
+    move = commands.add_parser(
+        "migrate", help="copy a SQLite database into an empty PostgreSQL database",
+        description="Copy a single-node SQLite database (users, tokens, channels, messages,"
+        " read and ack positions, with their ids) into an empty PostgreSQL database.",
+        epilog="Stop the server first (the SQLite file's lock is taken). The target must"
+        " exist and hold no chatd data; see README.md, \"On PostgreSQL\".",
+    )
+    move.add_argument("--from", dest="source", required=True, metavar="PATH",
+                      help="the SQLite database file (read only)")
+    move.add_argument("--to", dest="target", required=True, metavar="URL",
+                      help="postgresql://user@host:port/dbname, an empty database")
 
 
 def _add_admin(commands: Any, operation: argparse.ArgumentParser) -> None:
@@ -170,13 +191,24 @@ def _operate(args: argparse.Namespace, config: Config) -> int:
             print(admin.backup(config, args.path))
         elif args.command == "init":
             print(asyncio.run(admin.init_database(config)))
+        elif args.command == "migrate":
+            print(asyncio.run(_migrate(args.source, args.target)))
         else:
             admin.require_database(config)
             asyncio.run(_administer(args, config))
-    except admin.AdminError as exc:
+    except (admin.AdminError, migrate.MigrateError) as exc:
         print(f"chatd: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+async def _migrate(source: str, target: str) -> str:
+    def progress(line: str) -> None:
+        print(f"chatd migrate: {line}", file=sys.stderr)
+
+    report = await migrate.migrate(source, target, progress)
+    return (f"migrated {source} to {admin.without_password(target)}: {report.summary()};"
+            f" serve it with --db {admin.without_password(target)}")
 
 
 async def _administer(args: argparse.Namespace, config: Config) -> None:

@@ -24,6 +24,7 @@ from chatd.config import Config
 from chatd.errors import ErrorCode
 from chatd.hub import Session
 from chatd.metrics import Metrics
+from chatd.model import PING, Event
 
 log = logging.getLogger(__name__)
 
@@ -212,15 +213,19 @@ class Connection(Session):
     def read_deadline(self) -> float:
         return self._read_deadline
 
-    def write(self, frame: bytes) -> None:
-        """Queue a pushed frame without waiting; drop a client that does not read.
+    def write(self, event: Event) -> None:
+        """Queue a pushed event without waiting; drop a client that does not read.
 
-        Pushes made in one turn of the event loop leave in one write: a busy channel
-        costs one system call per member per turn, not one per message.
+        The event is encoded here, at the edge, and only once for every connection
+        it goes to (events.frame). Pushes made in one turn of the event loop leave in
+        one write: a busy channel costs one system call per member per turn, not one
+        per message.
         """
         if self._writer.is_closing():
             return
-        self._metrics.pushed()
+        frame = event.msgpack_frame  # read here: the call costs more than the read
+        if frame is None:
+            frame = events.frame(event)
         if self._pushes is None:
             self._pushes = [frame]
             # The task's loop, not get_running_loop(): that makes a system call (getpid).
@@ -236,6 +241,7 @@ class Connection(Session):
         if not frames or self._writer.is_closing():
             return
         self._writer.write(b"".join(frames))
+        self._metrics.pushed(len(frames))  # counted here: once per write, not per event
         # Frames written at the client's pace (replies, catch-up) are not the client's
         # fault: only what piles up beyond them counts.
         pushed = self._writer.transport.get_write_buffer_size() - self._paced_in_flight
@@ -266,7 +272,8 @@ class Connection(Session):
         async with asyncio.timeout(self._config.write_timeout):
             await self._writer.drain()
 
-    async def push_paced(self, frame: bytes) -> None:
+    async def push_paced(self, event: Event) -> None:
+        frame = events.frame(event)
         self._metrics.pushed()
         await self.send(frame)
 
@@ -376,7 +383,7 @@ class Connection(Session):
             raise TimeoutError(self._dropped)
         if self.subscription is None or pinged:
             raise TimeoutError("idle")
-        self.write(events.PING)
+        self.write(PING)
         return True
 
     def _hard_deadline(self) -> tuple[float, str]:

@@ -3,9 +3,9 @@
 A connection follows several *streams*: its user's private inbox and each
 channel its user is a member of.  On ``/subscribe`` each stream first *catches
 up* from the store, starting at the user's acknowledged position, and only then
-goes *live*, taking the frames the hub offers as messages are stored.
+goes *live*, taking the events the hub offers as messages are stored.
 
-Frames offered while a stream is still catching up are queued (up to a bound)
+Events offered while a stream is still catching up are queued (up to a bound)
 and flushed when it goes live; a message is never written twice on a
 connection, because a stream writes only ids above the last one it wrote.
 Message ids grow with commit order, and the hub offers a message only after
@@ -25,25 +25,30 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Protocol
+
+from chatd.model import INBOX, Event, StreamEvent
+
+__all__ = ["INBOX", "Fetch", "Position", "Subscription", "Writer"]
 
 log = logging.getLogger(__name__)
 
-INBOX = 0  # the stream key of the private inbox; channel streams use the channel id
-
-# Fetches the encoded event frames of a stream newer than an id, oldest first.
-Fetch = Callable[[int, int], Awaitable[list[tuple[int, bytes]]]]
+# Fetches the events of a stream newer than an id, oldest first (at most a limit).
+Fetch = Callable[[int, int], Awaitable[list[StreamEvent]]]
 # Where a stream's catch-up starts: the user's acknowledged position, and whether that
 # is "fresh": no position yet, so the stream starts at its newest message instead.
 Position = Callable[[], Awaitable[tuple[int, bool]]]
 
 
 class Writer(Protocol):
-    def write(self, frame: bytes) -> None:
-        """Queue a frame without waiting; may drop a connection that reads too slowly."""
+    """The session a subscription writes to; it encodes each event at its edge."""
 
-    async def push_paced(self, frame: bytes) -> None:
-        """Push a frame at the client's pace: wait while too much is queued (with a timeout)."""
+    def write(self, event: Event) -> None:
+        """Queue an event without waiting; may drop a connection that reads too slowly."""
+
+    async def push_paced(self, event: Event) -> None:
+        """Push an event at the client's pace: wait while too much is queued (with a timeout)."""
 
     def abort(self, reason: str) -> None:
         """Drop the connection; what it did not acknowledge is delivered another time."""
@@ -52,9 +57,9 @@ class Writer(Protocol):
 @dataclass(slots=True)
 class _Stream:
     delivered: int  # the newest id written on this connection (or the starting position)
-    # Frames offered while the stream catches up; None once it is live, so that ten
+    # Events offered while the stream catches up; None once it is live, so that ten
     # thousand idle subscriptions hold no empty lists.
-    queued: list[tuple[int, bytes]] | None
+    queued: list[StreamEvent] | None
     overflowed: bool = False
 
     @property
@@ -73,30 +78,31 @@ class Subscription:
         self._task: asyncio.Task[None] | None = None
 
     def hold(self, stream: int) -> None:
-        """Start queueing a stream's live frames until its catch-up has run."""
+        """Start queueing a stream's live events until its catch-up has run."""
         self._streams[stream] = _Stream(delivered=0, queued=[])
 
     def follow(self, stream: int) -> None:
-        """Take a stream's frames live from now on (a channel joined while subscribed)."""
+        """Take a stream's events live from now on (a channel joined while subscribed)."""
         self._streams.setdefault(stream, _Stream(delivered=0, queued=None))
 
     def drop(self, stream: int) -> None:
         self._streams.pop(stream, None)
 
-    def offer(self, stream: int, message_id: int, frame: bytes) -> None:
+    def offer(self, stream: int, event: StreamEvent) -> None:
+        """A message of ``stream`` (INBOX or a channel id), just committed."""
         state = self._streams.get(stream)
         if state is None:
             return
         queued = state.queued
         if queued is not None:  # still catching up
             if len(queued) < self._queue_limit:
-                queued.append((message_id, frame))
+                queued.append(event)
             else:
                 queued.clear()
                 state.overflowed = True
-        elif message_id > state.delivered:
+        elif (message_id := event.id) > state.delivered:
             state.delivered = message_id
-            self._writer.write(frame)
+            self._writer.write(event)
 
     def start(self, catch_ups: list[tuple[int, Position, Fetch]]) -> None:
         """Catch up each held stream in the background: (stream, its start position, fetch)."""
@@ -143,14 +149,14 @@ class Subscription:
     async def _catch_up(self, stream: int, state: _Stream, fetch: Fetch) -> None:
         while True:
             page = await fetch(state.delivered, self._page_size)
-            for message_id, frame in page:
+            for event in page:
                 if self._streams.get(stream) is not state:
                     return  # dropped meanwhile (the user left the channel)
-                if message_id > state.delivered:
-                    state.delivered = message_id
-                    await self._writer.push_paced(frame)
+                if event.id > state.delivered:
+                    state.delivered = event.id
+                    await self._writer.push_paced(event)
             if len(page) < self._page_size and not state.overflowed:
-                # Frames offered since the last read are in the queue: nothing slips between.
+                # Events offered since the last read are in the queue: nothing slips between.
                 self._go_live(state)
                 return
             state.overflowed = False
@@ -159,16 +165,21 @@ class Subscription:
         """A fresh stream starts at its newest message when read, a moment after the
         subscription began: what was offered in that moment is new, so it goes out."""
         queued = state.queued or []
-        held = sorted((m for m in queued if m[0] <= start), key=lambda item: item[0])
-        for message_id, frame in held:
-            if message_id > state.delivered:
-                state.delivered = message_id
-                self._writer.write(frame)
-        state.queued = [m for m in queued if m[0] > start]
+        held = sorted((e for e in queued if e.id <= start), key=_by_id)
+        for event in held:
+            if event.id > state.delivered:
+                state.delivered = event.id
+                self._writer.write(event)
+        state.queued = [e for e in queued if e.id > start]
 
     def _go_live(self, state: _Stream) -> None:
-        for message_id, frame in sorted(state.queued or [], key=lambda item: item[0]):
-            if message_id > state.delivered:
-                state.delivered = message_id
-                self._writer.write(frame)
+        for event in sorted(state.queued or [], key=_by_id):
+            if event.id > state.delivered:
+                state.delivered = event.id
+                self._writer.write(event)
         state.queued = None
+
+
+# Ids grow with commit order within a stream (stream sequence numbers will take this
+# place once the store numbers each stream).
+_by_id = attrgetter("id")

@@ -1,46 +1,99 @@
-"""Server-initiated frames (protocol.md, "Events"), encoded once however many receive them."""
+"""The msgpack front-end's edge: events (chatd.model) as frames (protocol.md section 10).
+
+:func:`frame` encodes an event once, however many msgpack connections receive it:
+the frame is kept on the event (``Event.msgpack_frame``), so a channel message
+costs one encoding for all its members.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from chatd.codec import encode_frame
-from chatd.protocol import event, format_datetime
-from chatd.store import ChannelMessage, PrivateMessage
+from chatd.model import (
+    ChannelPost,
+    Event,
+    InboxMessage,
+    Join,
+    Leave,
+    Ping,
+    Presence,
+    SentCopy,
+)
+from chatd.protocol import Data, event, format_datetime
 
-PING = encode_frame(event("ping", {}))
+__all__ = ["frame"]
 
 
-def private_message(message: PrivateMessage, to: str | None = None) -> bytes:
-    """A private message for its recipient, or (with ``to``) a copy for its sender's devices."""
-    data = {
-        "id": message.id,
-        "name": message.sender,
-        "msg": message.body,
-        "datetime": format_datetime(message.created_at),
+def frame(item: Event) -> bytes:
+    """The event's frame, encoded on first use and shared from then on."""
+    encoded = item.msgpack_frame
+    if encoded is None:
+        encoded = item.msgpack_frame = _encode(item)
+    return encoded
+
+
+def _encode(item: Event) -> bytes:
+    encode = _ENCODERS.get(type(item))
+    if encode is None:
+        raise TypeError(f"no msgpack encoding for {type(item).__name__}")
+    return encode_frame(encode(item))
+
+
+# The keys in the order protocol.md shows them: the wire must not change.
+
+
+def _private(item: InboxMessage | SentCopy) -> Data:
+    return {
+        "id": item.id,
+        "name": item.sender,
+        "msg": item.body,
+        "datetime": format_datetime(item.created_at),
     }
-    if to is not None:
-        data["to"] = to
-    return encode_frame(event("message", data))
 
 
-def channel_message(channel: str, message: ChannelMessage) -> bytes:
-    return encode_frame(
-        event(
-            "channel_message",
-            {
-                "id": message.id,
-                "channel": channel,
-                "name": message.sender,
-                "msg": message.body,
-                "datetime": format_datetime(message.created_at),
-            },
-        )
+def _inbox_message(item: InboxMessage) -> Data:
+    return event("message", _private(item))
+
+
+def _sent_copy(item: SentCopy) -> Data:
+    data = _private(item)
+    data["to"] = item.to
+    return event("message", data)
+
+
+def _channel_post(item: ChannelPost) -> Data:
+    return event(
+        "channel_message",
+        {
+            "id": item.id,
+            "channel": item.channel,
+            "name": item.sender,
+            "msg": item.body,
+            "datetime": format_datetime(item.created_at),
+        },
     )
 
 
-def membership(kind: str, channel: str, user: str) -> bytes:
-    """``join`` or ``leave``."""
-    return encode_frame(event(kind, {"channel": channel, "name": user}))
+def _membership(item: Join | Leave) -> Data:
+    return event(item.kind, {"channel": item.channel, "name": item.name})
 
 
-def presence(user: str, online: bool) -> bytes:
-    return encode_frame(event("presence", {"name": user, "online": online}))
+def _presence(item: Presence) -> Data:
+    return event("presence", {"name": item.name, "online": item.online})
+
+
+def _ping(item: Ping) -> Data:
+    return event("ping", {})
+
+
+_ENCODERS: dict[type[Any], Callable[[Any], Data]] = {
+    InboxMessage: _inbox_message,
+    SentCopy: _sent_copy,
+    ChannelPost: _channel_post,
+    Join: _membership,
+    Leave: _membership,
+    Presence: _presence,
+    Ping: _ping,
+}

@@ -3,7 +3,9 @@
 A handler takes the request's context and parameters, and returns the reply's
 ``data`` (or None) or raises a :class:`~chatd.errors.ChatdError`.  The sends
 return a :class:`Deferred` instead: their reply is known once the group commit
-holding the message is done.  Handlers never see bytes, sockets or SQL
+holding the message is done.  What others must hear of (a stored message, a join,
+a leave) is published to the bus as an event (chatd.model) once committed; each
+front-end encodes it for its clients.  Handlers never see bytes, sockets or SQL
 (protocol.md, "Operations").
 """
 
@@ -15,10 +17,11 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from chatd import events, validation
+from chatd import validation
 from chatd.auth import Hasher, Verdict, new_token, token_digest
+from chatd.bus import Bus
 from chatd.config import Config
-from chatd.delivery import INBOX, Fetch, Position, Subscription
+from chatd.delivery import Fetch, Position, Subscription
 from chatd.errors import (
     BadCredentials,
     BadRequest,
@@ -31,16 +34,16 @@ from chatd.errors import (
 from chatd.hub import Hub, Session
 from chatd.limits import Guards, RateLimiter, address_key
 from chatd.metrics import Metrics
+from chatd.model import INBOX, ChannelPost, InboxMessage, Join, Leave, SentCopy, StreamEvent
 from chatd.protocol import Data, Params, Request, format_datetime
-from chatd.storage import MessageStore
 from chatd.store import (
     CHANNEL,
     PRIVATE,
     Channel,
     ChannelMessage,
     Joined,
+    MessageStore,
     NewMessage,
-    PrivateMessage,
     Stored,
     User,
 )
@@ -57,6 +60,7 @@ class Context:
     config: Config
     store: MessageStore
     hub: Hub
+    bus: Bus  # where committed events go (chatd.bus)
     hasher: Hasher
     metrics: Metrics
     guards: Guards
@@ -254,33 +258,36 @@ async def send(ctx: Context, params: Params) -> Deferred:
     recipient = await _existing_user(ctx, params, cached=True)  # the hot path
     text = validation.message_text(params, "msg", ctx.config.max_message_length)
     client_id = params.optional_text("client_id", validation.MAX_CLIENT_ID_LENGTH)
-    new = NewMessage(PRIVATE, ctx.user_id, recipient.id, text, ctx.clock(), client_id)
-    sender, sender_name, hub, metrics = ctx.session, ctx.user_name, ctx.hub, ctx.metrics
+    sender_id = ctx.user_id
+    new = NewMessage(PRIVATE, sender_id, recipient.id, text, ctx.clock(), client_id)
+    sender_name, origin, bus, metrics = ctx.user_name, ctx.session.serial, ctx.bus, ctx.metrics
 
-    def publish(stored: Stored) -> None:
+    def committed(stored: Stored) -> None:
         metrics.message_stored("private")
-        message = PrivateMessage(stored.id, sender_name, text, stored.created_at)
-        hub.publish_private(
-            recipient.id,
-            stored.id,
-            lambda: events.private_message(message),
-            sender,
-            lambda: events.private_message(message, to=recipient.name),
+        message_id, created_at = stored.id, stored.created_at
+        bus.publish(
+            InboxMessage(recipient.id, message_id, sender_name, text, created_at, stored.seq)
         )
+        if recipient.id != sender_id:  # a note to self reached every device already
+            bus.publish(
+                SentCopy(
+                    sender_id, recipient.name, message_id, sender_name, text, created_at, origin
+                )
+            )
 
-    return _after_commit(ctx.store, new, publish)
+    return _after_commit(ctx.store, new, committed)
 
 
 def _after_commit(
-    store: MessageStore, message: NewMessage, publish: Callable[[Stored], None]
+    store: MessageStore, message: NewMessage, committed: Callable[[Stored], None]
 ) -> Deferred:
-    """Store with the next group commit, push once committed (in commit order), and
-    answer with the stored id and time.
+    """Store with the next group commit, publish once committed (the store calls
+    ``committed`` after COMMIT, in commit order), and answer with the stored id and time.
 
     The reply waits for the group commit, but the connection reads on meanwhile, so
     a client with many sends in flight fills whole batches (protocol.md, "Pipelining").
     """
-    return Deferred(store.enqueue(message, publish), _sent)
+    return Deferred(store.enqueue(message, committed), _sent)
 
 
 def _sent(stored: Stored) -> Data:
@@ -335,9 +342,11 @@ async def subscribe(ctx: Context, params: Params) -> None:
     channels = ctx.hub.subscribe(ctx.session, subscription)
     user_id, store = ctx.user_id, ctx.store
 
-    async def inbox_after(after: int, limit: int) -> list[tuple[int, bytes]]:
+    async def inbox_after(after: int, limit: int) -> list[StreamEvent]:
         messages = await store.inbox_after(user_id, after, limit)
-        return [(m.id, events.private_message(m)) for m in messages]
+        return [
+            InboxMessage(user_id, m.id, m.sender, m.body, m.created_at, m.seq) for m in messages
+        ]
 
     catch_ups: list[CatchUp] = [(INBOX, lambda: store.inbox_position(user_id), inbox_after)]
     for channel_id in channels:
@@ -356,10 +365,13 @@ def _channel_catch_up(store: MessageStore, user_id: int, channel_id: int) -> Cat
         start, fresh, live_from = await store.channel_position(channel_id, user_id)
         return start, fresh
 
-    async def channel_after(after: int, limit: int) -> list[tuple[int, bytes]]:
+    async def channel_after(after: int, limit: int) -> list[StreamEvent]:
         name = await store.channel_name(channel_id)
         messages = await store.channel_after(channel_id, after, limit, user_id, live_from)
-        return [(m.id, events.channel_message(name, m)) for m in messages]
+        return [
+            ChannelPost(channel_id, name, m.id, m.sender, m.body, m.created_at, seq=m.seq)
+            for m in messages
+        ]
 
     return channel_id, position, channel_after
 
@@ -419,10 +431,10 @@ async def _use_channel(ctx: Context, name: str, rejoin: bool = False) -> Channel
         raise NameTaken(f"channel name looks like the existing channel {channel.name!r}")
     if joined is Joined.LEFT:
         raise Forbidden("you left this channel: /channel/join it again")
-    if joined is Joined.NOW:
-        ctx.hub.joined(ctx.user_id, channel.id)
-        joined_frame = events.membership("join", channel.name, ctx.user_name)
-        ctx.hub.announce(channel.id, joined_frame, ctx.session)
+    if joined is Joined.NOW:  # committed: the hub follows the channel, members hear it
+        ctx.bus.publish(
+            Join(channel.id, channel.name, ctx.user_id, ctx.user_name, ctx.session.serial)
+        )
     return channel
 
 
@@ -441,10 +453,9 @@ async def channel_leave(ctx: Context, params: Params) -> None:
     channel = await _existing_channel(ctx, params)
     if not await ctx.store.leave_channel(channel.id, ctx.user_id, ctx.clock()):
         raise Forbidden("not a member of this channel")
-    # Announced before the hub forgets the membership, so the leaver's other devices hear it.
-    left_frame = events.membership("leave", channel.name, ctx.user_name)
-    ctx.hub.announce(channel.id, left_frame, ctx.session)
-    ctx.hub.left(ctx.user_id, channel.id)
+    ctx.bus.publish(
+        Leave(channel.id, channel.name, ctx.user_id, ctx.user_name, ctx.session.serial)
+    )
 
 
 async def channel_list(ctx: Context, params: Params) -> Data:
@@ -459,15 +470,24 @@ async def channel_send(ctx: Context, params: Params) -> Deferred:
     client_id = params.optional_text("client_id", validation.MAX_CLIENT_ID_LENGTH)
     channel = await _use_channel(ctx, name)
     new = NewMessage(CHANNEL, ctx.user_id, channel.id, text, ctx.clock(), client_id)
-    sender, sender_name, hub, metrics = ctx.session, ctx.user_name, ctx.hub, ctx.metrics
+    sender_name, origin, bus, metrics = ctx.user_name, ctx.session.serial, ctx.bus, ctx.metrics
 
-    def publish(stored: Stored) -> None:
+    def committed(stored: Stored) -> None:
         metrics.message_stored("channel")
-        message = ChannelMessage(stored.id, sender_name, text, stored.created_at)
-        frame = events.channel_message(channel.name, message)
-        hub.publish_channel(channel.id, stored.id, frame, sender)
+        bus.publish(
+            ChannelPost(
+                channel.id,
+                channel.name,
+                stored.id,
+                sender_name,
+                text,
+                stored.created_at,
+                origin,
+                stored.seq,
+            )
+        )
 
-    return _after_commit(ctx.store, new, publish)
+    return _after_commit(ctx.store, new, committed)
 
 
 async def channel_receive(ctx: Context, params: Params) -> Data:

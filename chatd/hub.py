@@ -1,30 +1,46 @@
 """Live state and fan-out: who is connected as whom, who follows which stream.
 
 Synchronous and in-memory: no I/O and no awaits, so a handler's "store, then
-publish" runs without interleaving.  Frames arrive here already encoded, once
-per message whatever the number of recipients.  A cross-node bus would sit
-behind this same interface.
+publish" runs without interleaving.  Events arrive here as data (chatd.model),
+through the bus (chatd.bus) once committed, and each session encodes them at its
+edge: once per front-end, whatever the number of recipients.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
-from chatd import events
-from chatd.delivery import INBOX, Subscription
+from chatd.delivery import Subscription
+from chatd.model import (
+    INBOX,
+    ChannelPost,
+    Event,
+    InboxMessage,
+    Join,
+    Leave,
+    Presence,
+    Published,
+    SentCopy,
+)
+
+# Session serials: events name the session that caused them by it (model.py).
+_serials = itertools.count(1)
 
 
 class Session:
     """One client connection as the hub and the handlers see it.
 
-    The connection layer subclasses this and supplies ``write``, ``push_paced`` and ``abort``.
+    The connection layer subclasses this and supplies ``write``, ``push_paced`` and
+    ``abort``; they take events, which the session encodes for its front-end.
     """
 
     # Slots: one of these per connection, ten thousand idle ones must stay small.
     __slots__ = (
         "address",
         "port",
+        "serial",
         "subscription",
         "token",
         "token_checked_at",
@@ -37,6 +53,7 @@ class Session:
     def __init__(self, address: str = "-", port: int | None = None) -> None:
         self.address = address  # the client's IP address, for per-address limits
         self.port = port
+        self.serial = next(_serials)  # names this session as an event's origin
         self.user_id: int | None = None
         self.user_name: str | None = None
         self.token_digest: bytes | None = None
@@ -66,10 +83,12 @@ class Session:
         """Bytes written to this session that the client has not taken yet."""
         return 0
 
-    def write(self, frame: bytes) -> None:
+    def write(self, event: Event) -> None:
+        """Queue an event without waiting; may drop a client that does not read."""
         raise NotImplementedError("this session has no transport")
 
-    async def push_paced(self, frame: bytes) -> None:
+    async def push_paced(self, event: Event) -> None:
+        """Send an event at the client's pace (catch-up): waits while too much is queued."""
         raise NotImplementedError("this session has no transport")
 
     def abort(self, reason: str) -> None:
@@ -160,9 +179,9 @@ class Hub:
         audience: set[Session] = set()
         for channel_id in self._channels_of.get(user_id, ()):
             audience.update(self._followers.get(channel_id, ()))
-        frame = events.presence(self._names[user_id], online)
+        event = Presence(self._names[user_id], online)
         for session in audience - own:
-            session.write(frame)
+            session.write(event)
 
     # Subscriptions.
 
@@ -212,46 +231,46 @@ class Hub:
                 session.subscription.drop(channel_id)
                 self._unfollow(channel_id, session)
 
-    # Fan-out.
+    # Fan-out: what the bus delivers (protocol.md section 9, "Who receives what").
 
-    def publish_private(
-        self,
-        recipient_id: int,
-        message_id: int,
-        frame: Callable[[], bytes],
-        sender: Session,
-        copy: Callable[[], bytes],
-    ) -> None:
-        """To the recipient's subscribed sessions; a copy to the sender's other ones.
+    def deliver(self, event: Published) -> None:
+        """Hand a committed event to the sessions it is for."""
+        if isinstance(event, ChannelPost):
+            self._deliver_channel_post(event)
+        elif isinstance(event, InboxMessage):
+            self._deliver_inbox_message(event)
+        elif isinstance(event, SentCopy):
+            self._deliver_sent_copy(event)
+        elif isinstance(event, Join):
+            self.joined(event.user_id, event.channel_id)
+            self._announce(event)
+        else:
+            # Announced before the membership is forgotten, so the leaver's other
+            # devices hear it.
+            self._announce(event)
+            self.left(event.user_id, event.channel_id)
 
-        Frames are built only if someone is subscribed, and then once for all of them.
-        """
-        readers = [s.subscription for s in self._sessions.get(recipient_id, ()) if s.subscription]
-        if readers:
-            encoded = frame()
-            for subscription in readers:
-                subscription.offer(INBOX, message_id, encoded)
-        if sender.user_id == recipient_id:
-            return  # a note to self: the inbox frame already reached every device
-        devices = [
-            s
-            for s in self._sessions.get(sender.user_id or 0, ())
-            if s is not sender and s.subscription is not None
-        ]
-        if devices:
-            encoded = copy()
-            for session in devices:
-                session.write(encoded)
+    def _deliver_inbox_message(self, event: InboxMessage) -> None:
+        """To every subscribed session of the recipient; for a note to self, the
+        calling one included."""
+        for session in self._sessions.get(event.recipient_id, ()):
+            if session.subscription is not None:
+                session.subscription.offer(INBOX, event)
 
-    def publish_channel(
-        self, channel_id: int, message_id: int, frame: bytes, sender: Session
-    ) -> None:
+    def _deliver_sent_copy(self, event: SentCopy) -> None:
+        """To the sender's other subscribed sessions."""
+        for session in self._sessions.get(event.sender_id, ()):
+            if session.serial != event.origin and session.subscription is not None:
+                session.write(event)
+
+    def _deliver_channel_post(self, event: ChannelPost) -> None:
+        channel_id, origin = event.channel_id, event.origin
         for session in self._followers.get(channel_id, ()):
-            if session is not sender and session.subscription is not None:
-                session.subscription.offer(channel_id, message_id, frame)
+            if session.serial != origin and session.subscription is not None:
+                session.subscription.offer(channel_id, event)
 
-    def announce(self, channel_id: int, frame: bytes, exclude: Session) -> None:
-        """A channel event that is not a message (join, leave): no ids, no catch-up."""
-        for session in list(self._followers.get(channel_id, ())):
-            if session is not exclude:
-                session.write(frame)
+    def _announce(self, event: Join | Leave) -> None:
+        """A channel event that is not a message: no ids, no catch-up."""
+        for session in list(self._followers.get(event.channel_id, ())):
+            if session.serial != event.origin:
+                session.write(event)

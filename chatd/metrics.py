@@ -54,8 +54,8 @@ class Metrics:
         while self._per_second[0][0] <= second - RATE_WINDOW:
             self._per_second.popleft()
 
-    def pushed(self) -> None:
-        self.pushes_sent += 1
+    def pushed(self, count: int = 1) -> None:
+        self.pushes_sent += count
 
     @property
     def uptime(self) -> float:
@@ -132,9 +132,9 @@ class PrometheusMetrics(Metrics):
         super().message_stored(kind)
         self._messages.labels(kind).inc()
 
-    def pushed(self) -> None:
-        super().pushed()
-        self._pushes.inc()
+    def pushed(self, count: int = 1) -> None:
+        super().pushed(count)
+        self._pushes.inc(count)
 
     def watch_disk(self, disk_full: Callable[[], bool]) -> None:
         self._disk_full.set_function(lambda: float(disk_full()))

@@ -24,7 +24,7 @@ from chatd.irc.connection import IrcListener
 from chatd.limits import address_key
 from chatd.metrics import create as create_metrics
 from chatd.protocol import failure
-from chatd.storage import MessageStore, is_postgres_url, open_store
+from chatd.store import MessageStore, is_postgres_url, open_store
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,8 @@
     python scripts/bench.py --scenario dm --scenario store --db-synchronous FULL
     python scripts/bench.py --target 127.0.0.1:7777 --target-pid 1234 --scenario latency
     python scripts/bench.py --scenario wal       # WAL size under a 2-minute write flood
+    python scripts/bench.py --db-url postgresql://postgres@127.0.0.1/postgres  # on PostgreSQL
+    python scripts/bench.py --db-url postgresql://... --compare  # dm, store, latency on both
 
 It starts its own chatd (``python -m chatd``) on a temporary database for each
 scenario, or drives an already running one (``--target``).  Every scenario
@@ -435,12 +437,16 @@ class Probe:
         self._server = server
         self._started: tuple[float, float, float | None, float | None] | None = None
         self.result: dict[str, Any] = {}
+        # On PostgreSQL (--db-url): the CPU seconds of the database's backends, by pid.
+        self.database_cpu: Callable[[], dict[int, float]] | None = None
+        self._database0: dict[int, float] = {}
 
     def start(self) -> None:
         server_cpu = None if self._server is None else self._server.cpu_seconds()
         gc.collect()
         gc.freeze()
         gc.disable()
+        self._database0 = self.database_cpu() if self.database_cpu else {}
         self._started = (time.perf_counter(), _own_cpu_seconds(), server_cpu,
                          _machine_busy_seconds())
 
@@ -461,10 +467,15 @@ class Probe:
         }
         # A figure the generator may have limited is a lower bound, never a target met.
         self.result["lower_bound"] = self.result["client_cpu_pct"] > GENERATOR_BOUND_PCT
+        database = 0.0
+        if self.database_cpu is not None:
+            now = self.database_cpu()
+            database = sum(cpu - self._database0.get(pid, 0.0) for pid, cpu in now.items())
+            self.result["postgres_cpu_pct"] = round(100 * database / wall, 1)
         # Everything else the machine ran meanwhile: a busy neighbour makes a noisy run.
         if (busy is not None and busy0 is not None and server_cpu is not None
                 and server0 is not None):  # 0.0 for a server that has not run yet
-            other = (busy - busy0) - (own - own0) - (server_cpu - server0)
+            other = (busy - busy0) - (own - own0) - (server_cpu - server0) - database
             self.result["other_cpu_pct"] = round(max(0.0, 100 * other / wall), 1)
 
 
@@ -1495,10 +1506,14 @@ class Bench:
     workdir: Path
     meta: dict[str, Any]
     prefix: str = field(default_factory=lambda: "b" + secrets.token_hex(3))
+    on_postgres: bool = False  # start servers on a new PostgreSQL database each (--db-url)
+    postgres_db: str | None = None  # the running server's PostgreSQL database, if on one
+    made_databases: list[str] = field(default_factory=list)  # to drop after the scenario
 
     def chatd_argv(self, label: str, default_argon2: bool) -> list[str]:
+        db = self.postgres_db or str(self.workdir / f"{label}.sqlite3")
         argv = [sys.executable, "-m", "chatd", "--port", "0",
-                "--db", str(self.workdir / f"{label}.sqlite3"), "--log-level", "WARNING",
+                "--db", db, "--log-level", "WARNING",
                 "--db-synchronous", self.args.db_synchronous, *UNLIMITED]
         if label.startswith("wal-"):
             argv += WAL_UNLIMITED
@@ -1509,6 +1524,12 @@ class Bench:
         if self.args.target and not relay:  # the relay is always the benchmark's own
             host, _, port = self.args.target.rpartition(":")
             return ServerProcess(host, int(port), self.args.target_pid, None, None)
+        if self.on_postgres and not relay:
+            self.postgres_db = await new_postgres_database(self.args.db_url)
+            self.made_databases.append(self.postgres_db.rsplit("/", 1)[1])
+        else:  # a retried scenario starts on a new database too
+            for leftover in self.workdir.glob(f"{label}.sqlite3*"):
+                leftover.unlink()
         argv = ([sys.executable, str(SCRIPT), "--relay-server", "0"] if relay
                 else self.chatd_argv(label, default_argon2))
         return await ServerProcess.start(argv, self.workdir, label, self.args.pin)
@@ -1518,7 +1539,10 @@ class Bench:
         server = await self.start_server(label, relay, default_argon2=name == "logins")
         run = Run(self.args, self.sizes, server.host, server.port,
                   f"{self.prefix}{name[:2]}", server)
-        if server.pid is not None and not relay and not self.args.target:
+        if self.on_postgres and self.postgres_db and not relay:
+            database = self.postgres_db.rsplit("/", 1)[1]
+            run.probe.database_cpu = lambda: postgres_backends_cpu(database)
+        if server.pid is not None and not relay and not self.args.target and not self.postgres_db:
             run.db = self.workdir / f"{label}.sqlite3"
         metrics: dict[str, Any] = {}
         try:
@@ -1588,13 +1612,103 @@ async def measure(bench: Bench, name: str, relay: bool) -> dict[str, Any]:
     return best
 
 
+# --compare: the scenarios run on SQLite then PostgreSQL, and the figure compared.
+COMPARED = {"dm": "delivered_per_s", "store": "messages_per_s", "latency": "p50_ms"}
+
+
+async def on_postgres_server(server_url: str, statement: str) -> None:
+    import asyncpg  # chatd[postgresql]: needed only with --db-url
+
+    admin = await asyncpg.connect(server_url, timeout=10)
+    try:
+        await admin.execute(statement)
+    finally:
+        await admin.close()
+
+
+async def new_postgres_database(server_url: str) -> str:
+    """The URL of a new database on the server of ``server_url``, for one server start."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    name = f"chatd_bench_{secrets.token_hex(4)}"
+    await on_postgres_server(server_url, f'CREATE DATABASE "{name}"')
+    return urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
+
+
+def postgres_backends_cpu(database: str) -> dict[int, float]:
+    """CPU seconds of each local PostgreSQL backend serving ``database``, by pid.
+
+    Backends set their process title to "postgres: [CLUSTER:] USER DATABASE HOST(PORT)
+    STATE" (the benchmark's database names are unique).  Not counted: the server's shared
+    processes (WAL writer, checkpointer), and any server on another machine.
+    """
+    found: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").split()
+        except OSError:
+            continue
+        if title[:1] == [b"postgres:"] and database.encode() in title:
+            cpu = _proc_cpu_seconds(int(entry.name))
+            if cpu is not None:
+                found[int(entry.name)] = cpu
+    return found
+
+
+async def measure_on(bench: Bench, name: str, relay: bool, postgres: bool) -> dict[str, Any]:
+    """``measure``, on a fresh PostgreSQL database when ``postgres``; says which store."""
+    if not postgres or relay or bench.args.target:
+        result = await measure(bench, name, relay)
+        result["store"] = None if relay or bench.args.target else "sqlite"
+        return result
+    bench.on_postgres = True
+    try:
+        result = await measure(bench, name, relay)  # each attempt on a database of its own
+    finally:
+        bench.on_postgres, bench.postgres_db = False, None
+        for made in bench.made_databases:
+            await on_postgres_server(bench.args.db_url, f'DROP DATABASE "{made}" WITH (FORCE)')
+        result_databases, bench.made_databases = bench.made_databases, []
+    result["store"] = "postgresql"
+    result["postgres_database"] = result_databases[-1]  # dropped by now
+    return result
+
+
+async def compare_stores(bench: Bench, output: TextIO | None) -> list[dict[str, Any]]:
+    """dm, store and latency on SQLite, then on PostgreSQL; each PostgreSQL result gets
+    ``vs_sqlite``, its figure divided by SQLite's (for latency: lower is better)."""
+    results: list[dict[str, Any]] = []
+    for name in bench.args.scenario or COMPARED:
+        on_sqlite = await measure_on(bench, name, relay=False, postgres=False)
+        on_postgres = await measure_on(bench, name, relay=False, postgres=True)
+        key = COMPARED.get(name)
+        if key and on_sqlite.get(key) and on_postgres.get(key):
+            on_postgres["vs_sqlite"] = round(on_postgres[key] / on_sqlite[key], 3)
+        for result in (on_sqlite, on_postgres):
+            results.append(result)
+            emit(result, output)
+    return results
+
+
+def emit(result: dict[str, Any], output: TextIO | None) -> None:
+    line = json.dumps(result)
+    print(line, flush=True)
+    if output is not None:
+        output.write(line + "\n")
+        output.flush()
+
+
 async def bench_main(bench: Bench, output: TextIO | None) -> list[dict[str, Any]]:
     args = bench.args
+    if args.compare:
+        return await compare_stores(bench, output)
     results: list[dict[str, Any]] = []
     for name in args.scenario or SCENARIOS:
         runs = [True, False] if name == "dm" and args.baseline else [False]
         for relay in runs:
-            result = await measure(bench, name, relay)
+            result = await measure_on(bench, name, relay, postgres=bool(args.db_url))
             if name == "dm" and not relay and args.baseline:
                 relay_rate = next((r.get("delivered_per_s") for r in results
                                    if r["scenario"] == "dm" and r["server"] == "relay"), None)
@@ -1652,7 +1766,8 @@ def bounded(result: dict[str, Any]) -> str:
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
-    rows = [(r["scenario"], r["server"], "yes" if r["verified"] else "NO", bounded(r),
+    rows = [(r["scenario"], f"{r['server']} on {r['store']}" if r.get("store") else r["server"],
+             "yes" if r["verified"] else "NO", bounded(r) + _versus_sqlite(r),
              f"{r.get('server_cpu_pct', '-')}% / {r.get('client_cpu_pct', '-')}% / "
              f"{r.get('other_cpu_pct', '-')}%")
             for r in results]
@@ -2013,6 +2128,10 @@ def print_peers_table(results: list[dict[str, Any]]) -> None:
                   file=sys.stderr)
 
 
+def _versus_sqlite(result: dict[str, Any]) -> str:
+    return f" ({result['vs_sqlite']}x SQLite)" if "vs_sqlite" in result else ""
+
+
 def raise_nofile() -> tuple[int, int]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
@@ -2072,6 +2191,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "frequent writes)")
     parser.add_argument("--miniircd", metavar="PATH", help="the miniircd to run")
     parser.add_argument("--ngircd", metavar="PATH", help="the ngircd to run")
+    parser.add_argument("--db-url", metavar="URL",
+                        help="serve from PostgreSQL: a fresh database on this server per "
+                             "scenario, dropped after it (postgresql://user@host:port/dbname)")
+    parser.add_argument("--compare", action="store_true",
+                        help="with --db-url: dm, store and latency on SQLite and on "
+                             "PostgreSQL in one run, each PostgreSQL figure over SQLite's")
     parser.add_argument("--relay-server", type=int, metavar="PORT",
                         help=argparse.SUPPRESS)  # internal: run the baseline relay
     args = parser.parse_args(argv)
@@ -2085,6 +2210,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--pin needs taskset (util-linux)")
     if args.target and not re.fullmatch(r"[^\s]+:\d+", args.target):
         parser.error("--target must be HOST:PORT")
+    if args.compare and not args.db_url:
+        parser.error("--compare needs --db-url")
+    if args.db_url and not args.db_url.startswith(("postgresql://", "postgres://")):
+        parser.error("--db-url must be a postgresql:// URL")
+    if args.db_url and args.target:
+        parser.error("--db-url starts its own servers: not with --target")
     return args
 
 

@@ -10,7 +10,7 @@ ICU compiles in Unicode's own files -- Scripts.txt and ScriptExtensions.txt,
 DerivedCoreProperties.txt, and UTS #39's confusables.txt -- for the Unicode version it
 reports, which the file's header records.  Debian 12's libicu72 gives ICU 72.1, Unicode
 15.0.0.  Regenerating with another version changes skeletons: add a store migration
-that recomputes the stored ones (chatd/store.py, MIGRATIONS).
+that recomputes the stored ones (chatd/store/sqlite.py, MIGRATIONS).
 
 Sections of the output:
 - ``ignorable``: ranges of Default_Ignorable_Code_Point;

@@ -18,7 +18,8 @@ import pytest
 from chatd.client import Client
 from chatd.store import DatabaseFileLost
 from tests.conftest import PASSWORD, Harness, MakeHarness, Process, Spawn
-from tests.test_faults import connect, register, stored_bodies, terminate
+from tests.crash_helpers import connect, register, terminate
+from tests.test_faults import stored_bodies
 from tests.test_operations import chatd_command
 
 LOST = DatabaseFileLost.default_message

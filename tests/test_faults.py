@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import itertools
 import logging
 import resource
 import shutil
@@ -24,32 +22,20 @@ import pytest
 
 from chatd.client import Client
 from chatd.codec import encode_frame
-from tests.conftest import PASSWORD, MakeHarness, Process, Spawn
-
-SENDER, RECIPIENT = "sender", "recipient"
-CONNECTIONS = 4  # the sender's connections: concurrent sends share commits (group commit)
-WINDOW = 8  # requests in flight per connection, 32 in all
-KILL_AFTER_SECONDS = 0.5
-KILL_AFTER_ACKS = 500
-
-
-def read_stderr(server: Process) -> asyncio.Task[None]:
-    """Keep reading the server's log, so that a full pipe never blocks it."""
-
-    async def read() -> None:
-        assert server.proc.stderr is not None
-        while chunk := await server.proc.stderr.read(65536):
-            server.stderr += chunk
-
-    return asyncio.create_task(read())
-
-
-async def terminate(server: Process, reader: asyncio.Task[None]) -> int:
-    """SIGTERM, then the exit status, once the whole log has been read."""
-    server.proc.send_signal(signal.SIGTERM)
-    async with asyncio.timeout(20):
-        await reader
-        return await server.proc.wait()
+from tests.conftest import PASSWORD, MakeHarness, Spawn
+from tests.crash_helpers import (
+    CONNECTIONS,
+    KILL_AFTER_SECONDS,
+    RECIPIENT,
+    SENDER,
+    Stream,
+    connect,
+    conversation_ids,
+    drain_inbox,
+    read_stderr,
+    register,
+    terminate,
+)
 
 
 def integrity_check(path: Path) -> str:
@@ -71,95 +57,6 @@ def copy_database(db: Path, directory: Path) -> Path:
 def stored_bodies(path: Path) -> list[str]:
     with contextlib.closing(sqlite3.connect(path)) as db:
         return [body for (body,) in db.execute("SELECT body FROM private_messages ORDER BY id")]
-
-
-async def connect(port: int, name: str | None = None) -> Client:
-    client = await Client.connect("127.0.0.1", port, timeout=10)
-    if name is not None:
-        await client.login(name, PASSWORD)
-    return client
-
-
-async def register(port: int, *names: str) -> None:
-    client = await connect(port)
-    try:
-        for name in names:
-            await client.request(
-                "/register", {"name": name, "password": PASSWORD, "password_repete": PASSWORD}
-            )
-    finally:
-        await client.close()
-
-
-async def drain_inbox(client: Client) -> list[str]:
-    """Every private message waiting for the client, from the sender, oldest first."""
-    texts: list[str] = []
-    async with asyncio.timeout(30):
-        while True:
-            batch = await client.request("/receive")
-            assert set(batch["messages"]) <= {SENDER}, batch["messages"].keys()
-            texts += batch["messages"].get(SENDER, [])
-            if not batch["more"]:
-                return texts
-
-
-async def conversation_ids(client: Client, other: str) -> dict[str, int]:
-    """Message text -> id for every message of a conversation, read with /history."""
-    found: dict[str, int] = {}
-    params: dict[str, Any] = {"name": other, "limit": 200}
-    async with asyncio.timeout(30):
-        while True:
-            page = await client.request("/history", params)
-            for message in page["messages"]:
-                assert message["msg"] not in found, f"{message['msg']} stored twice"
-                found[message["msg"]] = message["id"]
-            if not page["more"]:
-                return found
-            params["before"] = page["messages"][0]["id"]
-
-
-class Stream:
-    """Keeps WINDOW sends in flight on each connection until stopped."""
-
-    def __init__(self, clients: list[Client]) -> None:
-        self.clients = clients
-        self.numbers = itertools.count()
-        self.sent: list[list[str]] = [[] for _ in clients]  # per connection, in order
-        self.tasks: dict[str, asyncio.Task[dict[str, Any]]] = {}
-        self.acked: dict[str, int] = {}  # text -> id in the reply
-        self.refused: dict[str, dict[str, Any]] = {}  # text -> a reply with a non-zero code
-        self.stopped = False
-        self.enough = asyncio.Event()  # set at KILL_AFTER_ACKS acknowledgements
-
-    async def pump(self, index: int) -> None:
-        client = self.clients[index]
-        in_flight: set[asyncio.Task[dict[str, Any]]] = set()
-        while not self.stopped:
-            while len(in_flight) < WINDOW:
-                number = next(self.numbers)
-                text = f"m{number}"
-                params = {"name": RECIPIENT, "msg": text, "client_id": f"c{number}"}
-                task = asyncio.create_task(client.call("/send", params))
-                task.add_done_callback(functools.partial(self._record, text))
-                self.sent[index].append(text)
-                self.tasks[text] = task
-                in_flight.add(task)
-            _, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-
-    def _record(self, text: str, task: asyncio.Task[dict[str, Any]]) -> None:
-        if task.cancelled() or task.exception() is not None:
-            return  # unknown outcome: the connection went away before the reply
-        reply = task.result()
-        if reply["code"] == 0:
-            self.acked[text] = reply["data"]["id"]
-            if len(self.acked) >= KILL_AFTER_ACKS:
-                self.enough.set()
-        else:
-            self.refused[text] = reply
-
-    @property
-    def unknown(self) -> list[str]:
-        return [text for text in self.tasks if text not in self.acked]
 
 
 @pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])

@@ -13,6 +13,8 @@ from chatd.app import App
 from chatd.auth import Hasher
 from chatd.config import Config
 from chatd.hub import Hub, Session
+from chatd.irc import session as irc_session
+from chatd.irc.lines import format_line
 from chatd.irc.session import IrcCore
 from tests.conftest import PASSWORD
 from tests.test_handlers import answer
@@ -629,3 +631,35 @@ async def test_a_push_during_a_labelled_command_is_not_labelled(app: App) -> Non
         f"@batch=B1 :{SERVER} 318 alice :reply two",
         f":{SERVER} BATCH -B1",
     ]
+
+
+async def test_channel_lines_are_made_once_per_kind_of_client_not_per_member(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lines are memoised on the event (chatd.model) per set of tag capabilities,
+    as the msgpack frame is: members of two kinds, however interleaved, cost two."""
+    names = ["alice", "bob", "carol", "erin", "frank", "grace"]
+    await register(app, "dave", *names)
+    members = [Irc(app) for _ in names]
+    for index, (irc, name) in enumerate(zip(members, names, strict=True)):
+        await irc.login(name, "message-tags" if index % 2 else "")
+        await irc.send("JOIN #c")
+    dave = await msgpack_user(app, "dave")
+    await answer(app, dave, {"op": "/channel/join", "params": {"name": "c"}})
+    for irc in members:
+        irc.take()
+    made: list[dict[str, str] | None] = []
+
+    def counting(
+        command: str, params: list[str], source: str | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> bytes:
+        made.append(tags)
+        return format_line(command, params, source, tags)
+
+    monkeypatch.setattr(irc_session, "format_line", counting)
+    await answer(app, dave, {"op": "/channel/send", "params": {"name": "c", "message": "one"}})
+    assert sorted(made, key=bool) == [None, {"msgid": "1"}]
+    for index, irc in enumerate(members):
+        tags = "@msgid=1 " if index % 2 else ""
+        assert irc.take() == [f"{tags}:dave!dave@chatd PRIVMSG #c :one"]

@@ -1,8 +1,9 @@
 """chatd served from PostgreSQL, end to end: a real server on a real database.
 
 One scripted session of every endpoint runs against a server on SQLite and one on
-PostgreSQL, and the two transcripts (replies and pushes) must be identical; then
-restart persistence and a SIGKILL under a stream of sends, on PostgreSQL.  Skipped
+PostgreSQL, and the two transcripts (replies and pushes) must be identical; then live
+delivery (tests/test_live.py's own tests, run on PostgreSQL), restart persistence and a
+SIGKILL under a stream of sends, on PostgreSQL.  Skipped
 where PostgreSQL is absent, failed instead with CHATD_REQUIRE_POSTGRES=1
 (tests/pg_helpers.py).
 """
@@ -11,17 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 
 from chatd.client import Client
 from chatd.config import Config
-from tests.conftest import PASSWORD, TEST_SETTINGS, Harness, Spawn
-from tests.pg_helpers import fresh_database
-from tests.test_faults import (
+from tests import test_live
+from tests.conftest import PASSWORD, TEST_SETTINGS, Harness, MakeHarness, Spawn
+from tests.crash_helpers import (
     CONNECTIONS,
     KILL_AFTER_SECONDS,
     RECIPIENT,
@@ -33,7 +35,8 @@ from tests.test_faults import (
     register,
     terminate,
 )
-from tests.test_faults import connect as connect_as
+from tests.crash_helpers import connect as connect_as
+from tests.pg_helpers import fresh_database
 
 # Values that differ between any two runs, whatever the store.
 VARYING = frozenset({"datetime", "registered", "token"})
@@ -51,6 +54,58 @@ async def pg_harness(pg_url: str) -> AsyncIterator[Harness]:
     await harness.start()
     yield harness
     await harness.stop()
+
+
+@pytest.fixture
+async def pg_make_harness(pg_url: str) -> AsyncIterator[MakeHarness]:
+    """conftest's make_harness, on PostgreSQL (one server at a time per database)."""
+    started: list[Harness] = []
+
+    async def make(**changes: Any) -> Harness:
+        base = Config(host="127.0.0.1", port=0, db=pg_url, **TEST_SETTINGS)
+        harness = Harness(dataclasses.replace(base, **changes))
+        await harness.start()
+        started.append(harness)
+        return harness
+
+    yield make
+    for harness in started:
+        await harness.stop()
+
+
+# tests/test_live.py's tests of live delivery, each run as is on a server on PostgreSQL:
+# pushes, every device, acks and redelivery, catch-up (across a restart, and while
+# messages keep arriving: no gap, no duplicate), channels, joins and leaves, presence.
+LIVE_ON_A_HARNESS: list[Callable[[Harness], Awaitable[None]]] = [
+    test_live.test_push_arrives_without_polling,
+    test_live.test_every_device_sees_the_whole_conversation,
+    test_live.test_note_to_self_reaches_each_device_once,
+    test_live.test_pushed_but_not_acked_comes_back_and_acked_never_does,
+    test_live.test_unacked_messages_are_pushed_again_on_the_next_subscribe,
+    test_live.test_reconnect_catches_up_exactly_once,
+    test_live.test_catch_up_survives_a_server_restart,
+    test_live.test_channel_messages_reach_every_subscribed_member_but_the_sender,
+    test_live.test_join_and_leave_are_announced_and_leaving_stops_delivery,
+    test_live.test_presence_is_pushed_to_channel_mates,
+    test_live.test_send_retry_with_client_id_is_pushed_once,
+]
+LIVE_ON_MADE_HARNESSES: list[Callable[[MakeHarness], Awaitable[None]]] = [
+    test_live.test_catch_up_while_messages_keep_arriving_has_no_gaps_or_duplicates,
+]
+
+
+@pytest.mark.parametrize("live", LIVE_ON_A_HARNESS, ids=lambda test: test.__name__[5:])
+async def test_live_delivery_on_postgres(
+    live: Callable[[Harness], Awaitable[None]], pg_harness: Harness
+) -> None:
+    await live(pg_harness)
+
+
+@pytest.mark.parametrize("live", LIVE_ON_MADE_HARNESSES, ids=lambda test: test.__name__[5:])
+async def test_live_delivery_with_settings_on_postgres(
+    live: Callable[[MakeHarness], Awaitable[None]], pg_make_harness: MakeHarness
+) -> None:
+    await live(pg_make_harness)
 
 
 def normalized(value: Any) -> Any:

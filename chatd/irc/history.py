@@ -12,8 +12,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from chatd.storage import MessageStore
-from chatd.store import Bounds, Channel, User
+from chatd.store import Bounds, Channel, MessageStore, User
 from chatd.validation import name_key
 
 MILLISECOND = 0.001

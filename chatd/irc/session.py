@@ -21,7 +21,6 @@ from typing import Any, Protocol
 from chatd import __version__, validation
 from chatd.app import App
 from chatd.auth import new_token, token_digest
-from chatd.codec import HEADER_SIZE, decode_body
 from chatd.errors import (
     BadRequest,
     ChatdError,
@@ -31,7 +30,7 @@ from chatd.errors import (
     RateLimited,
     ServerError,
 )
-from chatd.handlers import Context, Deferred, dispatch
+from chatd.handlers import Deferred, dispatch
 from chatd.hub import Session
 from chatd.irc import history
 from chatd.irc import numerics as n
@@ -45,6 +44,7 @@ from chatd.irc.machine import (
     Register,
     user_source,
 )
+from chatd.model import ChannelPost, Event, InboxMessage, Join, Leave, SentCopy, memoised
 from chatd.protocol import DATETIME_FORMAT, Data, Params, Request
 from chatd.store import Bounds
 from chatd.validation import MAX_NAME_LENGTH, name_key
@@ -80,11 +80,11 @@ class IrcSession(Session):
         super().__init__(address, port)
         self.core = core
 
-    def write(self, frame: bytes) -> None:
-        self.core.pushed(frame)
+    def write(self, event: Event) -> None:
+        self.core.pushed(event)
 
-    async def push_paced(self, frame: bytes) -> None:
-        self.core.pushed(frame)
+    async def push_paced(self, event: Event) -> None:
+        self.core.pushed(event)
         await self.core.transport.drain()
 
     def abort(self, reason: str) -> None:
@@ -160,10 +160,7 @@ class IrcCore:
         """One handler call through the auth gate, as App.handle makes it; a send waits
         for its commit.  Raises ChatdError (anything else is logged, then ServerError)."""
         app = self.app
-        ctx = Context(
-            app.config, app.store, app.hub, app.hasher, app.metrics, app.guards,
-            self.session, app.clock,
-        )
+        ctx = app.context(self.session)
         started = time.perf_counter()
         code = 0
         try:
@@ -693,29 +690,21 @@ class IrcCore:
 
     # Delivery: from the hub's pushed events to lines.
 
-    # ---- ADAPTER (temporary) ---------------------------------------------------------
-    # The hub and delivery.py still carry encoded msgpack event frames.  Until events
-    # are data, this decodes the frame and hands its fields to deliver_message(); the
-    # typed events will replace exactly this method.
-    def pushed(self, frame: bytes) -> None:
-        global _last_frame  # the hub writes one frame object to every recipient in turn
-        if _last_frame[0] is frame:
-            body = _last_frame[1]
-        else:
-            body = decode_body(memoryview(frame)[HEADER_SIZE:])
-            _last_frame = (frame, body)
-        if not isinstance(body, dict) or not isinstance(body.get("data"), dict):
-            return
-        data, kind = body["data"], body.get("event")
-        if kind in ("message", "channel_message"):
-            channel = data.get("channel")
+    def pushed(self, event: Event) -> None:
+        """An event the hub or a catch-up gives this connection, as IRC lines (IRC has
+        no line for presence, and pings are the transport's own)."""
+        if isinstance(event, ChannelPost):
             self.deliver_message(
-                data["id"], channel, data["name"], data.get("to"), data["msg"],
-                _parse_datetime(data["datetime"]),
+                event.id, event.channel, event.sender, None, event.body, event.created_at, event
             )
-        elif kind in ("join", "leave"):
-            self.deliver_membership(kind, data["channel"], data["name"])
-    # ---- end of ADAPTER ----------------------------------------------------------------
+        elif isinstance(event, InboxMessage):
+            self.deliver_message(event.id, None, event.sender, None, event.body, event.created_at)
+        elif isinstance(event, SentCopy):
+            self.deliver_message(
+                event.id, None, event.sender, event.to, event.body, event.created_at
+            )
+        elif isinstance(event, Join | Leave):
+            self.deliver_membership(event.kind, event.channel, event.name)
 
     def deliver_message(
         self,
@@ -725,8 +714,10 @@ class IrcCore:
         recipient: str | None,
         text: str,
         created_at: float,
+        post: ChannelPost | None = None,
     ) -> None:
-        """The one place a stored message becomes IRC lines on this connection."""
+        """The one place a stored message becomes IRC lines on this connection; ``post``
+        is the event of a live channel message, where its lines are memoised."""
         nick = self.machine.nick
         if channel is not None:
             target = "#" + channel
@@ -743,27 +734,35 @@ class IrcCore:
             self._message_lines(message_id, sender, target, text, created_at, _collect(lines))
             self.transport.write(b"".join(lines))
         else:
-            self.transport.write(self._channel_lines(message_id, sender, target, text, created_at))
+            self.transport.write(
+                self._channel_lines(message_id, sender, target, text, created_at, post)
+            )
         if stream and message_id > self._unacked.get(stream, 0):
             self._unacked[stream] = message_id
             self.transport.probe_soon()
 
     def _channel_lines(
-        self, message_id: int, sender: str, target: str, text: str, created_at: float
+        self,
+        message_id: int,
+        sender: str,
+        target: str,
+        text: str,
+        created_at: float,
+        post: ChannelPost | None,
     ) -> bytes:
         """A channel message's lines are the same for every member with the same tag
-        capabilities: made once per message and kind of client, not once per member."""
-        global _last_channel_lines
+        capabilities: memoised on the event per kind of client (as the msgpack frame
+        is, chatd.events), so made once per message and kind, not once per member."""
+
+        def make(_: object) -> bytes:
+            lines: list[bytes] = []
+            self._message_lines(message_id, sender, target, text, created_at, _collect(lines))
+            return b"".join(lines)
+
+        if post is None:
+            return make(None)
         caps = self.machine.caps
-        # The whole message in the key: ids repeat across servers (tests run several).
-        key = (message_id, target, sender, created_at, text, *(cap in caps for cap in _TAG_CAPS))
-        if _last_channel_lines[0] == key:
-            return _last_channel_lines[1]
-        lines: list[bytes] = []
-        self._message_lines(message_id, sender, target, text, created_at, _collect(lines))
-        data = b"".join(lines)
-        _last_channel_lines = (key, data)
-        return data
+        return memoised(post, (_IRC_LINES, *(cap in caps for cap in _TAG_CAPS)), make)
 
     def _message_lines(
         self,
@@ -832,10 +831,10 @@ def _collect(lines: list[bytes]) -> LineSink:
 
     return send
 
-# One-entry memos of the fan-out (the event loop is single-threaded): the last frame the
-# hub pushed, decoded; the last channel message's lines, per set of tag capabilities.
-_last_frame: tuple[bytes | None, Any] = (None, None)
-_last_channel_lines: tuple[tuple[object, ...] | None, bytes] = (None, b"")
+
+# A channel message's lines are memoised on its event under ("irc", flags), one flag per
+# tag capability that changes them.
+_IRC_LINES = "irc"
 _TAG_CAPS = ("server-time", "message-tags", "account-tag")
 
 

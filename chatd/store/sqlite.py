@@ -1,4 +1,4 @@
-"""Everything chatd keeps on disk: schema, migrations and every SQL statement.
+"""The SQLite store, chatd's embedded default: schema, migrations and every SQL statement.
 
 One aiosqlite connection in WAL mode does all the reading and writing.  Each
 public method is one transaction, taken under an asyncio lock so that coroutines
@@ -18,22 +18,39 @@ import logging
 import os
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
-from enum import Enum
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import aiosqlite
 
-from chatd.errors import OutOfDisk, ServerError
+from chatd.config import Config
+from chatd.errors import OutOfDisk
 from chatd.names import skeletons_of_key
+from chatd.store.commit import BatchPlan, GroupCommit
+from chatd.store.rows import (
+    CHANNEL,
+    GUEST_HASH,
+    PRIVATE,
+    PROFILE_TTL,
+    Batch,
+    Bounds,
+    Channel,
+    ChannelMessage,
+    DatabaseFileLost,
+    Joined,
+    Membership,
+    NewMessage,
+    PrivateMessage,
+    SentMessage,
+    Skeletons,
+    Stored,
+    StoreError,
+    User,
+)
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-# What a name looks like in small letters and in capitals (chatd/names.py).
-Skeletons = tuple[str, str]
 
 
 async def _fill_skeletons(db: aiosqlite.Connection) -> None:
@@ -56,9 +73,6 @@ async def _fill_skeletons(db: aiosqlite.Connection) -> None:
 def _skeletons(rows: list[Any]) -> list[tuple[str, str, int]]:
     return [(*skeletons_of_key(key), row_id) for row_id, key in rows]
 
-
-# The password hash of an IRC guest: no argon2 hash, so no password ever matches it.
-GUEST_HASH = "guest"
 
 # A migration is an SQL script, or a Python step for what SQL cannot compute.
 Migration = str | Callable[[aiosqlite.Connection], Awaitable[None]]
@@ -140,149 +154,48 @@ MIGRATIONS: Sequence[Migration] = (
     CREATE INDEX channels_by_upper_skeleton ON channels(upper_skeleton);
     """,
     _fill_skeletons,
+    """
+    -- Per-stream sequence numbers: each channel, and each user's inbox, numbers its
+    -- messages 1, 2, 3, ... (seq), the stream's newest number kept on its row (as
+    -- PostgreSQL does) and moved in the transaction that inserts. Messages stored
+    -- before are numbered here, by id within each stream. No unique index on (stream,
+    -- seq) as PostgreSQL has: SQLite has one writer, which moves a head and inserts in
+    -- one transaction, and the index cost 9% of the insert rate (docs/benchmarks.md).
+    ALTER TABLE users ADD COLUMN inbox_seq INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE channels ADD COLUMN last_seq INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE private_messages ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE channel_messages ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
+    UPDATE private_messages SET seq = n.seq FROM (
+        SELECT id, ROW_NUMBER() OVER (PARTITION BY recipient_id ORDER BY id) AS seq
+        FROM private_messages) AS n
+    WHERE private_messages.id = n.id;
+    UPDATE channel_messages SET seq = n.seq FROM (
+        SELECT id, ROW_NUMBER() OVER (PARTITION BY channel_id ORDER BY id) AS seq
+        FROM channel_messages) AS n
+    WHERE channel_messages.id = n.id;
+    UPDATE users SET inbox_seq = COALESCE(
+        (SELECT MAX(seq) FROM private_messages WHERE recipient_id = users.id), 0);
+    UPDATE channels SET last_seq = COALESCE(
+        (SELECT MAX(seq) FROM channel_messages WHERE channel_id = channels.id), 0);
+    """,
 )
 
 
-class StoreError(Exception):
-    """The database cannot be opened or migrated."""
-
-
-class DatabaseFileLost(ServerError):
-    """The database file was deleted or replaced while chatd had it open (code 9).
-
-    Whatever is written after that goes into a file no one will find again, so
-    nothing more is written, and nothing written after the loss is acknowledged.
-    """
-
-    default_message = (
-        "database file was deleted or replaced; writes refused until chatd is restarted"
-        " by an operator"
-    )
-
-
-# Rows as plain slotted dataclasses, treated as read-only: frozen ones cost several
-# times more to create, and several are made per message on the hot path.
-@dataclass(slots=True)
-class User:
-    id: int
-    name: str
-    password_hash: str
-    created_at: float
-
-
-@dataclass(slots=True)
-class Channel:
-    id: int
-    name: str
-    created_at: float
-
-
-@dataclass(slots=True)
-class Stored:
-    """The result of storing a message: what the sender is told."""
-
-    id: int
-    created_at: float
-    duplicate: bool = False  # True when client_id matched an earlier send
-
-
-@dataclass(slots=True)
-class PrivateMessage:
-    id: int
-    sender: str
-    body: str
-    created_at: float
-
-
-@dataclass(slots=True)
-class ChannelMessage:
-    id: int
-    sender: str
-    body: str
-    created_at: float
-
-
-@dataclass(slots=True)
-class SentMessage:
-    """A private message seen from either side of a conversation."""
-
-    id: int
-    sender: str
-    recipient: str
-    body: str
-    created_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class Bounds:
-    """An open interval of messages, by id and by time (IRC CHATHISTORY)."""
-
-    after_id: int = 0
-    before_id: int = (1 << 63) - 1
-    after_time: float = float("-inf")
-    before_time: float = float("inf")
-
-    def values(self) -> tuple[int, int, float, float]:
-        return self.after_id, self.before_id, self.after_time, self.before_time
-
-
-@dataclass(slots=True)
-class Membership:
-    channel_id: int
-    channel: str
-    read_cursor: int | None
-    unread: int
-
-
-class Joined(Enum):
-    NOW = "now"  # the caller was not a member and now is
-    ALREADY = "already"  # the caller was a member already
-    LEFT = "left"  # the caller left this channel and has not re-joined
-    LOOKALIKE = "lookalike"  # a new name that looks like this existing channel's: nothing done
-
-
-@dataclass(slots=True)
-class Batch(Generic[T]):
-    """Messages handed to a reader, and whether more were left waiting."""
-
-    messages: list[T]
-    more: bool
-
-
-PRIVATE, CHANNEL = "private", "channel"
 # The columns of PrivateMessage and ChannelMessage, the sender's name joined in.
 _PRIVATE_ROWS = (
-    "SELECT m.id, u.name, m.body, m.created_at FROM private_messages m"
+    "SELECT m.id, u.name, m.body, m.created_at, m.seq FROM private_messages m"
     " JOIN users u ON u.id = m.sender_id"
 )
 _CHANNEL_ROWS = (
-    "SELECT m.id, u.name, m.body, m.created_at FROM channel_messages m"
+    "SELECT m.id, u.name, m.body, m.created_at, m.seq FROM channel_messages m"
     " JOIN users u ON u.id = m.sender_id"
 )
+# Per kind of message: its table, its stream column, and the row keeping the stream's head.
 _TABLES = {
-    PRIVATE: ("private_messages", "recipient_id"),
-    CHANNEL: ("channel_messages", "channel_id"),
+    PRIVATE: ("private_messages", "recipient_id", "users", "inbox_seq"),
+    CHANNEL: ("channel_messages", "channel_id", "channels", "last_seq"),
 }
-_INSERT_CHUNK = 500  # rows per INSERT: 5 variables each, far below SQLite's 32766
-
-
-@dataclass(slots=True)
-class NewMessage:
-    kind: str
-    sender_id: int
-    target_id: int  # recipient or channel
-    body: str
-    created_at: float
-    client_id: str | None
-
-    @property
-    def dedup_key(self) -> tuple[str, int, str] | None:
-        return None if self.client_id is None else (self.kind, self.sender_id, self.client_id)
-
-
-# How stale a cached user may be: a user deleted by `chatd admin` in another process can
-# still be addressed this long (the send then fails alone, with code 9).
-PROFILE_TTL = 10.0
+_INSERT_CHUNK = 500  # rows per INSERT: 6 variables each, far below SQLite's 32766
 
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 
@@ -290,27 +203,6 @@ DEFAULT_WAL_LIMIT = 16 * 1024 * 1024  # config.db_wal_limit
 WAL_LOOK_INTERVAL = 0.1  # seconds between looks at the WAL file's size
 RESTART_WAIT = 0.5  # seconds a RESTART checkpoint waits for another process (writes wait too)
 RESCUED_INFIX = ".rescued-"  # <db>.rescued-<UTC time>: the copy saved of a lost database
-
-
-# A message waiting for the group commit: its future, and what to call once committed.
-_Unwritten = tuple[NewMessage, asyncio.Future[Stored], Callable[[Stored], None] | None]
-
-
-def _settle(
-    future: asyncio.Future[Stored], stored: Stored, committed: Callable[[Stored], None] | None
-) -> None:
-    """Report a committed message: publish it first, then answer its sender.
-
-    Called in commit order, directly rather than through a done-callback on the
-    future: that would cost a scheduled callback and a copied context per message.
-    """
-    if committed is not None and not stored.duplicate:
-        try:
-            committed(stored)
-        except Exception:  # one failed push must not keep the others, or the reply, back
-            log.exception("publishing message %d failed", stored.id)
-    if not future.done():
-        future.set_result(stored)
 
 
 class Store:
@@ -324,15 +216,11 @@ class Store:
         self._rescue: asyncio.Task[None] | None = None
         self._rescued = False
         self._companions: dict[str, tuple[int, int]] = {}  # "-wal", "-shm" -> identity
-        # Kept: asyncio.get_running_loop() makes a getpid() system call each time in
-        # Python 3.11, which showed up as 2.5% of the server's time under /send load.
         self._loop = asyncio.get_running_loop()
         self._lock = asyncio.Lock()
-        self._unwritten: list[_Unwritten] = []
+        self._commit = GroupCommit(self._write_batch, sqlite3.IntegrityError)
         self._profiles: dict[str, tuple[float, User]] = {}  # name key -> (when read, user)
         self._channels: dict[str, Channel] = {}  # name key -> channel (never deleted)
-        self._flusher: asyncio.Task[None] | None = None
-        self._last_enqueued: asyncio.Future[Stored] | None = None
         self._checkpointer: aiosqlite.Connection | None = None
         self._checkpoints: asyncio.Task[None] | None = None
         self._wal_limit = DEFAULT_WAL_LIMIT
@@ -363,6 +251,24 @@ class Store:
             store._companions = await asyncio.to_thread(_companions, store._path)
         except Exception as exc:
             await db.close()
+            raise StoreError(f"cannot use database {path}: {exc}") from exc
+        return store
+
+    @classmethod
+    async def open_configured(cls, path: str, config: Config) -> Store:
+        """The store a server uses: opened with the config's db_* settings, refused if
+        the file cannot be written, and checkpointed in the background as asked."""
+        store = await cls.open(path, config.db_synchronous, config.db_busy_timeout)
+        try:
+            await store.require_writable()
+            if config.db_checkpoint_interval:
+                await store.checkpoint_in_background(
+                    path, config.db_checkpoint_interval, config.db_wal_limit
+                )
+        except BaseException as exc:
+            await store.close()
+            if isinstance(exc, StoreError) or not isinstance(exc, Exception):
+                raise
             raise StoreError(f"cannot use database {path}: {exc}") from exc
         return store
 
@@ -474,6 +380,15 @@ class Store:
         async with self._lock:  # no writer: the checkpoint reaches the WAL's end
             await self._checkpoint("RESTART")
 
+    async def _rewind_if_far_over(self) -> None:
+        """The bound's backstop, on the write path itself (under the write lock): the
+        checkpoint loop looks at the WAL every 0.1 s, but on a loaded machine it may run
+        late while writes go on, so a write that finds the WAL past 1.5 times the limit
+        first rewinds it (one stat per transaction, a cached entry: about a microsecond)."""
+        if self._checkpointer is None or self._wal_size() <= self._wal_limit * 3 // 2:
+            return
+        await self._checkpoint("RESTART")
+
     def _wal_size(self) -> int:
         # journal_size_limit truncates a rewound WAL to the limit: past it, it holds more.
         try:
@@ -521,24 +436,38 @@ class Store:
     async def _configure(self, synchronous: str, busy_timeout: float) -> None:
         # WAL: readers never block the writer; with synchronous=NORMAL a commit
         # survives a crash of the process (FULL also survives power loss).
+        # Another process holding the write lock (a backup, the admin command) is waited
+        # for this long; then the request fails with code 9 and the server goes on. Set
+        # first: switching to WAL and migrating wait for a store opened at the same time.
+        await self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         await self._db.execute("PRAGMA journal_mode=WAL")
         await self._db.execute(f"PRAGMA synchronous={synchronous}")
         await self._db.execute("PRAGMA foreign_keys=ON")
-        # Another process holding the write lock (a backup, the admin command) is waited
-        # for this long; then the request fails with code 9 and the server goes on.
-        await self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
 
     async def _migrate(self) -> None:
-        version = await self._scalar("PRAGMA user_version")
-        for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
-            log.info("migrating database schema to version %d", number)
+        """Run the migrations this file lacks, one transaction each.
+
+        The version is read inside the write transaction (BEGIN IMMEDIATE), so that of
+        two stores opened at once on a new file only one creates the tables.
+        """
+        while True:
             async with self._transaction():
+                version = await self._scalar("PRAGMA user_version")
+                if version > len(MIGRATIONS):
+                    raise StoreError(
+                        f"the schema is at version {version}, newer than this chatd knows"
+                        f" ({len(MIGRATIONS)}): upgrade chatd"
+                    )
+                if version == len(MIGRATIONS):
+                    return
+                log.info("migrating database schema to version %d", version + 1)
+                step = MIGRATIONS[version]
                 if isinstance(step, str):
                     for statement in _statements(step):
                         await self._db.execute(statement)
                 else:
                     await step(self._db)
-                await self._db.execute(f"PRAGMA user_version={number}")
+                await self._db.execute(f"PRAGMA user_version={version + 1}")
 
     @asynccontextmanager
     async def _turn(self) -> AsyncIterator[None]:
@@ -547,7 +476,7 @@ class Store:
         So a request sees the effects of the sends before it (read your writes), even
         though sends are answered by the group commit rather than in line.
         """
-        last = self._last_enqueued
+        last = self._commit.last
         if last is not None and not last.done():
             await asyncio.wait([last])
         async with self._lock:
@@ -557,6 +486,7 @@ class Store:
     async def _transaction(self, after_sends: bool = True) -> AsyncIterator[aiosqlite.Connection]:
         async with self._turn() if after_sends else self._lock:
             self._refuse_writes_if_lost()
+            await self._rewind_if_far_over()
             with self._watching_disk_space():
                 await self._db.execute("BEGIN IMMEDIATE")
                 try:
@@ -581,6 +511,7 @@ class Store:
     async def _write_turn(self) -> AsyncIterator[None]:
         """The turn for a write that is one statement (its own transaction)."""
         async with self._turn():
+            await self._rewind_if_far_over()
             with self._watching_disk_space():
                 yield
 
@@ -704,117 +635,80 @@ class Store:
         rows = await self._rows(sql, args)
         return rows[0][0] if rows else None
 
-    # Group commit: messages sent at about the same time share one transaction, and
-    # each sender is answered once the transaction holding its message has committed.
-    # Under load a batch gathers whatever arrived while the previous one was writing.
+    # Group commit (chatd.store.commit): messages sent at about the same time share one
+    # transaction, and each sender is answered once that transaction has committed.
 
     def enqueue(
         self, message: NewMessage, committed: Callable[[Stored], None] | None = None
     ) -> asyncio.Future[Stored]:
-        """Queue a message for the next group commit; the future resolves once committed.
+        """Queue a message for the next group commit (GroupCommit.enqueue)."""
+        return self._commit.enqueue(message, committed)
 
-        Messages are stored in the order they are enqueued. ``committed`` is called
-        with the result right after the commit, in that order, unless the message
-        repeated an earlier client_id (it was not stored again).
+    async def _write_batch(self, batch: list[NewMessage]) -> list[Stored]:
+        """Insert a batch in one transaction; repeats of a client_id get the first result."""
+        async with self._transaction(after_sends=False):
+            keyed = [m for m in batch if m.client_id is not None]
+            plan = BatchPlan(batch, await self._earlier_sends(keyed))
+            for kind, positions in plan.fresh.items():
+                for start in range(0, len(positions), _INSERT_CHUNK):
+                    chunk = positions[start : start + _INSERT_CHUNK]
+                    stored = await self._insert(kind, [batch[i] for i in chunk])
+                    for position, result in zip(chunk, stored, strict=True):
+                        plan.results[position] = result
+            return plan.done()
+
+    async def _insert(self, kind: str, messages: list[NewMessage]) -> list[Stored]:
+        """One multi-row INSERT, each message numbered on from its stream's head.
+
+        The heads move first, in this transaction (SQLite has one writer, so number
+        order is commit order). Rowids are handed out in VALUES order, so sorted ids
+        match. A stream whose row is gone numbers from 1: its insert then fails on the
+        foreign key.
         """
-        future: asyncio.Future[Stored] = self._loop.create_future()
-        self._unwritten.append((message, future, committed))
-        self._last_enqueued = future
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        return future
-
-    async def _flush(self) -> None:
-        while self._unwritten:
-            batch, self._unwritten = self._unwritten, []
-            try:
-                async with self._transaction(after_sends=False):
-                    results = await self._write_messages([message for message, _, _ in batch])
-            except sqlite3.IntegrityError:
-                # One bad row (a user deleted meanwhile by `chatd admin`) must not sink the
-                # others: write them one by one, and only that one fails.
-                await self._write_one_by_one(batch)
-                continue
-            except Exception as exc:
-                # Nothing in the batch committed: every sender gets the error (code 9).
-                for _, future, _ in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            for (_, future, committed), stored in zip(batch, results, strict=True):
-                _settle(future, stored, committed)
-
-    async def _write_one_by_one(self, batch: list[_Unwritten]) -> None:
-        for message, future, committed in batch:
-            try:
-                async with self._transaction(after_sends=False):
-                    (stored,) = await self._write_messages([message])
-            except Exception as exc:
-                if not future.done():
-                    future.set_exception(exc)
-            else:
-                _settle(future, stored, committed)
-
-    async def _write_messages(self, batch: list[NewMessage]) -> list[Stored]:
-        """Insert a batch (inside a transaction); repeats of a client_id get the first result."""
-        earlier = await self._earlier_sends([m for m in batch if m.client_id is not None])
-        results: list[Stored | None] = [None] * len(batch)
-        fresh: dict[str, list[int]] = {PRIVATE: [], CHANNEL: []}  # batch positions to insert
-        repeats: dict[int, int] = {}  # batch position -> position of the same client_id
-        first_in_batch: dict[tuple[str, int, str], int] = {}
-        for position, message in enumerate(batch):
-            key = message.dedup_key
-            if key is not None and key in earlier:
-                results[position] = earlier[key]
-            elif key is not None and key in first_in_batch:
-                repeats[position] = first_in_batch[key]
-            else:
-                if key is not None:
-                    first_in_batch[key] = position
-                fresh[message.kind].append(position)
-        for kind, positions in fresh.items():
-            for start in range(0, len(positions), _INSERT_CHUNK):
-                chunk = positions[start : start + _INSERT_CHUNK]
-                ids = await self._insert(kind, [batch[i] for i in chunk])
-                for position, message_id in zip(chunk, ids, strict=True):
-                    results[position] = Stored(message_id, batch[position].created_at)
-        for position, first_position in repeats.items():
-            first = results[first_position]
-            assert first is not None
-            results[position] = Stored(first.id, first.created_at, duplicate=True)
-        assert all(stored is not None for stored in results)
-        return [stored for stored in results if stored is not None]
-
-    async def _insert(self, kind: str, messages: list[NewMessage]) -> list[int]:
-        """One multi-row INSERT; rowids are handed out in VALUES order, so sorted ids match."""
-        table, target = _TABLES[kind]
-        rows = ", ".join("(?, ?, ?, ?, ?)" for _ in messages)
+        table, target, head_table, head = _TABLES[kind]
+        counts = Counter(m.target_id for m in messages)
+        pairs = ", ".join("(?, ?)" for _ in counts)
+        moved = await self._rows(
+            f"UPDATE {head_table} SET {head} = {head} + n.column2 FROM (VALUES {pairs}) AS n"
+            f" WHERE {head_table}.id = n.column1 RETURNING id, {head}",
+            [item for pair in counts.items() for item in pair],
+        )
+        next_seq = {stream: newest - counts[stream] + 1 for stream, newest in moved}
+        rows = ", ".join("(?, ?, ?, ?, ?, ?)" for _ in messages)
         args: list[Any] = []
+        seqs: list[int] = []
         for m in messages:
-            args += (m.sender_id, m.target_id, m.body, m.created_at, m.client_id)
+            seq = next_seq.get(m.target_id, 1)
+            next_seq[m.target_id] = seq + 1
+            seqs.append(seq)
+            args += (m.sender_id, m.target_id, seq, m.body, m.created_at, m.client_id)
         inserted = await self._rows(
-            f"INSERT INTO {table} (sender_id, {target}, body, created_at, client_id)"
+            f"INSERT INTO {table} (sender_id, {target}, seq, body, created_at, client_id)"
             f" VALUES {rows} RETURNING id",
             args,
         )
-        return sorted(row[0] for row in inserted)
+        ids = sorted(row[0] for row in inserted)
+        return [
+            Stored(message_id, m.created_at, False, seq)
+            for message_id, m, seq in zip(ids, messages, seqs, strict=True)
+        ]
 
     async def _earlier_sends(self, keyed: list[NewMessage]) -> dict[tuple[str, int, str], Stored]:
         """Messages already stored under the client_ids of ``keyed``."""
         found: dict[tuple[str, int, str], Stored] = {}
-        for kind, (table, _) in _TABLES.items():
+        for kind, (table, *_) in _TABLES.items():
             pairs = [(m.sender_id, m.client_id) for m in keyed if m.kind == kind]
             for start in range(0, len(pairs), _INSERT_CHUNK):
                 chunk = pairs[start : start + _INSERT_CHUNK]
                 values = ", ".join("(?, ?)" for _ in chunk)
                 rows = await self._rows(
-                    f"SELECT sender_id, client_id, id, created_at FROM {table}"
+                    f"SELECT sender_id, client_id, id, created_at, seq FROM {table}"
                     f" WHERE (sender_id, client_id) IN (VALUES {values})",
                     [item for pair in chunk for item in pair],
                 )
-                for sender_id, client_id, message_id, created_at in rows:
+                for sender_id, client_id, message_id, created_at, seq in rows:
                     found[(kind, sender_id, client_id)] = Stored(
-                        message_id, created_at, duplicate=True
+                        message_id, created_at, True, seq
                     )
         return found
 

@@ -1,10 +1,12 @@
-"""The PostgreSQL store: the same contract as the SQLite one (chatd.storage), on asyncpg.
+"""The PostgreSQL store: the same contract as the SQLite one (chatd.store), on asyncpg.
 
 Chosen with ``--db postgresql://user@host:port/dbname``; needs the optional driver
 (``pip install 'chatd[postgresql]'``).  A pool of connections serves reads and
-writes; as in SQLite, messages wait for a group commit (one flusher writes a batch
-per transaction, one batch at a time) and every other method first waits for the
-messages enqueued before it (read your writes).
+writes; as in SQLite, messages wait for a group commit (chatd.store.commit: one
+flusher writes a batch per transaction, one batch at a time) and every other method
+first waits for the messages enqueued before it (read your writes).  A batch is one
+round trip: a call of the server-side function chatd_store_batch (migration 2), which
+locks the streams, finds repeated client_ids, numbers, inserts and moves the heads.
 
 Per-stream sequence numbers: each channel and each user's inbox numbers its messages
 1, 2, 3, ... (``seq``).  The number is taken under that stream's row lock
@@ -28,10 +30,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from chatd.store import (
+from chatd.store.commit import DedupKey, GroupCommit
+from chatd.store.rows import (
     CHANNEL,
     GUEST_HASH,
-    PRIVATE,
     PROFILE_TTL,
     Batch,
     Bounds,
@@ -46,12 +48,11 @@ from chatd.store import (
     Stored,
     StoreError,
     User,
-    _settle,  # the one rule for publishing then answering, shared with SQLite
 )
 
 log = logging.getLogger(__name__)
 
-POOL_SIZE = 10  # connections: the flusher holds one, reads share the rest
+POOL_SIZE = 10  # connections for everything but the group commit, which has its own
 CONNECT_TIMEOUT = 10.0  # seconds to reach the server at start-up
 # Taken by every node while it migrates, so two nodes starting at once on an empty
 # database run the migrations one after the other (the second finds nothing to do).
@@ -61,6 +62,102 @@ MIGRATION_LOCK = 0x63686174_64000001
 # the same moment only one succeeds. Rare operations: one lock each is enough.
 USER_NAMES_LOCK = 0x63686174_64000002
 CHANNEL_NAMES_LOCK = 0x63686174_64000003
+
+# A whole group-commit batch in one round trip to the database (one statement, its own
+# transaction). Arrays, one element per message in enqueue order: channel (false: a
+# private message to the inbox of target), sender, target, body, created_at, client_id.
+# Returns a row per message stored (its position n from 1, id, seq, created_at, false)
+# and per message whose client_id was stored before (the earlier send's, true); a message
+# repeating a client_id earlier in the batch gets no row (see _results).
+_STORE_BATCH = """
+    -- Foreign keys on the message tables checked each row of a batch on its own (a
+    -- trigger and a query per row and key): the batch function checks its streams and
+    -- senders once per batch instead, and delete_user deletes a user's messages.
+    ALTER TABLE private_messages
+        DROP CONSTRAINT private_messages_sender_id_fkey,
+        DROP CONSTRAINT private_messages_recipient_id_fkey;
+    ALTER TABLE channel_messages
+        DROP CONSTRAINT channel_messages_sender_id_fkey,
+        DROP CONSTRAINT channel_messages_channel_id_fkey;
+    CREATE FUNCTION chatd_store_batch(
+        p_channel boolean[], p_sender bigint[], p_target bigint[], p_body bytea[],
+        p_created double precision[], p_client bytea[]
+    ) RETURNS TABLE (
+        n bigint, id bigint, seq bigint, created_at double precision, duplicate boolean
+    )
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        -- Lock the row of every stream written to, inboxes before channels and by id
+        -- within each, so that two writers never wait for each other in a circle; a
+        -- retry racing its original on another node waits for it here.
+        PERFORM 1 FROM users u
+            WHERE u.id IN (SELECT x.t FROM unnest(p_channel, p_target) AS x(c, t) WHERE NOT x.c)
+            ORDER BY u.id FOR NO KEY UPDATE;
+        PERFORM 1 FROM channels ch
+            WHERE ch.id IN (SELECT x.t FROM unnest(p_channel, p_target) AS x(c, t) WHERE x.c)
+            ORDER BY ch.id FOR NO KEY UPDATE;
+        -- The senders must exist until COMMIT (what a foreign key checked row by row):
+        -- a KEY SHARE lock makes delete_user wait, and a sender it deleted first is gone.
+        PERFORM 1 FROM users u WHERE u.id IN (SELECT unnest(p_sender))
+            ORDER BY u.id FOR KEY SHARE;
+        IF EXISTS (SELECT 1 FROM unnest(p_sender) AS x(s)
+                   WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.id = x.s)) THEN
+            RAISE foreign_key_violation USING MESSAGE = 'the sender no longer exists';
+        END IF;
+        -- The rest in one statement, whose snapshot is taken after the locks: it sees
+        -- what a racing writer committed while this one waited.
+        RETURN QUERY
+        WITH batch AS (  -- nth: 1 for the first message of each client_id in the batch
+            SELECT b.*, row_number() OVER (PARTITION BY b.c, b.s, b.k ORDER BY b.n) AS nth
+            FROM unnest(p_channel, p_sender, p_target, p_body, p_created, p_client)
+                WITH ORDINALITY AS b(c, s, t, body, ts, k, n)
+        ), earlier AS (  -- sends stored before under a client_id of the batch
+            SELECT b.n, m.id, m.seq, m.created_at FROM batch b
+                JOIN private_messages m ON m.sender_id = b.s AND m.client_id = b.k
+                WHERE NOT b.c AND b.nth = 1
+            UNION ALL
+            SELECT b.n, m.id, m.seq, m.created_at FROM batch b
+                JOIN channel_messages m ON m.sender_id = b.s AND m.client_id = b.k
+                WHERE b.c AND b.nth = 1
+        ), fresh AS (  -- what to insert, counted within each stream in batch order
+            SELECT b.*, row_number() OVER (PARTITION BY b.c, b.t ORDER BY b.n) AS r
+            FROM batch b
+            WHERE (b.k IS NULL OR b.nth = 1) AND b.n NOT IN (SELECT e.n FROM earlier e)
+        ), numbered AS MATERIALIZED (
+            -- Numbered on from the heads as this statement's snapshot has them (their
+            -- rows are locked above); a stream whose row is gone gets no seq, which NOT
+            -- NULL refuses. Ids drawn after the sort: in batch order.
+            SELECT f.c, f.s, f.t, f.body, f.ts, f.k, f.n,
+                COALESCE(u.inbox_seq, ch.last_seq) + f.r AS q,
+                CASE WHEN f.c THEN nextval('channel_messages_id_seq')
+                    ELSE nextval('private_messages_id_seq') END AS id
+            FROM fresh f
+            LEFT JOIN users u ON NOT f.c AND u.id = f.t
+            LEFT JOIN channels ch ON f.c AND ch.id = f.t
+            ORDER BY f.n
+        ), inbox_heads AS (
+            UPDATE users u SET inbox_seq = u.inbox_seq + f.total
+            FROM (SELECT fr.t, count(*) AS total FROM fresh fr WHERE NOT fr.c GROUP BY fr.t) f
+            WHERE u.id = f.t
+        ), channel_heads AS (
+            UPDATE channels ch SET last_seq = ch.last_seq + f.total
+            FROM (SELECT fr.t, count(*) AS total FROM fresh fr WHERE fr.c GROUP BY fr.t) f
+            WHERE ch.id = f.t
+        ), private_rows AS (
+            INSERT INTO private_messages
+                (id, sender_id, recipient_id, seq, body, created_at, client_id)
+            SELECT nb.id, nb.s, nb.t, nb.q, nb.body, nb.ts, nb.k FROM numbered nb WHERE NOT nb.c
+        ), channel_rows AS (
+            INSERT INTO channel_messages
+                (id, sender_id, channel_id, seq, body, created_at, client_id)
+            SELECT nb.id, nb.s, nb.t, nb.q, nb.body, nb.ts, nb.k FROM numbered nb WHERE nb.c
+        )
+        SELECT nb.n, nb.id, nb.q, nb.ts, false FROM numbered nb
+        UNION ALL
+        SELECT e.n, e.id, e.seq, e.created_at, true FROM earlier e;
+    END
+    $$;
+"""
 
 # Each entry moves the schema one version up; chatd_schema.version records where we are.
 MIGRATIONS: Sequence[str] = (
@@ -117,7 +214,7 @@ MIGRATIONS: Sequence[str] = (
         user_id     BIGINT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
         joined_at   DOUBLE PRECISION NOT NULL,
         read_cursor BIGINT,  -- newest id received, NULL before the first /channel/receive
-        left_at     DOUBLE PRECISION,  -- see chatd.store's migration 2
+        left_at     DOUBLE PRECISION,  -- see chatd.store.sqlite's migration 2
         PRIMARY KEY (channel_id, user_id)
     );
     CREATE INDEX members_by_user ON channel_members(user_id);
@@ -134,39 +231,32 @@ MIGRATIONS: Sequence[str] = (
     );
     CREATE INDEX channel_messages_by_channel ON channel_messages(channel_id, id);
     """,
+    _STORE_BATCH,
 )
 
-# Per kind of message: its table, its stream column, and the stream's counter.
-_STREAMS = {
-    PRIVATE: ("private_messages", "recipient_id", "users", "inbox_seq"),
-    CHANNEL: ("channel_messages", "channel_id", "channels", "last_seq"),
-}
 # Names sort as SQLite sorts them (by code point), whatever the database's collation.
 _BY_NAME = 'name_key COLLATE "C"'
 _PRIVATE_ROWS = (
-    "SELECT m.id, u.name, m.body, m.created_at FROM private_messages m"
+    "SELECT m.id, u.name, m.body, m.created_at, m.seq FROM private_messages m"
     " JOIN users u ON u.id = m.sender_id"
 )
 _CHANNEL_ROWS = (
-    "SELECT m.id, u.name, m.body, m.created_at FROM channel_messages m"
+    "SELECT m.id, u.name, m.body, m.created_at, m.seq FROM channel_messages m"
     " JOIN users u ON u.id = m.sender_id"
 )
 _NO_UPPER_BOUND = (1 << 63) - 1
 _CHANNEL_BY_KEY = "SELECT id, name, created_at FROM channels WHERE name_key = $1"
 
-_Unwritten = tuple[NewMessage, asyncio.Future[Stored], Callable[[Stored], None] | None]
-_DedupKey = tuple[str, int, str]
 
 
 class PostgresStore:
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: Any, url: str) -> None:
         self._pool = pool  # an asyncpg.Pool (asyncpg ships no type hints)
-        self._loop = asyncio.get_running_loop()
-        self._unwritten: list[_Unwritten] = []
+        self._url = url
+        self._commit = GroupCommit(self._write_batch, asyncpg.IntegrityConstraintViolationError)
+        self._writer: Any = None  # the flusher's own connection, opened when needed
         self._profiles: dict[str, tuple[float, User]] = {}  # name key -> (when read, user)
         self._channels: dict[str, Channel] = {}  # name key -> channel (never deleted)
-        self._flusher: asyncio.Task[None] | None = None
-        self._last_enqueued: asyncio.Future[Stored] | None = None
         # The database server keeps its own disk: a write it refuses for want of space
         # reaches the client as a plain code 9, and /stats says false.
         self.disk_full = False
@@ -180,7 +270,7 @@ class PostgresStore:
             )
         except Exception as exc:
             raise StoreError(f"cannot open database {shown}: {exc}") from exc
-        store = cls(pool)
+        store = cls(pool, url)
         try:
             await store._migrate()
         except Exception as exc:
@@ -190,6 +280,7 @@ class PostgresStore:
 
     async def close(self) -> None:
         await self._settled()
+        await self._drop_writer()
         await self._pool.close()
 
     async def _migrate(self) -> None:
@@ -213,9 +304,7 @@ class PostgresStore:
 
     async def _settled(self) -> None:
         """Wait until every message enqueued before has committed (read your writes)."""
-        last = self._last_enqueued
-        if last is not None and not last.done():
-            await asyncio.wait([last])
+        await self._commit.settled()
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Any]:
@@ -232,57 +321,40 @@ class PostgresStore:
         await self._settled()
         return await self._pool.fetchval(sql, *args)
 
-    # Group commit, as in chatd.store: messages sent at about the same time share one
-    # transaction, and each sender is answered once that transaction has committed.
+    # Group commit (chatd.store.commit): one flusher writes a batch per transaction.
 
     def enqueue(
         self, message: NewMessage, committed: Callable[[Stored], None] | None = None
     ) -> asyncio.Future[Stored]:
-        """Queue a message for the next group commit; the future resolves once committed.
-
-        Messages are stored in the order they are enqueued. ``committed`` is called
-        with the result right after the commit, in that order, unless the message
-        repeated an earlier client_id (it was not stored again).
-        """
-        future: asyncio.Future[Stored] = self._loop.create_future()
-        self._unwritten.append((message, future, committed))
-        self._last_enqueued = future
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        return future
-
-    async def _flush(self) -> None:
-        while self._unwritten:
-            batch, self._unwritten = self._unwritten, []
-            try:
-                results = await self._write_batch([message for message, _, _ in batch])
-            except asyncpg.IntegrityConstraintViolationError:
-                # One bad row (a user deleted meanwhile, or a client_id reused across
-                # streams by another node at this instant) must not sink the others.
-                await self._write_one_by_one(batch)
-                continue
-            except Exception as exc:
-                # Nothing in the batch committed: every sender gets the error (code 9).
-                for _, future, _ in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            for (_, future, committed), stored in zip(batch, results, strict=True):
-                _settle(future, stored, committed)
-
-    async def _write_one_by_one(self, batch: list[_Unwritten]) -> None:
-        for message, future, committed in batch:
-            try:
-                (stored,) = await self._write_batch([message])
-            except Exception as exc:
-                if not future.done():
-                    future.set_exception(exc)
-            else:
-                _settle(future, stored, committed)
+        """Queue a message for the next group commit (GroupCommit.enqueue)."""
+        return self._commit.enqueue(message, committed)
 
     async def _write_batch(self, batch: list[NewMessage]) -> list[Stored]:
-        async with self._pool.acquire() as conn, conn.transaction():
-            return await _write_messages(conn, batch)
+        """The whole batch in one round trip: one call of chatd_store_batch (migration 2),
+        its own transaction, on a connection of the flusher's own (releasing a pooled one
+        costs a second round trip, its reset; and a pool takes back a broken one)."""
+        if self._writer is None:
+            self._writer = await asyncpg.connect(self._url, timeout=CONNECT_TIMEOUT)
+        try:
+            rows = await self._writer.fetch(
+                "SELECT * FROM chatd_store_batch($1, $2, $3, $4, $5, $6)",
+                [m.kind == CHANNEL for m in batch],
+                [m.sender_id for m in batch],
+                [m.target_id for m in batch],
+                [m.body.encode() for m in batch],
+                [m.created_at for m in batch],
+                [None if m.client_id is None else m.client_id.encode() for m in batch],
+            )
+        except Exception:
+            if self._writer.is_closed():  # the server went away: the next batch reconnects
+                await self._drop_writer()
+            raise
+        return _results(batch, rows)
+
+    async def _drop_writer(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            await writer.close()
 
     # Users and tokens.
 
@@ -767,122 +839,36 @@ class PostgresStore:
     async def delete_user(self, user_id: int) -> None:
         """Delete a user with everything they sent, received, joined or held."""
         self._profiles = {k: v for k, v in self._profiles.items() if v[1].id != user_id}
-        # ON DELETE CASCADE removes tokens, messages and memberships with the row.
-        await self._value("DELETE FROM users WHERE id = $1", user_id)
+        async with self._transaction() as conn:
+            # The row first: its lock waits for a batch writing to or from this user, and
+            # a later batch finds the user gone (chatd_store_batch). ON DELETE CASCADE
+            # removes tokens and memberships; messages have no foreign key (migration 2).
+            await conn.execute("DELETE FROM users WHERE id = $1", user_id)
+            await conn.execute(
+                "DELETE FROM private_messages WHERE sender_id = $1 OR recipient_id = $1",
+                user_id,
+            )
+            await conn.execute("DELETE FROM channel_messages WHERE sender_id = $1", user_id)
 
 
-# Writing a batch of messages, inside the flusher's transaction.
-
-
-async def _write_messages(conn: Any, batch: list[NewMessage]) -> list[Stored]:
-    """Insert a batch; repeats of a client_id get the first result.
-
-    The streams are locked first, so a retry racing its original on another node
-    waits for it here, then finds it below (a unique constraint backs the check).
-    """
-    heads = await _lock_streams(conn, batch)
-    earlier = await _earlier_sends(conn, [m for m in batch if m.client_id is not None])
-    results: list[Stored | None] = [None] * len(batch)
-    fresh: dict[str, list[int]] = {PRIVATE: [], CHANNEL: []}  # batch positions to insert
-    repeats: dict[int, int] = {}  # batch position -> position of the same client_id
-    first_in_batch: dict[_DedupKey, int] = {}
-    for position, message in enumerate(batch):
+def _results(batch: list[NewMessage], rows: list[Any]) -> list[Stored]:
+    """One Stored per message of the batch, from chatd_store_batch's rows by position;
+    a repeat of a client_id earlier in the batch gets the first one's, as a duplicate."""
+    by_position = {n: Stored(id_, created_at, duplicate, seq) for n, id_, seq, created_at,
+                   duplicate in rows}
+    first: dict[DedupKey, int] = {}
+    results: list[Stored] = []
+    for position, message in enumerate(batch, start=1):
         key = message.dedup_key
-        if key is not None and key in earlier:
-            results[position] = earlier[key]
-        elif key is not None and key in first_in_batch:
-            repeats[position] = first_in_batch[key]
-        else:
-            if key is not None:
-                first_in_batch[key] = position
-            fresh[message.kind].append(position)
-    for kind, positions in fresh.items():
-        if positions:
-            stored = await _insert(conn, kind, [batch[i] for i in positions], heads)
-            for position, result in zip(positions, stored, strict=True):
-                results[position] = result
-    for position, first_position in repeats.items():
-        first = results[first_position]
-        assert first is not None
-        results[position] = Stored(first.id, first.created_at, duplicate=True)
-    assert all(stored is not None for stored in results)
-    return [stored for stored in results if stored is not None]
-
-
-async def _lock_streams(conn: Any, batch: list[NewMessage]) -> dict[tuple[str, int], int]:
-    """Lock the row of every stream the batch writes to; their newest seq, by stream.
-
-    Always inboxes before channels and by id within each, so that two writers never
-    wait for each other in a circle. A stream whose row is gone gets no entry: its
-    insert then fails on the foreign key.
-    """
-    heads: dict[tuple[str, int], int] = {}
-    for kind, (_, _, table, counter) in _STREAMS.items():
-        targets = sorted({m.target_id for m in batch if m.kind == kind})
-        if targets:
-            rows = await conn.fetch(
-                f"SELECT id, {counter} FROM {table} WHERE id = ANY($1::bigint[])"
-                " ORDER BY id FOR NO KEY UPDATE",
-                targets,
-            )
-            heads.update(((kind, row[0]), row[1]) for row in rows)
-    return heads
-
-
-async def _insert(
-    conn: Any, kind: str, messages: list[NewMessage], heads: dict[tuple[str, int], int]
-) -> list[Stored]:
-    """One multi-row INSERT numbering each stream on from its head; advances the heads."""
-    table, stream, counter_table, counter = _STREAMS[kind]
-    seqs: list[int] = []
-    for m in messages:
-        seq = heads[(kind, m.target_id)] = heads.get((kind, m.target_id), 0) + 1
-        seqs.append(seq)
-    targets = sorted({m.target_id for m in messages})
-    # The heads move in the same statement: one round trip to the database, not two.
-    rows = await conn.fetch(
-        f"WITH heads AS (UPDATE {counter_table} SET {counter} = h.q"
-        "  FROM unnest($7::bigint[], $8::bigint[]) AS h(id, q)"
-        f"  WHERE {counter_table}.id = h.id)"
-        f" INSERT INTO {table} (sender_id, {stream}, seq, body, created_at, client_id)"
-        " SELECT s, t, q, b, c, k FROM unnest($1::bigint[], $2::bigint[], $3::bigint[],"
-        "  $4::bytea[], $5::float8[], $6::bytea[]) WITH ORDINALITY AS v(s, t, q, b, c, k, n)"
-        f" ORDER BY n RETURNING id, {stream}, seq",
-        [m.sender_id for m in messages],
-        [m.target_id for m in messages],
-        seqs,
-        [m.body.encode() for m in messages],
-        [m.created_at for m in messages],
-        [None if m.client_id is None else m.client_id.encode() for m in messages],
-        targets,
-        [heads[(kind, target)] for target in targets],
-    )
-    ids = {(row[1], row[2]): row[0] for row in rows}
-    return [
-        Stored(ids[(m.target_id, seq)], m.created_at)
-        for m, seq in zip(messages, seqs, strict=True)
-    ]
-
-
-async def _earlier_sends(conn: Any, keyed: list[NewMessage]) -> dict[_DedupKey, Stored]:
-    """Messages already stored under the client_ids of ``keyed``."""
-    found: dict[_DedupKey, Stored] = {}
-    for kind, (table, _, _, _) in _STREAMS.items():
-        mine = [m for m in keyed if m.kind == kind]
-        if not mine:
-            continue
-        rows = await conn.fetch(
-            f"SELECT m.sender_id, m.client_id, m.id, m.created_at FROM {table} m"
-            " JOIN unnest($1::bigint[], $2::bytea[]) AS k(sender_id, client_id)"
-            " ON m.sender_id = k.sender_id AND m.client_id = k.client_id",
-            [m.sender_id for m in mine],
-            [m.client_id.encode() for m in mine if m.client_id is not None],
-        )
-        for sender_id, client_id, message_id, created_at in rows:
-            found[(kind, sender_id, client_id.decode())] = Stored(
-                message_id, created_at, duplicate=True
-            )
-    return found
+        if key is not None:
+            first.setdefault(key, position)
+        stored = by_position.get(position)
+        if stored is None:
+            assert key is not None
+            original = by_position[first[key]]
+            stored = Stored(original.id, original.created_at, True, original.seq)
+        results.append(stored)
+    return results
 
 
 async def _user_name_taken(conn: Any, key: str, skeletons: Skeletons) -> bool:
@@ -895,11 +881,11 @@ async def _user_name_taken(conn: Any, key: str, skeletons: Skeletons) -> bool:
 
 
 def _private(row: Any) -> PrivateMessage:
-    return PrivateMessage(row[0], row[1], row[2].decode(), row[3])
+    return PrivateMessage(row[0], row[1], row[2].decode(), row[3], row[4])
 
 
 def _channel(row: Any) -> ChannelMessage:
-    return ChannelMessage(row[0], row[1], row[2].decode(), row[3])
+    return ChannelMessage(row[0], row[1], row[2].decode(), row[3], row[4])
 
 
 def _before(before: int | None) -> int:

@@ -1,7 +1,7 @@
 """The store as the rest of chatd sees it: one Protocol, and ``open_store`` to pick one.
 
-``--db`` is either a path (the embedded SQLite store, chatd.store) or a URL
-``postgresql://user@host:port/dbname`` (chatd.postgres, which needs the optional
+``--db`` is either a path (the embedded SQLite store, chatd.store.sqlite) or a URL
+``postgresql://user@host:port/dbname`` (chatd.store.postgres, which needs the optional
 driver: ``pip install 'chatd[postgresql]'``).  Both implement MessageStore with the
 same contract, which tests/test_store_contract.py runs against each:
 
@@ -13,6 +13,9 @@ same contract, which tests/test_store_contract.py runs against each:
 - Read your writes: every other method first waits for the messages enqueued before
   it, so a caller sees its own sends.
 - Same rows, same order and same paging on either store.
+
+The row types (chatd.store.rows) and the SQLite store are re-exported here, so the
+rest of chatd imports everything store-related from ``chatd.store``.
 """
 
 from __future__ import annotations
@@ -22,24 +25,65 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from chatd.config import Config
-from chatd.store import (
+from chatd.store.rows import (
+    CHANNEL,
+    GUEST_HASH,
+    PRIVATE,
+    PROFILE_TTL,
     Batch,
     Bounds,
     Channel,
     ChannelMessage,
+    DatabaseFileLost,
     Joined,
     Membership,
     NewMessage,
     PrivateMessage,
     SentMessage,
     Skeletons,
-    Store,
     Stored,
     StoreError,
     User,
 )
+from chatd.store.sqlite import (
+    DEFAULT_WAL_LIMIT,
+    MIGRATIONS,
+    RESCUED_INFIX,
+    SYNCHRONOUS_MODES,
+    Store,
+    backup,
+)
 
-__all__ = ["POSTGRES_SCHEMES", "MessageStore", "is_postgres_url", "open_store"]
+__all__ = [
+    "CHANNEL",
+    "DEFAULT_WAL_LIMIT",
+    "GUEST_HASH",
+    "MIGRATIONS",
+    "POSTGRES_SCHEMES",
+    "PRIVATE",
+    "PROFILE_TTL",
+    "RESCUED_INFIX",
+    "SYNCHRONOUS_MODES",
+    "Batch",
+    "Bounds",
+    "Channel",
+    "ChannelMessage",
+    "DatabaseFileLost",
+    "Joined",
+    "Membership",
+    "MessageStore",
+    "NewMessage",
+    "PrivateMessage",
+    "SentMessage",
+    "Skeletons",
+    "Store",
+    "StoreError",
+    "Stored",
+    "User",
+    "backup",
+    "is_postgres_url",
+    "open_store",
+]
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 POSTGRES_EXTRA = "pip install 'chatd[postgresql]'"
@@ -150,12 +194,12 @@ async def open_store(db: str, config: Config) -> MessageStore:
     """The store ``db`` names, schema created or migrated, ready to serve.
 
     For SQLite this also refuses a file it cannot write and starts the background WAL
-    checkpointer the config asks for (SQLite's own business, kept out of the server).
+    checkpointer the config asks for (Store.open_configured: SQLite's own business).
     Raises StoreError.
     """
     if is_postgres_url(db):
         try:
-            from chatd.postgres import PostgresStore
+            from chatd.store.postgres import PostgresStore
         except ImportError as exc:
             if exc.name != "asyncpg":  # a fault of chatd's own, not the optional driver
                 raise
@@ -163,24 +207,12 @@ async def open_store(db: str, config: Config) -> MessageStore:
                 f"{db.split(':', 1)[0]} URLs need the asyncpg driver: {POSTGRES_EXTRA}"
             ) from exc
         return await PostgresStore.open(db)
-    store = await Store.open(db, config.db_synchronous, config.db_busy_timeout)
-    try:
-        await store.require_writable()
-        if config.db_checkpoint_interval:
-            await store.checkpoint_in_background(
-                db, config.db_checkpoint_interval, config.db_wal_limit
-            )
-    except BaseException as exc:
-        await store.close()
-        if isinstance(exc, StoreError) or not isinstance(exc, Exception):
-            raise
-        raise StoreError(f"cannot use database {db}: {exc}") from exc
-    return store
+    return await Store.open_configured(db, config)
 
 
 if TYPE_CHECKING:
     # Static checks: mypy fails here if a store drifts from the Protocol.
-    from chatd.postgres import PostgresStore
+    from chatd.store.postgres import PostgresStore
 
     def _sqlite_is_a_message_store(store: Store) -> MessageStore:
         return store

@@ -1,0 +1,151 @@
+"""Rows and results as every store hands them out, and the errors stores raise.
+
+Plain data, no SQL: handlers, delivery and both stores (chatd.store.sqlite,
+chatd.store.postgres) share these types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Generic, TypeVar
+
+from chatd.errors import ServerError
+
+T = TypeVar("T")
+
+# What a name looks like in small letters and in capitals (chatd/names.py).
+Skeletons = tuple[str, str]
+
+class StoreError(Exception):
+    """The database cannot be opened or migrated."""
+
+
+class DatabaseFileLost(ServerError):
+    """The database file was deleted or replaced while chatd had it open (code 9).
+
+    Whatever is written after that goes into a file no one will find again, so
+    nothing more is written, and nothing written after the loss is acknowledged.
+    """
+
+    default_message = (
+        "database file was deleted or replaced; writes refused until chatd is restarted"
+        " by an operator"
+    )
+
+
+# Rows as plain slotted dataclasses, treated as read-only: frozen ones cost several
+# times more to create, and several are made per message on the hot path.
+@dataclass(slots=True)
+class User:
+    id: int
+    name: str
+    password_hash: str
+    created_at: float
+
+
+@dataclass(slots=True)
+class Channel:
+    id: int
+    name: str
+    created_at: float
+
+
+@dataclass(slots=True)
+class Stored:
+    """The result of storing a message: what the sender is told."""
+
+    id: int
+    created_at: float
+    duplicate: bool = False  # True when client_id matched an earlier send
+    seq: int = 0  # its number in its stream (the channel, or the recipient's inbox)
+
+
+@dataclass(slots=True)
+class PrivateMessage:
+    id: int
+    sender: str
+    body: str
+    created_at: float
+    seq: int = 0  # its number in its stream (the channel, or the recipient's inbox)
+
+
+@dataclass(slots=True)
+class ChannelMessage:
+    id: int
+    sender: str
+    body: str
+    created_at: float
+    seq: int = 0  # its number in its stream (the channel, or the recipient's inbox)
+
+
+@dataclass(slots=True)
+class SentMessage:
+    """A private message seen from either side of a conversation."""
+
+    id: int
+    sender: str
+    recipient: str
+    body: str
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """An open interval of messages, by id and by time (IRC CHATHISTORY)."""
+
+    after_id: int = 0
+    before_id: int = (1 << 63) - 1
+    after_time: float = float("-inf")
+    before_time: float = float("inf")
+
+    def values(self) -> tuple[int, int, float, float]:
+        return self.after_id, self.before_id, self.after_time, self.before_time
+
+
+@dataclass(slots=True)
+class Membership:
+    channel_id: int
+    channel: str
+    read_cursor: int | None
+    unread: int
+
+
+class Joined(Enum):
+    NOW = "now"  # the caller was not a member and now is
+    ALREADY = "already"  # the caller was a member already
+    LEFT = "left"  # the caller left this channel and has not re-joined
+    LOOKALIKE = "lookalike"  # a new name that looks like this existing channel's: nothing done
+
+
+@dataclass(slots=True)
+class Batch(Generic[T]):
+    """Messages handed to a reader, and whether more were left waiting."""
+
+    messages: list[T]
+    more: bool
+
+
+PRIVATE, CHANNEL = "private", "channel"
+
+
+@dataclass(slots=True)
+class NewMessage:
+    kind: str
+    sender_id: int
+    target_id: int  # recipient or channel
+    body: str
+    created_at: float
+    client_id: str | None
+
+    @property
+    def dedup_key(self) -> tuple[str, int, str] | None:
+        return None if self.client_id is None else (self.kind, self.sender_id, self.client_id)
+
+
+# How stale a cached user may be: a user deleted by `chatd admin` in another process can
+# still be addressed this long (the send then fails alone, with code 9).
+PROFILE_TTL = 10.0
+
+# The password hash of an IRC guest: no argon2 hash, so no password ever matches it.
+GUEST_HASH = "guest"

@@ -1,0 +1,103 @@
+"""chatd.store.commit in memory: the group commit both stores share, over a toy backend.
+
+The contract suite (test_store_contract.py) runs it against SQLite and PostgreSQL;
+these check the machine itself: batching, the one-by-one retry, publish-then-answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from chatd.store import PRIVATE, NewMessage, Stored
+from chatd.store.commit import BatchPlan, GroupCommit
+
+
+class RowFault(Exception):
+    pass
+
+
+class Backend:
+    """Stores bodies in a list; a body "bad" is a faulty row, "down" a failed database."""
+
+    def __init__(self) -> None:
+        self.rows: list[str] = []
+        self.batches: list[list[str]] = []
+
+    async def write_batch(self, batch: list[NewMessage]) -> list[Stored]:
+        await asyncio.sleep(0)  # a real write yields to the loop: others enqueue meanwhile
+        bodies = [m.body for m in batch]
+        self.batches.append(bodies)
+        if "down" in bodies:
+            raise OSError("database unreachable")
+        if "bad" in bodies:
+            raise RowFault()
+        start = len(self.rows)
+        self.rows += bodies
+        return [Stored(start + i + 1, m.created_at, False, start + i + 1) for i, m in
+                enumerate(batch)]
+
+
+def message(body: str, client_id: str | None = None) -> NewMessage:
+    return NewMessage(PRIVATE, 1, 2, body, 0.0, client_id)
+
+
+async def test_messages_enqueued_together_share_a_batch_and_keep_their_order() -> None:
+    backend = Backend()
+    commit = GroupCommit(backend.write_batch, RowFault)
+    first = commit.enqueue(message("a"))
+    await asyncio.sleep(0)  # the flusher takes "a" alone, then the rest as one batch
+    rest = [commit.enqueue(message(body)) for body in "bcd"]
+    results = await asyncio.gather(first, *rest)
+    assert [r.id for r in results] == [1, 2, 3, 4]
+    assert backend.batches == [["a"], ["b", "c", "d"]]
+
+
+async def test_a_faulty_row_fails_alone() -> None:
+    backend = Backend()
+    commit = GroupCommit(backend.write_batch, RowFault)
+    futures = [commit.enqueue(message(body)) for body in ("a", "bad", "c")]
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert isinstance(results[1], RowFault)
+    assert backend.rows == ["a", "c"]
+
+
+async def test_a_failed_database_fails_the_whole_batch_and_the_next_one_goes_on() -> None:
+    backend = Backend()
+    commit = GroupCommit(backend.write_batch, RowFault)
+    failed = [commit.enqueue(message(body)) for body in ("a", "down")]
+    for future in failed:
+        with pytest.raises(OSError):
+            await future
+    assert (await commit.enqueue(message("later"))).id == 1
+
+
+async def test_each_message_is_published_before_its_sender_is_answered() -> None:
+    backend = Backend()
+    commit = GroupCommit(backend.write_batch, RowFault)
+    seen: list[tuple[int, bool]] = []
+    futures: list[asyncio.Future[Stored]] = []
+
+    def publish(stored: Stored) -> None:
+        seen.append((stored.id, futures[stored.id - 1].done()))
+        if stored.id == 2:
+            raise RuntimeError("a push failed")  # logged; the others and the reply go on
+
+    futures += [commit.enqueue(message(body), publish) for body in "abc"]
+    await asyncio.gather(*futures)
+    assert seen == [(1, False), (2, False), (3, False)]
+    await commit.settled()
+    assert commit.last is futures[-1]
+
+
+def test_batch_plan_answers_repeats_with_the_first_result() -> None:
+    earlier = {(PRIVATE, 1, "x"): Stored(7, 0.0, True, 3)}
+    batch = [message("a", "x"), message("b", "y"), message("c"), message("d", "y")]
+    plan = BatchPlan(batch, earlier)
+    assert plan.fresh[PRIVATE] == [1, 2]
+    plan.results[1] = Stored(10, 0.0, False, 4)
+    plan.results[2] = Stored(11, 0.0, False, 5)
+    assert [(s.id, s.seq, s.duplicate) for s in plan.done()] == [
+        (7, 3, True), (10, 4, False), (11, 5, False), (10, 4, True),
+    ]
