@@ -73,13 +73,6 @@ def make_text(seq: int, size: int) -> str:
     return head + "x" * max(1, size - len(head))
 
 
-def seq_of(text: object) -> int:
-    if not isinstance(text, str):
-        return -1
-    head = text.split(" ", 1)[0]
-    return int(head) if head.isdigit() else -1
-
-
 def percentile(sorted_values: Sequence[float], p: float) -> float:
     if not sorted_values:
         return float("nan")
