@@ -56,6 +56,9 @@ from typing import Any, TextIO, TypeVar
 from chatd.client import Client
 from chatd.codec import FrameDecoder, decode_body, encode_frame
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import loadgen
+
 ROOT = Path(__file__).resolve().parent.parent
 Unpack = Callable[[bytes], Any]  # decodes one frame body (chatd.codec.FrameDecoder)
 SCRIPT = Path(__file__).resolve()
@@ -78,6 +81,8 @@ UNLIMITED = [
     "--max-connections", "1000000",
     "--max-connections-per-address", "1000000",
     "--max-outbound-buffer", str(256 * MIB),
+    # idle binds 100 connections per user and subscribes each at once.
+    "--subscribe-rate", "1e9", "--subscribe-burst", "1000000000",
 ]
 # The `wal` scenario floods every write op: the WAL bound must hold whatever the limits.
 WAL_UNLIMITED = [
@@ -122,6 +127,7 @@ class Sizes:
     idle_connections: int = 10_000
     idle_users: int = 100
     idle_concurrency: int = 200  # connections being opened at once
+    peer_idle_connections: int = 1_000  # --peers idle: miniircd dies past ~1,019 (select)
     logins: int = 200
     login_users: int = 200
     ping_interval: float = 0.005
@@ -158,6 +164,7 @@ QUICK = Sizes(
     wal_workers=4,
     hostile_pings=100,
     hostile_burst=2_000,
+    peer_idle_connections=50,
 )
 
 
@@ -415,6 +422,9 @@ def kill_children() -> None:
                 popen.wait(10)
 
 
+GENERATOR_BOUND_PCT = 80.0  # generator CPU (% of a core) above which a figure is a lower bound
+
+
 class Probe:
     """CPU used by the server and by the benchmark over the measured phase.
 
@@ -455,13 +465,16 @@ class Probe:
             "server_cpu_pct": None if server_cpu is None or server0 is None
             else round(100 * (server_cpu - server0) / wall, 1),
         }
+        # A figure the generator may have limited is a lower bound, never a target met.
+        self.result["lower_bound"] = self.result["client_cpu_pct"] > GENERATOR_BOUND_PCT
         database = 0.0
         if self.database_cpu is not None:
             now = self.database_cpu()
             database = sum(cpu - self._database0.get(pid, 0.0) for pid, cpu in now.items())
             self.result["postgres_cpu_pct"] = round(100 * database / wall, 1)
         # Everything else the machine ran meanwhile: a busy neighbour makes a noisy run.
-        if busy is not None and busy0 is not None and server_cpu is not None and server0:
+        if (busy is not None and busy0 is not None and server_cpu is not None
+                and server0 is not None):  # 0.0 for a server that has not run yet
             other = (busy - busy0) - (own - own0) - (server_cpu - server0) - database
             self.result["other_cpu_pct"] = round(max(0.0, 100 * other / wall), 1)
 
@@ -1744,9 +1757,17 @@ def headline(result: dict[str, Any]) -> str:
     return f"{g('messages_per_s')} msg/s"
 
 
+def bounded(result: dict[str, Any]) -> str:
+    """The headline, marked when the generator may have been the limit."""
+    if not result.get("lower_bound"):
+        return headline(result)
+    return (f"at least {headline(result)} (lower bound: generator at "
+            f"{result.get('client_cpu_pct')}%)")
+
+
 def print_table(results: list[dict[str, Any]]) -> None:
     rows = [(r["scenario"], f"{r['server']} on {r['store']}" if r.get("store") else r["server"],
-             "yes" if r["verified"] else "NO", headline(r) + _versus_sqlite(r),
+             "yes" if r["verified"] else "NO", bounded(r) + _versus_sqlite(r),
              f"{r.get('server_cpu_pct', '-')}% / {r.get('client_cpu_pct', '-')}% / "
              f"{r.get('other_cpu_pct', '-')}%")
             for r in results]
@@ -1761,6 +1782,347 @@ def print_table(results: list[dict[str, Any]]) -> None:
         print("bench: the machine ran other work meanwhile (other_cpu_pct, % of one core): "
               + ", ".join(noisy) + ": those figures are noisy", file=sys.stderr)
     for r in results:
+        if not r["verified"]:
+            print(f"{r['scenario']}/{r['server']} FAILED: {r['verification']['errors'][:5]}",
+                  file=sys.stderr)
+
+
+# Peers (--peers): the same load, from scripts/loadgen.py, against chatd and the IRC
+# servers it is compared with, each fresh per scenario, pinned like chatd.
+
+PEERS = ("miniircd", "ngircd")
+PEER_SERVERS = ("chatd", "chatd-irc", *PEERS)
+PEER_SCENARIOS = loadgen.SCENARIOS
+PEERS_HOME = Path(os.environ.get("CHATD_BENCH_PEERS",
+                                 Path.home() / ".cache" / "chatd-bench-peers"))
+# The targets of issue 16, section 2, as ratios measured in one run: (scenario, metric,
+# peer, "min" or "max", bound).  A figure whose generator was above GENERATOR_BOUND_PCT
+# is a lower bound and never meets a target; nor does an unverified one.
+PEER_TARGETS = (
+    ("dm", "delivered_per_s", "miniircd", "min", 0.5),
+    ("fanout", "deliveries_per_s", "miniircd", "min", 1.0),
+    ("latency", "p99_ms", "miniircd", "max", 1.5),
+    ("idle", "bytes_per_connection", "ngircd", "max", 1.5),
+)
+PEER_METRIC = {"dm": "delivered_per_s", "fanout": "deliveries_per_s", "latency": "p99_ms",
+               "idle": "bytes_per_connection"}
+PEER_RUNS = itertools.count(1)
+MINIIRCD_MAX_CONNECTIONS = 1_000  # select() in miniircd: it dies at about 1,019
+
+
+def find_peer(name: str, args: argparse.Namespace) -> list[str] | None:
+    """The command that runs peer ``name``, or None (scripts/bench-peers-setup.sh installs)."""
+    if name == "miniircd":
+        given = args.miniircd or shutil.which("miniircd")
+        installed = PEERS_HOME / "venv" / "bin" / "miniircd"
+        path = given or (str(installed) if installed.exists() else None)
+        return [path] if path else None
+    path = args.ngircd or shutil.which("ngircd") or (
+        "/usr/sbin/ngircd" if Path("/usr/sbin/ngircd").exists() else None)
+    return [path] if path else None
+
+
+def spare_port() -> int:
+    """A loopback port free now (the peers cannot be told to pick one and say which)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def ngircd_config(port: int, workdir: Path) -> Path:
+    """Limits out of the way, as chatd's UNLIMITED: penalties (flood delays) off, no
+    per-address cap, no DNS/ident look-ups, pings far apart, long nicks."""
+    motd = workdir / "ngircd.motd"
+    motd.write_text("bench\n")
+    path = workdir / f"ngircd-{port}.conf"
+    path.write_text(f"""[Global]
+Name = bench.ngircd.local
+Info = chatd benchmark peer
+Listen = 127.0.0.1
+Ports = {port}
+MotdFile = {motd}
+PidFile = {workdir / f"ngircd-{port}.pid"}
+[Limits]
+MaxConnections = 0
+MaxConnectionsIP = 0
+MaxJoins = 0
+MaxNickLength = 30
+MaxPenaltyTime = 0
+PingTimeout = 3600
+PongTimeout = 3600
+[Options]
+DNS = no
+Ident = no
+PAM = no
+""")
+    return path
+
+
+async def start_peer(name: str, command: list[str], bench: Bench, label: str
+                     ) -> ServerProcess:
+    """The peer on a spare port; again on another if someone took that port meanwhile."""
+    for _ in range(3):
+        server = await start_peer_on(name, command, bench, label, spare_port())
+        if server is not None:
+            return server
+    raise BenchError(f"{name} could not listen on a spare port (three tries)")
+
+
+async def start_peer_on(name: str, command: list[str], bench: Bench, label: str, port: int
+                        ) -> ServerProcess | None:
+    if name == "ngircd":
+        argv = [*command, "--nodaemon", "--config", str(ngircd_config(port, bench.workdir))]
+    else:
+        argv = [*command, "--listen", "127.0.0.1", "--ports", str(port)]
+        if os.geteuid() == 0:  # miniircd refuses to run as root without it
+            argv += ["--setuid", "nobody"]
+    if bench.args.pin:
+        argv = ["taskset", "-c", "0", *argv]
+    log_path = bench.workdir / f"{label}.log"
+    popen = _spawn(argv, log_path, dict(os.environ), bench.workdir)
+    server = ServerProcess("127.0.0.1", port, popen.pid, popen, log_path)
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            if popen.poll() is not None or time.monotonic() > deadline:
+                await server.stop()
+                raise BenchError(f"{name} did not listen on {port}:\n"
+                                 f"{server.log_tail()}") from None
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        # Something answered; it is the peer only if the peer is still running (a peer
+        # that lost the port to another process exits at once).
+        await asyncio.sleep(0.3)
+        if popen.poll() is None:
+            return server
+        await server.stop()
+        return None
+
+
+def load_sizes(sizes: Sizes, args: argparse.Namespace, prefix: str, server: str
+               ) -> loadgen.LoadSizes:
+    idle = sizes.peer_idle_connections
+    if server == "miniircd":
+        idle = min(idle, MINIIRCD_MAX_CONNECTIONS)
+    return loadgen.LoadSizes(
+        pairs=sizes.dm_pairs, messages=sizes.dm_messages, window=args.peer_window,
+        refill=args.peer_refill,
+        members=sizes.fanout_members, senders=sizes.fanout_senders,
+        channel_messages=sizes.fanout_messages, latency_rate=sizes.latency_rate,
+        latency_seconds=sizes.latency_seconds, latency_pairs=sizes.latency_pairs,
+        idle_connections=idle, idle_users=min(sizes.idle_users, idle),
+        message_size=sizes.message_size, timeout=EVENT_TIMEOUT, prefix=prefix,
+        # miniircd listens with a backlog of 5 (ngircd's is small too): more connects at
+        # once are dropped and retried by the kernel seconds later.
+        connect_concurrency=32 if server == "chatd" else 4,
+        idle_concurrency=sizes.idle_concurrency if server == "chatd" else 4)
+
+
+async def peer_scenario(bench: Bench, server_name: str, name: str) -> dict[str, Any]:
+    """One scenario against one server, fresh, through scripts/loadgen.py."""
+    args = bench.args
+    # A fresh database for every attempt (--retries-if-noisy runs a scenario again).
+    label = f"peer-{name}-{server_name}-{next(PEER_RUNS)}"
+    if server_name in ("chatd", "chatd-irc"):
+        # Pings an hour apart, as ngircd's: the receivers send nothing for the whole run,
+        # and a ping event would be counted as a message.
+        argv = [*bench.chatd_argv(label, default_argon2=False), "--ping-interval", "3600"]
+        irc_port = spare_port() if server_name == "chatd-irc" else None
+        if irc_port is not None:
+            argv += ["--irc-port", str(irc_port)]  # chatd's IRC front-end (issue 15)
+        server = await ServerProcess.start(argv, bench.workdir, label, args.pin)
+    else:
+        command = find_peer(server_name, args)
+        assert command is not None
+        server = await start_peer(server_name, command, bench, label)
+    frames = loadgen.FrameWire(server.host, server.port)
+    wire: loadgen.Wire = frames
+    if server_name == "chatd-irc":
+        assert irc_port is not None
+        wire = loadgen.IrcWire(server.host, irc_port, server_name, account_wire=frames)
+    elif server_name != "chatd":
+        wire = loadgen.IrcWire(server.host, server.port, server_name)
+    sizes = load_sizes(bench.sizes, args, f"{bench.prefix}{name[:2]}", server_name)
+    check, probe = Check(), Probe(server)
+    metrics: dict[str, Any] = {}
+    try:
+        async with asyncio.timeout(args.timeout):
+            if name == "idle":
+                metrics = await loadgen.scenario_idle(wire, sizes, probe, check, server.rss_kib)
+            else:
+                scenario = {"dm": loadgen.scenario_dm, "fanout": loadgen.scenario_fanout,
+                            "latency": loadgen.scenario_latency}[name]
+                metrics = await scenario(wire, sizes, probe, check)
+    except Exception as exc:  # a scenario that crashes has verified nothing
+        what = "timed out" if isinstance(exc, TimeoutError) else "failed"
+        check.fail(f"scenario {what}: {type(exc).__name__}: {exc}")
+    finally:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(60):
+                await cancel_other_tasks()
+        await server.stop()
+    if server_name.startswith("chatd"):
+        check.equal("server errors logged", server.error_lines()[:5], [])
+    return {
+        "scenario": name,
+        "server": server_name,
+        "mode": "peers",
+        "protocol": "msgpack" if server_name == "chatd" else "irc",
+        **bench.meta,
+        "db_synchronous": args.db_synchronous if server_name.startswith("chatd") else None,
+        **metrics,
+        **probe.result,
+        "verified": check.ok,
+        "verification": check.report(),
+    }
+
+
+async def quietest_peer_run(bench: Bench, server_name: str, name: str) -> dict[str, Any]:
+    """As ``measure``: again while other processes made it noisy; the quietest is kept."""
+    best: dict[str, Any] | None = None
+    for attempt in range(1, bench.args.retries_if_noisy + 2):
+        waited = await wait_idle(bench.args.wait_idle) if bench.args.wait_idle else 0.0
+        result = await peer_scenario(bench, server_name, name)
+        result["attempt"], result["waited_idle_s"] = attempt, waited
+        noise = result.get("other_cpu_pct") or 0.0
+        if best is None or noise < (best.get("other_cpu_pct") or 0.0):
+            best = result
+        if not result["verified"]:
+            return result
+        if noise <= NOISY_PCT:
+            break
+    assert best is not None
+    return best
+
+
+def per_cpu_ratio(name: str, mine: dict[str, Any], theirs: dict[str, Any]) -> float | None:
+    """chatd / peer in messages per server CPU-second (throughput scenarios only)."""
+    metric = PEER_METRIC[name]
+    if name not in ("dm", "fanout") or not mine.get("server_cpu_pct") or not theirs.get(
+            "server_cpu_pct"):
+        return None
+    ratio: float = (mine[metric] / mine["server_cpu_pct"]) / (
+        theirs[metric] / theirs["server_cpu_pct"])
+    return round(ratio, 3)
+
+
+def peer_ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """chatd / peer for each scenario's headline metric, from this one run, and the targets."""
+    by = {(r["scenario"], r["server"]): r for r in results}
+    ratios: dict[str, Any] = {}
+    for (name, metric), (ours, key) in itertools.product(
+            PEER_METRIC.items(), (("chatd", ""), ("chatd-irc", "irc "))):
+        mine = by.get((name, ours))
+        for peer in PEERS:
+            theirs = by.get((name, peer))
+            if not mine or not theirs or not mine.get(metric) or not theirs.get(metric):
+                continue
+            # "dm/miniircd": chatd over msgpack; "irc dm/miniircd": over its IRC port.
+            ratios[f"{key}{name}/{peer}"] = {
+                "metric": metric,
+                "ratio": round(mine[metric] / theirs[metric], 3),
+                "chatd": mine[metric], peer: theirs[metric],
+                # Throughput per second of the server's own CPU: on a shared machine a
+                # pinned server still loses its core to others now and then, which
+                # lowers its rate but not this.
+                "ratio_per_server_cpu": per_cpu_ratio(name, mine, theirs),
+                # Which side's figure may be the generator's, not the server's, limit.
+                "chatd_lower_bound": bool(mine.get("lower_bound")),
+                "peer_lower_bound": bool(theirs.get("lower_bound")),
+                "verified": bool(mine["verified"] and theirs["verified"]),
+            }
+    targets = []
+    for name, metric, peer, direction, bound in PEER_TARGETS:
+        found = ratios.get(f"{name}/{peer}")
+        entry: dict[str, Any] = {"scenario": name, "metric": metric, "peer": peer,
+                                 direction: bound, "ratio": None, "met": False}
+        if found is not None:
+            ratio = found["ratio"]
+            meets = ratio >= bound if direction == "min" else ratio <= bound
+            trusted = (found["verified"] and not found["chatd_lower_bound"]
+                       and not found["peer_lower_bound"])
+            if name == "fanout":  # "with chatd's CPU below 100%"
+                cpu = (by[("fanout", "chatd")].get("server_cpu_pct") or 100.0)
+                meets = meets and cpu < 100.0
+            entry.update(ratio=ratio, met=bool(meets and trusted),
+                         counted=trusted)
+            if not trusted:
+                entry["why_not_counted"] = "a figure is a lower bound or unverified"
+        targets.append(entry)
+    return {"ratios": ratios, "targets": targets}
+
+
+async def peers_main(bench: Bench, output: TextIO | None) -> list[dict[str, Any]]:
+    """Each scenario on every server in turn, interleaved, so the ratios share a time."""
+    args = bench.args
+    servers: list[str] = []
+    skipped: dict[str, str] = {}
+    for server in dict.fromkeys(args.peer or ("chatd", *PEERS)):
+        if server in PEERS and find_peer(server, args) is None:
+            skipped[server] = "not installed (scripts/bench-peers-setup.sh)"
+        else:
+            servers.append(server)
+    results: list[dict[str, Any]] = []
+
+    def emit(line_result: dict[str, Any]) -> None:
+        line = json.dumps(line_result)
+        print(line, flush=True)
+        if output is not None:
+            output.write(line + "\n")
+            output.flush()
+
+    for name in args.scenario or PEER_SCENARIOS:
+        if name not in PEER_SCENARIOS:
+            continue
+        for server_name in servers:
+            result = await quietest_peer_run(bench, server_name, name)
+            results.append(result)
+            emit(result)
+    summary = {"scenario": "peers", "server": "all", "mode": "peers", **bench.meta,
+               **peer_ratios(results), "skipped": skipped,
+               "verified": all(r["verified"] for r in results)}
+    emit(summary)
+    return [*results, summary]
+
+
+def print_peers_table(results: list[dict[str, Any]]) -> None:
+    summary = results[-1]
+    rows = []
+    for r in results[:-1]:
+        metric = PEER_METRIC[r["scenario"]]
+        figure = f"{r.get(metric, '-')}"
+        if r.get("lower_bound"):
+            figure = f">= {figure} (lower bound)"
+        rows.append((r["scenario"], r["server"], "yes" if r["verified"] else "NO",
+                     f"{metric} {figure}",
+                     f"{r.get('server_cpu_pct', '-')}% / {r.get('client_cpu_pct', '-')}% / "
+                     f"{r.get('other_cpu_pct', '-')}%"))
+    for key, ratio in summary["ratios"].items():
+        marks = [side for side in ("chatd", "peer") if ratio[f"{side}_lower_bound"]]
+        note = f" ({' and '.join(marks)} figure a lower bound)" if marks else ""
+        per_cpu = ratio.get("ratio_per_server_cpu")
+        per_cpu_note = "" if per_cpu is None else f", {per_cpu} per server CPU-second"
+        rows.append((key, "chatd/peer", "yes" if ratio["verified"] else "NO",
+                     f"{ratio['metric']} ratio {ratio['ratio']}{per_cpu_note}{note}", ""))
+    for target in summary["targets"]:
+        bound = target.get("min", target.get("max"))
+        sign = ">=" if "min" in target else "<="
+        rows.append((f"target {target['scenario']}", f"/{target['peer']}",
+                     "met" if target["met"] else "not met",
+                     f"{target['metric']} ratio {target['ratio']} {sign} {bound}"
+                     + ("" if target.get("counted", True) else " (not counted)"), ""))
+    header = ("scenario", "server", "verified", "result", "cpu server/bench/other")
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)),
+              file=sys.stderr)
+    for name, why in summary["skipped"].items():
+        print(f"bench: {name} skipped: {why}", file=sys.stderr)
+    for r in results[:-1]:
         if not r["verified"]:
             print(f"{r['scenario']}/{r['server']} FAILED: {r['verification']['errors'][:5]}",
                   file=sys.stderr)
@@ -1812,6 +2174,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json-only", action="store_true", help="no table on stderr")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary directory (databases, server logs)")
+    parser.add_argument("--peers", action="store_true",
+                        help="run dm, fanout, latency and idle against chatd and the IRC "
+                             "peers (miniircd, ngircd) with scripts/loadgen.py; print ratios")
+    parser.add_argument("--peer", action="append", choices=PEER_SERVERS,
+                        help="with --peers: run this server (repeatable; default: chatd, "
+                             "miniircd, ngircd; chatd-irc is chatd over its IRC port, "
+                             "chatd --irc-port)")
+    parser.add_argument("--peer-window", type=int, default=256, metavar="N",
+                        help="with --peers: messages a sender may be ahead of its receivers "
+                             "(default 256)")
+    parser.add_argument("--peer-refill", type=int, default=8, metavar="N",
+                        help="with --peers: a sender writes once N more messages may go "
+                             "(default 8; ngircd runs at most 3 commands of a client per "
+                             "loop turn and turns on socket events, so it needs small, "
+                             "frequent writes)")
+    parser.add_argument("--miniircd", metavar="PATH", help="the miniircd to run")
+    parser.add_argument("--ngircd", metavar="PATH", help="the ngircd to run")
     parser.add_argument("--db-url", metavar="URL",
                         help="serve from PostgreSQL: a fresh database on this server per "
                              "scenario, dropped after it (postgresql://user@host:port/dbname)")
@@ -1888,7 +2267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="chatd-bench-"))
     output = open(args.output, "w") if args.output else None  # noqa: SIM115
     try:
-        results = run_loop(bench_main(Bench(args, sizes, workdir, meta), output))
+        bench = Bench(args, sizes, workdir, meta)
+        results = run_loop(peers_main(bench, output) if args.peers else bench_main(bench, output))
     except asyncio.CancelledError:
         print("bench: terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
@@ -1904,7 +2284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"bench: kept {workdir}", file=sys.stderr)
     if not args.json_only:
-        print_table(results)
+        (print_peers_table if args.peers else print_table)(results)
     return 0 if results and all(r["verified"] for r in results) else 1
 
 
