@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import os
 import shutil
 import signal
@@ -38,7 +39,10 @@ def spare_port() -> int:
 
 
 def require_program(name: str) -> str:
-    path = shutil.which(name)
+    # Debian keeps PostgreSQL's server programs off PATH, under its version's directory.
+    path = shutil.which(name) or next(
+        iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None
+    )
     if path is None:
         unavailable(f"{name} is not installed")
     return path
