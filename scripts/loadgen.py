@@ -101,6 +101,7 @@ class Conn(asyncio.Protocol):
         self.done_at = 0.0  # perf_counter when ``count`` reached ``_target``
         self._target = 0
         self._reached: asyncio.Future[None] | None = None
+        self._progress_at = 0.0  # time.monotonic() of the last message counted
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -118,7 +119,10 @@ class Conn(asyncio.Protocol):
             self._parse(data)
             return
         self.chunks.append(data)
-        self.count += self._count(data)
+        counted = self._count(data)
+        if counted:
+            self.count += counted
+            self._progress_at = time.monotonic()
         if self.on_progress is not None:
             self.on_progress(self)
         reached = self._reached
@@ -135,17 +139,25 @@ class Conn(asyncio.Protocol):
     def count_from_now(self, target: int) -> None:
         """Switch to counting mode; ``reached()`` resolves once ``target`` messages came."""
         self.counting, self.count, self.chunks, self._target = True, 0, [], target
+        self._progress_at = time.monotonic()
         self._reached = asyncio.get_running_loop().create_future()
         if target == 0:
             self._reached.set_result(None)
 
-    async def reached(self, timeout: float) -> None:
+    async def reached(self, silence: float) -> None:
+        """Wait for ``target`` messages; LoadError once ``silence`` seconds pass with no
+        new one.  A bound on silence, not on the whole run: a long run that is still
+        delivering is not a stall."""
         assert self._reached is not None
-        try:
-            await asyncio.wait_for(asyncio.shield(self._reached), timeout)
-        except TimeoutError:
-            raise LoadError(f"got {self.count} of {self._target} messages, then nothing "
-                            f"for {timeout:.0f} s") from None
+        while True:
+            left = self._progress_at + silence - time.monotonic()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._reached), max(left, 0.0))
+                return
+            except TimeoutError:
+                if time.monotonic() - self._progress_at >= silence:
+                    raise LoadError(f"got {self.count} of {self._target} messages, then "
+                                    f"nothing for {silence:.0f} s") from None
 
     def close(self) -> None:
         if self.transport is not None:

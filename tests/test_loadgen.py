@@ -201,3 +201,29 @@ async def test_server_pings_are_answered_and_not_counted_while_counting() -> Non
     check = Recorder()
     received, _ = loadgen.IrcWire("h", 1, "x").decode(conn, check, "irc")
     assert check.failures == [] and [m.text for m in received] == ["0 xx", "1 xx", "2 xx"]
+
+
+async def test_a_run_still_delivering_is_not_a_stall_however_long_it_lasts() -> None:
+    # The timeout bounds silence, not the whole run: a full-size run lasts longer than
+    # it, and was once reported as "then nothing for 60 s" while messages still came.
+    conn = loadgen.LineConn()
+    conn.count_from_now(25)
+    silence = 1.5
+
+    async def trickle() -> None:
+        for i in range(25):  # 2.5 s in all, a line every 0.1 s
+            await asyncio.sleep(0.1)
+            conn.data_received(f":a!~a@h PRIVMSG b :{i} xx\r\n".encode())
+
+    feeding = asyncio.create_task(trickle())
+    await conn.reached(silence)
+    await feeding
+    assert conn.count == 25
+
+
+async def test_silence_while_messages_are_expected_fails() -> None:
+    conn = loadgen.LineConn()
+    conn.count_from_now(2)
+    conn.data_received(b":a!~a@h PRIVMSG b :0 xx\r\n")
+    with pytest.raises(loadgen.LoadError, match="got 1 of 2 messages, then nothing for 0 s"):
+        await conn.reached(0.2)

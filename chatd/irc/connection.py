@@ -13,6 +13,7 @@ import asyncio
 import logging
 import ssl
 from collections import Counter
+from typing import cast
 
 from chatd.app import App
 from chatd.irc.lines import format_line
@@ -132,6 +133,11 @@ class IrcConnection:
 
     def shutdown(self) -> None:
         self._say_goodbye("Server shutting down")
+        # Nothing more is read: bytes the client sends after the end of stream is fed
+        # would be a fatal error in feed_data(), logged, and the goodbye cut off.
+        transport = cast(asyncio.Transport, self._writer.transport)  # a socket's: it reads
+        if not transport.is_closing():
+            transport.pause_reading()
         self._reader.feed_eof()
 
 
