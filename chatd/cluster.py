@@ -169,7 +169,10 @@ class ClusterBus:
         # Test-only fault hook (tests/test_cluster.py): die between COMMIT and publish
         # when a message with this text is published.
         fault = os.environ.get("CHATD_TEST_FAULT", "")
-        self._exit_before_publishing = fault.removeprefix("exit-before-publish:") or None
+        prefix = "exit-before-publish:"
+        self._exit_before_publishing = (
+            fault.removeprefix(prefix) or None if fault.startswith(prefix) else None
+        )
 
     async def start(self) -> None:
         await self.redis.start()
