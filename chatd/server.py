@@ -82,6 +82,10 @@ class Server:
                 self.irc = IrcListener(self._app, _tls_context(self.config))
                 await self.irc.start()
         except BaseException:
+            if self._listener is not None:  # e.g. the IRC port was taken: stop listening
+                self._listener.close()
+                await self._listener.wait_closed()
+                self._listener = None
             await self._close_app()
             raise
         self._token_sweeper = asyncio.create_task(self._sweep_tokens())

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import re
 import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import trustme
 
 from chatd.client import Client
@@ -273,3 +275,21 @@ async def test_irc_on_postgres_guests_history_and_replay(tmp_path: Path) -> None
                     await asyncio.sleep(0.05)
         finally:
             await harness.stop()
+
+
+async def test_a_taken_irc_port_fails_the_start_and_leaves_nothing_listening(
+    config: Config,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        irc_port = taken.getsockname()[1]
+        harness = Harness(dataclasses.replace(config, irc_port=irc_port))
+        server = harness.server
+        with pytest.raises(OSError):
+            await server.start()
+        assert server._listener is None  # the msgpack listener was closed again
+        # The database was released too: a server can start on it at once.
+        again = Harness(config)
+        await again.start()
+        await again.stop()
