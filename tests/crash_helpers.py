@@ -5,6 +5,7 @@ tests/test_postgres_e2e.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import signal
@@ -126,3 +127,49 @@ class Stream:
     @property
     def unknown(self) -> list[str]:
         return [text for text in self.tasks if text not in self.acked]
+
+
+async def kill_during_sends(server: Process, port: int, wait: float) -> Stream:
+    """Register the sender and recipient, keep sends in flight on CONNECTIONS connections,
+    and SIGKILL the server once KILL_AFTER_ACKS are acknowledged (or after ``wait``
+    seconds): the stream, with every reply that came back, as the crash left it."""
+    log_reader = read_stderr(server)
+    await register(port, SENDER, RECIPIENT)
+    clients = [await connect(port, SENDER) for _ in range(CONNECTIONS)]
+    stream = Stream(clients)
+    pumps = [asyncio.create_task(stream.pump(i)) for i in range(CONNECTIONS)]
+    try:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await stream.enough.wait()
+        assert stream.acked, f"no send acknowledged in {wait}s"
+        stream.stopped = True  # no new sends; those in flight stay in flight
+        server.proc.kill()  # SIGKILL, in the middle of the stream
+        async with asyncio.timeout(10):
+            assert await server.proc.wait() == -signal.SIGKILL
+        async with asyncio.timeout(15):
+            await asyncio.gather(*pumps, return_exceptions=True)
+            await asyncio.gather(*stream.tasks.values(), return_exceptions=True)
+    finally:
+        stream.stopped = True
+        for pump in pumps:
+            pump.cancel()
+        for client in clients:
+            await client.close()
+        log_reader.cancel()
+    assert not stream.refused, f"sends refused before the kill: {stream.refused}"
+    return stream
+
+
+def check_received(stream: Stream, received: list[str]) -> None:
+    """What the recipient got after the restart: each message once, nothing acknowledged
+    lost, and each connection's sends stored as a prefix of what it sent, in order (its
+    requests run one after another)."""
+    assert len(received) == len(set(received)), "a message was stored twice"
+    assert set(received) <= set(stream.tasks)
+    missing = set(stream.acked) - set(received)
+    assert not missing, f"{len(missing)} acknowledged messages lost: {sorted(missing)[:10]}"
+    for texts in stream.sent:
+        own = set(texts)
+        mine = [text for text in received if text in own]
+        assert mine == texts[: len(mine)]

@@ -9,7 +9,6 @@ import contextlib
 import logging
 import resource
 import shutil
-import signal
 import socket
 import sqlite3
 import struct
@@ -24,14 +23,14 @@ from chatd.client import Client
 from chatd.codec import encode_frame
 from tests.conftest import PASSWORD, MakeHarness, Spawn
 from tests.crash_helpers import (
-    CONNECTIONS,
     KILL_AFTER_SECONDS,
     RECIPIENT,
     SENDER,
-    Stream,
+    check_received,
     connect,
     conversation_ids,
     drain_inbox,
+    kill_during_sends,
     read_stderr,
     register,
     terminate,
@@ -66,32 +65,7 @@ async def test_sigkill_during_a_stream_of_sends_loses_and_duplicates_nothing(
     args = ("--db-synchronous", synchronous) if synchronous != "NORMAL" else ()  # the default
     db = tmp_path / "db.sqlite3"
     server = await spawn(*args)
-    port = await server.wait_listening()
-    log_reader = read_stderr(server)
-    await register(port, SENDER, RECIPIENT)
-    clients = [await connect(port, SENDER) for _ in range(CONNECTIONS)]
-    stream = Stream(clients)
-    pumps = [asyncio.create_task(stream.pump(i)) for i in range(CONNECTIONS)]
-    try:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(KILL_AFTER_SECONDS):
-                await stream.enough.wait()
-        assert stream.acked, f"no send acknowledged in {KILL_AFTER_SECONDS}s"
-        stream.stopped = True  # no new sends; those in flight stay in flight
-        server.proc.kill()  # SIGKILL, in the middle of the stream
-        async with asyncio.timeout(10):
-            assert await server.proc.wait() == -signal.SIGKILL
-        async with asyncio.timeout(15):
-            await asyncio.gather(*pumps, return_exceptions=True)
-            await asyncio.gather(*stream.tasks.values(), return_exceptions=True)
-    finally:
-        stream.stopped = True
-        for pump in pumps:
-            pump.cancel()
-        for client in clients:
-            await client.close()
-        log_reader.cancel()
-    assert not stream.refused, f"sends refused before the kill: {stream.refused}"
+    stream = await kill_during_sends(server, await server.wait_listening(), KILL_AFTER_SECONDS)
     unknown = stream.unknown
     assert unknown, "the kill found no send in flight"
     sent = set(stream.tasks)
@@ -109,17 +83,8 @@ async def test_sigkill_during_a_stream_of_sends_loses_and_duplicates_nothing(
         recipient = await connect(port, RECIPIENT)
         sender = await connect(port, SENDER)
         received = await drain_inbox(recipient)
-        assert len(received) == len(set(received)), "a message was stored twice"
-        assert set(received) <= sent
+        check_received(stream, received)
         assert set(received) == set(on_disk)
-        missing = set(stream.acked) - set(received)
-        assert not missing, f"{len(missing)} acknowledged messages lost: {sorted(missing)[:10]}"
-        # Each connection's requests run in order: what it got stored is a prefix of what
-        # it sent, in the same order.
-        for texts in stream.sent:
-            own = set(texts)
-            mine = [text for text in received if text in own]
-            assert mine == texts[: len(mine)]
         # The ids the sender was given are the ids stored.
         stored_ids = await conversation_ids(sender, RECIPIENT)
         assert set(stored_ids) == set(received)

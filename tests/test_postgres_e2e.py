@@ -10,10 +10,7 @@ where PostgreSQL is absent, failed instead with CHATD_REQUIRE_POSTGRES=1
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
-import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -24,15 +21,14 @@ from chatd.config import Config
 from tests import test_live
 from tests.conftest import PASSWORD, TEST_SETTINGS, Harness, MakeHarness, Spawn
 from tests.crash_helpers import (
-    CONNECTIONS,
     KILL_AFTER_SECONDS,
     RECIPIENT,
     SENDER,
-    Stream,
+    check_received,
     conversation_ids,
     drain_inbox,
+    kill_during_sends,
     read_stderr,
-    register,
     terminate,
 )
 from tests.crash_helpers import connect as connect_as
@@ -221,31 +217,7 @@ async def test_sigkill_on_postgres_loses_no_acknowledged_send(
 ) -> None:
     server = await spawn("--db", pg_url)
     port = await server.wait_listening()
-    log_reader = read_stderr(server)
-    await register(port, SENDER, RECIPIENT)
-    clients = [await connect_as(port, SENDER) for _ in range(CONNECTIONS)]
-    stream = Stream(clients)
-    pumps = [asyncio.create_task(stream.pump(i)) for i in range(CONNECTIONS)]
-    try:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(KILL_AFTER_SECONDS * 4):
-                await stream.enough.wait()
-        assert stream.acked, "no send acknowledged"
-        stream.stopped = True
-        server.proc.kill()
-        async with asyncio.timeout(10):
-            assert await server.proc.wait() == -signal.SIGKILL
-        async with asyncio.timeout(15):
-            await asyncio.gather(*pumps, return_exceptions=True)
-            await asyncio.gather(*stream.tasks.values(), return_exceptions=True)
-    finally:
-        stream.stopped = True
-        for pump in pumps:
-            pump.cancel()
-        for client in clients:
-            await client.close()
-        log_reader.cancel()
-    assert not stream.refused, f"sends refused before the kill: {stream.refused}"
+    stream = await kill_during_sends(server, port, KILL_AFTER_SECONDS * 4)
 
     again = await spawn("--db", pg_url)
     port = await again.wait_listening()
@@ -254,14 +226,7 @@ async def test_sigkill_on_postgres_loses_no_acknowledged_send(
         recipient = await connect_as(port, RECIPIENT)
         sender = await connect_as(port, SENDER)
         received = await drain_inbox(recipient)
-        assert len(received) == len(set(received)), "a message was stored twice"
-        assert set(received) <= set(stream.tasks)
-        missing = set(stream.acked) - set(received)
-        assert not missing, f"{len(missing)} acknowledged messages lost: {sorted(missing)[:10]}"
-        for texts in stream.sent:  # each connection's sends stored as a prefix, in order
-            own = set(texts)
-            mine = [text for text in received if text in own]
-            assert mine == texts[: len(mine)]
+        check_received(stream, received)
         stored_ids = await conversation_ids(sender, RECIPIENT)
         assert {text: stored_ids[text] for text in stream.acked} == stream.acked
         await recipient.close()
