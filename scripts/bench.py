@@ -1591,15 +1591,20 @@ async def wait_idle(limit: float) -> float:
 
 
 async def measure(bench: Bench, name: str, relay: bool) -> dict[str, Any]:
-    """One scenario; on a shared machine, again while others' work made it noisy.
+    """One scenario, the quietest of its attempts (``quietest``)."""
+    return await quietest(bench, lambda: bench.scenario(name, relay))
 
-    A failed verification is reported at once, never retried.  Of noisy attempts, the
-    least noisy is kept; ``attempt`` says which one it was.
-    """
+
+async def quietest(
+    bench: Bench, run: Callable[[], Awaitable[dict[str, Any]]]
+) -> dict[str, Any]:
+    """``run`` once, and again while other processes made it noisy (``--retries-if-noisy``):
+    the least noisy result is kept, ``attempt`` says which; a failed verification is
+    returned at once, never retried."""
     best: dict[str, Any] | None = None
     for attempt in range(1, bench.args.retries_if_noisy + 2):
         waited = await wait_idle(bench.args.wait_idle) if bench.args.wait_idle else 0.0
-        result = await bench.scenario(name, relay)
+        result = await run()
         result["attempt"], result["waited_idle_s"] = attempt, waited
         noise = result.get("other_cpu_pct") or 0.0
         if best is None or noise < (best.get("other_cpu_pct") or 0.0):
@@ -1717,11 +1722,7 @@ async def bench_main(bench: Bench, output: TextIO | None) -> list[dict[str, Any]
                     result["relay_delivered_per_s"] = relay_rate
                     result["fraction_of_relay"] = round(rate / relay_rate, 3)
             results.append(result)
-            line = json.dumps(result)
-            print(line, flush=True)
-            if output is not None:
-                output.write(line + "\n")
-                output.flush()
+            emit(result, output)
     return results
 
 
@@ -1982,21 +1983,8 @@ async def peer_scenario(bench: Bench, server_name: str, name: str) -> dict[str, 
 
 
 async def quietest_peer_run(bench: Bench, server_name: str, name: str) -> dict[str, Any]:
-    """As ``measure``: again while other processes made it noisy; the quietest is kept."""
-    best: dict[str, Any] | None = None
-    for attempt in range(1, bench.args.retries_if_noisy + 2):
-        waited = await wait_idle(bench.args.wait_idle) if bench.args.wait_idle else 0.0
-        result = await peer_scenario(bench, server_name, name)
-        result["attempt"], result["waited_idle_s"] = attempt, waited
-        noise = result.get("other_cpu_pct") or 0.0
-        if best is None or noise < (best.get("other_cpu_pct") or 0.0):
-            best = result
-        if not result["verified"]:
-            return result
-        if noise <= NOISY_PCT:
-            break
-    assert best is not None
-    return best
+    """One peer scenario, the quietest of its attempts (``quietest``)."""
+    return await quietest(bench, lambda: peer_scenario(bench, server_name, name))
 
 
 def per_cpu_ratio(name: str, mine: dict[str, Any], theirs: dict[str, Any]) -> float | None:
