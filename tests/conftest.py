@@ -18,6 +18,7 @@ import pytest
 from chatd.client import Client
 from chatd.config import Config
 from chatd.server import Server
+from tests.pg_helpers import fresh_database
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,6 +105,13 @@ async def harness(config: Config) -> AsyncIterator[Harness]:
 
 
 MakeHarness = Callable[..., Awaitable[Harness]]
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    """A fresh PostgreSQL database for the test, dropped after (tests/pg_helpers.py)."""
+    async with fresh_database() as url:
+        yield url
 
 
 @pytest.fixture

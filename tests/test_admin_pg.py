@@ -20,14 +20,7 @@ from chatd.admin import AdminError, backup
 from chatd.config import Config
 from chatd.errors import NotAuthenticated
 from tests.conftest import PASSWORD, TEST_SETTINGS, Harness
-from tests.pg_helpers import fresh_database
 from tests.test_operations import chatd_command
-
-
-@pytest.fixture
-async def pg_url() -> AsyncIterator[str]:
-    async with fresh_database() as url:
-        yield url
 
 
 @pytest.fixture

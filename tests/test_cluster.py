@@ -26,17 +26,11 @@ from tests.cluster_helpers import (
     redis_server,
 )
 from tests.conftest import ROOT
-from tests.pg_helpers import fresh_database, unavailable
+from tests.pg_helpers import unavailable
 
 pytestmark = pytest.mark.slow
 
 PUSH_WAIT = 20.0  # bound on waiting for one push; generous for a loaded 2-core machine
-
-
-@pytest.fixture
-async def pg_url() -> AsyncIterator[str]:
-    async with fresh_database() as url:
-        yield url
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import shutil
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +22,9 @@ from chatd.client import Client
 from chatd.config import Config
 from chatd.migrate import MigrateError, migrate
 from tests.conftest import PASSWORD, TEST_SETTINGS, Harness
-from tests.pg_helpers import fresh_database
 from tests.test_operations import chatd_command
 
 NEW_PASSWORD = "a password set by admin"
-
-
-@pytest.fixture
-async def pg_url() -> AsyncIterator[str]:
-    async with fresh_database() as url:
-        yield url
 
 
 async def build_history(harness: Harness) -> dict[str, str]:

@@ -32,16 +32,9 @@ from tests.crash_helpers import (
     terminate,
 )
 from tests.crash_helpers import connect as connect_as
-from tests.pg_helpers import fresh_database
 
 # Values that differ between any two runs, whatever the store.
 VARYING = frozenset({"datetime", "registered", "token"})
-
-
-@pytest.fixture
-async def pg_url() -> AsyncIterator[str]:
-    async with fresh_database() as url:
-        yield url
 
 
 @pytest.fixture
