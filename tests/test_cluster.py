@@ -414,6 +414,71 @@ async def test_6_a_node_killed_between_commit_and_publish_loses_nothing(
         pushes.close()
 
 
+async def stored_by_client_id(client: Client, peer: str) -> dict[str, list[int]]:
+    """Every stored message between the client's user and ``peer``: text -> ids (the
+    texts are the client_ids, so one id each means one row per client_id)."""
+    stored: dict[str, list[int]] = {}
+    params: dict[str, Any] = {"name": peer, "limit": 200}
+    while True:  # every page, newest first
+        page = await client.request("/history", params)
+        for message in page["messages"]:
+            stored.setdefault(message["msg"], []).append(message["id"])
+        if not page["more"]:
+            return stored
+        params["before"] = page["messages"][0]["id"]
+
+
+async def send_until_stored(flood: Flood, text: str) -> int:
+    """Send ``text`` (its client_id is itself) until the store takes it: its id."""
+    async with asyncio.timeout(60):
+        while text not in flood.acked:
+            await flood.send(text)
+            if text not in flood.acked:
+                await asyncio.sleep(0.2)
+    return flood.acked[text]
+
+
+async def test_7_postgres_restarted_under_load_across_two_nodes(redis: RedisServer) -> None:
+    """Senders on A, a subscriber on B, PostgreSQL restarted (immediate) mid-flood:
+    no send in the window gets code 0 without its row; retries through either node
+    return the first row's id; B's subscriber gets every acked message once, in order;
+    both nodes serve again without a restart."""
+    async with postgres_cluster() as pg, cluster(pg.url, redis.url, nodes=2, **SETTINGS) as nodes:
+        a, b = nodes.nodes
+        alice = await nodes.user(a, "alice")
+        bob = await nodes.user(b, "bob")
+        await bob.request("/subscribe", {})
+        pushes = Pushes(bob)
+        flood = Flood(alice, "/send", "bob")
+        sending = asyncio.create_task(flood.run(3000, window=4))
+        await flood.wait_acked(200)
+        await pg.restart("immediate")
+        await sending
+        assert flood.refused, "no send fell in the restart window"
+        assert set(flood.refused.values()) == {9}, f"codes other than 9: {flood.refused}"
+        # Retries with the same client_id, half through the other node.
+        alice_b = await nodes.login(b, "alice")
+        retries = {a: Flood(alice, "/send", "bob"), b: Flood(alice_b, "/send", "bob")}
+        for n, text in enumerate(sorted(flood.refused)):
+            flood.acked[text] = await send_until_stored(retries[(a, b)[n % 2]], text)
+        for n, text in enumerate(sorted(flood.acked)[:50]):  # acked: the same id again
+            again = await send_until_stored(retries[(a, b)[n % 2]], text)
+            assert again == flood.acked[text], f"{text} retried into a second row"
+        # Both nodes serve again, and a push still crosses from A to B.
+        after = Flood(alice, "/send", "bob", prefix="after")
+        await after.run(20)
+        assert not after.refused
+        await pushes.wait_for([*flood.acked.values(), *after.acked.values()])
+        pushes.check_once_in_order()
+        stored = await stored_by_client_id(alice_b, "bob")
+        twice = {text: ids for text, ids in stored.items() if len(ids) > 1}
+        assert not twice, f"stored twice: {twice}"
+        for text, message_id in [*flood.acked.items(), *after.acked.items()]:
+            assert stored.get(text) == [message_id], f"{text} acked with 0 but not stored"
+        assert len(stored) == len(flood.acked) + len(after.acked)
+        pushes.close()
+
+
 async def test_8_subscribing_during_a_flood_has_no_gap_and_no_repeat(
     three_nodes: Cluster,
 ) -> None:
