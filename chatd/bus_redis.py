@@ -16,8 +16,9 @@ several nodes"):
   dropped (the sender's own echo, a link that came back); a seq beyond the next makes
   the node read the stream from the store past its position and push what it finds,
   in order.  ``check_positions`` (every ``bus_position_check`` seconds, and at once on
-  ``on_resync``) does that read for every followed stream: the only guard against a
-  lost *last* notice and against a node killed between COMMIT and publish.
+  ``on_resync``) does that read for every followed stream that the store's heads (all
+  read in one statement) show behind: the only guard against a lost *last* notice and
+  against a node killed between COMMIT and publish.
 - ``RedisPresence``: per user a sorted set of the nodes with a session for them,
   scored by expiry time; each node refreshes its own entries every ``ttl / 3``
   seconds, so a killed node's users read as offline at most ``ttl`` seconds later.
@@ -31,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -202,21 +203,29 @@ class StreamOrder(Generic[M]):
         else:
             self.repair(stream)
 
-    def repair(self, stream: str) -> None:
-        """Read ``stream`` from the store past its position and push what is there."""
+    def repair(self, stream: str, head: int | None = None) -> None:
+        """Read ``stream`` from the store past its position and push what is there;
+        ``head``: its newest seq, read from the store before this call."""
         if stream not in self._high:
             return
         if stream in self._repairs:
             self._again.add(stream)  # it may have read before this message committed
             return
-        task = asyncio.create_task(self._repair(stream))
+        task = asyncio.create_task(self._repair(stream, head))
         self._repairs[stream] = task
         task.add_done_callback(lambda done: self._repaired(stream, done))
 
-    def check_positions(self) -> None:
-        """Repair every followed stream: the guard against a lost *last* notice."""
-        for stream in list(self._high):
-            self.repair(stream)
+    def check_positions(self, heads: Mapping[str, int] | None = None) -> None:
+        """The guard against a lost *last* notice: repair every followed stream or,
+        given the streams' newest seqs (read from the store just before), only those
+        behind them.  A stream absent from ``heads`` (gone from the store) is left."""
+        for stream, high in list(self._high.items()):
+            if heads is None:
+                self.repair(stream)
+                continue
+            head = heads.get(stream)
+            if head is not None and (high.seq is None or head > high.seq):
+                self.repair(stream, head)
 
     async def idle(self) -> None:
         """Wait until no repair is running (tests and shutdown)."""
@@ -249,7 +258,7 @@ class StreamOrder(Generic[M]):
             self._again.discard(stream)
             self.repair(stream)
 
-    async def _repair(self, stream: str) -> None:
+    async def _repair(self, stream: str, head: int | None) -> None:
         while True:
             high = self._high.get(stream)
             if high is None:
@@ -262,7 +271,14 @@ class StreamOrder(Generic[M]):
                     self.counts.repaired += 1
                     self._deliver(stream, high, message)
             if len(page) < self._page_size:
-                return  # the store has no more
+                break  # the store has no more
+        if head is not None and self._high.get(stream) is high and (
+            high.seq is None or high.seq < head
+        ):
+            # Everything up to ``head`` committed before this read began, so it has all
+            # been pushed: the next seq is head + 1 (a stream followed from an id, or one
+            # whose newest rows were deleted, learns its seq here).
+            high.seq = head
 
 
 # The Redis connections.

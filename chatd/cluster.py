@@ -15,9 +15,9 @@ in its stream's seq order, and a lost notice is read from the store (the truth):
   stream's messages are held, then pushed;
 - every ``bus_position_check`` seconds, and at once when the bus reconnects, every
   followed stream is read past its position (a lost last message, a node killed
-  between COMMIT and publish), and streams without local interest are dropped.  That
-  is one query per followed stream per check: fine for hundreds of streams; many
-  thousands want one statement for all the streams' newest seqs (not done yet);
+  between COMMIT and publish), and streams without local interest are dropped.  One
+  statement reads every followed stream's newest seq (MessageStore.stream_heads); only
+  the streams behind it are read;
 - events outside streams (a sender's copy, joins, leaves) are live only: a node that
   misses them (Redis down) does not replay them; the store still has the messages.
 
@@ -156,6 +156,7 @@ class ClusterBus:
         # Origins of this node's own events that wait for a store read (keyed by id).
         self._origins: dict[int, int] = {}
         self._checker: asyncio.Task[None] | None = None
+        self._resyncs: set[asyncio.Task[None]] = set()
         hub.on_presence = self._presence_changed
         hub.on_follow = self._follow
         self._store = store
@@ -181,7 +182,8 @@ class ClusterBus:
         log.info("node %s on bus %s", self.node, self.redis.url)
 
     async def close(self) -> None:
-        tasks = [*self._starting.values(), *([self._checker] if self._checker else [])]
+        tasks = [*self._starting.values(), *self._resyncs,
+                 *([self._checker] if self._checker else [])]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -340,7 +342,29 @@ class ClusterBus:
         return self._hub.has_followers(int(key))
 
     def _resync(self) -> None:
-        self.order.check_positions()
+        task = asyncio.create_task(self.check_positions(), name="resync")
+        self._resyncs.add(task)
+        task.add_done_callback(self._resyncs.discard)
+
+    async def check_positions(self) -> None:
+        """Read the newest seq of every followed stream in one statement, then read the
+        streams that are behind it (StreamOrder.check_positions)."""
+        users: list[int] = []
+        channels: list[int] = []
+        for stream in self.order.streams:
+            kind, _, key = stream.partition(":")
+            (users if kind == "u" else channels).append(int(key))
+        if not users and not channels:
+            return
+        try:
+            async with asyncio.timeout(30):
+                heads = await self._store.stream_heads(users, channels)
+        except Exception as exc:  # the store is down: the next check tries again
+            log.warning("cannot read the followed streams' heads (%s)", exc)
+            return
+        newest = {inbox_stream(u): seq for u, seq in heads.inboxes.items()}
+        newest.update((channel_stream(c), seq) for c, seq in heads.channels.items())
+        self.order.check_positions(newest)
 
     async def _check_forever(self) -> None:
         while True:
@@ -348,7 +372,7 @@ class ClusterBus:
             for stream in self.order.streams:
                 if not self._interested(stream):
                     self.order.unfollow(stream)
-            self.order.check_positions()
+            await self.check_positions()
             self._forget_origins()
             self._early.clear()
 

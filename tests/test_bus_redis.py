@@ -160,6 +160,30 @@ async def test_position_check_finds_a_lost_last_message() -> None:
     assert pushed_seqs(pushed, "c:9") == []
 
 
+async def test_position_check_with_heads_reads_only_the_streams_behind() -> None:
+    log, pushed = ListLog(), Pushed()
+    order = StreamOrder(log, pushed)
+    for n in range(100):
+        order.follow(f"c:{n}", 0, 0)
+    order.follow("u:1", None, 0)  # an ack position: its seq is not known
+    log.append("c:7")  # its notice was lost
+    heads = {f"c:{n}": len(log.rows.get(f"c:{n}", [])) for n in range(100)} | {"u:1": 0}
+    order.check_positions(heads)
+    await order.idle()
+    assert pushed_seqs(pushed, "c:7") == [1]
+    assert log.reads == 2  # c:7, and u:1 once to learn its seq; not the 99 up to date
+    assert order.position("u:1") == (0, 0)
+    order.check_positions(heads | {"c:7": 1})
+    await order.idle()
+    assert log.reads == 2  # all up to date now
+    following = log.append("u:1")
+    order.offer("u:1", following)  # seq 1 after a learnt 0: pushed without a read
+    assert pushed[-1] == following and log.reads == 2
+    order.check_positions({})  # streams the store no longer has are left alone
+    await order.idle()
+    assert log.reads == 2
+
+
 async def test_a_stream_followed_late_starts_after_its_head() -> None:
     log, pushed = ListLog(), Pushed()
     order = StreamOrder(log, pushed)

@@ -31,6 +31,7 @@ from chatd.store import (
     Skeletons,
     Stored,
     StoreError,
+    StreamHeads,
     open_store,
 )
 from chatd.validation import name_skeletons
@@ -671,6 +672,29 @@ async def test_each_stream_is_numbered_from_one(backend: Backend) -> None:
     assert [m.seq for m in await store.channel_after(lobby.id, 0, 2, bob, 0)] == [1, 2]
     assert [m.seq for m in (await store.take_inbox(ann, 2)).messages] == [1, 2]
     assert [m.seq for m in (await store.take_channel(dev.id, bob, 2, 2)).messages] == [14, 15]
+
+
+async def test_stream_heads_are_read_for_many_streams_at_once(store: MessageStore) -> None:
+    ann = await add_user(store, "ann")
+    bob = await add_user(store, "bob")
+    quiet = await add_user(store, "quiet")
+    lobby, _ = await store.join_channel("lobby", "lobby", looks("lobby"), ann, NOW)
+    empty, _ = await store.join_channel("empty", "empty", looks("empty"), ann, NOW)
+    await asyncio.gather(
+        *(store.enqueue(private(ann, bob, f"p{i}")) for i in range(3)),
+        *(store.enqueue(to_channel(ann, lobby.id, f"c{i}")) for i in range(5)),
+    )
+    heads = await store.stream_heads([ann, bob, quiet, 999_999], [lobby.id, empty.id, 999_999])
+    assert heads.inboxes == {ann: 0, bob: 3, quiet: 0}  # a user that does not exist: absent
+    assert heads.channels == {lobby.id: 5, empty.id: 0}
+    # A head is what a read sees: never ahead of the stored messages.
+    newest = await store.inbox_after(bob, 0, 100)
+    assert newest[-1].seq == heads.inboxes[bob]
+    await store.enqueue(private(bob, ann, "back"))
+    assert (await store.stream_heads([ann], [])).inboxes == {ann: 1}
+    assert await store.stream_heads([], []) == StreamHeads({}, {})
+    many = list(range(1, 5001))  # thousands of ids are still one statement
+    assert (await store.stream_heads(many, many)).inboxes[bob] == 3
 
 
 async def test_an_unreachable_postgres_is_a_store_error() -> None:

@@ -43,6 +43,7 @@ from chatd.store.rows import (
     Skeletons,
     Stored,
     StoreError,
+    StreamHeads,
     User,
 )
 from chatd.store.sqlite import (
@@ -79,6 +80,7 @@ __all__ = [
     "Store",
     "StoreError",
     "Stored",
+    "StreamHeads",
     "User",
     "backup",
     "is_postgres_url",
@@ -146,6 +148,9 @@ class MessageStore(Protocol):
     async def ack_private(self, user_id: int, message_id: int) -> int: ...
     async def ack_channel(self, channel_id: int, user_id: int, message_id: int) -> int | None: ...
     async def inbox_position(self, user_id: int) -> tuple[int, bool]: ...
+    async def stream_heads(
+        self, user_ids: Sequence[int], channel_ids: Sequence[int]
+    ) -> StreamHeads: ...
     async def channel_position(
         self, channel_id: int, user_id: int
     ) -> tuple[int, bool, int]: ...

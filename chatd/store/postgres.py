@@ -47,6 +47,7 @@ from chatd.store.rows import (
     Skeletons,
     Stored,
     StoreError,
+    StreamHeads,
     User,
 )
 
@@ -671,6 +672,23 @@ class PostgresStore:
             return 0, True, 0
         read_cursor, newest = rows[0]
         return (newest, True, newest) if read_cursor is None else (read_cursor, False, newest)
+
+    async def stream_heads(
+        self, user_ids: Sequence[int], channel_ids: Sequence[int]
+    ) -> StreamHeads:
+        """The newest seq of many streams in one statement: the heads are stored per
+        stream (users.inbox_seq, channels.last_seq), moved in the transaction that stores
+        each message, so a head never runs ahead of what a read can see."""
+        rows = await self._rows(
+            "SELECT false, id, inbox_seq FROM users WHERE id = ANY($1::bigint[])"
+            " UNION ALL"
+            " SELECT true, id, last_seq FROM channels WHERE id = ANY($2::bigint[])",
+            list(user_ids), list(channel_ids),
+        )
+        heads = StreamHeads({}, {})
+        for is_channel, key, seq in rows:
+            (heads.channels if is_channel else heads.inboxes)[key] = seq
+        return heads
 
     async def inbox_after(self, user_id: int, after_id: int, limit: int) -> list[PrivateMessage]:
         """Private messages to the user newer than ``after_id``, oldest first (no side effect)."""

@@ -149,3 +149,13 @@ PROFILE_TTL = 10.0
 
 # The password hash of an IRC guest: no argon2 hash, so no password ever matches it.
 GUEST_HASH = "guest"
+
+
+@dataclass(slots=True)
+class StreamHeads:
+    """The newest seq of streams (MessageStore.stream_heads): by user id for inboxes, by
+    channel id for channels; 0 for a stream without messages, absent for a user or
+    channel that does not exist (any more)."""
+
+    inboxes: dict[int, int]
+    channels: dict[int, int]

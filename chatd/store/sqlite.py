@@ -14,6 +14,7 @@ this one.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import sqlite3
@@ -47,6 +48,7 @@ from chatd.store.rows import (
     Skeletons,
     Stored,
     StoreError,
+    StreamHeads,
     User,
 )
 
@@ -1072,6 +1074,26 @@ class Store:
             return 0, True, 0
         read_cursor, newest = rows[0]
         return (newest, True, newest) if read_cursor is None else (read_cursor, False, newest)
+
+    async def stream_heads(
+        self, user_ids: Sequence[int], channel_ids: Sequence[int]
+    ) -> StreamHeads:
+        """The newest seq of many streams in one statement (the heads are stored per
+        stream, moved in the transaction that stores each message); the ids travel as
+        JSON arrays, so any number of them is one statement."""
+        async with self._turn():
+            rows = await self._rows(
+                "SELECT 0, id, inbox_seq FROM users"
+                " WHERE id IN (SELECT value FROM json_each(?))"
+                " UNION ALL"
+                " SELECT 1, id, last_seq FROM channels"
+                " WHERE id IN (SELECT value FROM json_each(?))",
+                (json.dumps(list(user_ids)), json.dumps(list(channel_ids))),
+            )
+        heads = StreamHeads({}, {})
+        for is_channel, key, seq in rows:
+            (heads.channels if is_channel else heads.inboxes)[key] = seq
+        return heads
 
     async def inbox_after(self, user_id: int, after_id: int, limit: int) -> list[PrivateMessage]:
         """Private messages to the user newer than ``after_id``, oldest first (no side effect)."""
