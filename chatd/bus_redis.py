@@ -42,8 +42,10 @@ log = logging.getLogger(__name__)
 
 BUS_CHANNEL = "chatd:bus"
 PRESENCE_PREFIX = "chatd:online:"
+NODES_KEY = "chatd:nodes"  # node -> time its heartbeat lapses
+NODE_USERS_PREFIX = "chatd:node-users:"  # per node: user id -> their offline notice
 WIRE_VERSION = 1
-_NOTICE, _REVOKE = "n", "r"
+_NOTICE, _REVOKE, _PRESENCE = "n", "r", "p"
 
 
 class BusFormatError(ValueError):
@@ -79,15 +81,31 @@ class Revoke:
     node: str = field(default="", compare=False)
 
 
-BusMessage = Notice | Revoke
+@dataclass(frozen=True, slots=True)
+class PresenceChange:
+    """A user's first session on any node began (``online``) or their last one ended;
+    ``channels``: the user's channels, whose followers hear of it (protocol.md)."""
+
+    user_id: int
+    name: str
+    online: bool
+    channels: tuple[int, ...] = ()
+    node: str = field(default="", compare=False)
+
+
+BusMessage = Notice | Revoke | PresenceChange
 
 
 def encode(message: BusMessage) -> bytes:
+    body: list[Any]
     if isinstance(message, Notice):
         body = [WIRE_VERSION, _NOTICE, message.node, message.stream, message.seq, message.id,
                 message.fields]
-    else:
+    elif isinstance(message, Revoke):
         body = [WIRE_VERSION, _REVOKE, message.node, message.user_id, list(message.digests)]
+    else:
+        body = [WIRE_VERSION, _PRESENCE, message.node, message.user_id, message.name,
+                message.online, list(message.channels)]
     packed: bytes = msgpack.packb(body, use_bin_type=True)
     return packed
 
@@ -110,6 +128,12 @@ def decode(data: bytes) -> BusMessage:
         if (_is_int(user_id) and isinstance(digests, list) and isinstance(node, str)
                 and all(isinstance(d, bytes) for d in digests)):
             return Revoke(user_id, tuple(digests), node)
+    elif kind == _PRESENCE and len(body) == 7:
+        _, _, _, user_id, name, online, channels = body
+        if (_is_int(user_id) and isinstance(name, str) and isinstance(online, bool)
+                and isinstance(channels, list) and all(_is_int(c) for c in channels)
+                and isinstance(node, str)):
+            return PresenceChange(user_id, name, online, tuple(channels), node)
     raise BusFormatError(f"malformed bus message of kind {kind!r}")
 
 
@@ -343,9 +367,7 @@ class RedisBus:
             self.counts.dropped += 1
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await _stop(self._tasks)
         self._tasks = []
 
     def _client(self) -> Any:
@@ -405,8 +427,8 @@ class RedisBus:
             self.counts.malformed += 1
             log.warning("bus: dropped a message: %s", exc)
             return
-        if message.node == self.node:
-            return  # delivered locally when published
+        if message.node == self.node and not isinstance(message, PresenceChange):
+            return  # delivered locally when published (presence comes back: module doc)
         self.counts.received += 1
         self._receive(message)
 
@@ -452,6 +474,19 @@ async def publish_once(url: str, message: BusMessage, timeout: float = 5.0) -> N
         await _quietly(client.aclose())
 
 
+async def _stop(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel the tasks and wait for them to end, cancelling again any that goes on:
+    Python 3.11's asyncio.timeout (redis-py's socket timeouts) turns a cancellation
+    that meets its own expiry into a TimeoutError, which the loops catch and survive."""
+    while pending := [task for task in tasks if not task.done()]:
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=1.0)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved: a failure was logged where it happened
+
+
 async def _quietly(closing: Awaitable[Any]) -> None:
     try:
         async with asyncio.timeout(2):
@@ -462,17 +497,89 @@ async def _quietly(closing: Awaitable[Any]) -> None:
 
 # Presence.
 
+# Each script runs atomically in Redis, so of two nodes binding (or unbinding) one user
+# at once exactly one sees the transition, and the PUBLISH of the transition takes its
+# place in the bus channel in the order of the changes: every node, the changing one
+# included, hears a user's transitions in one order.
+
+# KEYS: the user's set, this node's users.  ARGV: node, expires at, now, key TTL, user
+# id, the online notice, the offline notice (kept for a janitor), the bus channel.
+_ONLINE_SCRIPT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('HSET', KEYS[2], ARGV[5], ARGV[7])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+local count = redis.call('ZCARD', KEYS[1])
+if count == 1 then redis.call('PUBLISH', ARGV[8], ARGV[6]) end
+return count
+"""
+
+# KEYS: the user's set, this node's users.  ARGV: node, now, user id, the offline
+# notice, the bus channel.
+_OFFLINE_SCRIPT = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+local count = redis.call('ZCARD', KEYS[1])
+if count == 0 then redis.call('PUBLISH', ARGV[5], ARGV[4]) end
+return count
+"""
+
+# A node whose heartbeat lapsed (or this node's previous life, with force): its users
+# are taken out, and those left without a node go offline.  Claimed by ZREM, so of
+# several janitors one does it.  KEYS: the nodes, the dead node's users.  ARGV: dead
+# node, now, force ("1"), the presence key prefix, the bus channel.
+_BURY_SCRIPT = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 and ARGV[3] ~= '1' then return -1 end
+local entries = redis.call('HGETALL', KEYS[2])
+local gone = 0
+for i = 1, #entries, 2 do
+  local key = ARGV[4] .. entries[i]
+  redis.call('ZREM', key, ARGV[1])
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[2])
+  if redis.call('ZCARD', key) == 0 then
+    redis.call('PUBLISH', ARGV[5], entries[i + 1])
+    gone = gone + 1
+  end
+end
+redis.call('DEL', KEYS[2])
+return gone
+"""
+
 
 class RedisPresence:
-    """Who has a session on some node (module doc); one instance per node."""
+    """Who has a session on some node, and the transitions announced (module doc);
+    one instance per node.
 
-    def __init__(self, url: str, node: str, ttl: float) -> None:
-        self.node, self.ttl = node, ttl
+    A user's first session on this node adds the node to the user's sorted set and,
+    if no other node is there, publishes the user's ``PresenceChange`` (online) on the
+    bus; the last one's end removes it and, if no node is left, publishes offline.
+    Each node refreshes a heartbeat and its entries every ``ttl / 3`` seconds and looks
+    for lapsed heartbeats every ``min(ttl / 3, 1)`` seconds: a killed node's users are
+    taken out, and announced offline, ``ttl`` plus at most that much after its last
+    refresh.  While Redis cannot be reached, ``unshared`` gets the transitions of this
+    node's own sessions (single-node behaviour) instead.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        node: str,
+        ttl: float,
+        channel: str = BUS_CHANNEL,
+        unshared: Callable[[PresenceChange], None] | None = None,
+    ) -> None:
+        self.node, self.ttl, self.channel = node, ttl, channel
         self._url = url
-        self._users: set[int] = set()
+        self._unshared = unshared
+        # This node's users, each with their offline notice (for the janitors).
+        self._users: dict[int, bytes] = {}
         self._client: Any = None
+        self._scripts: dict[str, Any] = {}
         self._task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        self._refreshed = False
         # Writes go out one at a time, in the order asked: an "offline" never overtakes
         # the "online" before it.
         self._lock = asyncio.Lock()
@@ -484,27 +591,41 @@ class RedisPresence:
         self._client = aioredis.Redis.from_url(
             self._url, socket_connect_timeout=timeout, socket_timeout=timeout
         )
+        for name, script in (("online", _ONLINE_SCRIPT), ("offline", _OFFLINE_SCRIPT),
+                             ("bury", _BURY_SCRIPT)):
+            self._scripts[name] = self._client.register_script(script)
+        try:
+            # A previous life of this node (same --node-id, killed): its users are gone.
+            await self._bury(self.node, force=True)
+        except Exception as exc:  # Redis down: the refresh loop writes when it is back
+            log.warning("presence: cannot clear this node's old entries (%s)", exc)
         self._task = asyncio.create_task(self._refresh_forever(), name="presence")
 
     async def close(self, forget: bool = True) -> None:
-        """Stop refreshing; with ``forget``, take this node's entries out at once."""
+        """Stop refreshing; with ``forget``, take this node's entries out at once (its
+        users with no other node go offline)."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        if forget and self._users and self._client is not None:
-            await _quietly(self._remove(self._users))
-        if self._client is not None:
-            await _quietly(self._client.aclose())
+            await _stop([self._task])
+        if self._client is None:
+            return  # closed already
+        if forget:
+            await _quietly(self._bury(self.node, force=True))
+        await _quietly(self._client.aclose())
+        self._client = None
 
-    def online_here(self, user_id: int) -> None:
+    def online_here(self, user_id: int, name: str = "", channels: Iterable[int] = ()) -> None:
         """A user's first session on this node."""
-        self._users.add(user_id)
-        self._spawn(self._write([user_id]))
+        channels = tuple(channels)
+        offline = encode(PresenceChange(user_id, name, False, channels, self.node))
+        self._users[user_id] = offline
+        change = PresenceChange(user_id, name, True, channels, self.node)
+        self._spawn(self._announce_online(change, offline), change)
 
-    def offline_here(self, user_id: int) -> None:
+    def offline_here(self, user_id: int, name: str = "", channels: Iterable[int] = ()) -> None:
         """A user's last session on this node ended."""
-        self._users.discard(user_id)
-        self._spawn(self._remove([user_id]))
+        self._users.pop(user_id, None)
+        change = PresenceChange(user_id, name, False, tuple(channels), self.node)
+        self._spawn(self._announce_offline(change), change)
 
     async def is_online(self, user_id: int) -> bool:
         if user_id in self._users:
@@ -525,43 +646,93 @@ class RedisPresence:
         return {u for u, count in zip(asked, counts, strict=True) if count}
 
     async def refresh(self) -> None:
+        """Renew the heartbeat and every entry of this node.  A heartbeat that was gone
+        (Redis restarted empty, or other nodes took this one for dead) means the others
+        may have heard these users go offline: they are announced online again."""
         async with self._lock:
-            await self._write(list(self._users))
+            users = dict(self._users)
+            now = time.time()
+            pipe = self._client.pipeline(transaction=False)
+            pipe.zadd(NODES_KEY, {self.node: now + self.ttl})
+            for user_id in users:
+                key = _presence_key(user_id)
+                pipe.zadd(key, {self.node: now + self.ttl})
+                pipe.zremrangebyscore(key, "-inf", now)  # other nodes' lapsed entries
+                pipe.expire(key, self._key_ttl)
+            if users:
+                pipe.hset(self._users_key, mapping=users)
+                pipe.expire(self._users_key, self._key_ttl)
+            added, *_ = await pipe.execute()
+            if added and self._refreshed:
+                log.warning("presence: this node's heartbeat was gone: announcing again")
+                for user_id, offline in users.items():
+                    change = decode(offline)
+                    assert isinstance(change, PresenceChange)
+                    online = PresenceChange(user_id, change.name, True, change.channels)
+                    await self._announce_online(online, offline)
+            self._refreshed = True
+
+    async def bury_lapsed(self) -> int:
+        """Take out the nodes whose heartbeat lapsed; how many were."""
+        dead = await self._client.zrangebyscore(NODES_KEY, "-inf", time.time())
+        for node in dead:
+            name = node.decode() if isinstance(node, bytes) else str(node)
+            if name != self.node:
+                log.info("presence: node %s is gone: its users go offline", name)
+                await self._bury(name)
+        return len(dead)
+
+    @property
+    def _users_key(self) -> str:
+        return f"{NODE_USERS_PREFIX}{self.node}"
+
+    @property
+    def _key_ttl(self) -> int:
+        return max(1, int(self.ttl * 2))
+
+    async def _announce_online(self, change: PresenceChange, offline: bytes) -> None:
+        await self._scripts["online"](
+            keys=[_presence_key(change.user_id), self._users_key],
+            args=[self.node, time.time() + self.ttl, time.time(), self._key_ttl,
+                  change.user_id, encode(change), offline, self.channel],
+        )
+
+    async def _announce_offline(self, change: PresenceChange) -> None:
+        await self._scripts["offline"](
+            keys=[_presence_key(change.user_id), self._users_key],
+            args=[self.node, time.time(), change.user_id, encode(change), self.channel],
+        )
+
+    async def _bury(self, node: str, force: bool = False) -> None:
+        await self._scripts["bury"](
+            keys=[NODES_KEY, f"{NODE_USERS_PREFIX}{node}"],
+            args=[node, time.time(), "1" if force else "0", PRESENCE_PREFIX, self.channel],
+        )
 
     async def _refresh_forever(self) -> None:
+        period = self.ttl / 3
+        tick = min(period, 1.0)
+        loop = asyncio.get_running_loop()
+        refreshed = -period
         while True:
             try:
-                await self.refresh()
+                if loop.time() - refreshed >= period - tick / 2:
+                    refreshed = loop.time()
+                    await self.refresh()
+                await self.bury_lapsed()
             except Exception as exc:  # Redis down: entries may lapse; they return with it
                 log.warning("presence: refresh failed (%s)", exc)
-            await asyncio.sleep(self.ttl / 3)
+            await asyncio.sleep(tick)
 
-    async def _write(self, users: Iterable[int]) -> None:
-        users = list(users)
-        if not users:
-            return
-        now = time.time()
-        pipe = self._client.pipeline(transaction=False)
-        for user_id in users:
-            key = _presence_key(user_id)
-            pipe.zadd(key, {self.node: now + self.ttl})
-            pipe.zremrangebyscore(key, "-inf", now)  # other nodes' lapsed entries
-            pipe.expire(key, max(1, int(self.ttl * 2)))
-        await pipe.execute()
-
-    async def _remove(self, users: Iterable[int]) -> None:
-        pipe = self._client.pipeline(transaction=False)
-        for user_id in users:
-            pipe.zrem(_presence_key(user_id), self.node)
-        await pipe.execute()
-
-    def _spawn(self, work: Awaitable[None]) -> None:
+    def _spawn(self, work: Awaitable[None], change: PresenceChange) -> None:
         async def run() -> None:
             try:
                 async with self._lock:
                     await work
-            except Exception as exc:  # the refresh loop writes it again
-                log.warning("presence: update failed (%s)", exc)
+            except Exception as exc:  # the refresh loop writes the entry again
+                log.warning("presence: update failed (%s): announced on this node only", exc)
+                if self._unshared is not None:
+                    self._unshared(change)
 
         task = asyncio.get_running_loop().create_task(run())
         self._pending.add(task)

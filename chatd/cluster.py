@@ -25,7 +25,9 @@ The calling connection gets its reply instead of its own event (protocol.md sect
 9): ``origin`` is a session serial of the publishing node, so other nodes deliver
 with origin 0, and a local event that goes the store's way keeps its origin.
 
-Presence is in Redis (chatd.bus_redis.RedisPresence); a token revoked on one node
+Presence is in Redis (chatd.bus_redis.RedisPresence): a user's first session on the
+cluster and their last one's end are announced once, on the bus, in one order for every
+node (a user on two nodes does not flap).  A token revoked on one node
 (``/logout``, ``chatd admin revoke-tokens``) is a bus message that ends its sessions
 on every node.
 """
@@ -42,6 +44,7 @@ from typing import Any
 from chatd.bus_redis import (
     BusMessage,
     Notice,
+    PresenceChange,
     RedisBus,
     RedisPresence,
     Revoke,
@@ -152,7 +155,9 @@ class ClusterBus:
             config.bus, node, self._receive, self._resync,
             liveness=max(3 * config.bus_position_check, 1.0),
         )
-        self.presence = RedisPresence(config.bus, node, config.presence_ttl)
+        self.presence = RedisPresence(
+            config.bus, node, config.presence_ttl, self.redis.channel, self._announce
+        )
         # Origins of this node's own events that wait for a store read (keyed by id).
         self._origins: dict[int, int] = {}
         self._checker: asyncio.Task[None] | None = None
@@ -250,6 +255,9 @@ class ClusterBus:
     def _receive(self, message: BusMessage) -> None:
         if isinstance(message, Revoke):
             self._end_sessions(message)
+            return
+        if isinstance(message, PresenceChange):
+            self._announce(message)
             return
         try:
             event = from_notice(message)
@@ -392,8 +400,17 @@ class ClusterBus:
                          session, revoke.node)
                 self._hub.unbind(session)
 
-    def _presence_changed(self, user_id: int, online: bool) -> None:
+    def _presence_changed(
+        self, user_id: int, name: str, channels: list[int], online: bool
+    ) -> None:
+        """A user's first session on this node or their last one's end (the hub's
+        on_presence): Redis decides whether it is news for the cluster."""
         if online:
-            self.presence.online_here(user_id)
+            self.presence.online_here(user_id, name, channels)
         else:
-            self.presence.offline_here(user_id)
+            self.presence.offline_here(user_id, name, channels)
+
+    def _announce(self, change: PresenceChange) -> None:
+        """A transition heard on the bus (this node's own included)."""
+        self._hub.announce_presence(change.user_id, change.name, change.online,
+                                    change.channels)

@@ -102,9 +102,11 @@ class Hub:
         # Channel memberships of online users, and the subscribed sessions of each channel.
         self._channels_of: dict[int, set[int]] = {}
         self._followers: defaultdict[int, set[Session]] = defaultdict(set)
-        # Told of a user's first session here (True) and their last one's end (False):
-        # with several nodes, presence is shared (chatd.cluster).
-        self.on_presence: Callable[[int, bool], None] | None = None
+        # Told of a user's first session here (True) and their last one's end (False),
+        # with the user's name and channels, instead of announcing it: with several
+        # nodes, presence is shared and announced by the bus (chatd.cluster), which
+        # calls announce_presence on every node.
+        self.on_presence: Callable[[int, str, list[int], bool], None] | None = None
         # Told when a subscribed session starts following a channel it joined, so that
         # a bus between nodes follows it too (chatd.cluster); /subscribe tells the bus.
         self.on_follow: Callable[[int, list[int]], None] | None = None
@@ -185,15 +187,23 @@ class Hub:
         }
 
     def _announce_presence(self, user_id: int, online: bool) -> None:
+        channels = self._channels_of.get(user_id, set())
         if self.on_presence is not None:
-            self.on_presence(user_id, online)
-        own = self._sessions.get(user_id, set())
+            self.on_presence(user_id, self._names[user_id], sorted(channels), online)
+        else:
+            self.announce_presence(user_id, self._names[user_id], online, channels)
+
+    def announce_presence(
+        self, user_id: int, name: str, online: bool, channels: Iterable[int]
+    ) -> None:
+        """Tell the subscribed sessions of the user's channels, but the user's own."""
         audience: set[Session] = set()
-        for channel_id in self._channels_of.get(user_id, ()):
+        for channel_id in channels:
             audience.update(self._followers.get(channel_id, ()))
-        event = Presence(self._names[user_id], online)
-        for session in audience - own:
-            session.write(event)
+        event = Presence(name, online)
+        for session in audience:
+            if session.user_id != user_id:
+                session.write(event)
 
     # Subscriptions.
 

@@ -9,6 +9,7 @@ absent, failed instead with CHATD_REQUIRE_POSTGRES=1 (CI).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sys
 from collections.abc import AsyncIterator, Callable
 
@@ -18,6 +19,7 @@ from chatd.bus_redis import (
     BusFormatError,
     BusMessage,
     Notice,
+    PresenceChange,
     RedisBus,
     RedisPresence,
     Revoke,
@@ -215,7 +217,7 @@ class Node:
     def _receive(self, message: BusMessage) -> None:
         if isinstance(message, Notice):
             self.order.offer(message.stream, message)
-        else:
+        elif isinstance(message, Revoke):
             self.revoked.append(message)
 
     def _resync(self) -> None:
@@ -345,6 +347,92 @@ async def test_presence_is_seen_by_other_nodes_and_expires_with_its_node(
     finally:
         await a.close()
         await b.close()
+
+
+class Listener:
+    """A bus connection that keeps the presence transitions it hears."""
+
+    def __init__(self, url: str) -> None:
+        self.changes: list[PresenceChange] = []
+        self.heard = asyncio.Event()
+        self.bus = RedisBus(url, "listener", self._receive, lambda: None)
+
+    def _receive(self, message: BusMessage) -> None:
+        if isinstance(message, PresenceChange):
+            self.changes.append(message)
+            self.heard.set()
+
+    async def wait_for_all(self, wanted: list[tuple[int, bool]]) -> list[tuple[int, bool]]:
+        async with asyncio.timeout(WAIT):
+            while not set(wanted) <= {(c.user_id, c.online) for c in self.changes}:
+                self.heard.clear()
+                await self.heard.wait()
+        return [(c.user_id, c.online) for c in self.changes]
+
+    async def wait_for(self, count: int) -> list[tuple[int, bool]]:
+        async with asyncio.timeout(WAIT):
+            while len(self.changes) < count:
+                self.heard.clear()
+                await self.heard.wait()
+        return [(c.user_id, c.online) for c in self.changes]
+
+
+async def test_presence_transitions_are_announced_once_for_the_cluster(
+    redis: RedisServer,
+) -> None:
+    ttl = 2.0  # a node refreshes every 0.67 s: a loaded machine does not miss it
+    a, b = RedisPresence(redis.url, "a", ttl), RedisPresence(redis.url, "b", ttl)
+    listener = Listener(redis.url)
+    await listener.bus.start()
+    await a.start()
+    await b.start()
+    try:
+        a.online_here(7, "seven", [1, 2])
+        assert await listener.wait_for(1) == [(7, True)]
+        assert listener.changes[0] == PresenceChange(7, "seven", True, (1, 2))
+        b.online_here(7, "seven", [1, 2])  # online on two nodes: no news
+        await until_online(b, 7, True)
+        a.offline_here(7, "seven", [1])  # still on b
+        b.online_here(8, "eight")
+        assert await listener.wait_for(2) == [(7, True), (8, True)]
+        b.offline_here(7, "seven", [1])  # the last node: offline, with its channels now
+        assert await listener.wait_for(3) == [(7, True), (8, True), (7, False)]
+        assert listener.changes[2].channels == (1,)
+        a.online_here(7, "seven")
+        assert (await listener.wait_for(4))[3:] == [(7, True)]
+        for _ in range(20):  # online on a all along: b coming and going is no news
+            b.online_here(7, "seven")
+            b.offline_here(7, "seven")
+        b.online_here(10, "ten")  # a marker: b's changes before it have been made
+        assert (await listener.wait_for(5))[4:] == [(10, True)]
+        for _ in range(20):  # both nodes at once, again and again
+            a.online_here(9, "nine")
+            b.online_here(9, "nine")
+            a.offline_here(9, "nine")
+            b.offline_here(9, "nine")
+        a.online_here(11, "eleven")  # markers: each node's changes before them are made
+        b.online_here(12, "twelve")
+        changes = await listener.wait_for_all([(11, True), (12, True)])
+        nine = [online for user, online in changes if user == 9]
+        # However the two nodes' changes interleave: one transition at a time, never
+        # "online" twice in a row, ending offline.
+        assert nine[0] is True and nine[-1] is False
+        assert all(x != y for x, y in itertools.pairwise(nine)), nine
+        heard = len(changes)
+        # A killed node (no goodbye): its users go offline when its heartbeat lapses.
+        b.online_here(7, "seven", [3])  # on a as well
+        await until_online(b, 7, True)
+        loop = asyncio.get_running_loop()
+        await b.close(forget=False)
+        killed_at = loop.time()
+        changes = await listener.wait_for(heard + 3)
+        assert sorted(changes[heard:]) == [(8, False), (10, False), (12, False)]
+        # Within the TTL of b's last refresh plus a's janitor's tick (1 s at most).
+        assert loop.time() - killed_at <= ttl + 1.0 + 0.5
+    finally:
+        await a.close()
+        await b.close()
+        await listener.bus.close()
 
 
 async def until_online(presence: RedisPresence, user_id: int, online: bool) -> None:

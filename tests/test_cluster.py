@@ -504,6 +504,74 @@ async def test_8_subscribing_during_a_flood_has_no_gap_and_no_repeat(
     pushes.close()
 
 
+class Presences:
+    """The presence events on a client's connection, as (name, online)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.heard: list[tuple[str, bool]] = []
+        self.arrived = asyncio.Event()
+        self._task = asyncio.create_task(self._collect())
+
+    async def _collect(self) -> None:
+        with contextlib.suppress(ConnectionError):
+            while True:
+                try:
+                    event = await self.client.next_event(timeout=3600)
+                except TimeoutError:
+                    continue
+                if event.get("event") == "presence":
+                    self.heard.append((event["data"]["name"], event["data"]["online"]))
+                    self.arrived.set()
+
+    async def wait_for(self, count: int, timeout: float = PUSH_WAIT) -> list[tuple[str, bool]]:
+        async with asyncio.timeout(timeout):
+            while len(self.heard) < count:
+                self.arrived.clear()
+                await self.arrived.wait()
+        return self.heard
+
+    def close(self) -> None:
+        self._task.cancel()
+
+
+async def test_presence_crosses_nodes_once_per_transition(three_nodes: Cluster) -> None:
+    """A subscriber on A hears a user come online and go offline on B and C, once per
+    transition of the cluster (a second node's session is no news), from its own node
+    as from the others, and a killed node's users go offline within presence_ttl."""
+    a, b, c = three_nodes.nodes
+    carol = await three_nodes.user(a, "carol")
+    await carol.request("/channel/join", {"name": "hall"})
+    for name, node in (("bob", b), ("dave", a), ("erin", b)):
+        member = await three_nodes.user(node, name)
+        await member.request("/channel/join", {"name": "hall" if name != "erin" else "else"})
+        await member.close()
+    await carol.request("/subscribe", {})
+    heard = Presences(carol)
+    bob_b = await three_nodes.login(b, "bob")
+    assert await heard.wait_for(1) == [("bob", True)]
+    bob_c = await three_nodes.login(c, "bob")  # online already: no news
+    erin = await three_nodes.login(b, "erin")  # shares no channel with carol
+    await bob_b.close()  # still on C
+    dave = await three_nodes.login(a, "dave")  # carol's own node
+    assert await heard.wait_for(2) == [("bob", True), ("dave", True)]
+    await bob_c.close()
+    await dave.close()
+    assert await heard.wait_for(4) == [
+        ("bob", True), ("dave", True), ("bob", False), ("dave", False)
+    ]
+    await three_nodes.login(b, "bob")
+    await heard.wait_for(5)
+    await b.kill()
+    killed_at = asyncio.get_running_loop().time()
+    assert (await heard.wait_for(6))[4:] == [("bob", True), ("bob", False)]
+    offline_after = asyncio.get_running_loop().time() - killed_at
+    assert offline_after <= PRESENCE_TTL + 2, f"offline only after {offline_after:.1f} s"
+    assert (await carol.request("/user/info", {"name": "bob"}))["online"] is False
+    await erin.close()
+    heard.close()
+
+
 async def test_logout_ends_the_token_on_every_node(three_nodes: Cluster) -> None:
     a, b, _ = three_nodes.nodes
     alice = await three_nodes.user(a, "alice")
