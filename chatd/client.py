@@ -195,6 +195,12 @@ class Client:
             self.token, self.subscribed = None, False
             raise
 
+    @property
+    def local_address(self) -> tuple[str, int]:
+        """This end of the connection (host, port): how a server's log names it."""
+        host, port = self._writer.get_extra_info("sockname")[:2]
+        return str(host), int(port)
+
     async def next_event(self, timeout: float | None = None) -> dict[str, Any]:
         """The next server-initiated frame; raises TimeoutError or ConnectionError."""
         async with asyncio.timeout(self.timeout if timeout is None else timeout):

@@ -75,6 +75,11 @@ class Config:
     node_id: str = _setting(
         "", "this node's name in logs, metrics and presence (default: host name-pid)"
     )
+    reuse_port: bool = _setting(
+        False,
+        "share the listening ports (msgpack and IRC) with other nodes on this host"
+        " (SO_REUSEPORT; needs a postgresql:// db and a redis:// bus)",
+    )
     bus_position_check: float = _setting(
         2 * SECONDS, "seconds between checks of every followed stream's newest seq (bus only)", 0.05
     )
@@ -197,6 +202,17 @@ class Config:
             raise ValueError(f"server_name must be one word, got {self.server_name!r}")
         if self.bus != "local" and not self.bus.startswith(REDIS_SCHEMES):
             raise ValueError(f"bus must be local or a redis:// URL, got {self.bus!r}")
+        if self.reuse_port and not self.db.startswith(("postgresql://", "postgres://")):
+            raise ValueError(
+                "reuse_port needs a postgresql:// db: on SQLite chatd is one process (the"
+                " database's .lock file refuses a second server), so there is no other"
+                " node to share the port with"
+            )
+        if self.reuse_port and self.bus == "local":
+            raise ValueError(
+                "reuse_port needs bus = redis://...: nodes sharing a port must tell each"
+                " other what they commit"
+            )
         if any(c.isspace() or c in "|/" for c in self.node_id):
             raise ValueError(f"node_id may not hold spaces, '|' or '/', got {self.node_id!r}")
 

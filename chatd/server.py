@@ -136,6 +136,8 @@ class Server:
             self.config.host,
             self.config.port,
             reuse_address=True,
+            # Several nodes on one host, one port: the kernel spreads the connections.
+            reuse_port=self.config.reuse_port,
             ssl=tls,
             ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if tls else None,
             backlog=1024,

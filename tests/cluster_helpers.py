@@ -357,14 +357,17 @@ class Cluster:
         self._registered = 0
 
     async def add_nodes(
-        self, count: int, bus: str | None = None, env: dict[str, str] | None = None
+        self, count: int, bus: str | None = None, env: dict[str, str] | None = None,
+        port: int = 0,
     ) -> list[Node]:
-        """``bus``: another URL for these nodes' bus (a proxy); ``env``: extra variables."""
+        """``bus``: another URL for these nodes' bus (a proxy); ``env``: extra variables;
+        ``port``: the port to listen on (0: a free one each)."""
         # One after the other: the first creates the schema (a race is tested elsewhere).
         new = []
         for _ in range(count):
             name = f"n{len(self.nodes) + 1}"
             node = Node(name, self.db, bus or self.bus, self.settings, env or {})
+            node.port = port
             self.nodes.append(node)
             await node.start()
             new.append(node)

@@ -61,6 +61,9 @@ async def test_sigterm_finishes_in_flight_requests_and_exits_0(spawn: Spawn) -> 
         (["--port", "70000"], b"port must be 0..65535"),
         (["--db", "/nonexistent/dir/chatd.sqlite3"], b"cannot open database"),
         (["--log-level", "LOUD"], b"log_level must be one of"),
+        (["--reuse-port"], b"reuse_port needs a postgresql:// db: on SQLite chatd is one process"),
+        (["--reuse-port", "--db", "postgresql://chatd@127.0.0.1:1/chatd"],
+         b"reuse_port needs bus = redis://"),
     ],
 )
 async def test_bad_start_prints_one_line_and_exits_non_zero(

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import sys
 from collections.abc import AsyncIterator, Collection
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,14 +21,17 @@ import pytest
 from chatd.client import Client
 from tests.cluster_helpers import (
     Cluster,
+    Node,
     RedisServer,
     cluster,
     postgres_cluster,
     proxy,
     redis_server,
+    spare_port,
 )
-from tests.conftest import ROOT
+from tests.conftest import PASSWORD, ROOT
 from tests.pg_helpers import unavailable
+from tests.test_systemd import verify
 
 pytestmark = pytest.mark.slow
 
@@ -552,10 +557,11 @@ async def test_presence_crosses_nodes_once_per_transition(three_nodes: Cluster) 
     assert await heard.wait_for(1) == [("bob", True)]
     bob_c = await three_nodes.login(c, "bob")  # online already: no news
     erin = await three_nodes.login(b, "erin")  # shares no channel with carol
-    await bob_b.close()  # still on C
     dave = await three_nodes.login(a, "dave")  # carol's own node
     assert await heard.wait_for(2) == [("bob", True), ("dave", True)]
+    await bob_b.close()  # still on C
     await bob_c.close()
+    assert (await heard.wait_for(3))[2:] == [("bob", False)]
     await dave.close()
     assert await heard.wait_for(4) == [
         ("bob", True), ("dave", True), ("bob", False), ("dave", False)
@@ -570,6 +576,61 @@ async def test_presence_crosses_nodes_once_per_transition(three_nodes: Cluster) 
     assert (await carol.request("/user/info", {"name": "bob"}))["online"] is False
     await erin.close()
     heard.close()
+
+
+def node_of(client: Client, nodes: list[Node]) -> Node:
+    """The node a client's connection landed on: the one that logged its address."""
+    host, port = client.local_address
+    line = f"connection opened {host}:{port}\n".encode()
+    (node,) = [n for n in nodes if line in n.stderr]
+    return node
+
+
+async def test_nodes_share_one_port_with_reuse_port(pg_url: str, redis: RedisServer) -> None:
+    """Two nodes on one port (SO_REUSEPORT): the kernel spreads connections over both,
+    and a message sent through one reaches a subscriber on the other."""
+    port = spare_port()
+    async with cluster(pg_url, redis.url, nodes=0, reuse_port=1, **SETTINGS) as nodes:
+        await nodes.add_nodes(2, port=port)
+        assert [n.port for n in nodes.nodes] == [port, port]
+        clients = [await nodes.connect(nodes.nodes[0]) for _ in range(40)]
+        for client in clients:
+            await client.request("/ping", {})  # logged "connection opened" before the reply
+        landed: dict[str, list[Client]] = {}
+        for client in clients:
+            landed.setdefault(node_of(client, nodes.nodes).name, []).append(client)
+        assert sorted(landed) == ["n1", "n2"], "every connection went to one node"
+        sender, receiver = landed["n1"][0], landed["n2"][0]
+        for client, name in ((sender, "alice"), (receiver, "bob")):
+            await client.request(
+                "/register", {"name": name, "password": PASSWORD, "password_repete": PASSWORD}
+            )
+            await client.login(name, PASSWORD)
+        await receiver.request("/subscribe", {})
+        sent = await sender.request("/send", {"name": "bob", "msg": "one port, two nodes"})
+        assert (await next_message(receiver))["data"]["id"] == sent["id"]
+
+
+async def test_a_second_node_without_reuse_port_cannot_take_the_port(
+    pg_url: str, redis: RedisServer
+) -> None:
+    """What the test above relies on: without the setting, the port is one node's."""
+    port = spare_port()
+    async with cluster(pg_url, redis.url, nodes=0, **SETTINGS) as nodes:
+        await nodes.add_nodes(1, port=port)
+        with pytest.raises(AssertionError, match="exited before listening"):
+            await nodes.add_nodes(1, port=port)
+        assert "address already in use" in nodes.nodes[1].stderr.decode().lower()
+
+
+def test_the_template_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    """scripts/chatd@.service (README, "More than one core"), as an instance."""
+    unit = (ROOT / "scripts" / "chatd@.service").read_text()
+    assert "ExecStart=/usr/local/bin/chatd --reuse-port --node-id %H-%i" in unit.splitlines()
+    executable = shutil.which("chatd") or sys.executable
+    instance = tmp_path / "chatd@1.service"
+    instance.write_text(unit.replace("ExecStart=/usr/local/bin/chatd ", f"ExecStart={executable} "))
+    assert verify([instance]) == (0, [])
 
 
 async def test_logout_ends_the_token_on_every_node(three_nodes: Cluster) -> None:

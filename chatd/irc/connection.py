@@ -169,6 +169,7 @@ class IrcListener:
             self._app.config.host,
             port,
             reuse_address=True,
+            reuse_port=self._app.config.reuse_port,  # nodes sharing the port (README)
             ssl=tls,
             ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if tls else None,
         )
