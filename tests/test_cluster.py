@@ -589,9 +589,11 @@ def node_of(client: Client, nodes: list[Node]) -> Node:
 async def test_nodes_share_one_port_with_reuse_port(pg_url: str, redis: RedisServer) -> None:
     """Two nodes on one port (SO_REUSEPORT): the kernel spreads connections over both,
     and a message sent through one reaches a subscriber on the other."""
-    port = spare_port()
-    async with cluster(pg_url, redis.url, nodes=0, reuse_port=1, **SETTINGS) as nodes:
-        await nodes.add_nodes(2, port=port)
+    port, irc_port = spare_port(), spare_port()
+    async with cluster(
+        pg_url, redis.url, nodes=0, reuse_port=1, irc_port=irc_port, **SETTINGS
+    ) as nodes:
+        await nodes.add_nodes(2, port=port)  # the second would fail on either port without
         assert [n.port for n in nodes.nodes] == [port, port]
         clients = [await nodes.connect(nodes.nodes[0]) for _ in range(40)]
         for client in clients:
