@@ -367,7 +367,7 @@ class RedisBus:
             self.counts.dropped += 1
 
     async def close(self) -> None:
-        await _stop(self._tasks)
+        await stop_tasks(self._tasks)
         self._tasks = []
 
     def _client(self) -> Any:
@@ -474,7 +474,7 @@ async def publish_once(url: str, message: BusMessage, timeout: float = 5.0) -> N
         await _quietly(client.aclose())
 
 
-async def _stop(tasks: list[asyncio.Task[None]]) -> None:
+async def stop_tasks(tasks: list[asyncio.Task[None]]) -> None:
     """Cancel the tasks and wait for them to end, cancelling again any that goes on:
     Python 3.11's asyncio.timeout (redis-py's socket timeouts) turns a cancellation
     that meets its own expiry into a TimeoutError, which the loops catch and survive."""
@@ -605,7 +605,7 @@ class RedisPresence:
         """Stop refreshing; with ``forget``, take this node's entries out at once (its
         users with no other node go offline)."""
         if self._task is not None:
-            await _stop([self._task])
+            await stop_tasks([self._task])
         if self._client is None:
             return  # closed already
         if forget:

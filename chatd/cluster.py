@@ -51,6 +51,7 @@ from chatd.bus_redis import (
     StreamOrder,
     channel_stream,
     inbox_stream,
+    stop_tasks,
 )
 from chatd.config import Config
 from chatd.hub import Hub
@@ -187,11 +188,8 @@ class ClusterBus:
         log.info("node %s on bus %s", self.node, self.redis.url)
 
     async def close(self) -> None:
-        tasks = [*self._starting.values(), *self._resyncs,
-                 *([self._checker] if self._checker else [])]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop_tasks([*self._starting.values(), *self._resyncs,
+                          *([self._checker] if self._checker else [])])
         self.order.close()
         await self.redis.close()
         await self.presence.close()
