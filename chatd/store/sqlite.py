@@ -25,6 +25,7 @@ from typing import Any
 
 import aiosqlite
 
+from chatd import trace
 from chatd.config import Config
 from chatd.errors import OutOfDisk
 from chatd.names import skeletons_of_key
@@ -378,7 +379,10 @@ class Store:
         """
         await self._checkpoint()
         async with self._lock:  # no writer: the checkpoint reaches the WAL's end
+            held = trace.now() if trace.ON else 0
             await self._checkpoint("RESTART")
+            if trace.ON:
+                trace.span("writes_held", held, trace.now())
 
     async def _rewind_if_far_over(self) -> None:
         """The bound's backstop, on the write path itself (under the write lock): the
@@ -406,12 +410,15 @@ class Store:
         if self._short_of_space and not await asyncio.to_thread(self._room_to_checkpoint):
             return
         assert self._checkpointer is not None
+        started = trace.now() if trace.ON else 0
         try:
-            rows = await self._checkpointer.execute_fetchall(f"PRAGMA wal_checkpoint({mode})")
+            rows = list(await self._checkpointer.execute_fetchall(f"PRAGMA wal_checkpoint({mode})"))
+            if trace.ON:
+                trace.span(f"checkpoint_{mode}", started, trace.now(), rows[0][2])
         except sqlite3.Error as exc:
             self._checkpoint_failed(exc)
             return
-        if next(iter(rows))[0]:  # busy
+        if rows[0][0]:  # busy
             log.debug("%s checkpoint gave way to another process's lock", mode)
         if self._short_of_space:
             self._short_of_space = False
