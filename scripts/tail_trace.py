@@ -71,6 +71,10 @@ def split(message: tuple[int, int], commit_ends: list[int],
             (arrived - end) / 1e6, size)
 
 
+def median_ms(latencies: list[int]) -> str:
+    return f"{statistics.median(latencies) / 1e6:.3f}" if latencies else "-"
+
+
 def describe(label: str, messages: list[tuple[int, int]],
              spans: dict[str, list[tuple[int, int, int]]]) -> None:
     commits = sorted(spans.get("commit", []), key=lambda s: s[1])
@@ -87,9 +91,11 @@ def describe(label: str, messages: list[tuple[int, int]],
         if kind in ("commit", "queued"):
             continue
         touched = [overlaps(spans[kind], s, s + lat) for s, lat in messages]
-        hit = sum(1 for t in touched if t)
-        print(f"  overlapped by {kind:20} {100 * hit / len(messages):5.1f}% of them"
-              f" (mean overlap {statistics.fmean(touched) / 1e6:.3f} ms)")
+        hit = [m[1] for m, t in zip(messages, touched, strict=True) if t]
+        missed = [m[1] for m, t in zip(messages, touched, strict=True) if not t]
+        print(f"  overlapped by {kind:20} {100 * len(hit) / len(messages):5.1f}% of them"
+              f" (mean overlap {statistics.fmean(touched) / 1e6:.3f} ms; latency median"
+              f" {median_ms(hit)} ms overlapped, {median_ms(missed)} ms not)")
 
 
 def main() -> int:
