@@ -16,7 +16,6 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 
-from chatd import trace
 from chatd.store.rows import CHANNEL, PRIVATE, NewMessage, Stored
 
 log = logging.getLogger(__name__)
@@ -63,7 +62,6 @@ class GroupCommit:
         self._unwritten: list[_Unwritten] = []
         self._flusher: asyncio.Task[None] | None = None
         self.last: asyncio.Future[Stored] | None = None  # the newest message enqueued
-        self._first_enqueued = 0  # when the oldest message waiting came (trace only)
 
     def enqueue(
         self, message: NewMessage, committed: Committed | None = None
@@ -75,8 +73,6 @@ class GroupCommit:
         repeated an earlier client_id (it was not stored again).
         """
         future: asyncio.Future[Stored] = self._loop.create_future()
-        if trace.ON and not self._unwritten:
-            self._first_enqueued = trace.now()
         self._unwritten.append((message, future, committed))
         self.last = future
         if self._flusher is None or self._flusher.done():
@@ -92,9 +88,6 @@ class GroupCommit:
     async def _flush(self) -> None:
         while self._unwritten:
             batch, self._unwritten = self._unwritten, []
-            if trace.ON:
-                trace.span("queued", self._first_enqueued, trace.now(), len(batch))
-                started = trace.now()
             try:
                 results = await self._write_batch([message for message, _, _ in batch])
             except self._row_fault:
@@ -107,8 +100,6 @@ class GroupCommit:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            if trace.ON:
-                trace.span("commit", started, trace.now(), len(batch))
             for (_, future, committed), stored in zip(batch, results, strict=True):
                 settle(future, stored, committed)
 

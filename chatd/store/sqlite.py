@@ -660,6 +660,7 @@ class Store:
         them per batch (BEGIN, UPDATE, INSERT, COMMIT) made the commits of the latency
         tail (docs/benchmarks.md, "Where the latency tail comes from").
         """
+        started = trace.now() if trace.ON else 0
         async with self._lock:
             self._refuse_writes_if_lost()
             await self._rewind_if_far_over()
@@ -667,6 +668,8 @@ class Store:
                 results: list[Stored] = await _on_thread(self._db, self._write_batch_now, batch)
             # Before anyone is told "done": a commit into a deleted file is not done.
             self._check_file()
+        if trace.ON:
+            trace.span("commit", started, trace.now(), len(batch))
         return results
 
     def _write_batch_now(self, batch: list[NewMessage]) -> list[Stored]:
