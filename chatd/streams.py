@@ -12,8 +12,10 @@ that drop what a chatd connection never uses, measured with tracemalloc (Python
 - ``read()`` waits for data in its own frame, not in a second coroutine
   (``_wait_for_data``) suspended under it (216 B);
 - the protocol's close waiter and the writer's ``_complete_fut`` are one future,
-  made done once per listener: two futures per connection (288 B) that chatd
-  never awaits (it does not call ``wait_closed()`` on a served connection).
+  made done once per listener: two futures per connection (288 B) that nobody
+  awaits (chatd does not call ``wait_closed()`` on a served connection; should
+  anyone, a waiter of its own is made then);
+- the protocol holds its reader directly, not through a weak reference (80 B).
 
 All three lean on attributes of asyncio's stream classes that Python 3.11 to 3.13
 share; tests/test_streams.py checks them.
@@ -59,7 +61,10 @@ class LeanStreamReader(asyncio.StreamReader):
 
 
 class LeanStreamProtocol(asyncio.StreamReaderProtocol):
-    _stream_writer: asyncio.StreamWriter | None  # StreamReaderProtocol's own
+    # StreamReaderProtocol's and FlowControlMixin's own attributes, used below.
+    _stream_writer: asyncio.StreamWriter | None
+    _connection_lost: bool
+    _loop: asyncio.AbstractEventLoop
 
     def __init__(
         self,
@@ -71,7 +76,37 @@ class LeanStreamProtocol(asyncio.StreamReaderProtocol):
         super().__init__(reader, accept, loop=loop)
         # FlowControlMixin's: appended to, removed from and iterated only.
         self._drain_waiters: list[asyncio.Future[None]] = []
-        self._closed = closed  # done already: connection_lost leaves it as it is
+        # The base class's close waiter, made for every connection: a done one shared
+        # instead (connection_lost leaves it as it is), and a waiter of this connection's
+        # own made only if someone waits for the close (_get_close_waiter).
+        self._closed = closed
+        self._close_waiter: asyncio.Future[None] | None = None
+        # The base class reaches its reader through a weak reference (80 B): this one
+        # is strong, and dropped when the connection is lost, as the weak one is.
+        self._stream_reader_wr = None
+        self._reader: asyncio.StreamReader | None = reader
+
+    @property
+    def _stream_reader(self) -> asyncio.StreamReader | None:
+        return self._reader
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._reader = None
+        waiter = self._close_waiter
+        if waiter is not None and not waiter.done():
+            if exc is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(exc)
+
+    def _get_close_waiter(self, stream: object) -> asyncio.Future[None]:
+        """What StreamWriter.wait_closed() awaits."""
+        if self._connection_lost:
+            return self._closed
+        if self._close_waiter is None:
+            self._close_waiter = self._loop.create_future()
+        return self._close_waiter
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # makes the StreamWriter, calls accept

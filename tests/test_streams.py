@@ -160,6 +160,19 @@ async def test_each_connection_holds_less(served: Served) -> None:
     assert shared.done()
     assert shared is protocol._closed is cast(Any, other_writer)._complete_fut
 
+    assert protocol._stream_reader_wr is None  # no weak reference
+    assert protocol._stream_reader is reader
+
+
+async def test_a_lost_connection_lets_go_of_its_reader(served: Served) -> None:
+    (_, client), (reader, writer) = await served.pair()
+    protocol = protocol_of(writer)
+    client.close()
+    assert await reader.read(100) == b""  # the end of stream
+    writer.close()
+    await writer.wait_closed()
+    assert protocol._stream_reader is None
+
 
 async def test_an_idle_chatd_connection_waits_in_two_frames(harness: Harness) -> None:
     """The server's own connections: the connection's loop and the read, nothing more."""
