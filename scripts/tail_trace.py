@@ -88,7 +88,7 @@ def describe(label: str, messages: list[tuple[int, int]],
               f"{statistics.fmean(values):7.3f} ms")
     print(f"  batch size median {statistics.median(p[3] for p in parts)}")
     for kind in sorted(spans):
-        if kind in ("commit", "queued"):
+        if kind == "commit":
             continue
         touched = [overlaps(spans[kind], s, s + lat) for s, lat in messages]
         hit = [m[1] for m, t in zip(messages, touched, strict=True) if t]
