@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Collection, Coroutine, Sequence
 from typing import Any, NoReturn
 
-from chatd import __version__, admin, logs, migrate, systemd
+from chatd import __version__, admin, logs, migrate, systemd, trace
 from chatd import config as settings
 from chatd.config import ENV_PREFIX, FIELDS, Config, ConfigError
 from chatd.server import Server
@@ -276,6 +276,7 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
         log.info("shutting down")
     finally:
         await server.close()
+        trace.dump()
     return 0
 
 

@@ -10,7 +10,7 @@ import ssl
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from chatd import systemd
+from chatd import streams, systemd
 from chatd.app import App
 from chatd.auth import Hasher
 from chatd.codec import encode_frame
@@ -125,13 +125,13 @@ class Server:
         # Under systemd socket activation the port is already open and handed to us.
         inherited = systemd.listen_sockets()
         if inherited:
-            return await asyncio.start_server(
+            return await streams.start_server(
                 self._accept,
                 sock=inherited[0],
                 ssl=tls,
                 ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if tls else None,
             )
-        return await asyncio.start_server(
+        return await streams.start_server(
             self._accept,
             self.config.host,
             self.config.port,

@@ -345,7 +345,10 @@ class ServerProcess:
         notify.bind(str(notify_path))
         notify.setblocking(False)
         server = cls("127.0.0.1", 0, None, None, log_path, notify)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CHATD_")}
+        # chatd's settings come from the command line only; the tracer's file
+        # (chatd/trace.py, scripts/tail_trace.py) is not a setting and passes.
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("CHATD_") or k == "CHATD_TRACE_FILE"}
         env["NOTIFY_SOCKET"] = str(notify_path)
         if pin:
             argv = ["taskset", "-c", "0", *argv]

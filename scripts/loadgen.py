@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import struct
 import time
 from abc import ABC, abstractmethod
@@ -822,6 +823,7 @@ async def scenario_latency(wire: Wire, sizes: LoadSizes, probe: ProbeLike, check
     await wire.listen(receivers)
     await wire.barrier([*senders, *receivers])
     latencies: list[int] = []
+    stamps: list[int] = []  # each arrival's send time, for LOADGEN_LATENCY_DUMP
     got: list[list[int]] = [[] for _ in range(pairs)]
     all_in = asyncio.get_running_loop().create_future()
 
@@ -833,6 +835,7 @@ async def scenario_latency(wire: Wire, sizes: LoadSizes, probe: ProbeLike, check
                 check.fail(f"pair {p}: unexpected message {message}")
                 return
             got[p].append(int(seq))
+            stamps.append(int(stamp))
             latencies.append(now - int(stamp))
             if len(latencies) == total and not all_in.done():
                 all_in.set_result(None)
@@ -864,12 +867,25 @@ async def scenario_latency(wire: Wire, sizes: LoadSizes, probe: ProbeLike, check
                                      f"{len(want)}, in order")
     check.details = {"delivered": len(latencies), "expected": total}
     close_all([*senders, *receivers])
+    dump_latencies(stamps, latencies)
     ms = sorted(n / 1e6 for n in latencies)
     return {"pairs": pairs, "offered_per_s": rate, "messages": total,
             "max_send_lag_ms": round(max_lag * 1000, 3),
             **{f"p{name}_ms": round(percentile(ms, p), 3)
                for name, p in (("50", 50), ("90", 90), ("99", 99), ("999", 99.9))},
             "max_ms": round(ms[-1], 3) if ms else None}
+
+
+def dump_latencies(stamps: Sequence[int], latencies: Sequence[int]) -> None:
+    """Append each message's send time and latency (ns, perf_counter_ns: CLOCK_MONOTONIC,
+    the clock of chatd's CHATD_TRACE_FILE) to the file LOADGEN_LATENCY_DUMP names, if
+    any: scripts/tail_trace.py lines the slowest up with what the server was doing."""
+    path = os.environ.get("LOADGEN_LATENCY_DUMP")
+    if not path:
+        return
+    with open(path, "a", encoding="utf-8") as out:
+        pairs = zip(stamps, latencies, strict=True)
+        out.writelines(f"{sent} {latency}\n" for sent, latency in pairs)
 
 
 async def scenario_idle(wire: Wire, sizes: LoadSizes, probe: ProbeLike, check: CheckLike,

@@ -26,6 +26,7 @@ from typing import Any
 
 import aiosqlite
 
+from chatd import trace
 from chatd.config import Config
 from chatd.errors import OutOfDisk
 from chatd.names import skeletons_of_key
@@ -380,7 +381,10 @@ class Store:
         """
         await self._checkpoint()
         async with self._lock:  # no writer: the checkpoint reaches the WAL's end
+            held = trace.now() if trace.ON else 0
             await self._checkpoint("RESTART")
+            if trace.ON:
+                trace.span("writes_held", held, trace.now())
 
     async def _rewind_if_far_over(self) -> None:
         """The bound's backstop, on the write path itself (under the write lock): the
@@ -408,12 +412,15 @@ class Store:
         if self._short_of_space and not await asyncio.to_thread(self._room_to_checkpoint):
             return
         assert self._checkpointer is not None
+        started = trace.now() if trace.ON else 0
         try:
-            rows = await self._checkpointer.execute_fetchall(f"PRAGMA wal_checkpoint({mode})")
+            rows = list(await self._checkpointer.execute_fetchall(f"PRAGMA wal_checkpoint({mode})"))
+            if trace.ON:
+                trace.span(f"checkpoint_{mode}", started, trace.now(), rows[0][2])
         except sqlite3.Error as exc:
             self._checkpoint_failed(exc)
             return
-        if next(iter(rows))[0]:  # busy
+        if rows[0][0]:  # busy
             log.debug("%s checkpoint gave way to another process's lock", mode)
         if self._short_of_space:
             self._short_of_space = False
@@ -647,72 +654,49 @@ class Store:
         return self._commit.enqueue(message, committed)
 
     async def _write_batch(self, batch: list[NewMessage]) -> list[Stored]:
-        """Insert a batch in one transaction; repeats of a client_id get the first result."""
-        async with self._transaction(after_sends=False):
+        """Insert a batch in one transaction; repeats of a client_id get the first result.
+
+        The transaction runs as one call on the database thread (_write_batch_now), not
+        a statement at a time: each hand-over to that thread and back is a wake-up of
+        each side, and on a busy core every wake-up may wait for a time slice. Four of
+        them per batch (BEGIN, UPDATE, INSERT, COMMIT) made the commits of the latency
+        tail (docs/benchmarks.md, "Where the latency tail comes from").
+        """
+        started = trace.now() if trace.ON else 0
+        async with self._lock:
+            self._refuse_writes_if_lost()
+            await self._rewind_if_far_over()
+            with self._watching_disk_space():
+                results: list[Stored] = await _on_thread(self._db, self._write_batch_now, batch)
+            # Before anyone is told "done": a commit into a deleted file is not done.
+            self._check_file()
+        if trace.ON:
+            trace.span("commit", started, trace.now(), len(batch))
+        return results
+
+    def _write_batch_now(self, batch: list[NewMessage]) -> list[Stored]:
+        """The batch's transaction, on the database thread (it blocks)."""
+        conn = self._db._conn  # only ever used on its own thread, as here
+        conn.execute("BEGIN IMMEDIATE")
+        try:
             keyed = [m for m in batch if m.client_id is not None]
-            plan = BatchPlan(batch, await self._earlier_sends(keyed))
+            plan = BatchPlan(batch, _earlier_sends(conn, keyed))
             for kind, positions in plan.fresh.items():
                 for start in range(0, len(positions), _INSERT_CHUNK):
                     chunk = positions[start : start + _INSERT_CHUNK]
-                    stored = await self._insert(kind, [batch[i] for i in chunk])
+                    stored = _insert(conn, kind, [batch[i] for i in chunk])
                     for position, result in zip(chunk, stored, strict=True):
                         plan.results[position] = result
-            return plan.done()
-
-    async def _insert(self, kind: str, messages: list[NewMessage]) -> list[Stored]:
-        """One multi-row INSERT, each message numbered on from its stream's head.
-
-        The heads move first, in this transaction (SQLite has one writer, so number
-        order is commit order). Rowids are handed out in VALUES order, so sorted ids
-        match. A stream whose row is gone numbers from 1: its insert then fails on the
-        foreign key.
-        """
-        table, target, head_table, head = _TABLES[kind]
-        counts = Counter(m.target_id for m in messages)
-        pairs = ", ".join("(?, ?)" for _ in counts)
-        moved = await self._rows(
-            f"UPDATE {head_table} SET {head} = {head} + n.column2 FROM (VALUES {pairs}) AS n"
-            f" WHERE {head_table}.id = n.column1 RETURNING id, {head}",
-            [item for pair in counts.items() for item in pair],
-        )
-        next_seq = {stream: newest - counts[stream] + 1 for stream, newest in moved}
-        rows = ", ".join("(?, ?, ?, ?, ?, ?)" for _ in messages)
-        args: list[Any] = []
-        seqs: list[int] = []
-        for m in messages:
-            seq = next_seq.get(m.target_id, 1)
-            next_seq[m.target_id] = seq + 1
-            seqs.append(seq)
-            args += (m.sender_id, m.target_id, seq, m.body, m.created_at, m.client_id)
-        inserted = await self._rows(
-            f"INSERT INTO {table} (sender_id, {target}, seq, body, created_at, client_id)"
-            f" VALUES {rows} RETURNING id",
-            args,
-        )
-        ids = sorted(row[0] for row in inserted)
-        return [
-            Stored(message_id, m.created_at, False, seq)
-            for message_id, m, seq in zip(ids, messages, seqs, strict=True)
-        ]
-
-    async def _earlier_sends(self, keyed: list[NewMessage]) -> dict[tuple[str, int, str], Stored]:
-        """Messages already stored under the client_ids of ``keyed``."""
-        found: dict[tuple[str, int, str], Stored] = {}
-        for kind, (table, *_) in _TABLES.items():
-            pairs = [(m.sender_id, m.client_id) for m in keyed if m.kind == kind]
-            for start in range(0, len(pairs), _INSERT_CHUNK):
-                chunk = pairs[start : start + _INSERT_CHUNK]
-                values = ", ".join("(?, ?)" for _ in chunk)
-                rows = await self._rows(
-                    f"SELECT sender_id, client_id, id, created_at, seq FROM {table}"
-                    f" WHERE (sender_id, client_id) IN (VALUES {values})",
-                    [item for pair in chunk for item in pair],
-                )
-                for sender_id, client_id, message_id, created_at, seq in rows:
-                    found[(kind, sender_id, client_id)] = Stored(
-                        message_id, created_at, True, seq
-                    )
-        return found
+            conn.execute("COMMIT")
+        except BaseException:
+            # SQLite has already rolled back after some errors (a full disk, for one).
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    log.exception("rollback failed")
+            raise
+        return plan.done()
 
     # Users and tokens.
 
@@ -1284,6 +1268,73 @@ class Store:
         async with self._transaction() as db:
             # ON DELETE CASCADE removes tokens, messages and memberships with the row.
             await db.execute("DELETE FROM users WHERE id = ?", (user_id,))
+
+
+def _insert(conn: sqlite3.Connection, kind: str, messages: list[NewMessage]) -> list[Stored]:
+    """One multi-row INSERT, each message numbered on from its stream's head.
+
+    The heads move first, in this transaction (SQLite has one writer, so number
+    order is commit order). Rowids are handed out in VALUES order, so sorted ids
+    match. A stream whose row is gone numbers from 1: its insert then fails on the
+    foreign key. On the database thread (Store._write_batch_now).
+    """
+    table, target, head_table, head = _TABLES[kind]
+    counts = Counter(m.target_id for m in messages)
+    pairs = ", ".join("(?, ?)" for _ in counts)
+    moved = conn.execute(
+        f"UPDATE {head_table} SET {head} = {head} + n.column2 FROM (VALUES {pairs}) AS n"
+        f" WHERE {head_table}.id = n.column1 RETURNING id, {head}",
+        [item for pair in counts.items() for item in pair],
+    ).fetchall()
+    next_seq = {stream: newest - counts[stream] + 1 for stream, newest in moved}
+    rows = ", ".join("(?, ?, ?, ?, ?, ?)" for _ in messages)
+    args: list[Any] = []
+    seqs: list[int] = []
+    for m in messages:
+        seq = next_seq.get(m.target_id, 1)
+        next_seq[m.target_id] = seq + 1
+        seqs.append(seq)
+        args += (m.sender_id, m.target_id, seq, m.body, m.created_at, m.client_id)
+    inserted = conn.execute(
+        f"INSERT INTO {table} (sender_id, {target}, seq, body, created_at, client_id)"
+        f" VALUES {rows} RETURNING id",
+        args,
+    ).fetchall()
+    ids = sorted(row[0] for row in inserted)
+    return [
+        Stored(message_id, m.created_at, False, seq)
+        for message_id, m, seq in zip(ids, messages, seqs, strict=True)
+    ]
+
+
+def _earlier_sends(
+    conn: sqlite3.Connection, keyed: list[NewMessage]
+) -> dict[tuple[str, int, str], Stored]:
+    """Messages already stored under the client_ids of ``keyed`` (on the database thread)."""
+    found: dict[tuple[str, int, str], Stored] = {}
+    for kind, (table, *_) in _TABLES.items():
+        pairs = [(m.sender_id, m.client_id) for m in keyed if m.kind == kind]
+        for start in range(0, len(pairs), _INSERT_CHUNK):
+            chunk = pairs[start : start + _INSERT_CHUNK]
+            values = ", ".join("(?, ?)" for _ in chunk)
+            rows = conn.execute(
+                f"SELECT sender_id, client_id, id, created_at, seq FROM {table}"
+                f" WHERE (sender_id, client_id) IN (VALUES {values})",
+                [item for pair in chunk for item in pair],
+            ).fetchall()
+            for sender_id, client_id, message_id, created_at, seq in rows:
+                found[(kind, sender_id, client_id)] = Stored(message_id, created_at, True, seq)
+    return found
+
+
+def _on_thread(
+    connection: aiosqlite.Connection, function: Callable[..., Any], *args: Any
+) -> Awaitable[Any]:
+    """Run ``function(*args)`` on the connection's own thread, in one hop."""
+    # aiosqlite's documented methods take one statement each; _execute is what they all
+    # use underneath (in every version setup.cfg allows, 0.19 on), and it takes any function.
+    call: Callable[..., Awaitable[Any]] = connection._execute
+    return call(function, *args)
 
 
 def _is_disk_full(exc: BaseException) -> bool:
