@@ -920,11 +920,14 @@ async def scenario_latency(run: Run) -> dict[str, Any]:
     sender_names = [run.name("ls", i) for i in range(pairs)]
     receiver_names = [run.name("lr", i) for i in range(pairs)]
     replied = [[0] * per_pair[p] for p in range(pairs)]
+    reply_ns: list[int] = []  # send -> its reply: the commit, against send -> push
 
     async def send(pair: int, seq: int) -> None:
         # Stamped as it starts: the request is written before this coroutine first waits.
-        text = f"{seq} {time.perf_counter_ns()}"
+        started_ns = time.perf_counter_ns()
+        text = f"{seq} {started_ns}"
         reply = await senders[pair].call("/send", {"name": receiver_names[pair], "msg": text})
+        reply_ns.append(time.perf_counter_ns() - started_ns)
         if reply.get("code") == 0:
             replied[pair][seq] = reply["data"]["id"]
         else:
@@ -958,6 +961,7 @@ async def scenario_latency(run: Run) -> dict[str, Any]:
     for p, inbox in enumerate(inboxes):
         check_inbox(run.check, f"pair {p}", inbox, per_pair[p], replied[p])
     latencies = sorted(lat / 1e6 for inbox in inboxes for lat in inbox.latencies_ns)
+    replies = sorted(lat / 1e6 for lat in reply_ns)
     run.check.equal("latency samples", len(latencies), total)
     run.check.details = {"delivered": sum(len(i.ids) for i in inboxes), "expected": total}
     return {
@@ -971,6 +975,8 @@ async def scenario_latency(run: Run) -> dict[str, Any]:
         "p99_ms": r3(percentile(latencies, 99)),
         "p999_ms": r3(percentile(latencies, 99.9)),
         "max_ms": r3(latencies[-1] if latencies else math.nan),
+        "reply_p50_ms": r3(percentile(replies, 50)),
+        "reply_p99_ms": r3(percentile(replies, 99)),
     }
 
 
