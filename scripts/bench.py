@@ -920,14 +920,15 @@ async def scenario_latency(run: Run) -> dict[str, Any]:
     sender_names = [run.name("ls", i) for i in range(pairs)]
     receiver_names = [run.name("lr", i) for i in range(pairs)]
     replied = [[0] * per_pair[p] for p in range(pairs)]
-    reply_ns: list[int] = []  # send -> its reply: the commit, against send -> push
+    # Send -> its reply (the commit), by pair and sequence number, beside send -> push.
+    reply_ns = [[0] * per_pair[p] for p in range(pairs)]
 
     async def send(pair: int, seq: int) -> None:
         # Stamped as it starts: the request is written before this coroutine first waits.
         started_ns = time.perf_counter_ns()
         text = f"{seq} {started_ns}"
         reply = await senders[pair].call("/send", {"name": receiver_names[pair], "msg": text})
-        reply_ns.append(time.perf_counter_ns() - started_ns)
+        reply_ns[pair][seq] = time.perf_counter_ns() - started_ns
         if reply.get("code") == 0:
             replied[pair][seq] = reply["data"]["id"]
         else:
@@ -961,7 +962,15 @@ async def scenario_latency(run: Run) -> dict[str, Any]:
     for p, inbox in enumerate(inboxes):
         check_inbox(run.check, f"pair {p}", inbox, per_pair[p], replied[p])
     latencies = sorted(lat / 1e6 for inbox in inboxes for lat in inbox.latencies_ns)
-    replies = sorted(lat / 1e6 for lat in reply_ns)
+    replies = sorted(lat / 1e6 for lats in reply_ns for lat in lats)
+    # What delivery adds to the commit, message by message (negative: pushed before the
+    # sender had its reply); on --cluster, the bus's part of the latency.
+    after_reply = sorted(
+        (lat - reply_ns[p][seq]) / 1e6
+        for p, inbox in enumerate(inboxes)
+        for seq, lat in zip(inbox.seqs, inbox.latencies_ns, strict=True)
+        if 0 <= seq < per_pair[p]
+    )
     run.check.equal("latency samples", len(latencies), total)
     run.check.details = {"delivered": sum(len(i.ids) for i in inboxes), "expected": total}
     return {
@@ -977,6 +986,8 @@ async def scenario_latency(run: Run) -> dict[str, Any]:
         "max_ms": r3(latencies[-1] if latencies else math.nan),
         "reply_p50_ms": r3(percentile(replies, 50)),
         "reply_p99_ms": r3(percentile(replies, 99)),
+        "push_after_reply_p50_ms": r3(percentile(after_reply, 50)),
+        "push_after_reply_p99_ms": r3(percentile(after_reply, 99)),
     }
 
 
@@ -1632,12 +1643,13 @@ class Bench:
         database = url.rsplit("/", 1)[1]
         self.made_databases.append(database)
         nodes: list[ServerProcess] = []
+        node_ids = [f"{self.prefix}-a", f"{self.prefix}-b"]
         try:
-            for node in ("a", "b"):  # one after the other: the first makes the schema
+            for node_id in node_ids:  # one after the other: the first makes the schema
                 argv = [*self.chatd_argv(label, default_argon2=False, db=url),
-                        "--bus", self.bus.url, "--node-id", f"{self.prefix}-{node}"]
+                        "--bus", self.bus.url, "--node-id", node_id]
                 nodes.append(await ServerProcess.start(
-                    argv, self.workdir, f"{label}-{node}", self.args.pin))
+                    argv, self.workdir, f"{label}-{node_id[-1]}", self.args.pin))
         except BaseException:
             for started in nodes:
                 await started.stop()
@@ -1652,7 +1664,9 @@ class Bench:
             "scenario": name,
             "server": "chatd-cluster",
             "nodes": 2,
+            "node_ids": node_ids,
             "bus": "redis",
+            "bus_url": self.bus.url,
             **self.meta,
             "db_synchronous": None,
             **metrics,
