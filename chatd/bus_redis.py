@@ -223,7 +223,9 @@ class StreamOrder(Generic[M]):
             return  # no local interest
         if message.id <= high.id or (high.seq is not None and message.seq <= high.seq):
             self.counts.duplicates += 1
-        elif high.seq is not None and message.seq == high.seq + 1 and stream not in self._repairs:
+        elif high.seq is not None and message.seq == high.seq + 1:
+            # Even while a read of the stream runs (a position check): the read skips
+            # what was pushed meanwhile, comparing ids with the position as it moves.
             self._deliver(stream, high, message)
         else:
             self.repair(stream)

@@ -151,6 +151,37 @@ async def test_a_gap_is_filled_from_the_store_in_order() -> None:
     assert pushed_seqs(pushed, "c:1") == [1, 2, 3, 4, 5, 6, 7]
 
 
+class GatedLog(ListLog):
+    """A store slow to answer (PostgreSQL under load): reads wait for ``gate``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def read(self, stream: str, after_id: int, limit: int) -> list[Notice]:
+        await self.gate.wait()
+        return await super().read(stream, after_id, limit)
+
+
+async def test_the_next_seq_is_pushed_while_a_position_check_reads() -> None:
+    """A position check's read must not hold up the stream's next messages: every
+    ``bus_position_check`` a read of each followed stream ran, and under load each took
+    tens of ms, during which that stream's messages waited."""
+    log, pushed = GatedLog(), Pushed()
+    order = StreamOrder(log, pushed)
+    order.follow("u:1", 0, 0)
+    first, second, third = [log.append("u:1") for _ in range(3)]
+    order.offer("u:1", first)
+    order.check_positions()  # a read starts, and waits for the store
+    order.offer("u:1", second)
+    order.offer("u:1", third)
+    assert pushed == [first, second, third]  # at once, not after the read
+    log.gate.set()
+    await order.idle()
+    assert pushed == [first, second, third]  # the read finds them pushed: none twice
+    assert log.reads == 1
+
+
 async def test_a_position_without_seq_is_settled_by_the_store() -> None:
     log, pushed = ListLog(), Pushed()
     order = StreamOrder(log, pushed)
