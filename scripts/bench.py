@@ -1896,21 +1896,25 @@ async def measure_cluster(bench: Bench, name: str) -> dict[str, Any]:
 
 
 async def cluster_main(bench: Bench, output: TextIO | None) -> list[dict[str, Any]]:
-    """Each scenario on one SQLite node, then on two nodes (PostgreSQL + Redis), in turns;
-    each cluster figure also over the single node's (``vs_single``)."""
+    """Each scenario on one SQLite node, on one PostgreSQL node, then on two nodes
+    (PostgreSQL + Redis), in turns; each cluster figure also over the single nodes'
+    (``vs_single``: SQLite's, the issue's comparison; ``vs_single_postgresql``: the same
+    store without the bus, which tells the bus's part from the store's)."""
     bench.bus = await BenchRedis.start(bench.workdir, bench.args.bus)
     results: list[dict[str, Any]] = []
     try:
         for name in bench.args.scenario or CLUSTER_SCENARIOS:
-            single = await measure_on(bench, name, relay=False, postgres=False)
-            single["cpu_us_per_message"] = cpu_per_message(single)
+            singles = [await measure_on(bench, name, relay=False, postgres=postgres)
+                       for postgres in (False, True)]
             clustered = await measure_cluster(bench, name)
             key = CLUSTER_METRIC[name]
-            if single.get(key) and clustered.get(key):
-                clustered["vs_single"] = round(clustered[key] / single[key], 3)
+            for single, suffix in zip(singles, ("", "_postgresql"), strict=True):
+                single["cpu_us_per_message"] = cpu_per_message(single)
+                if single.get(key) and clustered.get(key):
+                    clustered[f"vs_single{suffix}"] = round(clustered[key] / single[key], 3)
             if name == "latency":
                 clustered["target"] = latency_target(clustered)
-            for result in (single, clustered):
+            for result in (*singles, clustered):
                 results.append(result)
                 emit(result, output)
     finally:
@@ -2451,9 +2455,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="with --db-url: dm, store and latency on SQLite and on "
                              "PostgreSQL in one run, each PostgreSQL figure over SQLite's")
     parser.add_argument("--cluster", action="store_true",
-                        help="with --db-url: dm, fanout and latency on one SQLite node, then "
-                             "on two nodes on PostgreSQL and Redis (senders on one, receivers "
-                             "on the other), in turns")
+                        help="with --db-url: dm, fanout and latency on one SQLite node, one "
+                             "PostgreSQL node, then two nodes on PostgreSQL and Redis "
+                             "(senders on one, receivers on the other), in turns")
     parser.add_argument("--bus", metavar="URL",
                         help="with --cluster: the Redis to use (redis://host:port/N; default: "
                              "a redis-server of the benchmark's own on a spare port)")

@@ -1,6 +1,7 @@
-"""``scripts/bench.py --cluster``: dm, fanout and latency on one SQLite node and on two
-nodes sharing PostgreSQL and a Redis bus, every delivery verified, every process's CPU
-reported, the databases it made dropped and its redis-server gone afterwards.
+"""``scripts/bench.py --cluster``: dm, fanout and latency on one SQLite node, one
+PostgreSQL node and two nodes sharing PostgreSQL and a Redis bus, every delivery
+verified, every process's CPU reported, the databases it made dropped and its
+redis-server and nodes gone afterwards.
 
 No timing is asserted (the machine may be busy).  Skipped where PostgreSQL, redis-py or
 redis-server is absent, failed instead with CHATD_REQUIRE_POSTGRES=1 (tests/pg_helpers.py).
@@ -58,7 +59,7 @@ async def test_cluster_mode_runs_each_scenario_on_one_node_and_on_two(tmp_path: 
     async with fresh_database() as url:  # the server to make the benchmark's databases on
         done = await run_cluster_bench(url, tmp_path / "out.jsonl")
         lines = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
-        made = [r["postgres_database"] for r in lines if r["server"] == "chatd-cluster"]
+        made = [r["postgres_database"] for r in lines if r["store"] == "postgresql"]
         import asyncpg
 
         conn = await asyncpg.connect(url)
@@ -73,26 +74,30 @@ async def test_cluster_mode_runs_each_scenario_on_one_node_and_on_two(tmp_path: 
     assert [(r["scenario"], r["server"], r["store"]) for r in lines] == [
         (name, server, store)
         for name in ("dm", "fanout", "latency")
-        for server, store in (("chatd", "sqlite"), ("chatd-cluster", "postgresql"))
+        for server, store in (("chatd", "sqlite"), ("chatd", "postgresql"),
+                              ("chatd-cluster", "postgresql"))
     ]
-    assert left == 0 and len(set(made)) == 3 and all(m.startswith("chatd_bench_") for m in made)
-    port = lines[1]["bus_url"].rsplit(":", 1)[1].split("/")[0]  # its own redis-server
+    assert left == 0 and len(set(made)) == 6 and all(m.startswith("chatd_bench_") for m in made)
+    port = lines[2]["bus_url"].rsplit(":", 1)[1].split("/")[0]  # its own redis-server
     # redis-server shows itself as "redis-server 127.0.0.1:PORT".
     assert not running("redis-server", f":{port}"), "the bench's redis-server outlived the run"
     for node_id in (n for r in lines if r["server"] == "chatd-cluster" for n in r["node_ids"]):
         assert not running("--node-id\0" + node_id), f"node {node_id} outlived the run"
-    by = {(r["scenario"], r["server"]): r for r in lines}
+    by = {(r["scenario"], r["server"], r["store"]): r for r in lines}
     for name in ("dm", "fanout", "latency"):
-        single, cluster = by[(name, "chatd")], by[(name, "chatd-cluster")]
+        cluster = by[(name, "chatd-cluster", "postgresql")]
         check_cluster_line(cluster)
         assert cluster["verification"]["error_count"] == 0
-        assert "vs_single" in cluster
-        assert single["cpu_us_per_message"].keys() == {"server", "client"}
-    dm = by[("dm", "chatd-cluster")]
+        assert "vs_single" in cluster and "vs_single_postgresql" in cluster
+        assert by[(name, "chatd", "sqlite")]["cpu_us_per_message"].keys() == {
+            "server", "client"}
+        assert by[(name, "chatd", "postgresql")]["cpu_us_per_message"].keys() == {
+            "server", "postgres", "client"}
+    dm = by[("dm", "chatd-cluster", "postgresql")]
     assert dm["delivered"] == dm["pairs"] * dm["messages_per_sender"]
-    fanout = by[("fanout", "chatd-cluster")]
+    fanout = by[("fanout", "chatd-cluster", "postgresql")]
     assert fanout["deliveries"] == fanout["verification"]["expected"]
-    latency = by[("latency", "chatd-cluster")]
+    latency = by[("latency", "chatd-cluster", "postgresql")]
     assert latency["verification"]["delivered"] == latency["messages"]
     # --quick offers 400 msg/s: the 2,000 msg/s target is not judged on it.
     assert latency["target"] == {"p99_ms_max": 10.0, "p99_ms": latency["p99_ms"],
