@@ -52,6 +52,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
+from urllib.parse import urlsplit
 
 from chatd.client import Client
 from chatd.codec import FrameDecoder, decode_body, encode_frame
@@ -443,6 +444,10 @@ class Probe:
         # On PostgreSQL (--db-url): the CPU seconds of the database's backends, by pid.
         self.database_cpu: Callable[[], dict[int, float]] | None = None
         self._database0: dict[int, float] = {}
+        # More processes to account for (--cluster: the second node, redis-server), by
+        # name: each gets NAME_cpu_pct, and none of it counts as other_cpu_pct.
+        self.processes: dict[str, Callable[[], float | None]] = {}
+        self._processes0: dict[str, float | None] = {}
 
     def start(self) -> None:
         server_cpu = None if self._server is None else self._server.cpu_seconds()
@@ -450,6 +455,7 @@ class Probe:
         gc.freeze()
         gc.disable()
         self._database0 = self.database_cpu() if self.database_cpu else {}
+        self._processes0 = {name: cpu() for name, cpu in self.processes.items()}
         self._started = (time.perf_counter(), _own_cpu_seconds(), server_cpu,
                          _machine_busy_seconds())
 
@@ -459,15 +465,18 @@ class Probe:
         wall0, own0, server0, busy0 = self._started
         wall = max(time.perf_counter() - wall0, 1e-9)
         server_cpu = None if self._server is None else self._server.cpu_seconds()
+        processes = self._processes_cpu(wall)  # into the result once it is made
         own = _own_cpu_seconds()
         busy = _machine_busy_seconds()
         gc.enable()
         gc.unfreeze()
         self.result = {
+            "measured_s": round(wall, 3),
             "client_cpu_pct": round(100 * (own - own0) / wall, 1),
             "server_cpu_pct": None if server_cpu is None or server0 is None
             else round(100 * (server_cpu - server0) / wall, 1),
         }
+        self.result.update(processes[1])
         # A figure the generator may have limited is a lower bound, never a target met.
         self.result["lower_bound"] = self.result["client_cpu_pct"] > GENERATOR_BOUND_PCT
         database = 0.0
@@ -478,8 +487,19 @@ class Probe:
         # Everything else the machine ran meanwhile: a busy neighbour makes a noisy run.
         if (busy is not None and busy0 is not None and server_cpu is not None
                 and server0 is not None):  # 0.0 for a server that has not run yet
-            other = (busy - busy0) - (own - own0) - (server_cpu - server0) - database
+            other = ((busy - busy0) - (own - own0) - (server_cpu - server0) - database
+                     - processes[0])
             self.result["other_cpu_pct"] = round(max(0.0, 100 * other / wall), 1)
+
+    def _processes_cpu(self, wall: float) -> tuple[float, dict[str, float | None]]:
+        """``processes``' CPU seconds together, and each one's NAME_cpu_pct."""
+        total, percents = 0.0, {}
+        for name, cpu in self.processes.items():
+            now, then = cpu(), self._processes0.get(name)
+            used = None if now is None or then is None else now - then
+            percents[f"{name}_cpu_pct"] = None if used is None else round(100 * used / wall, 1)
+            total += used or 0.0
+        return total, percents
 
 
 # Talking to the server: always through chatd.client.Client.
@@ -496,6 +516,8 @@ class Run:
     prefix: str  # makes user and channel names unique per run (for --target)
     server: ServerProcess | None
     db: Path | None = None  # the server's database, when the benchmark started it
+    # --cluster: where receiving connections go (another node); None: the same server.
+    receivers_at: tuple[str, int] | None = None
     check: Check = field(default_factory=Check)
     probe: Probe = field(init=False)
     clients: list[Client] = field(default_factory=list)
@@ -506,18 +528,23 @@ class Run:
     def name(self, role: str, index: int) -> str:
         return f"{self.prefix}{role}{index}"
 
-    async def connect(self, token: str | None = None, unpack: Unpack | None = None) -> Client:
+    async def connect(self, token: str | None = None, unpack: Unpack | None = None,
+                      receiving: bool = False) -> Client:
+        """A connection to the server, or with ``receiving`` to the receivers' node."""
+        host, port = (self.receivers_at if receiving and self.receivers_at
+                      else (self.host, self.port))
         client = await Client.connect(
-            self.host, self.port, token=token, timeout=CLIENT_TIMEOUT, unpack=unpack
+            host, port, token=token, timeout=CLIENT_TIMEOUT, unpack=unpack
         )
         self.clients.append(client)
         return client
 
     async def user(
-        self, name: str, retries: list[int] | None = None, unpack: Unpack | None = None
+        self, name: str, retries: list[int] | None = None, unpack: Unpack | None = None,
+        receiving: bool = False,
     ) -> Client:
         """A new connection logged in as a newly registered user."""
-        client = await self.connect(unpack=unpack)
+        client = await self.connect(unpack=unpack, receiving=receiving)
         params = {"name": name, "password": PASSWORD, "password_repete": PASSWORD}
         await call_ok(client, "/register", params, retries)
         await call_ok(client, "/login", {"name": name, "password": PASSWORD}, retries)
@@ -563,11 +590,14 @@ async def gather_limited(limit: int, coros: Iterable[Awaitable[T]]) -> list[T]:
 
 
 async def users(
-    run: Run, role: str, count: int, limit: int = 32, unpack: Unpack | None = None
+    run: Run, role: str, count: int, limit: int = 32, unpack: Unpack | None = None,
+    receiving: Callable[[int], bool] = lambda index: False,
 ) -> list[Client]:
-    return await gather_limited(
-        limit, (run.user(run.name(role, i), unpack=unpack) for i in range(count))
-    )
+    """``count`` new users; user ``i`` on the receivers' node when ``receiving(i)``."""
+    return await gather_limited(limit, (
+        run.user(run.name(role, i), unpack=unpack, receiving=receiving(i))
+        for i in range(count)
+    ))
 
 
 class SharedFrames:
@@ -703,9 +733,10 @@ async def settle(client: Client) -> None:
 
 async def private_pairs(run: Run, role: str, pairs: int) -> tuple[list[Client], list[Client]]:
     senders = await users(run, role + "s", pairs)
-    receivers = await users(run, role + "r", pairs)
+    receivers = await users(run, role + "r", pairs, receiving=lambda index: True)
     await asyncio.gather(*(call_ok(r, "/subscribe") for r in receivers))
     await settle(senders[0])
+    await settle(receivers[0])  # --cluster: another node
     return senders, receivers
 
 
@@ -760,7 +791,9 @@ async def scenario_fanout(run: Run) -> dict[str, Any]:
     s = run.sizes
     members_count, sender_count, count = s.fanout_members, s.fanout_senders, s.fanout_messages
     window = run.args.window
-    members = await users(run, "fm", members_count, unpack=SharedFrames().unpack)
+    # --cluster: the senders on the first node, the other members on the second.
+    members = await users(run, "fm", members_count, unpack=SharedFrames().unpack,
+                          receiving=lambda index: index >= sender_count)
     names = [run.name("fm", i) for i in range(members_count)]
     channel = run.name("fan", 0)
     # Everyone joins before anyone subscribes: no join events, and no backlog (protocol.md
@@ -772,6 +805,7 @@ async def scenario_fanout(run: Run) -> dict[str, Any]:
     await gather_limited(32, (call_ok(m, "/ack", {"channel": channel, "id": 0}) for m in members))
     await asyncio.gather(*(call_ok(m, "/subscribe") for m in members))
     await settle(members[0])
+    await settle(members[-1])  # --cluster: another node
     sender_index = {names[i]: i for i in range(sender_count)}
     # A message goes to every subscribed connection of every member except the calling
     # connection (protocol.md, /channel/send): the senders send on their subscribed
@@ -889,11 +923,15 @@ async def scenario_latency(run: Run) -> dict[str, Any]:
     sender_names = [run.name("ls", i) for i in range(pairs)]
     receiver_names = [run.name("lr", i) for i in range(pairs)]
     replied = [[0] * per_pair[p] for p in range(pairs)]
+    # Send -> its reply (the commit), by pair and sequence number, beside send -> push.
+    reply_ns = [[0] * per_pair[p] for p in range(pairs)]
 
     async def send(pair: int, seq: int) -> None:
         # Stamped as it starts: the request is written before this coroutine first waits.
-        text = f"{seq} {time.perf_counter_ns()}"
+        started_ns = time.perf_counter_ns()
+        text = f"{seq} {started_ns}"
         reply = await senders[pair].call("/send", {"name": receiver_names[pair], "msg": text})
+        reply_ns[pair][seq] = time.perf_counter_ns() - started_ns
         if reply.get("code") == 0:
             replied[pair][seq] = reply["data"]["id"]
         else:
@@ -927,6 +965,15 @@ async def scenario_latency(run: Run) -> dict[str, Any]:
     for p, inbox in enumerate(inboxes):
         check_inbox(run.check, f"pair {p}", inbox, per_pair[p], replied[p])
     latencies = sorted(lat / 1e6 for inbox in inboxes for lat in inbox.latencies_ns)
+    replies = sorted(lat / 1e6 for lats in reply_ns for lat in lats)
+    # What delivery adds to the commit, message by message (negative: pushed before the
+    # sender had its reply); on --cluster, the bus's part of the latency.
+    after_reply = sorted(
+        (lat - reply_ns[p][seq]) / 1e6
+        for p, inbox in enumerate(inboxes)
+        for seq, lat in zip(inbox.seqs, inbox.latencies_ns, strict=True)
+        if 0 <= seq < per_pair[p]
+    )
     run.check.equal("latency samples", len(latencies), total)
     run.check.details = {"delivered": sum(len(i.ids) for i in inboxes), "expected": total}
     return {
@@ -940,6 +987,10 @@ async def scenario_latency(run: Run) -> dict[str, Any]:
         "p99_ms": r3(percentile(latencies, 99)),
         "p999_ms": r3(percentile(latencies, 99.9)),
         "max_ms": r3(latencies[-1] if latencies else math.nan),
+        "reply_p50_ms": r3(percentile(replies, 50)),
+        "reply_p99_ms": r3(percentile(replies, 99)),
+        "push_after_reply_p50_ms": r3(percentile(after_reply, 50)),
+        "push_after_reply_p99_ms": r3(percentile(after_reply, 99)),
     }
 
 
@@ -1512,9 +1563,10 @@ class Bench:
     on_postgres: bool = False  # start servers on a new PostgreSQL database each (--db-url)
     postgres_db: str | None = None  # the running server's PostgreSQL database, if on one
     made_databases: list[str] = field(default_factory=list)  # to drop after the scenario
+    bus: BenchRedis | None = None  # --cluster: the Redis between the nodes
 
-    def chatd_argv(self, label: str, default_argon2: bool) -> list[str]:
-        db = self.postgres_db or str(self.workdir / f"{label}.sqlite3")
+    def chatd_argv(self, label: str, default_argon2: bool, db: str | None = None) -> list[str]:
+        db = db or self.postgres_db or str(self.workdir / f"{label}.sqlite3")
         argv = [sys.executable, "-m", "chatd", "--port", "0",
                 "--db", db, "--log-level", "WARNING",
                 "--db-synchronous", self.args.db_synchronous, *UNLIMITED]
@@ -1547,6 +1599,23 @@ class Bench:
             run.probe.database_cpu = lambda: postgres_backends_cpu(database)
         if server.pid is not None and not relay and not self.args.target and not self.postgres_db:
             run.db = self.workdir / f"{label}.sqlite3"
+        ours = server.pid is not None and not (self.args.target and not relay)
+        metrics = await self.execute(name, run, [server] if ours else [], [server])
+        return {
+            "scenario": name,
+            "server": "relay" if relay else "chatd",
+            **self.meta,
+            "db_synchronous": None if relay or self.args.target else self.args.db_synchronous,
+            **metrics,
+            **run.probe.result,
+            "verified": run.check.ok,
+            "verification": run.check.report(),
+        }
+
+    async def execute(self, name: str, run: Run, logged: list[ServerProcess],
+                      servers: list[ServerProcess]) -> dict[str, Any]:
+        """Scenario ``name`` on ``run``, then ``servers`` stopped; the scenario's metrics.
+        ``logged``: the servers whose logs must hold no error and whose exit must be 0."""
         metrics: dict[str, Any] = {}
         try:
             async with asyncio.timeout(self.args.timeout):
@@ -1559,22 +1628,62 @@ class Bench:
                 async with asyncio.timeout(60):
                     await cancel_other_tasks()
                     await run.close_clients()
-            await server.stop()
-        if server.pid is not None and not (self.args.target and not relay):
+            for server in servers:
+                await server.stop()
+        for server in logged:
             errors = server.error_lines()
             run.check.equal("server errors logged", errors[:5], [])
             run.check.expect(server.exit_code == 0,
                              f"server exit status {server.exit_code}: {server.log_tail(1500)}")
-        return {
+        return metrics
+
+    async def cluster_scenario(self, name: str) -> dict[str, Any]:
+        """``name`` on two nodes sharing a new PostgreSQL database and the Redis bus:
+        the senders connect to node a, the receivers to node b (``Run.receivers_at``)."""
+        assert self.bus is not None and self.args.db_url
+        label = f"{name}-cluster"
+        url = await new_postgres_database(self.args.db_url)
+        database = url.rsplit("/", 1)[1]
+        self.made_databases.append(database)
+        nodes: list[ServerProcess] = []
+        node_ids = [f"{self.prefix}-a", f"{self.prefix}-b"]
+        try:
+            for node_id in node_ids:  # one after the other: the first makes the schema
+                argv = [*self.chatd_argv(label, default_argon2=False, db=url),
+                        "--bus", self.bus.url, "--node-id", node_id]
+                nodes.append(await ServerProcess.start(
+                    argv, self.workdir, f"{label}-{node_id[-1]}", self.args.pin))
+        except BaseException:
+            for started in nodes:
+                await started.stop()
+            raise
+        a, b = nodes
+        run = Run(self.args, self.sizes, a.host, a.port, f"{self.prefix}{name[:2]}", a,
+                  receivers_at=(b.host, b.port))
+        run.probe.database_cpu = lambda: postgres_backends_cpu(database)
+        run.probe.processes = {"node_b": b.cpu_seconds, "redis": self.bus.cpu_seconds}
+        metrics = await self.execute(name, run, nodes, nodes)
+        result = {
             "scenario": name,
-            "server": "relay" if relay else "chatd",
+            "server": "chatd-cluster",
+            "nodes": 2,
+            "node_ids": node_ids,
+            "bus": "redis",
+            "bus_url": self.bus.url,
             **self.meta,
-            "db_synchronous": None if relay or self.args.target else self.args.db_synchronous,
+            "db_synchronous": None,
             **metrics,
             **run.probe.result,
             "verified": run.check.ok,
             "verification": run.check.report(),
         }
+        # server_cpu_pct: both nodes together, as one server's figure is all of chatd.
+        node_a, node_b = result.get("server_cpu_pct"), result.get("node_b_cpu_pct")
+        result["node_a_cpu_pct"] = node_a
+        if node_a is not None and node_b is not None:
+            result["server_cpu_pct"] = round(node_a + node_b, 1)
+        result["cpu_us_per_message"] = cpu_per_message(result)
+        return result
 
 
 NOISY_PCT = 20.0  # other_cpu_pct above which a result is called noisy
@@ -1636,7 +1745,7 @@ async def on_postgres_server(server_url: str, statement: str) -> None:
 
 async def new_postgres_database(server_url: str) -> str:
     """The URL of a new database on the server of ``server_url``, for one server start."""
-    from urllib.parse import urlsplit, urlunsplit
+    from urllib.parse import urlunsplit
 
     name = f"chatd_bench_{secrets.token_hex(4)}"
     await on_postgres_server(server_url, f'CREATE DATABASE "{name}"')
@@ -1684,6 +1793,148 @@ async def measure_on(bench: Bench, name: str, relay: bool, postgres: bool) -> di
     return result
 
 
+# --cluster: two nodes on PostgreSQL + Redis beside one node on SQLite.
+CLUSTER_SCENARIOS = ("dm", "fanout", "latency")
+CLUSTER_METRIC = {"dm": "delivered_per_s", "fanout": "deliveries_per_s", "latency": "p99_ms"}
+CLUSTER_MESSAGES = {"dm": "delivered", "fanout": "messages", "latency": "messages"}
+CLUSTER_P99_TARGET_MS = 10.0  # issue 14: cross-node p99 at 2,000 msg/s offered
+CPU_PARTS = ("server", "node_a", "node_b", "postgres", "redis", "client")
+
+
+def cpu_per_message(result: dict[str, Any]) -> dict[str, float]:
+    """Microseconds of CPU each process spent per message sent: the cost that tells
+    what a node adds on 2 cores, where throughput cannot grow with the node count."""
+    messages = result.get(CLUSTER_MESSAGES.get(result["scenario"], ""))
+    wall = result.get("measured_s")
+    if not messages or not wall:
+        return {}
+    return {part: round(pct / 100 * wall / messages * 1e6, 1) for part in CPU_PARTS
+            if (pct := result.get(f"{part}_cpu_pct")) is not None}
+
+
+class BenchRedis:
+    """The bus of --cluster: a redis-server of the benchmark's own on a spare port
+    (Redis pub/sub channels are not per database: another cluster on a shared Redis
+    would mix its notices in), or the one ``--bus`` names, its pid asked with INFO."""
+
+    def __init__(self, url: str, pid: int | None, popen: subprocess.Popen[bytes] | None
+                 ) -> None:
+        self.url, self.pid, self._popen = url, pid, popen
+
+    @classmethod
+    async def start(cls, workdir: Path, url: str | None) -> BenchRedis:
+        if url is not None:
+            return cls(url, await redis_pid(url), None)
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise BenchError("--cluster needs redis-server installed, or --bus redis://...")
+        port = spare_port()
+        popen = _spawn([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                        "--appendonly", "no", "--dir", str(workdir)],
+                       workdir / "redis.log", dict(os.environ), workdir)
+        redis = cls(f"redis://127.0.0.1:{port}/0", popen.pid, popen)
+        try:
+            await redis.wait_ready(port)
+        except BaseException:
+            await redis.stop()
+            raise
+        return redis
+
+    async def wait_ready(self, port: int) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            assert self._popen is not None
+            if self._popen.poll() is not None:
+                break
+            with contextlib.suppress(OSError):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"PING\r\n")
+                answer = await reader.readline()
+                writer.close()
+                if answer == b"+PONG\r\n":
+                    return
+            await asyncio.sleep(0.05)
+        raise BenchError(f"redis-server did not answer on port {port}")
+
+    def cpu_seconds(self) -> float | None:
+        return None if self.pid is None else _proc_cpu_seconds(self.pid)
+
+    async def stop(self) -> None:
+        popen = self._popen
+        if popen is not None and popen.poll() is None:
+            popen.terminate()
+            try:
+                await asyncio.to_thread(popen.wait, STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                popen.kill()
+
+
+async def redis_pid(url: str) -> int | None:
+    """The process id of the Redis at ``url`` if it runs on this machine, else None."""
+    from redis import asyncio as aioredis  # chatd[redis]: needed only with --cluster
+
+    client = aioredis.Redis.from_url(url, socket_connect_timeout=10, socket_timeout=10)
+    try:
+        info = await client.info("server")
+    finally:
+        await client.aclose()
+    pid = info.get("process_id")
+    host = urlsplit(url).hostname or ""
+    if not isinstance(pid, int) or host not in ("127.0.0.1", "localhost", "::1"):
+        return None
+    return pid if _proc_cpu_seconds(pid) is not None else None
+
+
+async def measure_cluster(bench: Bench, name: str) -> dict[str, Any]:
+    """``name`` on two nodes (``Bench.cluster_scenario``), its databases dropped after."""
+    try:
+        result = await quietest(bench, lambda: bench.cluster_scenario(name))
+    finally:
+        made, bench.made_databases = bench.made_databases, []
+        for database in made:
+            await on_postgres_server(bench.args.db_url, f'DROP DATABASE "{database}" WITH (FORCE)')
+    result["store"] = "postgresql"
+    result["postgres_database"] = made[-1]  # dropped by now
+    return result
+
+
+async def cluster_main(bench: Bench, output: TextIO | None) -> list[dict[str, Any]]:
+    """Each scenario on one SQLite node, on one PostgreSQL node, then on two nodes
+    (PostgreSQL + Redis), in turns; each cluster figure also over the single nodes'
+    (``vs_single``: SQLite's, the issue's comparison; ``vs_single_postgresql``: the same
+    store without the bus, which tells the bus's part from the store's)."""
+    bench.bus = await BenchRedis.start(bench.workdir, bench.args.bus)
+    results: list[dict[str, Any]] = []
+    try:
+        for name in bench.args.scenario or CLUSTER_SCENARIOS:
+            singles = [await measure_on(bench, name, relay=False, postgres=postgres)
+                       for postgres in (False, True)]
+            clustered = await measure_cluster(bench, name)
+            key = CLUSTER_METRIC[name]
+            for single, suffix in zip(singles, ("", "_postgresql"), strict=True):
+                single["cpu_us_per_message"] = cpu_per_message(single)
+                if single.get(key) and clustered.get(key):
+                    clustered[f"vs_single{suffix}"] = round(clustered[key] / single[key], 3)
+            if name == "latency":
+                clustered["target"] = latency_target(clustered)
+            for result in (*singles, clustered):
+                results.append(result)
+                emit(result, output)
+    finally:
+        await bench.bus.stop()
+    return results
+
+
+def latency_target(result: dict[str, Any]) -> dict[str, Any]:
+    """Cross-node p99 <= 10 ms at 2,000 msg/s: met only by a verified figure at that
+    rate whose generator was not the limit."""
+    p99 = result.get("p99_ms")
+    counted = bool(result["verified"] and not result.get("lower_bound")
+                   and result.get("offered_per_s") == Sizes().latency_rate)
+    return {"p99_ms_max": CLUSTER_P99_TARGET_MS, "p99_ms": p99, "counted": counted,
+            "met": bool(counted and p99 is not None and p99 <= CLUSTER_P99_TARGET_MS)}
+
+
 async def compare_stores(bench: Bench, output: TextIO | None) -> list[dict[str, Any]]:
     """dm, store and latency on SQLite, then on PostgreSQL; each PostgreSQL result gets
     ``vs_sqlite``, its figure divided by SQLite's (for latency: lower is better)."""
@@ -1712,6 +1963,8 @@ async def bench_main(bench: Bench, output: TextIO | None) -> list[dict[str, Any]
     args = bench.args
     if args.compare:
         return await compare_stores(bench, output)
+    if args.cluster:
+        return await cluster_main(bench, output)
     results: list[dict[str, Any]] = []
     for name in args.scenario or SCENARIOS:
         runs = [True, False] if name == "dm" and args.baseline else [False]
@@ -1769,11 +2022,27 @@ def bounded(result: dict[str, Any]) -> str:
             f"{result.get('client_cpu_pct')}%)")
 
 
+def cpu_cell(r: dict[str, Any]) -> str:
+    server = f"{r.get('server_cpu_pct', '-')}%"
+    if "node_b_cpu_pct" in r:  # --cluster: both nodes, then what serves them
+        server = (f"{server} (a {r.get('node_a_cpu_pct')}% b {r.get('node_b_cpu_pct')}% "
+                  f"pg {r.get('postgres_cpu_pct')}% redis {r.get('redis_cpu_pct')}%)")
+    return f"{server} / {r.get('client_cpu_pct', '-')}% / {r.get('other_cpu_pct', '-')}%"
+
+
+def _versus_single(result: dict[str, Any]) -> str:
+    text = f" ({result['vs_single']}x one node)" if "vs_single" in result else ""
+    target = result.get("target")
+    if target:
+        verdict = "met" if target["met"] else "not met" if target["counted"] else "not counted"
+        text += f", target p99 <= {target['p99_ms_max']} ms {verdict}"
+    return text
+
+
 def print_table(results: list[dict[str, Any]]) -> None:
     rows = [(r["scenario"], f"{r['server']} on {r['store']}" if r.get("store") else r["server"],
-             "yes" if r["verified"] else "NO", bounded(r) + _versus_sqlite(r),
-             f"{r.get('server_cpu_pct', '-')}% / {r.get('client_cpu_pct', '-')}% / "
-             f"{r.get('other_cpu_pct', '-')}%")
+             "yes" if r["verified"] else "NO", bounded(r) + _versus_sqlite(r) + _versus_single(r),
+             cpu_cell(r))
             for r in results]
     header = ("scenario", "server", "verified", "result", "cpu server/bench/other")
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
@@ -2188,6 +2457,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--compare", action="store_true",
                         help="with --db-url: dm, store and latency on SQLite and on "
                              "PostgreSQL in one run, each PostgreSQL figure over SQLite's")
+    parser.add_argument("--cluster", action="store_true",
+                        help="with --db-url: dm, fanout and latency on one SQLite node, one "
+                             "PostgreSQL node, then two nodes on PostgreSQL and Redis "
+                             "(senders on one, receivers on the other), in turns")
+    parser.add_argument("--bus", metavar="URL",
+                        help="with --cluster: the Redis to use (redis://host:port/N; default: "
+                             "a redis-server of the benchmark's own on a spare port)")
     parser.add_argument("--relay-server", type=int, metavar="PORT",
                         help=argparse.SUPPRESS)  # internal: run the baseline relay
     args = parser.parse_args(argv)
@@ -2203,6 +2479,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--target must be HOST:PORT")
     if args.compare and not args.db_url:
         parser.error("--compare needs --db-url")
+    if args.cluster and not args.db_url:
+        parser.error("--cluster needs --db-url (where to make the nodes' database)")
+    if args.cluster and (args.compare or args.peers or args.baseline):
+        parser.error("--cluster runs alone: not with --compare, --peers or --baseline")
+    if args.cluster and set(args.scenario or ()) - set(CLUSTER_SCENARIOS):
+        parser.error(f"--cluster runs {', '.join(CLUSTER_SCENARIOS)} only")
+    if args.bus and not (args.cluster and args.bus.startswith(("redis://", "rediss://"))):
+        parser.error("--bus takes a redis:// URL, with --cluster")
     if args.db_url and not args.db_url.startswith(("postgresql://", "postgres://")):
         parser.error("--db-url must be a postgresql:// URL")
     if args.db_url and args.target:
