@@ -326,8 +326,8 @@ class ClusterBus:
         """A stream's starting position: (seq or None, id)."""
         kind, _, key = stream.partition(":")
         if kind == "u":
-            cursor, _ = await self._store.inbox_position(int(key))
-            return None, cursor
+            cursor = await self._store.inbox_position(int(key))
+            return None, cursor.id
         newest = await self._store.channel_history(int(key), None, 1)
         if not newest.messages:
             return 0, 0

@@ -45,6 +45,7 @@ from chatd.store import (
     MessageStore,
     NewMessage,
     Stored,
+    StreamPosition,
     User,
 )
 
@@ -365,10 +366,10 @@ def _channel_catch_up(store: MessageStore, user_id: int, channel_id: int) -> Cat
     # (protocol.md, section 9, "Your own messages").
     live_from = 0
 
-    async def position() -> tuple[int, bool]:
+    async def position() -> StreamPosition:
         nonlocal live_from
-        start, fresh, live_from = await store.channel_position(channel_id, user_id)
-        return start, fresh
+        start, live_from = await store.channel_position(channel_id, user_id)
+        return start
 
     async def channel_after(after: int, limit: int) -> list[StreamEvent]:
         name = await store.channel_name(channel_id)

@@ -43,7 +43,7 @@ from chatd.model import (
     StreamEvent,
 )
 from chatd.protocol import Data
-from chatd.store import Store
+from chatd.store import Store, StreamPosition
 from tests.conftest import PASSWORD
 
 CHANNEL_ID = 7
@@ -81,8 +81,8 @@ async def until(condition: Callable[[], bool]) -> None:
             await asyncio.sleep(0.001)
 
 
-async def no_position() -> tuple[int, bool]:
-    return 0, False
+async def no_position() -> StreamPosition:
+    return StreamPosition(0, 0)
 
 
 async def nothing_stored(after: int, limit: int) -> list[StreamEvent]:
@@ -100,7 +100,10 @@ async def go_live(hub: Hub, session: Session, user_id: int, name: str) -> None:
 
 
 def post(message_id: int, origin: int = 0) -> ChannelPost:
-    return ChannelPost(CHANNEL_ID, "general", message_id, "alice", "hello all", NOW, origin)
+    """A channel message whose seq is its id (tests/test_delivery.py has them differ)."""
+    return ChannelPost(
+        CHANNEL_ID, "general", message_id, "alice", "hello all", NOW, origin, seq=message_id
+    )
 
 
 @pytest.fixture
@@ -265,7 +268,7 @@ async def _read_frame(peer: asyncio.StreamReader) -> bytes:
         return header + await peer.readexactly(int.from_bytes(header, "big"))
 
 
-async def test_events_offered_while_catching_up_come_after_the_catch_up_in_id_order() -> None:
+async def test_events_offered_while_catching_up_come_after_the_catch_up_in_order() -> None:
     hub = Hub()
     session = RecordingSession()
     hub.bind(session, 1, "bob", b"digest", float("inf"), [CHANNEL_ID])

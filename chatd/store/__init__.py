@@ -43,6 +43,7 @@ from chatd.store.rows import (
     Skeletons,
     Stored,
     StoreError,
+    StreamPosition,
     User,
 )
 from chatd.store.sqlite import (
@@ -79,6 +80,7 @@ __all__ = [
     "Store",
     "StoreError",
     "Stored",
+    "StreamPosition",
     "User",
     "backup",
     "is_postgres_url",
@@ -145,10 +147,11 @@ class MessageStore(Protocol):
     # Delivery positions and catch-up.
     async def ack_private(self, user_id: int, message_id: int) -> int: ...
     async def ack_channel(self, channel_id: int, user_id: int, message_id: int) -> int | None: ...
-    async def inbox_position(self, user_id: int) -> tuple[int, bool]: ...
+    # Positions are ids with their seqs: the wire speaks ids, delivery orders by seq.
+    async def inbox_position(self, user_id: int) -> StreamPosition: ...
     async def channel_position(
         self, channel_id: int, user_id: int
-    ) -> tuple[int, bool, int]: ...
+    ) -> tuple[StreamPosition, int]: ...
     async def inbox_after(
         self, user_id: int, after_id: int, limit: int
     ) -> list[PrivateMessage]: ...

@@ -47,7 +47,9 @@ from chatd.store.rows import (
     Skeletons,
     Stored,
     StoreError,
+    StreamPosition,
     User,
+    channel_start,
 )
 
 log = logging.getLogger(__name__)
@@ -189,6 +191,24 @@ _PRIVATE_ROWS = (
 _CHANNEL_ROWS = (
     "SELECT m.id, u.name, m.body, m.created_at, m.seq FROM channel_messages m"
     " JOIN users u ON u.id = m.sender_id"
+)
+# A position is an id (acks and cursors hold ids) with its message's seq: the seq of
+# the newest message of the stream at or below the id (0 if none), found through the
+# (stream, id) index: an acknowledged message may have been deleted since (delete_user).
+_INBOX_POSITION = (
+    "SELECT u.inbox_cursor, COALESCE((SELECT m.seq FROM private_messages m"
+    "  WHERE m.recipient_id = u.id AND m.id <= u.inbox_cursor ORDER BY m.id DESC LIMIT 1), 0)"
+    " FROM users u WHERE u.id = ?"
+)
+# A member's read cursor (NULL: fresh) and its seq, and the channel's newest id and seq.
+_CHANNEL_POSITION = (
+    "SELECT m.read_cursor, COALESCE((SELECT c.seq FROM channel_messages c"
+    "  WHERE c.channel_id = m.channel_id AND c.id <= m.read_cursor"
+    "  ORDER BY c.id DESC LIMIT 1), 0),"
+    " COALESCE(newest.id, 0), COALESCE(newest.seq, 0)"
+    " FROM channel_members m LEFT JOIN (SELECT id, seq FROM channel_messages"
+    "  WHERE channel_id = ? ORDER BY id DESC LIMIT 1) AS newest ON true"
+    " WHERE m.channel_id = ? AND m.user_id = ?"
 )
 # Per kind of message: its table, its stream column, and the row keeping the stream's head.
 _TABLES = {
@@ -1049,29 +1069,23 @@ class Store:
             self._check_file()
         return position
 
-    async def inbox_position(self, user_id: int) -> tuple[int, bool]:
-        """Where a catch-up of the inbox starts (never fresh: every user has a position)."""
+    async def inbox_position(self, user_id: int) -> StreamPosition:
+        """Where a catch-up of the inbox starts: the acknowledged id and its seq (never
+        fresh: every user has a position)."""
         async with self._turn():
-            position: int = await self._scalar(
-                "SELECT inbox_cursor FROM users WHERE id = ?", (user_id,)
-            )
-        return position, False
+            rows = await self._rows(_INBOX_POSITION, (user_id,))
+        cursor, seq = rows[0] if rows else (0, 0)
+        return StreamPosition(cursor, seq)
 
-    async def channel_position(self, channel_id: int, user_id: int) -> tuple[int, bool, int]:
+    async def channel_position(
+        self, channel_id: int, user_id: int
+    ) -> tuple[StreamPosition, int]:
         """Where a member's catch-up starts: their read position, or (fresh: before their
         first /channel/receive or /ack, which would show the backlog) the newest message;
         and the channel's newest message id now, read in the same statement."""
         async with self._turn():
-            rows = await self._rows(
-                "SELECT m.read_cursor,"
-                " (SELECT COALESCE(MAX(id), 0) FROM channel_messages WHERE channel_id = ?)"
-                " FROM channel_members m WHERE m.channel_id = ? AND m.user_id = ?",
-                (channel_id, channel_id, user_id),
-            )
-        if not rows:
-            return 0, True, 0
-        read_cursor, newest = rows[0]
-        return (newest, True, newest) if read_cursor is None else (read_cursor, False, newest)
+            rows = await self._rows(_CHANNEL_POSITION, (channel_id, channel_id, user_id))
+        return channel_start(rows[0] if rows else None)
 
     async def inbox_after(self, user_id: int, after_id: int, limit: int) -> list[PrivateMessage]:
         """Private messages to the user newer than ``after_id``, oldest first (no side effect)."""
