@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from itertools import count
 from typing import Any
 
 import aiosqlite
@@ -216,6 +217,7 @@ _TABLES = {
     CHANNEL: ("channel_messages", "channel_id", "channels", "last_seq"),
 }
 _INSERT_CHUNK = 500  # rows per INSERT: 6 variables each, far below SQLite's 32766
+_ROW = "(?, ?, ?, ?, ?, ?)"
 
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 
@@ -686,28 +688,28 @@ class Store:
         foreign key.
         """
         table, target, head_table, head = _TABLES[kind]
-        counts = Counter(m.target_id for m in messages)
-        pairs = ", ".join("(?, ?)" for _ in counts)
+        # Per message, this runs for every send: comprehensions and C-level iterators
+        # rather than a Python loop over dict updates (docs/benchmarks.md, issue 13).
+        targets = [m.target_id for m in messages]
+        counts = Counter(targets)
         moved = await self._rows(
-            f"UPDATE {head_table} SET {head} = {head} + n.column2 FROM (VALUES {pairs}) AS n"
+            f"UPDATE {head_table} SET {head} = {head} + n.column2"
+            f" FROM (VALUES {', '.join(['(?, ?)'] * len(counts))}) AS n"
             f" WHERE {head_table}.id = n.column1 RETURNING id, {head}",
             [item for pair in counts.items() for item in pair],
         )
-        next_seq = {stream: newest - counts[stream] + 1 for stream, newest in moved}
-        rows = ", ".join("(?, ?, ?, ?, ?, ?)" for _ in messages)
+        before = {stream: newest - counts[stream] for stream, newest in moved}
+        counters = {stream: count(before.get(stream, 0) + 1) for stream in counts}
+        seqs = [next(counters[target_id]) for target_id in targets]
         args: list[Any] = []
-        seqs: list[int] = []
-        for m in messages:
-            seq = next_seq.get(m.target_id, 1)
-            next_seq[m.target_id] = seq + 1
-            seqs.append(seq)
+        for m, seq in zip(messages, seqs, strict=True):
             args += (m.sender_id, m.target_id, seq, m.body, m.created_at, m.client_id)
         inserted = await self._rows(
             f"INSERT INTO {table} (sender_id, {target}, seq, body, created_at, client_id)"
-            f" VALUES {rows} RETURNING id",
+            f" VALUES {', '.join([_ROW] * len(messages))} RETURNING id",
             args,
         )
-        ids = sorted(row[0] for row in inserted)
+        ids = sorted([row[0] for row in inserted])
         return [
             Stored(message_id, m.created_at, False, seq)
             for message_id, m, seq in zip(ids, messages, seqs, strict=True)
