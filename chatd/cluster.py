@@ -207,6 +207,9 @@ class ClusterBus:
                 log.warning("presence: cannot ask Redis (%s)", exc)
         return here
 
+    def copies_wanted(self, user_id: int, origin: int) -> bool:
+        return True  # the user may have sessions on other nodes
+
     def revoke(self, user_id: int, digests: tuple[bytes, ...] = ()) -> None:
         """End these tokens' sessions on the other nodes (this one ends its own)."""
         self.redis.publish(Revoke(user_id, digests))

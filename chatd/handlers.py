@@ -274,7 +274,9 @@ async def send(ctx: Context, params: Params) -> Deferred:
         bus.publish(
             InboxMessage(recipient.id, message_id, sender_name, text, created_at, stored.seq)
         )
-        if recipient.id != sender_id:  # a note to self reached every device already
+        # A note to self reached every device already; a sender with no other device
+        # gets no copy made at all.
+        if recipient.id != sender_id and bus.copies_wanted(sender_id, origin):
             bus.publish(
                 SentCopy(
                     sender_id, recipient.name, message_id, sender_name, text, created_at, origin

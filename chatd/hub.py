@@ -159,6 +159,11 @@ class Hub:
     def is_online(self, user_id: int) -> bool:
         return user_id in self._sessions
 
+    def has_other_session(self, user_id: int, serial: int) -> bool:
+        """Whether ``user_id`` has a session here besides the one numbered ``serial``."""
+        sessions = self._sessions.get(user_id, ())
+        return len(sessions) > 1 or any(s.serial != serial for s in sessions)
+
     def has_followers(self, channel_id: int) -> bool:
         """Whether a subscribed session here follows the channel."""
         return bool(self._followers.get(channel_id))

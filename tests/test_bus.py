@@ -430,6 +430,9 @@ class CheckingBus:
     async def online(self, user_ids: Collection[int]) -> set[int]:
         return set()
 
+    def copies_wanted(self, user_id: int, origin: int) -> bool:
+        return True
+
     def revoke(self, user_id: int, digests: tuple[bytes, ...] = ()) -> None:
         pass
 
@@ -443,6 +446,33 @@ async def test_events_are_published_after_commit_never_inside_it(
     await answer(app, alice, "/send", name="bob", msg="one")
     await answer(app, alice, "/channel/send", name="general", message="two")
     assert bus.seen == [("one", 1, True), ("two", 1, True)]
+
+
+class RecordingBus(LocalBus):
+    """The one-node bus, keeping the kind of every event published."""
+
+    __slots__ = ("published",)
+
+    def __init__(self, hub: Hub) -> None:
+        super().__init__(hub)
+        self.published: list[str] = []
+
+    def publish(self, event: Published) -> None:
+        self.published.append(type(event).__name__)
+        super().publish(event)
+
+
+async def test_no_copy_is_made_for_a_sender_without_another_device(app: App) -> None:
+    alice = await device(app, "alice", register=True)
+    bob = await device(app, "bob", register=True)
+    bus = app.bus = RecordingBus(app.hub)
+    await answer(app, alice, "/send", name="bob", msg="one")
+    assert bus.published == ["InboxMessage"]
+    alice_phone = await device(app, "alice")
+    await answer(app, alice, "/send", name="bob", msg="two")
+    assert bus.published == ["InboxMessage", "InboxMessage", "SentCopy"]
+    assert messages(alice_phone) == [("SentCopy", 2, "to bob: two")]
+    assert [text for _, _, text in messages(bob)] == ["one", "two"]
 
 
 async def test_message_events_carry_their_stream_sequence_number(app: App) -> None:
