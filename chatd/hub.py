@@ -161,8 +161,13 @@ class Hub:
 
     def has_other_session(self, user_id: int, serial: int) -> bool:
         """Whether ``user_id`` has a session here besides the one numbered ``serial``."""
-        sessions = self._sessions.get(user_id, ())
-        return len(sessions) > 1 or any(s.serial != serial for s in sessions)
+        sessions = self._sessions.get(user_id)
+        if not sessions:
+            return False
+        if len(sessions) > 1:
+            return True
+        (only,) = sessions  # no generator: this is asked for every /send
+        return only.serial != serial
 
     def has_followers(self, channel_id: int) -> bool:
         """Whether a subscribed session here follows the channel."""
