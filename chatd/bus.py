@@ -26,6 +26,11 @@ class Bus(Protocol):
     def publish(self, event: Published) -> None:
         """Deliver a committed event to every hub, in the order published; never waits."""
 
+    def copies_wanted(self, user_id: int, origin: int) -> bool:
+        """Whether a session of ``user_id`` other than ``origin`` (the calling one) could
+        receive a copy of their own message (a SentCopy): a sender with no other device
+        gets none made, which is the common case and costs on every /send."""
+
     async def follow(self, user_id: int, channel_ids: Collection[int]) -> None:
         """A session of this node subscribes to these streams: once this returns, every
         message committed from now on reaches the hub (its catch-up reads the rest)."""
@@ -48,6 +53,9 @@ class LocalBus:
 
     def publish(self, event: Published) -> None:
         self._hub.deliver(event)
+
+    def copies_wanted(self, user_id: int, origin: int) -> bool:
+        return self._hub.has_other_session(user_id, origin)
 
     async def follow(self, user_id: int, channel_ids: Collection[int]) -> None:
         pass  # every commit of this one node reaches its hub

@@ -212,6 +212,9 @@ class ClusterBus:
                 log.warning("presence: cannot ask Redis (%s)", exc)
         return here
 
+    def copies_wanted(self, user_id: int, origin: int) -> bool:
+        return True  # the user may have sessions on other nodes
+
     def revoke(self, user_id: int, digests: tuple[bytes, ...] = ()) -> None:
         """End these tokens' sessions on the other nodes (this one ends its own)."""
         self.redis.publish(Revoke(user_id, digests))
@@ -334,8 +337,8 @@ class ClusterBus:
         """A stream's starting position: (seq or None, id)."""
         kind, _, key = stream.partition(":")
         if kind == "u":
-            cursor, _ = await self._store.inbox_position(int(key))
-            return None, cursor
+            cursor = await self._store.inbox_position(int(key))  # the seq at the ack
+            return cursor.seq, cursor.id
         newest = await self._store.channel_history(int(key), None, 1)
         if not newest.messages:
             return 0, 0

@@ -5,18 +5,29 @@ channel its user is a member of.  On ``/subscribe`` each stream first *catches
 up* from the store, starting at the user's acknowledged position, and only then
 goes *live*, taking the events the hub offers as messages are stored.
 
+Order and repeats are decided by the stream sequence number (``seq``: 1, 2, 3,
+... within a stream, taken in the inserting transaction, so seq order is commit
+order within the stream on either store), never by the global message id:
+PostgreSQL's id sequences leave holes and commit out of order across streams,
+and a stream's order must not depend on them.  A stream writes only a seq
+above the last one it wrote, so a message is never written twice on a
+connection.  Positions on the wire stay message ids (acks, cursors), so a start
+position comes with its message's seq (chatd.store.StreamPosition).
+
 Events offered while a stream is still catching up are queued (up to a bound)
-and flushed when it goes live; a message is never written twice on a
-connection, because a stream writes only ids above the last one it wrote.
-Message ids grow with commit order, and the hub offers a message only after
-it is committed, so whatever the store's catch-up reads missed, the queue
+and flushed in seq order when it goes live.  The hub offers a message only
+after it is committed, so whatever the store's catch-up reads missed, the queue
 holds.  If the queue overflows it is dropped and the catch-up simply reads on:
-the store is the truth, the queue only a shortcut.
+the store is the truth, the queue only a shortcut.  Gaps between live events
+are not this module's business: what reaches the hub is already gap-free and
+in seq order (one node: commit order; several: chatd.bus_redis.StreamOrder
+reads a missed message from the store), and a seq may be skipped here on
+purpose (the calling connection gets a reply instead of its own channel message).
 
 What a stream holds for its user is the fetch's business: a channel's fetch
 leaves out the user's own messages stored before the catch-up began (they are
-not news to them, protocol.md section 9), so ids may skip them; order and the
-"above the last id written" rule are unaffected.
+not news to them, protocol.md section 9), so seqs may skip them; order and the
+"above the last seq written" rule are unaffected.
 """
 
 from __future__ import annotations
@@ -29,16 +40,22 @@ from operator import attrgetter
 from typing import Protocol
 
 from chatd.model import INBOX, Event, StreamEvent
+from chatd.store.rows import StreamPosition
 
 __all__ = ["INBOX", "Fetch", "Position", "Subscription", "Writer"]
 
 log = logging.getLogger(__name__)
 
-# Fetches the events of a stream newer than an id, oldest first (at most a limit).
+# Fetches the events of a stream stored after a message id, oldest first (at most a
+# limit).  The catch-up pages by id, not seq: the stores index each stream by (stream,
+# id) and SQLite has no (stream, seq) index on purpose (it cost 9% of the insert rate,
+# chatd.store.sqlite); within one stream ids grow with seq on both stores (one writer
+# on SQLite; on PostgreSQL the id is drawn under the stream's row lock), so reading on
+# by id reads on in seq order.  Repeats and order are still decided by seq.
 Fetch = Callable[[int, int], Awaitable[list[StreamEvent]]]
-# Where a stream's catch-up starts: the user's acknowledged position, and whether that
-# is "fresh": no position yet, so the stream starts at its newest message instead.
-Position = Callable[[], Awaitable[tuple[int, bool]]]
+# Where a stream's catch-up starts: the user's acknowledged position (an id, with its
+# seq), or "fresh": no position yet, so the stream starts at its newest message instead.
+Position = Callable[[], Awaitable[StreamPosition]]
 
 
 class Writer(Protocol):
@@ -56,7 +73,7 @@ class Writer(Protocol):
 
 @dataclass(slots=True)
 class _Stream:
-    delivered: int  # the newest id written on this connection (or the starting position)
+    seq: int  # the seq of the newest message written on this connection (or of the start)
     # Events offered while the stream catches up; None once it is live, so that ten
     # thousand idle subscriptions hold no empty lists.
     queued: list[StreamEvent] | None
@@ -79,11 +96,11 @@ class Subscription:
 
     def hold(self, stream: int) -> None:
         """Start queueing a stream's live events until its catch-up has run."""
-        self._streams[stream] = _Stream(delivered=0, queued=[])
+        self._streams[stream] = _Stream(seq=0, queued=[])
 
     def follow(self, stream: int) -> None:
         """Take a stream's events live from now on (a channel joined while subscribed)."""
-        self._streams.setdefault(stream, _Stream(delivered=0, queued=None))
+        self._streams.setdefault(stream, _Stream(seq=0, queued=None))
 
     def drop(self, stream: int) -> None:
         self._streams.pop(stream, None)
@@ -100,8 +117,8 @@ class Subscription:
             else:
                 queued.clear()
                 state.overflowed = True
-        elif (message_id := event.id) > state.delivered:
-            state.delivered = message_id
+        elif (seq := event.seq) > state.seq:
+            state.seq = seq
             self._writer.write(event)
 
     def start(self, catch_ups: list[tuple[int, Position, Fetch]]) -> None:
@@ -135,25 +152,27 @@ class Subscription:
         # Every start position is read before any stream catches up, so a stream that
         # starts at "the newest message now" means now, not after the others caught up.
         starts = [await position() for _, position, _ in catch_ups]
-        for (stream, _, _), (start, fresh) in zip(catch_ups, starts, strict=True):
+        for (stream, _, _), start in zip(catch_ups, starts, strict=True):
             state = self._streams.get(stream)
             if state is not None and not state.live:
-                if fresh:
-                    self._deliver_held_up_to(state, start)
-                state.delivered = max(state.delivered, start)
-        for stream, _, fetch in catch_ups:
+                if start.fresh:
+                    self._deliver_held_up_to(state, start.seq)
+                state.seq = max(state.seq, start.seq)
+        for (stream, _, fetch), start in zip(catch_ups, starts, strict=True):
             state = self._streams.get(stream)
             if state is not None and not state.live:
-                await self._catch_up(stream, state, fetch)
+                await self._catch_up(stream, state, fetch, start.id)
 
-    async def _catch_up(self, stream: int, state: _Stream, fetch: Fetch) -> None:
+    async def _catch_up(self, stream: int, state: _Stream, fetch: Fetch, after: int) -> None:
+        """Read the stream from the store after message id ``after`` until it is live."""
         while True:
-            page = await fetch(state.delivered, self._page_size)
+            page = await fetch(after, self._page_size)
             for event in page:
                 if self._streams.get(stream) is not state:
                     return  # dropped meanwhile (the user left the channel)
-                if event.id > state.delivered:
-                    state.delivered = event.id
+                after = event.id
+                if event.seq > state.seq:
+                    state.seq = event.seq
                     await self._writer.push_paced(event)
             if len(page) < self._page_size and not state.overflowed:
                 # Events offered since the last read are in the queue: nothing slips between.
@@ -162,24 +181,21 @@ class Subscription:
             state.overflowed = False
 
     def _deliver_held_up_to(self, state: _Stream, start: int) -> None:
-        """A fresh stream starts at its newest message when read, a moment after the
-        subscription began: what was offered in that moment is new, so it goes out."""
+        """A fresh stream starts at its newest message when read (seq ``start``), a moment
+        after the subscription began: what was offered in that moment is new, so it goes out."""
         queued = state.queued or []
-        held = sorted((e for e in queued if e.id <= start), key=_by_id)
-        for event in held:
-            if event.id > state.delivered:
-                state.delivered = event.id
+        for event in sorted((e for e in queued if e.seq <= start), key=_by_seq):
+            if event.seq > state.seq:
+                state.seq = event.seq
                 self._writer.write(event)
-        state.queued = [e for e in queued if e.id > start]
+        state.queued = [e for e in queued if e.seq > start]
 
     def _go_live(self, state: _Stream) -> None:
-        for event in sorted(state.queued or [], key=_by_id):
-            if event.id > state.delivered:
-                state.delivered = event.id
+        for event in sorted(state.queued or [], key=_by_seq):
+            if event.seq > state.seq:
+                state.seq = event.seq
                 self._writer.write(event)
         state.queued = None
 
 
-# Ids grow with commit order within a stream (stream sequence numbers will take this
-# place once the store numbers each stream).
-_by_id = attrgetter("id")
+_by_seq = attrgetter("seq")

@@ -30,37 +30,42 @@ def frame(item: Event) -> bytes:
     """The event's frame, encoded on first use and shared from then on."""
     encoded = item.msgpack_frame
     if encoded is None:
-        encoded = item.msgpack_frame = _encode(item)
+        encode = _ENCODERS.get(type(item))
+        if encode is None:
+            raise TypeError(f"no msgpack encoding for {type(item).__name__}")
+        encoded = item.msgpack_frame = encode_frame(encode(item))
     return encoded
-
-
-def _encode(item: Event) -> bytes:
-    encode = _ENCODERS.get(type(item))
-    if encode is None:
-        raise TypeError(f"no msgpack encoding for {type(item).__name__}")
-    return encode_frame(encode(item))
 
 
 # The keys in the order protocol.md shows them: the wire must not change.
 
 
-def _private(item: InboxMessage | SentCopy) -> Data:
-    return {
-        "id": item.id,
-        "name": item.sender,
-        "msg": item.body,
-        "datetime": format_datetime(item.created_at),
-    }
+# Each encoder builds its body itself: one is called for every message pushed.
 
 
 def _inbox_message(item: InboxMessage) -> Data:
-    return event("message", _private(item))
+    return event(
+        "message",
+        {
+            "id": item.id,
+            "name": item.sender,
+            "msg": item.body,
+            "datetime": format_datetime(item.created_at),
+        },
+    )
 
 
 def _sent_copy(item: SentCopy) -> Data:
-    data = _private(item)
-    data["to"] = item.to
-    return event("message", data)
+    return event(
+        "message",
+        {
+            "id": item.id,
+            "name": item.sender,
+            "msg": item.body,
+            "datetime": format_datetime(item.created_at),
+            "to": item.to,
+        },
+    )
 
 
 def _channel_post(item: ChannelPost) -> Data:

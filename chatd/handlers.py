@@ -45,6 +45,7 @@ from chatd.store import (
     MessageStore,
     NewMessage,
     Stored,
+    StreamPosition,
     User,
 )
 
@@ -245,7 +246,10 @@ async def user_info(ctx: Context, params: Params) -> Data:
 
 
 def _throttle_messages(ctx: Context) -> None:
-    _throttle(ctx, ctx.guards.messages, "sending too fast")
+    # _throttle inline: this runs for every message sent.
+    wait = ctx.guards.messages.take(ctx.user_id, ctx.clock())
+    if wait:
+        raise RateLimited("sending too fast", wait)
 
 
 def _throttle(ctx: Context, bucket: RateLimiter, too_fast: str) -> None:
@@ -270,7 +274,9 @@ async def send(ctx: Context, params: Params) -> Deferred:
         bus.publish(
             InboxMessage(recipient.id, message_id, sender_name, text, created_at, stored.seq)
         )
-        if recipient.id != sender_id:  # a note to self reached every device already
+        # A note to self reached every device already; a sender with no other device
+        # gets no copy made at all.
+        if recipient.id != sender_id and bus.copies_wanted(sender_id, origin):
             bus.publish(
                 SentCopy(
                     sender_id, recipient.name, message_id, sender_name, text, created_at, origin
@@ -365,10 +371,10 @@ def _channel_catch_up(store: MessageStore, user_id: int, channel_id: int) -> Cat
     # (protocol.md, section 9, "Your own messages").
     live_from = 0
 
-    async def position() -> tuple[int, bool]:
+    async def position() -> StreamPosition:
         nonlocal live_from
-        start, fresh, live_from = await store.channel_position(channel_id, user_id)
-        return start, fresh
+        start, live_from = await store.channel_position(channel_id, user_id)
+        return start
 
     async def channel_after(after: int, limit: int) -> list[StreamEvent]:
         name = await store.channel_name(channel_id)

@@ -88,8 +88,8 @@ class InboxMessage(Event):
     body: str
     created_at: float
     # The message's number in the inbox stream (1, 2, 3, ... in commit order, the
-    # store's per-stream sequence); delivery still orders by id, which agrees with it
-    # within a stream on one node.
+    # store's per-stream sequence): delivery orders and drops repeats by it, never by
+    # id (chatd.delivery).  0 only in events built by hand: a stored message has 1 up.
     seq: int = 0
 
 
@@ -108,8 +108,8 @@ class ChannelPost(Event):
 
 
 # Events that belong to a stream (the recipient's inbox, the channel): offered to
-# subscriptions, ordered and deduplicated by ``id`` within their stream, and caught
-# up from the store when missed.
+# subscriptions, ordered and deduplicated by ``seq`` within their stream (never by the
+# global ``id``), and caught up from the store when missed.
 StreamEvent = InboxMessage | ChannelPost
 
 

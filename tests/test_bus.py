@@ -43,7 +43,7 @@ from chatd.model import (
     StreamEvent,
 )
 from chatd.protocol import Data
-from chatd.store import Store
+from chatd.store import Store, StreamPosition
 from tests.conftest import PASSWORD
 
 CHANNEL_ID = 7
@@ -81,8 +81,8 @@ async def until(condition: Callable[[], bool]) -> None:
             await asyncio.sleep(0.001)
 
 
-async def no_position() -> tuple[int, bool]:
-    return 0, False
+async def no_position() -> StreamPosition:
+    return StreamPosition(0, 0)
 
 
 async def nothing_stored(after: int, limit: int) -> list[StreamEvent]:
@@ -100,7 +100,10 @@ async def go_live(hub: Hub, session: Session, user_id: int, name: str) -> None:
 
 
 def post(message_id: int, origin: int = 0) -> ChannelPost:
-    return ChannelPost(CHANNEL_ID, "general", message_id, "alice", "hello all", NOW, origin)
+    """A channel message whose seq is its id (tests/test_delivery.py has them differ)."""
+    return ChannelPost(
+        CHANNEL_ID, "general", message_id, "alice", "hello all", NOW, origin, seq=message_id
+    )
 
 
 @pytest.fixture
@@ -265,7 +268,7 @@ async def _read_frame(peer: asyncio.StreamReader) -> bytes:
         return header + await peer.readexactly(int.from_bytes(header, "big"))
 
 
-async def test_events_offered_while_catching_up_come_after_the_catch_up_in_id_order() -> None:
+async def test_events_offered_while_catching_up_come_after_the_catch_up_in_order() -> None:
     hub = Hub()
     session = RecordingSession()
     hub.bind(session, 1, "bob", b"digest", float("inf"), [CHANNEL_ID])
@@ -427,6 +430,9 @@ class CheckingBus:
     async def online(self, user_ids: Collection[int]) -> set[int]:
         return set()
 
+    def copies_wanted(self, user_id: int, origin: int) -> bool:
+        return True
+
     def revoke(self, user_id: int, digests: tuple[bytes, ...] = ()) -> None:
         pass
 
@@ -440,6 +446,33 @@ async def test_events_are_published_after_commit_never_inside_it(
     await answer(app, alice, "/send", name="bob", msg="one")
     await answer(app, alice, "/channel/send", name="general", message="two")
     assert bus.seen == [("one", 1, True), ("two", 1, True)]
+
+
+class RecordingBus(LocalBus):
+    """The one-node bus, keeping the kind of every event published."""
+
+    __slots__ = ("published",)
+
+    def __init__(self, hub: Hub) -> None:
+        super().__init__(hub)
+        self.published: list[str] = []
+
+    def publish(self, event: Published) -> None:
+        self.published.append(type(event).__name__)
+        super().publish(event)
+
+
+async def test_no_copy_is_made_for_a_sender_without_another_device(app: App) -> None:
+    alice = await device(app, "alice", register=True)
+    bob = await device(app, "bob", register=True)
+    bus = app.bus = RecordingBus(app.hub)
+    await answer(app, alice, "/send", name="bob", msg="one")
+    assert bus.published == ["InboxMessage"]
+    alice_phone = await device(app, "alice")
+    await answer(app, alice, "/send", name="bob", msg="two")
+    assert bus.published == ["InboxMessage", "InboxMessage", "SentCopy"]
+    assert messages(alice_phone) == [("SentCopy", 2, "to bob: two")]
+    assert [text for _, _, text in messages(bob)] == ["one", "two"]
 
 
 async def test_message_events_carry_their_stream_sequence_number(app: App) -> None:

@@ -23,6 +23,7 @@ from chatd.store import (
     Joined,
     NewMessage,
     Store,
+    StreamPosition,
 )
 from chatd.validation import name_skeletons
 
@@ -92,10 +93,12 @@ async def test_accounts_and_tokens_answer_as_before(store: Store) -> None:
 
 
 async def test_positions_and_pages_answer_as_before(store: Store) -> None:
-    assert await store.inbox_position(ANN) == (3, False)
-    assert await store.inbox_position(BOB) == (1, False)
-    assert await store.channel_position(LOBBY, CLEO) == (4, False, 4)
-    assert await store.channel_position(LOBBY, BOB) == (4, True, 4)  # never received
+    # Positions stay ids, each with its message's new seq.
+    assert await store.inbox_position(ANN) == StreamPosition(3, 1)
+    assert await store.inbox_position(BOB) == StreamPosition(1, 1)
+    assert await store.channel_position(LOBBY, CLEO) == (StreamPosition(4, 3), 4)
+    never_received = StreamPosition(4, 3, fresh=True)
+    assert await store.channel_position(LOBBY, BOB) == (never_received, 4)
     inbox = await store.take_inbox(BOB, 10)
     assert [(m.id, m.seq, m.sender, m.body) for m in inbox.messages] == [
         (2, 2, "Cleo", "bob, it is cleo"), (4, 3, "Ann", "second to bob"),

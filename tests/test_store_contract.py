@@ -32,6 +32,7 @@ from chatd.store import (
     Stored,
     StoreError,
     StreamHeads,
+    StreamPosition,
     open_store,
 )
 from chatd.validation import name_skeletons
@@ -221,7 +222,7 @@ async def test_inbox_is_taken_once_in_order_in_batches(store: MessageStore) -> N
     assert (bodies(second), second.more) == (["m3", "m4"], False)
     assert bodies(await store.take_inbox(bob, 3)) == []
     assert bodies(await store.take_inbox(ann, 3)) == []
-    assert await store.inbox_position(bob) == (sent[-1].id, False)
+    assert await store.inbox_position(bob) == StreamPosition(sent[-1].id, sent[-1].seq)
 
 
 async def test_any_text_is_kept_exactly(store: MessageStore) -> None:
@@ -243,11 +244,11 @@ async def test_acks_are_clamped_to_messages_that_exist(store: MessageStore) -> N
     first = await store.enqueue(private(ann, bob, "one"))
     other = await store.enqueue(private(ann, carol, "not bob's"))
     second = await store.enqueue(private(ann, bob, "two"))
-    assert await store.inbox_position(bob) == (0, False)
+    assert await store.inbox_position(bob) == StreamPosition(0, 0)
     assert await store.ack_private(bob, other.id) == first.id
     assert await store.ack_private(bob, 1 << 62) == second.id  # from the future: clamped
     assert await store.ack_private(bob, 1) == second.id  # never moves back
-    assert await store.inbox_position(bob) == (second.id, False)
+    assert await store.inbox_position(bob) == StreamPosition(second.id, 2)
     assert [m.body for m in await store.inbox_after(bob, 0, 10)] == ["one", "two"]
     assert [m.body for m in await store.inbox_after(bob, first.id, 10)] == ["two"]
     assert [m.body for m in await store.inbox_after(bob, 0, 1)] == ["one"]
@@ -316,7 +317,9 @@ async def test_channel_receive_backlog_then_news(store: MessageStore) -> None:
         await store.enqueue(to_channel(ann, channel.id, f"m{i}"))
     await store.join_channel("Lobby", "lobby", looks("Lobby"), bob, NOW)
     newest = (await store.channel_history(channel.id, None, 1)).messages[0].id
-    assert await store.channel_position(channel.id, bob) == (newest, True, newest)
+    assert await store.channel_position(channel.id, bob) == (
+        StreamPosition(newest, 5, fresh=True), newest
+    )
     backlog = await store.take_channel(channel.id, bob, backlog=2, limit=10)
     assert (bodies(backlog), backlog.more) == (["m3", "m4"], False)
     assert bodies(await store.take_channel(channel.id, bob, 2, 10)) == []
@@ -327,8 +330,11 @@ async def test_channel_receive_backlog_then_news(store: MessageStore) -> None:
     rest = await store.take_channel(channel.id, bob, 2, limit=2)
     assert (bodies(rest), rest.more) == (["m7"], False)
     newest = rest.messages[0].id
-    assert await store.channel_position(channel.id, bob) == (newest, False, newest)
-    assert await store.channel_position(channel.id, ann + bob + 1) == (0, True, 0)
+    assert await store.channel_position(channel.id, bob) == (StreamPosition(newest, 8), newest)
+    not_a_member = ann + bob + 1
+    assert await store.channel_position(channel.id, not_a_member) == (
+        StreamPosition(0, 0, fresh=True), 0
+    )
 
 
 async def test_memberships_count_what_receive_would_return(store: MessageStore) -> None:
@@ -364,7 +370,7 @@ async def test_own_channel_messages_are_never_news(store: MessageStore) -> None:
     first = await store.take_channel(lobby.id, ann, backlog=10, limit=10)
     assert (bodies(first), first.more) == (["bob 1"], False)
     # The position moved past the caller's own newest message all the same.
-    assert (await store.channel_position(lobby.id, ann))[:2] == (own_last.id, False)
+    assert (await store.channel_position(lobby.id, ann))[0] == StreamPosition(own_last.id, 3)
     await store.enqueue(to_channel(ann, lobby.id, "ann 3"))
     assert [m.unread for m in await store.memberships(ann, backlog=10)] == [0]
     assert bodies(await store.take_channel(lobby.id, ann, 10, 10)) == []
@@ -695,6 +701,60 @@ async def test_stream_heads_are_read_for_many_streams_at_once(store: MessageStor
     assert await store.stream_heads([], []) == StreamHeads({}, {})
     many = list(range(1, 5001))  # thousands of ids are still one statement
     assert (await store.stream_heads(many, many)).inboxes[bob] == 3
+
+
+async def test_positions_carry_the_seq_of_their_message(store: MessageStore) -> None:
+    # Delivery orders by seq, the wire speaks ids: a position is both (chatd.delivery).
+    ann = await add_user(store, "ann")
+    bob = await add_user(store, "bob")
+    carol = await add_user(store, "carol")
+    for i in range(3):  # interleaved inboxes: bob's ids are not his seqs
+        await store.enqueue(private(ann, carol, f"to carol {i}"))
+        await store.enqueue(private(ann, bob, f"to bob {i}"))
+    from_carol = await store.enqueue(private(carol, bob, "from carol"))
+    assert from_carol.seq == 4 and from_carol.id == 7
+    acked = await store.ack_private(bob, from_carol.id)
+    assert await store.inbox_position(bob) == StreamPosition(acked, 4)
+    # The acknowledged message deleted with its sender: the id stays, and the seq is
+    # the newest one at or below it, so nothing after it is taken for a repeat.
+    await store.delete_user(carol)
+    assert await store.inbox_position(bob) == StreamPosition(acked, 3)
+    lobby, _ = await store.join_channel("lobby", "lobby", looks("lobby"), ann, NOW)
+    await store.join_channel("lobby", "lobby", looks("lobby"), bob, NOW)
+    assert await store.channel_position(lobby.id, bob) == (StreamPosition(0, 0, True), 0)
+    first = await store.enqueue(to_channel(ann, lobby.id, "one"))
+    await store.enqueue(private(ann, bob, "between"))
+    second = await store.enqueue(to_channel(ann, lobby.id, "two"))
+    assert await store.channel_position(lobby.id, bob) == (
+        StreamPosition(second.id, 2, fresh=True), second.id
+    )
+    await store.ack_channel(lobby.id, bob, first.id)
+    assert await store.channel_position(lobby.id, bob) == (
+        StreamPosition(first.id, 1), second.id
+    )
+
+
+async def test_ids_grow_with_seq_within_a_stream_with_two_writers(backend: Backend) -> None:
+    # The catch-up pages a stream by id (no (stream, seq) index on SQLite) and relies
+    # on this: within one stream, id order is seq order, even with two nodes writing.
+    one, two = await backend.open(), await backend.open()
+    ann = await add_user(one, "ann")
+    bob = await add_user(one, "bob")
+    lobby, _ = await one.join_channel("lobby", "lobby", looks("lobby"), ann, NOW)
+    sends = []
+    for i in range(200):
+        store = (one, two)[i % 2]
+        sends.append(store.enqueue(to_channel(ann, lobby.id, f"c{i}")))
+        sends.append(store.enqueue(private(ann, (ann, bob)[i % 3 == 0], f"p{i}")))
+    await asyncio.gather(*sends)
+    for table, stream in (("channel_messages", "channel_id"), ("private_messages", "recipient_id")):
+        rows = await backend.query(f"SELECT {stream}, seq FROM {table} ORDER BY id")
+        streams: dict[int, list[int]] = {}
+        for key, seq in rows:
+            streams.setdefault(key, []).append(seq)
+        assert sum(map(len, streams.values())) == 200
+        for seqs in streams.values():
+            assert seqs == list(range(1, len(seqs) + 1))
 
 
 async def test_an_unreachable_postgres_is_a_store_error() -> None:

@@ -258,8 +258,8 @@ class IrcCore:
         channel = await self.app.store.find_channel(name_key(channel_name))
         if channel is None:
             return
-        _, fresh, newest = await self.app.store.channel_position(channel.id, self._user_id)
-        if fresh:
+        start, newest = await self.app.store.channel_position(channel.id, self._user_id)
+        if start.fresh:
             await self._call("/ack", id=newest, channel=channel.name)
 
     async def _refuse_unauthenticated(self, nick: str) -> None:
@@ -679,13 +679,13 @@ class IrcCore:
     async def _read_marker(self, target: history.Target) -> str:
         store = self.app.store
         if target.channel is not None:
-            position, fresh, _ = await store.channel_position(target.channel.id, self._user_id)
-            if fresh:
+            position, _ = await store.channel_position(target.channel.id, self._user_id)
+            if position.fresh:
                 return "*"
-            stamp = await store.message_time(True, position)
+            stamp = await store.message_time(True, position.id)
         else:
-            position, _ = await store.inbox_position(self._user_id)
-            stamp = await store.message_time(False, position)
+            position = await store.inbox_position(self._user_id)
+            stamp = await store.message_time(False, position.id)
         return "*" if stamp is None else "timestamp=" + history.format_timestamp(stamp)
 
     # Delivery: from the hub's pushed events to lines.

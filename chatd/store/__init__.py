@@ -44,6 +44,7 @@ from chatd.store.rows import (
     Stored,
     StoreError,
     StreamHeads,
+    StreamPosition,
     User,
 )
 from chatd.store.sqlite import (
@@ -81,6 +82,7 @@ __all__ = [
     "StoreError",
     "Stored",
     "StreamHeads",
+    "StreamPosition",
     "User",
     "backup",
     "is_postgres_url",
@@ -147,13 +149,14 @@ class MessageStore(Protocol):
     # Delivery positions and catch-up.
     async def ack_private(self, user_id: int, message_id: int) -> int: ...
     async def ack_channel(self, channel_id: int, user_id: int, message_id: int) -> int | None: ...
-    async def inbox_position(self, user_id: int) -> tuple[int, bool]: ...
+    # Positions are ids with their seqs: the wire speaks ids, delivery orders by seq.
+    async def inbox_position(self, user_id: int) -> StreamPosition: ...
     async def stream_heads(
         self, user_ids: Sequence[int], channel_ids: Sequence[int]
     ) -> StreamHeads: ...
     async def channel_position(
         self, channel_id: int, user_id: int
-    ) -> tuple[int, bool, int]: ...
+    ) -> tuple[StreamPosition, int]: ...
     async def inbox_after(
         self, user_id: int, after_id: int, limit: int
     ) -> list[PrivateMessage]: ...

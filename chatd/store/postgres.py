@@ -48,7 +48,9 @@ from chatd.store.rows import (
     Stored,
     StoreError,
     StreamHeads,
+    StreamPosition,
     User,
+    channel_start,
 )
 
 log = logging.getLogger(__name__)
@@ -244,6 +246,21 @@ _PRIVATE_ROWS = (
 _CHANNEL_ROWS = (
     "SELECT m.id, u.name, m.body, m.created_at, m.seq FROM channel_messages m"
     " JOIN users u ON u.id = m.sender_id"
+)
+# Positions: ids with their seqs, as in the SQLite store (chatd.store.sqlite).
+_INBOX_POSITION = (
+    "SELECT u.inbox_cursor, COALESCE((SELECT m.seq FROM private_messages m"
+    "  WHERE m.recipient_id = u.id AND m.id <= u.inbox_cursor ORDER BY m.id DESC LIMIT 1), 0)"
+    " FROM users u WHERE u.id = $1"
+)
+_CHANNEL_POSITION = (
+    "SELECT m.read_cursor, COALESCE((SELECT c.seq FROM channel_messages c"
+    "  WHERE c.channel_id = m.channel_id AND c.id <= m.read_cursor"
+    "  ORDER BY c.id DESC LIMIT 1), 0),"
+    " COALESCE(newest.id, 0), COALESCE(newest.seq, 0)"
+    " FROM channel_members m LEFT JOIN (SELECT id, seq FROM channel_messages"
+    "  WHERE channel_id = $1 ORDER BY id DESC LIMIT 1) AS newest ON true"
+    " WHERE m.channel_id = $1 AND m.user_id = $2"
 )
 _NO_UPPER_BOUND = (1 << 63) - 1
 _CHANNEL_BY_KEY = "SELECT id, name, created_at FROM channels WHERE name_key = $1"
@@ -651,27 +668,21 @@ class PostgresStore:
         )
         return position
 
-    async def inbox_position(self, user_id: int) -> tuple[int, bool]:
-        """Where a catch-up of the inbox starts (never fresh: every user has a position)."""
-        position: int = await self._value(
-            "SELECT inbox_cursor FROM users WHERE id = $1", user_id
-        )
-        return position, False
+    async def inbox_position(self, user_id: int) -> StreamPosition:
+        """Where a catch-up of the inbox starts: the acknowledged id and its seq (never
+        fresh: every user has a position)."""
+        rows = await self._rows(_INBOX_POSITION, user_id)
+        cursor, seq = rows[0] if rows else (0, 0)
+        return StreamPosition(cursor, seq)
 
-    async def channel_position(self, channel_id: int, user_id: int) -> tuple[int, bool, int]:
+    async def channel_position(
+        self, channel_id: int, user_id: int
+    ) -> tuple[StreamPosition, int]:
         """Where a member's catch-up starts: their read position, or (fresh: before their
         first /channel/receive or /ack, which would show the backlog) the newest message;
         and the channel's newest message id now, read in the same statement."""
-        rows = await self._rows(
-            "SELECT m.read_cursor,"
-            " (SELECT COALESCE(MAX(id), 0) FROM channel_messages WHERE channel_id = $1)"
-            " FROM channel_members m WHERE m.channel_id = $1 AND m.user_id = $2",
-            channel_id, user_id,
-        )
-        if not rows:
-            return 0, True, 0
-        read_cursor, newest = rows[0]
-        return (newest, True, newest) if read_cursor is None else (read_cursor, False, newest)
+        rows = await self._rows(_CHANNEL_POSITION, channel_id, user_id)
+        return channel_start(rows[0] if rows else None)
 
     async def stream_heads(
         self, user_ids: Sequence[int], channel_ids: Sequence[int]

@@ -6,9 +6,10 @@ chatd.store.postgres) share these types.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from chatd.errors import ServerError
 
@@ -59,6 +60,31 @@ class Stored:
     created_at: float
     duplicate: bool = False  # True when client_id matched an earlier send
     seq: int = 0  # its number in its stream (the channel, or the recipient's inbox)
+
+
+class StreamPosition(NamedTuple):
+    """Where a stream's catch-up starts (protocol.md section 9).
+
+    ``id`` is a message id, what acknowledgements and read cursors hold on the wire;
+    ``seq`` is that message's number in its stream (0 before the first), by which
+    delivery orders and drops repeats (chatd.delivery).  ``fresh``: the user has no
+    position in the stream yet, so it starts at the stream's newest message.
+    """
+
+    id: int
+    seq: int
+    fresh: bool = False
+
+
+def channel_start(row: Sequence[Any] | None) -> tuple[StreamPosition, int]:
+    """A member's position in a channel and the channel's newest id, from a row of
+    (read cursor or None, its seq, newest id, newest seq); None: not a member."""
+    if row is None:
+        return StreamPosition(0, 0, True), 0
+    cursor, cursor_seq, newest, newest_seq = row
+    if cursor is None:  # never read: fresh, from the newest message
+        return StreamPosition(newest, newest_seq, True), newest
+    return StreamPosition(cursor, cursor_seq), newest
 
 
 @dataclass(slots=True)

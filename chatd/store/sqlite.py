@@ -22,6 +22,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from itertools import count
 from typing import Any
 
 import aiosqlite
@@ -50,7 +51,9 @@ from chatd.store.rows import (
     Stored,
     StoreError,
     StreamHeads,
+    StreamPosition,
     User,
+    channel_start,
 )
 
 log = logging.getLogger(__name__)
@@ -193,12 +196,31 @@ _CHANNEL_ROWS = (
     "SELECT m.id, u.name, m.body, m.created_at, m.seq FROM channel_messages m"
     " JOIN users u ON u.id = m.sender_id"
 )
+# A position is an id (acks and cursors hold ids) with its message's seq: the seq of
+# the newest message of the stream at or below the id (0 if none), found through the
+# (stream, id) index: an acknowledged message may have been deleted since (delete_user).
+_INBOX_POSITION = (
+    "SELECT u.inbox_cursor, COALESCE((SELECT m.seq FROM private_messages m"
+    "  WHERE m.recipient_id = u.id AND m.id <= u.inbox_cursor ORDER BY m.id DESC LIMIT 1), 0)"
+    " FROM users u WHERE u.id = ?"
+)
+# A member's read cursor (NULL: fresh) and its seq, and the channel's newest id and seq.
+_CHANNEL_POSITION = (
+    "SELECT m.read_cursor, COALESCE((SELECT c.seq FROM channel_messages c"
+    "  WHERE c.channel_id = m.channel_id AND c.id <= m.read_cursor"
+    "  ORDER BY c.id DESC LIMIT 1), 0),"
+    " COALESCE(newest.id, 0), COALESCE(newest.seq, 0)"
+    " FROM channel_members m LEFT JOIN (SELECT id, seq FROM channel_messages"
+    "  WHERE channel_id = ? ORDER BY id DESC LIMIT 1) AS newest ON true"
+    " WHERE m.channel_id = ? AND m.user_id = ?"
+)
 # Per kind of message: its table, its stream column, and the row keeping the stream's head.
 _TABLES = {
     PRIVATE: ("private_messages", "recipient_id", "users", "inbox_seq"),
     CHANNEL: ("channel_messages", "channel_id", "channels", "last_seq"),
 }
 _INSERT_CHUNK = 500  # rows per INSERT: 6 variables each, far below SQLite's 32766
+_ROW = "(?, ?, ?, ?, ?, ?)"
 
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 
@@ -1035,29 +1057,23 @@ class Store:
             self._check_file()
         return position
 
-    async def inbox_position(self, user_id: int) -> tuple[int, bool]:
-        """Where a catch-up of the inbox starts (never fresh: every user has a position)."""
+    async def inbox_position(self, user_id: int) -> StreamPosition:
+        """Where a catch-up of the inbox starts: the acknowledged id and its seq (never
+        fresh: every user has a position)."""
         async with self._turn():
-            position: int = await self._scalar(
-                "SELECT inbox_cursor FROM users WHERE id = ?", (user_id,)
-            )
-        return position, False
+            rows = await self._rows(_INBOX_POSITION, (user_id,))
+        cursor, seq = rows[0] if rows else (0, 0)
+        return StreamPosition(cursor, seq)
 
-    async def channel_position(self, channel_id: int, user_id: int) -> tuple[int, bool, int]:
+    async def channel_position(
+        self, channel_id: int, user_id: int
+    ) -> tuple[StreamPosition, int]:
         """Where a member's catch-up starts: their read position, or (fresh: before their
         first /channel/receive or /ack, which would show the backlog) the newest message;
         and the channel's newest message id now, read in the same statement."""
         async with self._turn():
-            rows = await self._rows(
-                "SELECT m.read_cursor,"
-                " (SELECT COALESCE(MAX(id), 0) FROM channel_messages WHERE channel_id = ?)"
-                " FROM channel_members m WHERE m.channel_id = ? AND m.user_id = ?",
-                (channel_id, channel_id, user_id),
-            )
-        if not rows:
-            return 0, True, 0
-        read_cursor, newest = rows[0]
-        return (newest, True, newest) if read_cursor is None else (read_cursor, False, newest)
+            rows = await self._rows(_CHANNEL_POSITION, (channel_id, channel_id, user_id))
+        return channel_start(rows[0] if rows else None)
 
     async def stream_heads(
         self, user_ids: Sequence[int], channel_ids: Sequence[int]
@@ -1279,25 +1295,25 @@ def _insert(conn: sqlite3.Connection, kind: str, messages: list[NewMessage]) -> 
     foreign key. On the database thread (Store._write_batch_now).
     """
     table, target, head_table, head = _TABLES[kind]
-    counts = Counter(m.target_id for m in messages)
-    pairs = ", ".join("(?, ?)" for _ in counts)
+    # Per message, this runs for every send: comprehensions and C-level iterators
+    # rather than a Python loop over dict updates (docs/benchmarks.md, issue 13).
+    targets = [m.target_id for m in messages]
+    counts = Counter(targets)
     moved = conn.execute(
-        f"UPDATE {head_table} SET {head} = {head} + n.column2 FROM (VALUES {pairs}) AS n"
+        f"UPDATE {head_table} SET {head} = {head} + n.column2"
+        f" FROM (VALUES {', '.join(['(?, ?)'] * len(counts))}) AS n"
         f" WHERE {head_table}.id = n.column1 RETURNING id, {head}",
         [item for pair in counts.items() for item in pair],
     ).fetchall()
-    next_seq = {stream: newest - counts[stream] + 1 for stream, newest in moved}
-    rows = ", ".join("(?, ?, ?, ?, ?, ?)" for _ in messages)
+    before = {stream: newest - counts[stream] for stream, newest in moved}
+    counters = {stream: count(before.get(stream, 0) + 1) for stream in counts}
+    seqs = [next(counters[target_id]) for target_id in targets]
     args: list[Any] = []
-    seqs: list[int] = []
-    for m in messages:
-        seq = next_seq.get(m.target_id, 1)
-        next_seq[m.target_id] = seq + 1
-        seqs.append(seq)
+    for m, seq in zip(messages, seqs, strict=True):
         args += (m.sender_id, m.target_id, seq, m.body, m.created_at, m.client_id)
     inserted = conn.execute(
         f"INSERT INTO {table} (sender_id, {target}, seq, body, created_at, client_id)"
-        f" VALUES {rows} RETURNING id",
+        f" VALUES {', '.join([_ROW] * len(messages))} RETURNING id",
         args,
     ).fetchall()
     ids = sorted(row[0] for row in inserted)
