@@ -126,7 +126,7 @@ class App:
                         if refused >= rate_limit_budget:
                             break
                     continue
-            if group is not None:
+            if group is not None and group.size:
                 await put(group.close())
                 group = None
             reply = await self.handle(session, body)
@@ -135,7 +135,7 @@ class App:
                 refused += 1
                 if refused >= rate_limit_budget:
                     break
-        if group is not None:
+        if group is not None and group.size:
             await put(group.close())
         return refused
 
