@@ -256,22 +256,27 @@ class ReplyGroup(Pending):
         this right after COMMIT, in commit order)."""
         app, ctx = self._app, self._ctx
         session, replies = ctx.session, self._replies
+        request_handled, elapsed = app.metrics.request_handled, time.perf_counter() - self._started
+        debug = log.isEnabledFor(logging.DEBUG)
         position = 0
         try:
             for outgoing, rid, result in zip(self._outgoing, self._rids, results, strict=True):
                 while replies[position] is not None:
                     position += 1
                 op = _SEND_OPS.get(outgoing.message.kind, "/send")
-                if isinstance(result, Stored):
-                    if not result.duplicate:
-                        try:
-                            publish(ctx, outgoing, result)
-                        except Exception:  # one failed push must not hold the rest back
-                            log.exception("publishing message %d failed", result.id)
-                    reply = success(rid, sent(result))
-                else:
+                if isinstance(result, Exception):
                     reply = app.failure_reply(session, rid, op, result)
-                replies[position] = app.finish(session, op, reply, self._started)
+                    replies[position] = app.finish(session, op, reply, self._started)
+                    continue
+                if not result.duplicate:
+                    try:
+                        publish(ctx, outgoing, result)
+                    except Exception:  # one failed push must not hold the rest back
+                        log.exception("publishing message %d failed", result.id)
+                replies[position] = success(rid, sent(result))
+                request_handled(op, 0, elapsed)  # App.finish, written out for the hot path
+                if debug:
+                    log.debug("%s %s -> 0", session, op)
         finally:
             self._ready = True
 

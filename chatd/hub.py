@@ -155,6 +155,11 @@ class Hub:
             del self._channels_of[user_id]
             del self._names[user_id]
 
+    def has_other_sessions(self, user_id: int, session: Session) -> bool:
+        """Whether the user has a session here besides ``session``."""
+        sessions = self._sessions.get(user_id, ())
+        return len(sessions) > 1 or (len(sessions) == 1 and session not in sessions)
+
     def is_online(self, user_id: int) -> bool:
         return user_id in self._sessions
 

@@ -253,3 +253,21 @@ async def test_sends_past_the_abuse_limit_in_one_read_close_the_connection(
     assert [reply["code"] for reply in replies] == [OK, OK, LIMITED, LIMITED]
     got = await bob.request("/receive")
     assert got["messages"]["alice"] == ["warm-up", "m0", "m1"]
+
+
+async def test_hot_path_sends_still_copy_to_the_senders_other_devices(harness: Harness) -> None:
+    """The copy for the sender's other sessions is skipped only when there are none."""
+    alice_phone = await harness.user("alice")
+    bob = await harness.user("bob")
+    await alice_phone.request("/send", {"name": "bob", "msg": "warm-up"})  # bob is cached
+    alone = await alice_phone.request("/send", {"name": "bob", "msg": "no other device"})
+    laptop = await harness.connect(token=alice_phone.token)
+    await laptop.request("/subscribe")
+    sent = await alice_phone.request("/send", {"name": "bob", "msg": "to the laptop too"})
+    copy = await laptop.next_event(timeout=5)
+    assert copy["data"]["id"] == sent["id"] and copy["data"]["to"] == "bob"
+    assert alone["id"] < sent["id"]
+    await laptop.request("/ping")  # nothing else was waiting: the earlier one had no copy
+    with pytest.raises(TimeoutError):
+        await laptop.next_event(timeout=0.05)
+    assert (await bob.request("/receive"))["messages"]["alice"][-1] == "to the laptop too"
