@@ -71,6 +71,7 @@ class Context:
     # read (App.handle_many share a context) mostly go to the same few users, and the
     # name's checks and its key (two NFKC passes) cost more than the rest of a send.
     recipients: dict[str, User] | None = None
+    channels: dict[str, Channel] | None = None  # the same for channels
 
     @property
     def user_id(self) -> int:
@@ -284,16 +285,23 @@ def send_now(ctx: Context, params: Params) -> Outgoing | None:
         return None
     # send()'s checks in send()'s order (the look-up raised nothing), written out: the
     # hot path of the hot path.
+    return _outgoing_now(ctx, params, PRIVATE, "msg", recipient.id, recipient.name)
+
+
+def _outgoing_now(
+    ctx: Context, params: Params, kind: str, text_key: str, target_id: int, target_name: str
+) -> Outgoing:
+    """The rest of a send's checks, in the handler's order, written out: the hot path."""
     session = ctx.session
     sender_id, now = session.user_id, ctx.clock()
     assert sender_id is not None and session.user_name is not None, "auth gate let it by"
     wait = ctx.guards.messages.take(sender_id, now)
     if wait:
         raise RateLimited("sending too fast", wait)
-    text = validation.message_text(params, "msg", ctx.config.max_message_length)
+    text = validation.message_text(params, text_key, ctx.config.max_message_length)
     client_id = params.optional_text("client_id", validation.MAX_CLIENT_ID_LENGTH)
-    new = NewMessage(PRIVATE, sender_id, recipient.id, text, now, client_id)
-    return Outgoing(new, recipient.name, session.user_name)
+    new = NewMessage(kind, sender_id, target_id, text, now, client_id)
+    return Outgoing(new, target_name, session.user_name)
 
 
 def _known_recipient(ctx: Context, params: Params) -> User | None:
@@ -564,6 +572,32 @@ async def channel_send(ctx: Context, params: Params) -> Deferred:
     return _after_commit(ctx, Outgoing(new, channel.name, ctx.user_name))
 
 
+def channel_send_now(ctx: Context, params: Params) -> Outgoing | None:
+    """/channel/send without waiting: None unless the channel is cached and the hub knows
+    the sender is a member (as _use_channel asks), and channel_send() must do it all."""
+    channel = _known_channel(ctx, params)
+    if channel is None or not ctx.hub.is_member(ctx.user_id, channel.id):
+        return None
+    return _outgoing_now(ctx, params, CHANNEL, "message", channel.id, channel.name)
+
+
+def _known_channel(ctx: Context, params: Params) -> Channel | None:
+    name = params.raw("name")
+    known = ctx.channels
+    if known is None:
+        known = ctx.channels = {}
+    elif type(name) is str and (channel := known.get(name)) is not None:
+        return channel
+    try:
+        key = validation.name_key(validation.channel_name(params))
+    except ChatdError:
+        return None  # channel_send() reports it, in its order
+    channel = ctx.store.cached_channel(key)
+    if channel is not None:
+        known[name] = channel
+    return channel
+
+
 async def channel_receive(ctx: Context, params: Params) -> Data:
     channel = await _use_channel(ctx, validation.channel_name(params))
     batch = await ctx.store.take_channel(
@@ -649,7 +683,10 @@ async def dispatch(ctx: Context, request: Request) -> Data | Deferred | None:
 
 # Ops that may be done without waiting, when what they need is at hand (the hot path of
 # App.handle_many): each returns the message to store, or None to leave it to its handler.
-NOW_OPS: dict[str, Callable[[Context, Params], Outgoing | None]] = {"/send": send_now}
+NOW_OPS: dict[str, Callable[[Context, Params], Outgoing | None]] = {
+    "/send": send_now,
+    "/channel/send": channel_send_now,
+}
 
 
 def dispatch_now(ctx: Context, request: Request) -> Outgoing | None:

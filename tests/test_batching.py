@@ -271,3 +271,31 @@ async def test_hot_path_sends_still_copy_to_the_senders_other_devices(harness: H
     with pytest.raises(TimeoutError):
         await laptop.next_event(timeout=0.05)
     assert (await bob.request("/receive"))["messages"]["alice"][-1] == "to the laptop too"
+
+
+def post(rid: int, channel: str, message: Any) -> Data:
+    return {"op": "/channel/send", "id": rid, "params": {"name": channel, "message": message}}
+
+
+async def test_channel_sends_of_members_join_the_group_and_others_go_the_general_way(
+    app: App,
+) -> None:
+    alice = await logged_in(app, "alice")
+    for channel in ("dev", "ops"):
+        joined = await app.handle(alice, {"op": "/channel/join", "params": {"name": channel}})
+        assert isinstance(joined, dict) and joined["code"] == 0
+    leave = {"op": "/channel/leave", "params": {"name": "ops"}}
+    left = await app.handle(alice, leave)
+    assert isinstance(left, dict) and left["code"] == 0
+    await handle(app, alice, [post(0, "dev", "warm-up")])
+    bodies = [post(1, "dev", "one"), post(2, "dev", ""), post(3, "ops", "after leaving"),
+              post(4, "dev", "four")]
+    replies, _ = await handle(app, alice, bodies)
+    kinds = [type(item).__name__ for item in replies.items]
+    assert kinds == ["ReplyGroup", "dict", "ReplyGroup"]  # ops: not a member, handled whole
+    assert [(a["id"], a["code"]) for a in await replies.answers()] == [
+        (1, OK), (2, BAD), (3, ErrorCode.FORBIDDEN), (4, OK),
+    ]
+    history = await app.handle(alice, {"op": "/channel/history", "params": {"name": "dev"}})
+    assert isinstance(history, dict)
+    assert sorted(m["msg"] for m in history["data"]["messages"]) == ["four", "one", "warm-up"]

@@ -127,6 +127,7 @@ class MessageStore(Protocol):
 
     # Channels.
     async def find_channel(self, key: str) -> Channel | None: ...
+    def cached_channel(self, key: str) -> Channel | None: ...
     async def join_channel(
         self,
         name: str,

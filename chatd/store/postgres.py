@@ -468,6 +468,10 @@ class PostgresStore:
 
     # Channels.
 
+    def cached_channel(self, key: str) -> Channel | None:
+        """What find_channel answers without waiting: the channel, if cached."""
+        return self._channels.get(key)
+
     async def find_channel(self, key: str) -> Channel | None:
         cached = self._channels.get(key)
         if cached is not None:

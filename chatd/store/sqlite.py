@@ -851,6 +851,10 @@ class Store:
 
     # Channels.
 
+    def cached_channel(self, key: str) -> Channel | None:
+        """What find_channel answers without waiting: the channel, if cached."""
+        return self._channels.get(key)
+
     async def find_channel(self, key: str) -> Channel | None:
         cached = self._channels.get(key)
         if cached is not None:
