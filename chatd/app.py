@@ -22,12 +22,20 @@ from chatd.handlers import (
     dispatch,
     dispatch_now,
     publish,
-    sent,
 )
 from chatd.hub import Hub, Session
 from chatd.limits import Guards
 from chatd.metrics import Metrics
-from chatd.protocol import Data, failure, parse_request, request_id, success
+from chatd.protocol import (
+    Data,
+    Params,
+    Request,
+    failure,
+    format_datetime,
+    parse_request,
+    request_id,
+    success,
+)
 from chatd.store import CHANNEL, MessageStore, Stored
 
 log = logging.getLogger(__name__)
@@ -214,7 +222,7 @@ class ReplyGroup(Pending):
         committed), or None if it must be handled whole (App.handle) instead."""
         op = "?"
         try:
-            request = parse_request(body)
+            request = _request(body)
             op = request.op
             outgoing = dispatch_now(self._ctx, request)
             if outgoing is None:
@@ -242,7 +250,7 @@ class ReplyGroup(Pending):
     async def wait(self) -> None:
         committed = self._committed
         if not self._ready and committed is not None:
-            await asyncio.wait([committed])
+            await committed  # only ever resolved (GroupCommit), never failed or cancelled
 
     def replies(self) -> list[Data]:
         return [reply or self._lost() for reply in self._replies]
@@ -273,12 +281,31 @@ class ReplyGroup(Pending):
                         publish(ctx, outgoing, result)
                     except Exception:  # one failed push must not hold the rest back
                         log.exception("publishing message %d failed", result.id)
-                replies[position] = success(rid, sent(result))
+                data = {"id": result.id, "datetime": format_datetime(result.created_at)}
+                # success(rid, sent(result)), written out for the hot path
+                replies[position] = (
+                    {"code": 0, "msg": "success", "data": data}
+                    if rid is None
+                    else {"id": rid, "code": 0, "msg": "success", "data": data}
+                )
                 request_handled(op, 0, elapsed)  # App.finish, written out for the hot path
                 if debug:
                     log.debug("%s %s -> 0", session, op)
         finally:
             self._ready = True
+
+
+def _request(body: dict[str, Any]) -> Request:
+    """parse_request(body), with a shortcut for the envelope nearly every request has."""
+    params, rid, token = body.get("params"), body.get("id"), body.get("token")
+    if (
+        type(params) is dict
+        and (rid is None or type(rid) is int)
+        and (token is None or type(token) is str)
+        and type(op := body.get("op")) is str
+    ):
+        return Request(op, rid, Params(params), token)
+    return parse_request(body)  # and its words for what is wrong
 
 
 class PendingReply(Pending):
