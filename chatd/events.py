@@ -54,7 +54,16 @@ def _private(item: InboxMessage | SentCopy) -> Data:
 
 
 def _inbox_message(item: InboxMessage) -> Data:
-    return event("message", _private(item))
+    # _private() and event() written out: one of these is encoded per private message.
+    return {
+        "event": "message",
+        "data": {
+            "id": item.id,
+            "name": item.sender,
+            "msg": item.body,
+            "datetime": format_datetime(item.created_at),
+        },
+    }
 
 
 def _sent_copy(item: SentCopy) -> Data:

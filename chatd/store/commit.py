@@ -184,16 +184,19 @@ class BatchPlan:
         self.fresh: dict[str, list[int]] = {PRIVATE: [], CHANNEL: []}  # positions, by kind
         self._repeats: dict[int, int] = {}  # batch position -> position of the first send
         first_in_batch: dict[DedupKey, int] = {}
+        fresh = self.fresh
         for position, message in enumerate(batch):
-            key = message.dedup_key
-            if key is not None and key in earlier:
+            if message.client_id is None:  # most sends: nothing to look up
+                fresh[message.kind].append(position)
+                continue
+            key = (message.kind, message.sender_id, message.client_id)  # its dedup_key
+            if key in earlier:
                 self.results[position] = earlier[key]
-            elif key is not None and key in first_in_batch:
+            elif key in first_in_batch:
                 self._repeats[position] = first_in_batch[key]
             else:
-                if key is not None:
-                    first_in_batch[key] = position
-                self.fresh[message.kind].append(position)
+                first_in_batch[key] = position
+                fresh[message.kind].append(position)
 
     def done(self) -> list[Stored]:
         """The results, once every fresh message has its own."""
