@@ -124,7 +124,7 @@ class App:
         group: ReplyGroup | None = None
         refused = 0
         for body in bodies:
-            if type(body) is dict and body.get("op") in NOW_OPS:
+            if type(body) is dict and type(op := body.get("op")) is str and op in NOW_OPS:
                 if group is None:
                     group = ReplyGroup(self, self.context(session))
                 code = group.add(body)

@@ -532,7 +532,7 @@ class _ReplyQueue:
             self._room = asyncio.get_running_loop().create_future()
             await self._room
         self._replies.append(reply)
-        self._owed += 1 if type(reply) is dict else reply.size  # type: ignore[union-attr]
+        self._owed += reply.size if isinstance(reply, Pending) else 1
         self._all_written.clear()
         self._added.set()
 

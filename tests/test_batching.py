@@ -119,6 +119,19 @@ async def test_sends_of_a_read_share_a_reply_group_and_answer_in_request_order(
     assert await inbox(app, bob) == ["one", "two", "six"]
 
 
+async def test_an_op_of_the_wrong_type_among_sends_gets_its_own_error(app: App) -> None:
+    """An op that cannot be a key ([...], {...}) must not break the read (it did)."""
+    alice, bob = await logged_in(app, "alice"), await logged_in(app, "bob")
+    await handle(app, alice, [send(0, "bob", "warm-up")])
+    bodies = [send(1, "bob", "a"), {"op": ["/send"], "id": 2}, {"op": {}, "id": 3},
+              send(4, "bob", "b")]
+    replies, _ = await handle(app, alice, bodies)
+    answers = await replies.answers()
+    assert [(a["id"], a["code"]) for a in answers] == [(1, OK), (2, BAD), (3, BAD), (4, OK)]
+    assert answers[1]["msg"] == "'op' must be a string, not an array"
+    assert await inbox(app, bob) == ["warm-up", "a", "b"]
+
+
 async def test_a_group_is_ready_only_once_its_sends_are_committed(app: App) -> None:
     alice, _ = await logged_in(app, "alice"), await logged_in(app, "bob")
     await handle(app, alice, [send(0, "bob", "warm-up")])
