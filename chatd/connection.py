@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from chatd import events
-from chatd.app import PendingReply
+from chatd.app import Pending
 from chatd.codec import FrameDecoder, Oversize, encode_frame
 from chatd.config import Config
 from chatd.errors import ErrorCode
@@ -41,7 +41,12 @@ TURN_FRAMES = 16
 
 Reply = dict[str, Any]
 # A frame body in; its reply, or a pending one (a send waiting for its commit), out.
-BodyHandler = Callable[[Session, Any], Awaitable[Reply | PendingReply]]
+BodyHandler = Callable[[Session, Any], Awaitable[Reply | Pending]]
+# Where a handler hands its replies, in request order (the connection's reply queue).
+PutReply = Callable[[Reply | Pending], Awaitable[None]]
+# The frame bodies of one read in, each one's reply handed to PutReply; returns how many
+# were refused with code 8, and stops at the budget given (App.handle_many).
+BodiesHandler = Callable[[Session, list[Any], PutReply, int], Awaitable[int]]
 # asyncio's default high-water mark: below it StreamWriter.drain() returns at once.
 DRAIN_ABOVE = 64 * 1024
 # Replies waiting to be written per connection; beyond it the connection stops reading.
@@ -64,7 +69,7 @@ class Connection(Session):
         "_decoder",
         "_dropped",
         "_frame_started",
-        "_handle_body",
+        "_handle_bodies",
         "_idle",
         "_metrics",
         "_opened_at",
@@ -88,7 +93,7 @@ class Connection(Session):
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         config: Config,
-        handle_body: BodyHandler,
+        handle_bodies: BodiesHandler,
         metrics: Metrics,
         read_timer: ReadTimer,
     ) -> None:
@@ -96,7 +101,7 @@ class Connection(Session):
         self._reader = reader
         self._writer = writer
         self._config = config
-        self._handle_body = handle_body
+        self._handle_bodies = handle_bodies
         self._metrics = metrics
         self._decoder = FrameDecoder(config.max_frame_size)
         self._closing = False
@@ -305,7 +310,7 @@ class Connection(Session):
             chunk = b""
             self._turn_frames += len(bodies)
             progressed = progressed or bool(bodies)
-            stop = await self._handle_bodies(bodies)
+            stop = await self._answer(bodies)
             if stop is not None:
                 return stop
             if not decoder.pending:
@@ -320,18 +325,19 @@ class Connection(Session):
             await self._next_turn()  # more bytes wait: the others go first
         return None
 
-    async def _handle_bodies(self, bodies: list[Any]) -> str | None:
-        for body in bodies:
-            reply = await self._handle_body(self, body)
-            await self._queue_reply(reply)
-            if isinstance(body, Oversize):
-                self._dropped = body.reason
-                return "oversize"
-            if isinstance(reply, dict) and reply.get("code") == ErrorCode.RATE_LIMITED:
-                self._rate_limited += 1
-                if self._rate_limited >= self._config.abuse_limit:
-                    self._dropped = "dropped: kept going past the rate limits"
-                    return "abuse"
+    async def _answer(self, bodies: list[Any]) -> str | None:
+        """Handle the bodies, queueing their replies; returns why to close, if it must be."""
+        if not bodies:
+            return None
+        budget = self._config.abuse_limit - self._rate_limited
+        self._rate_limited += await self._handle_bodies(self, bodies, self._queue_reply, budget)
+        if self._rate_limited >= self._config.abuse_limit:  # the handler stopped there
+            self._dropped = "dropped: kept going past the rate limits"
+            return "abuse"
+        last = bodies[-1]
+        if isinstance(last, Oversize):  # always the last: the stream is lost after it
+            self._dropped = last.reason
+            return "oversize"
         return None
 
     async def _next_turn(self) -> None:
@@ -339,7 +345,7 @@ class Connection(Session):
         self._turn_frames = 0
         await asyncio.sleep(0)
 
-    async def _queue_reply(self, reply: Reply | PendingReply) -> None:
+    async def _queue_reply(self, reply: Reply | Pending) -> None:
         """Replies go out in request order, while later requests are already being read."""
         if isinstance(reply, dict) and (self._queue is None or self._queue.idle):
             await self.send(encode_frame(reply))  # nothing ahead of it: no hand-over needed
@@ -400,6 +406,25 @@ class Connection(Session):
             if login_deadline < deadline:
                 deadline, why = login_deadline, "dropped: never logged in (auth_timeout)"
         return max(deadline, 0.0), why
+
+
+def one_by_one(handle_body: BodyHandler) -> BodiesHandler:
+    """A BodiesHandler made of a handler of one body at a time (tests, other front-ends)."""
+
+    async def handle_bodies(
+        session: Session, bodies: list[Any], put: PutReply, budget: int
+    ) -> int:
+        refused = 0
+        for body in bodies:
+            reply = await handle_body(session, body)
+            await put(reply)
+            if isinstance(reply, dict) and reply.get("code") == ErrorCode.RATE_LIMITED:
+                refused += 1
+                if refused >= budget:
+                    break
+        return refused
+
+    return handle_bodies
 
 
 class ReadTimer:
@@ -485,7 +510,8 @@ class _ReplyQueue:
 
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
-        self._replies: deque[Reply | PendingReply] = deque()
+        self._replies: deque[Reply | Pending] = deque()
+        self._owed = 0  # replies in _replies (a Pending may hold several)
         self._added = asyncio.Event()
         self._all_written = asyncio.Event()
         self._all_written.set()
@@ -497,15 +523,16 @@ class _ReplyQueue:
     def idle(self) -> bool:
         return not self._replies and not self._writing
 
-    async def put(self, reply: Reply | PendingReply) -> None:
+    async def put(self, reply: Reply | Pending) -> None:
         while True:
             if self._task.done():  # a write failed: the connection is being closed
                 raise ConnectionResetError("replies can no longer be written")
-            if len(self._replies) < PIPELINE_DEPTH:
+            if self._owed < PIPELINE_DEPTH:
                 break
             self._room = asyncio.get_running_loop().create_future()
             await self._room
         self._replies.append(reply)
+        self._owed += reply.size if isinstance(reply, Pending) else 1
         self._all_written.clear()
         self._added.set()
 
@@ -527,7 +554,7 @@ class _ReplyQueue:
                 self._added.clear()
                 await self._added.wait()
             head = self._replies[0]
-            if isinstance(head, PendingReply) and not head.ready:
+            if isinstance(head, Pending) and not head.ready:
                 await head.wait()
             self._writing = True
             frames = self._take_ready()
@@ -548,13 +575,19 @@ class _ReplyQueue:
 
     def _take_ready(self) -> list[bytes]:
         frames: list[bytes] = []
-        while self._replies and len(frames) < WRITE_BATCH:
-            item = self._replies[0]
-            if isinstance(item, PendingReply):
+        replies = self._replies
+        while replies and len(frames) < WRITE_BATCH:
+            item = replies[0]
+            if type(item) is dict:
+                frames.append(encode_frame(item))
+                self._owed -= 1
+            else:
+                assert isinstance(item, Pending)
                 if not item.ready:
                     break
-                item = item.result()
-            self._replies.popleft()
-            frames.append(encode_frame(item))
+                answers = item.replies()
+                frames += map(encode_frame, answers)
+                self._owed -= len(answers)
+            replies.popleft()
         return frames
 

@@ -44,15 +44,16 @@ def frame(item: Event) -> bytes:
 
 
 def _inbox_message(item: InboxMessage) -> Data:
-    return event(
-        "message",
-        {
+    # _private() and event() written out: one of these is encoded per private message.
+    return {
+        "event": "message",
+        "data": {
             "id": item.id,
             "name": item.sender,
             "msg": item.body,
             "datetime": format_datetime(item.created_at),
         },
-    )
+    }
 
 
 def _sent_copy(item: SentCopy) -> Data:

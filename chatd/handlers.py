@@ -25,6 +25,7 @@ from chatd.delivery import Fetch, Position, Subscription
 from chatd.errors import (
     BadCredentials,
     BadRequest,
+    ChatdError,
     Forbidden,
     NameTaken,
     NotAuthenticated,
@@ -67,6 +68,11 @@ class Context:
     guards: Guards
     session: Session
     clock: Callable[[], float] = field(default=time.time)
+    # Recipients already looked up by this context, by the name as sent: the sends of one
+    # read (App.handle_many share a context) mostly go to the same few users, and the
+    # name's checks and its key (two NFKC passes) cost more than the rest of a send.
+    recipients: dict[str, User] | None = None
+    channels: dict[str, Channel] | None = None  # the same for channels
 
     @property
     def user_id(self) -> int:
@@ -259,46 +265,130 @@ def _throttle(ctx: Context, bucket: RateLimiter, too_fast: str) -> None:
         raise RateLimited(too_fast, wait)
 
 
+@dataclass(slots=True)
+class Outgoing:
+    """A message on its way to the group commit, and what its publication needs: the
+    recipient's or the channel's name, and the sender's as it was when it was sent."""
+
+    message: NewMessage
+    target_name: str
+    sender_name: str
+
+
 async def send(ctx: Context, params: Params) -> Deferred:
     _throttle_messages(ctx)
     recipient = await _existing_user(ctx, params, cached=True)  # the hot path
+    return _after_commit(ctx, _private_message(ctx, params, recipient))
+
+
+def send_now(ctx: Context, params: Params) -> Outgoing | None:
+    """/send without waiting, as App.handle_many does it: None when the recipient is not
+    at hand (not cached, or the name is not valid), and send() must do it all."""
+    recipient = _known_recipient(ctx, params)
+    if recipient is None:
+        return None
+    # send()'s checks in send()'s order (the look-up raised nothing), written out: the
+    # hot path of the hot path.
+    return _outgoing_now(ctx, params, PRIVATE, "msg", recipient.id, recipient.name)
+
+
+def _outgoing_now(
+    ctx: Context, params: Params, kind: str, text_key: str, target_id: int, target_name: str
+) -> Outgoing:
+    """The rest of a send's checks, in the handler's order, written out: the hot path."""
+    session = ctx.session
+    sender_id, now = session.user_id, ctx.clock()
+    assert sender_id is not None and session.user_name is not None, "auth gate let it by"
+    wait = ctx.guards.messages.take(sender_id, now)
+    if wait:
+        raise RateLimited("sending too fast", wait)
+    text = validation.message_text(params, text_key, ctx.config.max_message_length)
+    client_id = params.optional_text("client_id", validation.MAX_CLIENT_ID_LENGTH)
+    new = NewMessage(kind, sender_id, target_id, text, now, client_id)
+    return Outgoing(new, target_name, session.user_name)
+
+
+def _known_recipient(ctx: Context, params: Params) -> User | None:
+    name = params.raw("name")
+    known = ctx.recipients
+    if known is None:
+        known = ctx.recipients = {}
+    elif type(name) is str and (user := known.get(name)) is not None:
+        return user
+    try:
+        key = validation.name_key(validation.user_name(params))
+    except ChatdError:
+        return None  # send() reports it, in its order
+    user = ctx.store.cached_profile(key)
+    if user is not None:
+        known[name] = user
+    return user
+
+
+def _private_message(ctx: Context, params: Params, recipient: User) -> Outgoing:
     text = validation.message_text(params, "msg", ctx.config.max_message_length)
     client_id = params.optional_text("client_id", validation.MAX_CLIENT_ID_LENGTH)
-    sender_id = ctx.user_id
-    new = NewMessage(PRIVATE, sender_id, recipient.id, text, ctx.clock(), client_id)
-    sender_name, origin, bus, metrics = ctx.user_name, ctx.session.serial, ctx.bus, ctx.metrics
+    new = NewMessage(PRIVATE, ctx.user_id, recipient.id, text, ctx.clock(), client_id)
+    return Outgoing(new, recipient.name, ctx.user_name)
 
-    def committed(stored: Stored) -> None:
-        metrics.message_stored("private")
-        message_id, created_at = stored.id, stored.created_at
-        bus.publish(
-            InboxMessage(recipient.id, message_id, sender_name, text, created_at, stored.seq)
-        )
-        # A note to self reached every device already; a sender with no other device
-        # gets no copy made at all.
-        if recipient.id != sender_id and bus.copies_wanted(sender_id, origin):
-            bus.publish(
-                SentCopy(
-                    sender_id, recipient.name, message_id, sender_name, text, created_at, origin
-                )
+
+def publish(ctx: Context, outgoing: Outgoing, stored: Stored) -> None:
+    """Tell who must hear of a committed message (called after COMMIT, in commit order;
+    not for a repeated client_id)."""
+    message = outgoing.message
+    if message.kind == CHANNEL:
+        ctx.metrics.message_stored("channel")
+        ctx.bus.publish(
+            ChannelPost(
+                message.target_id,
+                outgoing.target_name,
+                stored.id,
+                outgoing.sender_name,
+                message.body,
+                stored.created_at,
+                ctx.session.serial,
+                stored.seq,
             )
+        )
+        return
+    ctx.metrics.message_stored("private")
+    sender_id, recipient_id, bus = message.sender_id, message.target_id, ctx.bus
+    message_id, created_at, sender_name = stored.id, stored.created_at, outgoing.sender_name
+    bus.publish(
+        InboxMessage(recipient_id, message_id, sender_name, message.body, created_at, stored.seq)
+    )
+    # A note to self reached every device already; a sender with no other device gets
+    # no copy made at all (the copy cost a tenth of a send).
+    if recipient_id != sender_id and bus.copies_wanted(sender_id, ctx.session.serial):
+        bus.publish(
+            SentCopy(
+                sender_id,
+                outgoing.target_name,
+                message_id,
+                sender_name,
+                message.body,
+                created_at,
+                ctx.session.serial,
+            )
+        )
 
-    return _after_commit(ctx.store, new, committed)
 
-
-def _after_commit(
-    store: MessageStore, message: NewMessage, committed: Callable[[Stored], None]
-) -> Deferred:
+def _after_commit(ctx: Context, outgoing: Outgoing) -> Deferred:
     """Store with the next group commit, publish once committed (the store calls
     ``committed`` after COMMIT, in commit order), and answer with the stored id and time.
 
     The reply waits for the group commit, but the connection reads on meanwhile, so
     a client with many sends in flight fills whole batches (protocol.md, "Pipelining").
     """
-    return Deferred(store.enqueue(message, committed), _sent)
+
+    def committed(stored: Stored) -> None:
+        publish(ctx, outgoing, stored)
+
+    return Deferred(ctx.store.enqueue(outgoing.message, committed), sent)
 
 
-def _sent(stored: Stored) -> Data:
+def sent(stored: Stored) -> Data:
+    """The reply's data to a stored send."""
     return {"id": stored.id, "datetime": format_datetime(stored.created_at)}
 
 
@@ -481,24 +571,33 @@ async def channel_send(ctx: Context, params: Params) -> Deferred:
     client_id = params.optional_text("client_id", validation.MAX_CLIENT_ID_LENGTH)
     channel = await _use_channel(ctx, name)
     new = NewMessage(CHANNEL, ctx.user_id, channel.id, text, ctx.clock(), client_id)
-    sender_name, origin, bus, metrics = ctx.user_name, ctx.session.serial, ctx.bus, ctx.metrics
+    return _after_commit(ctx, Outgoing(new, channel.name, ctx.user_name))
 
-    def committed(stored: Stored) -> None:
-        metrics.message_stored("channel")
-        bus.publish(
-            ChannelPost(
-                channel.id,
-                channel.name,
-                stored.id,
-                sender_name,
-                text,
-                stored.created_at,
-                origin,
-                stored.seq,
-            )
-        )
 
-    return _after_commit(ctx.store, new, committed)
+def channel_send_now(ctx: Context, params: Params) -> Outgoing | None:
+    """/channel/send without waiting: None unless the channel is cached and the hub knows
+    the sender is a member (as _use_channel asks), and channel_send() must do it all."""
+    channel = _known_channel(ctx, params)
+    if channel is None or not ctx.hub.is_member(ctx.user_id, channel.id):
+        return None
+    return _outgoing_now(ctx, params, CHANNEL, "message", channel.id, channel.name)
+
+
+def _known_channel(ctx: Context, params: Params) -> Channel | None:
+    name = params.raw("name")
+    known = ctx.channels
+    if known is None:
+        known = ctx.channels = {}
+    elif type(name) is str and (channel := known.get(name)) is not None:
+        return channel
+    try:
+        key = validation.name_key(validation.channel_name(params))
+    except ChatdError:
+        return None  # channel_send() reports it, in its order
+    channel = ctx.store.cached_channel(key)
+    if channel is not None:
+        known[name] = channel
+    return channel
 
 
 async def channel_receive(ctx: Context, params: Params) -> Data:
@@ -582,6 +681,30 @@ async def dispatch(ctx: Context, request: Request) -> Data | Deferred | None:
         if _live_session_due_for_recheck(ctx, now):
             await _recheck_token(ctx, now)
     return await op.handler(ctx, request.params)
+
+
+# Ops that may be done without waiting, when what they need is at hand (the hot path of
+# App.handle_many): each returns the message to store, or None to leave it to its handler.
+NOW_OPS: dict[str, Callable[[Context, Params], Outgoing | None]] = {
+    "/send": send_now,
+    "/channel/send": channel_send_now,
+}
+
+
+def dispatch_now(ctx: Context, request: Request) -> Outgoing | None:
+    """The auth gate and the op without waiting, if they can be (see NOW_OPS); None when
+    dispatch() must do the request whole. Raises as dispatch() would."""
+    handler = NOW_OPS.get(request.op)
+    if handler is None:
+        return None
+    session = ctx.session
+    token = request.token
+    now = ctx.clock()
+    if token is not None and not _bound_with(session, token, now):
+        return None  # authenticate() reads the store
+    if _live_session_due_for_recheck(ctx, now):
+        return None  # so does the recheck
+    return handler(ctx, request.params)
 
 
 def _bound_with(session: Session, token: str, now: float) -> bool:

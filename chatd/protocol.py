@@ -60,6 +60,10 @@ class Params:
     def __init__(self, values: Mapping[str, Any]) -> None:
         self._values = values
 
+    def raw(self, name: str) -> Any:
+        """The value as decoded, unchecked (a cache key; never a value to trust)."""
+        return self._values.get(name)
+
     def text(self, name: str, max_length: int) -> str:
         value = self.optional_text(name, max_length)
         if value is None:

@@ -15,7 +15,7 @@ from chatd.app import App
 from chatd.auth import Hasher
 from chatd.codec import encode_frame
 from chatd.config import FIELDS, RELOADABLE, Config, node_name
-from chatd.connection import BodyHandler, Connection, ReadTimer
+from chatd.connection import BodiesHandler, Connection, ReadTimer
 from chatd.dbfile import InstanceLock
 from chatd.errors import RateLimited
 from chatd.handlers import OPS
@@ -36,7 +36,7 @@ ABORT_GRACE = 1.0  # seconds a reset connection gets to end before its task is c
 
 
 class Server:
-    _handle_body: BodyHandler  # the app's handle(), set by start()
+    _handle_bodies: BodiesHandler  # the app's handle_many(), set by start()
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -70,7 +70,7 @@ class Server:
         store = await self._open_store()
         hasher = await asyncio.to_thread(Hasher, self.config)
         self._app = App(self.config, store, Hub(), hasher, metrics)
-        self._handle_body = self._app.handle
+        self._handle_bodies = self._app.handle_many
         try:
             await self._join_cluster()
             metrics.watch_disk(lambda: store.disk_full)
@@ -148,7 +148,7 @@ class Server:
         # wrapper coroutine stays suspended above it (250 bytes per idle connection).
         app = self.app
         connection = Connection(
-            reader, writer, self.config, self._handle_body, app.metrics, self._read_timer
+            reader, writer, self.config, self._handle_bodies, app.metrics, self._read_timer
         )
         refusal = self._over_capacity(connection.address)
         if refusal is not None:

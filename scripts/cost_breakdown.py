@@ -29,12 +29,12 @@ RULES: tuple[tuple[str, str], ...] = (
     ("write", r"Connection\.write\b|_flush_pushes|UVStream.*write|try_write|__libc_write|"
               r"^writev? \(|sendmsg|__send\b|tcp_sendmsg|sock_sendmsg"),
     ("rate limit", r"limits\.py|RateLimiter|_throttle"),
-    ("reply", r"_ReplyQueue|PendingReply|app\.py.*(finish|result)|metrics\.py|"
-              r"^success \(|_sent \("),
+    ("reply", r"_ReplyQueue|PendingReply|ReplyGroup|app\.py.*(finish|result)|metrics\.py|"
+              r"^success \(|^_?sent \("),
     ("validation", r"parse_request|protocol\.py|Params\.|valid|names\.py|_existing_user|"
-                   r"request_id"),
-    ("store, main thread", r"store\.py|storage\.py|aiosqlite/core\.py.*(_execute|execute|"
-                           r"_connection_worker_thread_done)|call_soon_threadsafe"),
+                   r"_known_recipient|request_id"),
+    ("store, main thread", r"store\.py|storage\.py|chatd/store/|aiosqlite/core\.py.*(_execute|"
+                           r"execute|_connection_worker_thread_done)|call_soon_threadsafe"),
     ("fan-out", r"hub\.py|delivery\.py|publish|_after_commit"),
     ("dispatch", r"handlers\.py|app\.py|dispatch|Context"),
     ("read", r"_handle_bytes|_run \(chatd/connection|StreamReader|uv__read|__libc_read|"

@@ -25,7 +25,7 @@ from chatd.auth import Hasher
 from chatd.bus import LocalBus
 from chatd.codec import encode_frame
 from chatd.config import Config
-from chatd.connection import Connection, ReadTimer
+from chatd.connection import Connection, ReadTimer, one_by_one
 from chatd.delivery import Subscription
 from chatd.hub import Hub, Session
 from chatd.metrics import Metrics
@@ -232,7 +232,9 @@ async def test_a_channel_post_is_encoded_once_for_all_msgpack_connections(
             reader, writer = await asyncio.open_connection(sock=ours)
             peer, peer_writer = await asyncio.open_connection(sock=theirs)
             peer_writers.append(peer_writer)
-            connection = Connection(reader, writer, config, _unused_handler, metrics, timer)
+            connection = Connection(
+                reader, writer, config, one_by_one(_unused_handler), metrics, timer
+            )
             connections.append(connection)
             peers.append(peer)
             await go_live(hub, connection, user_id, f"user{user_id}")

@@ -18,7 +18,14 @@ from typing import Any
 
 from chatd.codec import FrameDecoder, encode_frame
 from chatd.config import Config
-from chatd.connection import READ_CHUNK, TIMEOUT_BATCH, TURN_FRAMES, Connection, ReadTimer
+from chatd.connection import (
+    READ_CHUNK,
+    TIMEOUT_BATCH,
+    TURN_FRAMES,
+    Connection,
+    ReadTimer,
+    one_by_one,
+)
 from chatd.metrics import Metrics
 from tests.conftest import Harness, Spawn
 
@@ -127,7 +134,8 @@ class InMemoryConnection:
         self.all_handled = asyncio.Event()
         self.expected = 0
         self.connection = Connection(
-            self.reader, writer, self.config, self._handle, Metrics(), ReadTimer(self.config)
+            self.reader, writer, self.config, one_by_one(self._handle), Metrics(),
+            ReadTimer(self.config),
         )
         self.connection.start(lambda connection, why: None)
 

@@ -101,3 +101,67 @@ def test_batch_plan_answers_repeats_with_the_first_result() -> None:
     assert [(s.id, s.seq, s.duplicate) for s in plan.done()] == [
         (7, 3, True), (10, 4, False), (11, 5, False), (10, 4, True),
     ]
+
+
+class Settled:
+    """An enqueue_many entry's settle: records the results and whether its future was done."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[Stored | Exception]] = []
+        self.future: asyncio.Future[None] | None = None
+
+    def __call__(self, results: list[Stored | Exception]) -> None:
+        assert self.future is not None and not self.future.done()  # settled, then answered
+        self.calls.append(results)
+
+
+def entry(commit: GroupCommit, bodies: str | list[str]) -> Settled:
+    settled = Settled()
+    settled.future = commit.enqueue_many([message(body) for body in bodies], settled)
+    return settled
+
+
+async def test_an_entry_of_several_messages_is_settled_once_in_commit_order() -> None:
+    backend = Backend()
+    commit = GroupCommit(backend.write_batch, RowFault)
+    first, lone, second = entry(commit, "ab"), commit.enqueue(message("c")), entry(commit, "de")
+    await asyncio.gather(lone, commit.settled())
+    assert backend.batches == [["a", "b", "c", "d", "e"]]  # one transaction for all
+    assert [[r.id for r in call if isinstance(r, Stored)] for call in first.calls] == [[1, 2]]
+    assert (await lone).id == 3
+    assert [[r.id for r in call if isinstance(r, Stored)] for call in second.calls] == [[4, 5]]
+    assert commit.last is second.future
+
+
+async def test_a_faulty_row_fails_alone_within_its_entry() -> None:
+    backend = Backend()
+    commit = GroupCommit(backend.write_batch, RowFault)
+    settled = entry(commit, ["a", "bad", "c"])
+    await commit.settled()
+    (results,) = settled.calls
+    assert [type(r).__name__ for r in results] == ["Stored", "RowFault", "Stored"]
+    assert backend.rows == ["a", "c"]
+
+
+async def test_a_failed_database_fails_every_message_of_an_entry() -> None:
+    backend = Backend()
+    commit = GroupCommit(backend.write_batch, RowFault)
+    settled = entry(commit, ["a", "down"])
+    await commit.settled()
+    assert [type(r).__name__ for r in settled.calls[0]] == ["OSError", "OSError"]
+
+
+async def test_a_settle_that_raises_is_logged_and_the_others_go_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    backend = Backend()
+    commit = GroupCommit(backend.write_batch, RowFault)
+
+    def broken(results: list[Stored | Exception]) -> None:
+        raise RuntimeError("a reply group failed")
+
+    failed = commit.enqueue_many([message("a")], broken)
+    after = entry(commit, "b")
+    await commit.settled()
+    assert failed.done() and after.calls  # its future resolves all the same
+    assert "settling 1 committed messages failed" in caplog.text

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from chatd.store.rows import CHANNEL, PRIVATE, NewMessage, Stored
 
@@ -22,10 +23,48 @@ log = logging.getLogger(__name__)
 
 # Called with a committed message's result, right after its COMMIT (the publish seam).
 Committed = Callable[[Stored], None]
-# A message waiting for the group commit: its future, and what to call once committed.
-_Unwritten = tuple[NewMessage, asyncio.Future[Stored], Committed | None]
+# Called once for an entry of several messages, right after the COMMIT holding the last of
+# them, with one result per message in order: its Stored, or why it was not stored.
+Settle = Callable[[list[Stored | Exception]], None]
 DedupKey = tuple[str, int, str]  # kind, sender id, client_id
 WriteBatch = Callable[[list[NewMessage]], Awaitable[list[Stored]]]
+
+
+class _Entry:
+    """Messages enqueued together, and whom to tell once they are committed.
+
+    A lone message (``enqueue``) has ``committed`` and a future resolving to its Stored;
+    several (``enqueue_many``) have ``settle``, and a future resolving once it was called.
+    """
+
+    __slots__ = ("committed", "future", "messages", "settle")
+
+    def __init__(
+        self,
+        messages: list[NewMessage],
+        future: asyncio.Future[Any],
+        committed: Committed | None,
+        settle: Settle | None,
+    ) -> None:
+        self.messages, self.future = messages, future
+        self.committed, self.settle = committed, settle
+
+    def report(self, results: list[Stored | Exception]) -> None:
+        """Publish then answer (settle), in commit order; never raises."""
+        future = self.future
+        if self.settle is None:
+            (result,) = results
+            if isinstance(result, Stored):
+                settle(future, result, self.committed)
+            elif not future.done():
+                future.set_exception(result)
+            return
+        try:
+            self.settle(results)
+        except Exception:  # the replies are lost, but the flusher and the others go on
+            log.exception("settling %d committed messages failed", len(results))
+        if not future.done():
+            future.set_result(None)
 
 
 def settle(future: asyncio.Future[Stored], stored: Stored, committed: Committed | None) -> None:
@@ -59,9 +98,9 @@ class GroupCommit:
         # Kept: asyncio.get_running_loop() makes a getpid() system call each time in
         # Python 3.11, which showed up as 2.5% of the server's time under /send load.
         self._loop = asyncio.get_running_loop()
-        self._unwritten: list[_Unwritten] = []
+        self._unwritten: list[_Entry] = []
         self._flusher: asyncio.Task[None] | None = None
-        self.last: asyncio.Future[Stored] | None = None  # the newest message enqueued
+        self.last: asyncio.Future[Any] | None = None  # the newest entry's
 
     def enqueue(
         self, message: NewMessage, committed: Committed | None = None
@@ -73,11 +112,27 @@ class GroupCommit:
         repeated an earlier client_id (it was not stored again).
         """
         future: asyncio.Future[Stored] = self._loop.create_future()
-        self._unwritten.append((message, future, committed))
-        self.last = future
+        self._add(_Entry([message], future, committed, None))
+        return future
+
+    def enqueue_many(self, messages: list[NewMessage], settle: Settle) -> asyncio.Future[None]:
+        """Queue messages for the next group commit, as one entry: one future, one call.
+
+        ``settle(results)`` is called once, in commit order, right after the COMMIT
+        holding the last of them (they commit together unless a faulty row makes the
+        batch go one message at a time), with one result per message: its Stored, or
+        the exception that kept it out. It publishes; duplicates (``Stored.duplicate``)
+        are its to skip. The future resolves after it.
+        """
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._add(_Entry(messages, future, None, settle))
+        return future
+
+    def _add(self, entry: _Entry) -> None:
+        self._unwritten.append(entry)
+        self.last = entry.future
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
-        return future
 
     async def settled(self) -> None:
         """Wait until every message enqueued before has committed (read your writes)."""
@@ -87,31 +142,34 @@ class GroupCommit:
 
     async def _flush(self) -> None:
         while self._unwritten:
-            batch, self._unwritten = self._unwritten, []
+            entries, self._unwritten = self._unwritten, []
+            messages = [m for entry in entries for m in entry.messages]
             try:
-                results = await self._write_batch([message for message, _, _ in batch])
+                stored: list[Stored | Exception] = list(await self._write_batch(messages))
             except self._row_fault:
                 # One bad row must not sink the others: only that one fails.
-                await self._write_one_by_one(batch)
+                await self._write_one_by_one(entries)
                 continue
             except Exception as exc:
                 # Nothing in the batch committed: every sender gets the error (code 9).
-                for _, future, _ in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            for (_, future, committed), stored in zip(batch, results, strict=True):
-                settle(future, stored, committed)
+                stored = [exc] * len(messages)
+            start = 0
+            for entry in entries:
+                end = start + len(entry.messages)
+                entry.report(stored[start:end])
+                start = end
 
-    async def _write_one_by_one(self, batch: list[_Unwritten]) -> None:
-        for message, future, committed in batch:
-            try:
-                (stored,) = await self._write_batch([message])
-            except Exception as exc:
-                if not future.done():
-                    future.set_exception(exc)
-            else:
-                settle(future, stored, committed)
+    async def _write_one_by_one(self, entries: list[_Entry]) -> None:
+        for entry in entries:
+            results: list[Stored | Exception] = []
+            for message in entry.messages:
+                try:
+                    (stored,) = await self._write_batch([message])
+                except Exception as exc:
+                    results.append(exc)
+                else:
+                    results.append(stored)
+            entry.report(results)
 
 
 class BatchPlan:
@@ -126,16 +184,19 @@ class BatchPlan:
         self.fresh: dict[str, list[int]] = {PRIVATE: [], CHANNEL: []}  # positions, by kind
         self._repeats: dict[int, int] = {}  # batch position -> position of the first send
         first_in_batch: dict[DedupKey, int] = {}
+        fresh = self.fresh
         for position, message in enumerate(batch):
-            key = message.dedup_key
-            if key is not None and key in earlier:
+            if message.client_id is None:  # most sends: nothing to look up
+                fresh[message.kind].append(position)
+                continue
+            key = (message.kind, message.sender_id, message.client_id)  # its dedup_key
+            if key in earlier:
                 self.results[position] = earlier[key]
-            elif key is not None and key in first_in_batch:
+            elif key in first_in_batch:
                 self._repeats[position] = first_in_batch[key]
             else:
-                if key is not None:
-                    first_in_batch[key] = position
-                self.fresh[message.kind].append(position)
+                first_in_batch[key] = position
+                fresh[message.kind].append(position)
 
     def done(self) -> list[Stored]:
         """The results, once every fresh message has its own."""

@@ -347,6 +347,12 @@ class PostgresStore:
         """Queue a message for the next group commit (GroupCommit.enqueue)."""
         return self._commit.enqueue(message, committed)
 
+    def enqueue_many(
+        self, messages: list[NewMessage], settle: Callable[[list[Stored | Exception]], None]
+    ) -> asyncio.Future[None]:
+        """Queue messages as one entry of the next group commit (GroupCommit.enqueue_many)."""
+        return self._commit.enqueue_many(messages, settle)
+
     async def _write_batch(self, batch: list[NewMessage]) -> list[Stored]:
         """The whole batch in one round trip: one call of chatd_store_batch (migration 2),
         its own transaction, on a connection of the flusher's own (releasing a pooled one
@@ -406,10 +412,14 @@ class PostgresStore:
 
     async def find_profile(self, key: str) -> User | None:
         """As find_user, but may answer from a cache at most PROFILE_TTL old."""
+        return self.cached_profile(key) or await self.find_user(key)
+
+    def cached_profile(self, key: str) -> User | None:
+        """What find_profile answers without waiting: the cached user, if fresh enough."""
         cached = self._profiles.get(key)
         if cached is not None and time.monotonic() - cached[0] < PROFILE_TTL:
             return cached[1]
-        return await self.find_user(key)
+        return None
 
     async def _user_where(self, condition: str, *args: Any) -> User | None:
         sql = f"SELECT id, name, password_hash, created_at FROM users WHERE {condition}"
@@ -475,6 +485,10 @@ class PostgresStore:
         return Batch(messages, more=len(rows) > limit)
 
     # Channels.
+
+    def cached_channel(self, key: str) -> Channel | None:
+        """What find_channel answers without waiting: the channel, if cached."""
+        return self._channels.get(key)
 
     async def find_channel(self, key: str) -> Channel | None:
         cached = self._channels.get(key)

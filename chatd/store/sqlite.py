@@ -675,6 +675,12 @@ class Store:
         """Queue a message for the next group commit (GroupCommit.enqueue)."""
         return self._commit.enqueue(message, committed)
 
+    def enqueue_many(
+        self, messages: list[NewMessage], settle: Callable[[list[Stored | Exception]], None]
+    ) -> asyncio.Future[None]:
+        """Queue messages as one entry of the next group commit (GroupCommit.enqueue_many)."""
+        return self._commit.enqueue_many(messages, settle)
+
     async def _write_batch(self, batch: list[NewMessage]) -> list[Stored]:
         """Insert a batch in one transaction; repeats of a client_id get the first result.
 
@@ -768,10 +774,14 @@ class Store:
         For the hot paths (/send, /user/info) that need a user's id and name, not a
         password hash that may have been reset since.
         """
+        return self.cached_profile(key) or await self.find_user(key)
+
+    def cached_profile(self, key: str) -> User | None:
+        """What find_profile answers without waiting: the cached user, if fresh enough."""
         cached = self._profiles.get(key)
         if cached is not None and time.monotonic() - cached[0] < PROFILE_TTL:
             return cached[1]
-        return await self.find_user(key)
+        return None
 
     async def _user_where(self, condition: str, args: Sequence[Any]) -> User | None:
         sql = f"SELECT id, name, password_hash, created_at FROM users WHERE {condition}"
@@ -848,6 +858,10 @@ class Store:
         return Batch(messages, more=len(rows) > limit)
 
     # Channels.
+
+    def cached_channel(self, key: str) -> Channel | None:
+        """What find_channel answers without waiting: the channel, if cached."""
+        return self._channels.get(key)
 
     async def find_channel(self, key: str) -> Channel | None:
         cached = self._channels.get(key)
