@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from chatd import validation
 from chatd.auth import Hasher, Verdict, new_token, token_digest
@@ -308,21 +309,35 @@ def _outgoing_now(
     return Outgoing(new, target_name, session.user_name)
 
 
+_Known = TypeVar("_Known", User, Channel)
+
+
 def _known_recipient(ctx: Context, params: Params) -> User | None:
+    if ctx.recipients is None:
+        ctx.recipients = {}
+    return _known(params, ctx.recipients, validation.user_name, ctx.store.cached_profile)
+
+
+def _known(
+    params: Params,
+    memo: dict[str, _Known],
+    validate: Callable[[Params], str],
+    cached: Callable[[str], _Known | None],
+) -> _Known | None:
+    """The user or channel named by ``params`` if the store has it cached (memoised by
+    the name as sent); None when it is not at hand or the name is not valid: the
+    awaiting handler then does it all, and reports errors in its order."""
     name = params.raw("name")
-    known = ctx.recipients
-    if known is None:
-        known = ctx.recipients = {}
-    elif type(name) is str and (user := known.get(name)) is not None:
-        return user
+    if type(name) is str and (found := memo.get(name)) is not None:
+        return found
     try:
-        key = validation.name_key(validation.user_name(params))
+        key = validation.name_key(validate(params))
     except ChatdError:
-        return None  # send() reports it, in its order
-    user = ctx.store.cached_profile(key)
-    if user is not None:
-        known[name] = user
-    return user
+        return None
+    found = cached(key)
+    if found is not None:
+        memo[name] = found
+    return found
 
 
 def _private_message(ctx: Context, params: Params, recipient: User) -> Outgoing:
@@ -584,20 +599,9 @@ def channel_send_now(ctx: Context, params: Params) -> Outgoing | None:
 
 
 def _known_channel(ctx: Context, params: Params) -> Channel | None:
-    name = params.raw("name")
-    known = ctx.channels
-    if known is None:
-        known = ctx.channels = {}
-    elif type(name) is str and (channel := known.get(name)) is not None:
-        return channel
-    try:
-        key = validation.name_key(validation.channel_name(params))
-    except ChatdError:
-        return None  # channel_send() reports it, in its order
-    channel = ctx.store.cached_channel(key)
-    if channel is not None:
-        known[name] = channel
-    return channel
+    if ctx.channels is None:
+        ctx.channels = {}
+    return _known(params, ctx.channels, validation.channel_name, ctx.store.cached_channel)
 
 
 async def channel_receive(ctx: Context, params: Params) -> Data:
