@@ -198,14 +198,17 @@ class Flood:
         return sorted(self.acked.values())
 
 
-class Pushes:
-    """Every message push on a client's connection(s), kept per connection."""
+class _Collector:
+    """Collects a client's pushes in the background; ``_take`` keeps the ones it wants
+    (and says whether it kept one)."""
 
-    def __init__(self, client: Client, kind: str = "message") -> None:
-        self.client, self.kind = client, kind
-        self.connections: list[list[int]] = [[]]
+    def __init__(self, client: Client) -> None:
+        self.client = client
         self.arrived = asyncio.Event()
         self._task = asyncio.create_task(self._collect())
+
+    def _take(self, event: dict[str, Any]) -> bool:
+        raise NotImplementedError
 
     async def _collect(self) -> None:
         with contextlib.suppress(ConnectionError):
@@ -214,9 +217,26 @@ class Pushes:
                     event = await self.client.next_event(timeout=3600)
                 except TimeoutError:
                     continue
-                if event.get("event") == self.kind and "to" not in event["data"]:
-                    self.connections[-1].append(event["data"]["id"])
+                if self._take(event):
                     self.arrived.set()
+
+    def close(self) -> None:
+        self._task.cancel()
+
+
+class Pushes(_Collector):
+    """Every message push on a client's connection(s), kept per connection."""
+
+    def __init__(self, client: Client, kind: str = "message") -> None:
+        self.kind = kind
+        self.connections: list[list[int]] = [[]]
+        super().__init__(client)
+
+    def _take(self, event: dict[str, Any]) -> bool:
+        if event.get("event") == self.kind and "to" not in event["data"]:
+            self.connections[-1].append(event["data"]["id"])
+            return True
+        return False
 
     def restart(self) -> None:
         """The client reconnected: collect from its new connection."""
@@ -246,10 +266,6 @@ class Pushes:
         for pushed in self.connections:
             assert len(pushed) == len(set(pushed)), "an id pushed twice on one connection"
             assert pushed == sorted(pushed), "pushed out of order"
-
-    def close(self) -> None:
-        self._task.cancel()
-
 
 @pytest.fixture
 async def three_nodes(pg_url: str, redis: RedisServer) -> AsyncIterator[Cluster]:
@@ -509,25 +525,18 @@ async def test_8_subscribing_during_a_flood_has_no_gap_and_no_repeat(
     pushes.close()
 
 
-class Presences:
+class Presences(_Collector):
     """The presence events on a client's connection, as (name, online)."""
 
     def __init__(self, client: Client) -> None:
-        self.client = client
         self.heard: list[tuple[str, bool]] = []
-        self.arrived = asyncio.Event()
-        self._task = asyncio.create_task(self._collect())
+        super().__init__(client)
 
-    async def _collect(self) -> None:
-        with contextlib.suppress(ConnectionError):
-            while True:
-                try:
-                    event = await self.client.next_event(timeout=3600)
-                except TimeoutError:
-                    continue
-                if event.get("event") == "presence":
-                    self.heard.append((event["data"]["name"], event["data"]["online"]))
-                    self.arrived.set()
+    def _take(self, event: dict[str, Any]) -> bool:
+        if event.get("event") == "presence":
+            self.heard.append((event["data"]["name"], event["data"]["online"]))
+            return True
+        return False
 
     async def wait_for(self, count: int, timeout: float = PUSH_WAIT) -> list[tuple[str, bool]]:
         async with asyncio.timeout(timeout):
@@ -535,10 +544,6 @@ class Presences:
                 self.arrived.clear()
                 await self.arrived.wait()
         return self.heard
-
-    def close(self) -> None:
-        self._task.cancel()
-
 
 async def test_presence_crosses_nodes_once_per_transition(three_nodes: Cluster) -> None:
     """A subscriber on A hears a user come online and go offline on B and C, once per
