@@ -4,20 +4,30 @@ Three parts, each usable alone (the server wires them together, README "Running
 several nodes"):
 
 - ``RedisBus``: after COMMIT a node publishes a ``Notice`` (stream, seq, id and the
-  message's fields) on one Redis channel; every node receives every notice.  Redis
-  pub/sub is at-most-once: a notice published while a node is disconnected is gone.
+  message's fields) on a Redis channel of its own (``node_channel``: the bus channel,
+  a colon, 16 hex digits of the node name's SHA-1); every node subscribes to the
+  others' channels and not to its own (``others_patterns``: 16 glob patterns, one
+  PSUBSCRIBE), so every node receives every other node's notices and none of its own,
+  which it delivered when it published them (reading its own batches back only to
+  drop them was, at 1-2 notices per batch, a sending node's largest cost beyond a
+  single node's).  Revokes go the same way.  Redis pub/sub is at-most-once: a notice
+  published while a node is disconnected is gone.
   Publishing never blocks a send: notices queue (bounded) for one writer task, and a
   full queue or a failed publish drops them, counted.  The writer sends whatever has
   queued as one Redis message, the encodings back to back (``decode_all``): one
-  PUBLISH, and one message for each node to read, per batch instead of per notice
-  (redis-py's work per message was most of a node's CPU at 2,000 notices/s; every
-  node reads its own notices too).  The subscriber connection is pinged every
+  PUBLISH, and one message for each other node to read, per batch instead of per
+  notice (redis-py's work per message was most of a node's CPU at 2,000 notices/s).
+  The bus channel itself (``chatd:bus``), which every node subscribes to, carries what
+  is not one node's: presence changes (published by Redis scripts, heard by every
+  node, the changing one included: each node announces them to its sessions when
+  they come back, in the one order Redis gives them) and ``chatd admin``'s revokes.
+  The subscriber connection is pinged every
   ``liveness / 3`` seconds and torn down when nothing at all has arrived for
   ``liveness`` seconds (a black-holed link keeps its socket open); every
   (re)subscription, the first excepted, calls ``on_resync``.
 - ``StreamOrder``: per stream a node follows, the highest seq pushed to its local
   sessions (and that message's id).  The next seq is pushed; a seq already pushed is
-  dropped (the sender's own echo, a link that came back); a seq beyond the next makes
+  dropped (a link that came back, a read that overlapped); a seq beyond the next makes
   the node read the stream from the store past its position and push what it finds,
   in order.  ``check_positions`` (every ``bus_position_check`` seconds, and at once on
   ``on_resync``) does that read for every followed stream that the store's heads (all
@@ -34,7 +44,9 @@ Stream names: ``c:<channel id>`` for a channel, ``u:<user id>`` for a user's inb
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -51,6 +63,11 @@ NODES_KEY = "chatd:nodes"  # node -> time its heartbeat lapses
 NODE_USERS_PREFIX = "chatd:node-users:"  # per node: user id -> their offline notice
 WIRE_VERSION = 1
 _NOTICE, _REVOKE, _PRESENCE = "n", "r", "p"
+
+
+# One packer for every encoding (the event loop's thread only): building one per call
+# was a third of the cost of packing a notice.
+_PACKER = msgpack.Packer(use_bin_type=True)
 
 
 class BusFormatError(ValueError):
@@ -111,18 +128,8 @@ def encode(message: BusMessage) -> bytes:
     else:
         body = [WIRE_VERSION, _PRESENCE, message.node, message.user_id, message.name,
                 message.online, list(message.channels)]
-    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    packed: bytes = _PACKER.pack(body)
     return packed
-
-
-def own_prefixes(node: str) -> tuple[bytes, ...]:
-    """How an encoded notice or revoke stamped with ``node`` begins: a payload that
-    begins so came from that node's publisher (``RedisBus`` stamps every message it
-    publishes with its node), so that node drops it unread."""
-    head = msgpack.packb(WIRE_VERSION) + msgpack.packb(_NOTICE) + msgpack.packb(node)
-    notice = b"\x97" + head  # a notice is an array of 7
-    revoke = b"\x95" + msgpack.packb(WIRE_VERSION) + msgpack.packb(_REVOKE) + msgpack.packb(node)
-    return notice, revoke
 
 
 def decode(data: bytes) -> BusMessage:
@@ -176,6 +183,27 @@ def decode_all(data: bytes) -> list[BusMessage]:
     if not messages:
         raise BusFormatError("an empty payload")
     return messages
+
+
+def node_channel(channel: str, node: str) -> str:
+    """The Redis channel a node publishes its notices and revokes on: ``channel``, a
+    colon, and 16 hex digits of the node name's SHA-1 (all such channels one length
+    and alphabet, so that ``others_patterns`` can leave one out)."""
+    return f"{channel}:{_node_digest(node)}"
+
+
+def others_patterns(channel: str, node: str) -> list[str]:
+    """Glob patterns (PSUBSCRIBE) that match every node's channel but ``node``'s own:
+    the i-th matches the channels that agree with it on the first i digits and differ
+    on the next, so each other channel matches exactly one (Redis delivers a message
+    once per matching pattern)."""
+    digest, prefix = _node_digest(node), re.sub(r"([*?\[\]\\])", r"\\\1", channel)
+    return [f"{prefix}:{digest[:i]}[^{digest[i]}]{'?' * (len(digest) - i - 1)}"
+            for i in range(len(digest))]
+
+
+def _node_digest(node: str) -> str:
+    return hashlib.sha1(node.encode(), usedforsecurity=False).hexdigest()[:16]
 
 
 def _is_int(value: object) -> bool:
@@ -358,7 +386,7 @@ class BusCounts:
     dropped: int = 0  # notices not published: queue full or Redis unreachable
     malformed: int = 0
     reconnects: int = 0
-    echoes: int = 0  # this node's own payloads, heard back and dropped unread
+    payloads: int = 0  # Redis messages read (one per PUBLISH of another node)
 
 
 class RedisBus:
@@ -385,9 +413,7 @@ class RedisBus:
         self._tasks: list[asyncio.Task[None]] = []
         self.subscribed = asyncio.Event()
         self.counts = BusCounts()
-        # How this node's published payloads begin (a presence change does not: those
-        # come back to every node, this one included: module doc).
-        self._own = own_prefixes(node)
+        self.node_channel = node_channel(channel, node)
 
     async def start(self, timeout: float = 10.0) -> None:
         """Start both loops; wait (bounded) for the first subscription, raise if none."""
@@ -403,12 +429,10 @@ class RedisBus:
             raise ConnectionError(f"cannot subscribe on the bus at {self.url}") from None
 
     def publish(self, message: BusMessage) -> None:
-        """Queue a message for the bus without waiting; a full queue drops it.  A notice
-        or revoke goes out stamped with this node, whatever node it names (the node
-        drops its own payloads unread by that stamp)."""
-        if isinstance(message, Notice) and message.node != self.node:
+        """Queue a message for the bus without waiting; a full queue drops it."""
+        if isinstance(message, Notice) and not message.node:
             message = Notice(message.stream, message.seq, message.id, message.fields, self.node)
-        elif isinstance(message, Revoke) and message.node != self.node:
+        elif isinstance(message, Revoke) and not message.node:
             message = Revoke(message.user_id, message.digests, self.node)
         try:
             self._queue.put_nowait(encode(message))
@@ -435,6 +459,7 @@ class RedisBus:
             pubsub = client.pubsub()
             try:
                 await pubsub.subscribe(self.channel)
+                await pubsub.psubscribe(*others_patterns(self.channel, self.node))
                 if not first:
                     self.counts.reconnects += 1
                     log.info("bus: subscribed again to %s: resynchronising", self.url)
@@ -460,7 +485,8 @@ class RedisBus:
             now = loop.time()
             if message is not None:
                 heard = now
-                if message.get("type") == "message":
+                if message.get("type") in ("message", "pmessage"):
+                    self.counts.payloads += 1
                     self._take(message["data"])
                 continue
             if now - heard > self._liveness:
@@ -470,12 +496,6 @@ class RedisBus:
                 await pubsub.ping()
 
     def _take(self, data: bytes) -> None:
-        if data.startswith(self._own):
-            # This node's own batch, back from Redis (every node hears the one channel):
-            # its messages were delivered here when published.  Dropped unread: decoding
-            # it was a sending node's largest cost on the bus after redis-py's.
-            self.counts.echoes += 1
-            return
         try:
             messages = decode_all(data)
         except BusFormatError as exc:
@@ -499,7 +519,7 @@ class RedisBus:
                     size += len(batch[-1])
                 try:
                     # One Redis message for the lot (module doc), in queue order.
-                    await client.publish(self.channel, b"".join(batch))
+                    await client.publish(self.node_channel, b"".join(batch))
                     self.counts.published += len(batch)
                 except asyncio.CancelledError:
                     raise
