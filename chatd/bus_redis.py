@@ -66,7 +66,7 @@ _NOTICE, _REVOKE, _PRESENCE = "n", "r", "p"
 
 
 # One packer for every encoding (the event loop's thread only): building one per call
-# was a third of the cost of packing a notice.
+# was about half of the cost of packing a notice.
 _PACKER = msgpack.Packer(use_bin_type=True)
 
 

@@ -100,8 +100,8 @@ _FIELDS: dict[type[Any], tuple[str, ...]] = {}
 
 def _travelling_fields(cls: type[Any]) -> tuple[str, ...]:
     """The constructor's fields: front-ends' encodings and memos are not (init=False),
-    nor the origin.  Once per class: dataclasses.fields on every publish was a tenth
-    of the bus's cost on a sending node."""
+    nor the origin.  Once per class: dataclasses.fields on every publish was about a
+    tenth of the bus's cost on a sending node."""
     names = _FIELDS.get(cls)
     if names is None:
         names = _FIELDS[cls] = tuple(
