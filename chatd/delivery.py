@@ -138,8 +138,13 @@ class Subscription:
         for (stream, _, _), (start, fresh) in zip(catch_ups, starts, strict=True):
             state = self._streams.get(stream)
             if state is not None and not state.live:
-                if fresh:
-                    self._deliver_held_up_to(state, start)
+                if fresh and self._deliver_held_up_to(state, start):
+                    # The stream started at the first message held: the catch-up reads
+                    # on from the last one written, since a message at or below
+                    # ``start`` may not have been offered yet (another node's, which
+                    # the bus brings a moment after its commit) and would be neither
+                    # read nor pushed.
+                    continue
                 state.delivered = max(state.delivered, start)
         for stream, _, fetch in catch_ups:
             state = self._streams.get(stream)
@@ -161,16 +166,20 @@ class Subscription:
                 return
             state.overflowed = False
 
-    def _deliver_held_up_to(self, state: _Stream, start: int) -> None:
+    def _deliver_held_up_to(self, state: _Stream, start: int) -> bool:
         """A fresh stream starts at its newest message when read, a moment after the
-        subscription began: what was offered in that moment is new, so it goes out."""
+        subscription began: what was offered in that moment is new, so it goes out.
+        Whether anything did."""
         queued = state.queued or []
         held = sorted((e for e in queued if e.id <= start), key=_by_id)
+        written = False
         for event in held:
             if event.id > state.delivered:
                 state.delivered = event.id
                 self._writer.write(event)
+                written = True
         state.queued = [e for e in queued if e.id > start]
+        return written
 
     def _go_live(self, state: _Stream) -> None:
         for event in sorted(state.queued or [], key=_by_id):
