@@ -4,20 +4,30 @@ Three parts, each usable alone (the server wires them together, README "Running
 several nodes"):
 
 - ``RedisBus``: after COMMIT a node publishes a ``Notice`` (stream, seq, id and the
-  message's fields) on one Redis channel; every node receives every notice.  Redis
-  pub/sub is at-most-once: a notice published while a node is disconnected is gone.
+  message's fields) on a Redis channel of its own (``node_channel``: the bus channel,
+  a colon, 16 hex digits of the node name's SHA-1); every node subscribes to the
+  others' channels and not to its own (``others_patterns``: 16 glob patterns, one
+  PSUBSCRIBE), so every node receives every other node's notices and none of its own,
+  which it delivered when it published them (reading its own batches back only to
+  drop them was, at 1-2 notices per batch, a sending node's largest cost beyond a
+  single node's).  Revokes go the same way.  Redis pub/sub is at-most-once: a notice
+  published while a node is disconnected is gone.
   Publishing never blocks a send: notices queue (bounded) for one writer task, and a
   full queue or a failed publish drops them, counted.  The writer sends whatever has
   queued as one Redis message, the encodings back to back (``decode_all``): one
-  PUBLISH, and one message for each node to read, per batch instead of per notice
-  (redis-py's work per message was most of a node's CPU at 2,000 notices/s; every
-  node reads its own notices too).  The subscriber connection is pinged every
+  PUBLISH, and one message for each other node to read, per batch instead of per
+  notice (redis-py's work per message was most of a node's CPU at 2,000 notices/s).
+  The bus channel itself (``chatd:bus``), which every node subscribes to, carries what
+  is not one node's: presence changes (published by Redis scripts, heard by every
+  node, the changing one included: each node announces them to its sessions when
+  they come back, in the one order Redis gives them) and ``chatd admin``'s revokes.
+  The subscriber connection is pinged every
   ``liveness / 3`` seconds and torn down when nothing at all has arrived for
   ``liveness`` seconds (a black-holed link keeps its socket open); every
   (re)subscription, the first excepted, calls ``on_resync``.
 - ``StreamOrder``: per stream a node follows, the highest seq pushed to its local
   sessions (and that message's id).  The next seq is pushed; a seq already pushed is
-  dropped (the sender's own echo, a link that came back); a seq beyond the next makes
+  dropped (a link that came back, a read that overlapped); a seq beyond the next makes
   the node read the stream from the store past its position and push what it finds,
   in order.  ``check_positions`` (every ``bus_position_check`` seconds, and at once on
   ``on_resync``) does that read for every followed stream that the store's heads (all
@@ -34,7 +44,9 @@ Stream names: ``c:<channel id>`` for a channel, ``u:<user id>`` for a user's inb
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -51,6 +63,11 @@ NODES_KEY = "chatd:nodes"  # node -> time its heartbeat lapses
 NODE_USERS_PREFIX = "chatd:node-users:"  # per node: user id -> their offline notice
 WIRE_VERSION = 1
 _NOTICE, _REVOKE, _PRESENCE = "n", "r", "p"
+
+
+# One packer for every encoding (the event loop's thread only): building one per call
+# was about half of the cost of packing a notice.
+_PACKER = msgpack.Packer(use_bin_type=True)
 
 
 class BusFormatError(ValueError):
@@ -111,7 +128,7 @@ def encode(message: BusMessage) -> bytes:
     else:
         body = [WIRE_VERSION, _PRESENCE, message.node, message.user_id, message.name,
                 message.online, list(message.channels)]
-    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    packed: bytes = _PACKER.pack(body)
     return packed
 
 
@@ -120,6 +137,10 @@ def decode(data: bytes) -> BusMessage:
         body = msgpack.unpackb(data, raw=False)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise BusFormatError(f"not msgpack: {exc}") from None
+    return _message(body)
+
+
+def _message(body: object) -> BusMessage:
     if not isinstance(body, list) or len(body) < 3 or body[0] != WIRE_VERSION:
         raise BusFormatError("not a chatd bus message of this version")
     kind, node = body[1], body[2]
@@ -144,23 +165,52 @@ def decode(data: bytes) -> BusMessage:
 
 def decode_all(data: bytes) -> list[BusMessage]:
     """The messages of one payload, in order (a payload is one or more encodings back
-    to back); BusFormatError if any of it is not a message."""
-    unpacker = msgpack.Unpacker()
+    to back); BusFormatError if any of it is not a message.  Each byte is parsed once,
+    and a payload of one message (the usual at low rates) without an Unpacker, whose
+    making cost more than the parse."""
+    try:
+        bodies = [msgpack.unpackb(data, raw=False)]
+    except msgpack.ExtraData:
+        bodies = _unpack_several(data)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise BusFormatError(f"not msgpack: {exc}") from None
+    return [_message(body) for body in bodies]
+
+
+def _unpack_several(data: bytes) -> list[Any]:
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(data))
     unpacker.feed(data)
-    messages, start = [], 0
-    while start < len(data):
-        try:
-            unpacker.skip()
-        except msgpack.OutOfData:
-            raise BusFormatError("a message cut short") from None
-        except Exception as exc:  # msgpack raises several unrelated types on garbage
-            raise BusFormatError(f"not msgpack: {exc}") from None
-        end = unpacker.tell()
-        messages.append(decode(data[start:end]))
-        start = end
-    if not messages:
-        raise BusFormatError("an empty payload")
-    return messages
+    bodies, end = [], 0
+    try:
+        for body in unpacker:
+            bodies.append(body)
+            end = unpacker.tell()  # after a whole message (a cut one moves it too)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise BusFormatError(f"not msgpack: {exc}") from None
+    if end != len(data):
+        raise BusFormatError("a message cut short")
+    return bodies
+
+
+def node_channel(channel: str, node: str) -> str:
+    """The Redis channel a node publishes its notices and revokes on: ``channel``, a
+    colon, and 16 hex digits of the node name's SHA-1 (all such channels one length
+    and alphabet, so that ``others_patterns`` can leave one out)."""
+    return f"{channel}:{_node_digest(node)}"
+
+
+def others_patterns(channel: str, node: str) -> list[str]:
+    """Glob patterns (PSUBSCRIBE) that match every node's channel but ``node``'s own:
+    the i-th matches the channels that agree with it on the first i digits and differ
+    on the next, so each other channel matches exactly one (Redis delivers a message
+    once per matching pattern)."""
+    digest, prefix = _node_digest(node), re.sub(r"([*?\[\]\\])", r"\\\1", channel)
+    return [f"{prefix}:{digest[:i]}[^{digest[i]}]{'?' * (len(digest) - i - 1)}"
+            for i in range(len(digest))]
+
+
+def _node_digest(node: str) -> str:
+    return hashlib.sha1(node.encode(), usedforsecurity=False).hexdigest()[:16]
 
 
 def _is_int(value: object) -> bool:
@@ -343,6 +393,7 @@ class BusCounts:
     dropped: int = 0  # notices not published: queue full or Redis unreachable
     malformed: int = 0
     reconnects: int = 0
+    payloads: int = 0  # Redis messages read (one per PUBLISH of another node)
 
 
 class RedisBus:
@@ -369,6 +420,7 @@ class RedisBus:
         self._tasks: list[asyncio.Task[None]] = []
         self.subscribed = asyncio.Event()
         self.counts = BusCounts()
+        self.node_channel = node_channel(channel, node)
 
     async def start(self, timeout: float = 10.0) -> None:
         """Start both loops; wait (bounded) for the first subscription, raise if none."""
@@ -414,6 +466,7 @@ class RedisBus:
             pubsub = client.pubsub()
             try:
                 await pubsub.subscribe(self.channel)
+                await pubsub.psubscribe(*others_patterns(self.channel, self.node))
                 if not first:
                     self.counts.reconnects += 1
                     log.info("bus: subscribed again to %s: resynchronising", self.url)
@@ -439,7 +492,8 @@ class RedisBus:
             now = loop.time()
             if message is not None:
                 heard = now
-                if message.get("type") == "message":
+                if message.get("type") in ("message", "pmessage"):
+                    self.counts.payloads += 1
                     self._take(message["data"])
                 continue
             if now - heard > self._liveness:
@@ -472,7 +526,7 @@ class RedisBus:
                     size += len(batch[-1])
                 try:
                     # One Redis message for the lot (module doc), in queue order.
-                    await client.publish(self.channel, b"".join(batch))
+                    await client.publish(self.node_channel, b"".join(batch))
                     self.counts.published += len(batch)
                 except asyncio.CancelledError:
                     raise

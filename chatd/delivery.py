@@ -152,16 +152,27 @@ class Subscription:
         # Every start position is read before any stream catches up, so a stream that
         # starts at "the newest message now" means now, not after the others caught up.
         starts = [await position() for _, position, _ in catch_ups]
+        starts_after: dict[int, int] = {}  # the id each stream's catch-up reads after
         for (stream, _, _), start in zip(catch_ups, starts, strict=True):
             state = self._streams.get(stream)
             if state is not None and not state.live:
                 if start.fresh:
-                    self._deliver_held_up_to(state, start.seq)
+                    written = self._deliver_held_up_to(state, start.seq)
+                    if written is not None:
+                        # The stream starts at the first message held, and goes on from
+                        # the last one written without a gap: a message at or below the
+                        # start may not have been offered yet (another node's, which the
+                        # bus brings a moment after its commit), so the catch-up reads
+                        # it rather than the start skipping it.
+                        starts_after[stream] = written
+                        continue
                 state.seq = max(state.seq, start.seq)
+                starts_after[stream] = start.id
         for (stream, _, fetch), start in zip(catch_ups, starts, strict=True):
             state = self._streams.get(stream)
             if state is not None and not state.live:
-                await self._catch_up(stream, state, fetch, start.id)
+                after = starts_after.get(stream, start.id)
+                await self._catch_up(stream, state, fetch, after)
 
     async def _catch_up(self, stream: int, state: _Stream, fetch: Fetch, after: int) -> None:
         """Read the stream from the store after message id ``after`` until it is live."""
@@ -180,15 +191,22 @@ class Subscription:
                 return
             state.overflowed = False
 
-    def _deliver_held_up_to(self, state: _Stream, start: int) -> None:
+    def _deliver_held_up_to(self, state: _Stream, start: int) -> int | None:
         """A fresh stream starts at its newest message when read (seq ``start``), a moment
-        after the subscription began: what was offered in that moment is new, so it goes out."""
+        after the subscription began: what was offered in that moment is new, so it goes
+        out, from the first held message on while the seqs run without a gap (a missing
+        one is read from the store).  Returns the id of the last message written, if any."""
         queued = state.queued or []
-        for event in sorted((e for e in queued if e.seq <= start), key=_by_seq):
-            if event.seq > state.seq:
-                state.seq = event.seq
-                self._writer.write(event)
-        state.queued = [e for e in queued if e.seq > start]
+        held = sorted((e for e in queued if e.seq <= start), key=_by_seq)
+        written: int | None = None
+        for event in held:
+            if written is not None and event.seq != state.seq + 1:
+                break  # a gap: the catch-up reads on from the last one written
+            state.seq = event.seq
+            written = event.id
+            self._writer.write(event)
+        state.queued = [e for e in queued if e.seq > state.seq]
+        return written
 
     def _go_live(self, state: _Stream) -> None:
         for event in sorted(state.queued or [], key=_by_seq):

@@ -294,6 +294,66 @@ async def test_events_offered_while_catching_up_come_after_the_catch_up_in_order
     assert [e.id for e in session.take() if isinstance(e, ChannelPost)] == [1, 2, 3, 4, 5]
 
 
+async def test_a_fresh_stream_that_started_with_held_messages_reads_the_rest_of_the_store(
+) -> None:
+    """A fresh stream starts at the newest message when its position is read; messages
+    offered before that read go out, and so must every later one: one committed before
+    the read but offered after it (another node's, a moment behind on the bus) is read
+    from the store, not dropped as older than the start."""
+    hub = Hub()
+    session = RecordingSession()
+    hub.bind(session, 1, "bob", b"digest", float("inf"), [CHANNEL_ID])
+    subscription = Subscription(session, page_size=100, queue_limit=100)
+    hub.subscribe(session, subscription)
+    stored: list[StreamEvent] = [post(i) for i in range(1, 5)]  # 4 committed, not offered yet
+    bus = LocalBus(hub)
+
+    async def fresh_at_newest() -> StreamPosition:
+        return StreamPosition(stored[-1].id, stored[-1].seq, fresh=True)
+
+    async def fetch(after: int, limit: int) -> list[StreamEvent]:
+        return [p for p in stored if p.id > after][:limit]
+
+    for message_id in (2, 3):  # offered between /subscribe and the position's read
+        bus.publish(post(message_id))
+    subscription.start(
+        [(INBOX, no_position, nothing_stored), (CHANNEL_ID, fresh_at_newest, fetch)]
+    )
+    await until(lambda: not subscription.catching_up)
+    bus.publish(post(4))  # the late notice: already written, so dropped
+    stored.append(post(5))
+    bus.publish(post(5))
+    assert [e.id for e in session.take() if isinstance(e, ChannelPost)] == [2, 3, 4, 5]
+
+
+async def test_a_fresh_stream_stops_writing_held_messages_at_a_gap() -> None:
+    """Held messages 2 and 4 were offered before the position's read, 3 not yet (another
+    node's, late on the bus): 2 goes out, then 3 and 4 from the store, in order; the late
+    notice of 3 is then a repeat."""
+    hub = Hub()
+    session = RecordingSession()
+    hub.bind(session, 1, "bob", b"digest", float("inf"), [CHANNEL_ID])
+    subscription = Subscription(session, page_size=100, queue_limit=100)
+    hub.subscribe(session, subscription)
+    stored: list[StreamEvent] = [post(i) for i in range(1, 5)]
+    bus = LocalBus(hub)
+
+    async def fresh_at_newest() -> StreamPosition:
+        return StreamPosition(stored[-1].id, stored[-1].seq, fresh=True)
+
+    async def fetch(after: int, limit: int) -> list[StreamEvent]:
+        return [p for p in stored if p.id > after][:limit]
+
+    for message_id in (2, 4):
+        bus.publish(post(message_id))
+    subscription.start(
+        [(INBOX, no_position, nothing_stored), (CHANNEL_ID, fresh_at_newest, fetch)]
+    )
+    await until(lambda: not subscription.catching_up)
+    bus.publish(post(3))
+    assert [e.id for e in session.take() if isinstance(e, ChannelPost)] == [2, 3, 4]
+
+
 # Through the handlers, with a real store: what each session of each user receives.
 
 

@@ -28,6 +28,8 @@ from chatd.bus_redis import (
     decode,
     decode_all,
     encode,
+    node_channel,
+    others_patterns,
     publish_once,
 )
 from tests.cluster_helpers import RedisServer, proxy, redis_server
@@ -313,6 +315,57 @@ async def test_published_on_one_node_pushed_once_on_both(
     assert a.revoked == b.revoked[1:] == [Revoke(10)]
 
 
+async def test_a_node_does_not_read_its_own_notices_back(
+    nodes: tuple[ListLog, Node, Node],
+) -> None:
+    """Each node publishes on a channel of its own, which the others subscribe to and it
+    does not: its batches are not read back from Redis only to be dropped (per batch,
+    that was most of a sending node's extra cost over a single node)."""
+    log, a, b = nodes
+    sent = [a.send(log, "c:1") for _ in range(50)]
+    await until(lambda: len(b.pushed) == len(sent))
+    a.bus.publish(Revoke(9))
+    await until(lambda: bool(b.revoked))
+    received = b.bus.counts.payloads
+    sent_back = [b.send(log, "c:1") for _ in range(5)]  # a hears b: a's subscription works
+    await until(lambda: a.pushed[-5:] == sent_back)
+    assert b.bus.counts.payloads == received  # nor does b read its own
+    assert a.bus.counts.payloads >= 1
+    assert a.bus.counts.received == len(sent_back)
+    assert a.pushed == b.pushed == sent + sent_back
+
+
+async def test_every_node_hears_every_other_once_and_not_itself(redis: RedisServer) -> None:
+    """The patterns that leave a node's own channel out, against Redis's own matching:
+    every other node's channel matches exactly one of them (a message is delivered once
+    per matching pattern), the node's own none, nor the channel shared by all."""
+    from redis import asyncio as aioredis
+
+    names = ["a", "b", "node-1234", "ünïcode", "a*[?]\\", *[f"host-{i}" for i in range(40)]]
+    client: Any = aioredis.Redis.from_url(redis.url)
+    try:
+        for name in names[:5]:
+            patterns = others_patterns("chatd:bus", name)
+            pubsub = client.pubsub()
+            await pubsub.psubscribe(*patterns)
+            for other in names:
+                await client.publish(node_channel("chatd:bus", other), other.encode())
+            await client.publish("chatd:bus", b"shared")
+            # Last, on a channel of another node: what comes before it is all there is.
+            await client.publish(node_channel("chatd:bus", name + "-last"), b"last")
+            heard: list[bytes] = []
+            async with asyncio.timeout(WAIT):
+                while not heard or heard[-1] != b"last":
+                    message = await pubsub.get_message(ignore_subscribe_messages=True,
+                                                       timeout=1)
+                    if message is not None:
+                        heard.append(message["data"])
+            assert sorted(heard[:-1]) == sorted(o.encode() for o in names if o != name)
+            await pubsub.aclose()
+    finally:
+        await client.aclose()
+
+
 async def test_a_burst_goes_out_as_few_redis_messages_in_order(
     redis: RedisServer, nodes: tuple[ListLog, Node, Node],
 ) -> None:
@@ -323,7 +376,7 @@ async def test_a_burst_goes_out_as_few_redis_messages_in_order(
     log, a, b = nodes
     listener: Any = aioredis.Redis.from_url(redis.url)  # redis-py's types are partial
     pubsub = listener.pubsub()
-    await pubsub.subscribe(a.bus.channel)
+    await pubsub.subscribe(a.bus.node_channel)
     try:
         sent = [a.send(log, "c:1") for _ in range(300)]  # one loop turn: all queued
         payloads: list[bytes] = []
