@@ -9,31 +9,15 @@ stream a socket can produce.  No timing is asserted.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import random
-import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
 from chatd.codec import encode_frame
-from tests.conftest import Harness
+from tests.conftest import Harness, load_script
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_loadgen() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("loadgen", ROOT / "scripts" / "loadgen.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("loadgen", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-loadgen = load_loadgen()
+loadgen = load_script("loadgen")
 
 
 class Recorder:

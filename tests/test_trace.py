@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 from chatd.client import Client
-from tests.conftest import PASSWORD, ROOT, Spawn, fast_env
+from tests.conftest import PASSWORD, Spawn, fast_env, load_script
 
-
-def load_tail_trace() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("tail_trace", ROOT / "scripts" / "tail_trace.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("tail_trace", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-tail_trace = load_tail_trace()
+tail_trace = load_script("tail_trace")
 
 
 async def register(port: int, name: str) -> Client:
