@@ -252,11 +252,7 @@ async def user_info(ctx: Context, params: Params) -> Data:
     }
 
 
-def _throttle_messages(ctx: Context) -> None:
-    # _throttle inline: this runs for every message sent.
-    wait = ctx.guards.messages.take(ctx.user_id, ctx.clock())
-    if wait:
-        raise RateLimited("sending too fast", wait)
+SENDING_TOO_FAST = "sending too fast"  # the slow paths' and _outgoing_now's refusal
 
 
 def _throttle(ctx: Context, bucket: RateLimiter, too_fast: str) -> None:
@@ -277,7 +273,7 @@ class Outgoing:
 
 
 async def send(ctx: Context, params: Params) -> Deferred:
-    _throttle_messages(ctx)
+    _throttle(ctx, ctx.guards.messages, SENDING_TOO_FAST)
     recipient = await _existing_user(ctx, params, cached=True)  # the hot path
     return _after_commit(ctx, _private_message(ctx, params, recipient))
 
@@ -302,7 +298,7 @@ def _outgoing_now(
     assert sender_id is not None and session.user_name is not None, "auth gate let it by"
     wait = ctx.guards.messages.take(sender_id, now)
     if wait:
-        raise RateLimited("sending too fast", wait)
+        raise RateLimited(SENDING_TOO_FAST, wait)
     text = validation.message_text(params, text_key, ctx.config.max_message_length)
     client_id = params.optional_text("client_id", validation.MAX_CLIENT_ID_LENGTH)
     new = NewMessage(kind, sender_id, target_id, text, now, client_id)
@@ -580,7 +576,7 @@ async def channel_list(ctx: Context, params: Params) -> Data:
 
 
 async def channel_send(ctx: Context, params: Params) -> Deferred:
-    _throttle_messages(ctx)
+    _throttle(ctx, ctx.guards.messages, SENDING_TOO_FAST)
     name = validation.channel_name(params)
     text = validation.message_text(params, "message", ctx.config.max_message_length)
     client_id = params.optional_text("client_id", validation.MAX_CLIENT_ID_LENGTH)

@@ -386,17 +386,24 @@ class PostgresStore:
         self, name: str, key: str, skeletons: Skeletons, password_hash: str, now: float
     ) -> bool:
         """Add a user; False if a user has this name key or looks alike (skeletons)."""
+        return await self._add_user(name, key, skeletons, password_hash, now) is not None
+
+    async def _add_user(
+        self, name: str, key: str, skeletons: Skeletons, password_hash: str, now: float
+    ) -> int | None:
+        """A new user row's id; None if a user has this name key or looks alike (checked
+        and inserted under one lock, so of two look-alike names only one succeeds)."""
         async with self._transaction() as conn:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", USER_NAMES_LOCK)
             if await _user_name_taken(conn, key, skeletons):
-                return False
-            inserted = await conn.fetchval(
+                return None
+            user_id: int | None = await conn.fetchval(
                 "INSERT INTO users"
                 " (name, name_key, skeleton, upper_skeleton, password_hash, created_at)"
                 " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name_key) DO NOTHING RETURNING id",
                 name, key, *skeletons, password_hash, now,
             )
-        return inserted is not None
+        return user_id
 
     async def user_name_taken(self, key: str, skeletons: Skeletons) -> bool:
         """Whether create_user would refuse this name now."""
@@ -772,17 +779,7 @@ class PostgresStore:
         self, name: str, key: str, skeletons: Skeletons, now: float
     ) -> int | None:
         """A guest user holding ``name`` while connected; None if the name is taken."""
-        async with self._transaction() as conn:
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", USER_NAMES_LOCK)
-            if await _user_name_taken(conn, key, skeletons):
-                return None
-            guest_id: int | None = await conn.fetchval(
-                "INSERT INTO users"
-                " (name, name_key, skeleton, upper_skeleton, password_hash, created_at)"
-                " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name_key) DO NOTHING RETURNING id",
-                name, key, *skeletons, GUEST_HASH, now,
-            )
-        return guest_id
+        return await self._add_user(name, key, skeletons, GUEST_HASH, now)
 
     async def release_guests(self, user_id: int | None = None) -> None:
         """End a guest (every guest when None): its name is free again, what it received

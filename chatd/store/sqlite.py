@@ -731,21 +731,27 @@ class Store:
     async def create_user(
         self, name: str, key: str, skeletons: Skeletons, password_hash: str, now: float
     ) -> bool:
-        """Add a user; False if a user has this name key or looks alike (skeletons).
+        """Add a user; False if a user has this name key or looks alike (skeletons)."""
+        return await self._add_user(name, key, skeletons, password_hash, now) is not None
+
+    async def _add_user(
+        self, name: str, key: str, skeletons: Skeletons, password_hash: str, now: float
+    ) -> int | None:
+        """A new user row's id; None if a user has this name key or looks alike.
 
         Checked and inserted in one write transaction, so of two registrations of
         look-alike names at the same moment only one succeeds.
         """
         async with self._transaction() as db:
             if await self._user_name_taken(key, skeletons):
-                return False
+                return None
             cursor = await db.execute(
                 "INSERT INTO users"
                 " (name, name_key, skeleton, upper_skeleton, password_hash, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name_key) DO NOTHING",
                 (name, key, *skeletons, password_hash, now),
             )
-            return cursor.rowcount == 1
+            return cursor.lastrowid if cursor.rowcount == 1 else None
 
     async def user_name_taken(self, key: str, skeletons: Skeletons) -> bool:
         """Whether create_user would refuse this name now."""
@@ -1254,16 +1260,7 @@ class Store:
         self, name: str, key: str, skeletons: Skeletons, now: float
     ) -> int | None:
         """A guest user holding ``name`` while connected; None if the name is taken."""
-        async with self._transaction() as db:
-            if await self._user_name_taken(key, skeletons):
-                return None
-            cursor = await db.execute(
-                "INSERT INTO users"
-                " (name, name_key, skeleton, upper_skeleton, password_hash, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name_key) DO NOTHING",
-                (name, key, *skeletons, GUEST_HASH, now),
-            )
-            return cursor.lastrowid if cursor.rowcount == 1 else None
+        return await self._add_user(name, key, skeletons, GUEST_HASH, now)
 
     async def release_guests(self, user_id: int | None = None) -> None:
         """End a guest (every guest when None, as at start-up after a crash): its name is
