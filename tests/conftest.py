@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import importlib.util
 import itertools
@@ -127,23 +128,32 @@ async def pg_url() -> AsyncIterator[str]:
         yield url
 
 
-@pytest.fixture
-async def make_harness(tmp_path: Path) -> AsyncIterator[MakeHarness]:
-    """For tests that need non-default settings: ``await make_harness(max_frame_size=64)``."""
+@contextlib.asynccontextmanager
+async def harness_factory(db_for: Callable[[int], str]) -> AsyncIterator[MakeHarness]:
+    """``make(**settings)`` starts a server on ``db_for(n)`` for the n-th server made
+    (0, 1, ...) with those settings changed; every one is stopped at the end."""
     started: list[Harness] = []
 
     async def make(**changes: Any) -> Harness:
-        # A database of its own for each server: a second one on a file is refused.
-        db = tmp_path / f"custom{len(started) or ''}.sqlite3"
-        base = Config(port=0, db=str(db), **TEST_SETTINGS)
+        base = Config(host="127.0.0.1", port=0, db=db_for(len(started)), **TEST_SETTINGS)
         harness = Harness(dataclasses.replace(base, **changes))
         await harness.start()
         started.append(harness)
         return harness
 
-    yield make
-    for harness in started:
-        await harness.stop()
+    try:
+        yield make
+    finally:
+        for harness in started:
+            await harness.stop()
+
+
+@pytest.fixture
+async def make_harness(tmp_path: Path) -> AsyncIterator[MakeHarness]:
+    """For tests that need non-default settings: ``await make_harness(max_frame_size=64)``."""
+    # A database of its own for each server: a second one on a file is refused.
+    async with harness_factory(lambda n: str(tmp_path / f"custom{n or ''}.sqlite3")) as make:
+        yield make
 
 
 LISTENING = re.compile(rb"listening on [^\s]+:(\d+)")

@@ -10,7 +10,6 @@ where PostgreSQL is absent, failed instead with CHATD_REQUIRE_POSTGRES=1
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -19,7 +18,14 @@ import pytest
 from chatd.client import Client
 from chatd.config import Config
 from tests import test_live
-from tests.conftest import PASSWORD, TEST_SETTINGS, Harness, MakeHarness, Spawn
+from tests.conftest import (
+    PASSWORD,
+    TEST_SETTINGS,
+    Harness,
+    MakeHarness,
+    Spawn,
+    harness_factory,
+)
 from tests.crash_helpers import (
     KILL_AFTER_SECONDS,
     RECIPIENT,
@@ -48,18 +54,8 @@ async def pg_harness(pg_url: str) -> AsyncIterator[Harness]:
 @pytest.fixture
 async def pg_make_harness(pg_url: str) -> AsyncIterator[MakeHarness]:
     """conftest's make_harness, on PostgreSQL (one server at a time per database)."""
-    started: list[Harness] = []
-
-    async def make(**changes: Any) -> Harness:
-        base = Config(host="127.0.0.1", port=0, db=pg_url, **TEST_SETTINGS)
-        harness = Harness(dataclasses.replace(base, **changes))
-        await harness.start()
-        started.append(harness)
-        return harness
-
-    yield make
-    for harness in started:
-        await harness.stop()
+    async with harness_factory(lambda _: pg_url) as make:
+        yield make
 
 
 # tests/test_live.py's tests of live delivery, each run as is on a server on PostgreSQL:
