@@ -196,6 +196,18 @@ _CHANNEL_ROWS = (
     "SELECT m.id, u.name, m.body, m.created_at, m.seq FROM channel_messages m"
     " JOIN users u ON u.id = m.sender_id"
 )
+# A conversation of two users: its messages with both names joined in, and one direction
+# of it, newest or oldest first. Each direction is cut to the page's size before the two
+# are merged, so a page reads about ``limit`` rows of each (a plain UNION of the two
+# directions collected every id of the conversation first: 14 ms a page at 50,000).
+_PAIR_ROWS = (
+    "SELECT m.id, s.name, r.name, m.body, m.created_at FROM private_messages m"
+    " JOIN users s ON s.id = m.sender_id JOIN users r ON r.id = m.recipient_id"
+)
+_ONE_WAY = (
+    "SELECT id FROM private_messages WHERE recipient_id = ? AND sender_id = ? AND {inside}"
+    " ORDER BY id {order} LIMIT ?"
+)
 # A position is an id (acks and cursors hold ids) with its message's seq: the seq of
 # the newest message of the stream at or below the id (0 if none), found through the
 # (stream, id) index: an acknowledged message may have been deleted since (delete_user).
@@ -1170,15 +1182,12 @@ class Store:
         """The conversation between two users, both directions, paged like channel_history."""
         async with self._turn():
             rows = await self._rows(
-                "SELECT m.id, s.name, r.name, m.body, m.created_at FROM private_messages m"
-                " JOIN users s ON s.id = m.sender_id JOIN users r ON r.id = m.recipient_id"
-                " WHERE m.id IN ("
-                "  SELECT id FROM private_messages"
-                "   WHERE recipient_id = ? AND sender_id = ? AND id < ?"
-                "  UNION SELECT id FROM private_messages"
-                "   WHERE recipient_id = ? AND sender_id = ? AND id < ?)"
+                f"{_PAIR_ROWS} WHERE m.id IN ("
+                f"  SELECT id FROM ({_ONE_WAY.format(inside='id < ?', order='DESC')})"
+                f"  UNION ALL SELECT id FROM ({_ONE_WAY.format(inside='id < ?', order='DESC')}))"
                 " ORDER BY m.id DESC LIMIT ?",
-                (user_id, other_id, _before(before), other_id, user_id, _before(before), limit + 1),
+                (user_id, other_id, _before(before), limit + 1,
+                 other_id, user_id, _before(before), limit + 1, limit + 1),
             )
         page = [SentMessage(*row) for row in rows[:limit]]
         return Batch(page[::-1], more=len(rows) > limit)
@@ -1208,16 +1217,13 @@ class Store:
         order = "DESC" if newest else "ASC"
         inside = "id > ? AND id < ? AND created_at > ? AND created_at < ?"
         async with self._turn():
+            one_way = _ONE_WAY.format(inside=inside, order=order)
             rows = await self._rows(
-                "SELECT m.id, s.name, r.name, m.body, m.created_at FROM private_messages m"
-                " JOIN users s ON s.id = m.sender_id JOIN users r ON r.id = m.recipient_id"
-                " WHERE m.id IN ("
-                f"  SELECT id FROM private_messages WHERE recipient_id = ? AND sender_id = ?"
-                f"   AND {inside}"
-                f"  UNION SELECT id FROM private_messages WHERE recipient_id = ? AND sender_id = ?"
-                f"   AND {inside})"
+                f"{_PAIR_ROWS} WHERE m.id IN (SELECT id FROM ({one_way})"
+                f"  UNION ALL SELECT id FROM ({one_way}))"
                 f" ORDER BY m.id {order} LIMIT ?",
-                (user_id, other_id, *bounds.values(), other_id, user_id, *bounds.values(), limit),
+                (user_id, other_id, *bounds.values(), limit,
+                 other_id, user_id, *bounds.values(), limit, limit),
             )
         page = [SentMessage(*row) for row in rows]
         return page[::-1] if newest else page
