@@ -278,6 +278,23 @@ async def test_private_history_pages_both_directions(store: MessageStore) -> Non
     assert (len(exact.messages), exact.more) == (10, False)
 
 
+async def test_private_pages_when_one_side_did_all_the_talking(store: MessageStore) -> None:
+    # Each direction is cut to the page before the two are merged: the page must still
+    # be the newest (or oldest) of both together when one side fills it alone.
+    ann = await add_user(store, "ann")
+    bob = await add_user(store, "bob")
+    ids = [(await store.enqueue(private(ann, bob, f"a{i}"))).id for i in range(6)]
+    await store.enqueue(private(bob, ann, "b0"))
+    newest = await store.private_history(bob, ann, None, 3)
+    assert (bodies(newest), newest.more) == (["a4", "a5", "b0"], True)
+    older = await store.private_history(ann, bob, ids[4], 3)
+    assert (bodies(older), older.more) == (["a1", "a2", "a3"], True)
+    first = await store.private_range(ann, bob, Bounds(), 2, newest=False)
+    assert [m.body for m in first] == ["a0", "a1"]
+    last = await store.private_range(bob, ann, Bounds(after_id=ids[0]), 2, newest=True)
+    assert [m.body for m in last] == ["a5", "b0"]
+
+
 # Channels.
 
 

@@ -243,6 +243,11 @@ _PRIVATE_ROWS = (
     "SELECT m.id, u.name, m.body, m.created_at, m.seq FROM private_messages m"
     " JOIN users u ON u.id = m.sender_id"
 )
+# A conversation of two users, both names joined in (private_history, private_range).
+_PAIR_ROWS = (
+    "SELECT m.id, s.name, r.name, m.body, m.created_at FROM private_messages m"
+    " JOIN users s ON s.id = m.sender_id JOIN users r ON r.id = m.recipient_id"
+)
 _CHANNEL_ROWS = (
     "SELECT m.id, u.name, m.body, m.created_at, m.seq FROM channel_messages m"
     " JOIN users u ON u.id = m.sender_id"
@@ -760,11 +765,10 @@ class PostgresStore:
         self, user_id: int, other_id: int, before: int | None, limit: int
     ) -> Batch[SentMessage]:
         """The conversation between two users, both directions, paged like channel_history."""
+        inside = "id < $3"
         rows = await self._rows(
-            "SELECT m.id, s.name, r.name, m.body, m.created_at FROM private_messages m"
-            " JOIN users s ON s.id = m.sender_id JOIN users r ON r.id = m.recipient_id"
-            " WHERE m.id < $3 AND ((m.recipient_id = $1 AND m.sender_id = $2)"
-            "  OR (m.recipient_id = $2 AND m.sender_id = $1))"
+            f"{_PAIR_ROWS} WHERE m.id IN ({_one_way('$1', '$2', inside, 'DESC', '$4')}"
+            f" UNION ALL {_one_way('$2', '$1', inside, 'DESC', '$4')})"
             " ORDER BY m.id DESC LIMIT $4",
             user_id, other_id, _before(before), limit + 1,
         )
@@ -818,12 +822,10 @@ class PostgresStore:
         self, user_id: int, other_id: int, bounds: Bounds, limit: int, newest: bool
     ) -> list[SentMessage]:
         order = "DESC" if newest else "ASC"
+        inside = "id > $3 AND id < $4 AND created_at > $5 AND created_at < $6"
         rows = await self._rows(
-            "SELECT m.id, s.name, r.name, m.body, m.created_at FROM private_messages m"
-            " JOIN users s ON s.id = m.sender_id JOIN users r ON r.id = m.recipient_id"
-            " WHERE m.id > $3 AND m.id < $4 AND m.created_at > $5 AND m.created_at < $6"
-            " AND ((m.recipient_id = $1 AND m.sender_id = $2)"
-            "  OR (m.recipient_id = $2 AND m.sender_id = $1))"
+            f"{_PAIR_ROWS} WHERE m.id IN ({_one_way('$1', '$2', inside, order, '$7')}"
+            f" UNION ALL {_one_way('$2', '$1', inside, order, '$7')})"
             f" ORDER BY m.id {order} LIMIT $7",
             user_id, other_id, *bounds.values(), limit,
         )
@@ -926,6 +928,17 @@ def _private(row: Any) -> PrivateMessage:
 
 def _channel(row: Any) -> ChannelMessage:
     return ChannelMessage(row[0], row[1], row[2].decode(), row[3], row[4])
+
+
+def _one_way(recipient: str, sender: str, inside: str, order: str, limit: str) -> str:
+    """One direction of a conversation, cut to the page's size before the two are
+    merged: a page then reads about ``limit`` rows of each through private_by_pair, where
+    an OR of the two directions collected the whole conversation first (114-157 ms a
+    page at 25,000 messages)."""
+    return (
+        f"(SELECT id FROM private_messages WHERE recipient_id = {recipient}"
+        f" AND sender_id = {sender} AND {inside} ORDER BY id {order} LIMIT {limit})"
+    )
 
 
 def _before(before: int | None) -> int:
