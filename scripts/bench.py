@@ -1072,7 +1072,10 @@ async def scenario_latency(run: Run) -> dict[str, Any]:
     )
     run.check.equal("latency samples", len(latencies), total)
     run.check.details = {"delivered": sum(len(i.ids) for i in inboxes), "expected": total}
+    placed = ({} if run.shared is None
+              else latency_by_placement(run.shared, senders, receivers, inboxes))
     return {
+        **placed,
         "pairs": pairs,
         "offered_per_s": rate,
         "messages": total,
@@ -1088,6 +1091,25 @@ async def scenario_latency(run: Run) -> dict[str, Any]:
         "push_after_reply_p50_ms": r3(percentile(after_reply, 50)),
         "push_after_reply_p99_ms": r3(percentile(after_reply, 99)),
     }
+
+
+def latency_by_placement(shared: SharedPort, senders: Sequence[Client],
+                         receivers: Sequence[Client], inboxes: Sequence[Inbox]
+                         ) -> dict[str, float | None]:
+    """--shared-port: the kernel put some pairs' two ends on one node and some on two; the
+    latency of each kind, since only the second crosses Redis."""
+    node_of = shared.node_of
+    across: list[float] = []
+    same: list[float] = []
+    for sender, receiver, inbox in zip(senders, receivers, inboxes, strict=True):
+        kind = across if node_of[id(sender)] != node_of[id(receiver)] else same
+        kind.extend(lat / 1e6 for lat in inbox.latencies_ns)
+    across.sort()
+    same.sort()
+    return {"across_nodes_p50_ms": r3(percentile(across, 50)),
+            "across_nodes_p99_ms": r3(percentile(across, 99)),
+            "same_node_p50_ms": r3(percentile(same, 50)),
+            "same_node_p99_ms": r3(percentile(same, 99))}
 
 
 async def scenario_idle(run: Run) -> dict[str, Any]:

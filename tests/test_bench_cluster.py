@@ -159,6 +159,10 @@ async def test_shared_port_mode_runs_two_nodes_on_one_port(tmp_path: Path) -> No
     for r in shared:
         if r["scenario"] in ("dm", "latency"):
             assert 0 <= r["pairs_across_nodes"] <= 16
+    latency = shared[2]
+    for kind, pairs in (("across_nodes", latency["pairs_across_nodes"]),
+                        ("same_node", 16 - latency["pairs_across_nodes"])):
+        assert isinstance(latency[f"{kind}_p99_ms"], float) == (pairs > 0), kind
     for node_id in (n for r in shared for n in r["node_ids"]):
         assert not running("--node-id\0" + node_id), f"node {node_id} outlived the run"
 
