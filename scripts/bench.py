@@ -9,6 +9,7 @@
     python scripts/bench.py --scenario wal       # WAL size under a 2-minute write flood
     python scripts/bench.py --db-url postgresql://postgres@127.0.0.1/postgres  # on PostgreSQL
     python scripts/bench.py --db-url postgresql://... --compare  # dm, store, latency on both
+    python scripts/bench.py --db-url postgresql://... --cluster --shared-port  # 2 nodes, 1 port
 
 It starts its own chatd (``python -m chatd``) on a temporary database for each
 scenario, or drives an already running one (``--target``).  Every scenario

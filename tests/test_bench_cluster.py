@@ -1,7 +1,8 @@
 """``scripts/bench.py --cluster``: dm, fanout and latency on one SQLite node, one
 PostgreSQL node and two nodes sharing PostgreSQL and a Redis bus, every delivery
 verified, every process's CPU reported, the databases it made dropped and its
-redis-server and nodes gone afterwards.
+redis-server and nodes gone afterwards; with ``--shared-port`` the two nodes on one port,
+each holding a listening socket on it and some of the connections.
 
 No timing is asserted (the machine may be busy).  Skipped where PostgreSQL, redis-py or
 redis-server is absent, failed instead with CHATD_REQUIRE_POSTGRES=1 (tests/pg_helpers.py).
