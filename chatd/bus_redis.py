@@ -12,11 +12,15 @@ several nodes"):
   drop them was, at 1-2 notices per batch, a sending node's largest cost beyond a
   single node's).  Revokes go the same way.  Redis pub/sub is at-most-once: a notice
   published while a node is disconnected is gone.
-  Publishing never blocks a send: notices queue (bounded) for one writer task, and a
-  full queue or a failed publish drops them, counted.  The writer sends whatever has
-  queued as one Redis message, the encodings back to back (``decode_all``): one
-  PUBLISH, and one message for each other node to read, per batch instead of per
-  notice (redis-py's work per message was most of a node's CPU at 2,000 notices/s).
+  Publishing never blocks a send: notices wait for the end of the loop turn (a group
+  commit's together; bounded while the connection is down: beyond, and when it cannot
+  be made, they are dropped, counted), then go out as one Redis message, the encodings
+  back to back (``decode_all``): one PUBLISH, and one message for each other node to
+  read, per batch instead of per notice (redis-py's work per message was most of a
+  node's CPU at 2,000 notices/s).  The PUBLISH is written straight to a connection of
+  its own on which Redis answers nothing (CLIENT REPLY OFF): no reply to read, parse
+  and wait for, per group commit, on the sending node; its loss shows on the socket
+  (closed, or writes stuck for ``liveness`` seconds) and it is replaced.
   The bus channel itself (``chatd:bus``), which every node subscribes to, carries what
   is not one node's: presence changes (published by Redis scripts, heard by every
   node, the changing one included: each node announces them to its sessions when
@@ -47,6 +51,7 @@ import asyncio
 import hashlib
 import logging
 import re
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -416,7 +421,13 @@ class RedisBus:
         self._on_resync = on_resync
         self._liveness = liveness
         self._reconnect_delay = reconnect_delay
-        self._queue: asyncio.Queue[bytes] = asyncio.Queue(queue_limit)
+        # Encodings waiting for the next flush (a loop turn: a group commit's notices
+        # together) or, while not connected, for the connection (at most queue_limit).
+        self._unsent: list[bytes] = []
+        self._queue_limit = queue_limit
+        self._flush_due = False
+        self._out: asyncio.StreamWriter | None = None  # the publishing connection
+        self._publish_command = _publish_prefix(node_channel(channel, node))
         self._tasks: list[asyncio.Task[None]] = []
         self.subscribed = asyncio.Event()
         self.counts = BusCounts()
@@ -436,15 +447,56 @@ class RedisBus:
             raise ConnectionError(f"cannot subscribe on the bus at {self.url}") from None
 
     def publish(self, message: BusMessage) -> None:
-        """Queue a message for the bus without waiting; a full queue drops it."""
+        """Send a message on the bus at the end of this loop turn, without waiting;
+        dropped when queue_limit of them already wait for a connection."""
         if isinstance(message, Notice) and not message.node:
             message = Notice(message.stream, message.seq, message.id, message.fields, self.node)
         elif isinstance(message, Revoke) and not message.node:
             message = Revoke(message.user_id, message.digests, self.node)
-        try:
-            self._queue.put_nowait(encode(message))
-        except asyncio.QueueFull:
+        if len(self._unsent) >= self._queue_limit:
             self.counts.dropped += 1
+            return
+        self._unsent.append(encode(message))
+        if not self._flush_due and self._out is not None:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Write what waits as PUBLISH commands (one per PAYLOAD_LIMIT bytes: module
+        doc), in order, in one write; the connection asks for no replies."""
+        self._flush_due = False
+        out = self._out
+        if out is None or not self._unsent:
+            return  # the connection's task sends them once it is back
+        if out.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+            # Redis is not reading (a black-holed link): drop rather than hoard; the
+            # connection's task replaces the link (module doc).
+            self.counts.dropped += len(self._unsent)
+            self._unsent = []
+            return
+        commands: list[bytes] = []
+        batch: list[bytes] = []
+        size = 0
+        for encoded in self._unsent:
+            batch.append(encoded)
+            size += len(encoded)
+            if size >= PAYLOAD_LIMIT:
+                commands.append(self._publish(batch, size))
+                batch, size = [], 0
+        if batch:
+            commands.append(self._publish(batch, size))
+        self.counts.published += len(self._unsent)
+        self._unsent = []
+        out.write(b"".join(commands))
+
+    def _publish(self, encodings: list[bytes], size: int) -> bytes:
+        """One PUBLISH of these encodings back to back, in Redis's wire format."""
+        return b"".join((self._publish_command, b"$%d\r\n" % size, *encodings, b"\r\n"))
+
+    @property
+    def publishing(self) -> bool:
+        """Whether the publishing connection is up (what waits meanwhile is sent then)."""
+        return self._out is not None
 
     async def close(self) -> None:
         await stop_tasks(self._tasks)
@@ -516,29 +568,109 @@ class RedisBus:
             self._receive(message)
 
     async def _publisher(self) -> None:
-        client = self._client()
+        """Keep the publishing connection: a plain socket whose commands Redis does not
+        answer (CLIENT REPLY OFF): PUBLISH through redis-py, its reply read, parsed and
+        awaited by a task of its own, cost a sending node more than the write itself, at
+        one PUBLISH per group commit.  A lost connection (Redis gone, or a link that takes
+        nothing for ``liveness`` seconds) is replaced; what waited meanwhile is sent then,
+        or dropped (counted) if the connection cannot be made."""
+        while True:
+            try:
+                reader, writer = await _open_publishing(self.url, max(self._liveness, 1.0))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # OSError, TimeoutError, refused AUTH
+                # At most once: the position checks on the other nodes fill the gap.
+                if self._unsent:
+                    log.warning("bus: %d notices not published (%s)", len(self._unsent), exc)
+                    self.counts.dropped += len(self._unsent)
+                    self._unsent = []
+                await asyncio.sleep(self._reconnect_delay)
+                continue
+            self._out = writer
+            try:
+                self._flush()
+                await self._watch(reader, writer)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("bus: publishing connection lost (%s); reconnecting", exc)
+            finally:
+                self._out = None
+                writer.transport.abort()
+            await asyncio.sleep(self._reconnect_delay)
+
+    async def _watch(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Return when the publishing connection is gone: closed by Redis, or its
+        writes stuck for ``liveness`` seconds (a black-holed link)."""
+        stuck_since: float | None = None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                async with asyncio.timeout(self._liveness / 3):
+                    data = await reader.read(4096)
+            except TimeoutError:
+                if writer.transport.get_write_buffer_size() == 0:
+                    stuck_since = None
+                elif stuck_since is None:
+                    stuck_since = loop.time()
+                elif loop.time() - stuck_since >= self._liveness:
+                    raise TimeoutError(f"Redis took nothing for {self._liveness:g} s") from None
+                continue
+            if not data:
+                raise ConnectionError("closed by Redis")
+            # Nothing is answered after CLIENT REPLY OFF but errors of the connection
+            # itself (Redis says why it closes it).
+            log.warning("bus: Redis says on the publishing connection: %r", data[:200])
+
+
+WRITE_BUFFER_LIMIT = 16 * 1024 * 1024  # bytes unsent to Redis before notices are dropped
+
+
+def _publish_prefix(channel: str) -> bytes:
+    """A PUBLISH on ``channel`` in Redis's wire format, up to its payload's length."""
+    name = channel.encode()
+    return b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n" % (len(name), name)
+
+
+def _command(*words: bytes) -> bytes:
+    parts = [b"*%d\r\n" % len(words)]
+    for word in words:
+        parts.append(b"$%d\r\n%s\r\n" % (len(word), word))
+    return b"".join(parts)
+
+
+async def _open_publishing(
+    url: str, timeout: float
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the Redis at ``url`` (redis://, rediss://, unix://, as redis-py
+    reads them), authenticated, that answers no command (CLIENT REPLY OFF)."""
+    from redis.connection import parse_url as untyped  # the optional extra: chatd[redis]
+
+    parse_url: Callable[[str], dict[str, Any]] = untyped
+    options = parse_url(url)
+    async with asyncio.timeout(timeout):
+        if "path" in options:
+            reader, writer = await asyncio.open_unix_connection(options["path"])
+        else:
+            tls = ssl.create_default_context() if url.startswith("rediss://") else None
+            reader, writer = await asyncio.open_connection(
+                options.get("host", "localhost"), options.get("port", 6379), ssl=tls
+            )
         try:
-            while True:
-                batch = [await self._queue.get()]
-                size = len(batch[0])
-                while not self._queue.empty() and size < PAYLOAD_LIMIT:
-                    batch.append(self._queue.get_nowait())
-                    size += len(batch[-1])
-                try:
-                    # One Redis message for the lot (module doc), in queue order.
-                    await client.publish(self.node_channel, b"".join(batch))
-                    self.counts.published += len(batch)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    # At most once: the position checks on the other nodes fill the gap.
-                    self.counts.dropped += len(batch)
-                    log.warning("bus: %d notices not published (%s)", len(batch), exc)
-                    await _quietly(client.aclose())
-                    client = self._client()
-                    await asyncio.sleep(self._reconnect_delay)
-        finally:
-            await _quietly(client.aclose())
+            password = options.get("password")
+            if password is not None:
+                user = options.get("username")
+                words = [b"AUTH", *([user.encode()] if user else []), password.encode()]
+                writer.write(_command(*words))
+                answer = await reader.readline()
+                if not answer.startswith(b"+"):
+                    raise ConnectionError(f"AUTH refused: {answer.strip()[:200]!r}")
+            writer.write(_command(b"CLIENT", b"REPLY", b"OFF"))
+        except BaseException:
+            writer.transport.abort()
+            raise
+    return reader, writer
 
 
 async def publish_once(url: str, message: BusMessage, timeout: float = 5.0) -> None:
