@@ -25,10 +25,12 @@ several nodes"):
   is not one node's: presence changes (published by Redis scripts, heard by every
   node, the changing one included: each node announces them to its sessions when
   they come back, in the one order Redis gives them) and ``chatd admin``'s revokes.
-  The subscriber connection is pinged every
-  ``liveness / 3`` seconds and torn down when nothing at all has arrived for
-  ``liveness`` seconds (a black-holed link keeps its socket open); every
-  (re)subscription, the first excepted, calls ``on_resync``.
+  The subscriber connection is read by a protocol of its own with hiredis's
+  parser (redis-py's pub/sub reading cost more than the rest of the bus on a
+  receiving node), pinged every ``liveness / 3`` seconds and torn down when nothing
+  at all has arrived for ``liveness`` seconds (a black-holed link keeps its socket
+  open); every (re)subscription, the first excepted, calls ``on_resync``.  redis-py
+  still makes the presence calls and reads the URL.
 - ``StreamOrder``: per stream a node follows, the highest seq pushed to its local
   sessions (and that message's id).  The next seq is pushed; a seq already pushed is
   dropped (a link that came back, a read that overlapped); a seq beyond the next makes
@@ -426,7 +428,7 @@ class RedisBus:
         self._unsent: list[bytes] = []
         self._queue_limit = queue_limit
         self._flush_due = False
-        self._out: asyncio.StreamWriter | None = None  # the publishing connection
+        self._out: asyncio.Transport | None = None  # the publishing connection
         self._publish_command = _publish_prefix(node_channel(channel, node))
         self._tasks: list[asyncio.Task[None]] = []
         self.subscribed = asyncio.Event()
@@ -468,7 +470,7 @@ class RedisBus:
         out = self._out
         if out is None or not self._unsent:
             return  # the connection's task sends them once it is back
-        if out.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+        if out.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
             # Redis is not reading (a black-holed link): drop rather than hoard; the
             # connection's task replaces the link (module doc).
             self.counts.dropped += len(self._unsent)
@@ -502,57 +504,68 @@ class RedisBus:
         await stop_tasks(self._tasks)
         self._tasks = []
 
-    def _client(self) -> Any:
-        from redis import asyncio as aioredis  # the optional extra: chatd[redis]
-
-        timeout = max(self._liveness, 1.0)
-        return aioredis.Redis.from_url(
-            self.url, socket_connect_timeout=timeout, socket_timeout=timeout,
-            retry_on_timeout=False,
-        )
-
     async def _subscriber(self) -> None:
         first = True
         while True:
-            client = self._client()
-            pubsub = client.pubsub()
+            subscription: _Subscription | None = None
             try:
-                await pubsub.subscribe(self.channel)
-                await pubsub.psubscribe(*others_patterns(self.channel, self.node))
+                subscription = await self._subscribe()
                 if not first:
                     self.counts.reconnects += 1
                     log.info("bus: subscribed again to %s: resynchronising", self.url)
                     self._on_resync()
                 first = False
                 self.subscribed.set()
-                await self._read(pubsub)
+                await self._read(subscription)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # redis-py's ConnectionError, TimeoutError, OSError...
+            except Exception as exc:  # OSError, TimeoutError, an error reply
                 log.warning("bus: subscriber connection lost (%s); reconnecting", exc)
             finally:
                 self.subscribed.clear()
-                await _quietly(pubsub.aclose())
-                await _quietly(client.aclose())
+                if subscription is not None:
+                    subscription.transport.abort()
             await asyncio.sleep(self._reconnect_delay)
 
-    async def _read(self, pubsub: Any) -> None:
+    async def _subscribe(self) -> _Subscription:
+        """A connection subscribed to the bus channel and the other nodes' (module doc),
+        read by a protocol of its own: redis-py's pub/sub reading (get_message, its
+        parser and retry layers, a task switch per message) was most of a receiving
+        node's cost of the bus."""
+        patterns = others_patterns(self.channel, self.node)
+        subscription = _Subscription(self._message, 1 + len(patterns))
+        timeout = max(self._liveness, 1.0)
+        await _connect(self.url, timeout, lambda: subscription)
+        try:
+            async with asyncio.timeout(timeout):
+                await subscription.auth(self.url)
+                subscription.send(_command(b"SUBSCRIBE", self.channel.encode())
+                                  + _command(b"PSUBSCRIBE", *(p.encode() for p in patterns)))
+                await subscription.confirmed
+        except BaseException:
+            subscription.transport.abort()
+            raise
+        return subscription
+
+    def _message(self, data: bytes) -> None:
+        self.counts.payloads += 1
+        self._take(data)
+
+    async def _read(self, subscription: _Subscription) -> None:
+        """Until the connection is lost, or silent for ``liveness`` seconds although
+        pinged every third of it (a black-holed link keeps its socket open)."""
         loop = asyncio.get_running_loop()
-        heard = pinged = loop.time()
+        pinged = loop.time()
         while True:
-            message = await pubsub.get_message(timeout=self._liveness / 3)
+            await asyncio.wait([subscription.lost], timeout=self._liveness / 3)
+            if subscription.lost.done():
+                raise subscription.why
             now = loop.time()
-            if message is not None:
-                heard = now
-                if message.get("type") in ("message", "pmessage"):
-                    self.counts.payloads += 1
-                    self._take(message["data"])
-                continue
-            if now - heard > self._liveness:
+            if now - subscription.heard > self._liveness:
                 raise TimeoutError(f"nothing from Redis for {self._liveness:g} s")
             if now - pinged >= self._liveness / 3:
                 pinged = now
-                await pubsub.ping()
+                subscription.send(_command(b"PING"))
 
     def _take(self, data: bytes) -> None:
         try:
@@ -576,7 +589,7 @@ class RedisBus:
         or dropped (counted) if the connection cannot be made."""
         while True:
             try:
-                reader, writer = await _open_publishing(self.url, max(self._liveness, 1.0))
+                connection = await self._connect_publishing()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # OSError, TimeoutError, refused AUTH
@@ -587,41 +600,49 @@ class RedisBus:
                     self._unsent = []
                 await asyncio.sleep(self._reconnect_delay)
                 continue
-            self._out = writer
+            self._out = connection.transport
             try:
                 self._flush()
-                await self._watch(reader, writer)
+                await self._watch(connection)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("bus: publishing connection lost (%s); reconnecting", exc)
             finally:
                 self._out = None
-                writer.transport.abort()
+                connection.transport.abort()
             await asyncio.sleep(self._reconnect_delay)
 
-    async def _watch(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _connect_publishing(self) -> _Connection:
+        """A connection, authenticated, that answers no command (CLIENT REPLY OFF)."""
+        connection = _Connection()
+        timeout = max(self._liveness, 1.0)
+        await _connect(self.url, timeout, lambda: connection)
+        try:
+            async with asyncio.timeout(timeout):
+                await connection.auth(self.url)
+            connection.send(_command(b"CLIENT", b"REPLY", b"OFF"))
+        except BaseException:
+            connection.transport.abort()
+            raise
+        return connection
+
+    async def _watch(self, connection: _Connection) -> None:
         """Return when the publishing connection is gone: closed by Redis, or its
-        writes stuck for ``liveness`` seconds (a black-holed link)."""
+        writes stuck for ``liveness`` seconds (a black-holed link).  Nothing is answered
+        on it after CLIENT REPLY OFF but errors of the connection itself (logged)."""
         stuck_since: float | None = None
         loop = asyncio.get_running_loop()
         while True:
-            try:
-                async with asyncio.timeout(self._liveness / 3):
-                    data = await reader.read(4096)
-            except TimeoutError:
-                if writer.transport.get_write_buffer_size() == 0:
-                    stuck_since = None
-                elif stuck_since is None:
-                    stuck_since = loop.time()
-                elif loop.time() - stuck_since >= self._liveness:
-                    raise TimeoutError(f"Redis took nothing for {self._liveness:g} s") from None
-                continue
-            if not data:
-                raise ConnectionError("closed by Redis")
-            # Nothing is answered after CLIENT REPLY OFF but errors of the connection
-            # itself (Redis says why it closes it).
-            log.warning("bus: Redis says on the publishing connection: %r", data[:200])
+            await asyncio.wait([connection.lost], timeout=self._liveness / 3)
+            if connection.lost.done():
+                raise connection.why
+            if connection.transport.get_write_buffer_size() == 0:
+                stuck_since = None
+            elif stuck_since is None:
+                stuck_since = loop.time()
+            elif loop.time() - stuck_since >= self._liveness:
+                raise TimeoutError(f"Redis took nothing for {self._liveness:g} s")
 
 
 WRITE_BUFFER_LIMIT = 16 * 1024 * 1024  # bytes unsent to Redis before notices are dropped
@@ -640,37 +661,125 @@ def _command(*words: bytes) -> bytes:
     return b"".join(parts)
 
 
-async def _open_publishing(
-    url: str, timeout: float
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A connection to the Redis at ``url`` (redis://, rediss://, unix://, as redis-py
-    reads them), authenticated, that answers no command (CLIENT REPLY OFF)."""
+class _Connection(asyncio.Protocol):
+    """A Redis connection read with hiredis's parser: ``reply`` gets each reply."""
+
+    def __init__(self) -> None:
+        import hiredis  # the optional extra: chatd[redis]
+
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._parser = hiredis.Reader()
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # at once
+        # Done when the connection is gone (``why``): a result, never an exception,
+        # so that no one has to retrieve it.
+        self.lost: asyncio.Future[None] = loop.create_future()
+        self.why: Exception = ConnectionError("closed by Redis")
+        self.heard = loop.time()  # when anything last came
+        self._answer: asyncio.Future[Any] | None = None  # a command's reply awaited
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            self.why = exc
+        if not self.lost.done():
+            self.lost.set_result(None)
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_exception(ConnectionError("closed by Redis"))
+
+    def data_received(self, data: bytes) -> None:
+        self.heard = self._loop.time()
+        self._parser.feed(data)
+        while (reply := self._parser.gets()) is not False:
+            self.reply(reply)
+
+    def reply(self, reply: Any) -> None:
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_result(reply)
+        elif isinstance(reply, Exception):
+            log.warning("bus: Redis says: %s", reply)
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    async def auth(self, url: str) -> None:
+        """AUTH with the URL's credentials, if it has any; ConnectionError if refused."""
+        options = _parse_url(url)
+        password = options.get("password")
+        if password is None:
+            return
+        user = options.get("username")
+        self._answer = self._loop.create_future()
+        self.send(_command(b"AUTH", *([user.encode()] if user else []), password.encode()))
+        answer = await self._answer
+        self._answer = None
+        if isinstance(answer, Exception):
+            raise ConnectionError(f"AUTH refused: {answer}")
+
+
+class _Subscription(_Connection):
+    """The subscriber's connection: confirmations, then messages (to ``message``)."""
+
+    def __init__(self, message: Callable[[bytes], None], channels: int) -> None:
+        super().__init__()
+        self._message = message
+        self._unconfirmed = channels
+        self.confirmed: asyncio.Future[None] = self._loop.create_future()
+
+    def _take(self, data: bytes) -> None:
+        try:
+            self._message(data)
+        except Exception:  # one bad message must not end the subscription
+            log.exception("bus: handling a message failed")
+
+    def reply(self, reply: Any) -> None:
+        if type(reply) is list and reply:
+            kind = reply[0]
+            if kind == b"message" and len(reply) == 3:
+                self._take(reply[2])
+                return
+            if kind == b"pmessage" and len(reply) == 4:
+                self._take(reply[3])
+                return
+            if kind in (b"subscribe", b"psubscribe"):
+                self._unconfirmed -= 1
+                if self._unconfirmed == 0 and not self.confirmed.done():
+                    self.confirmed.set_result(None)
+                return
+            if kind == b"pong":
+                return
+        if isinstance(reply, Exception) and self._answer is None:
+            # Refused subscription (NOAUTH...): give the connection up.
+            if not self.confirmed.done():
+                self.confirmed.set_exception(ConnectionError(f"Redis says: {reply}"))
+            self.transport.abort()
+            return
+        super().reply(reply)
+
+
+def _parse_url(url: str) -> dict[str, Any]:
+    """The URL as redis-py reads it (redis://, rediss://, unix://)."""
     from redis.connection import parse_url as untyped  # the optional extra: chatd[redis]
 
     parse_url: Callable[[str], dict[str, Any]] = untyped
-    options = parse_url(url)
+    return parse_url(url)
+
+
+async def _connect(url: str, timeout: float, protocol: Callable[[], asyncio.Protocol]) -> None:
+    """Connect ``protocol`` to the Redis at ``url``."""
+    options = _parse_url(url)
+    loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
         if "path" in options:
-            reader, writer = await asyncio.open_unix_connection(options["path"])
+            await loop.create_unix_connection(protocol, options["path"])
         else:
             tls = ssl.create_default_context() if url.startswith("rediss://") else None
-            reader, writer = await asyncio.open_connection(
-                options.get("host", "localhost"), options.get("port", 6379), ssl=tls
+            await loop.create_connection(
+                protocol, options.get("host", "localhost"), options.get("port", 6379), ssl=tls
             )
-        try:
-            password = options.get("password")
-            if password is not None:
-                user = options.get("username")
-                words = [b"AUTH", *([user.encode()] if user else []), password.encode()]
-                writer.write(_command(*words))
-                answer = await reader.readline()
-                if not answer.startswith(b"+"):
-                    raise ConnectionError(f"AUTH refused: {answer.strip()[:200]!r}")
-            writer.write(_command(b"CLIENT", b"REPLY", b"OFF"))
-        except BaseException:
-            writer.transport.abort()
-            raise
-    return reader, writer
 
 
 async def publish_once(url: str, message: BusMessage, timeout: float = 5.0) -> None:
