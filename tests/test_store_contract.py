@@ -1,7 +1,8 @@
 """The store contract (chatd.store.MessageStore), run against every store.
 
-Each test runs on a fresh SQLite file and on a fresh PostgreSQL database; the
-PostgreSQL cases skip where PostgreSQL is absent (or fail, with
+Each test runs on a fresh SQLite file and on a fresh PostgreSQL database, twice on
+PostgreSQL (batches by size as in production, then every batch message by message:
+chatd.store.postgres.FEW); the PostgreSQL cases skip where PostgreSQL is absent (or fail, with
 CHATD_REQUIRE_POSTGRES=1: tests/pg_helpers.py).  A behaviour is part of the contract
 when both stores must give the same answer; the few checks of one store's insides
 (its schema version, PostgreSQL's per-stream seq) say so.
@@ -90,14 +91,22 @@ def _sqlite_query(path: str, sql: str) -> list[tuple[Any, ...]]:
         conn.close()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+@pytest.fixture(params=["sqlite", "postgresql", "postgresql-few"])
+async def backend(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Backend]:
     async with AsyncExitStack() as stack:
         if request.param == "sqlite":
             db = str(tmp_path / "contract.sqlite3")
         else:
             db = await stack.enter_async_context(fresh_database())
-        backend = Backend(request.param, db)
+        if request.param == "postgresql-few":
+            # Every batch through chatd_store_few, message by message (by default only
+            # batches of up to FEW messages are; the larger ones here are set-based).
+            from chatd.store import postgres
+
+            monkeypatch.setattr(postgres, "FEW", 1_000_000)
+        backend = Backend(request.param.partition("-")[0], db)
         yield backend
         await backend.close_all()
 
