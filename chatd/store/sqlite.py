@@ -18,10 +18,12 @@ import json
 import logging
 import os
 import sqlite3
+import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
+from functools import partial
 from itertools import count
 from typing import Any
 
@@ -244,6 +246,7 @@ class Store:
         self._loop = asyncio.get_running_loop()
         self._lock = asyncio.Lock()
         self._commit = GroupCommit(self._write_batch, sqlite3.IntegrityError)
+        self._handoff = _Handoff(db, self._loop)  # the group commit's hop to the db thread
         self._profiles: dict[str, tuple[float, User]] = {}  # name key -> (when read, user)
         self._channels: dict[str, Channel] = {}  # name key -> channel (never deleted)
         self._checkpointer: aiosqlite.Connection | None = None
@@ -329,6 +332,7 @@ class Store:
             await self._checkpointer.close()
         async with self._turn():
             await self._db.close()
+        self._handoff.close()
         if self._lost is not None:
             await asyncio.to_thread(self._drop_stale_companions)
 
@@ -695,7 +699,7 @@ class Store:
             self._refuse_writes_if_lost()
             await self._rewind_if_far_over()
             with self._watching_disk_space():
-                results: list[Stored] = await _on_thread(self._db, self._write_batch_now, batch)
+                results: list[Stored] = await self._handoff.call(self._write_batch_now, batch)
             # Before anyone is told "done": a commit into a deleted file is not done.
             self._check_file()
         if trace.ON:
@@ -1354,14 +1358,89 @@ def _earlier_sends(
     return found
 
 
-def _on_thread(
-    connection: aiosqlite.Connection, function: Callable[..., Any], *args: Any
-) -> Awaitable[Any]:
-    """Run ``function(*args)`` on the connection's own thread, in one hop."""
-    # aiosqlite's documented methods take one statement each; _execute is what they all
-    # use underneath (in every version setup.cfg allows, 0.19 on), and it takes any function.
-    call: Callable[..., Awaitable[Any]] = connection._execute
-    return call(function, *args)
+_WAKE = (1).to_bytes(8, sys.byteorder)  # what an eventfd takes (a pipe takes anything)
+
+
+class _Handoff:
+    """Runs a function on an aiosqlite connection's thread, in one hop, and hands its
+    result back to the event loop with fewer wake-ups than aiosqlite's own way.
+
+    aiosqlite answers through ``loop.call_soon_threadsafe``, which wakes the event loop
+    while its thread still holds the GIL: on one core the loop runs, finds the GIL
+    taken, sleeps again, and the database thread runs on to release it. Six context
+    switches per commit, where two do (docs/benchmarks.md, "The commit path"). Here the
+    database thread leaves the result in a deque and wakes the loop by writing an
+    eventfd (a pipe where there is none) with ``os.write``, which releases the GIL first.
+    The function still goes through aiosqlite's queue, so it runs in turn with the
+    connection's other work, on its thread.
+    """
+
+    def __init__(self, connection: aiosqlite.Connection, loop: asyncio.AbstractEventLoop) -> None:
+        self._connection = connection
+        self._loop = loop
+        self._done: deque[tuple[asyncio.Future[Any], Any, BaseException | None]] = deque()
+        if hasattr(os, "eventfd"):
+            self._read_fd = self._write_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        else:
+            self._read_fd, self._write_fd = os.pipe()
+            for fd in (self._read_fd, self._write_fd):
+                os.set_blocking(fd, False)
+        loop.add_reader(self._read_fd, self._deliver)
+
+    def call(self, function: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """Queue ``function(*args)`` for the connection's thread; the future has its result."""
+        if not self._connection._running or self._connection._connection is None:
+            raise ValueError("Connection closed")  # as aiosqlite's own methods say it
+        future = self._loop.create_future()
+        # aiosqlite's queue takes (future, function) in every version setup.cfg allows
+        # (0.19 on); _NO_FUTURE takes the report its worker would send the loop.
+        queue: Any = self._connection._tx
+        queue.put_nowait((_NO_FUTURE, partial(self._run, future, function, args)))
+        return future
+
+    def _run(
+        self, future: asyncio.Future[Any], function: Callable[..., Any], args: tuple[Any, ...]
+    ) -> None:
+        """On the database thread: run, leave the result, wake the loop (GIL released)."""
+        try:
+            self._done.append((future, function(*args), None))
+        except BaseException as exc:  # the caller's to handle, as with aiosqlite's methods
+            self._done.append((future, None, exc))
+        with suppress(BlockingIOError):  # a wake-up is pending already (a full pipe)
+            os.write(self._write_fd, _WAKE)
+
+    def _deliver(self) -> None:
+        """On the event loop, when woken: settle every future whose call has returned."""
+        with suppress(BlockingIOError):  # woken for results a previous call took already
+            os.read(self._read_fd, 4096)
+        done = self._done
+        while done:
+            future, result, exc = done.popleft()
+            if future.done():  # cancelled meanwhile
+                continue
+            if exc is None:
+                future.set_result(result)
+            else:
+                future.set_exception(exc)
+
+    def close(self) -> None:
+        """Once the connection's thread has stopped: nothing more will write the fd."""
+        self._loop.remove_reader(self._read_fd)
+        for fd in {self._read_fd, self._write_fd}:
+            os.close(fd)
+
+
+class _NoFuture:
+    """Stands in for the future aiosqlite's worker reports to: _Handoff._run reports."""
+
+    def get_loop(self) -> _NoFuture:
+        return self
+
+    def call_soon_threadsafe(self, *args: Any) -> None:
+        pass
+
+
+_NO_FUTURE = _NoFuture()
 
 
 def _is_disk_full(exc: BaseException) -> bool:
