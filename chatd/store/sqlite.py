@@ -1348,9 +1348,15 @@ def _earlier_sends(
         for start in range(0, len(pairs), _INSERT_CHUNK):
             chunk = pairs[start : start + _INSERT_CHUNK]
             values = ", ".join("(?, ?)" for _ in chunk)
+            # One index look-up per pair: "(sender_id, client_id) IN (VALUES ...)" scanned
+            # the whole table (the client_id index is partial, and the planner does not
+            # use it for a row value), a full scan in every commit holding a client_id.
+            # CROSS JOIN keeps the pairs as the outer loop.
             rows = conn.execute(
-                f"SELECT sender_id, client_id, id, created_at, seq FROM {table}"
-                f" WHERE (sender_id, client_id) IN (VALUES {values})",
+                f"SELECT m.sender_id, m.client_id, m.id, m.created_at, m.seq"
+                f" FROM (VALUES {values}) AS pair CROSS JOIN {table} AS m"
+                f" ON m.sender_id = pair.column1 AND m.client_id = pair.column2"
+                f" AND m.client_id IS NOT NULL",
                 [item for pair in chunk for item in pair],
             ).fetchall()
             for sender_id, client_id, message_id, created_at, seq in rows:
