@@ -23,7 +23,7 @@ import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
-from functools import partial
+from functools import lru_cache, partial
 from itertools import count
 from typing import Any
 
@@ -712,7 +712,7 @@ class Store:
         conn.execute("BEGIN IMMEDIATE")
         try:
             keyed = [m for m in batch if m.client_id is not None]
-            plan = BatchPlan(batch, _earlier_sends(conn, keyed))
+            plan = BatchPlan(batch, _earlier_sends(conn, keyed) if keyed else {})
             for kind, positions in plan.fresh.items():
                 for start in range(0, len(positions), _INSERT_CHUNK):
                     chunk = positions[start : start + _INSERT_CHUNK]
@@ -1309,16 +1309,12 @@ def _insert(conn: sqlite3.Connection, kind: str, messages: list[NewMessage]) -> 
     match. A stream whose row is gone numbers from 1: its insert then fails on the
     foreign key. On the database thread (Store._write_batch_now).
     """
-    table, target, head_table, head = _TABLES[kind]
     # Per message, this runs for every send: comprehensions and C-level iterators
     # rather than a Python loop over dict updates (docs/benchmarks.md, issue 13).
     targets = [m.target_id for m in messages]
-    counts = Counter(targets)
+    counts = Counter(targets) if len(targets) > 1 else {targets[0]: 1}
     moved = conn.execute(
-        f"UPDATE {head_table} SET {head} = {head} + n.column2"
-        f" FROM (VALUES {', '.join(['(?, ?)'] * len(counts))}) AS n"
-        f" WHERE {head_table}.id = n.column1 RETURNING id, {head}",
-        [item for pair in counts.items() for item in pair],
+        _heads_sql(kind, len(counts)), [item for pair in counts.items() for item in pair]
     ).fetchall()
     before = {stream: newest - counts[stream] for stream, newest in moved}
     counters = {stream: count(before.get(stream, 0) + 1) for stream in counts}
@@ -1326,16 +1322,40 @@ def _insert(conn: sqlite3.Connection, kind: str, messages: list[NewMessage]) -> 
     args: list[Any] = []
     for m, seq in zip(messages, seqs, strict=True):
         args += (m.sender_id, m.target_id, seq, m.body, m.created_at, m.client_id)
-    inserted = conn.execute(
-        f"INSERT INTO {table} (sender_id, {target}, seq, body, created_at, client_id)"
-        f" VALUES {', '.join([_ROW] * len(messages))} RETURNING id",
-        args,
-    ).fetchall()
+    inserted = conn.execute(_insert_sql(kind, len(messages)), args).fetchall()
     ids = sorted(row[0] for row in inserted)
     return [
         Stored(message_id, m.created_at, False, seq)
         for message_id, m, seq in zip(ids, messages, seqs, strict=True)
     ]
+
+
+@lru_cache(maxsize=256)
+def _heads_sql(kind: str, streams: int) -> str:
+    """Move ``streams`` heads (arguments: stream id, count, ...), returning the new heads.
+
+    One stream, the common case at low load, is a plain UPDATE: the join with a VALUES
+    list cost 41k more instructions a commit than it (callgrind, docs/benchmarks.md).
+    """
+    _, _, head_table, head = _TABLES[kind]
+    if streams == 1:
+        return (
+            f"UPDATE {head_table} SET {head} = {head} + ?2 WHERE id = ?1 RETURNING id, {head}"
+        )
+    return (
+        f"UPDATE {head_table} SET {head} = {head} + n.column2"
+        f" FROM (VALUES {', '.join(['(?, ?)'] * streams)}) AS n"
+        f" WHERE {head_table}.id = n.column1 RETURNING id, {head}"
+    )
+
+
+@lru_cache(maxsize=256)
+def _insert_sql(kind: str, rows: int) -> str:
+    table, target, _, _ = _TABLES[kind]
+    return (
+        f"INSERT INTO {table} (sender_id, {target}, seq, body, created_at, client_id)"
+        f" VALUES {', '.join([_ROW] * rows)} RETURNING id"
+    )
 
 
 def _earlier_sends(
