@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from chatd.store import PRIVATE, NewMessage
+from chatd.store import PRIVATE, NewMessage, Stored
 from chatd.store.sqlite import Store, _earlier_sends
 
 
@@ -125,3 +125,26 @@ async def test_closing_the_store_closes_the_wake_up_descriptor(tmp_path: Path) -
         assert (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino)
     with pytest.raises(ValueError, match="closed"):
         opened._handoff.call(lambda: None)
+
+
+async def test_lone_and_batched_sends_number_one_stream_without_a_gap(store: Store) -> None:
+    sender, recipient = await user(store, "alice"), await user(store, "bob")
+
+    def send(body: str) -> asyncio.Future[Stored]:
+        return store.enqueue(NewMessage(PRIVATE, sender, recipient, body, 0.0, None))
+
+    lone = [await send(f"lone{i}") for i in range(3)]  # one message a commit: _insert_one
+    batched = await asyncio.gather(*(send(f"batch{i}") for i in range(5)))
+    last = await send("last")
+    assert [s.seq for s in [*lone, *batched, last]] == list(range(1, 10))
+    ids = [s.id for s in [*lone, *batched, last]]
+    assert ids == sorted(ids)
+
+
+async def test_a_lone_send_to_a_deleted_user_fails_alone(store: Store) -> None:
+    sender, gone = await user(store, "alice"), await user(store, "gone")
+    await store.delete_user(gone)
+    with pytest.raises(sqlite3.IntegrityError):
+        await store.enqueue(NewMessage(PRIVATE, sender, gone, "to nobody", 0.0, None))
+    again = await store.enqueue(NewMessage(PRIVATE, sender, sender, "to myself", 0.0, None))
+    assert again.seq == 1

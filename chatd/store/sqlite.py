@@ -279,6 +279,7 @@ class Store:
             store._companions = await asyncio.to_thread(_companions, store._path)
         except Exception as exc:
             await db.close()
+            store._handoff.close()
             raise StoreError(f"cannot use database {path}: {exc}") from exc
         return store
 
@@ -713,7 +714,7 @@ class Store:
         try:
             if len(batch) == 1 and batch[0].client_id is None:
                 # At low load nearly every commit holds one message: no plan to make
-                # (a fifth of the commit's instructions, docs/benchmarks.md).
+                # (189k -> 141k instructions for this function, docs/benchmarks.md).
                 results = [_insert_one(conn, batch[0])]
             else:
                 results = _insert_planned(conn, batch)
