@@ -418,9 +418,11 @@ class Store:
         checkpoint loop looks at the WAL every 0.1 s, but on a loaded machine it may run
         late while writes go on, so a write that finds the WAL past 1.5 times the limit
         first rewinds it (one stat per transaction, a cached entry: about a microsecond)."""
-        if self._checkpointer is None or self._wal_size() <= self._wal_limit * 3 // 2:
-            return
-        await self._checkpoint("RESTART")
+        if self._wal_far_over():
+            await self._checkpoint("RESTART")
+
+    def _wal_far_over(self) -> bool:
+        return self._checkpointer is not None and self._wal_size() > self._wal_limit * 3 // 2
 
     def _wal_size(self) -> int:
         # journal_size_limit truncates a rewound WAL to the limit: past it, it holds more.
@@ -561,13 +563,22 @@ class Store:
         try:
             yield
         except sqlite3.Error as exc:
-            if not _is_disk_full(exc):
-                raise
-            self._short_of_space = True
-            if not self.disk_full:
-                self.disk_full = True
-                log.error("disk full: writes fail until space is freed (%s)", exc)
-            raise OutOfDisk() from exc
+            self._write_failed(exc)
+            raise
+        self._wrote(changes)
+
+    def _write_failed(self, exc: sqlite3.Error) -> None:
+        """Raise OutOfDisk for a write failed for want of disk space (noting the episode)."""
+        if not _is_disk_full(exc):
+            return
+        self._short_of_space = True
+        if not self.disk_full:
+            self.disk_full = True
+            log.error("disk full: writes fail until space is freed (%s)", exc)
+        raise OutOfDisk() from exc
+
+    def _wrote(self, changes: int) -> None:
+        """After a write that succeeded: the end of a disk-full episode, if one was on."""
         if self.disk_full and self._db.total_changes != changes:  # something was written
             self.disk_full = False
             log.warning("disk space available again: writes succeed")
@@ -698,9 +709,17 @@ class Store:
         started = trace.now() if trace.ON else 0
         async with self._lock:
             self._refuse_writes_if_lost()
-            await self._rewind_if_far_over()
-            with self._watching_disk_space():
+            if self._wal_far_over():
+                await self._checkpoint("RESTART")
+            # _watching_disk_space and _rewind_if_far_over written out: their generator and
+            # coroutine cost 8k instructions a commit (docs/benchmarks.md).
+            changes = self._db.total_changes
+            try:
                 results: list[Stored] = await self._handoff.call(self._write_batch_now, batch)
+            except sqlite3.Error as exc:
+                self._write_failed(exc)
+                raise
+            self._wrote(changes)
             # Before anyone is told "done": a commit into a deleted file is not done.
             self._check_file()
         if trace.ON:
