@@ -148,3 +148,30 @@ async def test_a_lone_send_to_a_deleted_user_fails_alone(store: Store) -> None:
         await store.enqueue(NewMessage(PRIVATE, sender, gone, "to nobody", 0.0, None))
     again = await store.enqueue(NewMessage(PRIVATE, sender, sender, "to myself", 0.0, None))
     assert again.seq == 1
+
+
+async def test_the_write_path_reads_the_wal_size_the_file_has_through_truncations(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "db.sqlite3")
+    limit = 64 * 1024
+    store = await Store.open(path)
+
+    async def wal_file() -> int:
+        return await asyncio.to_thread(os.path.getsize, path + "-wal")
+
+    try:
+        await store.checkpoint_in_background(path, 3600, wal_limit=limit)
+        sender = await user(store, "alice")
+        sizes = []
+        for _ in range(3):  # grow the WAL past the limit, then rewind it: truncated to it
+            while await wal_file() <= limit:
+                await store.enqueue(NewMessage(PRIVATE, sender, sender, "x" * 2000, 0.0, None))
+                assert store._wal_end() == await wal_file()
+            sizes.append(store._wal_end())
+            await store._rewind()
+            await store.enqueue(NewMessage(PRIVATE, sender, sender, "after", 0.0, None))
+            assert store._wal_end() == await wal_file() <= limit
+        assert all(size > limit for size in sizes)
+    finally:
+        await store.close()
