@@ -420,7 +420,7 @@ class Store:
         """The bound's backstop, on the write path itself (under the write lock): the
         checkpoint loop looks at the WAL every 0.1 s, but on a loaded machine it may run
         late while writes go on, so a write that finds the WAL past 1.5 times the limit
-        first rewinds it (one stat per transaction, a cached entry: about a microsecond)."""
+        first rewinds it (one lseek per transaction, _wal_end)."""
         if self._wal_far_over():
             await self._checkpoint("RESTART")
 
