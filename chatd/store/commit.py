@@ -132,7 +132,9 @@ class GroupCommit:
         self._unwritten.append(entry)
         self.last = entry.future
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
+            # At low load a flusher per commit: the kept loop's create_task, not
+            # asyncio.create_task (it looks the loop up: a getpid() call in Python 3.11).
+            self._flusher = self._loop.create_task(self._flush())
 
     async def settled(self) -> None:
         """Wait until every message enqueued before has committed (read your writes)."""

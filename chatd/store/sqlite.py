@@ -18,10 +18,12 @@ import json
 import logging
 import os
 import sqlite3
+import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
+from functools import lru_cache, partial
 from itertools import count
 from typing import Any
 
@@ -265,6 +267,8 @@ class Store:
         self._loop = asyncio.get_running_loop()
         self._lock = asyncio.Lock()
         self._commit = GroupCommit(self._write_batch, sqlite3.IntegrityError)
+        self._handoff = _Handoff(db, self._loop)  # the group commit's hop to the db thread
+        self._wal_fd: int | None = None  # the WAL, for _wal_end
         self._profiles: dict[str, tuple[float, User]] = {}  # name key -> (when read, user)
         self._channels: dict[str, Channel] = {}  # name key -> channel (never deleted)
         self._checkpointer: aiosqlite.Connection | None = None
@@ -297,6 +301,7 @@ class Store:
             store._companions = await asyncio.to_thread(_companions, store._path)
         except Exception as exc:
             await db.close()
+            store._handoff.close()
             raise StoreError(f"cannot use database {path}: {exc}") from exc
         return store
 
@@ -350,6 +355,9 @@ class Store:
             await self._checkpointer.close()
         async with self._turn():
             await self._db.close()
+        self._handoff.close()
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
         if self._lost is not None:
             await asyncio.to_thread(self._drop_stale_companions)
 
@@ -433,10 +441,25 @@ class Store:
         """The bound's backstop, on the write path itself (under the write lock): the
         checkpoint loop looks at the WAL every 0.1 s, but on a loaded machine it may run
         late while writes go on, so a write that finds the WAL past 1.5 times the limit
-        first rewinds it (one stat per transaction, a cached entry: about a microsecond)."""
-        if self._checkpointer is None or self._wal_size() <= self._wal_limit * 3 // 2:
-            return
-        await self._checkpoint("RESTART")
+        first rewinds it (one lseek per transaction, _wal_end)."""
+        if self._wal_far_over():
+            await self._checkpoint("RESTART")
+
+    def _wal_far_over(self) -> bool:
+        return self._checkpointer is not None and self._wal_end() > self._wal_limit * 3 // 2
+
+    def _wal_end(self) -> int:
+        """The WAL's size, per commit: an lseek on a descriptor of it kept open, not a stat
+        of its path (no path walk, no stat_result: 8k instructions a commit less). SQLite
+        keeps that very file while any connection is open, truncating it in place. (Closing
+        a descriptor drops the process's POSIX locks on that file: SQLite takes none on the
+        WAL, only on the database and the -shm.)"""
+        if self._wal_fd is None:
+            try:
+                self._wal_fd = os.open(self._path + "-wal", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return 0  # none yet (journal_size_limit truncates, never removes it)
+        return os.lseek(self._wal_fd, 0, os.SEEK_END)
 
     def _wal_size(self) -> int:
         # journal_size_limit truncates a rewound WAL to the limit: past it, it holds more.
@@ -580,13 +603,22 @@ class Store:
         try:
             yield
         except sqlite3.Error as exc:
-            if not _is_disk_full(exc):
-                raise
-            self._short_of_space = True
-            if not self.disk_full:
-                self.disk_full = True
-                log.error("disk full: writes fail until space is freed (%s)", exc)
-            raise OutOfDisk() from exc
+            self._write_failed(exc)
+            raise
+        self._wrote(changes)
+
+    def _write_failed(self, exc: sqlite3.Error) -> None:
+        """Raise OutOfDisk for a write failed for want of disk space (noting the episode)."""
+        if not _is_disk_full(exc):
+            return
+        self._short_of_space = True
+        if not self.disk_full:
+            self.disk_full = True
+            log.error("disk full: writes fail until space is freed (%s)", exc)
+        raise OutOfDisk() from exc
+
+    def _wrote(self, changes: int) -> None:
+        """After a write that succeeded: the end of a disk-full episode, if one was on."""
         if self.disk_full and self._db.total_changes != changes:  # something was written
             self.disk_full = False
             log.warning("disk space available again: writes succeed")
@@ -717,9 +749,17 @@ class Store:
         started = trace.now() if trace.ON else 0
         async with self._lock:
             self._refuse_writes_if_lost()
-            await self._rewind_if_far_over()
-            with self._watching_disk_space():
-                results: list[Stored] = await _on_thread(self._db, self._write_batch_now, batch)
+            if self._wal_far_over():
+                await self._checkpoint("RESTART")
+            # _watching_disk_space and _rewind_if_far_over written out: their generator and
+            # coroutine cost 8k instructions a commit (docs/benchmarks.md).
+            changes = self._db.total_changes
+            try:
+                results: list[Stored] = await self._handoff.call(self._write_batch_now, batch)
+            except sqlite3.Error as exc:
+                self._write_failed(exc)
+                raise
+            self._wrote(changes)
             # Before anyone is told "done": a commit into a deleted file is not done.
             self._check_file()
         if trace.ON:
@@ -731,14 +771,12 @@ class Store:
         conn = self._db._conn  # only ever used on its own thread, as here
         conn.execute("BEGIN IMMEDIATE")
         try:
-            keyed = [m for m in batch if m.client_id is not None]
-            plan = BatchPlan(batch, _earlier_sends(conn, keyed))
-            for kind, positions in plan.fresh.items():
-                for start in range(0, len(positions), _INSERT_CHUNK):
-                    chunk = positions[start : start + _INSERT_CHUNK]
-                    stored = _insert(conn, kind, [batch[i] for i in chunk])
-                    for position, result in zip(chunk, stored, strict=True):
-                        plan.results[position] = result
+            if len(batch) == 1 and batch[0].client_id is None:
+                # At low load nearly every commit holds one message: no plan to make
+                # (189k -> 141k instructions for this function, docs/benchmarks.md).
+                results = [_insert_one(conn, batch[0])]
+            else:
+                results = _insert_planned(conn, batch)
             conn.execute("COMMIT")
         except BaseException:
             # SQLite has already rolled back after some errors (a full disk, for one).
@@ -748,7 +786,7 @@ class Store:
                 except sqlite3.Error:
                     log.exception("rollback failed")
             raise
-        return plan.done()
+        return results
 
     # Users and tokens.
 
@@ -1315,6 +1353,31 @@ class Store:
             await db.execute("DELETE FROM users WHERE id = ?", (user_id,))
 
 
+def _insert_planned(conn: sqlite3.Connection, batch: list[NewMessage]) -> list[Stored]:
+    """Insert a batch, each kind in chunks; repeats of a client_id get the first result."""
+    keyed = [m for m in batch if m.client_id is not None]
+    plan = BatchPlan(batch, _earlier_sends(conn, keyed) if keyed else {})
+    for kind, positions in plan.fresh.items():
+        for start in range(0, len(positions), _INSERT_CHUNK):
+            chunk = positions[start : start + _INSERT_CHUNK]
+            stored = _insert(conn, kind, [batch[i] for i in chunk])
+            for position, result in zip(chunk, stored, strict=True):
+                plan.results[position] = result
+    return plan.done()
+
+
+def _insert_one(conn: sqlite3.Connection, message: NewMessage) -> Stored:
+    """_insert for a lone message without a client_id, in fewer steps (the same SQL)."""
+    moved = conn.execute(_heads_sql(message.kind, 1), (message.target_id, 1)).fetchall()
+    seq = moved[0][1] if moved else 1  # a stream whose row is gone: the insert fails
+    message_id = conn.execute(
+        _insert_sql(message.kind, 1),
+        (message.sender_id, message.target_id, seq, message.body, message.created_at, None),
+    ).lastrowid
+    assert message_id is not None
+    return Stored(message_id, message.created_at, False, seq)
+
+
 def _insert(conn: sqlite3.Connection, kind: str, messages: list[NewMessage]) -> list[Stored]:
     """One multi-row INSERT, each message numbered on from its stream's head.
 
@@ -1323,16 +1386,12 @@ def _insert(conn: sqlite3.Connection, kind: str, messages: list[NewMessage]) -> 
     match. A stream whose row is gone numbers from 1: its insert then fails on the
     foreign key. On the database thread (Store._write_batch_now).
     """
-    table, target, head_table, head = _TABLES[kind]
     # Per message, this runs for every send: comprehensions and C-level iterators
     # rather than a Python loop over dict updates (docs/benchmarks.md, issue 13).
     targets = [m.target_id for m in messages]
-    counts = Counter(targets)
+    counts = Counter(targets) if len(targets) > 1 else {targets[0]: 1}
     moved = conn.execute(
-        f"UPDATE {head_table} SET {head} = {head} + n.column2"
-        f" FROM (VALUES {', '.join(['(?, ?)'] * len(counts))}) AS n"
-        f" WHERE {head_table}.id = n.column1 RETURNING id, {head}",
-        [item for pair in counts.items() for item in pair],
+        _heads_sql(kind, len(counts)), [item for pair in counts.items() for item in pair]
     ).fetchall()
     before = {stream: newest - counts[stream] for stream, newest in moved}
     counters = {stream: count(before.get(stream, 0) + 1) for stream in counts}
@@ -1340,16 +1399,43 @@ def _insert(conn: sqlite3.Connection, kind: str, messages: list[NewMessage]) -> 
     args: list[Any] = []
     for m, seq in zip(messages, seqs, strict=True):
         args += (m.sender_id, m.target_id, seq, m.body, m.created_at, m.client_id)
-    inserted = conn.execute(
-        f"INSERT INTO {table} (sender_id, {target}, seq, body, created_at, client_id)"
-        f" VALUES {', '.join([_ROW] * len(messages))} RETURNING id",
-        args,
-    ).fetchall()
-    ids = sorted(row[0] for row in inserted)
+    cursor = conn.execute(_insert_sql(kind, len(messages)), args)
+    # One row: its rowid, without RETURNING's temporary table (27k instructions a commit).
+    ids = [cursor.lastrowid] if len(messages) == 1 else sorted(row[0] for row in cursor)
     return [
         Stored(message_id, m.created_at, False, seq)
         for message_id, m, seq in zip(ids, messages, seqs, strict=True)
     ]
+
+
+@lru_cache(maxsize=256)
+def _heads_sql(kind: str, streams: int) -> str:
+    """Move ``streams`` heads (arguments: stream id, count, ...), returning the new heads.
+
+    One stream, the common case at low load, is a plain UPDATE: the join with a VALUES
+    list cost 41k more instructions a commit than it (callgrind, docs/benchmarks.md).
+    """
+    _, _, head_table, head = _TABLES[kind]
+    if streams == 1:
+        return (
+            f"UPDATE {head_table} SET {head} = {head} + ?2 WHERE id = ?1 RETURNING id, {head}"
+        )
+    return (
+        f"UPDATE {head_table} SET {head} = {head} + n.column2"
+        f" FROM (VALUES {', '.join(['(?, ?)'] * streams)}) AS n"
+        f" WHERE {head_table}.id = n.column1 RETURNING id, {head}"
+    )
+
+
+@lru_cache(maxsize=256)
+def _insert_sql(kind: str, rows: int) -> str:
+    """Insert ``rows`` messages, returning their ids (one row: read as its lastrowid)."""
+    table, target, _, _ = _TABLES[kind]
+    returning = " RETURNING id" if rows > 1 else ""
+    return (
+        f"INSERT INTO {table} (sender_id, {target}, seq, body, created_at, client_id)"
+        f" VALUES {', '.join([_ROW] * rows)}{returning}"
+    )
 
 
 def _earlier_sends(
@@ -1362,9 +1448,15 @@ def _earlier_sends(
         for start in range(0, len(pairs), _INSERT_CHUNK):
             chunk = pairs[start : start + _INSERT_CHUNK]
             values = ", ".join("(?, ?)" for _ in chunk)
+            # One index look-up per pair: "(sender_id, client_id) IN (VALUES ...)" scanned
+            # the whole table (the client_id index is partial, and the planner does not
+            # use it for a row value), a full scan in every commit holding a client_id.
+            # CROSS JOIN keeps the pairs as the outer loop.
             rows = conn.execute(
-                f"SELECT sender_id, client_id, id, created_at, seq FROM {table}"
-                f" WHERE (sender_id, client_id) IN (VALUES {values})",
+                f"SELECT m.sender_id, m.client_id, m.id, m.created_at, m.seq"
+                f" FROM (VALUES {values}) AS pair CROSS JOIN {table} AS m"
+                f" ON m.sender_id = pair.column1 AND m.client_id = pair.column2"
+                f" AND m.client_id IS NOT NULL",
                 [item for pair in chunk for item in pair],
             ).fetchall()
             for sender_id, client_id, message_id, created_at, seq in rows:
@@ -1372,14 +1464,89 @@ def _earlier_sends(
     return found
 
 
-def _on_thread(
-    connection: aiosqlite.Connection, function: Callable[..., Any], *args: Any
-) -> Awaitable[Any]:
-    """Run ``function(*args)`` on the connection's own thread, in one hop."""
-    # aiosqlite's documented methods take one statement each; _execute is what they all
-    # use underneath (in every version setup.cfg allows, 0.19 on), and it takes any function.
-    call: Callable[..., Awaitable[Any]] = connection._execute
-    return call(function, *args)
+_WAKE = (1).to_bytes(8, sys.byteorder)  # what an eventfd takes (a pipe takes anything)
+
+
+class _Handoff:
+    """Runs a function on an aiosqlite connection's thread, in one hop, and hands its
+    result back to the event loop with fewer wake-ups than aiosqlite's own way.
+
+    aiosqlite answers through ``loop.call_soon_threadsafe``, which wakes the event loop
+    while its thread still holds the GIL: on one core the loop runs, finds the GIL
+    taken, sleeps again, and the database thread runs on to release it. Six context
+    switches per commit, where two do (docs/benchmarks.md, "The commit path"). Here the
+    database thread leaves the result in a deque and wakes the loop by writing an
+    eventfd (a pipe where there is none) with ``os.write``, which releases the GIL first.
+    The function still goes through aiosqlite's queue, so it runs in turn with the
+    connection's other work, on its thread.
+    """
+
+    def __init__(self, connection: aiosqlite.Connection, loop: asyncio.AbstractEventLoop) -> None:
+        self._connection = connection
+        self._loop = loop
+        self._done: deque[tuple[asyncio.Future[Any], Any, BaseException | None]] = deque()
+        if hasattr(os, "eventfd"):
+            self._read_fd = self._write_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        else:
+            self._read_fd, self._write_fd = os.pipe()
+            for fd in (self._read_fd, self._write_fd):
+                os.set_blocking(fd, False)
+        loop.add_reader(self._read_fd, self._deliver)
+
+    def call(self, function: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """Queue ``function(*args)`` for the connection's thread; the future has its result."""
+        if not self._connection._running or self._connection._connection is None:
+            raise ValueError("Connection closed")  # as aiosqlite's own methods say it
+        future = self._loop.create_future()
+        # aiosqlite's queue takes (future, function) in every version setup.cfg allows
+        # (0.19 on); _NO_FUTURE takes the report its worker would send the loop.
+        queue: Any = self._connection._tx
+        queue.put_nowait((_NO_FUTURE, partial(self._run, future, function, args)))
+        return future
+
+    def _run(
+        self, future: asyncio.Future[Any], function: Callable[..., Any], args: tuple[Any, ...]
+    ) -> None:
+        """On the database thread: run, leave the result, wake the loop (GIL released)."""
+        try:
+            self._done.append((future, function(*args), None))
+        except BaseException as exc:  # the caller's to handle, as with aiosqlite's methods
+            self._done.append((future, None, exc))
+        with suppress(BlockingIOError):  # a wake-up is pending already (a full pipe)
+            os.write(self._write_fd, _WAKE)
+
+    def _deliver(self) -> None:
+        """On the event loop, when woken: settle every future whose call has returned."""
+        with suppress(BlockingIOError):  # woken for results a previous call took already
+            os.read(self._read_fd, 4096)
+        done = self._done
+        while done:
+            future, result, exc = done.popleft()
+            if future.done():  # cancelled meanwhile
+                continue
+            if exc is None:
+                future.set_result(result)
+            else:
+                future.set_exception(exc)
+
+    def close(self) -> None:
+        """Once the connection's thread has stopped: nothing more will write the fd."""
+        self._loop.remove_reader(self._read_fd)
+        for fd in {self._read_fd, self._write_fd}:
+            os.close(fd)
+
+
+class _NoFuture:
+    """Stands in for the future aiosqlite's worker reports to: _Handoff._run reports."""
+
+    def get_loop(self) -> _NoFuture:
+        return self
+
+    def call_soon_threadsafe(self, *args: Any) -> None:
+        pass
+
+
+_NO_FUTURE = _NoFuture()
 
 
 def _is_disk_full(exc: BaseException) -> bool:
