@@ -78,6 +78,9 @@ class _Stream:
     # thousand idle subscriptions hold no empty lists.
     queued: list[StreamEvent] | None
     overflowed: bool = False
+    # Seqs of this connection's own sends made while the stream caught up: answered by
+    # their replies, so the store's pages must not push them back to it (None: none).
+    own: set[int] | None = None
 
     @property
     def live(self) -> bool:
@@ -120,6 +123,17 @@ class Subscription:
         elif (seq := event.seq) > state.seq:
             state.seq = seq
             self._writer.write(event)
+
+    def sent(self, stream: int, seq: int) -> None:
+        """This connection's own message of ``stream``, just committed: it was answered
+        with a reply, never pushed back (protocol.md section 9).  Live, the hub simply
+        does not offer it; while the stream still catches up, the store's next page
+        may hold it, so it is remembered and left out there."""
+        state = self._streams.get(stream)
+        if state is not None and state.queued is not None:
+            if state.own is None:
+                state.own = set()
+            state.own.add(seq)
 
     def start(self, catch_ups: list[tuple[int, Position, Fetch]]) -> None:
         """Catch up each held stream in the background: (stream, its start position, fetch)."""
@@ -184,7 +198,8 @@ class Subscription:
                 after = event.id
                 if event.seq > state.seq:
                     state.seq = event.seq
-                    await self._writer.push_paced(event)
+                    if state.own is None or event.seq not in state.own:
+                        await self._writer.push_paced(event)
             if len(page) < self._page_size and not state.overflowed:
                 # Events offered since the last read are in the queue: nothing slips between.
                 self._go_live(state)
@@ -214,6 +229,7 @@ class Subscription:
                 state.seq = event.seq
                 self._writer.write(event)
         state.queued = None
+        state.own = None
 
 
 _by_seq = attrgetter("seq")

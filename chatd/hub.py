@@ -309,8 +309,13 @@ class Hub:
     def _deliver_channel_post(self, event: ChannelPost) -> None:
         channel_id, origin = event.channel_id, event.origin
         for session in self._followers.get(channel_id, ()):
-            if session.serial != origin and session.subscription is not None:
-                session.subscription.offer(channel_id, event)
+            subscription = session.subscription
+            if subscription is None:
+                continue
+            if session.serial != origin:
+                subscription.offer(channel_id, event)
+            else:
+                subscription.sent(channel_id, event.seq)
 
     def _announce(self, event: Join | Leave) -> None:
         """A channel event that is not a message: no ids, no catch-up."""

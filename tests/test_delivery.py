@@ -166,3 +166,20 @@ async def test_an_overflowed_queue_is_read_from_the_store_instead() -> None:
     subscription.offer(INBOX, message(5, 7))  # a late repeat
     subscription.offer(INBOX, message(6, 1))
     assert writer.seqs() == [1, 2, 3, 4, 5, 6]
+
+
+async def test_an_own_send_made_during_the_catch_up_is_not_pushed_back() -> None:
+    # The connection sent seq 2 while its stream was still reading the store: it had a
+    # reply for it, so the page that holds it must not push it back (protocol.md 9).
+    writer = Recorder()
+    subscription = Subscription(writer, page_size=10, queue_limit=10)
+    gate = asyncio.Event()
+    fetch, asked = stored([[message(1, 7), message(2, 8), message(3, 9)]], gate)
+    done = await caught_up(subscription, at(0, 0), fetch)
+    await until(lambda: asked == [0])
+    subscription.sent(INBOX, 2)
+    gate.set()
+    await done()
+    subscription.sent(INBOX, 5)  # live: the hub offers nothing, nothing to remember
+    subscription.offer(INBOX, message(4, 10))
+    assert writer.seqs() == [1, 3, 4]
