@@ -22,7 +22,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,7 +53,7 @@ async def run_once(source: Path, pairs: int, messages: int, workdir: Path, label
         await loadgen.scenario_dm(loadgen.FrameWire(server.host, server.port), sizes,
                                   bench.Probe(None), check)
     finally:
-        popen = server._popen  # noqa: SLF001  # stopped here: callgrind writes on exit
+        popen = server._popen  # stopped here: callgrind writes on exit
         assert popen is not None
         popen.send_signal(signal.SIGTERM)
         await asyncio.to_thread(popen.wait, 600)
@@ -65,7 +64,7 @@ async def run_once(source: Path, pairs: int, messages: int, workdir: Path, label
     return int(found[1]), check.ok and not server.error_lines()
 
 
-async def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", action="append", required=True, metavar="NAME=DIR",
                         help="a tree whose chatd/ the server runs (repeatable)")
@@ -74,8 +73,13 @@ async def main() -> None:
     parser.add_argument("--large", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
-    sources = [(name, Path(path).resolve()) for name, _, path in
-               (item.partition("=") for item in args.source)]
+    args.source = [(name, Path(path).resolve()) for name, _, path in
+                   (item.partition("=") for item in args.source)]
+    return args
+
+
+async def main(args: argparse.Namespace) -> None:
+    sources: list[tuple[str, Path]] = args.source
     bench.START_TIMEOUT = 600.0  # Python's start-up under valgrind takes a while
     messages = args.pairs * (args.large - args.small)
     with tempfile.TemporaryDirectory(prefix="dm-instr-") as tmp:
@@ -97,4 +101,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    asyncio.run(main(parse_args()))
