@@ -55,15 +55,6 @@ def encode_frame(body: Any) -> bytes:
     return HEADER.pack(len(payload)) + payload
 
 
-def packer() -> msgpack.Packer:
-    """This thread's Packer (encode_frame's): for encoders that assemble a frame from
-    pieces (chatd.events)."""
-    found: msgpack.Packer | None = getattr(_local, "packer", None)
-    if found is None:
-        found = _local.packer = msgpack.Packer(use_bin_type=True)
-    return found
-
-
 def decode_body(payload: bytes | memoryview) -> Any:
     """Decode one frame body; every failure becomes ``Malformed``.
 

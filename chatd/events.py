@@ -16,7 +16,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from chatd.codec import HEADER, encode_frame, packer
+import msgpack
+
+from chatd.codec import HEADER, encode_frame
 from chatd.model import (
     ChannelPost,
     Event,
@@ -61,6 +63,11 @@ _REPLY_WITH_ID = b"\x84\xa2id"  # {"id": rid, ...
 _REPLY_WITHOUT_ID = b"\x83"  # {"code": ...
 _SENT_MIDDLE = b"\xa4code\x00\xa3msg\xa7success\xa4data\x82\xa2id"  # "code": 0, ... "data": {"id":
 _frame_header = HEADER.pack
+# One packer for the pieces, shared by every thread: it only ever packs ints and strs,
+# so each call runs in C under the GIL from start to end and calls cannot interleave
+# (encode_frame's per-thread packer is for maps, whose packing is just as atomic, but
+# a thread-local look-up per piece would cost more than the piece).
+_pack = msgpack.Packer(use_bin_type=True).pack
 _DATETIMES: dict[int, bytes] = {}  # the packed "datetime" entry, by second
 _DATETIMES_KEPT = 64  # seconds: under load every frame of a second shares one
 
@@ -72,29 +79,28 @@ def _datetime_entry(timestamp: float) -> bytes:
     if entry is None:
         if len(_DATETIMES) >= _DATETIMES_KEPT:
             _DATETIMES.clear()
-        entry = _DATETIMES[second] = b"\xa8datetime" + packer().pack(format_datetime(second))
+        entry = _DATETIMES[second] = b"\xa8datetime" + _pack(format_datetime(second))
     return entry
 
 
 def _inbox_frame(item: InboxMessage) -> bytes:
     """encode_frame({"event": "message", "data": {"id": ..., "name": ..., "msg": ...,
     "datetime": ...}}), from pieces: one of these is made per private message."""
-    pack = packer().pack
-    body = b"".join((_INBOX_HEAD, pack(item.id), _NAME, pack(item.sender), _MSG,
-                     pack(item.body), _datetime_entry(item.created_at)))
+    created_at = item.created_at
+    datetime = _DATETIMES.get(int(created_at)) or _datetime_entry(created_at)
+    body = b"".join((_INBOX_HEAD, _pack(item.id), _NAME, _pack(item.sender), _MSG,
+                     _pack(item.body), datetime))
     return _frame_header(len(body)) + body
 
 
 def sent_reply(rid: int | None, message_id: int, created_at: float) -> bytes:
     """The reply frame to a stored send: encode_frame(success(rid, {"id": message_id,
     "datetime": format_datetime(created_at)})), from pieces (one per message sent)."""
-    pack = packer().pack
+    datetime = _DATETIMES.get(int(created_at)) or _datetime_entry(created_at)
     if rid is None:
-        body = b"".join((_REPLY_WITHOUT_ID, _SENT_MIDDLE, pack(message_id),
-                         _datetime_entry(created_at)))
+        body = b"".join((_REPLY_WITHOUT_ID, _SENT_MIDDLE, _pack(message_id), datetime))
     else:
-        body = b"".join((_REPLY_WITH_ID, pack(rid), _SENT_MIDDLE, pack(message_id),
-                         _datetime_entry(created_at)))
+        body = b"".join((_REPLY_WITH_ID, _pack(rid), _SENT_MIDDLE, _pack(message_id), datetime))
     return _frame_header(len(body)) + body
 
 
