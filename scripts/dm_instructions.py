@@ -40,7 +40,7 @@ async def run_once(source: Path, pairs: int, messages: int, workdir: Path, label
     """chatd from ``source`` under callgrind, one dm load: (instructions, verified)."""
     out = workdir / f"{label}.callgrind"
     argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-            "--dump-instr=no", "--collect-jumps=no",
+            "--dump-instr=no", "--collect-jumps=no", "--separate-threads=no",
             sys.executable, "-m", "chatd", "--port", "0",
             "--db", str(workdir / f"{label}.sqlite3"), "--log-level", "WARNING",
             "--ping-interval", "3600", *bench.UNLIMITED, *bench.CHEAP_ARGON2]
@@ -72,6 +72,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--small", type=int, default=200)
     parser.add_argument("--large", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--keep", metavar="DIR", help="keep the callgrind files in DIR")
     args = parser.parse_args()
     args.source = [(name, Path(path).resolve()) for name, _, path in
                    (item.partition("=") for item in args.source)]
@@ -83,7 +84,7 @@ async def main(args: argparse.Namespace) -> None:
     bench.START_TIMEOUT = 600.0  # Python's start-up under valgrind takes a while
     messages = args.pairs * (args.large - args.small)
     with tempfile.TemporaryDirectory(prefix="dm-instr-") as tmp:
-        workdir = Path(tmp)
+        workdir = Path(args.keep or tmp)
         for round_ in range(args.rounds):
             order = sources if round_ % 2 == 0 else sources[::-1]
             for name, source in order:

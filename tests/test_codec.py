@@ -140,3 +140,14 @@ def test_an_inbox_push_is_the_message_event_encoded(message_id: int, sender: str
     data = {"id": message_id, "name": sender, "msg": body,
             "datetime": format_datetime(created_at)}
     assert events.frame(item) == encode_frame(event("message", data))
+
+
+def test_msgpacks_defaults_are_the_decoders_options() -> None:
+    """FrameDecoder.feed calls unpackb without options: its defaults must be decode_body's
+    (strings as str, arrays as lists, only string map keys)."""
+    body = msgpack.packb({"a": ["b", b"c"]})
+    assert msgpack.unpackb(body) == {"a": ["b", b"c"]}
+    with pytest.raises(ValueError):
+        msgpack.unpackb(msgpack.packb({1: "x"}))
+    assert FrameDecoder().feed(encode_frame({1: "x"})) == [
+        Malformed("frame body has a map key that is not a string")]
