@@ -34,7 +34,7 @@ from chatd.errors import (
     RateLimited,
 )
 from chatd.hub import Hub, Session
-from chatd.limits import Guards, RateLimiter, address_key
+from chatd.limits import Bucket, Guards, RateLimiter, address_key
 from chatd.metrics import Metrics
 from chatd.model import INBOX, ChannelPost, InboxMessage, Join, Leave, SentCopy, StreamEvent
 from chatd.protocol import Data, Params, Request, format_datetime
@@ -74,6 +74,9 @@ class Context:
     # name's checks and its key (two NFKC passes) cost more than the rest of a send.
     recipients: dict[str, User] | None = None
     channels: dict[str, Channel] | None = None  # the same for channels
+    # The caller's message bucket, refilled once for the sends of one read (they share
+    # one time): each spends from it (RateLimiter.refilled).
+    message_bucket: Bucket | None = None
 
     @property
     def user_id(self) -> int:
@@ -308,9 +311,13 @@ def _message_now(
     checks raise what the handler would."""
     sender_id = ctx.session.user_id
     assert sender_id is not None, "auth gate let an unbound session through"
-    wait = ctx.guards.messages.take(sender_id, now)
-    if wait:
-        raise RateLimited(SENDING_TOO_FAST, wait)
+    bucket = ctx.message_bucket  # RateLimiter.take(), refilled once per context and time
+    if bucket is None or bucket.updated != now:
+        bucket = ctx.message_bucket = ctx.guards.messages.refilled(sender_id, now)
+    if bucket.tokens >= 1:
+        bucket.tokens -= 1
+    else:
+        raise RateLimited(SENDING_TOO_FAST, ctx.guards.messages.wait(bucket))
     most = ctx.config.max_message_length
     text = values.get(text_key)
     if type(text) is not str or not text or len(text) > most:
