@@ -38,8 +38,16 @@ def frame(item: Event) -> bytes:
     """The event's frame, encoded on first use and shared from then on."""
     encoded = item.msgpack_frame
     if encoded is None:
-        if type(item) is InboxMessage:  # the hot one: assembled from pieces
-            encoded = item.msgpack_frame = _inbox_frame(item)
+        if type(item) is InboxMessage:
+            # The hot one (a private message's push), assembled from pieces here, not in a
+            # function of its own: {"event": "message", "data": {"id": ..., "name": ...,
+            # "msg": ..., "datetime": ...}}.
+            created_at = item.created_at
+            datetime = _DATETIMES.get(int(created_at)) or _datetime_entry(created_at)
+            name = _NAMES.get(item.sender) or _name_entry(item.sender)
+            body = b"".join((_INBOX_HEAD, _pack(item.id), name, _MSG, _pack(item.body),
+                             datetime))
+            encoded = item.msgpack_frame = _frame_header(len(body)) + body
             return encoded
         kind = type(item)
         encode = _ENCODERS.get(kind)
@@ -83,14 +91,17 @@ def _datetime_entry(timestamp: float) -> bytes:
     return entry
 
 
-def _inbox_frame(item: InboxMessage) -> bytes:
-    """encode_frame({"event": "message", "data": {"id": ..., "name": ..., "msg": ...,
-    "datetime": ...}}), from pieces: one of these is made per private message."""
-    created_at = item.created_at
-    datetime = _DATETIMES.get(int(created_at)) or _datetime_entry(created_at)
-    body = b"".join((_INBOX_HEAD, _pack(item.id), _NAME, _pack(item.sender), _MSG,
-                     _pack(item.body), datetime))
-    return _frame_header(len(body)) + body
+_NAMES: dict[str, bytes] = {}  # the packed "name" entry, by sender: a few senders send a lot
+_NAMES_KEPT = 4096
+
+
+def _name_entry(name: str) -> bytes:
+    """``"name": name`` packed, as an entry of a map."""
+    if len(_NAMES) >= _NAMES_KEPT:
+        _NAMES.clear()
+    entry: bytes = _NAME + _pack(name)
+    _NAMES[name] = entry
+    return entry
 
 
 def sent_reply(rid: int | None, message_id: int, created_at: float) -> bytes:

@@ -25,7 +25,8 @@ from collections.abc import Sequence
 RULES: tuple[tuple[str, str], ...] = (
     ("gc", r"gc_collect|collect_with_callback|gc_collect_main|\bcollect \(gc"),
     ("decode", r"decode_body|unpackb|FrameDecoder|unpack_|_unpacker"),
-    ("encode", r"encode_frame|Packer|msgpack_pack|(?<!un)pack_|format_datetime|_format_second"),
+    ("encode", r"encode_frame|Packer|msgpack_pack|(?<!un)pack_|format_datetime|_format_second|"
+               r"events\.py"),
     ("write", r"Connection\.write\b|_flush_pushes|UVStream.*write|try_write|__libc_write|"
               r"^writev? \(|sendmsg|__send\b|tcp_sendmsg|sock_sendmsg"),
     ("rate limit", r"limits\.py|RateLimiter|_throttle"),
