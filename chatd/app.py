@@ -221,13 +221,16 @@ class ReplyGroup(Pending):
         """Take a request of a NOW_OPS ``op``: the code of its reply (0 for a send,
         answered once committed), or None if it must be handled whole (App.handle)."""
         params, rid, token = body.get("params"), body.get("id"), body.get("token")
+        label = op  # the op the reply is counted and logged under
         try:
             if not (
                 type(params) is dict
                 and (rid is None or type(rid) is int)
                 and (token is None or type(token) is str)
             ):
+                label = "?"  # as App.handle, until the envelope is known to be good
                 request = parse_request(body)  # and its words for what is wrong
+                label = op
                 params = body.get("params") or {}  # as parse_request took it
                 rid, token = request.id, request.token
             ctx, now = self._ctx, self._now
@@ -240,8 +243,8 @@ class ReplyGroup(Pending):
                 return None
         except Exception as error:
             app, session = self._app, self._ctx.session
-            reply = app.failure_reply(session, request_id(body), op, error)
-            self._frames.append(encode_frame(app.finish(session, op, reply, self._started)))
+            reply = app.failure_reply(session, request_id(body), label, error)
+            self._frames.append(encode_frame(app.finish(session, label, reply, self._started)))
             code: int = reply["code"]
             return code
         self._messages.append(sent[0])
