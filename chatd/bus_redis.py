@@ -12,19 +12,25 @@ several nodes"):
   drop them was, at 1-2 notices per batch, a sending node's largest cost beyond a
   single node's).  Revokes go the same way.  Redis pub/sub is at-most-once: a notice
   published while a node is disconnected is gone.
-  Publishing never blocks a send: notices queue (bounded) for one writer task, and a
-  full queue or a failed publish drops them, counted.  The writer sends whatever has
-  queued as one Redis message, the encodings back to back (``decode_all``): one
-  PUBLISH, and one message for each other node to read, per batch instead of per
-  notice (redis-py's work per message was most of a node's CPU at 2,000 notices/s).
+  Publishing never blocks a send: notices wait for the end of the loop turn (a group
+  commit's together; bounded while the connection is down: beyond, and when it cannot
+  be made, they are dropped, counted), then go out as one Redis message, the encodings
+  back to back (``decode_all``): one PUBLISH, and one message for each other node to
+  read, per batch instead of per notice (redis-py's work per message was most of a
+  node's CPU at 2,000 notices/s).  The PUBLISH is written straight to a connection of
+  its own on which Redis answers nothing (CLIENT REPLY OFF): no reply to read, parse
+  and wait for, per group commit, on the sending node; its loss shows on the socket
+  (closed, or writes stuck for ``liveness`` seconds) and it is replaced.
   The bus channel itself (``chatd:bus``), which every node subscribes to, carries what
   is not one node's: presence changes (published by Redis scripts, heard by every
   node, the changing one included: each node announces them to its sessions when
   they come back, in the one order Redis gives them) and ``chatd admin``'s revokes.
-  The subscriber connection is pinged every
-  ``liveness / 3`` seconds and torn down when nothing at all has arrived for
-  ``liveness`` seconds (a black-holed link keeps its socket open); every
-  (re)subscription, the first excepted, calls ``on_resync``.
+  The subscriber connection is read by a protocol of its own with hiredis's
+  parser (redis-py's pub/sub reading cost more than the rest of the bus on a
+  receiving node), pinged every ``liveness / 3`` seconds and torn down when nothing
+  at all has arrived for ``liveness`` seconds (a black-holed link keeps its socket
+  open); every (re)subscription, the first excepted, calls ``on_resync``.  redis-py
+  still makes the presence calls and reads the URL.
 - ``StreamOrder``: per stream a node follows, the highest seq pushed to its local
   sessions (and that message's id).  The next seq is pushed; a seq already pushed is
   dropped (a link that came back, a read that overlapped); a seq beyond the next makes
@@ -47,10 +53,11 @@ import asyncio
 import hashlib
 import logging
 import re
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import msgpack
 
@@ -416,7 +423,13 @@ class RedisBus:
         self._on_resync = on_resync
         self._liveness = liveness
         self._reconnect_delay = reconnect_delay
-        self._queue: asyncio.Queue[bytes] = asyncio.Queue(queue_limit)
+        # Encodings waiting for the next flush (a loop turn: a group commit's notices
+        # together) or, while not connected, for the connection (at most queue_limit).
+        self._unsent: list[bytes] = []
+        self._queue_limit = queue_limit
+        self._flush_due = False
+        self._out: asyncio.Transport | None = None  # the publishing connection
+        self._publish_command = _publish_prefix(node_channel(channel, node))
         self._tasks: list[asyncio.Task[None]] = []
         self.subscribed = asyncio.Event()
         self.counts = BusCounts()
@@ -436,71 +449,123 @@ class RedisBus:
             raise ConnectionError(f"cannot subscribe on the bus at {self.url}") from None
 
     def publish(self, message: BusMessage) -> None:
-        """Queue a message for the bus without waiting; a full queue drops it."""
+        """Send a message on the bus at the end of this loop turn, without waiting;
+        dropped when queue_limit of them already wait for a connection."""
         if isinstance(message, Notice) and not message.node:
             message = Notice(message.stream, message.seq, message.id, message.fields, self.node)
         elif isinstance(message, Revoke) and not message.node:
             message = Revoke(message.user_id, message.digests, self.node)
-        try:
-            self._queue.put_nowait(encode(message))
-        except asyncio.QueueFull:
+        if len(self._unsent) >= self._queue_limit:
             self.counts.dropped += 1
+            return
+        self._unsent.append(encode(message))
+        if not self._flush_due and self._out is not None:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Write what waits as PUBLISH commands (one per PAYLOAD_LIMIT bytes: module
+        doc), in order, in one write; the connection asks for no replies."""
+        self._flush_due = False
+        out = self._out
+        if out is None or not self._unsent:
+            return  # the connection's task sends them once it is back
+        if out.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+            # Redis is not reading (a black-holed link): drop rather than hoard; the
+            # connection's task replaces the link (module doc).
+            self.counts.dropped += len(self._unsent)
+            self._unsent = []
+            return
+        commands: list[bytes] = []
+        batch: list[bytes] = []
+        size = 0
+        for encoded in self._unsent:
+            batch.append(encoded)
+            size += len(encoded)
+            if size >= PAYLOAD_LIMIT:
+                commands.append(self._publish(batch, size))
+                batch, size = [], 0
+        if batch:
+            commands.append(self._publish(batch, size))
+        self.counts.published += len(self._unsent)
+        self._unsent = []
+        out.write(b"".join(commands))
+
+    def _publish(self, encodings: list[bytes], size: int) -> bytes:
+        """One PUBLISH of these encodings back to back, in Redis's wire format."""
+        return b"".join((self._publish_command, b"$%d\r\n" % size, *encodings, b"\r\n"))
+
+    @property
+    def publishing(self) -> bool:
+        """Whether the publishing connection is up (what waits meanwhile is sent then)."""
+        return self._out is not None
 
     async def close(self) -> None:
         await stop_tasks(self._tasks)
         self._tasks = []
 
-    def _client(self) -> Any:
-        from redis import asyncio as aioredis  # the optional extra: chatd[redis]
-
-        timeout = max(self._liveness, 1.0)
-        return aioredis.Redis.from_url(
-            self.url, socket_connect_timeout=timeout, socket_timeout=timeout,
-            retry_on_timeout=False,
-        )
-
     async def _subscriber(self) -> None:
         first = True
         while True:
-            client = self._client()
-            pubsub = client.pubsub()
+            subscription: _Subscription | None = None
             try:
-                await pubsub.subscribe(self.channel)
-                await pubsub.psubscribe(*others_patterns(self.channel, self.node))
+                subscription = await self._subscribe()
                 if not first:
                     self.counts.reconnects += 1
                     log.info("bus: subscribed again to %s: resynchronising", self.url)
                     self._on_resync()
                 first = False
                 self.subscribed.set()
-                await self._read(pubsub)
+                await self._read(subscription)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # redis-py's ConnectionError, TimeoutError, OSError...
+            except Exception as exc:  # OSError, TimeoutError, an error reply
                 log.warning("bus: subscriber connection lost (%s); reconnecting", exc)
             finally:
                 self.subscribed.clear()
-                await _quietly(pubsub.aclose())
-                await _quietly(client.aclose())
+                if subscription is not None:
+                    subscription.transport.abort()
             await asyncio.sleep(self._reconnect_delay)
 
-    async def _read(self, pubsub: Any) -> None:
+    async def _subscribe(self) -> _Subscription:
+        """A connection subscribed to the bus channel and the other nodes' (module doc),
+        read by a protocol of its own: redis-py's pub/sub reading (get_message, its
+        parser and retry layers, a task switch per message) was most of a receiving
+        node's cost of the bus."""
+        patterns = others_patterns(self.channel, self.node)
+        subscription = _Subscription(self._message, 1 + len(patterns))
+        timeout = max(self._liveness, 1.0)
+        await _connect(self.url, timeout, lambda: subscription)
+        try:
+            async with asyncio.timeout(timeout):
+                await subscription.auth(self.url)
+                subscription.send(_command(b"SUBSCRIBE", self.channel.encode())
+                                  + _command(b"PSUBSCRIBE", *(p.encode() for p in patterns)))
+                await subscription.confirmed
+        except BaseException:
+            subscription.transport.abort()
+            raise
+        return subscription
+
+    def _message(self, data: bytes) -> None:
+        self.counts.payloads += 1
+        self._take(data)
+
+    async def _read(self, subscription: _Subscription) -> None:
+        """Until the connection is lost, or silent for ``liveness`` seconds although
+        pinged every third of it (a black-holed link keeps its socket open)."""
         loop = asyncio.get_running_loop()
-        heard = pinged = loop.time()
+        pinged = loop.time()
         while True:
-            message = await pubsub.get_message(timeout=self._liveness / 3)
+            await asyncio.wait([subscription.lost], timeout=self._liveness / 3)
+            if subscription.lost.done():
+                raise subscription.why
             now = loop.time()
-            if message is not None:
-                heard = now
-                if message.get("type") in ("message", "pmessage"):
-                    self.counts.payloads += 1
-                    self._take(message["data"])
-                continue
-            if now - heard > self._liveness:
+            if now - subscription.heard > self._liveness:
                 raise TimeoutError(f"nothing from Redis for {self._liveness:g} s")
             if now - pinged >= self._liveness / 3:
                 pinged = now
-                await pubsub.ping()
+                subscription.send(_command(b"PING"))
 
     def _take(self, data: bytes) -> None:
         try:
@@ -516,29 +581,205 @@ class RedisBus:
             self._receive(message)
 
     async def _publisher(self) -> None:
-        client = self._client()
+        """Keep the publishing connection: a plain socket whose commands Redis does not
+        answer (CLIENT REPLY OFF): PUBLISH through redis-py, its reply read, parsed and
+        awaited by a task of its own, cost a sending node more than the write itself, at
+        one PUBLISH per group commit.  A lost connection (Redis gone, or a link that takes
+        nothing for ``liveness`` seconds) is replaced; what waited meanwhile is sent then,
+        or dropped (counted) if the connection cannot be made."""
+        while True:
+            try:
+                connection = await self._connect_publishing()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # OSError, TimeoutError, refused AUTH
+                # At most once: the position checks on the other nodes fill the gap.
+                if self._unsent:
+                    log.warning("bus: %d notices not published (%s)", len(self._unsent), exc)
+                    self.counts.dropped += len(self._unsent)
+                    self._unsent = []
+                await asyncio.sleep(self._reconnect_delay)
+                continue
+            self._out = connection.transport
+            try:
+                self._flush()
+                await self._watch(connection)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("bus: publishing connection lost (%s); reconnecting", exc)
+            finally:
+                self._out = None
+                connection.transport.abort()
+            await asyncio.sleep(self._reconnect_delay)
+
+    async def _connect_publishing(self) -> _Connection:
+        """A connection, authenticated, that answers no command (CLIENT REPLY OFF)."""
+        connection = _Connection()
+        timeout = max(self._liveness, 1.0)
+        await _connect(self.url, timeout, lambda: connection)
         try:
-            while True:
-                batch = [await self._queue.get()]
-                size = len(batch[0])
-                while not self._queue.empty() and size < PAYLOAD_LIMIT:
-                    batch.append(self._queue.get_nowait())
-                    size += len(batch[-1])
-                try:
-                    # One Redis message for the lot (module doc), in queue order.
-                    await client.publish(self.node_channel, b"".join(batch))
-                    self.counts.published += len(batch)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    # At most once: the position checks on the other nodes fill the gap.
-                    self.counts.dropped += len(batch)
-                    log.warning("bus: %d notices not published (%s)", len(batch), exc)
-                    await _quietly(client.aclose())
-                    client = self._client()
-                    await asyncio.sleep(self._reconnect_delay)
-        finally:
-            await _quietly(client.aclose())
+            async with asyncio.timeout(timeout):
+                await connection.auth(self.url)
+            connection.send(_command(b"CLIENT", b"REPLY", b"OFF"))
+        except BaseException:
+            connection.transport.abort()
+            raise
+        return connection
+
+    async def _watch(self, connection: _Connection) -> None:
+        """Return when the publishing connection is gone: closed by Redis, or its
+        writes stuck for ``liveness`` seconds (a black-holed link).  Nothing is answered
+        on it after CLIENT REPLY OFF but errors of the connection itself (logged)."""
+        stuck_since: float | None = None
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.wait([connection.lost], timeout=self._liveness / 3)
+            if connection.lost.done():
+                raise connection.why
+            if connection.transport.get_write_buffer_size() == 0:
+                stuck_since = None
+            elif stuck_since is None:
+                stuck_since = loop.time()
+            elif loop.time() - stuck_since >= self._liveness:
+                raise TimeoutError(f"Redis took nothing for {self._liveness:g} s")
+
+
+WRITE_BUFFER_LIMIT = 16 * 1024 * 1024  # bytes unsent to Redis before notices are dropped
+
+
+def _publish_prefix(channel: str) -> bytes:
+    """A PUBLISH on ``channel`` in Redis's wire format, up to its payload's length."""
+    name = channel.encode()
+    return b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n" % (len(name), name)
+
+
+def _command(*words: bytes) -> bytes:
+    parts = [b"*%d\r\n" % len(words)]
+    for word in words:
+        parts.append(b"$%d\r\n%s\r\n" % (len(word), word))
+    return b"".join(parts)
+
+
+class _Connection(asyncio.Protocol):
+    """A Redis connection read with hiredis's parser: ``reply`` gets each reply."""
+
+    def __init__(self) -> None:
+        import hiredis  # the optional extra: chatd[redis]
+
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._parser = hiredis.Reader()
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # at once
+        # Done when the connection is gone (``why``): a result, never an exception,
+        # so that no one has to retrieve it.
+        self.lost: asyncio.Future[None] = loop.create_future()
+        self.why: Exception = ConnectionError("closed by Redis")
+        self.heard = loop.time()  # when anything last came
+        self._answer: asyncio.Future[Any] | None = None  # a command's reply awaited
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A socket's transport (uvloop's is not an asyncio.Transport subclass).
+        self.transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            self.why = exc
+        if not self.lost.done():
+            self.lost.set_result(None)
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_exception(ConnectionError("closed by Redis"))
+
+    def data_received(self, data: bytes) -> None:
+        self.heard = self._loop.time()
+        self._parser.feed(data)
+        while (reply := self._parser.gets()) is not False:
+            self.reply(reply)
+
+    def reply(self, reply: Any) -> None:
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_result(reply)
+        elif isinstance(reply, Exception):
+            log.warning("bus: Redis says: %s", reply)
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    async def auth(self, url: str) -> None:
+        """AUTH with the URL's credentials, if it has any; ConnectionError if refused."""
+        options = _parse_url(url)
+        password = options.get("password")
+        if password is None:
+            return
+        user = options.get("username")
+        self._answer = self._loop.create_future()
+        self.send(_command(b"AUTH", *([user.encode()] if user else []), password.encode()))
+        answer = await self._answer
+        self._answer = None
+        if isinstance(answer, Exception):
+            raise ConnectionError(f"AUTH refused: {answer}")
+
+
+class _Subscription(_Connection):
+    """The subscriber's connection: confirmations, then messages (to ``message``)."""
+
+    def __init__(self, message: Callable[[bytes], None], channels: int) -> None:
+        super().__init__()
+        self._message = message
+        self._unconfirmed = channels
+        self.confirmed: asyncio.Future[None] = self._loop.create_future()
+
+    def _take(self, data: bytes) -> None:
+        try:
+            self._message(data)
+        except Exception:  # one bad message must not end the subscription
+            log.exception("bus: handling a message failed")
+
+    def reply(self, reply: Any) -> None:
+        if type(reply) is list and reply:
+            kind = reply[0]
+            if kind == b"message" and len(reply) == 3:
+                self._take(reply[2])
+                return
+            if kind == b"pmessage" and len(reply) == 4:
+                self._take(reply[3])
+                return
+            if kind in (b"subscribe", b"psubscribe"):
+                self._unconfirmed -= 1
+                if self._unconfirmed == 0 and not self.confirmed.done():
+                    self.confirmed.set_result(None)
+                return
+            if kind == b"pong":
+                return
+        if isinstance(reply, Exception) and self._answer is None:
+            # Refused subscription (NOAUTH...): give the connection up.
+            if not self.confirmed.done():
+                self.confirmed.set_exception(ConnectionError(f"Redis says: {reply}"))
+            self.transport.abort()
+            return
+        super().reply(reply)
+
+
+def _parse_url(url: str) -> dict[str, Any]:
+    """The URL as redis-py reads it (redis://, rediss://, unix://)."""
+    from redis.connection import parse_url as untyped  # the optional extra: chatd[redis]
+
+    parse_url: Callable[[str], dict[str, Any]] = untyped
+    return parse_url(url)
+
+
+async def _connect(url: str, timeout: float, protocol: Callable[[], asyncio.Protocol]) -> None:
+    """Connect ``protocol`` to the Redis at ``url``."""
+    options = _parse_url(url)
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout):
+        if "path" in options:
+            await loop.create_unix_connection(protocol, options["path"])
+        else:
+            tls = ssl.create_default_context() if url.startswith("rediss://") else None
+            await loop.create_connection(
+                protocol, options.get("host", "localhost"), options.get("port", 6379), ssl=tls
+            )
 
 
 async def publish_once(url: str, message: BusMessage, timeout: float = 5.0) -> None:

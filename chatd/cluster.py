@@ -79,11 +79,14 @@ REDIS_EXTRA = "pip install 'chatd[redis]'"
 
 
 def require_redis() -> None:
-    """Raises RuntimeError naming the extra if redis-py is missing."""
+    """Raises RuntimeError naming the extra if redis-py or hiredis is missing."""
     try:
+        import hiredis  # noqa: F401  (the bus reads Redis with its parser)
         import redis  # noqa: F401
     except ImportError:
-        raise RuntimeError(f"--bus redis:// needs the redis-py driver: {REDIS_EXTRA}") from None
+        raise RuntimeError(
+            f"--bus redis:// needs the redis-py driver and hiredis: {REDIS_EXTRA}"
+        ) from None
 
 
 def stream_of(event: Published) -> str | None:

@@ -9,6 +9,7 @@
     python scripts/bench.py --scenario wal       # WAL size under a 2-minute write flood
     python scripts/bench.py --db-url postgresql://postgres@127.0.0.1/postgres  # on PostgreSQL
     python scripts/bench.py --db-url postgresql://... --compare  # dm, store, latency on both
+    python scripts/bench.py --db-url postgresql://... --cluster --shared-port  # 2 nodes, 1 port
 
 It starts its own chatd (``python -m chatd``) on a temporary database for each
 scenario, or drives an already running one (``--target``).  Every scenario
@@ -502,6 +503,83 @@ class Probe:
         return total, percents
 
 
+# --cluster --shared-port: two nodes listening on one port, the kernel choosing the node of
+# each connection.  Which node holds which connection is read from /proc, as ss(8) does.
+
+TCP_ESTABLISHED, TCP_LISTEN = "01", "0A"  # the st column of /proc/net/tcp
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    """The inodes of the sockets process ``pid`` holds open."""
+    found = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    found.add(int(target[8:-1]))
+    return found
+
+
+def _tcp_sockets(port: int) -> list[tuple[str, int, int]]:
+    """(state, remote port, inode) of every TCP socket of this host on local ``port``."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+                if int(local.rsplit(":", 1)[1], 16) == port:
+                    found.append((state, int(remote.rsplit(":", 1)[1], 16), int(inode)))
+    return found
+
+
+@dataclass
+class SharedPort:
+    """Nodes sharing ``port`` (SO_REUSEPORT): where the kernel put each connection."""
+
+    port: int
+    nodes: dict[str, ServerProcess]  # by label: "a", "b"
+    listening: dict[str, bool] = field(default_factory=dict)  # a listening socket on port
+    connections: dict[str, int] = field(default_factory=dict)  # established, at the census
+    node_of: dict[int, str] = field(default_factory=dict)  # id(client) -> node label
+    pairs_across: int | None = None  # dm, latency: pairs whose two ends are on two nodes
+
+    def census(self, clients: Sequence[Client]) -> None:
+        """Which node accepted each of ``clients`` (by their local port), and which
+        nodes listen on the port: a node's sockets are the inodes among its fds."""
+        owner = {inode: label for label, node in self.nodes.items() if node.pid is not None
+                 for inode in _socket_inodes(node.pid)}
+        by_peer_port: dict[int, str] = {}
+        self.listening = dict.fromkeys(self.nodes, False)
+        for state, remote_port, inode in _tcp_sockets(self.port):
+            label = owner.get(inode)
+            if label is not None and state == TCP_LISTEN:
+                self.listening[label] = True
+            elif label is not None and state == TCP_ESTABLISHED:
+                by_peer_port[remote_port] = label
+        self.node_of = {id(c): by_peer_port.get(c.local_address[1], "?") for c in clients}
+        self.connections = {label: sum(1 for n in self.node_of.values() if n == label)
+                            for label in self.nodes}
+
+    def check(self, check: Check, clients: int) -> None:
+        """The run showed two nodes on one port only if each listened on it, each got
+        connections, and every connection was on one of them."""
+        for label in self.nodes:
+            check.expect(self.listening.get(label, False),
+                         f"node {label} has no listening socket on port {self.port}")
+            check.expect(self.connections.get(label, 0) > 0,
+                         f"node {label} got none of the {clients} connections")
+        check.equal("connections found on a node", sum(self.connections.values()), clients)
+
+    def report(self) -> dict[str, Any]:
+        found: dict[str, Any] = {"port": self.port, "listening": self.listening,
+                                 "connections": self.connections}
+        if self.pairs_across is not None:
+            found["pairs_across_nodes"] = self.pairs_across
+        return found
+
+
 # Talking to the server: always through chatd.client.Client.
 
 
@@ -518,6 +596,8 @@ class Run:
     db: Path | None = None  # the server's database, when the benchmark started it
     # --cluster: where receiving connections go (another node); None: the same server.
     receivers_at: tuple[str, int] | None = None
+    # --cluster --shared-port: the nodes behind ``port``, the kernel choosing among them.
+    shared: SharedPort | None = None
     check: Check = field(default_factory=Check)
     probe: Probe = field(init=False)
     clients: list[Client] = field(default_factory=list)
@@ -731,12 +811,30 @@ async def settle(client: Client) -> None:
             await asyncio.sleep(0.05)
 
 
+async def settle_servers(run: Run, *clients: Client) -> None:
+    """``settle`` through each of ``clients``; with --shared-port, through one connection
+    on each node instead (the kernel chose the nodes), after the census of connections."""
+    if run.shared is None:
+        for client in clients:
+            await settle(client)
+        return
+    run.shared.census(run.clients)
+    run.shared.check(run.check, len(run.clients))
+    for label in run.shared.nodes:
+        on_node = [c for c in run.clients if run.shared.node_of[id(c)] == label]
+        if on_node:
+            await settle(on_node[0])
+
+
 async def private_pairs(run: Run, role: str, pairs: int) -> tuple[list[Client], list[Client]]:
     senders = await users(run, role + "s", pairs)
     receivers = await users(run, role + "r", pairs, receiving=lambda index: True)
     await asyncio.gather(*(call_ok(r, "/subscribe") for r in receivers))
-    await settle(senders[0])
-    await settle(receivers[0])  # --cluster: another node
+    await settle_servers(run, senders[0], receivers[0])  # --cluster: two nodes
+    if run.shared is not None:
+        node_of = run.shared.node_of
+        run.shared.pairs_across = sum(
+            1 for s, r in zip(senders, receivers, strict=True) if node_of[id(s)] != node_of[id(r)])
     return senders, receivers
 
 
@@ -804,8 +902,7 @@ async def scenario_fanout(run: Run) -> dict[str, Any]:
     # the channel a position, so every message from then on is delivered (section 9).
     await gather_limited(32, (call_ok(m, "/ack", {"channel": channel, "id": 0}) for m in members))
     await asyncio.gather(*(call_ok(m, "/subscribe") for m in members))
-    await settle(members[0])
-    await settle(members[-1])  # --cluster: another node
+    await settle_servers(run, members[0], members[-1])  # --cluster: two nodes
     sender_index = {names[i]: i for i in range(sender_count)}
     # A message goes to every subscribed connection of every member except the calling
     # connection (protocol.md, /channel/send): the senders send on their subscribed
@@ -976,7 +1073,10 @@ async def scenario_latency(run: Run) -> dict[str, Any]:
     )
     run.check.equal("latency samples", len(latencies), total)
     run.check.details = {"delivered": sum(len(i.ids) for i in inboxes), "expected": total}
+    placed = ({} if run.shared is None
+              else latency_by_placement(run.shared, senders, receivers, inboxes))
     return {
+        **placed,
         "pairs": pairs,
         "offered_per_s": rate,
         "messages": total,
@@ -992,6 +1092,25 @@ async def scenario_latency(run: Run) -> dict[str, Any]:
         "push_after_reply_p50_ms": r3(percentile(after_reply, 50)),
         "push_after_reply_p99_ms": r3(percentile(after_reply, 99)),
     }
+
+
+def latency_by_placement(shared: SharedPort, senders: Sequence[Client],
+                         receivers: Sequence[Client], inboxes: Sequence[Inbox]
+                         ) -> dict[str, float | None]:
+    """--shared-port: the kernel put some pairs' two ends on one node and some on two; the
+    latency of each kind, since only the second crosses Redis."""
+    node_of = shared.node_of
+    across: list[float] = []
+    same: list[float] = []
+    for sender, receiver, inbox in zip(senders, receivers, inboxes, strict=True):
+        kind = across if node_of[id(sender)] != node_of[id(receiver)] else same
+        kind.extend(lat / 1e6 for lat in inbox.latencies_ns)
+    across.sort()
+    same.sort()
+    return {"across_nodes_p50_ms": r3(percentile(across, 50)),
+            "across_nodes_p99_ms": r3(percentile(across, 99)),
+            "same_node_p50_ms": r3(percentile(same, 50)),
+            "same_node_p99_ms": r3(percentile(same, 99))}
 
 
 async def scenario_idle(run: Run) -> dict[str, Any]:
@@ -1638,34 +1757,30 @@ class Bench:
         return metrics
 
     async def cluster_scenario(self, name: str) -> dict[str, Any]:
-        """``name`` on two nodes sharing a new PostgreSQL database and the Redis bus:
-        the senders connect to node a, the receivers to node b (``Run.receivers_at``)."""
+        """``name`` on two nodes sharing a new PostgreSQL database and the Redis bus: the
+        senders connect to node a, the receivers to node b (``Run.receivers_at``); with
+        --shared-port every client connects to the one port both nodes listen on."""
         assert self.bus is not None and self.args.db_url
-        label = f"{name}-cluster"
+        shared = bool(self.args.shared_port)
+        label = f"{name}-{'shared' if shared else 'cluster'}"
         url = await new_postgres_database(self.args.db_url)
         database = url.rsplit("/", 1)[1]
         self.made_databases.append(database)
-        nodes: list[ServerProcess] = []
         node_ids = [f"{self.prefix}-a", f"{self.prefix}-b"]
-        try:
-            for node_id in node_ids:  # one after the other: the first makes the schema
-                argv = [*self.chatd_argv(label, default_argon2=False, db=url),
-                        "--bus", self.bus.url, "--node-id", node_id]
-                nodes.append(await ServerProcess.start(
-                    argv, self.workdir, f"{label}-{node_id[-1]}", self.args.pin))
-        except BaseException:
-            for started in nodes:
-                await started.stop()
-            raise
+        port = spare_port() if shared else 0  # free now: both nodes are then told it
+        nodes = await self.start_nodes(label, url, node_ids, port)
         a, b = nodes
         run = Run(self.args, self.sizes, a.host, a.port, f"{self.prefix}{name[:2]}", a,
-                  receivers_at=(b.host, b.port))
+                  receivers_at=None if shared else (b.host, b.port))
+        if shared:
+            run.shared = SharedPort(port, {"a": a, "b": b})
+            run.check.equal("the nodes' ports", [a.port, b.port], [port, port])
         run.probe.database_cpu = lambda: postgres_backends_cpu(database)
         run.probe.processes = {"node_b": b.cpu_seconds, "redis": self.bus.cpu_seconds}
         metrics = await self.execute(name, run, nodes, nodes)
         result = {
             "scenario": name,
-            "server": "chatd-cluster",
+            "server": "chatd-shared-port" if shared else "chatd-cluster",
             "nodes": 2,
             "node_ids": node_ids,
             "bus": "redis",
@@ -1673,6 +1788,7 @@ class Bench:
             **self.meta,
             "db_synchronous": None,
             **metrics,
+            **(run.shared.report() if run.shared else {}),
             **run.probe.result,
             "verified": run.check.ok,
             "verification": run.check.report(),
@@ -1684,6 +1800,27 @@ class Bench:
             result["server_cpu_pct"] = round(node_a + node_b, 1)
         result["cpu_us_per_message"] = cpu_per_message(result)
         return result
+
+    async def start_nodes(self, label: str, url: str, node_ids: list[str], port: int
+                          ) -> list[ServerProcess]:
+        """The nodes of --cluster on ``url`` and the bus, one after the other (the first
+        makes the schema); on ``port`` with --reuse-port when it is not 0 (--shared-port)."""
+        assert self.bus is not None
+        nodes: list[ServerProcess] = []
+        try:
+            for node_id in node_ids:
+                argv = [*self.chatd_argv(label, default_argon2=False, db=url),
+                        "--bus", self.bus.url, "--node-id", node_id]
+                if port:
+                    argv[argv.index("--port") + 1] = str(port)
+                    argv.append("--reuse-port")
+                nodes.append(await ServerProcess.start(
+                    argv, self.workdir, f"{label}-{node_id[-1]}", self.args.pin))
+        except BaseException:
+            for started in nodes:
+                await started.stop()
+            raise
+        return nodes
 
 
 NOISY_PCT = 20.0  # other_cpu_pct above which a result is called noisy
@@ -2032,6 +2169,9 @@ def cpu_cell(r: dict[str, Any]) -> str:
 
 def _versus_single(result: dict[str, Any]) -> str:
     text = f" ({result['vs_single']}x one node)" if "vs_single" in result else ""
+    if "connections" in result:  # --shared-port: what the kernel gave each node
+        text += ", connections " + " ".join(f"{node} {count}" for node, count
+                                            in result["connections"].items())
     target = result.get("target")
     if target:
         verdict = "met" if target["met"] else "not met" if target["counted"] else "not counted"
@@ -2461,6 +2601,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="with --db-url: dm, fanout and latency on one SQLite node, one "
                              "PostgreSQL node, then two nodes on PostgreSQL and Redis "
                              "(senders on one, receivers on the other), in turns")
+    parser.add_argument("--shared-port", action="store_true",
+                        help="with --cluster: the two nodes share one port (--reuse-port) "
+                             "and every client connects to it; the kernel picks the node")
     parser.add_argument("--bus", metavar="URL",
                         help="with --cluster: the Redis to use (redis://host:port/N; default: "
                              "a redis-server of the benchmark's own on a spare port)")
@@ -2485,6 +2628,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--cluster runs alone: not with --compare, --peers or --baseline")
     if args.cluster and set(args.scenario or ()) - set(CLUSTER_SCENARIOS):
         parser.error(f"--cluster runs {', '.join(CLUSTER_SCENARIOS)} only")
+    if args.shared_port and not args.cluster:
+        parser.error("--shared-port needs --cluster")
     if args.bus and not (args.cluster and args.bus.startswith(("redis://", "rediss://"))):
         parser.error("--bus takes a redis:// URL, with --cluster")
     if args.db_url and not args.db_url.startswith(("postgresql://", "postgres://")):

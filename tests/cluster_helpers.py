@@ -77,20 +77,23 @@ async def _end(proc: asyncio.subprocess.Process, signum: int = signal.SIGKILL) -
 class RedisServer:
     """A redis-server of the test's own on a spare port, without persistence."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, password: str | None = None) -> None:
         self.binary = require_program("redis-server")
         self.directory = directory
         self.port = spare_port()
+        self.password = password  # --requirepass: clients must AUTH
         self.proc: asyncio.subprocess.Process | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = "" if self.password is None else f":{self.password}@"
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
             self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
             "--save", "", "--appendonly", "no", "--dir", str(self.directory),
+            *(() if self.password is None else ("--requirepass", self.password)),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         )
         await self.ping()
@@ -105,8 +108,9 @@ class RedisServer:
                     await asyncio.sleep(0.05)
                     continue
                 try:
+                    # Without the password Redis answers NOAUTH: up all the same.
                     writer.write(b"PING\r\n")
-                    if await reader.readline() == b"+PONG\r\n":
+                    if (await reader.readline()).startswith((b"+PONG", b"-NOAUTH")):
                         return
                 finally:
                     writer.close()
@@ -123,9 +127,9 @@ class RedisServer:
 
 
 @asynccontextmanager
-async def redis_server() -> AsyncIterator[RedisServer]:
+async def redis_server(password: str | None = None) -> AsyncIterator[RedisServer]:
     with tempfile.TemporaryDirectory(prefix="chatd-redis-") as directory:
-        server = RedisServer(Path(directory))
+        server = RedisServer(Path(directory), password)
         try:
             await server.start()
             yield server

@@ -1,7 +1,8 @@
 """``scripts/bench.py --cluster``: dm, fanout and latency on one SQLite node, one
 PostgreSQL node and two nodes sharing PostgreSQL and a Redis bus, every delivery
 verified, every process's CPU reported, the databases it made dropped and its
-redis-server and nodes gone afterwards.
+redis-server and nodes gone afterwards; with ``--shared-port`` the two nodes on one port,
+each holding a listening socket on it and some of the connections.
 
 No timing is asserted (the machine may be busy).  Skipped where PostgreSQL, redis-py or
 redis-server is absent, failed instead with CHATD_REQUIRE_POSTGRES=1 (tests/pg_helpers.py).
@@ -11,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,34 +44,45 @@ def running(*needles: str) -> list[str]:
     return found
 
 
-async def run_cluster_bench(server_url: str, keep: Path) -> subprocess.CompletedProcess[str]:
+async def run_cluster_bench(server_url: str, keep: Path, *more: str
+                            ) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(
         subprocess.run,
         [sys.executable, str(BENCH), "--quick", "--json-only", "--db-url", server_url,
-         "--cluster", "--output", str(keep)],
+         "--cluster", "--output", str(keep), *more],
         cwd=ROOT, capture_output=True, text=True, timeout=110,
     )
 
 
-@pytest.mark.slow
-async def test_cluster_mode_runs_each_scenario_on_one_node_and_on_two(tmp_path: Path) -> None:
+def require_redis() -> None:
     try:
         import redis as _  # noqa: F401
     except ImportError:
         unavailable("redis-py is not installed: pip install 'chatd[redis]'")
     require_program("redis-server")
+
+
+async def dropped(url: str, made: list[str]) -> int:
+    """How many of the databases ``made`` are still on the server of ``url``."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        left: int = await conn.fetchval(
+            "SELECT count(*) FROM pg_database WHERE datname = ANY($1)", made)
+    finally:
+        await conn.close()
+    return left
+
+
+@pytest.mark.slow
+async def test_cluster_mode_runs_each_scenario_on_one_node_and_on_two(tmp_path: Path) -> None:
+    require_redis()
     async with fresh_database() as url:  # the server to make the benchmark's databases on
         done = await run_cluster_bench(url, tmp_path / "out.jsonl")
         lines = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
         made = [r["postgres_database"] for r in lines if r["store"] == "postgresql"]
-        import asyncpg
-
-        conn = await asyncpg.connect(url)
-        try:
-            left = await conn.fetchval(
-                "SELECT count(*) FROM pg_database WHERE datname = ANY($1)", made)
-        finally:
-            await conn.close()
+        left = await dropped(url, made)
     failed = [(r["scenario"], r["server"], r["verification"]) for r in lines if not r["verified"]]
     assert not failed, failed
     assert done.returncode == 0, done.stderr[-3000:]
@@ -106,6 +121,93 @@ async def test_cluster_mode_runs_each_scenario_on_one_node_and_on_two(tmp_path: 
         assert isinstance(latency[key], float)
 
 
+# Enough connections per scenario that the kernel leaving a node without any (a chance of
+# 2 ** (1 - n) for n connections) cannot happen by chance: 32 in each.
+SPREAD = ("--set", "dm_pairs=16", "--set", "latency_pairs=16", "--set", "fanout_members=32")
+
+
+@pytest.mark.slow
+async def test_shared_port_mode_runs_two_nodes_on_one_port(tmp_path: Path) -> None:
+    """``--cluster --shared-port``: both nodes listen on one port, every client connects to
+    it, each node got some of the connections, and every delivery is verified."""
+    require_redis()
+    async with fresh_database() as url:
+        done = await run_cluster_bench(url, tmp_path / "out.jsonl", "--shared-port", *SPREAD)
+        lines = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+        made = [r["postgres_database"] for r in lines if r["store"] == "postgresql"]
+        left = await dropped(url, made)
+    failed = [(r["scenario"], r["server"], r["verification"]) for r in lines if not r["verified"]]
+    assert not failed, failed
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [(r["scenario"], r["server"], r["store"]) for r in lines] == [
+        (name, server, store)
+        for name in ("dm", "fanout", "latency")
+        for server, store in (("chatd", "sqlite"), ("chatd", "postgresql"),
+                              ("chatd-shared-port", "postgresql"))
+    ]
+    assert left == 0 and len(set(made)) == 6
+    shared = [r for r in lines if r["server"] == "chatd-shared-port"]
+    for r in shared:
+        check_cluster_line(r)
+        clients = {"dm": 32, "fanout": 32, "latency": 32}[r["scenario"]]
+        # The two nodes' listening sockets on the one port, found in /proc by the bench.
+        assert r["listening"] == {"a": True, "b": True}, r["scenario"]
+        assert isinstance(r["port"], int) and r["port"] > 0
+        assert min(r["connections"].values()) > 0, (r["scenario"], r["connections"])
+        assert sum(r["connections"].values()) == clients, (r["scenario"], r["connections"])
+        assert "vs_single" in r and "vs_single_postgresql" in r
+    assert len({r["port"] for r in shared}) == 3  # each scenario its own pair of nodes
+    for r in shared:
+        if r["scenario"] in ("dm", "latency"):
+            assert 0 <= r["pairs_across_nodes"] <= 16
+    latency = shared[2]
+    for kind, pairs in (("across_nodes", latency["pairs_across_nodes"]),
+                        ("same_node", 16 - latency["pairs_across_nodes"])):
+        assert isinstance(latency[f"{kind}_p99_ms"], float) == (pairs > 0), kind
+    for node_id in (n for r in shared for n in r["node_ids"]):
+        assert not running("--node-id\0" + node_id), f"node {node_id} outlived the run"
+
+
+def test_the_census_sees_a_node_that_does_not_listen_or_got_nothing() -> None:
+    """The check behind --shared-port, on real sockets: one "node" is this process,
+    listening on the port with one connection; the other is a process holding no socket."""
+    bench = load_bench()
+    idle = subprocess.Popen(["sleep", "60"])
+    try:
+        with socket.socket() as listener:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            port = listener.getsockname()[1]
+            with socket.create_connection(("127.0.0.1", port)) as outgoing:
+                accepted, _ = listener.accept()
+                with accepted:
+                    nodes = {"a": bench.ServerProcess("127.0.0.1", port, os.getpid(), None, None),
+                             "b": bench.ServerProcess("127.0.0.1", port, idle.pid, None, None)}
+                    shared = bench.SharedPort(port, nodes)
+                    shared.census([LocalEnd(outgoing.getsockname()[1])])
+                    check = bench.Check()
+                    shared.check(check, 1)
+    finally:
+        idle.kill()
+        idle.wait()
+    assert shared.listening == {"a": True, "b": False}
+    assert shared.connections == {"a": 1, "b": 0}
+    assert check.errors == [f"node b has no listening socket on port {port}",
+                            "node b got none of the 1 connections"]
+
+
+@dataclass
+class LocalEnd:
+    """What the census asks of a client: its end of the connection."""
+
+    port: int
+
+    @property
+    def local_address(self) -> tuple[str, int]:
+        return "127.0.0.1", self.port
+
+
 def check_cluster_line(result: dict[str, Any]) -> None:
     """Every process's CPU, both nodes summed as the server's, and the cost per message."""
     for key in CLUSTER_CPU:
@@ -127,6 +229,9 @@ def test_cluster_needs_a_postgresql_server_and_its_own_scenarios() -> None:
         with pytest.raises(SystemExit) as exited:
             bench.parse_args(argv)
         assert exited.value.code == 2, argv
+    with pytest.raises(SystemExit) as exited:
+        bench.parse_args(["--shared-port", "--db-url", "postgresql://x@h/d"])
+    assert exited.value.code == 2
     args = bench.parse_args(["--cluster", "--db-url", "postgresql://x@h/d",
                              "--bus", "redis://127.0.0.1:6379/0", "--scenario", "latency"])
     assert args.cluster and args.bus == "redis://127.0.0.1:6379/0"

@@ -335,6 +335,59 @@ async def test_a_node_does_not_read_its_own_notices_back(
     assert a.pushed == b.pushed == sent + sent_back
 
 
+async def test_the_publishing_connection_is_replaced_when_lost(
+    nodes: tuple[ListLog, Node, Node], redis: RedisServer,
+) -> None:
+    """Publishing goes through a connection of its own that Redis answers nothing on
+    (CLIENT REPLY OFF): a node notices its loss by the socket alone, and reconnects."""
+    from redis import asyncio as aioredis
+
+    log, a, b = nodes
+    first = [a.send(log, "c:1") for _ in range(10)]
+    await until(lambda: len(b.pushed) == len(first))
+    admin: Any = aioredis.Redis.from_url(redis.url)  # redis-py's types are partial
+    try:
+        publishers = await _publishing_clients(admin)
+        assert len(publishers) == 1  # b published nothing: only a's
+        await admin.execute_command("CLIENT", "KILL", "ID", publishers[0])
+        await until(lambda: not a.bus.publishing)
+        meanwhile = [a.send(log, "c:1") for _ in range(5)]  # wait for the new connection
+        await until(lambda: a.bus.publishing)
+        after = [a.send(log, "c:1") for _ in range(10)]
+        await until(lambda: len(b.pushed) == len(first) + len(meanwhile) + len(after))
+        assert b.pushed == first + meanwhile + after
+        assert a.bus.counts.dropped == 0
+        assert len(await _publishing_clients(admin)) == 1
+    finally:
+        await admin.aclose()
+
+
+async def _publishing_clients(admin: Any) -> list[str]:
+    """Ids of the connections whose last command was a PUBLISH."""
+    listing = (await admin.execute_command("CLIENT", "LIST")).decode()
+    fields = [dict(f.split("=", 1) for f in line.split()) for line in listing.splitlines()]
+    return [f["id"] for f in fields if f.get("cmd") == "publish"]
+
+
+async def test_a_bus_with_a_password_publishes_and_receives() -> None:
+    async with redis_server(password="s3cret") as server:
+        log = ListLog()
+        a, b = Node("a", server.url, log), Node("b", server.url, log)
+        try:
+            for node in (a, b):
+                node.order.follow("c:1", 0, 0)
+                await node.bus.start()
+            sent = [a.send(log, "c:1") for _ in range(3)]
+            await until(lambda: b.pushed == sent)
+            wrong = RedisBus(server.url.replace("s3cret", "wrong"), "c", lambda m: None,
+                             lambda: None)
+            with pytest.raises(ConnectionError, match="cannot subscribe"):
+                await wrong.start(timeout=1.0)
+        finally:
+            await a.close()
+            await b.close()
+
+
 async def test_every_node_hears_every_other_once_and_not_itself(redis: RedisServer) -> None:
     """The patterns that leave a node's own channel out, against Redis's own matching:
     every other node's channel matches exactly one of them (a message is delivered once

@@ -9,6 +9,7 @@ answer as it was: the same ids, the same positions, the same pages.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import sqlite3
 from collections.abc import AsyncIterator
@@ -146,3 +147,29 @@ async def test_reopening_the_migrated_file_changes_nothing(old_file: str) -> Non
     store = await Store.open(old_file)
     await store.close()
     assert await asyncio.to_thread(_query, old_file, "SELECT * FROM channel_messages") == before
+
+
+async def test_an_old_file_keeps_its_page_size(old_file: str, store: Store) -> None:
+    # The page size of a file is fixed when it is made: opening never rewrites it.
+    assert await asyncio.to_thread(_query, old_file, "PRAGMA page_size") == [(4096,)]
+
+
+async def test_a_new_file_writes_a_quarter_of_the_wal_per_send(tmp_path: Path) -> None:
+    # One message per commit, as at low load: each commit writes every page it touched
+    # whole, so the page size sets the WAL's growth (and the checkpoints' work). With
+    # SQLite's default 4 KiB pages this was ~22 KiB per send.
+    path = str(tmp_path / "chatd.sqlite3")
+    store = await Store.open(path)
+    try:
+        for name in ("ann", "bob"):
+            assert await store.create_user(name, name, name_skeletons(name), "x", NOW)
+        first = await store.enqueue(NewMessage(PRIVATE, 1, 2, "warm-up", NOW, None))
+        assert first.id == 1
+        before = await asyncio.to_thread(os.path.getsize, path + "-wal")
+        for n in range(50):
+            await store.enqueue(NewMessage(PRIVATE, n % 2 + 1, 2 - n % 2, "hi", NOW, f"c{n}"))
+        grown = await asyncio.to_thread(os.path.getsize, path + "-wal") - before
+    finally:
+        await store.close()
+    assert grown / 50 < 8 * 1024
+    assert await asyncio.to_thread(_query, path, "PRAGMA page_size") == [(1024,)]

@@ -1,7 +1,8 @@
 """The store contract (chatd.store.MessageStore), run against every store.
 
-Each test runs on a fresh SQLite file and on a fresh PostgreSQL database; the
-PostgreSQL cases skip where PostgreSQL is absent (or fail, with
+Each test runs on a fresh SQLite file and on a fresh PostgreSQL database, twice on
+PostgreSQL (batches by size as in production, then every batch message by message:
+chatd.store.postgres.FEW); the PostgreSQL cases skip where PostgreSQL is absent (or fail, with
 CHATD_REQUIRE_POSTGRES=1: tests/pg_helpers.py).  A behaviour is part of the contract
 when both stores must give the same answer; the few checks of one store's insides
 (its schema version, PostgreSQL's per-stream seq) say so.
@@ -90,14 +91,22 @@ def _sqlite_query(path: str, sql: str) -> list[tuple[Any, ...]]:
         conn.close()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+@pytest.fixture(params=["sqlite", "postgresql", "postgresql-few"])
+async def backend(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Backend]:
     async with AsyncExitStack() as stack:
         if request.param == "sqlite":
             db = str(tmp_path / "contract.sqlite3")
         else:
             db = await stack.enter_async_context(fresh_database())
-        backend = Backend(request.param, db)
+        if request.param == "postgresql-few":
+            # Every batch through chatd_store_few, message by message (by default only
+            # batches of up to FEW messages are; the larger ones here are set-based).
+            from chatd.store import postgres
+
+            monkeypatch.setattr(postgres, "FEW", 1_000_000)
+        backend = Backend(request.param.partition("-")[0], db)
         yield backend
         await backend.close_all()
 
@@ -276,6 +285,23 @@ async def test_private_history_pages_both_directions(store: MessageStore) -> Non
     assert (bodies(oldest), oldest.more) == (["a0", "b0"], False)
     exact = await store.private_history(ann, bob, None, 10)
     assert (len(exact.messages), exact.more) == (10, False)
+
+
+async def test_private_pages_when_one_side_did_all_the_talking(store: MessageStore) -> None:
+    # Each direction is cut to the page before the two are merged: the page must still
+    # be the newest (or oldest) of both together when one side fills it alone.
+    ann = await add_user(store, "ann")
+    bob = await add_user(store, "bob")
+    ids = [(await store.enqueue(private(ann, bob, f"a{i}"))).id for i in range(6)]
+    await store.enqueue(private(bob, ann, "b0"))
+    newest = await store.private_history(bob, ann, None, 3)
+    assert (bodies(newest), newest.more) == (["a4", "a5", "b0"], True)
+    older = await store.private_history(ann, bob, ids[4], 3)
+    assert (bodies(older), older.more) == (["a1", "a2", "a3"], True)
+    first = await store.private_range(ann, bob, Bounds(), 2, newest=False)
+    assert [m.body for m in first] == ["a0", "a1"]
+    last = await store.private_range(bob, ann, Bounds(after_id=ids[0]), 2, newest=True)
+    assert [m.body for m in last] == ["a5", "b0"]
 
 
 # Channels.
