@@ -99,7 +99,7 @@ class App:
         order; returns how many were refused with code 8, and stops after the
         ``rate_limit_budget``-th (the caller closes the connection then).
 
-        Sends that need nothing to be waited for (handlers.dispatch_now) are taken
+        Sends that need nothing to be waited for (handlers.NOW_OPS, gate_now) are taken
         together: one context, one group-commit entry, one :class:`ReplyGroup` for their
         replies (and for the errors among them). Any other request is handled whole by
         :meth:`handle`, once the sends before it are queued: it sees them (read your
@@ -118,8 +118,11 @@ class App:
                         if refused >= rate_limit_budget:
                             break
                     continue
-            if group is not None and group.size:
-                await put(group.close())
+            if group is not None:
+                if group.size:
+                    await put(group.close())
+                # A new group after this request, even if this one took nothing: its
+                # time, auth gate and rate bucket hold only while nothing is awaited.
                 group = None
             reply = await self.handle(session, body)
             await put(reply)

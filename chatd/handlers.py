@@ -255,7 +255,7 @@ async def user_info(ctx: Context, params: Params) -> Data:
     }
 
 
-SENDING_TOO_FAST = "sending too fast"  # the slow paths' and _outgoing_now's refusal
+SENDING_TOO_FAST = "sending too fast"  # the slow paths' and _message_now's refusal
 
 
 def _throttle(ctx: Context, bucket: RateLimiter, too_fast: str) -> None:

@@ -33,7 +33,7 @@ RULES: tuple[tuple[str, str], ...] = (
     ("reply", r"_ReplyQueue|PendingReply|ReplyGroup|app\.py.*(finish|result)|metrics\.py|"
               r"^success \(|^_?sent \("),
     ("validation", r"parse_request|protocol\.py|Params\.|valid|names\.py|_existing_user|"
-                   r"_known_recipient|request_id"),
+                   r"^_known \(|request_id"),
     ("store, main thread", r"store\.py|storage\.py|chatd/store/|aiosqlite/core\.py.*(_execute|"
                            r"execute|_connection_worker_thread_done)|call_soon_threadsafe"),
     ("fan-out", r"hub\.py|delivery\.py|publish|_after_commit"),
