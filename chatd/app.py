@@ -11,37 +11,21 @@ from typing import Any
 
 from chatd.auth import Hasher
 from chatd.bus import Bus, LocalBus
-from chatd.codec import Malformed, Oversize
+from chatd.codec import HEADER_SIZE, Malformed, Oversize, decode_body, encode_frame
 from chatd.config import Config
 from chatd.errors import BadRequest, ChatdError, ErrorCode, FrameTooLarge, ServerError
-from chatd.handlers import (
-    NOW_OPS,
-    Context,
-    Deferred,
-    Outgoing,
-    dispatch,
-    dispatch_now,
-    publish,
-)
+from chatd.events import sent_reply
+from chatd.handlers import NOW_OPS, Context, Deferred, dispatch, gate_now, publish_message
 from chatd.hub import Hub, Session
 from chatd.limits import Guards
 from chatd.metrics import Metrics
-from chatd.protocol import (
-    Data,
-    Params,
-    Request,
-    failure,
-    format_datetime,
-    parse_request,
-    request_id,
-    success,
-)
-from chatd.store import CHANNEL, MessageStore, Stored
+from chatd.protocol import Data, failure, parse_request, request_id, success
+from chatd.store import CHANNEL, PRIVATE, MessageStore, NewMessage, Stored
 
 log = logging.getLogger(__name__)
 
 RATE_LIMITED = int(ErrorCode.RATE_LIMITED)
-_SEND_OPS = {CHANNEL: "/channel/send"}  # the op of an Outgoing, by kind; "/send" otherwise
+_SEND_OPS = {CHANNEL: "/channel/send", PRIVATE: "/send"}  # the op of a message, by kind
 
 
 @dataclass
@@ -115,7 +99,7 @@ class App:
         order; returns how many were refused with code 8, and stops after the
         ``rate_limit_budget``-th (the caller closes the connection then).
 
-        Sends that need nothing to be waited for (handlers.dispatch_now) are taken
+        Sends that need nothing to be waited for (handlers.NOW_OPS, gate_now) are taken
         together: one context, one group-commit entry, one :class:`ReplyGroup` for their
         replies (and for the errors among them). Any other request is handled whole by
         :meth:`handle`, once the sends before it are queued: it sees them (read your
@@ -127,15 +111,18 @@ class App:
             if type(body) is dict and type(op := body.get("op")) is str and op in NOW_OPS:
                 if group is None:
                     group = ReplyGroup(self, self.context(session))
-                code = group.add(body)
+                code = group.add(body, op)
                 if code is not None:  # answered, or queued with the group's sends
                     if code == RATE_LIMITED:
                         refused += 1
                         if refused >= rate_limit_budget:
                             break
                     continue
-            if group is not None and group.size:
-                await put(group.close())
+            if group is not None:
+                if group.size:
+                    await put(group.close())
+                # A new group after this request, even if this one took nothing: its
+                # time, auth gate and rate bucket hold only while nothing is awaited.
                 group = None
             reply = await self.handle(session, body)
             await put(reply)
@@ -188,24 +175,40 @@ class Pending:
         """The replies, in request order (call once ``ready``)."""
         raise NotImplementedError
 
+    def frames(self) -> list[bytes]:
+        """The replies as frames, in request order (call once ``ready``): what is written."""
+        return [encode_frame(reply) for reply in self.replies()]
+
 
 class ReplyGroup(Pending):
     """The replies to consecutive requests of one read, sends among them (App.handle_many).
 
     The sends go to the group commit as one entry (``close``); once it is committed
     they are published, in order, and the group is ready: its replies, the errors
-    answered at once among them, go out together.
+    answered at once among them, go out together. Each reply is kept as its frame,
+    made once it is known: a send's from pre-encoded pieces (chatd.events.sent_reply).
     """
 
-    __slots__ = ("_app", "_committed", "_ctx", "_outgoing", "_ready", "_replies", "_rids",
-                 "_started")
+    __slots__ = ("_app", "_committed", "_ctx", "_frames", "_gate_token", "_gated",
+                 "_messages", "_now", "_ready", "_rids", "_sender_name", "_started",
+                 "_targets")
 
     def __init__(self, app: App, ctx: Context) -> None:
         self._app, self._ctx = app, ctx
-        self._replies: list[Data | None] = []  # None: a send's, known once committed
-        self._outgoing: list[Outgoing] = []
+        self._frames: list[bytes | None] = []  # None: a send's, known once committed
+        # The sends, in order: the message, its recipient's or channel's name, its id.
+        self._messages: list[NewMessage] = []
+        self._targets: list[str] = []
         self._rids: list[int | None] = []
         self._started = time.perf_counter()
+        # One time for the requests of one read: they are handled in one go, without
+        # waiting, so it is their time to within microseconds (and a clock call less each).
+        self._now = ctx.clock()
+        # The auth gate passed for this token (None: the bound session's): the session
+        # cannot change while the group takes requests, so the same token passes again.
+        self._gated = False
+        self._gate_token: str | None = None
+        self._sender_name = ""
         self._committed: asyncio.Future[None] | None = None
         self._ready = False
 
@@ -215,34 +218,50 @@ class ReplyGroup(Pending):
 
     @property
     def size(self) -> int:
-        return len(self._replies)
+        return len(self._frames)
 
-    def add(self, body: dict[str, Any]) -> int | None:
-        """Take a request: the code of its reply (0 for a send, answered once
-        committed), or None if it must be handled whole (App.handle) instead."""
-        op = "?"
+    def add(self, body: dict[str, Any], op: str) -> int | None:
+        """Take a request of a NOW_OPS ``op``: the code of its reply (0 for a send,
+        answered once committed), or None if it must be handled whole (App.handle)."""
+        params, rid, token = body.get("params"), body.get("id"), body.get("token")
+        label = op  # the op the reply is counted and logged under
         try:
-            request = _request(body)
-            op = request.op
-            outgoing = dispatch_now(self._ctx, request)
-            if outgoing is None:
+            if not (
+                type(params) is dict
+                and (rid is None or type(rid) is int)
+                and (token is None or type(token) is str)
+            ):
+                label = "?"  # as App.handle, until the envelope is known to be good
+                request = parse_request(body)  # and its words for what is wrong
+                label = op
+                params = body.get("params") or {}  # as parse_request took it
+                rid, token = request.id, request.token
+            ctx, now = self._ctx, self._now
+            if not self._gated or token != self._gate_token:
+                if not gate_now(ctx, token, now):
+                    return None
+                self._gated, self._gate_token = True, token
+            sent = NOW_OPS[op](ctx, params, now)
+            if sent is None:
                 return None
         except Exception as error:
             app, session = self._app, self._ctx.session
-            reply = app.failure_reply(session, request_id(body), op, error)
-            self._replies.append(app.finish(session, op, reply, self._started))
+            reply = app.failure_reply(session, request_id(body), label, error)
+            self._frames.append(encode_frame(app.finish(session, label, reply, self._started)))
             code: int = reply["code"]
             return code
-        self._outgoing.append(outgoing)
-        self._rids.append(request.id)
-        self._replies.append(None)
+        self._messages.append(sent[0])
+        self._targets.append(sent[1])
+        self._rids.append(rid)
+        self._frames.append(None)
         return 0
 
     def close(self) -> ReplyGroup:
         """No more requests: the sends go to the group commit."""
-        if self._outgoing:
-            messages = [outgoing.message for outgoing in self._outgoing]
-            self._committed = self._ctx.store.enqueue_many(messages, self._settle)
+        if self._messages:
+            # The sender's name as it is now, while the sends are made (as Outgoing keeps it).
+            self._sender_name = self._ctx.session.user_name or ""
+            self._committed = self._ctx.store.enqueue_many(self._messages, self._settle)
         else:
             self._ready = True
         return self
@@ -252,60 +271,63 @@ class ReplyGroup(Pending):
         if not self._ready and committed is not None:
             await committed  # only ever resolved (GroupCommit), never failed or cancelled
 
-    def replies(self) -> list[Data]:
-        return [reply or self._lost() for reply in self._replies]
+    def frames(self) -> list[bytes]:
+        return [frame or self._lost() for frame in self._frames]
 
-    def _lost(self) -> Data:
+    def replies(self) -> list[Data]:
+        return [decode_body(frame[HEADER_SIZE:]) for frame in self.frames()]
+
+    def _lost(self) -> bytes:
         # Only if _settle failed (logged by the group commit): never a silent success.
-        return failure(None, ServerError())
+        return encode_frame(failure(None, ServerError()))
 
     def _settle(self, results: list[Stored | Exception]) -> None:
         """Publish each committed message, then make its reply (the group commit calls
         this right after COMMIT, in commit order)."""
-        app, ctx = self._app, self._ctx
-        session, replies = ctx.session, self._replies
-        request_handled, elapsed = app.metrics.request_handled, time.perf_counter() - self._started
+        app, ctx, frames = self._app, self._ctx, self._frames
+        elapsed = time.perf_counter() - self._started
         debug = log.isEnabledFor(logging.DEBUG)
+        session, sender_name = ctx.session, self._sender_name
+        # Asked once for the group: whether the sender has another session to copy to.
+        copies = ctx.bus.copies_wanted(self._messages[0].sender_id, session.serial)
+        # Sends answered, and messages stored (not repeats of a client_id), by kind.
+        answered, stored = dict.fromkeys(_SEND_OPS, 0), dict.fromkeys(_SEND_OPS, 0)
         position = 0
         try:
-            for outgoing, rid, result in zip(self._outgoing, self._rids, results, strict=True):
-                while replies[position] is not None:
+            for message, target, rid, result in zip(
+                self._messages, self._targets, self._rids, results, strict=True
+            ):
+                while frames[position] is not None:
                     position += 1
-                op = _SEND_OPS.get(outgoing.message.kind, "/send")
-                if isinstance(result, Exception):
+                if type(result) is not Stored:
+                    assert isinstance(result, Exception)
+                    op = _SEND_OPS[message.kind]
                     reply = app.failure_reply(session, rid, op, result)
-                    replies[position] = app.finish(session, op, reply, self._started)
+                    frames[position] = encode_frame(app.finish(session, op, reply, self._started))
                     continue
+                kind = message.kind
                 if not result.duplicate:
+                    stored[kind] += 1
                     try:
-                        publish(ctx, outgoing, result)
+                        publish_message(ctx, message, target, sender_name, result, copies)
                     except Exception:  # one failed push must not hold the rest back
                         log.exception("publishing message %d failed", result.id)
-                data = {"id": result.id, "datetime": format_datetime(result.created_at)}
-                # success(rid, sent(result)), written out for the hot path
-                replies[position] = (
-                    {"code": 0, "msg": "success", "data": data}
-                    if rid is None
-                    else {"id": rid, "code": 0, "msg": "success", "data": data}
-                )
-                request_handled(op, 0, elapsed)  # App.finish, written out for the hot path
+                frames[position] = sent_reply(rid, result.id, result.created_at)
+                answered[kind] += 1
                 if debug:
-                    log.debug("%s %s -> 0", session, op)
+                    log.debug("%s %s -> 0", session, _SEND_OPS[message.kind])
         finally:
             self._ready = True
+            self._count(answered, stored, elapsed)
 
-
-def _request(body: dict[str, Any]) -> Request:
-    """parse_request(body), with a shortcut for the envelope nearly every request has."""
-    params, rid, token = body.get("params"), body.get("id"), body.get("token")
-    if (
-        type(params) is dict
-        and (rid is None or type(rid) is int)
-        and (token is None or type(token) is str)
-        and type(op := body.get("op")) is str
-    ):
-        return Request(op, rid, Params(params), token)
-    return parse_request(body)  # and its words for what is wrong
+    def _count(self, answered: dict[str, int], stored: dict[str, int], elapsed: float) -> None:
+        """The metrics of the group's sends, each kind counted in one call, not one a send."""
+        metrics = self._app.metrics
+        for kind, count in answered.items():
+            if count:
+                metrics.request_handled(_SEND_OPS[kind], 0, elapsed, count)
+            if stored[kind]:
+                metrics.message_stored(kind, stored[kind])
 
 
 class PendingReply(Pending):

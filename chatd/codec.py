@@ -68,6 +68,9 @@ def decode_body(payload: bytes | memoryview) -> Any:
 
 
 _unpackb = msgpack.unpackb
+# msgpack's defaults since 1.0 (setup.cfg asks for 1.0.5) are decode_body's options: the
+# hot loop passes none, as keyword arguments cost a parse per frame (tests/test_codec.py
+# checks the defaults).
 
 
 def _malformed(exc: Exception, size: int) -> Malformed:
@@ -189,7 +192,7 @@ class FrameDecoder:
             try:
                 body = data[start:end]
                 if unpack is None:
-                    bodies.append(_unpackb(body, raw=False, strict_map_key=True, use_list=True))
+                    bodies.append(_unpackb(body))  # decode_body's options: msgpack's defaults
                 else:
                     bodies.append(unpack(body))
             except Exception as exc:  # as in decode_body, written out: this is the hot loop

@@ -226,17 +226,16 @@ class Connection(Session):
         one write: a busy channel costs one system call per member per turn, not one
         per message.
         """
-        if self._writer.is_closing():
-            return
         frame = event.msgpack_frame  # read here: the call costs more than the read
         if frame is None:
             frame = events.frame(event)
-        if self._pushes is None:
+        pushes = self._pushes
+        if pushes is not None:
+            pushes.append(frame)  # a closing writer is noticed by the flush, once a turn
+        elif not self._writer.is_closing():
             self._pushes = [frame]
             # The task's loop, not get_running_loop(): that makes a system call (getpid).
             self._loop().call_soon(self._flush_pushes)
-        else:
-            self._pushes.append(frame)
 
     def _loop(self) -> asyncio.AbstractEventLoop:
         return asyncio.get_running_loop() if self._task is None else self._task.get_loop()
@@ -585,8 +584,8 @@ class _ReplyQueue:
                 assert isinstance(item, Pending)
                 if not item.ready:
                     break
-                answers = item.replies()
-                frames += map(encode_frame, answers)
+                answers = item.frames()
+                frames += answers
                 self._owed -= len(answers)
             replies.popleft()
         return frames

@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from chatd import validation
 from chatd.auth import Hasher, Verdict, new_token, token_digest
@@ -34,7 +34,7 @@ from chatd.errors import (
     RateLimited,
 )
 from chatd.hub import Hub, Session
-from chatd.limits import Guards, RateLimiter, address_key
+from chatd.limits import Bucket, Guards, RateLimiter, address_key
 from chatd.metrics import Metrics
 from chatd.model import INBOX, ChannelPost, InboxMessage, Join, Leave, SentCopy, StreamEvent
 from chatd.protocol import Data, Params, Request, format_datetime
@@ -74,6 +74,9 @@ class Context:
     # name's checks and its key (two NFKC passes) cost more than the rest of a send.
     recipients: dict[str, User] | None = None
     channels: dict[str, Channel] | None = None  # the same for channels
+    # The caller's message bucket, refilled once for the sends of one read (they share
+    # one time): each spends from it (RateLimiter.refilled).
+    message_bucket: Bucket | None = None
 
     @property
     def user_id(self) -> int:
@@ -252,7 +255,7 @@ async def user_info(ctx: Context, params: Params) -> Data:
     }
 
 
-SENDING_TOO_FAST = "sending too fast"  # the slow paths' and _outgoing_now's refusal
+SENDING_TOO_FAST = "sending too fast"  # the slow paths' and _message_now's refusal
 
 
 def _throttle(ctx: Context, bucket: RateLimiter, too_fast: str) -> None:
@@ -278,60 +281,76 @@ async def send(ctx: Context, params: Params) -> Deferred:
     return _after_commit(ctx, _private_message(ctx, params, recipient))
 
 
-def send_now(ctx: Context, params: Params) -> Outgoing | None:
-    """/send without waiting, as App.handle_many does it: None when the recipient is not
-    at hand (not cached, or the name is not valid), and send() must do it all."""
-    recipient = _known_recipient(ctx, params)
+def send_now(ctx: Context, values: dict[str, Any], now: float) -> Sent | None:
+    """/send without waiting, as App.handle_many does it (``values``: the request's
+    params): None when the recipient is not at hand (not cached, or the name is not
+    valid), and send() must do it all."""
+    name = values.get("name")
+    memo = ctx.recipients
+    if memo is None:
+        memo = ctx.recipients = {}
+    recipient = memo.get(name) if type(name) is str else None
     if recipient is None:
-        return None
+        recipient = _known(values, memo, validation.user_name, ctx.store.cached_profile)
+        if recipient is None:
+            return None
     # send()'s checks in send()'s order (the look-up raised nothing), written out: the
     # hot path of the hot path.
-    return _outgoing_now(ctx, params, PRIVATE, "msg", recipient.id, recipient.name)
+    return _message_now(ctx, values, now, PRIVATE, "msg", recipient.id), recipient.name
 
 
-def _outgoing_now(
-    ctx: Context, params: Params, kind: str, text_key: str, target_id: int, target_name: str
-) -> Outgoing:
-    """The rest of a send's checks, in the handler's order, written out: the hot path."""
-    session = ctx.session
-    sender_id, now = session.user_id, ctx.clock()
-    assert sender_id is not None and session.user_name is not None, "auth gate let it by"
-    wait = ctx.guards.messages.take(sender_id, now)
-    if wait:
-        raise RateLimited(SENDING_TOO_FAST, wait)
-    text = validation.message_text(params, text_key, ctx.config.max_message_length)
-    client_id = params.optional_text("client_id", validation.MAX_CLIENT_ID_LENGTH)
-    new = NewMessage(kind, sender_id, target_id, text, now, client_id)
-    return Outgoing(new, target_name, session.user_name)
+# A message taken without waiting, and its recipient's or channel's name (for its events).
+Sent = tuple[NewMessage, str]
+
+
+def _message_now(
+    ctx: Context, values: dict[str, Any], now: float, kind: str, text_key: str, target_id: int
+) -> NewMessage:
+    """The rest of a send's checks, in the handler's order, written out: the hot path.
+    Values of the usual types are checked here; any other goes through Params, whose
+    checks raise what the handler would."""
+    sender_id = ctx.session.user_id
+    assert sender_id is not None, "auth gate let an unbound session through"
+    bucket = ctx.message_bucket  # RateLimiter.take(), refilled once per context and time
+    if bucket is None or bucket.updated != now:
+        bucket = ctx.message_bucket = ctx.guards.messages.refilled(sender_id, now)
+    if bucket.tokens >= 1:
+        bucket.tokens -= 1
+    else:
+        raise RateLimited(SENDING_TOO_FAST, ctx.guards.messages.wait(bucket))
+    most = ctx.config.max_message_length
+    text = values.get(text_key)
+    if type(text) is not str or not text or len(text) > most:
+        text = validation.message_text(Params(values), text_key, most)
+    client_id = values.get("client_id")
+    if client_id is not None and (
+        type(client_id) is not str or len(client_id) > validation.MAX_CLIENT_ID_LENGTH
+    ):
+        client_id = Params(values).optional_text("client_id", validation.MAX_CLIENT_ID_LENGTH)
+    return NewMessage(kind, sender_id, target_id, text, now, client_id)
 
 
 _Known = TypeVar("_Known", User, Channel)
 
 
-def _known_recipient(ctx: Context, params: Params) -> User | None:
-    if ctx.recipients is None:
-        ctx.recipients = {}
-    return _known(params, ctx.recipients, validation.user_name, ctx.store.cached_profile)
-
-
 def _known(
-    params: Params,
+    values: dict[str, Any],
     memo: dict[str, _Known],
     validate: Callable[[Params], str],
     cached: Callable[[str], _Known | None],
 ) -> _Known | None:
-    """The user or channel named by ``params`` if the store has it cached (memoised by
+    """The user or channel named in ``values`` if the store has it cached (memoised by
     the name as sent); None when it is not at hand or the name is not valid: the
     awaiting handler then does it all, and reports errors in its order."""
-    name = params.raw("name")
+    name = values.get("name")
     if type(name) is str and (found := memo.get(name)) is not None:
         return found
     try:
-        key = validation.name_key(validate(params))
+        key = validation.name_key(validate(Params(values)))
     except ChatdError:
         return None
     found = cached(key)
-    if found is not None:
+    if found is not None and type(name) is str:
         memo[name] = found
     return found
 
@@ -344,17 +363,31 @@ def _private_message(ctx: Context, params: Params, recipient: User) -> Outgoing:
 
 
 def publish(ctx: Context, outgoing: Outgoing, stored: Stored) -> None:
-    """Tell who must hear of a committed message (called after COMMIT, in commit order;
-    not for a repeated client_id)."""
+    """Count and tell who must hear of a committed message (called after COMMIT, in
+    commit order; not for a repeated client_id)."""
     message = outgoing.message
+    ctx.metrics.message_stored(message.kind)
+    publish_message(ctx, message, outgoing.target_name, outgoing.sender_name, stored)
+
+
+def publish_message(
+    ctx: Context,
+    message: NewMessage,
+    target_name: str,
+    sender_name: str,
+    stored: Stored,
+    copies: bool | None = None,
+) -> None:
+    """Tell who must hear of a committed message; the caller counts it. ``copies``:
+    whether the sender may have another session to copy a private message to, if the
+    caller asked the bus already (the sends of one read ask once)."""
     if message.kind == CHANNEL:
-        ctx.metrics.message_stored("channel")
         ctx.bus.publish(
             ChannelPost(
                 message.target_id,
-                outgoing.target_name,
+                target_name,
                 stored.id,
-                outgoing.sender_name,
+                sender_name,
                 message.body,
                 stored.created_at,
                 ctx.session.serial,
@@ -362,19 +395,22 @@ def publish(ctx: Context, outgoing: Outgoing, stored: Stored) -> None:
             )
         )
         return
-    ctx.metrics.message_stored("private")
     sender_id, recipient_id, bus = message.sender_id, message.target_id, ctx.bus
-    message_id, created_at, sender_name = stored.id, stored.created_at, outgoing.sender_name
+    message_id, created_at = stored.id, stored.created_at
     bus.publish(
         InboxMessage(recipient_id, message_id, sender_name, message.body, created_at, stored.seq)
     )
     # A note to self reached every device already; a sender with no other device gets
     # no copy made at all (the copy cost a tenth of a send).
-    if recipient_id != sender_id and bus.copies_wanted(sender_id, ctx.session.serial):
+    if recipient_id == sender_id:
+        return
+    if copies is None:
+        copies = bus.copies_wanted(sender_id, ctx.session.serial)
+    if copies:
         bus.publish(
             SentCopy(
                 sender_id,
-                outgoing.target_name,
+                target_name,
                 message_id,
                 sender_name,
                 message.body,
@@ -585,19 +621,15 @@ async def channel_send(ctx: Context, params: Params) -> Deferred:
     return _after_commit(ctx, Outgoing(new, channel.name, ctx.user_name))
 
 
-def channel_send_now(ctx: Context, params: Params) -> Outgoing | None:
+def channel_send_now(ctx: Context, values: dict[str, Any], now: float) -> Sent | None:
     """/channel/send without waiting: None unless the channel is cached and the hub knows
     the sender is a member (as _use_channel asks), and channel_send() must do it all."""
-    channel = _known_channel(ctx, params)
-    if channel is None or not ctx.hub.is_member(ctx.user_id, channel.id):
-        return None
-    return _outgoing_now(ctx, params, CHANNEL, "message", channel.id, channel.name)
-
-
-def _known_channel(ctx: Context, params: Params) -> Channel | None:
     if ctx.channels is None:
         ctx.channels = {}
-    return _known(params, ctx.channels, validation.channel_name, ctx.store.cached_channel)
+    channel = _known(values, ctx.channels, validation.channel_name, ctx.store.cached_channel)
+    if channel is None or not ctx.hub.is_member(ctx.user_id, channel.id):
+        return None
+    return _message_now(ctx, values, now, CHANNEL, "message", channel.id), channel.name
 
 
 async def channel_receive(ctx: Context, params: Params) -> Data:
@@ -684,27 +716,21 @@ async def dispatch(ctx: Context, request: Request) -> Data | Deferred | None:
 
 
 # Ops that may be done without waiting, when what they need is at hand (the hot path of
-# App.handle_many): each returns the message to store, or None to leave it to its handler.
-NOW_OPS: dict[str, Callable[[Context, Params], Outgoing | None]] = {
+# App.handle_many): each takes the context, the request's params and the time, and
+# returns the message to store, or None to leave it to its handler.
+NOW_OPS: dict[str, Callable[[Context, dict[str, Any], float], Sent | None]] = {
     "/send": send_now,
     "/channel/send": channel_send_now,
 }
 
 
-def dispatch_now(ctx: Context, request: Request) -> Outgoing | None:
-    """The auth gate and the op without waiting, if they can be (see NOW_OPS); None when
-    dispatch() must do the request whole. Raises as dispatch() would."""
-    handler = NOW_OPS.get(request.op)
-    if handler is None:
-        return None
-    session = ctx.session
-    token = request.token
-    now = ctx.clock()
-    if token is not None and not _bound_with(session, token, now):
-        return None  # authenticate() reads the store
-    if _live_session_due_for_recheck(ctx, now):
-        return None  # so does the recheck
-    return handler(ctx, request.params)
+def gate_now(ctx: Context, token: str | None, now: float) -> bool:
+    """dispatch()'s auth gate without waiting: True if the request may go on, False when
+    it needs the store (a token to check, or a recheck due) and dispatch() must do it.
+    Raises as dispatch() would."""
+    if token is not None and not _bound_with(ctx.session, token, now):
+        return False  # authenticate() reads the store
+    return not _live_session_due_for_recheck(ctx, now)  # the recheck does too
 
 
 def _bound_with(session: Session, token: str, now: float) -> bool:

@@ -282,7 +282,7 @@ class Hub:
         """Hand a committed event to the sessions it is for."""
         # By type, one dict look-up: every message goes through here (twice for a
         # private one), and a chain of isinstance checks cost more (docs/benchmarks.md).
-        _DELIVER[type(event)](self, event)
+        DELIVER[type(event)](self, event)
 
     def _deliver_join(self, event: Join) -> None:
         self.joined(event.user_id, event.channel_id)
@@ -325,7 +325,7 @@ class Hub:
 
 
 # What Hub.deliver does with each kind of event (Published: every kind is here).
-_DELIVER: dict[type[Any], Callable[[Hub, Any], None]] = {
+DELIVER: dict[type[Any], Callable[[Hub, Any], None]] = {
     InboxMessage: Hub._deliver_inbox_message,
     SentCopy: Hub._deliver_sent_copy,
     ChannelPost: Hub._deliver_channel_post,

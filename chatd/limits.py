@@ -18,7 +18,7 @@ DEFAULT_MAX_KEYS = 100_000
 
 
 @dataclass(slots=True)
-class _Bucket:
+class Bucket:
     tokens: float
     updated: float
 
@@ -28,23 +28,39 @@ class RateLimiter:
 
     def __init__(self, rate: float, burst: float, max_keys: int = DEFAULT_MAX_KEYS) -> None:
         self.rate, self.burst = rate, burst
-        self._buckets: OrderedDict[object, _Bucket] = OrderedDict()
+        self._buckets: OrderedDict[object, Bucket] = OrderedDict()
         self._max_keys = max_keys
 
     def take(self, key: object, now: float) -> float:
         """Spend one token: 0.0 if allowed, else the seconds until one is available."""
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            bucket = self._buckets[key] = _Bucket(self.burst, now)
-            if len(self._buckets) > self._max_keys:
-                self._buckets.popitem(last=False)
-        else:
-            self._buckets.move_to_end(key)  # most recently used last
-        bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate)
-        bucket.updated = now
+        bucket = self.refilled(key, now)
         if bucket.tokens >= 1:
             bucket.tokens -= 1
             return 0.0
+        return self.wait(bucket)
+
+    def refilled(self, key: object, now: float) -> Bucket:
+        """The key's bucket, refilled up to ``now`` and made the most recently used.
+
+        take() is refilled() then spending one token, or wait(); several takes at one
+        ``now`` (the sends of one read, App.handle_many) may refill once and spend from
+        the bucket in turn: refilling again at the same time adds nothing and the key is
+        already the most recent, so each gets take()'s very answer."""
+        buckets = self._buckets
+        bucket = buckets.get(key)
+        if bucket is None:
+            bucket = buckets[key] = Bucket(self.burst, now)
+            if len(buckets) > self._max_keys:
+                buckets.popitem(last=False)
+        else:
+            buckets.move_to_end(key)  # most recently used last
+        tokens = bucket.tokens + (now - bucket.updated) * self.rate
+        bucket.tokens = tokens if tokens < self.burst else self.burst  # min(), without a call
+        bucket.updated = now
+        return bucket
+
+    def wait(self, bucket: Bucket) -> float:
+        """Seconds until the (refilled) bucket holds a token."""
         return (1 - bucket.tokens) / self.rate
 
 

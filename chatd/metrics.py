@@ -41,16 +41,18 @@ class Metrics:
         self.connections -= 1
         self.disconnects[reason] += 1
 
-    def request_handled(self, op: str, code: int, seconds: float) -> None:
-        self.requests += 1
+    def request_handled(self, op: str, code: int, seconds: float, count: int = 1) -> None:
+        """``count`` requests of ``op`` answered with ``code`` (the sends of one read are
+        counted together), ``seconds`` after they were read."""
+        self.requests += count
 
-    def message_stored(self, kind: str) -> None:
-        self.messages_stored += 1
+    def message_stored(self, kind: str, count: int = 1) -> None:
+        self.messages_stored += count
         second = int(self._clock())
         if self._per_second and self._per_second[-1][0] == second:
-            self._per_second[-1][1] += 1
+            self._per_second[-1][1] += count
         else:
-            self._per_second.append([second, 1])
+            self._per_second.append([second, count])
         while self._per_second[0][0] <= second - RATE_WINDOW:
             self._per_second.popleft()
 
@@ -122,15 +124,17 @@ class PrometheusMetrics(Metrics):
         self._connections.dec()
         self._disconnects.labels(reason).inc()
 
-    def request_handled(self, op: str, code: int, seconds: float) -> None:
-        super().request_handled(op, code, seconds)
+    def request_handled(self, op: str, code: int, seconds: float, count: int = 1) -> None:
+        super().request_handled(op, code, seconds, count)
         op = op if op in self._known_ops else "unknown"  # clients must not mint label values
-        self._requests.labels(op, str(code)).inc()
-        self._latency.labels(op).observe(seconds)
+        self._requests.labels(op, str(code)).inc(count)
+        latency = self._latency.labels(op)
+        for _ in range(count):  # each request's own observation
+            latency.observe(seconds)
 
-    def message_stored(self, kind: str) -> None:
-        super().message_stored(kind)
-        self._messages.labels(kind).inc()
+    def message_stored(self, kind: str, count: int = 1) -> None:
+        super().message_stored(kind, count)
+        self._messages.labels(kind).inc(count)
 
     def pushed(self, count: int = 1) -> None:
         super().pushed(count)

@@ -25,14 +25,15 @@ from collections.abc import Sequence
 RULES: tuple[tuple[str, str], ...] = (
     ("gc", r"gc_collect|collect_with_callback|gc_collect_main|\bcollect \(gc"),
     ("decode", r"decode_body|unpackb|FrameDecoder|unpack_|_unpacker"),
-    ("encode", r"encode_frame|Packer|msgpack_pack|(?<!un)pack_|format_datetime|_format_second"),
+    ("encode", r"encode_frame|Packer|msgpack_pack|(?<!un)pack_|format_datetime|_format_second|"
+               r"events\.py"),
     ("write", r"Connection\.write\b|_flush_pushes|UVStream.*write|try_write|__libc_write|"
               r"^writev? \(|sendmsg|__send\b|tcp_sendmsg|sock_sendmsg"),
     ("rate limit", r"limits\.py|RateLimiter|_throttle"),
     ("reply", r"_ReplyQueue|PendingReply|ReplyGroup|app\.py.*(finish|result)|metrics\.py|"
               r"^success \(|^_?sent \("),
     ("validation", r"parse_request|protocol\.py|Params\.|valid|names\.py|_existing_user|"
-                   r"_known_recipient|request_id"),
+                   r"^_known \(|request_id"),
     ("store, main thread", r"store\.py|storage\.py|chatd/store/|aiosqlite/core\.py.*(_execute|"
                            r"execute|_connection_worker_thread_done)|call_soon_threadsafe"),
     ("fan-out", r"hub\.py|delivery\.py|publish|_after_commit"),

@@ -200,6 +200,22 @@ async def test_without_login_every_send_of_the_group_is_refused(app: App) -> Non
     assert [a["code"] for a in await replies.answers()] == [ErrorCode.NOT_AUTHENTICATED] * 2
 
 
+async def test_a_send_after_a_request_handled_whole_passes_the_auth_gate_again(
+    app: App,
+) -> None:
+    """What a group takes for granted (the auth gate passed, the time, the rate bucket)
+    holds only while nothing is awaited: a request handled whole in between (here a
+    /logout) is followed by a new group, even when the one before took no request."""
+    alice = await logged_in(app, "alice")
+    channel_send = {"op": "/channel/send", "params": {"name": "general", "message": "hi"}}
+    bodies = [{**channel_send, "id": 1}, {"op": "/logout", "id": 2}, {**channel_send, "id": 3}]
+    replies, _ = await handle(app, alice, bodies)
+    # The first is not cached yet: the general path creates the channel and caches it.
+    assert [(a["id"], a["code"]) for a in await replies.answers()] == [
+        (1, OK), (2, OK), (3, ErrorCode.NOT_AUTHENTICATED),
+    ]
+
+
 # Over a real socket: frames written in one write are one read for the server.
 
 

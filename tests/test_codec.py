@@ -9,8 +9,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from chatd import events
 from chatd.codec import FrameDecoder, Malformed, Oversize, encode_frame
 from chatd.errors import FrameTooLarge
+from chatd.events import sent_reply
+from chatd.model import InboxMessage
+from chatd.protocol import event, format_datetime, success
 
 
 def test_encode_is_length_prefixed_msgpack() -> None:
@@ -113,3 +117,37 @@ def test_a_frame_dripped_in_byte_by_byte_comes_out_once_whole() -> None:
         assert decoder.buffered == i + 1
     assert decoder.feed(frame[-1:]) == [{"s": "x" * 3000}]
     assert decoder.buffered == 0
+
+
+# The frames chatd assembles from pre-encoded pieces (chatd.events) must be the very bytes
+# encode_frame makes of the maps protocol.md shows, whatever the values.
+INT64 = st.integers(min_value=-(2**63), max_value=2**64 - 1)
+IDS = st.integers(min_value=1, max_value=2**63 - 1)
+TIMES = st.floats(min_value=0, max_value=4_102_444_799, allow_nan=False)  # up to 2099
+
+
+@given(st.none() | INT64, IDS, TIMES)
+def test_a_sent_reply_is_the_success_map_encoded(rid: int | None, message_id: int,
+                                                  created_at: float) -> None:
+    data = {"id": message_id, "datetime": format_datetime(created_at)}
+    assert sent_reply(rid, message_id, created_at) == encode_frame(success(rid, data))
+
+
+@given(IDS, st.text(max_size=40), st.text(max_size=70_000), TIMES)
+def test_an_inbox_push_is_the_message_event_encoded(message_id: int, sender: str, body: str,
+                                                    created_at: float) -> None:
+    item = InboxMessage(7, message_id, sender, body, created_at, seq=3)
+    data = {"id": message_id, "name": sender, "msg": body,
+            "datetime": format_datetime(created_at)}
+    assert events.frame(item) == encode_frame(event("message", data))
+
+
+def test_msgpacks_defaults_are_the_decoders_options() -> None:
+    """FrameDecoder.feed calls unpackb without options: its defaults must be decode_body's
+    (strings as str, arrays as lists, only string map keys)."""
+    body = msgpack.packb({"a": ["b", b"c"]})
+    assert msgpack.unpackb(body) == {"a": ["b", b"c"]}
+    with pytest.raises(ValueError):
+        msgpack.unpackb(msgpack.packb({1: "x"}))
+    assert FrameDecoder().feed(encode_frame({1: "x"})) == [
+        Malformed("frame body has a map key that is not a string")]

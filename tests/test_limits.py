@@ -34,6 +34,23 @@ def test_token_bucket_allows_the_burst_then_the_rate() -> None:
     assert bucket.take("u", 10.0) == 0.0 and bucket.take("u", 10.0) == 0.0
 
 
+def test_takes_at_one_time_are_one_refill_then_spending() -> None:
+    """The sends of one read refill the bucket once and spend from it in turn
+    (handlers._message_now): every answer must be take()'s."""
+    taking, spending = RateLimiter(rate=2, burst=3), RateLimiter(rate=2, burst=3)
+    for now in (100.0, 100.0, 100.4, 100.4, 107.0):
+        taken = [taking.take("u", now) for _ in range(5)]
+        bucket = spending.refilled("u", now)
+        spent = []
+        for _ in range(5):
+            if bucket.tokens >= 1:
+                bucket.tokens -= 1
+                spent.append(0.0)
+            else:
+                spent.append(spending.wait(bucket))
+        assert spent == taken
+
+
 def test_token_bucket_table_is_bounded() -> None:
     bucket = RateLimiter(rate=1.0, burst=1, max_keys=100)
     for key in range(10_000):

@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Instructions chatd executes per dm message, counted by callgrind (docs/benchmarks.md).
+
+    python scripts/dm_instructions.py --source A=/tmp/base --source B=. --rounds 2
+
+For each round and each source tree (alternated, the order flipped every round), chatd
+runs from that tree (``PYTHONPATH``) under ``valgrind --tool=callgrind`` on a fresh
+SQLite database, and scripts/loadgen.py's dm (the load of ``bench.py --peers --scenario
+dm``: pairs, window 256, refill 8) drives it twice, with ``--small`` and ``--large``
+messages per sender, on two fresh servers. Per message = (instructions with large -
+instructions with small) / (pairs x (large - small)): start-up, set-up and shutdown
+cancel. Every thread is counted (SQLite's too). Instruction counts barely move with
+other processes on the machine, which wall-clock figures do; how requests batch still
+depends on timing, so compare only trees measured in the same minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench
+import loadgen
+
+TOTALS = re.compile(r"^(?:totals|summary): (\d+)", re.MULTILINE)
+
+
+async def run_once(source: Path, pairs: int, messages: int, workdir: Path, label: str
+                   ) -> tuple[int, bool]:
+    """chatd from ``source`` under callgrind, one dm load: (instructions, verified)."""
+    out = workdir / f"{label}.callgrind"
+    argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+            "--dump-instr=no", "--collect-jumps=no", "--separate-threads=no",
+            sys.executable, "-m", "chatd", "--port", "0",
+            "--db", str(workdir / f"{label}.sqlite3"), "--log-level", "WARNING",
+            "--ping-interval", "3600", *bench.UNLIMITED, *bench.CHEAP_ARGON2]
+    os.environ["PYTHONPATH"] = str(source)
+    server = await bench.ServerProcess.start(argv, workdir, label, pin=False)
+    check = bench.Check()
+    sizes = loadgen.LoadSizes(pairs=pairs, messages=messages, window=256, refill=8,
+                              timeout=600.0, prefix=f"{label}x")
+    try:
+        await loadgen.scenario_dm(loadgen.FrameWire(server.host, server.port), sizes,
+                                  bench.Probe(None), check)
+    finally:
+        popen = server._popen  # stopped here: callgrind writes on exit
+        assert popen is not None
+        popen.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(popen.wait, 600)
+        await server.stop()
+    found = TOTALS.search(out.read_text(errors="replace"))
+    if found is None:
+        raise SystemExit(f"no totals in {out}")
+    return int(found[1]), check.ok and not server.error_lines()
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", action="append", required=True, metavar="NAME=DIR",
+                        help="a tree whose chatd/ the server runs (repeatable)")
+    parser.add_argument("--pairs", type=int, default=10)
+    parser.add_argument("--small", type=int, default=200)
+    parser.add_argument("--large", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--keep", metavar="DIR", help="keep the callgrind files in DIR")
+    args = parser.parse_args()
+    args.source = [(name, Path(path).resolve()) for name, _, path in
+                   (item.partition("=") for item in args.source)]
+    return args
+
+
+async def main(args: argparse.Namespace) -> None:
+    sources: list[tuple[str, Path]] = args.source
+    bench.START_TIMEOUT = 600.0  # Python's start-up under valgrind takes a while
+    messages = args.pairs * (args.large - args.small)
+    with tempfile.TemporaryDirectory(prefix="dm-instr-") as tmp:
+        workdir = Path(args.keep or tmp)
+        for round_ in range(args.rounds):
+            order = sources if round_ % 2 == 0 else sources[::-1]
+            for name, source in order:
+                started = time.monotonic()
+                small, ok1 = await run_once(source, args.pairs, args.small, workdir,
+                                            f"r{round_}{name}s")
+                large, ok2 = await run_once(source, args.pairs, args.large, workdir,
+                                            f"r{round_}{name}l")
+                result: dict[str, Any] = {
+                    "round": round_ + 1, "source": name, "verified": ok1 and ok2,
+                    "small": small, "large": large,
+                    "per_message": round((large - small) / messages),
+                    "seconds": round(time.monotonic() - started)}
+                print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(parse_args()))
