@@ -75,17 +75,26 @@ async def dropped(url: str, made: list[str]) -> int:
     return left
 
 
-@pytest.mark.slow
-async def test_cluster_mode_runs_each_scenario_on_one_node_and_on_two(tmp_path: Path) -> None:
+async def verified_cluster_run(
+    tmp_path: Path, *options: str
+) -> tuple[list[dict[str, Any]], list[str], int]:
+    """A --cluster run at tiny size on a fresh database server: its JSON lines, each
+    verified, the exit status 0; the databases it made, and how many are left."""
     require_redis()
     async with fresh_database() as url:  # the server to make the benchmark's databases on
-        done = await run_cluster_bench(url, tmp_path / "out.jsonl")
+        done = await run_cluster_bench(url, tmp_path / "out.jsonl", *options)
         lines = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
         made = [r["postgres_database"] for r in lines if r["store"] == "postgresql"]
         left = await dropped(url, made)
     failed = [(r["scenario"], r["server"], r["verification"]) for r in lines if not r["verified"]]
     assert not failed, failed
     assert done.returncode == 0, done.stderr[-3000:]
+    return lines, made, left
+
+
+@pytest.mark.slow
+async def test_cluster_mode_runs_each_scenario_on_one_node_and_on_two(tmp_path: Path) -> None:
+    lines, made, left = await verified_cluster_run(tmp_path)
     assert [(r["scenario"], r["server"], r["store"]) for r in lines] == [
         (name, server, store)
         for name in ("dm", "fanout", "latency")
@@ -130,15 +139,7 @@ SPREAD = ("--set", "dm_pairs=16", "--set", "latency_pairs=16", "--set", "fanout_
 async def test_shared_port_mode_runs_two_nodes_on_one_port(tmp_path: Path) -> None:
     """``--cluster --shared-port``: both nodes listen on one port, every client connects to
     it, each node got some of the connections, and every delivery is verified."""
-    require_redis()
-    async with fresh_database() as url:
-        done = await run_cluster_bench(url, tmp_path / "out.jsonl", "--shared-port", *SPREAD)
-        lines = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
-        made = [r["postgres_database"] for r in lines if r["store"] == "postgresql"]
-        left = await dropped(url, made)
-    failed = [(r["scenario"], r["server"], r["verification"]) for r in lines if not r["verified"]]
-    assert not failed, failed
-    assert done.returncode == 0, done.stderr[-3000:]
+    lines, made, left = await verified_cluster_run(tmp_path, "--shared-port", *SPREAD)
     assert [(r["scenario"], r["server"], r["store"]) for r in lines] == [
         (name, server, store)
         for name in ("dm", "fanout", "latency")
