@@ -776,10 +776,31 @@ async def _connect(url: str, timeout: float, protocol: Callable[[], asyncio.Prot
         if "path" in options:
             await loop.create_unix_connection(protocol, options["path"])
         else:
-            tls = ssl.create_default_context() if url.startswith("rediss://") else None
+            tls = _tls_context(options) if url.startswith("rediss://") else None
             await loop.create_connection(
                 protocol, options.get("host", "localhost"), options.get("port", 6379), ssl=tls
             )
+
+
+# redis-py's ssl_cert_reqs words (a rediss:// URL's query) as the ssl module's.
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+def _tls_context(options: dict[str, Any]) -> ssl.SSLContext:
+    """The TLS of a rediss:// URL as redis-py reads its query (ssl_ca_certs, ssl_certfile,
+    ssl_keyfile, ssl_cert_reqs, ssl_check_hostname), so that the bus's own connections
+    and redis-py's (presence) accept the same server; by default the certificate is
+    checked against the system's authorities and the host name."""
+    context = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
+    if options.get("ssl_certfile"):
+        context.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"))
+    required = options.get("ssl_cert_reqs", "required")
+    verify = _CERT_REQS.get(required, ssl.CERT_REQUIRED) if isinstance(required, str) else required
+    context.check_hostname = bool(options.get("ssl_check_hostname", True)) and (
+        verify != ssl.CERT_NONE
+    )
+    context.verify_mode = verify
+    return context
 
 
 async def publish_once(url: str, message: BusMessage, timeout: float = 5.0) -> None:

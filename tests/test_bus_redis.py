@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import ssl
 import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -25,6 +26,8 @@ from chatd.bus_redis import (
     RedisPresence,
     Revoke,
     StreamOrder,
+    _parse_url,
+    _tls_context,
     decode,
     decode_all,
     encode,
@@ -653,3 +656,21 @@ async def test_admin_revoke_tokens_tells_every_node(
         assert heard == [Revoke(1)]
     finally:
         await listener.close()
+
+
+@pytest.mark.parametrize(
+    ("query", "verify", "check_hostname"),
+    [
+        ("", ssl.CERT_REQUIRED, True),
+        ("?ssl_cert_reqs=none", ssl.CERT_NONE, False),
+        ("?ssl_cert_reqs=optional", ssl.CERT_OPTIONAL, True),
+        ("?ssl_check_hostname=false", ssl.CERT_REQUIRED, False),
+    ],
+)
+def test_the_bus_reads_a_rediss_url_as_redis_py_does(
+    query: str, verify: ssl.VerifyMode, check_hostname: bool
+) -> None:
+    # The bus's own connections and redis-py's (presence) must accept the same server:
+    # a self-signed Redis with ssl_cert_reqs=none must not work for one and not the other.
+    context = _tls_context(_parse_url(f"rediss://redis.example:6380/0{query}"))
+    assert (context.verify_mode, context.check_hostname) == (verify, check_hostname)
