@@ -97,6 +97,10 @@ class Stream:
         self.refused: dict[str, dict[str, Any]] = {}  # text -> a reply with a non-zero code
         self.stopped = False
         self.enough = asyncio.Event()  # set at KILL_AFTER_ACKS acknowledgements
+        # Once the kill is due, set by the next pump that puts new sends in flight: they
+        # are written in this loop turn, and no reply can come back before the kill.
+        self.kill_due = False
+        self.refilled = asyncio.Event()
 
     async def pump(self, index: int) -> None:
         client = self.clients[index]
@@ -111,6 +115,8 @@ class Stream:
                 self.sent[index].append(text)
                 self.tasks[text] = task
                 in_flight.add(task)
+            if self.kill_due:
+                self.refilled.set()
             _, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
 
     def _record(self, text: str, task: asyncio.Task[dict[str, Any]]) -> None:
@@ -143,6 +149,11 @@ async def kill_during_sends(server: Process, port: int, wait: float) -> Stream:
             async with asyncio.timeout(wait):
                 await stream.enough.wait()
         assert stream.acked, f"no send acknowledged in {wait}s"
+        # Not at once: the replies of a whole window may have come back in one read, and
+        # the kill must find sends in flight (a faster server answered them all first).
+        stream.kill_due = True
+        async with asyncio.timeout(10):
+            await stream.refilled.wait()
         stream.stopped = True  # no new sends; those in flight stay in flight
         server.proc.kill()  # SIGKILL, in the middle of the stream
         async with asyncio.timeout(10):
