@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import sys
 import tempfile
 from collections.abc import AsyncIterator
@@ -77,21 +78,36 @@ async def _end(proc: asyncio.subprocess.Process, signum: int = signal.SIGKILL) -
 class RedisServer:
     """A redis-server of the test's own on a spare port, without persistence."""
 
-    def __init__(self, directory: Path, password: str | None = None) -> None:
+    def __init__(
+        self, directory: Path, password: str | None = None, tls: bool = False
+    ) -> None:
         self.binary = require_program("redis-server")
         self.directory = directory
         self.port = spare_port()
         self.password = password  # --requirepass: clients must AUTH
+        # TLS only, with a certificate of its own for 127.0.0.1 (``certificate``).
+        self.certificate = directory / "cert.pem" if tls else None
         self.proc: asyncio.subprocess.Process | None = None
 
     @property
     def url(self) -> str:
+        """The server's URL; with TLS, trusting its certificate (redis-py's ssl_ca_certs)."""
         auth = "" if self.password is None else f":{self.password}@"
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        if self.certificate is None:
+            return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.certificate}"
 
     async def start(self) -> None:
+        listen: tuple[str, ...] = ("--port", str(self.port))
+        if self.certificate is not None:
+            key = self.directory / "key.pem"
+            if not self.certificate.exists():
+                await _self_signed(self.certificate, key)
+            listen = ("--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no",
+                      "--tls-cert-file", str(self.certificate), "--tls-key-file", str(key),
+                      "--tls-ca-cert-file", str(self.certificate))
         self.proc = await asyncio.create_subprocess_exec(
-            self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+            self.binary, *listen, "--bind", "127.0.0.1",
             "--save", "", "--appendonly", "no", "--dir", str(self.directory),
             *(() if self.password is None else ("--requirepass", self.password)),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
@@ -103,7 +119,9 @@ class RedisServer:
         async with asyncio.timeout(timeout):
             while True:
                 try:
-                    reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                    reader, writer = await asyncio.open_connection(
+                        "127.0.0.1", self.port, ssl=self._client_tls()
+                    )
                 except OSError:
                     await asyncio.sleep(0.05)
                     continue
@@ -116,6 +134,11 @@ class RedisServer:
                     writer.close()
                 await asyncio.sleep(0.05)
 
+    def _client_tls(self) -> ssl.SSLContext | None:
+        if self.certificate is None:
+            return None
+        return ssl.create_default_context(cafile=str(self.certificate))
+
     async def kill(self) -> None:
         """kill -9: clients see their connections reset."""
         if self.proc is not None:
@@ -126,10 +149,24 @@ class RedisServer:
         await self.start()
 
 
+async def _self_signed(certificate: Path, key: Path) -> None:
+    """A certificate for 127.0.0.1, signed by its own key (openssl)."""
+    proc = await asyncio.create_subprocess_exec(
+        require_program("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+        "-keyout", str(key), "-out", str(certificate), "-days", "1",
+        "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    async with asyncio.timeout(START_TIMEOUT):
+        assert await proc.wait() == 0, "openssl could not make a certificate"
+
+
 @asynccontextmanager
-async def redis_server(password: str | None = None) -> AsyncIterator[RedisServer]:
+async def redis_server(
+    password: str | None = None, tls: bool = False
+) -> AsyncIterator[RedisServer]:
     with tempfile.TemporaryDirectory(prefix="chatd-redis-") as directory:
-        server = RedisServer(Path(directory), password)
+        server = RedisServer(Path(directory), password, tls)
         try:
             await server.start()
             yield server

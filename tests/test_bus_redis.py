@@ -674,3 +674,24 @@ def test_the_bus_reads_a_rediss_url_as_redis_py_does(
     # a self-signed Redis with ssl_cert_reqs=none must not work for one and not the other.
     context = _tls_context(_parse_url(f"rediss://redis.example:6380/0{query}"))
     assert (context.verify_mode, context.check_hostname) == (verify, check_hostname)
+
+
+async def test_a_bus_over_tls_publishes_and_receives() -> None:
+    # rediss:// with the server's certificate trusted through the URL (ssl_ca_certs):
+    # the bus's own connections, not redis-py's, must take it as redis-py would.
+    async with redis_server(tls=True) as server:
+        log = ListLog()
+        a, b = Node("a", server.url, log), Node("b", server.url, log)
+        try:
+            for node in (a, b):
+                node.order.follow("c:1", 0, 0)
+                await node.bus.start()
+            sent = [a.send(log, "c:1") for _ in range(3)]
+            await until(lambda: b.pushed == sent)
+            untrusted = server.url.split("?")[0]  # the system's authorities only
+            stranger = RedisBus(untrusted, "c", lambda m: None, lambda: None)
+            with pytest.raises(ConnectionError, match="cannot subscribe"):
+                await stranger.start(timeout=1.0)
+        finally:
+            await a.close()
+            await b.close()
