@@ -287,9 +287,9 @@ class Store:
         if synchronous not in SYNCHRONOUS_MODES:
             raise StoreError(f"synchronous must be one of {SYNCHRONOUS_MODES}")
         try:
-            # Probed with plain sqlite3 first: a failed aiosqlite.connect leaves its worker
+            # Prepared with plain sqlite3 first: a failed aiosqlite.connect leaves its worker
             # thread posting to the event loop, which may be closed by then (aiosqlite 0.22).
-            await asyncio.to_thread(_probe, path)
+            await asyncio.to_thread(_prepare, path, busy_timeout)
             db = await aiosqlite.connect(path, isolation_level=None)
             identity = await asyncio.to_thread(_identity, path)
         except Exception as exc:
@@ -513,12 +513,9 @@ class Store:
         # survives a crash of the process (FULL also survives power loss).
         # Another process holding the write lock (a backup, the admin command) is waited
         # for this long; then the request fails with code 9 and the server goes on. Set
-        # first: switching to WAL and migrating wait for a store opened at the same time.
+        # first: migrating waits for a store opened at the same time. (_prepare has
+        # switched the file to WAL, which is kept in the file.)
         await self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
-        # Takes effect on a new file only (before its first table); an existing file
-        # keeps its page size (README, "The database file", says how to change it).
-        await self._db.execute(f"PRAGMA page_size={PAGE_SIZE}")
-        await self._db.execute("PRAGMA journal_mode=WAL")
         await self._db.execute(f"PRAGMA synchronous={synchronous}")
         await self._db.execute("PRAGMA foreign_keys=ON")
 
@@ -1564,8 +1561,33 @@ def _companions(path: str) -> dict[str, tuple[int, int]]:
     return {suffix: identity for suffix, identity in found.items() if identity is not None}
 
 
-def _probe(path: str) -> None:
-    sqlite3.connect(path).close()
+def _prepare(path: str, busy_timeout: float) -> None:
+    """Open (or create) the file and switch it to WAL, waiting for stores opened at once.
+
+    WAL is kept in the file, so every later connection is in WAL mode from its start.
+    Leaving the rollback journal takes the exclusive lock from a shared one, and SQLite
+    answers a second connection doing the same at once with SQLITE_BUSY at once, without
+    its busy handler (waiting could deadlock): two stores opened together on a new file
+    (a server and the admin command, several test stores) must retry here.
+    """
+    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+    try:
+        # Takes effect on a new file only (before its first table); an existing file
+        # keeps its page size (README, "Disk space", says how to change it).
+        conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
+        deadline = time.monotonic() + busy_timeout
+        while True:
+            try:
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                break
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.005)
+        if mode != "wal":
+            raise sqlite3.OperationalError(f"cannot use the WAL journal (journal_mode is {mode})")
+    finally:
+        conn.close()
 
 
 def _identity(path: str) -> tuple[int, int] | None:
