@@ -2,6 +2,7 @@
 """Instructions chatd executes per dm message, counted by callgrind (docs/benchmarks.md).
 
     python scripts/dm_instructions.py --source A=/tmp/base --source B=. --rounds 2
+    python scripts/dm_instructions.py --scenario latency --source A=/tmp/base --source B=.
 
 For each round and each source tree (alternated, the order flipped every round), chatd
 runs from that tree (``PYTHONPATH``) under ``valgrind --tool=callgrind`` on a fresh
@@ -12,6 +13,11 @@ instructions with small) / (pairs x (large - small)): start-up, set-up and shutd
 cancel. Every thread is counted (SQLite's too). Instruction counts barely move with
 other processes on the machine, which wall-clock figures do; how requests batch still
 depends on timing, so compare only trees measured in the same minutes.
+
+``--scenario latency`` counts the paced path instead: scripts/loadgen.py's latency load
+(one message at a time, round the pairs, at ``--rate`` messages a second: slow enough that
+under valgrind each is read, committed, answered and pushed on its own, as nearly every
+message is at 2,000 msg/s outside it), ``--small`` and ``--large`` messages in all.
 """
 
 from __future__ import annotations
@@ -35,9 +41,9 @@ import loadgen
 TOTALS = re.compile(r"^(?:totals|summary): (\d+)", re.MULTILINE)
 
 
-async def run_once(source: Path, pairs: int, messages: int, workdir: Path, label: str
-                   ) -> tuple[int, bool]:
-    """chatd from ``source`` under callgrind, one dm load: (instructions, verified)."""
+async def run_once(source: Path, args: argparse.Namespace, messages: int, workdir: Path,
+                   label: str) -> tuple[int, bool]:
+    """chatd from ``source`` under callgrind, one load: (instructions, verified)."""
     out = workdir / f"{label}.callgrind"
     argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
             "--dump-instr=no", "--collect-jumps=no", "--separate-threads=no",
@@ -47,11 +53,17 @@ async def run_once(source: Path, pairs: int, messages: int, workdir: Path, label
     os.environ["PYTHONPATH"] = str(source)
     server = await bench.ServerProcess.start(argv, workdir, label, pin=False)
     check = bench.Check()
-    sizes = loadgen.LoadSizes(pairs=pairs, messages=messages, window=256, refill=8,
-                              timeout=600.0, prefix=f"{label}x")
+    wire = loadgen.FrameWire(server.host, server.port)
     try:
-        await loadgen.scenario_dm(loadgen.FrameWire(server.host, server.port), sizes,
-                                  bench.Probe(None), check)
+        if args.scenario == "dm":
+            sizes = loadgen.LoadSizes(pairs=args.pairs, messages=messages, window=256,
+                                      refill=8, timeout=600.0, prefix=f"{label}x")
+            await loadgen.scenario_dm(wire, sizes, bench.Probe(None), check)
+        else:
+            sizes = loadgen.LoadSizes(latency_pairs=args.pairs, latency_rate=args.rate,
+                                      latency_seconds=messages / args.rate, timeout=600.0,
+                                      prefix=f"{label}x")
+            await loadgen.scenario_latency(wire, sizes, bench.Probe(None), check)
     finally:
         popen = server._popen  # stopped here: callgrind writes on exit
         assert popen is not None
@@ -68,8 +80,12 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", action="append", required=True, metavar="NAME=DIR",
                         help="a tree whose chatd/ the server runs (repeatable)")
+    parser.add_argument("--scenario", choices=("dm", "latency"), default="dm")
     parser.add_argument("--pairs", type=int, default=10)
-    parser.add_argument("--small", type=int, default=200)
+    parser.add_argument("--rate", type=float, default=50.0,
+                        help="latency: messages a second, in all (default 50)")
+    parser.add_argument("--small", type=int, default=200,
+                        help="dm: messages per sender; latency: messages in all")
     parser.add_argument("--large", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--keep", metavar="DIR", help="keep the callgrind files in DIR")
@@ -82,19 +98,20 @@ def parse_args() -> argparse.Namespace:
 async def main(args: argparse.Namespace) -> None:
     sources: list[tuple[str, Path]] = args.source
     bench.START_TIMEOUT = 600.0  # Python's start-up under valgrind takes a while
-    messages = args.pairs * (args.large - args.small)
+    messages = (args.large - args.small) * (args.pairs if args.scenario == "dm" else 1)
     with tempfile.TemporaryDirectory(prefix="dm-instr-") as tmp:
         workdir = Path(args.keep or tmp)
         for round_ in range(args.rounds):
             order = sources if round_ % 2 == 0 else sources[::-1]
             for name, source in order:
                 started = time.monotonic()
-                small, ok1 = await run_once(source, args.pairs, args.small, workdir,
+                small, ok1 = await run_once(source, args, args.small, workdir,
                                             f"r{round_}{name}s")
-                large, ok2 = await run_once(source, args.pairs, args.large, workdir,
+                large, ok2 = await run_once(source, args, args.large, workdir,
                                             f"r{round_}{name}l")
                 result: dict[str, Any] = {
-                    "round": round_ + 1, "source": name, "verified": ok1 and ok2,
+                    "round": round_ + 1, "source": name, "scenario": args.scenario,
+                    "verified": ok1 and ok2,
                     "small": small, "large": large,
                     "per_message": round((large - small) / messages),
                     "seconds": round(time.monotonic() - started)}
