@@ -22,7 +22,7 @@ from chatd.app import Pending
 from chatd.codec import FrameDecoder, Oversize, encode_frame
 from chatd.config import Config
 from chatd.errors import ErrorCode
-from chatd.hub import Session
+from chatd.hub import PUSHES, Session
 from chatd.metrics import Metrics
 from chatd.model import PING, Event
 
@@ -67,6 +67,7 @@ class Connection(Session):
         "_closing",
         "_config",
         "_decoder",
+        "_direct",
         "_dropped",
         "_frame_started",
         "_handle_bodies",
@@ -121,6 +122,9 @@ class Connection(Session):
         self._was_bound = False  # logged in (or token-bound) at some point
         # Made on the first reply that has to wait its turn: idle connections stay small.
         self._queue: _ReplyQueue | None = None
+        # The one reply owed, when nothing else is: written by whatever makes it ready
+        # (_reply_ready), not by the queue's task. Set only while the queue is idle.
+        self._direct: Pending | None = None
         self._pushes: list[bytes] | None = None  # pushed this turn, written at its end
         self._turn_frames = 0  # requests handled since the event loop last had a turn
 
@@ -171,6 +175,8 @@ class Connection(Session):
                         break
             except TimeoutError:
                 reason = "timeout"
+            if self._direct is not None:  # the queue waits for it, with a timeout
+                self._hand_over_direct()
             if self._queue is not None:  # what was read and done is answered before closing
                 await self._queue.finish(self._config.write_timeout)
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
@@ -187,6 +193,7 @@ class Connection(Session):
 
     def _close(self, reason: str) -> str:
         """Release the connection; returns why it ended, as _run() reports it."""
+        self._direct = None
         if self._queue is not None:
             self._queue.discard()
         self._writer.close()
@@ -234,8 +241,11 @@ class Connection(Session):
             pushes.append(frame)  # a closing writer is noticed by the flush, once a turn
         elif not self._writer.is_closing():
             self._pushes = [frame]
-            # The task's loop, not get_running_loop(): that makes a system call (getpid).
-            self._loop().call_soon(self._flush_pushes)
+            if PUSHES.open:  # a commit's messages being published: written after them
+                PUSHES.flushes.append(self._flush_pushes)
+            else:
+                # The task's loop, not get_running_loop(): that makes a system call (getpid).
+                self._loop().call_soon(self._flush_pushes)
 
     def _loop(self) -> asyncio.AbstractEventLoop:
         return asyncio.get_running_loop() if self._task is None else self._task.get_loop()
@@ -345,13 +355,54 @@ class Connection(Session):
         await asyncio.sleep(0)
 
     async def _queue_reply(self, reply: Reply | Pending) -> None:
-        """Replies go out in request order, while later requests are already being read."""
-        if isinstance(reply, dict) and (self._queue is None or self._queue.idle):
-            await self.send(encode_frame(reply))  # nothing ahead of it: no hand-over needed
-            return
+        """Replies go out in request order, while later requests are already being read.
+
+        With nothing owed before it, a reply needs no queue: one known now is written
+        now, and one known once its sends are committed (a paced message's) is written
+        by the commit's settle (_reply_ready), without waking a task for it. Anything
+        more goes through the queue, the reply owed first.
+        """
+        queue = self._queue
+        if self._direct is None and (queue is None or queue.idle):
+            if isinstance(reply, dict):
+                await self.send(encode_frame(reply))
+                return
+            if reply.ready:  # nothing to wait for (errors only, say)
+                await self.send(b"".join(reply.frames()))
+                return
+            if reply.on_ready(self._reply_ready):
+                self._direct = reply
+                return
+        if queue is None:
+            queue = self._queue = _ReplyQueue(self)
+        if self._direct is not None:
+            self._hand_over_direct()
+        await queue.put(reply)
+
+    def _reply_ready(self, reply: Pending) -> None:
+        """The direct reply is ready (called by its settle): write it, as send() would
+        without having to wait; a client that is behind gets it through the queue,
+        which waits for the client to read (backpressure)."""
+        if self._direct is not reply:
+            return  # handed over to the queue meanwhile, or the connection closed
+        data = b"".join(reply.frames())
+        writer = self._writer
+        if writer.is_closing():
+            self._direct = None
+            self.abort("dropped: cannot write replies (ConnectionResetError)")  # as the queue
+        elif writer.transport.get_write_buffer_size() + len(data) <= DRAIN_ABOVE:
+            self._direct = None
+            writer.write(data)
+        else:
+            self._hand_over_direct()
+
+    def _hand_over_direct(self) -> None:
+        """The direct reply goes to the queue: it is owed before anything queued next."""
+        direct, self._direct = self._direct, None
+        assert direct is not None
         if self._queue is None:
             self._queue = _ReplyQueue(self)
-        await self._queue.put(reply)
+        self._queue.put_nowait(direct)
 
     def _note_partial_frame(self, progressed: bool) -> None:
         """Start the frame clock on an unfinished frame; a finished frame restarts it."""
@@ -530,6 +581,11 @@ class _ReplyQueue:
                 break
             self._room = asyncio.get_running_loop().create_future()
             await self._room
+        self.put_nowait(reply)
+
+    def put_nowait(self, reply: Reply | Pending) -> None:
+        """Queue a reply without checking for room: the one owed while the queue was
+        idle (Connection._hand_over_direct), which put() let through already."""
         self._replies.append(reply)
         self._owed += reply.size if isinstance(reply, Pending) else 1
         self._all_written.clear()

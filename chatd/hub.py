@@ -9,6 +9,7 @@ edge: once per front-end, whatever the number of recipients.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -26,8 +27,41 @@ from chatd.model import (
     SentCopy,
 )
 
+log = logging.getLogger(__name__)
+
 # Session serials: events name the session that caused them by it (model.py).
 _serials = itertools.count(1)
+
+
+class PushBatch:
+    """While open, sessions hold their pushes back and hand ``flushes`` a callback that
+    writes them; closing it calls them: one write per session for all that was pushed
+    meanwhile, without a callback scheduled per session (chatd.app.ReplyGroup opens
+    it around publishing what a group commit stored, chatd.connection honours it).
+
+    Closed, a session batches its pushes by itself, until its event loop's next turn.
+    """
+
+    __slots__ = ("flushes", "open")
+
+    def __init__(self) -> None:
+        self.open = False
+        self.flushes: list[Callable[[], None]] = []
+
+    def close(self) -> None:
+        """Write what was held back. Harmless when closed already (a close scheduled as
+        a fall-back finds the batch closed, or reopened: then it only writes earlier)."""
+        self.open = False
+        flushes, self.flushes = self.flushes, []
+        for flush in flushes:
+            try:
+                flush()
+            except Exception:  # one broken connection must not hold the others' pushes
+                log.exception("writing pushes failed")
+
+
+# The process's one batch: every session's event loop is the same one.
+PUSHES = PushBatch()
 
 
 class Session:
