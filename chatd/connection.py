@@ -317,11 +317,18 @@ class Connection(Session):
         while True:
             bodies = decoder.feed(chunk, TURN_FRAMES - self._turn_frames)
             chunk = b""
-            self._turn_frames += len(bodies)
-            progressed = progressed or bool(bodies)
-            stop = await self._answer(bodies)
-            if stop is not None:
-                return stop
+            if bodies:
+                # Handled here, not in a coroutine of its own: a paced message is one
+                # read of one frame, and every await of a new coroutine costs.
+                progressed = True
+                self._turn_frames += len(bodies)
+                budget = self._config.abuse_limit - self._rate_limited
+                self._rate_limited += await self._handle_bodies(
+                    self, bodies, self._queue_reply, budget
+                )
+                stop = self._stop_after(bodies)
+                if stop is not None:
+                    return stop
             if not decoder.pending:
                 break
             await self._next_turn()  # the budget ran out with frames left
@@ -334,12 +341,8 @@ class Connection(Session):
             await self._next_turn()  # more bytes wait: the others go first
         return None
 
-    async def _answer(self, bodies: list[Any]) -> str | None:
-        """Handle the bodies, queueing their replies; returns why to close, if it must be."""
-        if not bodies:
-            return None
-        budget = self._config.abuse_limit - self._rate_limited
-        self._rate_limited += await self._handle_bodies(self, bodies, self._queue_reply, budget)
+    def _stop_after(self, bodies: list[Any]) -> str | None:
+        """Why to close after handling ``bodies``, if it must be."""
         if self._rate_limited >= self._config.abuse_limit:  # the handler stopped there
             self._dropped = "dropped: kept going past the rate limits"
             return "abuse"
@@ -413,16 +416,24 @@ class Connection(Session):
 
     def _start_read(self, pinged: bool) -> None:
         """Arm the deadline of the next read: the idle, ping, frame or login timeout."""
+        config = self._config
         if self.subscription is None:
-            timeout = self._config.idle_timeout
+            timeout = config.idle_timeout
         else:
-            timeout = self._config.ping_timeout if pinged else self._config.ping_interval
-        deadline, why = self._hard_deadline()
-        if deadline <= 0:  # checked first: a chatty peer's reads never time out
-            self._dropped = why
-            raise TimeoutError(why)
-        self._read_ends_connection = why if deadline <= timeout else None
-        self._read_deadline = time.monotonic() + min(timeout, deadline)
+            timeout = config.ping_timeout if pinged else config.ping_interval
+        now = time.monotonic()
+        if self._frame_started is None and (self._was_bound or self.user_id is not None):
+            # Logged in, between frames (every read of a paced client): no hard deadline.
+            self._was_bound = True
+            self._read_ends_connection = None
+            self._read_deadline = now + timeout
+        else:
+            deadline, why = self._hard_deadline(now)
+            if deadline <= 0:  # checked first: a chatty peer's reads never time out
+                self._dropped = why
+                raise TimeoutError(why)
+            self._read_ends_connection = why if deadline <= timeout else None
+            self._read_deadline = now + min(timeout, deadline)
         self._idle = True
         self._read_timer.watch(self)
 
@@ -442,9 +453,8 @@ class Connection(Session):
         self.write(PING)
         return True
 
-    def _hard_deadline(self) -> tuple[float, str]:
+    def _hard_deadline(self, now: float) -> tuple[float, str]:
         """Seconds left before a half-sent frame or a missing login closes the connection."""
-        now = time.monotonic()
         deadline, why = float("inf"), ""
         if self._frame_started is not None:
             deadline = self._frame_started + self._config.frame_timeout - now
