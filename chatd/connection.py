@@ -83,6 +83,7 @@ class Connection(Session):
         "_read_timer",
         "_reader",
         "_task",
+        "_transport",
         "_turn_frames",
         "_wakeup",
         "_was_bound",
@@ -101,6 +102,9 @@ class Connection(Session):
         super().__init__(*_peer(writer.get_extra_info("peername")))
         self._reader = reader
         self._writer = writer
+        # Written to directly: StreamWriter.write() and is_closing() only pass the call on,
+        # and a paced message makes five of them.
+        self._transport = writer.transport
         self._config = config
         self._handle_bodies = handle_bodies
         self._metrics = metrics
@@ -239,7 +243,7 @@ class Connection(Session):
         pushes = self._pushes
         if pushes is not None:
             pushes.append(frame)  # a closing writer is noticed by the flush, once a turn
-        elif not self._writer.is_closing():
+        elif not self._transport.is_closing():
             self._pushes = [frame]
             if PUSHES.open:  # a commit's messages being published: written after them
                 PUSHES.flushes.append(self._flush_pushes)
@@ -252,13 +256,14 @@ class Connection(Session):
 
     def _flush_pushes(self) -> None:
         frames, self._pushes = self._pushes, None
-        if not frames or self._writer.is_closing():
+        transport = self._transport
+        if not frames or transport.is_closing():
             return
-        self._writer.write(b"".join(frames))
+        transport.write(b"".join(frames))
         self._metrics.pushed(len(frames))  # counted here: once per write, not per event
         # Frames written at the client's pace (replies, catch-up) are not the client's
         # fault: only what piles up beyond them counts.
-        pushed = self._writer.transport.get_write_buffer_size() - self._paced_in_flight
+        pushed = transport.get_write_buffer_size() - self._paced_in_flight
         if pushed > self._config.max_outbound_buffer:
             self.abort("dropped: outbound buffer full (client not reading)")
 
@@ -270,16 +275,16 @@ class Connection(Session):
 
     @property
     def queued_bytes(self) -> int:
-        return self._writer.transport.get_write_buffer_size()
+        return self._transport.get_write_buffer_size()
 
     def abort(self, reason: str) -> None:
         self._dropped = self._dropped or reason
-        self._writer.transport.abort()
+        self._transport.abort()
         # The read in progress, if any, must end too: a reset peer may never send EOF.
         self._reader.feed_eof()
 
     async def drain(self) -> None:
-        if self._writer.transport.get_write_buffer_size() <= DRAIN_ABOVE:
+        if self._transport.get_write_buffer_size() <= DRAIN_ABOVE:
             return  # nothing to wait for: skip setting up a timeout on the hot path
         # A client that stops reading stops being read (backpressure),
         # and is dropped when it stalls longer than write_timeout.
@@ -293,12 +298,12 @@ class Connection(Session):
 
     async def send(self, frame: bytes) -> None:
         """Write a frame and wait until the client has taken most of what is queued."""
-        if self._writer.is_closing():
+        if self._transport.is_closing():
             # uvloop raises RuntimeError on a closed transport: say what it means.
             raise ConnectionResetError("the connection is closed")
         self._paced_in_flight += len(frame)
         try:
-            self._writer.write(frame)
+            self._transport.write(frame)
             await self.drain()
         finally:
             self._paced_in_flight -= len(frame)
@@ -326,9 +331,9 @@ class Connection(Session):
                 self._rate_limited += await self._handle_bodies(
                     self, bodies, self._queue_reply, budget
                 )
-                stop = self._stop_after(bodies)
-                if stop is not None:
-                    return stop
+                last = bodies[-1]
+                if self._rate_limited >= self._config.abuse_limit or isinstance(last, Oversize):
+                    return self._stop_after(last)
             if not decoder.pending:
                 break
             await self._next_turn()  # the budget ran out with frames left
@@ -341,16 +346,14 @@ class Connection(Session):
             await self._next_turn()  # more bytes wait: the others go first
         return None
 
-    def _stop_after(self, bodies: list[Any]) -> str | None:
-        """Why to close after handling ``bodies``, if it must be."""
+    def _stop_after(self, last: Any) -> str:
+        """Why to close: past the rate limits, or the read's ``last`` body is Oversize."""
         if self._rate_limited >= self._config.abuse_limit:  # the handler stopped there
             self._dropped = "dropped: kept going past the rate limits"
             return "abuse"
-        last = bodies[-1]
-        if isinstance(last, Oversize):  # always the last: the stream is lost after it
-            self._dropped = last.reason
-            return "oversize"
-        return None
+        assert isinstance(last, Oversize)  # always the last: the stream is lost after it
+        self._dropped = last.reason
+        return "oversize"
 
     async def _next_turn(self) -> None:
         """Let every other ready task and callback of the event loop run first."""
@@ -389,13 +392,13 @@ class Connection(Session):
         if self._direct is not reply:
             return  # handed over to the queue meanwhile, or the connection closed
         data = b"".join(reply.frames())
-        writer = self._writer
-        if writer.is_closing():
+        transport = self._transport
+        if transport.is_closing():
             self._direct = None
             self.abort("dropped: cannot write replies (ConnectionResetError)")  # as the queue
-        elif writer.transport.get_write_buffer_size() + len(data) <= DRAIN_ABOVE:
+        elif transport.get_write_buffer_size() + len(data) <= DRAIN_ABOVE:
             self._direct = None
-            writer.write(data)
+            transport.write(data)
         else:
             self._hand_over_direct()
 
