@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from chatd.auth import Hasher
 from chatd.bus import Bus, LocalBus
@@ -123,7 +123,7 @@ class App:
                             break
                     continue
             if group is not None:
-                if group.size:
+                if group._frames:  # not the size property: a call less
                     await put(group.close())
                 # A new group after this request, even if this one took nothing: its
                 # time, auth gate and rate bucket hold only while nothing is awaited.
@@ -134,7 +134,7 @@ class App:
                 refused += 1
                 if refused >= rate_limit_budget:
                     break
-        if group is not None and group.size:
+        if group is not None and group._frames:
             await put(group.close())
         return refused
 
@@ -177,7 +177,8 @@ class Pending:
 
     def on_ready(self, callback: Callable[[Pending], None]) -> bool:
         """Have ``callback(self)`` called as soon as it is ready, from whatever makes it
-        so, instead of a task waiting; False if this kind cannot (then wait)."""
+        so, instead of a task waiting; False if ready already, or if this kind cannot
+        (then wait)."""
         return False
 
     def replies(self) -> list[Data]:
@@ -289,7 +290,10 @@ class ReplyGroup(Pending):
             await committed  # only ever resolved (GroupCommit), never failed or cancelled
 
     def frames(self) -> list[bytes]:
-        return [frame or self._lost() for frame in self._frames]
+        frames = self._frames
+        if None not in frames:  # settled: the list as it is, not a copy of it
+            return cast(list[bytes], frames)
+        return [frame or self._lost() for frame in frames]
 
     def replies(self) -> list[Data]:
         return [decode_body(frame[HEADER_SIZE:]) for frame in self.frames()]

@@ -164,7 +164,7 @@ class Connection(Session):
                         data = self._interrupted()
                     finally:
                         self._idle = False
-                        self._read_timer.unwatch(self)
+                        self._read_timer.waiting.discard(self)  # unwatch(), a call less
                     if data is None:  # the read timed out
                         pinged = self._read_timed_out(pinged)
                         continue
@@ -337,7 +337,11 @@ class Connection(Session):
             if not decoder.pending:
                 break
             await self._next_turn()  # the budget ran out with frames left
-        self._note_partial_frame(progressed)
+        # The frame clock: started on an unfinished frame, restarted by a finished one.
+        if not decoder.buffered:
+            self._frame_started = None
+        elif self._frame_started is None or progressed:
+            self._frame_started = time.monotonic()
         if len(data) < READ_CHUNK:
             # A short read emptied the reader's buffer: the next read waits for the loop
             # (or a request already waited), so that is a turn given away already.
@@ -373,11 +377,11 @@ class Connection(Session):
             if isinstance(reply, dict):
                 await self.send(encode_frame(reply))
                 return
-            if reply.ready:  # nothing to wait for (errors only, say)
-                await self.send(b"".join(reply.frames()))
-                return
             if reply.on_ready(self._reply_ready):
                 self._direct = reply
+                return
+            if reply.ready:  # nothing to wait for (errors only, say)
+                await self.send(b"".join(reply.frames()))
                 return
         if queue is None:
             queue = self._queue = _ReplyQueue(self)
@@ -409,13 +413,6 @@ class Connection(Session):
         if self._queue is None:
             self._queue = _ReplyQueue(self)
         self._queue.put_nowait(direct)
-
-    def _note_partial_frame(self, progressed: bool) -> None:
-        """Start the frame clock on an unfinished frame; a finished frame restarts it."""
-        if not self._decoder.buffered:
-            self._frame_started = None
-        elif self._frame_started is None or progressed:
-            self._frame_started = time.monotonic()
 
     def _start_read(self, pinged: bool) -> None:
         """Arm the deadline of the next read: the idle, ping, frame or login timeout."""
@@ -501,7 +498,7 @@ class ReadTimer:
     """
 
     def __init__(self, config: Config) -> None:
-        self._waiting: set[Connection] = set()
+        self.waiting: set[Connection] = set()  # Connection._run leaves it without a call
         self._expired: list[Connection] = []  # found past their deadline, not yet ended
         self._handle: asyncio.Handle | None = None
         self.resolution = 1.0
@@ -519,12 +516,12 @@ class ReadTimer:
         self.resolution = min(1.0, shortest / 4)
 
     def watch(self, connection: Connection) -> None:
-        self._waiting.add(connection)
+        self.waiting.add(connection)
         if self._handle is None:
             self._handle = asyncio.get_running_loop().call_later(self.resolution, self._tick)
 
     def unwatch(self, connection: Connection) -> None:
-        self._waiting.discard(connection)
+        self.waiting.discard(connection)
 
     def close(self) -> None:
         self._expired.clear()
@@ -536,12 +533,12 @@ class ReadTimer:
         self._handle = None
         if not self._expired:
             now = time.monotonic()
-            self._expired = [c for c in self._waiting if c.read_deadline <= now]
+            self._expired = [c for c in self.waiting if c.read_deadline <= now]
         self._interrupt_batch()
         loop = asyncio.get_running_loop()
         if self._expired:  # the rest in the next turn, after the loop has polled
             self._handle = loop.call_soon(self._tick)
-        elif self._waiting:
+        elif self.waiting:
             self._handle = loop.call_later(self.resolution, self._tick)
 
     def _interrupt_batch(self) -> None:
@@ -551,8 +548,8 @@ class ReadTimer:
         for _ in range(min(TIMEOUT_BATCH, len(expired))):
             connection = expired.pop()
             # Still waiting on the same read? Data may have come since the scan.
-            if connection in self._waiting and connection.read_deadline <= now:
-                self._waiting.discard(connection)
+            if connection in self.waiting and connection.read_deadline <= now:
+                self.waiting.discard(connection)
                 connection.interrupt_read(TIMED_OUT)
 
 

@@ -72,6 +72,9 @@ class AnsweredAtOnce(CommitOnCue):
         super().__init__(rid)
         self._ready = True
 
+    def on_ready(self, callback: Callable[[Pending], None]) -> bool:
+        return False  # ready already (as ReplyGroup answers then)
+
     def replies(self) -> list[dict[str, Any]]:
         return [{"id": self.rid, "code": 2, "msg": "not logged in"}]
 
