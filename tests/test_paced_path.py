@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from chatd.app import Pending
-from chatd.codec import FrameDecoder, encode_frame
+from chatd.codec import FrameDecoder, Malformed, Oversize, encode_frame
 from chatd.config import Config
 from chatd.connection import (
     DRAIN_ABOVE,
@@ -341,3 +341,21 @@ async def test_a_send_and_a_ping_in_one_write_are_answered_in_order(harness: Har
         answered = [(await raw.reply())["id"], (await raw.reply())["id"]]
         assert answered == [2 * round_, 2 * round_ + 1]
     raw.close()
+
+
+def test_a_read_of_exactly_one_frame_decodes_as_the_loop_would() -> None:
+    """FrameDecoder.feed's short cut for one whole frame, and what it leaves to the loop."""
+    frame = encode_frame({"op": "/ping", "id": 1})
+    assert FrameDecoder().feed(frame) == [{"op": "/ping", "id": 1}]
+    assert FrameDecoder().feed(frame, 1) == [{"op": "/ping", "id": 1}]
+    held = FrameDecoder()
+    assert held.feed(frame, 0) == [] and held.pending  # a spent budget holds it back
+    assert held.feed(b"", 1) == [{"op": "/ping", "id": 1}]
+    (bad,) = FrameDecoder().feed(b"\x00\x00\x00\x01\xc1")  # 0xc1: never valid msgpack
+    assert isinstance(bad, Malformed)
+    (small,) = FrameDecoder(max_frame_size=4).feed(frame)
+    assert isinstance(small, Oversize)
+    split = FrameDecoder()
+    assert split.feed(frame[:3]) == [] and split.feed(frame[3:]) == [{"op": "/ping", "id": 1}]
+    two = FrameDecoder()
+    assert two.feed(frame + frame[:5]) == [{"op": "/ping", "id": 1}] and two.buffered == 5
