@@ -16,7 +16,7 @@ from chatd.config import Config
 from chatd.errors import BadRequest, ChatdError, ErrorCode, FrameTooLarge, ServerError
 from chatd.events import sent_reply
 from chatd.handlers import NOW_OPS, Context, Deferred, dispatch, gate_now, publish_message
-from chatd.hub import PUSHES, Hub, Session
+from chatd.hub import Hub, PushBatch, Session
 from chatd.limits import Guards
 from chatd.metrics import Metrics
 from chatd.protocol import Data, failure, parse_request, request_id, success
@@ -314,9 +314,10 @@ class ReplyGroup(Pending):
         # Sends answered, and messages stored (not repeats of a client_id), by kind.
         answered, stored = dict.fromkeys(_SEND_OPS, 0), dict.fromkeys(_SEND_OPS, 0)
         position = 0
-        opened = not PUSHES.open
+        pushes = app.hub.pushes
+        opened = not pushes.open
         try:
-            PUSHES.open = True  # the pushes of what this settles are written together
+            pushes.open = True  # the pushes of what this settles are written together
             for message, target, rid, result in zip(
                 self._messages, self._targets, self._rids, results, strict=True
             ):
@@ -341,10 +342,10 @@ class ReplyGroup(Pending):
                     log.debug("%s %s -> 0", session, _SEND_OPS[message.kind])
         finally:
             self._ready = True
-            self._write_out(opened)  # first: the batch must close whatever else fails
+            self._write_out(pushes, opened)  # first: the batch must close whatever else fails
             self._count(answered, stored, elapsed)
 
-    def _write_out(self, opened: bool) -> None:
+    def _write_out(self, pushes: PushBatch, opened: bool) -> None:
         """Write the pushes of what was settled, then the replies (if a connection asked
         for them with on_ready), without a task or callback in between.
 
@@ -358,11 +359,11 @@ class ReplyGroup(Pending):
             # No other group's sends wait for a commit: no settle is coming whose pushes
             # could share these writes.
             app.last_group = None
-            PUSHES.close()
+            pushes.close()
         elif opened:
             # Other settles follow, of this group commit (now) or of a later one: the
             # batch closes when a last one is settled, at the loop's next turn at latest.
-            asyncio.get_running_loop().call_soon(PUSHES.close)
+            asyncio.get_running_loop().call_soon(pushes.close)
         notify = self._notify
         if notify is not None:
             self._notify = None

@@ -22,7 +22,7 @@ from chatd.app import Pending
 from chatd.codec import FrameDecoder, Oversize, encode_frame
 from chatd.config import Config
 from chatd.errors import ErrorCode
-from chatd.hub import PUSHES, Session
+from chatd.hub import Session
 from chatd.metrics import Metrics
 from chatd.model import PING, Event
 
@@ -245,8 +245,9 @@ class Connection(Session):
             pushes.append(frame)  # a closing writer is noticed by the flush, once a turn
         elif not self._transport.is_closing():
             self._pushes = [frame]
-            if PUSHES.open:  # a commit's messages being published: written after them
-                PUSHES.flushes.append(self._flush_pushes)
+            batch = self.pushes
+            if batch is not None and batch.open:  # a commit's messages being published
+                batch.flushes.append(self._flush_pushes)  # written once they all are
             else:
                 # The task's loop, not get_running_loop(): that makes a system call (getpid).
                 self._loop().call_soon(self._flush_pushes)

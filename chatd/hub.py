@@ -40,6 +40,8 @@ class PushBatch:
     it around publishing what a group commit stored, chatd.connection honours it).
 
     Closed, a session batches its pushes by itself, until its event loop's next turn.
+    One per hub (``Hub.pushes``, handed to each session it binds): a server's, on its
+    event loop; never one shared with another server (tests run many in a process).
     """
 
     __slots__ = ("flushes", "open")
@@ -60,10 +62,6 @@ class PushBatch:
                 log.exception("writing pushes failed")
 
 
-# The process's one batch: every session's event loop is the same one.
-PUSHES = PushBatch()
-
-
 class Session:
     """One client connection as the hub and the handlers see it.
 
@@ -75,6 +73,7 @@ class Session:
     __slots__ = (
         "address",
         "port",
+        "pushes",
         "serial",
         "subscription",
         "token",
@@ -96,6 +95,8 @@ class Session:
         self.token_expires_at = 0.0
         self.token_checked_at = 0.0
         self.subscription: Subscription | None = None
+        # Its hub's push batch, once bound (only bound sessions are pushed to).
+        self.pushes: PushBatch | None = None
 
     @property
     def peer(self) -> str:
@@ -133,6 +134,7 @@ class Session:
 class Hub:
     def __init__(self) -> None:
         self._sessions: defaultdict[int, set[Session]] = defaultdict(set)
+        self.pushes = PushBatch()  # what the sends of a commit push, written together
         self._names: dict[int, str] = {}
         # Channel memberships of online users, and the subscribed sessions of each channel.
         self._channels_of: dict[int, set[int]] = {}
@@ -172,6 +174,7 @@ class Hub:
             digest = self._same_digest(user_id, digest)
         session.user_id, session.user_name = user_id, name
         session.token_digest, session.token_expires_at = digest, expires_at
+        session.pushes = self.pushes
         self._sessions[user_id].add(session)
         if first:
             self._channels_of[user_id] = set(channels)

@@ -4,7 +4,7 @@ A paced message (one frame per read, one commit) is answered without the reply q
 the settle that makes its reply writes it (Connection._reply_ready). Whatever comes
 while it is owed, a second frame in the same read or a later read, a client behind in
 reading, an end of stream, goes through the queue behind it, in request order. Pushes
-made while a commit is published are written when it ends (hub.PUSHES). The in-memory
+made while a commit is published are written when it ends (Hub.pushes). The in-memory
 tests drive a real Connection with a Pending settled on cue; the others use a server.
 """
 
