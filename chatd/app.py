@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from chatd.auth import Hasher
 from chatd.bus import Bus, LocalBus
@@ -16,7 +16,7 @@ from chatd.config import Config
 from chatd.errors import BadRequest, ChatdError, ErrorCode, FrameTooLarge, ServerError
 from chatd.events import sent_reply
 from chatd.handlers import NOW_OPS, Context, Deferred, dispatch, gate_now, publish_message
-from chatd.hub import Hub, Session
+from chatd.hub import Hub, PushBatch, Session
 from chatd.limits import Guards
 from chatd.metrics import Metrics
 from chatd.protocol import Data, failure, parse_request, request_id, success
@@ -41,6 +41,10 @@ class App:
     guards: Guards = field(init=False)
     # Where handlers publish committed events: one node, so straight to the hub.
     bus: Bus = field(init=False)
+    # The newest ReplyGroup with sends enqueued, until it is settled: while it is not,
+    # more settles are to come (in this group commit or the next), so the pushes of
+    # one settle may wait to be written with theirs (ReplyGroup._settle).
+    last_group: ReplyGroup | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.guards = Guards(self.config)
@@ -119,7 +123,7 @@ class App:
                             break
                     continue
             if group is not None:
-                if group.size:
+                if group._frames:  # not the size property: a call less
                     await put(group.close())
                 # A new group after this request, even if this one took nothing: its
                 # time, auth gate and rate bucket hold only while nothing is awaited.
@@ -130,7 +134,7 @@ class App:
                 refused += 1
                 if refused >= rate_limit_budget:
                     break
-        if group is not None and group.size:
+        if group is not None and group._frames:
             await put(group.close())
         return refused
 
@@ -171,6 +175,12 @@ class Pending:
         """Until ``ready``."""
         raise NotImplementedError
 
+    def on_ready(self, callback: Callable[[Pending], None]) -> bool:
+        """Have ``callback(self)`` called as soon as it is ready, from whatever makes it
+        so, instead of a task waiting; False if ready already, or if this kind cannot
+        (then wait)."""
+        return False
+
     def replies(self) -> list[Data]:
         """The replies, in request order (call once ``ready``)."""
         raise NotImplementedError
@@ -190,8 +200,8 @@ class ReplyGroup(Pending):
     """
 
     __slots__ = ("_app", "_committed", "_ctx", "_frames", "_gate_token", "_gated",
-                 "_messages", "_now", "_ready", "_rids", "_sender_name", "_started",
-                 "_targets")
+                 "_messages", "_notify", "_now", "_ready", "_rids", "_sender_name",
+                 "_started", "_targets")
 
     def __init__(self, app: App, ctx: Context) -> None:
         self._app, self._ctx = app, ctx
@@ -211,6 +221,7 @@ class ReplyGroup(Pending):
         self._sender_name = ""
         self._committed: asyncio.Future[None] | None = None
         self._ready = False
+        self._notify: Callable[[Pending], None] | None = None  # on_ready's callback
 
     @property
     def ready(self) -> bool:
@@ -262,9 +273,16 @@ class ReplyGroup(Pending):
             # The sender's name as it is now, while the sends are made (as Outgoing keeps it).
             self._sender_name = self._ctx.session.user_name or ""
             self._committed = self._ctx.store.enqueue_many(self._messages, self._settle)
+            self._app.last_group = self
         else:
             self._ready = True
         return self
+
+    def on_ready(self, callback: Callable[[Pending], None]) -> bool:
+        if self._ready or self._committed is None:
+            return False  # ready already: nothing to wait for
+        self._notify = callback
+        return True
 
     async def wait(self) -> None:
         committed = self._committed
@@ -272,7 +290,10 @@ class ReplyGroup(Pending):
             await committed  # only ever resolved (GroupCommit), never failed or cancelled
 
     def frames(self) -> list[bytes]:
-        return [frame or self._lost() for frame in self._frames]
+        frames = self._frames
+        if None not in frames:  # settled: the list as it is, not a copy of it
+            return cast(list[bytes], frames)
+        return [frame or self._lost() for frame in frames]
 
     def replies(self) -> list[Data]:
         return [decode_body(frame[HEADER_SIZE:]) for frame in self.frames()]
@@ -293,7 +314,10 @@ class ReplyGroup(Pending):
         # Sends answered, and messages stored (not repeats of a client_id), by kind.
         answered, stored = dict.fromkeys(_SEND_OPS, 0), dict.fromkeys(_SEND_OPS, 0)
         position = 0
+        pushes = app.hub.pushes
+        opened = not pushes.open
         try:
+            pushes.open = True  # the pushes of what this settles are written together
             for message, target, rid, result in zip(
                 self._messages, self._targets, self._rids, results, strict=True
             ):
@@ -318,7 +342,32 @@ class ReplyGroup(Pending):
                     log.debug("%s %s -> 0", session, _SEND_OPS[message.kind])
         finally:
             self._ready = True
+            self._write_out(pushes, opened)  # first: the batch must close whatever else fails
             self._count(answered, stored, elapsed)
+
+    def _write_out(self, pushes: PushBatch, opened: bool) -> None:
+        """Write the pushes of what was settled, then the replies (if a connection asked
+        for them with on_ready), without a task or callback in between.
+
+        The pushes go first: the recipient is who waits for a message (what the latency
+        scenario of docs/benchmarks.md measures), and the sender is answered a system call
+        later. protocol.md allows it (section 1: an event may come before the reply to
+        the request that caused it); the replies keep their order among themselves.
+        """
+        app = self._app
+        if app.last_group is self:
+            # No other group's sends wait for a commit: no settle is coming whose pushes
+            # could share these writes.
+            app.last_group = None
+            pushes.close()
+        elif opened:
+            # Other settles follow, of this group commit (now) or of a later one: the
+            # batch closes when a last one is settled, at the loop's next turn at latest.
+            asyncio.get_running_loop().call_soon(pushes.close)
+        notify = self._notify
+        if notify is not None:
+            self._notify = None
+            notify(self)
 
     def _count(self, answered: dict[str, int], stored: dict[str, int], elapsed: float) -> None:
         """The metrics of the group's sends, each kind counted in one call, not one a send."""

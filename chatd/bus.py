@@ -13,7 +13,7 @@ Presence and ping are not published: each hub makes them from its own sessions.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Protocol
 
 from chatd.hub import DELIVER, Hub
@@ -46,16 +46,16 @@ class Bus(Protocol):
 class LocalBus:
     """One node: published events go to the local hub at once, in the caller's turn."""
 
-    __slots__ = ("_hub",)
+    __slots__ = ("_hub", "copies_wanted")
 
     def __init__(self, hub: Hub) -> None:
         self._hub = hub
+        # The hub's own method: asked once for the sends of a read, a call less than a
+        # method passing it on.
+        self.copies_wanted: Callable[[int, int], bool] = hub.has_other_session
 
     def publish(self, event: Published) -> None:
         DELIVER[type(event)](self._hub, event)  # Hub.deliver, a call less per message
-
-    def copies_wanted(self, user_id: int, origin: int) -> bool:
-        return self._hub.has_other_session(user_id, origin)
 
     async def follow(self, user_id: int, channel_ids: Collection[int]) -> None:
         pass  # every commit of this one node reaches its hub

@@ -169,12 +169,23 @@ class FrameDecoder:
                 # byte by byte costs one copy per byte, not one of the whole buffer.
                 return []
             data, self._buffer = bytes(self._buffer), None
+        size = len(data)
+        if not offset and size >= HEADER_SIZE and (limit is None or limit > 0):
+            (length,) = HEADER.unpack_from(data)
+            if length + HEADER_SIZE == size and length <= self.max_frame_size:
+                # Exactly one whole frame: a paced client's read, taken without the loop.
+                unpack = self._unpack
+                try:
+                    if unpack is None:
+                        return [_unpackb(data[HEADER_SIZE:])]
+                    return [unpack(data[HEADER_SIZE:])]
+                except Exception as exc:  # as in decode_body
+                    return [_malformed(exc, length)]
         # The hot loop of the server and of every client: locals, no helper calls, and
         # bodies sliced off as bytes (cheaper than memoryview slices that must be released).
         bodies: list[Any] = []
         unpack_header, limit_size, unpack = HEADER.unpack_from, self.max_frame_size, self._unpack
         most = sys.maxsize if limit is None else limit
-        size = len(data)
         end = HEADER_SIZE
         while size - offset >= HEADER_SIZE:
             if len(bodies) >= most:

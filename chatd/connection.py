@@ -67,6 +67,7 @@ class Connection(Session):
         "_closing",
         "_config",
         "_decoder",
+        "_direct",
         "_dropped",
         "_frame_started",
         "_handle_bodies",
@@ -82,6 +83,7 @@ class Connection(Session):
         "_read_timer",
         "_reader",
         "_task",
+        "_transport",
         "_turn_frames",
         "_wakeup",
         "_was_bound",
@@ -100,6 +102,9 @@ class Connection(Session):
         super().__init__(*_peer(writer.get_extra_info("peername")))
         self._reader = reader
         self._writer = writer
+        # Written to directly: StreamWriter.write() and is_closing() only pass the call on,
+        # and a paced message makes five of them.
+        self._transport = writer.transport
         self._config = config
         self._handle_bodies = handle_bodies
         self._metrics = metrics
@@ -121,6 +126,9 @@ class Connection(Session):
         self._was_bound = False  # logged in (or token-bound) at some point
         # Made on the first reply that has to wait its turn: idle connections stay small.
         self._queue: _ReplyQueue | None = None
+        # The one reply owed, when nothing else is: written by whatever makes it ready
+        # (_reply_ready), not by the queue's task. Set only while the queue is idle.
+        self._direct: Pending | None = None
         self._pushes: list[bytes] | None = None  # pushed this turn, written at its end
         self._turn_frames = 0  # requests handled since the event loop last had a turn
 
@@ -156,7 +164,7 @@ class Connection(Session):
                         data = self._interrupted()
                     finally:
                         self._idle = False
-                        self._read_timer.unwatch(self)
+                        self._read_timer.waiting.discard(self)  # unwatch(), a call less
                     if data is None:  # the read timed out
                         pinged = self._read_timed_out(pinged)
                         continue
@@ -171,6 +179,8 @@ class Connection(Session):
                         break
             except TimeoutError:
                 reason = "timeout"
+            if self._direct is not None:  # the queue waits for it, with a timeout
+                self._hand_over_direct()
             if self._queue is not None:  # what was read and done is answered before closing
                 await self._queue.finish(self._config.write_timeout)
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
@@ -187,6 +197,7 @@ class Connection(Session):
 
     def _close(self, reason: str) -> str:
         """Release the connection; returns why it ended, as _run() reports it."""
+        self._direct = None
         if self._queue is not None:
             self._queue.discard()
         self._writer.close()
@@ -232,23 +243,28 @@ class Connection(Session):
         pushes = self._pushes
         if pushes is not None:
             pushes.append(frame)  # a closing writer is noticed by the flush, once a turn
-        elif not self._writer.is_closing():
+        elif not self._transport.is_closing():
             self._pushes = [frame]
-            # The task's loop, not get_running_loop(): that makes a system call (getpid).
-            self._loop().call_soon(self._flush_pushes)
+            batch = self.pushes
+            if batch is not None and batch.open:  # a commit's messages being published
+                batch.flushes.append(self._flush_pushes)  # written once they all are
+            else:
+                # The task's loop, not get_running_loop(): that makes a system call (getpid).
+                self._loop().call_soon(self._flush_pushes)
 
     def _loop(self) -> asyncio.AbstractEventLoop:
         return asyncio.get_running_loop() if self._task is None else self._task.get_loop()
 
     def _flush_pushes(self) -> None:
         frames, self._pushes = self._pushes, None
-        if not frames or self._writer.is_closing():
+        transport = self._transport
+        if not frames or transport.is_closing():
             return
-        self._writer.write(b"".join(frames))
+        transport.write(b"".join(frames))
         self._metrics.pushed(len(frames))  # counted here: once per write, not per event
         # Frames written at the client's pace (replies, catch-up) are not the client's
         # fault: only what piles up beyond them counts.
-        pushed = self._writer.transport.get_write_buffer_size() - self._paced_in_flight
+        pushed = transport.get_write_buffer_size() - self._paced_in_flight
         if pushed > self._config.max_outbound_buffer:
             self.abort("dropped: outbound buffer full (client not reading)")
 
@@ -260,16 +276,16 @@ class Connection(Session):
 
     @property
     def queued_bytes(self) -> int:
-        return self._writer.transport.get_write_buffer_size()
+        return self._transport.get_write_buffer_size()
 
     def abort(self, reason: str) -> None:
         self._dropped = self._dropped or reason
-        self._writer.transport.abort()
+        self._transport.abort()
         # The read in progress, if any, must end too: a reset peer may never send EOF.
         self._reader.feed_eof()
 
     async def drain(self) -> None:
-        if self._writer.transport.get_write_buffer_size() <= DRAIN_ABOVE:
+        if self._transport.get_write_buffer_size() <= DRAIN_ABOVE:
             return  # nothing to wait for: skip setting up a timeout on the hot path
         # A client that stops reading stops being read (backpressure),
         # and is dropped when it stalls longer than write_timeout.
@@ -283,12 +299,12 @@ class Connection(Session):
 
     async def send(self, frame: bytes) -> None:
         """Write a frame and wait until the client has taken most of what is queued."""
-        if self._writer.is_closing():
+        if self._transport.is_closing():
             # uvloop raises RuntimeError on a closed transport: say what it means.
             raise ConnectionResetError("the connection is closed")
         self._paced_in_flight += len(frame)
         try:
-            self._writer.write(frame)
+            self._transport.write(frame)
             await self.drain()
         finally:
             self._paced_in_flight -= len(frame)
@@ -307,15 +323,26 @@ class Connection(Session):
         while True:
             bodies = decoder.feed(chunk, TURN_FRAMES - self._turn_frames)
             chunk = b""
-            self._turn_frames += len(bodies)
-            progressed = progressed or bool(bodies)
-            stop = await self._answer(bodies)
-            if stop is not None:
-                return stop
+            if bodies:
+                # Handled here, not in a coroutine of its own: a paced message is one
+                # read of one frame, and every await of a new coroutine costs.
+                progressed = True
+                self._turn_frames += len(bodies)
+                budget = self._config.abuse_limit - self._rate_limited
+                self._rate_limited += await self._handle_bodies(
+                    self, bodies, self._queue_reply, budget
+                )
+                last = bodies[-1]
+                if self._rate_limited >= self._config.abuse_limit or isinstance(last, Oversize):
+                    return self._stop_after(last)
             if not decoder.pending:
                 break
             await self._next_turn()  # the budget ran out with frames left
-        self._note_partial_frame(progressed)
+        # The frame clock: started on an unfinished frame, restarted by a finished one.
+        if not decoder.buffered:
+            self._frame_started = None
+        elif self._frame_started is None or progressed:
+            self._frame_started = time.monotonic()
         if len(data) < READ_CHUNK:
             # A short read emptied the reader's buffer: the next read waits for the loop
             # (or a request already waited), so that is a turn given away already.
@@ -324,20 +351,14 @@ class Connection(Session):
             await self._next_turn()  # more bytes wait: the others go first
         return None
 
-    async def _answer(self, bodies: list[Any]) -> str | None:
-        """Handle the bodies, queueing their replies; returns why to close, if it must be."""
-        if not bodies:
-            return None
-        budget = self._config.abuse_limit - self._rate_limited
-        self._rate_limited += await self._handle_bodies(self, bodies, self._queue_reply, budget)
+    def _stop_after(self, last: Any) -> str:
+        """Why to close: past the rate limits, or the read's ``last`` body is Oversize."""
         if self._rate_limited >= self._config.abuse_limit:  # the handler stopped there
             self._dropped = "dropped: kept going past the rate limits"
             return "abuse"
-        last = bodies[-1]
-        if isinstance(last, Oversize):  # always the last: the stream is lost after it
-            self._dropped = last.reason
-            return "oversize"
-        return None
+        assert isinstance(last, Oversize)  # always the last: the stream is lost after it
+        self._dropped = last.reason
+        return "oversize"
 
     async def _next_turn(self) -> None:
         """Let every other ready task and callback of the event loop run first."""
@@ -345,33 +366,75 @@ class Connection(Session):
         await asyncio.sleep(0)
 
     async def _queue_reply(self, reply: Reply | Pending) -> None:
-        """Replies go out in request order, while later requests are already being read."""
-        if isinstance(reply, dict) and (self._queue is None or self._queue.idle):
-            await self.send(encode_frame(reply))  # nothing ahead of it: no hand-over needed
-            return
+        """Replies go out in request order, while later requests are already being read.
+
+        With nothing owed before it, a reply needs no queue: one known now is written
+        now, and one known once its sends are committed (a paced message's) is written
+        by the commit's settle (_reply_ready), without waking a task for it. Anything
+        more goes through the queue, the reply owed first.
+        """
+        queue = self._queue
+        if self._direct is None and (queue is None or queue.idle):
+            if isinstance(reply, dict):
+                await self.send(encode_frame(reply))
+                return
+            if reply.on_ready(self._reply_ready):
+                self._direct = reply
+                return
+            if reply.ready:  # nothing to wait for (errors only, say)
+                await self.send(b"".join(reply.frames()))
+                return
+        if queue is None:
+            queue = self._queue = _ReplyQueue(self)
+        if self._direct is not None:
+            self._hand_over_direct()
+        await queue.put(reply)
+
+    def _reply_ready(self, reply: Pending) -> None:
+        """The direct reply is ready (called by its settle): write it, as send() would
+        without having to wait; a client that is behind gets it through the queue,
+        which waits for the client to read (backpressure)."""
+        if self._direct is not reply:
+            return  # handed over to the queue meanwhile, or the connection closed
+        data = b"".join(reply.frames())
+        transport = self._transport
+        if transport.is_closing():
+            self._direct = None
+            self.abort("dropped: cannot write replies (ConnectionResetError)")  # as the queue
+        elif transport.get_write_buffer_size() + len(data) <= DRAIN_ABOVE:
+            self._direct = None
+            transport.write(data)
+        else:
+            self._hand_over_direct()
+
+    def _hand_over_direct(self) -> None:
+        """The direct reply goes to the queue: it is owed before anything queued next."""
+        direct, self._direct = self._direct, None
+        assert direct is not None
         if self._queue is None:
             self._queue = _ReplyQueue(self)
-        await self._queue.put(reply)
-
-    def _note_partial_frame(self, progressed: bool) -> None:
-        """Start the frame clock on an unfinished frame; a finished frame restarts it."""
-        if not self._decoder.buffered:
-            self._frame_started = None
-        elif self._frame_started is None or progressed:
-            self._frame_started = time.monotonic()
+        self._queue.put_nowait(direct)
 
     def _start_read(self, pinged: bool) -> None:
         """Arm the deadline of the next read: the idle, ping, frame or login timeout."""
+        config = self._config
         if self.subscription is None:
-            timeout = self._config.idle_timeout
+            timeout = config.idle_timeout
         else:
-            timeout = self._config.ping_timeout if pinged else self._config.ping_interval
-        deadline, why = self._hard_deadline()
-        if deadline <= 0:  # checked first: a chatty peer's reads never time out
-            self._dropped = why
-            raise TimeoutError(why)
-        self._read_ends_connection = why if deadline <= timeout else None
-        self._read_deadline = time.monotonic() + min(timeout, deadline)
+            timeout = config.ping_timeout if pinged else config.ping_interval
+        now = time.monotonic()
+        if self._frame_started is None and (self._was_bound or self.user_id is not None):
+            # Logged in, between frames (every read of a paced client): no hard deadline.
+            self._was_bound = True
+            self._read_ends_connection = None
+            self._read_deadline = now + timeout
+        else:
+            deadline, why = self._hard_deadline(now)
+            if deadline <= 0:  # checked first: a chatty peer's reads never time out
+                self._dropped = why
+                raise TimeoutError(why)
+            self._read_ends_connection = why if deadline <= timeout else None
+            self._read_deadline = now + min(timeout, deadline)
         self._idle = True
         self._read_timer.watch(self)
 
@@ -391,9 +454,8 @@ class Connection(Session):
         self.write(PING)
         return True
 
-    def _hard_deadline(self) -> tuple[float, str]:
+    def _hard_deadline(self, now: float) -> tuple[float, str]:
         """Seconds left before a half-sent frame or a missing login closes the connection."""
-        now = time.monotonic()
         deadline, why = float("inf"), ""
         if self._frame_started is not None:
             deadline = self._frame_started + self._config.frame_timeout - now
@@ -437,7 +499,7 @@ class ReadTimer:
     """
 
     def __init__(self, config: Config) -> None:
-        self._waiting: set[Connection] = set()
+        self.waiting: set[Connection] = set()  # Connection._run leaves it without a call
         self._expired: list[Connection] = []  # found past their deadline, not yet ended
         self._handle: asyncio.Handle | None = None
         self.resolution = 1.0
@@ -455,12 +517,12 @@ class ReadTimer:
         self.resolution = min(1.0, shortest / 4)
 
     def watch(self, connection: Connection) -> None:
-        self._waiting.add(connection)
+        self.waiting.add(connection)
         if self._handle is None:
             self._handle = asyncio.get_running_loop().call_later(self.resolution, self._tick)
 
     def unwatch(self, connection: Connection) -> None:
-        self._waiting.discard(connection)
+        self.waiting.discard(connection)
 
     def close(self) -> None:
         self._expired.clear()
@@ -472,12 +534,12 @@ class ReadTimer:
         self._handle = None
         if not self._expired:
             now = time.monotonic()
-            self._expired = [c for c in self._waiting if c.read_deadline <= now]
+            self._expired = [c for c in self.waiting if c.read_deadline <= now]
         self._interrupt_batch()
         loop = asyncio.get_running_loop()
         if self._expired:  # the rest in the next turn, after the loop has polled
             self._handle = loop.call_soon(self._tick)
-        elif self._waiting:
+        elif self.waiting:
             self._handle = loop.call_later(self.resolution, self._tick)
 
     def _interrupt_batch(self) -> None:
@@ -487,8 +549,8 @@ class ReadTimer:
         for _ in range(min(TIMEOUT_BATCH, len(expired))):
             connection = expired.pop()
             # Still waiting on the same read? Data may have come since the scan.
-            if connection in self._waiting and connection.read_deadline <= now:
-                self._waiting.discard(connection)
+            if connection in self.waiting and connection.read_deadline <= now:
+                self.waiting.discard(connection)
                 connection.interrupt_read(TIMED_OUT)
 
 
@@ -530,6 +592,11 @@ class _ReplyQueue:
                 break
             self._room = asyncio.get_running_loop().create_future()
             await self._room
+        self.put_nowait(reply)
+
+    def put_nowait(self, reply: Reply | Pending) -> None:
+        """Queue a reply without checking for room: the one owed while the queue was
+        idle (Connection._hand_over_direct), which put() let through already."""
         self._replies.append(reply)
         self._owed += reply.size if isinstance(reply, Pending) else 1
         self._all_written.clear()

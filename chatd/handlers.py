@@ -289,9 +289,18 @@ def send_now(ctx: Context, values: dict[str, Any], now: float) -> Sent | None:
     memo = ctx.recipients
     if memo is None:
         memo = ctx.recipients = {}
-    recipient = memo.get(name) if type(name) is str else None
+    recipient = None
+    if type(name) is str:
+        recipient = memo.get(name)
+        if recipient is None and (key := _USER_KEYS.get(name)) is not None:
+            # _known's way, written out for a name seen before (a paced sender's).
+            recipient = ctx.store.cached_profile(key)
+            if recipient is not None:
+                memo[name] = recipient
     if recipient is None:
-        recipient = _known(values, memo, validation.user_name, ctx.store.cached_profile)
+        recipient = _known(
+            values, memo, _USER_KEYS, validation.user_name, ctx.store.cached_profile
+        )
         if recipient is None:
             return None
     # send()'s checks in send()'s order (the look-up raised nothing), written out: the
@@ -331,24 +340,41 @@ def _message_now(
 
 
 _Known = TypeVar("_Known", User, Channel)
+# Valid user and channel names as sent, and their keys (validation.name_key): a name's
+# checks and key depend on nothing but the name, so they are kept for the process, not
+# a context (one read) as the look-ups are; a paced send is one read, and the checks
+# are four calls. Bounded: cleared when full.
+_USER_KEYS: dict[str, str] = {}
+_CHANNEL_KEYS: dict[str, str] = {}
+_KEYS_KEPT = 16384
 
 
 def _known(
     values: dict[str, Any],
     memo: dict[str, _Known],
+    keys: dict[str, str],
     validate: Callable[[Params], str],
     cached: Callable[[str], _Known | None],
 ) -> _Known | None:
     """The user or channel named in ``values`` if the store has it cached (memoised by
     the name as sent); None when it is not at hand or the name is not valid: the
-    awaiting handler then does it all, and reports errors in its order."""
+    awaiting handler then does it all, and reports errors in its order. ``keys``: the
+    names ``validate`` let through before, and their keys."""
     name = values.get("name")
-    if type(name) is str and (found := memo.get(name)) is not None:
-        return found
-    try:
-        key = validation.name_key(validate(Params(values)))
-    except ChatdError:
-        return None
+    key = None
+    if type(name) is str:
+        if (found := memo.get(name)) is not None:
+            return found
+        key = keys.get(name)
+    if key is None:
+        try:
+            key = validation.name_key(validate(Params(values)))
+        except ChatdError:
+            return None
+        if type(name) is str:
+            if len(keys) >= _KEYS_KEPT:
+                keys.clear()
+            keys[name] = key
     found = cached(key)
     if found is not None and type(name) is str:
         memo[name] = found
@@ -626,7 +652,9 @@ def channel_send_now(ctx: Context, values: dict[str, Any], now: float) -> Sent |
     the sender is a member (as _use_channel asks), and channel_send() must do it all."""
     if ctx.channels is None:
         ctx.channels = {}
-    channel = _known(values, ctx.channels, validation.channel_name, ctx.store.cached_channel)
+    channel = _known(
+        values, ctx.channels, _CHANNEL_KEYS, validation.channel_name, ctx.store.cached_channel
+    )
     if channel is None or not ctx.hub.is_member(ctx.user_id, channel.id):
         return None
     return _message_now(ctx, values, now, CHANNEL, "message", channel.id), channel.name
@@ -728,9 +756,14 @@ def gate_now(ctx: Context, token: str | None, now: float) -> bool:
     """dispatch()'s auth gate without waiting: True if the request may go on, False when
     it needs the store (a token to check, or a recheck due) and dispatch() must do it.
     Raises as dispatch() would."""
-    if token is not None and not _bound_with(ctx.session, token, now):
+    session = ctx.session
+    if token is not None and not _bound_with(session, token, now):
         return False  # authenticate() reads the store
-    return not _live_session_due_for_recheck(ctx, now)  # the recheck does too
+    if session.user_id is not None and session.token_expires_at > now:
+        # Bound and unexpired (every paced send): _live_session_due_for_recheck's answer,
+        # without the call.
+        return now - session.token_checked_at < ctx.config.token_recheck
+    return not _live_session_due_for_recheck(ctx, now)  # raises code 2
 
 
 def _bound_with(session: Session, token: str, now: float) -> bool:

@@ -9,6 +9,7 @@ edge: once per front-end, whatever the number of recipients.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -26,8 +27,39 @@ from chatd.model import (
     SentCopy,
 )
 
+log = logging.getLogger(__name__)
+
 # Session serials: events name the session that caused them by it (model.py).
 _serials = itertools.count(1)
+
+
+class PushBatch:
+    """While open, sessions hold their pushes back and hand ``flushes`` a callback that
+    writes them; closing it calls them: one write per session for all that was pushed
+    meanwhile, without a callback scheduled per session (chatd.app.ReplyGroup opens
+    it around publishing what a group commit stored, chatd.connection honours it).
+
+    Closed, a session batches its pushes by itself, until its event loop's next turn.
+    One per hub (``Hub.pushes``, handed to each session it binds): a server's, on its
+    event loop; never one shared with another server (tests run many in a process).
+    """
+
+    __slots__ = ("flushes", "open")
+
+    def __init__(self) -> None:
+        self.open = False
+        self.flushes: list[Callable[[], None]] = []
+
+    def close(self) -> None:
+        """Write what was held back. Harmless when closed already (a close scheduled as
+        a fall-back finds the batch closed, or reopened: then it only writes earlier)."""
+        self.open = False
+        flushes, self.flushes = self.flushes, []
+        for flush in flushes:
+            try:
+                flush()
+            except Exception:  # one broken connection must not hold the others' pushes
+                log.exception("writing pushes failed")
 
 
 class Session:
@@ -41,6 +73,7 @@ class Session:
     __slots__ = (
         "address",
         "port",
+        "pushes",
         "serial",
         "subscription",
         "token",
@@ -62,6 +95,8 @@ class Session:
         self.token_expires_at = 0.0
         self.token_checked_at = 0.0
         self.subscription: Subscription | None = None
+        # Its hub's push batch, once bound (only bound sessions are pushed to).
+        self.pushes: PushBatch | None = None
 
     @property
     def peer(self) -> str:
@@ -99,6 +134,7 @@ class Session:
 class Hub:
     def __init__(self) -> None:
         self._sessions: defaultdict[int, set[Session]] = defaultdict(set)
+        self.pushes = PushBatch()  # what the sends of a commit push, written together
         self._names: dict[int, str] = {}
         # Channel memberships of online users, and the subscribed sessions of each channel.
         self._channels_of: dict[int, set[int]] = {}
@@ -138,6 +174,7 @@ class Hub:
             digest = self._same_digest(user_id, digest)
         session.user_id, session.user_name = user_id, name
         session.token_digest, session.token_expires_at = digest, expires_at
+        session.pushes = self.pushes
         self._sessions[user_id].add(session)
         if first:
             self._channels_of[user_id] = set(channels)

@@ -49,12 +49,13 @@ class Metrics:
     def message_stored(self, kind: str, count: int = 1) -> None:
         self.messages_stored += count
         second = int(self._clock())
-        if self._per_second and self._per_second[-1][0] == second:
-            self._per_second[-1][1] += count
-        else:
-            self._per_second.append([second, count])
-        while self._per_second[0][0] <= second - RATE_WINDOW:
-            self._per_second.popleft()
+        per_second = self._per_second
+        if per_second and per_second[-1][0] == second:
+            per_second[-1][1] += count
+            return  # what fell out of the window went when this second's entry was made
+        per_second.append([second, count])
+        while per_second[0][0] <= second - RATE_WINDOW:
+            per_second.popleft()
 
     def pushed(self, count: int = 1) -> None:
         self.pushes_sent += count

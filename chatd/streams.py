@@ -17,6 +17,12 @@ that drop what a chatd connection never uses, measured with tracemalloc (Python
   anyone, a waiter of its own is made then);
 - the protocol holds its reader directly, not through a weak reference (80 B).
 
+And with fewer Python calls per read, the paced path's (one frame per read,
+docs/benchmarks.md): ``data_received``, ``feed_data`` and ``read()`` do their
+work themselves instead of through the base class's helpers (its property for the
+reader, ``_wakeup_waiter``, a second ``read()`` coroutine, ``_maybe_resume_transport``),
+with the same effect.
+
 All three lean on attributes of asyncio's stream classes that Python 3.11 to 3.13
 share; tests/test_streams.py checks them.
 """
@@ -24,8 +30,8 @@ share; tests/test_streams.py checks them.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, SupportsIndex, cast
 
 # asyncio's default: a StreamReader pauses its transport past twice this many bytes.
 STREAM_LIMIT = 64 * 1024
@@ -40,24 +46,61 @@ class LeanStreamReader(asyncio.StreamReader):
     _exception: BaseException | None
     _waiter: asyncio.Future[None] | None
     _paused: bool
-    _transport: asyncio.ReadTransport
+    _transport: asyncio.ReadTransport | None
     _loop: asyncio.AbstractEventLoop
+    _limit: int
 
     async def read(self, n: int = -1) -> bytes:
         """StreamReader.read, with the wait for data written out here (see above)."""
-        if n != 0 and not self._buffer and not self._eof and self._exception is None:
+        if n <= 0:
+            return await super().read(n)  # nothing, or everything up to the end: rare
+        buffer = self._buffer
+        if not buffer and not self._eof and self._exception is None:
             if self._waiter is not None:
                 raise RuntimeError("read() called while another coroutine waits for data")
             if self._paused:
                 self._paused = False
-                self._transport.resume_reading()
+                self._transport.resume_reading()  # type: ignore[union-attr]
             waiter = self._loop.create_future()
             self._waiter = waiter
             try:
                 await waiter  # feed_data, feed_eof and set_exception wake it
             finally:
                 self._waiter = None
-        return await super().read(n)  # does not wait: there is data, an end or an error
+        # StreamReader.read from here on, which does not wait: there is data, an end or
+        # an error.
+        if self._exception is not None:
+            raise self._exception
+        if len(buffer) <= n:
+            data = bytes(buffer)  # the whole buffer: one copy, not a slice's two
+            buffer.clear()
+        else:
+            data = bytes(buffer[:n])
+            del buffer[:n]
+        if self._paused and len(buffer) <= self._limit:  # _maybe_resume_transport
+            self._paused = False
+            self._transport.resume_reading()  # type: ignore[union-attr]
+        return data
+
+    def feed_data(self, data: Iterable[SupportsIndex]) -> None:
+        """StreamReader.feed_data, waking the reader itself (not in _wakeup_waiter)."""
+        assert not self._eof, "feed_data after feed_eof"
+        if not data:
+            return
+        buffer = self._buffer
+        buffer.extend(data)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.cancelled():
+                waiter.set_result(None)
+        if self._transport is not None and not self._paused and len(buffer) > 2 * self._limit:
+            try:
+                self._transport.pause_reading()
+            except NotImplementedError:
+                self._transport = None  # it cannot pause: everything is buffered
+            else:
+                self._paused = True
 
 
 class LeanStreamProtocol(asyncio.StreamReaderProtocol):
@@ -89,6 +132,11 @@ class LeanStreamProtocol(asyncio.StreamReaderProtocol):
     @property
     def _stream_reader(self) -> asyncio.StreamReader | None:
         return self._reader
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader  # not through the property: it runs for every read
+        if reader is not None:
+            reader.feed_data(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
