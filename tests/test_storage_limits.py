@@ -217,6 +217,9 @@ async def history(client: Client, other: str) -> dict[int, str]:
         before = page["messages"][0]["id"]
 
 
+BOB = {"name": "bob", "password": PASSWORD}
+
+
 def disk_lines(caplog: pytest.LogCaptureFixture, text: str) -> int:
     return sum(text in record.getMessage() for record in caplog.records)
 
@@ -251,16 +254,18 @@ async def test_a_full_disk_refuses_writes_then_recovers_as_soon_as_space_is_free
         assert all(r["code"] == 0 for r in replies)
         sent += 50
     await asyncio.to_thread(small_disk.fill)
-    async with asyncio.timeout(WAIT):  # what room the WAL had left is soon used up
-        while (await send(sent))["code"] == 0:
-            sent += 1
+    # What room the WAL file had left is soon used up, by the smallest write there is (a
+    # login's token: two 1 KiB pages): were it a send, a login could still fit after it.
+    async with asyncio.timeout(WAIT):
+        while (await (await harness.connect()).call("/login", BOB))["code"] == 0:
+            pass
     await reader.release()
     for n in range(sent, sent + 20):  # every write fails alike, and says why
         reply = await send(n)
         assert (reply["code"], reply["msg"]) == (9, "server is out of disk space"), reply
     sent += 20
     fresh = await harness.connect()
-    login = await fresh.call("/login", {"name": "bob", "password": PASSWORD})
+    login = await fresh.call("/login", BOB)
     assert (login["code"], login["msg"]) == (9, "server is out of disk space")
     # Reads go on working.
     assert (await alice.request("/stats"))["disk_full"] is True
