@@ -353,6 +353,22 @@ conn.close()
 """
 
 
+def connect_when_listening(path: Path, deadline: float) -> socket.socket:
+    """A connection to ``path``: the tool creates the file when it binds, and only then
+    listens, so a connection made in between is refused (seen on a loaded machine)."""
+    while True:
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.settimeout(TIMEOUT)
+        try:
+            client.connect(str(path))
+            return client
+        except ConnectionRefusedError:
+            client.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def test_listen_sockets_under_systemd_socket_activate(tmp_path: Path) -> None:
     """systemd's own tool: it binds, waits for a connection, then execs the service."""
     activate = shutil.which("systemd-socket-activate")
@@ -368,9 +384,7 @@ def test_listen_sockets_under_systemd_socket_activate(tmp_path: Path) -> None:
             deadline = time.monotonic() + TIMEOUT
             while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.01)
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
-                client.settimeout(TIMEOUT)
-                client.connect(str(path))
+            with connect_when_listening(path, deadline) as client:
                 assert client.recv(16) == b"ok"
             out, err = proc.communicate(timeout=TIMEOUT)
         finally:
