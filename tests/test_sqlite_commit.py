@@ -282,3 +282,59 @@ async def test_closing_the_store_closes_the_file_watch(tmp_path: Path) -> None:
         except OSError:
             return
         assert name != str(tmp_path / "db.sqlite3")  # the number was taken since
+
+
+async def statements_of(store: Store, send: asyncio.Future[Stored]) -> tuple[Stored, list[str]]:
+    """A send's result, and the statements its commit ran (a trace on the database thread)."""
+    seen: list[str] = []
+    await store._handoff.call(store._db._conn.set_trace_callback, seen.append)
+    try:
+        return await send, seen
+    finally:
+        await store._handoff.call(store._db._conn.set_trace_callback, None)
+
+
+async def test_a_lone_send_moves_its_head_from_the_one_the_last_commit_left(store: Store) -> None:
+    sender, recipient = await user(store, "alice"), await user(store, "bob")
+
+    def send() -> asyncio.Future[Stored]:
+        return store.enqueue(NewMessage(PRIVATE, sender, recipient, "x", 0.0, None))
+
+    first, statements = await statements_of(store, send())
+    assert first.seq == 1 and any("RETURNING" in s for s in statements)  # nothing known yet
+    second, statements = await statements_of(store, send())
+    assert second.seq == 2
+    assert not any("RETURNING" in s for s in statements)  # "set 2 where it is 1"
+    assert any(s.endswith(f"WHERE id = {recipient} AND inbox_seq = 1") for s in statements)
+
+
+def _move_head(path: str, user_id: int, head: int) -> None:
+    other = sqlite3.connect(path)
+    try:
+        other.execute("UPDATE users SET inbox_seq = ? WHERE id = ?", (head, user_id))
+        other.commit()
+    finally:
+        other.close()
+
+
+async def test_a_head_moved_elsewhere_or_a_user_id_given_again_is_numbered_from_the_row(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "db.sqlite3")
+    store = await Store.open(path)
+    try:
+        sender, recipient = await user(store, "alice"), await user(store, "bob")
+
+        def send(to: int) -> asyncio.Future[Stored]:
+            return store.enqueue(NewMessage(PRIVATE, sender, to, "x", 0.0, None))
+
+        assert [(await send(recipient)).seq for _ in range(2)] == [1, 2]
+        await asyncio.to_thread(_move_head, path, recipient, 10)  # another process's doing
+        assert (await send(recipient)).seq == 11  # not 3: the guess is checked
+        await store.delete_user(recipient)
+        again = await user(store, "carol")
+        assert again == recipient  # the highest id freed is given again (no AUTOINCREMENT)
+        assert (await send(again)).seq == 1
+        assert (await send(again)).seq == 2
+    finally:
+        await store.close()

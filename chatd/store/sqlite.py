@@ -233,6 +233,9 @@ _TABLES = {
     PRIVATE: ("private_messages", "recipient_id", "users", "inbox_seq"),
     CHANNEL: ("channel_messages", "channel_id", "channels", "last_seq"),
 }
+# Each stream's head as this store last left it, by kind (Store._heads).
+Heads = dict[str, dict[int, int]]
+_HEADS_KEPT = 100_000  # streams whose head is kept, per kind (a few MiB at most)
 _INSERT_CHUNK = 500  # rows per INSERT: 6 variables each, far below SQLite's 32766
 _ROW = "(?, ?, ?, ?, ?, ?)"
 
@@ -272,6 +275,9 @@ class Store:
         # The group commit's write under way (one at a time): its future, the connection's
         # total_changes before it, and when it started (trace).
         self._written: asyncio.Future[list[Stored]] | None = None
+        # Each stream's head as the last commit left it, by kind: a guess the next
+        # one-message commit checks in its UPDATE (_insert_one). The database thread's only.
+        self._heads: Heads = {PRIVATE: {}, CHANNEL: {}}
         self._changes_before = 0
         self._write_started = 0
         self._wal_fd: int | None = None  # the WAL, for _wal_end
@@ -836,11 +842,13 @@ class Store:
             if len(batch) == 1 and batch[0].client_id is None:
                 # At low load nearly every commit holds one message: no plan to make
                 # (189k -> 141k instructions for this function, docs/benchmarks.md).
-                results = [_insert_one(conn, batch[0])]
+                results = [_insert_one(conn, batch[0], self._heads[batch[0].kind])]
             else:
-                results = _insert_planned(conn, batch)
+                results = _insert_planned(conn, batch, self._heads)
             conn.execute("COMMIT")
         except BaseException:
+            for heads in self._heads.values():  # they may hold what was rolled back
+                heads.clear()
             # SQLite has already rolled back after some errors (a full disk, for one).
             if conn.in_transaction:
                 try:
@@ -1415,32 +1423,53 @@ class Store:
             await db.execute("DELETE FROM users WHERE id = ?", (user_id,))
 
 
-def _insert_planned(conn: sqlite3.Connection, batch: list[NewMessage]) -> list[Stored]:
+def _insert_planned(
+    conn: sqlite3.Connection, batch: list[NewMessage], heads: Heads
+) -> list[Stored]:
     """Insert a batch, each kind in chunks; repeats of a client_id get the first result."""
     keyed = [m for m in batch if m.client_id is not None]
     plan = BatchPlan(batch, _earlier_sends(conn, keyed) if keyed else {})
     for kind, positions in plan.fresh.items():
         for start in range(0, len(positions), _INSERT_CHUNK):
             chunk = positions[start : start + _INSERT_CHUNK]
-            stored = _insert(conn, kind, [batch[i] for i in chunk])
+            stored = _insert(conn, kind, [batch[i] for i in chunk], heads[kind])
             for position, result in zip(chunk, stored, strict=True):
                 plan.results[position] = result
     return plan.done()
 
 
-def _insert_one(conn: sqlite3.Connection, message: NewMessage) -> Stored:
-    """_insert for a lone message without a client_id, in fewer steps (the same SQL)."""
-    moved = conn.execute(_heads_sql(message.kind, 1), (message.target_id, 1)).fetchall()
-    seq = moved[0][1] if moved else 1  # a stream whose row is gone: the insert fails
+def _insert_one(conn: sqlite3.Connection, message: NewMessage, heads: dict[int, int]) -> Stored:
+    """_insert for a lone message without a client_id, in fewer steps.
+
+    The head moves by a compare-and-set from the head this store last left (``heads``):
+    "set it to n + 1 where it is n" changes the row only if it holds n, in this write
+    transaction, so the number is the one "add 1, return it" would give, without
+    RETURNING's temporary table and its read (28k instructions a commit, 110k -> 82k for
+    the bare statements; docs/benchmarks.md, "commit-lean"). Where the guess is missing
+    or wrong (a batch failed, another process moved it, the row is gone or its id was
+    given to a new user), the plain UPDATE ... RETURNING numbers it.
+    """
+    target = message.target_id
+    old = heads.get(target)
+    if old is not None and conn.execute(_move_head_sql(message.kind), (target, old)).rowcount:
+        seq = old + 1
+    else:
+        moved = conn.execute(_heads_sql(message.kind, 1), (target, 1)).fetchall()
+        seq = moved[0][1] if moved else 1  # a stream whose row is gone: the insert fails
     message_id = conn.execute(
         _insert_sql(message.kind, 1),
-        (message.sender_id, message.target_id, seq, message.body, message.created_at, None),
+        (message.sender_id, target, seq, message.body, message.created_at, None),
     ).lastrowid
     assert message_id is not None
+    if len(heads) >= _HEADS_KEPT:
+        heads.clear()  # a guess per stream written to: bounded, and refilled as it goes
+    heads[target] = seq
     return Stored(message_id, message.created_at, False, seq)
 
 
-def _insert(conn: sqlite3.Connection, kind: str, messages: list[NewMessage]) -> list[Stored]:
+def _insert(
+    conn: sqlite3.Connection, kind: str, messages: list[NewMessage], heads: dict[int, int]
+) -> list[Stored]:
     """One multi-row INSERT, each message numbered on from its stream's head.
 
     The heads move first, in this transaction (SQLite has one writer, so number
@@ -1456,6 +1485,9 @@ def _insert(conn: sqlite3.Connection, kind: str, messages: list[NewMessage]) -> 
         _heads_sql(kind, len(counts)), [item for pair in counts.items() for item in pair]
     ).fetchall()
     before = {stream: newest - counts[stream] for stream, newest in moved}
+    if len(heads) + len(moved) > _HEADS_KEPT:
+        heads.clear()
+    heads.update(moved)  # the guesses of the next one-message commits (_insert_one)
     counters = {stream: count(before.get(stream, 0) + 1) for stream in counts}
     seqs = [next(counters[target_id]) for target_id in targets]
     args: list[Any] = []
@@ -1487,6 +1519,13 @@ def _heads_sql(kind: str, streams: int) -> str:
         f" FROM (VALUES {', '.join(['(?, ?)'] * streams)}) AS n"
         f" WHERE {head_table}.id = n.column1 RETURNING id, {head}"
     )
+
+
+@lru_cache(maxsize=2)
+def _move_head_sql(kind: str) -> str:
+    """Move one head from ?2 to ?2 + 1, if it is at ?2 (arguments: stream id, head)."""
+    _, _, head_table, head = _TABLES[kind]
+    return f"UPDATE {head_table} SET {head} = ?2 + 1 WHERE id = ?1 AND {head} = ?2"
 
 
 @lru_cache(maxsize=256)
