@@ -65,7 +65,7 @@ class _Entry:
             return
         try:
             self.settle(results)
-        except Exception:  # the replies are lost, but the flusher and the others go on
+        except Exception:  # the replies are lost, but the writes and the others go on
             log.exception("settling %d committed messages failed", len(results))
         if not future.done():
             future.set_result(None)
