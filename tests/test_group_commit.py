@@ -165,3 +165,78 @@ async def test_a_settle_that_raises_is_logged_and_the_others_go_on(
     await commit.settled()
     assert failed.done() and after.calls  # its future resolves all the same
     assert "settling 1 committed messages failed" in caplog.text
+
+
+class FutureBackend(Backend):
+    """A backend whose writes are futures already under way, as the SQLite store's are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tasks_seen: list[int] = []
+
+    def write_batch_soon(self, batch: list[NewMessage]) -> asyncio.Future[list[Stored]]:
+        self.tasks_seen.append(len(asyncio.all_tasks()))
+        written: asyncio.Future[list[Stored]] = asyncio.get_running_loop().create_future()
+
+        def finish() -> None:
+            try:
+                written.set_result(self.write_now(batch))
+            except Exception as exc:
+                written.set_exception(exc)
+
+        asyncio.get_running_loop().call_soon(finish)
+        return written
+
+    def write_now(self, batch: list[NewMessage]) -> list[Stored]:
+        bodies = [m.body for m in batch]
+        self.batches.append(bodies)
+        if "down" in bodies:
+            raise OSError("database unreachable")
+        if "bad" in bodies:
+            raise RowFault()
+        start = len(self.rows)
+        self.rows += bodies
+        return [Stored(start + i + 1, m.created_at, False, start + i + 1) for i, m in
+                enumerate(batch)]
+
+
+async def test_a_write_under_way_as_a_future_needs_no_task_per_commit() -> None:
+    backend = FutureBackend()
+    commit = GroupCommit(backend.write_batch_soon, RowFault)
+    for body in "abc":  # one commit each, as at low load
+        assert (await commit.enqueue(message(body))).id == "abc".index(body) + 1
+    assert backend.batches == [["a"], ["b"], ["c"]]
+    assert backend.tasks_seen == [1, 1, 1]  # only this test's own task
+
+
+async def test_a_future_write_keeps_the_order_the_batching_and_the_one_by_one_retry() -> None:
+    backend = FutureBackend()
+    commit = GroupCommit(backend.write_batch_soon, RowFault)
+    first = commit.enqueue(message("a"))
+    await asyncio.sleep(0)  # "a" is under way; the rest gather behind it
+    rest = [commit.enqueue(message(body)) for body in ("b", "bad", "d")]
+    results = await asyncio.gather(first, *rest, return_exceptions=True)
+    assert [r.id if isinstance(r, Stored) else type(r).__name__ for r in results] == [
+        1, 2, "RowFault", 3,
+    ]
+    settled = entry(commit, ["e", "down"])
+    await commit.settled()
+    assert [type(r).__name__ for r in settled.calls[0]] == ["OSError", "OSError"]
+    assert backend.batches == [["a"], ["b", "bad", "d"], ["b"], ["bad"], ["d"], ["e", "down"]]
+    assert (await commit.enqueue(message("later"))).id == 4  # and the queue goes on
+
+
+async def test_a_write_that_fails_to_start_fails_its_batch_and_the_next_one_goes_on() -> None:
+    backend = FutureBackend()
+    refuse = True
+
+    def write_batch(batch: list[NewMessage]) -> asyncio.Future[list[Stored]]:
+        if refuse:
+            raise ValueError("Connection closed")
+        return backend.write_batch_soon(batch)
+
+    commit = GroupCommit(write_batch, RowFault)
+    with pytest.raises(ValueError):
+        await commit.enqueue(message("a"))
+    refuse = False
+    assert (await commit.enqueue(message("b"))).id == 1

@@ -1,5 +1,6 @@
 """The SQLite store's group commit path: the hop to the database thread and back
-(_Handoff), and the client_id look-up inside the commit.
+(_Handoff), the write lock taken without a coroutine, the per-commit check of the file,
+and the client_id look-up inside the commit.
 
 A real database file in WAL mode, the store's own connection and thread; no server:
 these are costs and hand-offs a wire test cannot see.
@@ -10,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from chatd.store import PRIVATE, NewMessage, Stored
-from chatd.store.sqlite import Store, _earlier_sends
+from chatd.store import PRIVATE, DatabaseFileLost, NewMessage, Stored
+from chatd.store.sqlite import Store, _earlier_sends, _WriteLock
 
 
 @pytest.fixture
@@ -173,5 +175,166 @@ async def test_the_write_path_reads_the_wal_size_the_file_has_through_truncation
             await store.enqueue(NewMessage(PRIVATE, sender, sender, "after", 0.0, None))
             assert store._wal_end() == await wal_file() <= limit
         assert all(size > limit for size in sizes)
+    finally:
+        await store.close()
+
+
+async def test_the_write_lock_is_taken_at_once_only_when_no_one_waits_for_it() -> None:
+    lock = _WriteLock()
+    assert lock.take_if_free()
+    assert not lock.take_if_free()  # held
+    order: list[str] = []
+
+    async def waiter() -> None:
+        async with lock:
+            order.append("waiter")
+
+    waiting = asyncio.create_task(waiter())
+    await asyncio.sleep(0)  # it waits for the lock
+    lock.release()
+    # Released, but handed to the waiter, which has not run yet: taking it now would let
+    # two hold it (acquire takes it without looking again once woken).
+    assert not lock.locked() and not lock.take_if_free()
+    await waiting
+    assert order == ["waiter"] and lock.take_if_free()
+    lock.release()
+    cancelled = asyncio.create_task(lock.acquire())
+    assert lock.take_if_free()  # the task has not run: it waits for nothing yet
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    await asyncio.gather(cancelled, return_exceptions=True)
+    lock.release()
+    assert lock.take_if_free()  # a cancelled waiter holds nothing up
+
+
+async def test_sends_wait_their_turn_behind_a_transaction_and_keep_their_order(
+    store: Store,
+) -> None:
+    sender, recipient = await user(store, "alice"), await user(store, "bob")
+    async with store._lock:  # another request's transaction under way
+        held = [
+            store.enqueue(NewMessage(PRIVATE, sender, recipient, f"m{i}", 0.0, None))
+            for i in range(3)
+        ]
+        await asyncio.sleep(0.01)
+        assert not any(future.done() for future in held)
+    assert [stored.seq for stored in await asyncio.gather(*held)] == [1, 2, 3]
+    lone = await store.enqueue(NewMessage(PRIVATE, sender, recipient, "m3", 0.0, None))
+    assert lone.seq == 4 and not store._lock.locked()
+
+
+def _replace(path: Path, keep_old_as: Path | None) -> None:
+    """Put another database at ``path``; the old file (if any) kept under another name
+    if asked."""
+    if keep_old_as is not None:
+        os.link(path, keep_old_as)
+    other = path.with_name("other.sqlite3")
+    sqlite3.connect(other).close()
+    os.replace(other, path)
+
+
+@pytest.mark.parametrize("keep_old", [False, True], ids=["replaced", "replaced-hard-linked"])
+async def test_a_replaced_database_file_acknowledges_no_more_sends(
+    tmp_path: Path, keep_old: bool
+) -> None:
+    path = tmp_path / "db.sqlite3"
+    store = await Store.open(str(path))
+    try:
+        if sys.platform == "linux":
+            assert store._watch is not None  # the readlink per commit, not the stat
+        sender = await user(store, "alice")
+        await store.enqueue(NewMessage(PRIVATE, sender, sender, "kept", 0.0, None))
+        await asyncio.to_thread(_replace, path, tmp_path / "old.sqlite3" if keep_old else None)
+        with pytest.raises(DatabaseFileLost):
+            await store.enqueue(NewMessage(PRIVATE, sender, sender, "lost", 0.0, None))
+    finally:
+        await store.close()
+
+
+async def test_a_database_opened_through_a_symbolic_link_notices_the_link_moved(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    link = tmp_path / "current"
+    link.symlink_to(tmp_path / "a")
+    store = await Store.open(str(link / "db.sqlite3"))
+    try:
+        assert store._watch is None  # the kernel's name is not the path: the stat alone
+        sender = await user(store, "alice")
+        await asyncio.to_thread(_replace, tmp_path / "b" / "db.sqlite3", None)
+        switched = tmp_path / "switched"
+        switched.symlink_to(tmp_path / "b")
+        switched.replace(link)  # a deployment's "current" link moved to a new directory
+        with pytest.raises(DatabaseFileLost):
+            await store.enqueue(NewMessage(PRIVATE, sender, sender, "lost", 0.0, None))
+    finally:
+        await store.close()
+
+
+async def test_closing_the_store_closes_the_file_watch(tmp_path: Path) -> None:
+    opened = await Store.open(str(tmp_path / "db.sqlite3"))
+    watch = opened._watch
+    await opened.close()
+    if watch is not None:
+        try:
+            name = os.readlink(watch[1])
+        except OSError:
+            return
+        assert name != str(tmp_path / "db.sqlite3")  # the number was taken since
+
+
+async def statements_of(store: Store, send: asyncio.Future[Stored]) -> tuple[Stored, list[str]]:
+    """A send's result, and the statements its commit ran (a trace on the database thread)."""
+    seen: list[str] = []
+    await store._handoff.call(store._db._conn.set_trace_callback, seen.append)
+    try:
+        return await send, seen
+    finally:
+        await store._handoff.call(store._db._conn.set_trace_callback, None)
+
+
+async def test_a_lone_send_moves_its_head_from_the_one_the_last_commit_left(store: Store) -> None:
+    sender, recipient = await user(store, "alice"), await user(store, "bob")
+
+    def send() -> asyncio.Future[Stored]:
+        return store.enqueue(NewMessage(PRIVATE, sender, recipient, "x", 0.0, None))
+
+    first, statements = await statements_of(store, send())
+    assert first.seq == 1 and any("RETURNING" in s for s in statements)  # nothing known yet
+    second, statements = await statements_of(store, send())
+    assert second.seq == 2
+    assert not any("RETURNING" in s for s in statements)  # "set 2 where it is 1"
+    assert any(s.endswith(f"WHERE id = {recipient} AND inbox_seq = 1") for s in statements)
+
+
+def _move_head(path: str, user_id: int, head: int) -> None:
+    other = sqlite3.connect(path)
+    try:
+        other.execute("UPDATE users SET inbox_seq = ? WHERE id = ?", (head, user_id))
+        other.commit()
+    finally:
+        other.close()
+
+
+async def test_a_head_moved_elsewhere_or_a_user_id_given_again_is_numbered_from_the_row(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "db.sqlite3")
+    store = await Store.open(path)
+    try:
+        sender, recipient = await user(store, "alice"), await user(store, "bob")
+
+        def send(to: int) -> asyncio.Future[Stored]:
+            return store.enqueue(NewMessage(PRIVATE, sender, to, "x", 0.0, None))
+
+        assert [(await send(recipient)).seq for _ in range(2)] == [1, 2]
+        await asyncio.to_thread(_move_head, path, recipient, 10)  # another process's doing
+        assert (await send(recipient)).seq == 11  # not 3: the guess is checked
+        await store.delete_user(recipient)
+        again = await user(store, "carol")
+        assert again == recipient  # the highest id freed is given again (no AUTOINCREMENT)
+        assert (await send(again)).seq == 1
+        assert (await send(again)).seq == 2
     finally:
         await store.close()

@@ -3,9 +3,10 @@
 Messages sent at about the same time share one transaction, and each sender is
 answered once the transaction holding its message has committed.  Under load a
 batch gathers whatever arrived while the previous one was writing.  A store hands
-``GroupCommit`` one coroutine, "write this batch in one transaction and return a
-result per message", and the kind of exception that means one row is at fault;
-everything else (the queue, the flusher task, retrying a failed batch one message
+``GroupCommit`` one function, "write this batch in one transaction and return a
+result per message" (a coroutine, or a future of a write under way), and the kind of
+exception that means one row is at fault; everything else (the queue, the chain of
+writes, retrying a failed batch one message
 at a time, publishing then answering in commit order, and telling which messages
 repeat an earlier client_id) is here, once.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from chatd.store.rows import CHANNEL, PRIVATE, NewMessage, Stored
@@ -27,7 +28,10 @@ Committed = Callable[[Stored], None]
 # them, with one result per message in order: its Stored, or why it was not stored.
 Settle = Callable[[list[Stored | Exception]], None]
 DedupKey = tuple[str, int, str]  # kind, sender id, client_id
-WriteBatch = Callable[[list[NewMessage]], Awaitable[list[Stored]]]
+# A coroutine (run in a task), or a future of a write already under way.
+WriteBatch = Callable[
+    [list[NewMessage]], Coroutine[Any, Any, list[Stored]] | asyncio.Future[list[Stored]]
+]
 
 
 class _Entry:
@@ -61,7 +65,7 @@ class _Entry:
             return
         try:
             self.settle(results)
-        except Exception:  # the replies are lost, but the flusher and the others go on
+        except Exception:  # the replies are lost, but the writes and the others go on
             log.exception("settling %d committed messages failed", len(results))
         if not future.done():
             future.set_result(None)
@@ -83,13 +87,20 @@ def settle(future: asyncio.Future[Stored], stored: Stored, committed: Committed 
 
 
 class GroupCommit:
-    """The queue of messages waiting to be stored, and the one task that writes them.
+    """The queue of messages waiting to be stored, and the chain of writes that stores them.
 
     ``write_batch`` runs one transaction and returns one Stored per message, in order;
-    it is never called twice at once.  Should it raise ``row_fault`` (a constraint:
-    a user deleted meanwhile), the batch is written again one message at a time, so
-    that only the faulty message fails; any other exception fails the whole batch
-    (nothing of it committed).
+    it is never called twice at once.  It may be a coroutine function, or return a
+    future already under way (the SQLite store's, which needs no task for a commit).
+    Should it raise ``row_fault`` (a constraint: a user deleted meanwhile), the batch is
+    written again one message at a time, so that only the faulty message fails; any
+    other exception fails the whole batch (nothing of it committed).
+
+    No task runs the queue: a write is started by a callback scheduled when the queue
+    stops being empty, and the next one by the done-callback of the one before. At low
+    load every commit holds one message, and a flusher Task per commit (a coroutine, its
+    registration among the loop's tasks, its teardown) cost more than the rest of the
+    queue's work together (docs/benchmarks.md, "commit-lean").
     """
 
     def __init__(self, write_batch: WriteBatch, row_fault: type[Exception]) -> None:
@@ -99,7 +110,9 @@ class GroupCommit:
         # Python 3.11, which showed up as 2.5% of the server's time under /send load.
         self._loop = asyncio.get_running_loop()
         self._unwritten: list[_Entry] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._writing: list[_Entry] | None = None  # the entries of the write under way
+        self._under_way: asyncio.Future[Any] | None = None  # kept: the loop keeps no task
+        self._started = False  # a write is under way, or scheduled to start
         self.last: asyncio.Future[Any] | None = None  # the newest entry's
 
     def enqueue(
@@ -131,10 +144,11 @@ class GroupCommit:
     def _add(self, entry: _Entry) -> None:
         self._unwritten.append(entry)
         self.last = entry.future
-        if self._flusher is None or self._flusher.done():
-            # At low load a flusher per commit: the kept loop's create_task, not
-            # asyncio.create_task (it looks the loop up: a getpid() call in Python 3.11).
-            self._flusher = self._loop.create_task(self._flush())
+        if not self._started:
+            self._started = True
+            # Started on the loop's next turn, not here: the sends of one read (or of
+            # every connection ready at once) join this batch.
+            self._loop.call_soon(self._write_next)
 
     async def settled(self) -> None:
         """Wait until every message enqueued before has committed (read your writes)."""
@@ -142,24 +156,64 @@ class GroupCommit:
         if last is not None and not last.done():
             await asyncio.wait([last])
 
-    async def _flush(self) -> None:
-        while self._unwritten:
-            entries, self._unwritten = self._unwritten, []
+    def _write_next(self) -> None:
+        """Start writing every entry queued, or stop until the next one comes."""
+        entries = self._unwritten
+        if not entries:
+            self._started = False
+            return
+        self._unwritten = []
+        self._writing = entries
+        if len(entries) == 1:
+            messages = entries[0].messages
+        else:
             messages = [m for entry in entries for m in entry.messages]
-            try:
-                stored: list[Stored | Exception] = list(await self._write_batch(messages))
-            except self._row_fault:
-                # One bad row must not sink the others: only that one fails.
-                await self._write_one_by_one(entries)
-                continue
-            except Exception as exc:
-                # Nothing in the batch committed: every sender gets the error (code 9).
-                stored = [exc] * len(messages)
-            start = 0
-            for entry in entries:
-                end = start + len(entry.messages)
-                entry.report(stored[start:end])
-                start = end
+        try:
+            written = self._write_batch(messages)
+        except Exception as exc:  # it failed to start: as if the transaction had failed
+            self._report(entries, [exc] * len(messages))
+            self._write_next()
+            return
+        if not isinstance(written, asyncio.Future):
+            written = self._loop.create_task(written)
+        self._under_way = written
+        written.add_done_callback(self._written)
+
+    def _written(self, written: asyncio.Future[list[Stored]]) -> None:
+        """The write under way has ended: answer its entries, then start the next."""
+        entries = self._writing
+        assert entries is not None
+        self._writing = self._under_way = None
+        exc = _failure(written)
+        if exc is None:
+            self._report(entries, list(written.result()))
+        elif isinstance(exc, self._row_fault):
+            # One bad row must not sink the others: only that one fails.
+            retry = self._under_way = self._loop.create_task(self._write_one_by_one(entries))
+            retry.add_done_callback(self._retried)
+            return
+        else:
+            # Nothing in the batch committed: every sender gets the error (code 9).
+            self._report(entries, [exc] * sum(len(entry.messages) for entry in entries))
+        self._write_next()
+
+    def _retried(self, retry: asyncio.Future[None]) -> None:
+        self._under_way = None
+        exc = _failure(retry)
+        if exc is not None:  # only if cancelled: its writes' failures are reported
+            log.error("writing a batch one message at a time failed: %r", exc)
+        self._write_next()
+
+    @staticmethod
+    def _report(entries: list[_Entry], stored: list[Stored | Exception]) -> None:
+        if len(entries) == 1:
+            entries[0].report(stored)
+            return
+        start = 0
+        for entry in entries:
+            end = start + len(entry.messages)
+            entry.report(stored[start:end])
+            start = end
 
     async def _write_one_by_one(self, entries: list[_Entry]) -> None:
         for entry in entries:
@@ -172,6 +226,16 @@ class GroupCommit:
                 else:
                     results.append(stored)
             entry.report(results)
+
+
+def _failure(written: asyncio.Future[Any]) -> Exception | None:
+    """Why a write ended without results; None if it has them."""
+    if written.cancelled():
+        return RuntimeError("the write was cancelled")
+    exc = written.exception()
+    if exc is None or isinstance(exc, Exception):
+        return exc
+    return RuntimeError(f"the write was interrupted: {exc!r}")  # KeyboardInterrupt and such
 
 
 class BatchPlan:

@@ -21,8 +21,8 @@ import sqlite3
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager, suppress
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from functools import lru_cache, partial
 from itertools import count
 from typing import Any
@@ -233,6 +233,9 @@ _TABLES = {
     PRIVATE: ("private_messages", "recipient_id", "users", "inbox_seq"),
     CHANNEL: ("channel_messages", "channel_id", "channels", "last_seq"),
 }
+# Each stream's head as this store last left it, by kind (Store._heads).
+Heads = dict[str, dict[int, int]]
+_HEADS_KEPT = 100_000  # streams whose head is kept, per kind (a few MiB at most)
 _INSERT_CHUNK = 500  # rows per INSERT: 6 variables each, far below SQLite's 32766
 _ROW = "(?, ?, ?, ?, ?, ?)"
 
@@ -269,13 +272,23 @@ class Store:
         self._path = path
         self._identity = identity  # the file opened; None when it has none (":memory:")
         self._lost: str | None = None  # how the file was lost, once it was
+        self._watch: tuple[int, str] | None = None  # _watch_file's descriptor and its link
         self._rescue: asyncio.Task[None] | None = None
         self._rescued = False
         self._companions: dict[str, tuple[int, int]] = {}  # "-wal", "-shm" -> identity
         self._loop = asyncio.get_running_loop()
-        self._lock = asyncio.Lock()
+        self._lock = _WriteLock()
         self._commit = GroupCommit(self._write_batch, sqlite3.IntegrityError)
         self._handoff = _Handoff(db, self._loop)  # the group commit's hop to the db thread
+        # The group commit's write under way (one at a time): its future, the connection's
+        # total_changes before it, and when it started (trace).
+        self._written: asyncio.Future[list[Stored]] | None = None
+        # Each stream's head as the last commit left it, by kind: a guess the next
+        # one-message commit checks in its UPDATE (_insert_one). The database thread's only.
+        self._heads: Heads = {PRIVATE: {}, CHANNEL: {}}
+        self._cursor: sqlite3.Cursor | None = None  # _write_batch_now's
+        self._changes_before = 0
+        self._write_started = 0
         self._wal_fd: int | None = None  # the WAL, for _wal_end
         self._profiles: dict[str, tuple[float, User]] = {}  # name key -> (when read, user)
         self._channels: dict[str, Channel] = {}  # name key -> channel (never deleted)
@@ -307,6 +320,8 @@ class Store:
             await store._configure(synchronous, busy_timeout)
             await store._migrate()
             store._companions = await asyncio.to_thread(_companions, store._path)
+            if identity is not None:
+                store._watch = await asyncio.to_thread(_watch_file, store._path, identity)
         except Exception as exc:
             await db.close()
             store._handoff.close()
@@ -366,6 +381,8 @@ class Store:
         self._handoff.close()
         if self._wal_fd is not None:
             os.close(self._wal_fd)
+        if self._watch is not None:
+            os.close(self._watch[0])
         if self._lost is not None:
             await asyncio.to_thread(self._drop_stale_companions)
 
@@ -642,12 +659,22 @@ class Store:
             raise DatabaseFileLost()
 
     def _file_lost(self) -> bool:
-        """One stat of the path, compared with the file opened (about a microsecond: the
-        entry of a file just written is cached, so this does not wait on the disk)."""
+        """Whether the path no longer names the file opened: first the name of the file
+        opened as the kernel now gives it (_watch_file), and when that has changed (or
+        cannot be read) one stat of the path compared with the file opened (about a
+        microsecond: the entry of a file just written is cached, so neither waits on the
+        disk)."""
         if self._lost is not None:
             return True
         if self._identity is None:
             return False
+        watch = self._watch
+        if watch is not None:
+            try:
+                if os.readlink(watch[1]) == self._path:
+                    return False
+            except OSError:
+                pass  # the stat below tells
         try:
             now = _identity(self._path)
         except OSError:  # cannot tell (a permission changed?): SQLite reports real faults
@@ -742,7 +769,9 @@ class Store:
         """Queue messages as one entry of the next group commit (GroupCommit.enqueue_many)."""
         return self._commit.enqueue_many(messages, settle)
 
-    async def _write_batch(self, batch: list[NewMessage]) -> list[Stored]:
+    def _write_batch(
+        self, batch: list[NewMessage]
+    ) -> asyncio.Future[list[Stored]] | Coroutine[Any, Any, list[Stored]]:
         """Insert a batch in one transaction; repeats of a client_id get the first result.
 
         The transaction runs as one call on the database thread (_write_batch_now), not
@@ -750,7 +779,50 @@ class Store:
         each side, and on a busy core every wake-up may wait for a time slice. Four of
         them per batch (BEGIN, UPDATE, INSERT, COMMIT) made the commits of the latency
         tail (docs/benchmarks.md, "Where the latency tail comes from").
+
+        In the common case (the write lock free, the file kept, the WAL within bounds)
+        without a coroutine: the lock is taken here, the call handed to the database
+        thread, and _batch_written finishes when it returns; the group commit needs no
+        task either (docs/benchmarks.md, "commit-lean"). Otherwise a coroutine that
+        waits for the lock or a checkpoint does the same.
         """
+        if self._lost is not None or self._wal_far_over() or not self._lock.take_if_free():
+            return self._write_batch_in_turn(batch)
+        try:
+            self._written = self._loop.create_future()
+            self._write_started = trace.now() if trace.ON else 0
+            self._changes_before = self._db.total_changes
+            self._handoff.call_then(self._batch_written, self._write_batch_now, batch)
+        except BaseException:
+            self._lock.release()
+            raise
+        return self._written
+
+    def _batch_written(self, results: list[Stored] | None, exc: BaseException | None) -> None:
+        """On the event loop, the batch's transaction done: its outcome to the group commit,
+        then the write lock released (_write_batch's checks after the call, written out)."""
+        written = self._written
+        assert written is not None
+        self._written = None
+        try:
+            if exc is not None:
+                if isinstance(exc, sqlite3.Error):
+                    self._write_failed(exc)  # raises OutOfDisk for a full disk
+                raise exc
+            self._wrote(self._changes_before)
+            # Before anyone is told "done": a commit into a deleted file is not done.
+            self._check_file()
+        except BaseException as failure:
+            written.set_exception(failure)
+        else:
+            written.set_result(results)  # type: ignore[arg-type]
+        finally:
+            self._lock.release()
+        if trace.ON:
+            trace.span("commit", self._write_started, trace.now(), len(results or ()))
+
+    async def _write_batch_in_turn(self, batch: list[NewMessage]) -> list[Stored]:
+        """_write_batch when the lock is taken, the file lost, or the WAL far too long."""
         started = trace.now() if trace.ON else 0
         async with self._lock:
             self._refuse_writes_if_lost()
@@ -774,16 +846,23 @@ class Store:
     def _write_batch_now(self, batch: list[NewMessage]) -> list[Stored]:
         """The batch's transaction, on the database thread (it blocks)."""
         conn = self._db._conn  # only ever used on its own thread, as here
-        conn.execute("BEGIN IMMEDIATE")
+        # One cursor for every commit: conn.execute makes one a statement (5k instructions
+        # a one-message commit). Each statement's rows are read before the next.
+        cursor = self._cursor
+        if cursor is None:
+            cursor = self._cursor = conn.cursor()
+        cursor.execute("BEGIN IMMEDIATE")
         try:
             if len(batch) == 1 and batch[0].client_id is None:
                 # At low load nearly every commit holds one message: no plan to make
                 # (189k -> 141k instructions for this function, docs/benchmarks.md).
-                results = [_insert_one(conn, batch[0])]
+                results = [_insert_one(cursor, batch[0], self._heads[batch[0].kind])]
             else:
-                results = _insert_planned(conn, batch)
-            conn.execute("COMMIT")
+                results = _insert_planned(conn, batch, self._heads)
+            cursor.execute("COMMIT")
         except BaseException:
+            for heads in self._heads.values():  # they may hold what was rolled back
+                heads.clear()
             # SQLite has already rolled back after some errors (a full disk, for one).
             if conn.in_transaction:
                 try:
@@ -1358,32 +1437,53 @@ class Store:
             await db.execute("DELETE FROM users WHERE id = ?", (user_id,))
 
 
-def _insert_planned(conn: sqlite3.Connection, batch: list[NewMessage]) -> list[Stored]:
+def _insert_planned(
+    conn: sqlite3.Connection, batch: list[NewMessage], heads: Heads
+) -> list[Stored]:
     """Insert a batch, each kind in chunks; repeats of a client_id get the first result."""
     keyed = [m for m in batch if m.client_id is not None]
     plan = BatchPlan(batch, _earlier_sends(conn, keyed) if keyed else {})
     for kind, positions in plan.fresh.items():
         for start in range(0, len(positions), _INSERT_CHUNK):
             chunk = positions[start : start + _INSERT_CHUNK]
-            stored = _insert(conn, kind, [batch[i] for i in chunk])
+            stored = _insert(conn, kind, [batch[i] for i in chunk], heads[kind])
             for position, result in zip(chunk, stored, strict=True):
                 plan.results[position] = result
     return plan.done()
 
 
-def _insert_one(conn: sqlite3.Connection, message: NewMessage) -> Stored:
-    """_insert for a lone message without a client_id, in fewer steps (the same SQL)."""
-    moved = conn.execute(_heads_sql(message.kind, 1), (message.target_id, 1)).fetchall()
-    seq = moved[0][1] if moved else 1  # a stream whose row is gone: the insert fails
+def _insert_one(conn: sqlite3.Cursor, message: NewMessage, heads: dict[int, int]) -> Stored:
+    """_insert for a lone message without a client_id, in fewer steps.
+
+    The head moves by a compare-and-set from the head this store last left (``heads``):
+    "set it to n + 1 where it is n" changes the row only if it holds n, in this write
+    transaction, so the number is the one "add 1, return it" would give, without
+    RETURNING's temporary table and its read (28k instructions a commit, 110k -> 82k for
+    the bare statements; docs/benchmarks.md, "commit-lean"). Where the guess is missing
+    or wrong (a batch failed, another process moved it, the row is gone or its id was
+    given to a new user), the plain UPDATE ... RETURNING numbers it.
+    """
+    target = message.target_id
+    old = heads.get(target)
+    if old is not None and conn.execute(_move_head_sql(message.kind), (target, old)).rowcount:
+        seq = old + 1
+    else:
+        moved = conn.execute(_heads_sql(message.kind, 1), (target, 1)).fetchall()
+        seq = moved[0][1] if moved else 1  # a stream whose row is gone: the insert fails
     message_id = conn.execute(
         _insert_sql(message.kind, 1),
-        (message.sender_id, message.target_id, seq, message.body, message.created_at, None),
+        (message.sender_id, target, seq, message.body, message.created_at, None),
     ).lastrowid
     assert message_id is not None
+    if len(heads) >= _HEADS_KEPT:
+        heads.clear()  # a guess per stream written to: bounded, and refilled as it goes
+    heads[target] = seq
     return Stored(message_id, message.created_at, False, seq)
 
 
-def _insert(conn: sqlite3.Connection, kind: str, messages: list[NewMessage]) -> list[Stored]:
+def _insert(
+    conn: sqlite3.Connection, kind: str, messages: list[NewMessage], heads: dict[int, int]
+) -> list[Stored]:
     """One multi-row INSERT, each message numbered on from its stream's head.
 
     The heads move first, in this transaction (SQLite has one writer, so number
@@ -1399,6 +1499,9 @@ def _insert(conn: sqlite3.Connection, kind: str, messages: list[NewMessage]) -> 
         _heads_sql(kind, len(counts)), [item for pair in counts.items() for item in pair]
     ).fetchall()
     before = {stream: newest - counts[stream] for stream, newest in moved}
+    if len(heads) + len(moved) > _HEADS_KEPT:
+        heads.clear()
+    heads.update(moved)  # the guesses of the next one-message commits (_insert_one)
     counters = {stream: count(before.get(stream, 0) + 1) for stream in counts}
     seqs = [next(counters[target_id]) for target_id in targets]
     args: list[Any] = []
@@ -1430,6 +1533,13 @@ def _heads_sql(kind: str, streams: int) -> str:
         f" FROM (VALUES {', '.join(['(?, ?)'] * streams)}) AS n"
         f" WHERE {head_table}.id = n.column1 RETURNING id, {head}"
     )
+
+
+@lru_cache(maxsize=2)
+def _move_head_sql(kind: str) -> str:
+    """Move one head from ?2 to ?2 + 1, if it is at ?2 (arguments: stream id, head)."""
+    _, _, head_table, head = _TABLES[kind]
+    return f"UPDATE {head_table} SET {head} = ?2 + 1 WHERE id = ?1 AND {head} = ?2"
 
 
 @lru_cache(maxsize=256)
@@ -1489,7 +1599,7 @@ class _Handoff:
     def __init__(self, connection: aiosqlite.Connection, loop: asyncio.AbstractEventLoop) -> None:
         self._connection = connection
         self._loop = loop
-        self._done: deque[tuple[asyncio.Future[Any], Any, BaseException | None]] = deque()
+        self._done: deque[tuple[Then, Any, BaseException | None]] = deque()
         if hasattr(os, "eventfd"):
             self._read_fd = self._write_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         else:
@@ -1500,39 +1610,46 @@ class _Handoff:
 
     def call(self, function: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         """Queue ``function(*args)`` for the connection's thread; the future has its result."""
+        future = self._loop.create_future()
+        self.call_then(partial(_resolve, future), function, *args)
+        return future
+
+    def call_then(self, then: Then, function: Callable[..., Any], *args: Any) -> None:
+        """Queue ``function(*args)`` for the connection's thread; once it has returned,
+        ``then(result, None)`` or ``then(None, exception)`` runs on the event loop (no
+        future: the group commit's own, which it settles after its checks)."""
         if not self._connection._running or self._connection._connection is None:
             raise ValueError("Connection closed")  # as aiosqlite's own methods say it
-        future = self._loop.create_future()
         # aiosqlite's queue takes (future, function) in every version setup.cfg allows
         # (0.19 on); _NO_FUTURE takes the report its worker would send the loop.
         queue: Any = self._connection._tx
-        queue.put_nowait((_NO_FUTURE, partial(self._run, future, function, args)))
-        return future
+        queue.put_nowait((_NO_FUTURE, partial(self._run, then, function, args)))
 
-    def _run(
-        self, future: asyncio.Future[Any], function: Callable[..., Any], args: tuple[Any, ...]
-    ) -> None:
+    def _run(self, then: Then, function: Callable[..., Any], args: tuple[Any, ...]) -> None:
         """On the database thread: run, leave the result, wake the loop (GIL released)."""
         try:
-            self._done.append((future, function(*args), None))
+            self._done.append((then, function(*args), None))
         except BaseException as exc:  # the caller's to handle, as with aiosqlite's methods
-            self._done.append((future, None, exc))
-        with suppress(BlockingIOError):  # a wake-up is pending already (a full pipe)
+            self._done.append((then, None, exc))
+        # try, not contextlib.suppress: its three calls cost 1.5k instructions on each side.
+        try:  # noqa: SIM105
             os.write(self._write_fd, _WAKE)
+        except BlockingIOError:  # a wake-up is pending already (a full pipe)
+            pass
 
     def _deliver(self) -> None:
-        """On the event loop, when woken: settle every future whose call has returned."""
-        with suppress(BlockingIOError):  # woken for results a previous call took already
+        """On the event loop, when woken: hand on every result whose call has returned."""
+        try:  # noqa: SIM105 (as in _run)
             os.read(self._read_fd, 4096)
+        except BlockingIOError:  # woken for results a previous call took already
+            pass
         done = self._done
         while done:
-            future, result, exc = done.popleft()
-            if future.done():  # cancelled meanwhile
-                continue
-            if exc is None:
-                future.set_result(result)
-            else:
-                future.set_exception(exc)
+            then, result, exc = done.popleft()
+            try:
+                then(result, exc)
+            except Exception:  # the results after it must still be handed on
+                log.exception("handing on a result of the database thread failed")
 
     def close(self) -> None:
         """Once the connection's thread has stopped: nothing more will write the fd."""
@@ -1541,8 +1658,44 @@ class _Handoff:
             os.close(fd)
 
 
+# Called on the event loop with a call's result, or with None and why it raised.
+Then = Callable[[Any, BaseException | None], None]
+
+
+def _resolve(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    """_Handoff.call's ``then``: settle its future, unless it was cancelled meanwhile."""
+    if future.done():
+        return
+    if exc is None:
+        future.set_result(result)
+    else:
+        future.set_exception(exc)
+
+
+class _WriteLock(asyncio.Lock):
+    """The connection's lock, which the group commit may also take without a coroutine."""
+
+    def take_if_free(self) -> bool:
+        """Take the lock now if ``acquire`` would without waiting (False: await it).
+
+        The test is acquire's own (CPython 3.11 to 3.13): unlocked, and no waiter that
+        was woken but has not run yet (it takes the lock without looking again)."""
+        waiters = self._waiters
+        if self.__dict__.get("_locked") is not False:  # taken, or a Lock of another make
+            return False
+        if waiters and not all(waiter.cancelled() for waiter in waiters):
+            return False
+        self._locked = True
+        return True
+
+
 class _NoFuture:
     """Stands in for the future aiosqlite's worker reports to: _Handoff._run reports."""
+
+    def __bool__(self) -> bool:
+        # aiosqlite reports "if future" (0.22 does): then not at all, two calls less; a
+        # version that reports regardless calls the methods below.
+        return False
 
     def get_loop(self) -> _NoFuture:
         return self
@@ -1596,6 +1749,32 @@ def _prepare(path: str, busy_timeout: float) -> None:
             raise sqlite3.OperationalError(f"cannot use the WAL journal (journal_mode is {mode})")
     finally:
         conn.close()
+
+
+def _watch_file(path: str, identity: tuple[int, int]) -> tuple[int, str] | None:
+    """A descriptor of the database file and its /proc/self/fd link, whose target is the
+    file's name as the kernel knows it: the path until the file is deleted or replaced
+    (then "<path> (deleted)"), or moved (its new path). A readlink of it per commit is
+    2.7k instructions, a stat of the path 8.8k (a full stat_result). Only where it names
+    the very file opened and reads as the path itself (no symbolic link in it: one
+    switched to elsewhere would go unseen). Opened O_PATH: closing it drops no POSIX
+    lock (SQLite locks this file; closing another descriptor of it would drop its locks).
+    None where there is no /proc or no O_PATH: the stat alone then."""
+    if not hasattr(os, "O_PATH"):
+        return None
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return None
+    link = f"/proc/self/fd/{fd}"
+    try:
+        stat = os.fstat(fd)
+        if os.readlink(link) == path and (stat.st_dev, stat.st_ino) == identity:
+            return fd, link
+    except OSError:
+        pass
+    os.close(fd)
+    return None
 
 
 def _identity(path: str) -> tuple[int, int] | None:
