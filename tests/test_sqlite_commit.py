@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from chatd.store import PRIVATE, DatabaseFileLost, NewMessage, Stored
-from chatd.store.sqlite import Store, _earlier_sends, _WriteLock
+from chatd.store.sqlite import WAL_LOOK_INTERVAL, Store, _earlier_sends, _WriteLock
 
 
 @pytest.fixture
@@ -338,3 +339,36 @@ async def test_a_head_moved_elsewhere_or_a_user_id_given_again_is_numbered_from_
         assert (await send(again)).seq == 2
     finally:
         await store.close()
+
+
+async def test_a_file_system_mounted_over_the_database_directory_is_noticed(
+    tmp_path: Path,
+) -> None:
+    # The per-commit readlink still reads the path (the file opened is intact beneath
+    # the mount): the checkpoint loop's stat of the path is what tells.
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    directory = tmp_path / "data"
+    directory.mkdir()
+    path = str(directory / "db.sqlite3")
+    store = await Store.open(path)
+    mounted = False
+    try:
+        await store.checkpoint_in_background(path, 3600)
+        sender = await user(store, "alice")
+        mount = await asyncio.to_thread(
+            subprocess.run, ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(directory)],
+            capture_output=True, text=True, check=False,
+        )
+        if mount.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+        mounted = True
+        with pytest.raises(DatabaseFileLost):
+            async with asyncio.timeout(10):
+                while True:  # until the checkpoint loop's next look (every 0.1 s)
+                    await store.enqueue(NewMessage(PRIVATE, sender, sender, "x", 0.0, None))
+                    await asyncio.sleep(WAL_LOOK_INTERVAL / 2)
+    finally:
+        await store.close()
+        if mounted:
+            await asyncio.to_thread(subprocess.run, ["umount", "-l", str(directory)], check=True)

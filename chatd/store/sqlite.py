@@ -430,7 +430,10 @@ class Store:
         try:
             while True:
                 await asyncio.sleep(look)
-                if self._file_lost():  # also notices a deletion while no one writes
+                # Also notices a deletion while no one writes; and by the path's own stat,
+                # what the per-commit readlink cannot see: a file system mounted over the
+                # database's directory (the file opened is intact beneath it).
+                if self._file_lost(by_path=True):
                     continue
                 size = await asyncio.to_thread(self._wal_size)
                 idle = running is None or running.done()
@@ -658,18 +661,18 @@ class Store:
         if self._file_lost():
             raise DatabaseFileLost()
 
-    def _file_lost(self) -> bool:
+    def _file_lost(self, by_path: bool = False) -> bool:
         """Whether the path no longer names the file opened: first the name of the file
         opened as the kernel now gives it (_watch_file), and when that has changed (or
-        cannot be read) one stat of the path compared with the file opened (about a
-        microsecond: the entry of a file just written is cached, so neither waits on the
-        disk)."""
+        cannot be read), or ``by_path``, one stat of the path compared with the file
+        opened (about a microsecond: the entry of a file just written is cached, so
+        neither waits on the disk)."""
         if self._lost is not None:
             return True
         if self._identity is None:
             return False
         watch = self._watch
-        if watch is not None:
+        if watch is not None and not by_path:
             try:
                 if os.readlink(watch[1]) == self._path:
                     return False
