@@ -435,7 +435,7 @@ class Store:
                 # database's directory (the file opened is intact beneath it).
                 if self._file_lost(by_path=True):
                     continue
-                size = await asyncio.to_thread(self._wal_size)
+                size = self._wal_end()  # an lseek: no thread hop needed
                 idle = running is None or running.done()
                 if idle and (size > self._wal_limit or self._loop.time() >= due):
                     work = self._rewind() if size > self._wal_limit else self._checkpoint()
@@ -488,13 +488,6 @@ class Store:
             except OSError:
                 return 0  # none yet (journal_size_limit truncates, never removes it)
         return os.lseek(self._wal_fd, 0, os.SEEK_END)
-
-    def _wal_size(self) -> int:
-        # journal_size_limit truncates a rewound WAL to the limit: past it, it holds more.
-        try:
-            return os.path.getsize(self._path + "-wal")
-        except OSError:
-            return 0
 
     async def _checkpoint(self, mode: str = "PASSIVE") -> None:
         """One checkpoint; failures are logged, and the next one is tried all the same.
