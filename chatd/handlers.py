@@ -224,7 +224,7 @@ async def authenticate(ctx: Context, token: str) -> None:
         raise NotAuthenticated("invalid, expired or revoked token: log in again")
     user, expires_at = owner
     await _bind(ctx, session, user, digest, expires_at)
-    session.token, session.token_checked_at = token, ctx.clock()
+    session.token_checked_at = ctx.clock()
 
 
 async def _bind(
@@ -767,7 +767,7 @@ def gate_now(ctx: Context, token: str | None, now: float) -> bool:
 
 
 def _bound_with(session: Session, token: str, now: float) -> bool:
-    return token == session.token and session.token_expires_at > now
+    return session.token_expires_at > now and token_digest(token) == session.token_digest
 
 
 def _live_session_due_for_recheck(ctx: Context, now: float) -> bool:

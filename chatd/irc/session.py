@@ -247,7 +247,7 @@ class IrcCore:
         expires_at = now + self.app.config.token_ttl
         await store.add_token(guest_id, token_digest(token), now, expires_at)
         self.app.hub.bind(self.session, guest_id, nick, token_digest(token), expires_at)
-        self.session.token, self.session.token_checked_at = token, now
+        self.session.token_checked_at = now
         self._guest_id = guest_id
         self.machine.account = nick
 
