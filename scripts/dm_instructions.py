@@ -31,6 +31,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +77,28 @@ async def run_once(source: Path, args: argparse.Namespace, messages: int, workdi
     return int(found[1]), check.ok and not server.error_lines()
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_sources(parser: argparse.ArgumentParser) -> None:
+    """--source NAME=DIR (repeatable), read by sources_of."""
     parser.add_argument("--source", action="append", required=True, metavar="NAME=DIR",
                         help="a tree whose chatd/ the server runs (repeatable)")
+
+
+def sources_of(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    return [(name, Path(path).resolve()) for name, _, path in
+            (item.partition("=") for item in args.source)]
+
+
+def in_turns(sources: list[tuple[str, Path]], rounds: int
+             ) -> Iterator[tuple[int, str, Path]]:
+    """(round, name, tree) for every round, the trees' order flipped every other round."""
+    for round_ in range(rounds):
+        for name, source in sources if round_ % 2 == 0 else sources[::-1]:
+            yield round_, name, source
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_sources(parser)
     parser.add_argument("--scenario", choices=("dm", "latency"), default="dm")
     parser.add_argument("--pairs", type=int, default=10)
     parser.add_argument("--rate", type=float, default=50.0,
@@ -89,33 +108,25 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--large", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--keep", metavar="DIR", help="keep the callgrind files in DIR")
-    args = parser.parse_args()
-    args.source = [(name, Path(path).resolve()) for name, _, path in
-                   (item.partition("=") for item in args.source)]
-    return args
+    return parser.parse_args()
 
 
 async def main(args: argparse.Namespace) -> None:
-    sources: list[tuple[str, Path]] = args.source
     bench.START_TIMEOUT = 600.0  # Python's start-up under valgrind takes a while
     messages = (args.large - args.small) * (args.pairs if args.scenario == "dm" else 1)
     with tempfile.TemporaryDirectory(prefix="dm-instr-") as tmp:
         workdir = Path(args.keep or tmp)
-        for round_ in range(args.rounds):
-            order = sources if round_ % 2 == 0 else sources[::-1]
-            for name, source in order:
-                started = time.monotonic()
-                small, ok1 = await run_once(source, args, args.small, workdir,
-                                            f"r{round_}{name}s")
-                large, ok2 = await run_once(source, args, args.large, workdir,
-                                            f"r{round_}{name}l")
-                result: dict[str, Any] = {
-                    "round": round_ + 1, "source": name, "scenario": args.scenario,
-                    "verified": ok1 and ok2,
-                    "small": small, "large": large,
-                    "per_message": round((large - small) / messages),
-                    "seconds": round(time.monotonic() - started)}
-                print(json.dumps(result), flush=True)
+        for round_, name, source in in_turns(sources_of(args), args.rounds):
+            started = time.monotonic()
+            small, ok1 = await run_once(source, args, args.small, workdir, f"r{round_}{name}s")
+            large, ok2 = await run_once(source, args, args.large, workdir, f"r{round_}{name}l")
+            result: dict[str, Any] = {
+                "round": round_ + 1, "source": name, "scenario": args.scenario,
+                "verified": ok1 and ok2,
+                "small": small, "large": large,
+                "per_message": round((large - small) / messages),
+                "seconds": round(time.monotonic() - started)}
+            print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench
+from dm_instructions import add_sources, in_turns, sources_of
 
 from chatd.client import Client
 
@@ -214,8 +215,7 @@ async def run_once(source: Path, args: argparse.Namespace, count: int, workdir: 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", action="append", required=True, metavar="NAME=DIR",
-                        help="a tree whose chatd/ the server runs (repeatable)")
+    add_sources(parser)
     parser.add_argument("--small", type=int, default=20_000,
                         help="messages in the inbox and the channel, first server")
     parser.add_argument("--large", type=int, default=50_000, help="second server")
@@ -225,41 +225,35 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cpu", action="store_true",
                         help="CPU time per message (schedstat, user and system), --large only")
     parser.add_argument("--keep", metavar="DIR", help="keep the counts' files in DIR")
-    args = parser.parse_args()
-    args.source = [(name, Path(path).resolve()) for name, _, path in
-                   (item.partition("=") for item in args.source)]
-    return args
+    return parser.parse_args()
 
 
 async def main(args: argparse.Namespace) -> None:
-    sources: list[tuple[str, Path]] = args.source
     bench.START_TIMEOUT = 600.0  # Python's start-up under valgrind takes a while
     with tempfile.TemporaryDirectory(prefix="read-instr-") as tmp:
         workdir = Path(args.keep or tmp)
-        for round_ in range(args.rounds):
-            order = sources if round_ % 2 == 0 else sources[::-1]
-            for name, source in order:
-                started = time.monotonic()
-                result: dict[str, Any] = {"round": round_ + 1, "source": name}
-                large = await run_once(source, args, args.large, workdir, f"r{round_}{name}l")
-                if args.cpu:
-                    for phase, used in large.items():
-                        result[phase] = {key: round(ns / args.large)
-                                         for key, ns in used.items()}
-                elif args.strace:
-                    for phase, calls in large.items():
-                        result[phase] = {call: round(n / args.large, 3)
-                                         for call, n in sorted(calls.items(),
-                                                               key=lambda kv: -kv[1])
-                                         if n / args.large >= 0.001}
-                else:
-                    small = await run_once(source, args, args.small, workdir,
-                                           f"r{round_}{name}s")
-                    for phase in PHASES:
-                        big, little = (c[phase]["instructions"] for c in (large, small))
-                        result[phase] = round((big - little) / (args.large - args.small))
-                result["seconds"] = round(time.monotonic() - started)
-                print(json.dumps(result), flush=True)
+        for round_, name, source in in_turns(sources_of(args), args.rounds):
+            started = time.monotonic()
+            result: dict[str, Any] = {"round": round_ + 1, "source": name}
+            large = await run_once(source, args, args.large, workdir, f"r{round_}{name}l")
+            if args.cpu:
+                for phase, used in large.items():
+                    result[phase] = {key: round(ns / args.large)
+                                     for key, ns in used.items()}
+            elif args.strace:
+                for phase, calls in large.items():
+                    result[phase] = {call: round(n / args.large, 3)
+                                     for call, n in sorted(calls.items(),
+                                                           key=lambda kv: -kv[1])
+                                     if n / args.large >= 0.001}
+            else:
+                small = await run_once(source, args, args.small, workdir,
+                                       f"r{round_}{name}s")
+                for phase in PHASES:
+                    big, little = (c[phase]["instructions"] for c in (large, small))
+                    result[phase] = round((big - little) / (args.large - args.small))
+            result["seconds"] = round(time.monotonic() - started)
+            print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
