@@ -805,9 +805,7 @@ class Store:
                 if isinstance(exc, sqlite3.Error):
                     self._write_failed(exc)  # raises OutOfDisk for a full disk
                 raise exc
-            self._wrote(self._changes_before)
-            # Before anyone is told "done": a commit into a deleted file is not done.
-            self._check_file()
+            self._committed(self._changes_before)
         except BaseException as failure:
             written.set_exception(failure)
         else:
@@ -832,12 +830,16 @@ class Store:
             except sqlite3.Error as exc:
                 self._write_failed(exc)
                 raise
-            self._wrote(changes)
-            # Before anyone is told "done": a commit into a deleted file is not done.
-            self._check_file()
+            self._committed(changes)
         if trace.ON:
             trace.span("commit", started, trace.now(), len(batch))
         return results
+
+    def _committed(self, changes_before: int) -> None:
+        """After a batch's COMMIT, on the event loop: the write noted, then the file checked,
+        before anyone is told "done" (a commit into a deleted file is not done)."""
+        self._wrote(changes_before)
+        self._check_file()
 
     def _write_batch_now(self, batch: list[NewMessage]) -> list[Stored]:
         """The batch's transaction, on the database thread (it blocks)."""
