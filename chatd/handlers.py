@@ -289,14 +289,7 @@ def send_now(ctx: Context, values: dict[str, Any], now: float) -> Sent | None:
     memo = ctx.recipients
     if memo is None:
         memo = ctx.recipients = {}
-    recipient = None
-    if type(name) is str:
-        recipient = memo.get(name)
-        if recipient is None and (key := _USER_KEYS.get(name)) is not None:
-            # _known's way, written out for a name seen before (a paced sender's).
-            recipient = ctx.store.cached_profile(key)
-            if recipient is not None:
-                memo[name] = recipient
+    recipient = memo.get(name) if type(name) is str else None
     if recipient is None:
         recipient = _known(
             values, memo, _USER_KEYS, validation.user_name, ctx.store.cached_profile
