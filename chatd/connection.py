@@ -25,6 +25,7 @@ from chatd.errors import ErrorCode
 from chatd.hub import Session
 from chatd.metrics import Metrics
 from chatd.model import PING, Event
+from chatd.streams import LeanStreamReader
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class Connection(Session):
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
+        reader: LeanStreamReader,
         writer: asyncio.StreamWriter,
         config: Config,
         handle_bodies: BodiesHandler,
@@ -156,8 +157,15 @@ class Connection(Session):
                 pinged = False
                 while not self._closing:
                     self._start_read(pinged)
+                    reader = self._reader
                     try:
-                        data: bytes | None = await self._reader.read(READ_CHUNK)
+                        # The reader's future awaited here, not a read() coroutine: one
+                        # frame less under every idle connection (chatd/streams.py).
+                        got = reader.read_now(READ_CHUNK)
+                        while not isinstance(got, bytes):
+                            await got
+                            got = reader.read_now(READ_CHUNK)
+                        data: bytes | None = got
                     except asyncio.CancelledError:
                         if self._wakeup is None:
                             raise  # cancelled by someone else: the server's last resort

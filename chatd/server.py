@@ -25,6 +25,7 @@ from chatd.limits import address_key
 from chatd.metrics import create as create_metrics
 from chatd.protocol import failure
 from chatd.store import MessageStore, is_postgres_url, open_store
+from chatd.streams import LeanStreamReader
 
 if TYPE_CHECKING:
     from chatd.cluster import ClusterBus
@@ -143,7 +144,7 @@ class Server:
             backlog=1024,
         )
 
-    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _accept(self, reader: LeanStreamReader, writer: asyncio.StreamWriter) -> None:
         # A plain callback, not a coroutine: the connection makes its own task, so no
         # wrapper coroutine stays suspended above it (250 bytes per idle connection).
         app = self.app

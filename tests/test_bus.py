@@ -44,6 +44,7 @@ from chatd.model import (
 )
 from chatd.protocol import Data
 from chatd.store import Store, StreamPosition
+from chatd.streams import LeanStreamReader
 from tests.conftest import PASSWORD
 
 CHANNEL_ID = 7
@@ -229,7 +230,7 @@ async def test_a_channel_post_is_encoded_once_for_all_msgpack_connections(
     connections: list[Connection] = []
     try:
         for user_id, (ours, theirs) in enumerate(pairs, start=1):
-            reader, writer = await asyncio.open_connection(sock=ours)
+            reader, writer = await _open_lean(ours)
             peer, peer_writer = await asyncio.open_connection(sock=theirs)
             peer_writers.append(peer_writer)
             connection = Connection(
@@ -559,3 +560,13 @@ async def test_message_events_carry_their_stream_sequence_number(app: App) -> No
     laptop = await device(app, "bob")
     caught_up = [e for e in laptop.take() if isinstance(e, InboxMessage)]
     assert [(e.body, e.seq) for e in caught_up] == [("one", 1), ("two", 2)]
+
+
+async def _open_lean(sock: socket.socket) -> tuple[LeanStreamReader, asyncio.StreamWriter]:
+    """asyncio.open_connection(sock=...), with the server's reader (Connection reads
+    through LeanStreamReader.read_now)."""
+    loop = asyncio.get_running_loop()
+    reader = LeanStreamReader(loop=loop)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    transport, _ = await loop.create_connection(lambda: protocol, sock=sock)
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)

@@ -27,6 +27,7 @@ from chatd.connection import (
     one_by_one,
 )
 from chatd.metrics import Metrics
+from chatd.streams import LeanStreamReader
 from tests.conftest import Harness, Spawn
 
 BURST = 10_000
@@ -122,7 +123,7 @@ class InMemoryConnection:
 
     def __init__(self) -> None:
         self.config = Config(db=":memory:")
-        self.reader = asyncio.StreamReader(limit=READ_CHUNK)
+        self.reader = LeanStreamReader(limit=READ_CHUNK)
         self.transport = RecordingTransport()
         self.reader.set_transport(self.transport)
         protocol = asyncio.StreamReaderProtocol(self.reader)

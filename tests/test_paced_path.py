@@ -30,6 +30,7 @@ from chatd.connection import (
 )
 from chatd.hub import PushBatch, Session
 from chatd.metrics import Metrics
+from chatd.streams import LeanStreamReader
 from tests.conftest import Harness
 from tests.test_wire import RawPeer
 
@@ -122,7 +123,7 @@ class Peer:
 
     def __init__(self) -> None:
         config = Config(db=":memory:")
-        self.reader = asyncio.StreamReader(limit=READ_CHUNK)
+        self.reader = LeanStreamReader(limit=READ_CHUNK)
         self.transport = Transport()
         self.reader.set_transport(self.transport)
         protocol = asyncio.StreamReaderProtocol(self.reader)

@@ -27,7 +27,7 @@ class Served:
         self.server: asyncio.Server | None = None
         self.writers: list[asyncio.StreamWriter] = []  # both ends, closed at the end
 
-    def accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def accept(self, reader: streams.LeanStreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted.put_nowait((reader, writer))
 
     @property
@@ -174,9 +174,36 @@ async def test_a_lost_connection_lets_go_of_its_reader(served: Served) -> None:
     assert protocol._stream_reader is None
 
 
-async def test_an_idle_chatd_connection_waits_in_two_frames(harness: Harness) -> None:
-    """The server's own connections: the connection's loop and the read, nothing more."""
+async def test_an_idle_chatd_connection_waits_in_one_frame(harness: Harness) -> None:
+    """The server's own connections: the connection's loop awaits the reader's future
+    itself (read_now), with no read() coroutine under it."""
     client = await harness.user()
     await client.call("/subscribe")
     (connection,) = cast(Any, harness.server)._connections
-    assert frames_under(connection.task) == ["_run", "read"]
+    assert frames_under(connection.task) == ["_run"]
+    reader = connection._reader
+    assert reader._waiter is not None and not reader._waiter.done()
+    assert (await client.call("/ping"))["code"] == 0  # the future woken, the loop goes on
+    assert frames_under(connection.task) == ["_run"]
+
+
+async def test_read_now_hands_out_bytes_or_a_future_and_survives_a_cancelled_wait(
+    served: Served,
+) -> None:
+    """As Connection._run uses it: a future while nothing is buffered, bytes once data
+    came; a wait cancelled (interrupt_read) is replaced by the next call, not refused."""
+    (_, client), (reader, _) = await served.pair()
+    lean = cast(streams.LeanStreamReader, reader)
+    first = lean.read_now(100)
+    assert isinstance(first, asyncio.Future)
+    with pytest.raises(RuntimeError, match="another coroutine waits"):
+        lean.read_now(100)  # a second reader while the first waits, as read() refuses
+    first.cancel()
+    second = lean.read_now(100)
+    assert isinstance(second, asyncio.Future) and second is not first
+    client.write(b"hello")
+    await asyncio.wait_for(second, 10)
+    assert lean.read_now(3) == b"hel"
+    assert lean.read_now(100) == b"lo"
+    client.close()
+    assert await lean.read(100) == b""
