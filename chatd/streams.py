@@ -38,7 +38,6 @@ from typing import Any, SupportsIndex, cast
 STREAM_LIMIT = 64 * 1024
 
 
-
 class LeanStreamReader(asyncio.StreamReader):
     # StreamReader's own attributes (asyncio/streams.py), which read() below uses.
     _buffer: bytearray
