@@ -151,10 +151,6 @@ class IrcListener:
         self._connections: set[IrcConnection] = set()
         self._per_address: Counter[str] = Counter()
 
-    @property
-    def ports(self) -> list[int]:
-        return [server.sockets[0].getsockname()[1] for server in self._servers]
-
     async def start(self) -> None:
         config = self._app.config
         await self._app.store.release_guests()  # left over if the last run crashed
