@@ -5,10 +5,18 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import sqlite3
 import time
 
+import pytest
+
 from chatd.app import App
+from chatd.auth import Hasher
+from chatd.config import Config
+from chatd.hub import Hub
+from chatd.irc.lines import MAX_BUFFERED, TOO_LONG, LineDecoder, LineError, Message
 from chatd.irc.machine import IrcMachine, Login
+from chatd.store import Store
 from tests import test_irc_machine as machine_tests
 from tests.conftest import PASSWORD
 from tests.test_handlers import answer
@@ -493,3 +501,50 @@ async def test_reconnecting_in_a_loop_waits_for_the_subscription(app: App) -> No
     assert third.core.closed
     for irc in (first, second, third):
         await irc.core.close()
+
+
+def test_a_line_too_long_is_reported_once_however_it_arrives() -> None:
+    decoder = LineDecoder()
+    # Whole, with its line end, in one read: reported, and the next line is read.
+    out = decoder.feed(b"PRIVMSG a :" + b"x" * MAX_BUFFERED + b"\r\nPING b\r\n")
+    assert [(type(item), getattr(item, "command", None)) for item in out] == [
+        (LineError, "PRIVMSG"),
+        (Message, "PING"),
+    ]
+    # Endless, over several reads each beyond the limit: one report, then resync.
+    (error,) = decoder.feed(b"x" * (MAX_BUFFERED + 1))
+    assert isinstance(error, LineError) and error.kind == TOO_LONG
+    assert decoder.feed(b"x" * (MAX_BUFFERED + 1)) == []
+    assert decoder.feed(b"x\nPING c\n") == [Message("PING", ["c"])]
+
+
+async def test_a_database_locked_by_another_process_fails_messages_alone(
+    config: Config, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another process (a backup, ``chatd admin``) holds the write lock beyond
+    db_busy_timeout: the store raises sqlite's own error, which IRC shows as a failed
+    message; a connection closing meanwhile cannot end its login, but still leaves."""
+    config = dataclasses.replace(config, server_name=SERVER)
+    store = await Store.open(config.db, busy_timeout=0.2)
+    hasher = Hasher(config)
+    app = App(config, store, Hub(), hasher, clock=machine_tests.Clock())
+    try:
+        await register(app, "alice", "bob")
+        irc = Irc(app)
+        await irc.login("alice")
+        holder = sqlite3.connect(config.db, isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+        try:
+            assert await irc.send("PRIVMSG bob :while locked") == [
+                f":{SERVER} FAIL PRIVMSG MESSAGE_NOT_SENT :server error"
+            ]
+            assert any("unexpected error" in r.getMessage() for r in caplog.records)
+            user_id = irc.core.session.user_id or 0
+            await irc.core.close()  # its /logout cannot write: logged, not raised
+            assert not app.hub.is_online(user_id)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+    finally:
+        hasher.close()
+        await store.close()

@@ -55,7 +55,9 @@ class IrcConnection:
         except asyncio.CancelledError:
             reason = "shutdown"
             raise
-        except Exception:
+        # Not tested: the core turns every chatd refusal into a reply, so only a bug (or
+        # a store failure outside the handlers) gets here; logged, and cleaned up below.
+        except Exception:  # pragma: no cover
             log.exception("%s failed", self)
             reason = "error"
         finally:

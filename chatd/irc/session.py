@@ -439,7 +439,9 @@ class IrcCore:
             machine.numeric(n.RPL_NAMREPLY, "=", target, " ".join(line))
         if read_marker and "draft/read-marker" in machine.caps:
             found = await history.find_target(self.app.store, self._user_id, target)
-            if found is not None:
+            # None only if the channel was left on another connection since the join
+            # above, a window of one store read: not provoked in tests.
+            if found is not None:  # pragma: no branch
                 marker = await self._read_marker(found)
                 machine.send("MARKREAD", [found.name, marker], machine.server_name)
         machine.numeric(n.RPL_ENDOFNAMES, target, "End of /NAMES list")
