@@ -79,6 +79,14 @@ def bounds_after(ref: Reference) -> Bounds:
     return Bounds()
 
 
+def bounds_from(ref: Reference) -> Bounds:
+    """At or after ``ref`` (AROUND): the message it names, or its whole millisecond."""
+    if ref.message_id is not None:
+        return Bounds(after_id=ref.message_id - 1)
+    assert ref.timestamp is not None, "AROUND takes a reference"
+    return Bounds(after_time=ref.timestamp - MILLISECOND / 1000)
+
+
 def bounds_between(first: Reference, second: Reference) -> Bounds:
     low, high = bounds_after(first), bounds_before(second)
     return Bounds(low.after_id, high.before_id, low.after_time, high.before_time)

@@ -64,11 +64,9 @@ def parse(raw: bytes) -> Message | None:
     except UnicodeDecodeError:
         raise LineError(NOT_UTF8, _guess_command(rest)) from None
     try:
-        line = tokenise(text)
+        line = tokenise(text)  # a line it returns has a command: it raises on none
     except (IndexError, ValueError):  # a line of tags or a source only
         raise LineError(MALFORMED) from None
-    if not line.command:
-        raise LineError(MALFORMED)
     return Message(line.command, line.params, line.tags or {}, line.source)
 
 

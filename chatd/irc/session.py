@@ -128,15 +128,29 @@ class IrcCore:
         if isinstance(action, Login):
             await self._login(action)
         elif isinstance(action, Register):
-            await self._register(action)
+            try:
+                await self._register(action)
+            except ChatdError as error:
+                # Welcomed, but the joins or the subscription failed: a session without
+                # live delivery would silently miss messages, so it ends, and says why.
+                self.machine.close(error.message)
         elif isinstance(action, Command):
             self.machine.begin_label(action.message.tags)
             try:
                 await self._command(action.message)
+            except ChatdError as error:
+                self._command_failed(action.message.command, error)
             finally:
                 self.machine.end_label()
-        elif isinstance(action, Quit):
-            pass  # the machine has written ERROR; the transport closes
+        else:
+            assert isinstance(action, Quit)  # the machine has written ERROR; the transport closes
+
+    def _command_failed(self, command: str, error: ChatdError) -> None:
+        """A refusal the command's handler does not answer itself (an acknowledgement's
+        flood control, a server error; protocol.md, section 12.3) fails that command
+        only.  When the login ended, the machine has written its ERROR line instead."""
+        failure = [command, error.code.name, error.message]
+        self.machine.send("FAIL", failure, self.app.config.server_name)
 
     def _flush(self) -> None:
         out = self.machine.take_output()
@@ -225,8 +239,9 @@ class IrcCore:
             machine.send("JOIN", [target], machine.source)
             await self._names(target, read_marker=True)
             self._flush()
-        # Live delivery, after catching up on what was missed (the delivery rule).
-        await self._call("/subscribe")
+        # Live delivery, after catching up on what was missed (the delivery rule); a
+        # client reconnecting in a loop waits for the subscription's flood control.
+        await self._held("/subscribe")
 
     async def _become_guest(self, nick: str) -> None:
         """A guest identity under the nick, for as long as the connection lasts
@@ -256,8 +271,7 @@ class IrcCore:
         read) gets its newest message as position, so that what is said later is
         replayed if this client misses it (protocol.md, section 12.4)."""
         channel = await self.app.store.find_channel(name_key(channel_name))
-        if channel is None:
-            return
+        assert channel is not None, "channels are never deleted: this one was just joined"
         start, newest = await self.app.store.channel_position(channel.id, self._user_id)
         if start.fresh:
             await self._call("/ack", id=newest, channel=channel.name)
@@ -425,7 +439,9 @@ class IrcCore:
             machine.numeric(n.RPL_NAMREPLY, "=", target, " ".join(line))
         if read_marker and "draft/read-marker" in machine.caps:
             found = await history.find_target(self.app.store, self._user_id, target)
-            if found is not None:
+            # None only if the channel was left on another connection since the join
+            # above, a window of one store read: not provoked in tests.
+            if found is not None:  # pragma: no branch
                 marker = await self._read_marker(found)
                 machine.send("MARKREAD", [found.name, marker], machine.server_name)
         machine.numeric(n.RPL_ENDOFNAMES, target, "End of /NAMES list")
@@ -528,6 +544,8 @@ class IrcCore:
         machine = self.machine
         sub = message.param(0).upper()
         try:
+            if sub not in _HISTORY_SUBCOMMANDS or len(message.params) < 2:
+                raise history.InvalidParams(sub)  # and an empty target makes no FAIL line
             if sub == "TARGETS":
                 await self._history_targets(message)
                 return
@@ -576,12 +594,8 @@ class IrcCore:
             return await self._range(target, history.bounds_after(ref), limit, False)
         if sub == "AROUND" and (ref.message_id or ref.timestamp):
             before = await self._range(target, history.bounds_before(ref), limit // 2, True)
-            inclusive = history.Reference(
-                None if ref.message_id is None else ref.message_id - 1,
-                None if ref.timestamp is None else ref.timestamp - 1e-6,
-            )
             after = await self._range(
-                target, history.bounds_after(inclusive), limit - len(before), False
+                target, history.bounds_from(ref), limit - len(before), False
             )
             return before + after
         raise history.InvalidParams(sub)
@@ -643,6 +657,10 @@ class IrcCore:
         """MARKREAD target [timestamp=T]: the read position, moved forward only; the
         account's other IRC sessions are told (protocol.md, section 12.5)."""
         machine = self.machine
+        if not message.params:  # an empty target would make no valid FAIL line
+            failure = ["MARKREAD", "NEED_MORE_PARAMS", "Missing parameters"]
+            machine.send("FAIL", failure, machine.server_name)
+            return
         target = await history.find_target(self.app.store, self._user_id, message.param(0))
         if target is None:
             machine.send("FAIL", ["MARKREAD", "INVALID_PARAMS", message.param(0), "No such target"],
@@ -734,6 +752,7 @@ class IrcCore:
             self._message_lines(message_id, sender, target, text, created_at, _collect(lines))
             self.transport.write(b"".join(lines))
         else:
+            assert post is not None, "a channel message is delivered from its event"
             self.transport.write(
                 self._channel_lines(message_id, sender, target, text, created_at, post)
             )
@@ -748,7 +767,7 @@ class IrcCore:
         target: str,
         text: str,
         created_at: float,
-        post: ChannelPost | None,
+        post: ChannelPost,
     ) -> bytes:
         """A channel message's lines are the same for every member with the same tag
         capabilities: memoised on the event per kind of client (as the msgpack frame
@@ -759,8 +778,6 @@ class IrcCore:
             self._message_lines(message_id, sender, target, text, created_at, _collect(lines))
             return b"".join(lines)
 
-        if post is None:
-            return make(None)
         caps = self.machine.caps
         return memoised(post, (_IRC_LINES, *(cap in caps for cap in _TAG_CAPS)), make)
 
@@ -837,6 +854,8 @@ def _collect(lines: list[bytes]) -> LineSink:
 _IRC_LINES = "irc"
 _TAG_CAPS = ("server-time", "message-tags", "account-tag")
 
+
+_HISTORY_SUBCOMMANDS = frozenset({"LATEST", "BEFORE", "AFTER", "AROUND", "BETWEEN", "TARGETS"})
 
 _COMMANDS: dict[str, Handler] = {
     "PRIVMSG": IrcCore._privmsg,
