@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any, NoReturn, TextIO
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TextIO, TypeVar
 
-from chatd.client import Client, Reply
+from chatd.client import Client, Reply, RequestIdInUse
 from chatd.commands import network_reason
 
 EXIT_OK, EXIT_SERVER_ERROR, EXIT_USAGE = 0, 1, 2
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7777
+T = TypeVar("T")
 
 
 class UsageError(Exception):
@@ -130,9 +133,9 @@ async def pipe_mode(client: Client, stdin: TextIO, out: TextIO) -> int:
     """Each stdin line a JSON request; each reply and event one JSON line on ``out``."""
     status = EXIT_OK
     printer = asyncio.create_task(_print_events(client, out))
-    replies: list[asyncio.Task[Reply]] = []
+    replies: list[asyncio.Task[Reply | None]] = []
     line_number = 0
-    while line := await asyncio.to_thread(stdin.readline):
+    while line := await in_daemon_thread(stdin.readline):
         line_number += 1
         if not line.strip():
             continue
@@ -142,9 +145,12 @@ async def pipe_mode(client: Client, stdin: TextIO, out: TextIO) -> int:
             print(f"chatcat: line {line_number}: {exc}", file=sys.stderr)
             status = EXIT_USAGE
             continue
-        replies.append(asyncio.create_task(_exchange_and_print(client, body, out)))
+        exchange = _exchange_and_print(client, body, out, line_number)
+        replies.append(asyncio.create_task(exchange))
     for reply in await asyncio.gather(*replies):
-        if reply.get("code") != 0:
+        if reply is None:
+            status = EXIT_USAGE
+        elif reply.get("code") != 0:
             status = max(status, EXIT_SERVER_ERROR)
     printer.cancel()
     _print_waiting_events(client, out)
@@ -161,8 +167,16 @@ def _request_from_json(line: str) -> dict[str, Any]:
     return body
 
 
-async def _exchange_and_print(client: Client, body: dict[str, Any], out: TextIO) -> Reply:
-    reply = await client.exchange(body)
+async def _exchange_and_print(
+    client: Client, body: dict[str, Any], out: TextIO, line_number: int
+) -> Reply | None:
+    """The reply, printed; None, said on stderr, for a line not sent: its ``id`` is
+    still waiting for the reply to an earlier line (the replies could not be told apart)."""
+    try:
+        reply = await client.exchange(body)
+    except RequestIdInUse as exc:
+        print(f"chatcat: line {line_number}: {exc}", file=sys.stderr)
+        return None
     print(to_json(reply), file=out, flush=True)
     return reply
 
@@ -173,8 +187,26 @@ async def _print_events(client: Client, out: TextIO) -> None:
 
 
 def _print_waiting_events(client: Client, out: TextIO) -> None:
+    # Only events that arrive in the few loop turns between the last reply and the end,
+    # before the printer's turn: which of the two prints one is up to the scheduler.
     for event in client.waiting_events():
-        print(to_json(event), file=out, flush=True)
+        print(to_json(event), file=out, flush=True)  # pragma: no cover
+
+
+async def in_daemon_thread(read: Callable[[], T]) -> T:
+    """``read()`` (a line of stdin, a password) in a daemon thread, not asyncio's executor:
+    on Ctrl-C asyncio.run waits for the executor's threads, and one blocked reading a
+    terminal or an idle pipe would hold chatcat until Enter or the end of input."""
+    outcome: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            outcome.set_result(read())
+        except BaseException as exc:  # EOFError from getpass, or any other: the caller's
+            outcome.set_exception(exc)
+
+    threading.Thread(target=run, name="chatcat-input", daemon=True).start()
+    return await asyncio.wrap_future(outcome)
 
 
 # Entry point.

@@ -35,6 +35,10 @@ MAX_REPLY_SIZE = 32 * 1024 * 1024
 _END = object()  # marks the end of the event stream
 
 
+class RequestIdInUse(ValueError):
+    """A request given an ``id`` that another request is still waiting on."""
+
+
 class Client:
     def __init__(
         self,
@@ -102,19 +106,19 @@ class Client:
     async def exchange(self, body: dict[str, Any], *, timeout: float | None = None) -> Reply:
         """Send a request map as given and wait for its reply, whatever its code.
 
-        An integer ``id`` in ``body`` is kept (and must not be in use); otherwise one is
-        assigned.  The client's token is added unless ``body`` carries one.  The token
-        of a successful ``/login`` is kept, and a successful ``/subscribe`` remembered,
-        for later requests and :meth:`reconnect`.
+        An integer ``id`` in ``body`` is kept (one still waiting for its reply raises
+        ``RequestIdInUse``); otherwise a free one is assigned.  The client's token is
+        added unless ``body`` carries one.  The token of a successful ``/login`` is kept,
+        and a successful ``/subscribe`` remembered, for later requests and :meth:`reconnect`.
         """
         if self._reader_task.done():
             raise ConnectionError("connection closed")
         body = dict(body)
         request_id = body.get("id")
         if not isinstance(request_id, int) or isinstance(request_id, bool):
-            request_id = body["id"] = next(self._ids)
-        if request_id in self._pending:
-            raise ValueError(f"request id {request_id} is already waiting for its reply")
+            request_id = body["id"] = self._free_id()
+        elif request_id in self._pending:
+            raise RequestIdInUse(f"request id {request_id} is already waiting for its reply")
         if self.token is not None:
             body.setdefault("token", self.token)
         future: asyncio.Future[Reply] = self._loop.create_future()
@@ -128,6 +132,12 @@ class Client:
             self._pending.pop(request_id, None)
         self._remember(body.get("op"), reply)
         return reply
+
+    def _free_id(self) -> int:
+        # Skips the ids a caller chose that are still waiting: their replies are theirs.
+        while (request_id := next(self._ids)) in self._pending:
+            pass
+        return request_id
 
     def _remember(self, op: object, reply: Reply) -> None:
         if reply.get("code") != 0:
@@ -261,14 +271,14 @@ class Client:
 
     def _answer_ping(self) -> None:
         # Any frame answers a keepalive ping; its reply is matched and dropped.
-        request_id = next(self._ids)
+        request_id = self._free_id()
         self._pending[request_id] = self._loop.create_future()
         self._writer.write(encode_frame({"op": "/ping", "id": request_id}))
 
         def forget(done: asyncio.Future[Reply]) -> None:
             self._pending.pop(request_id, None)
-            if not done.cancelled():
-                done.exception()  # retrieved: a ping lost with the connection is no error
+            # Never cancelled: only its reply or the end of the connection completes it.
+            done.exception()  # retrieved: a ping lost with the connection is no error
 
         self._pending[request_id].add_done_callback(forget)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import getpass
 import random
 import sys
@@ -27,6 +28,7 @@ from prompt_toolkit.history import DummyHistory, InMemoryHistory
 from prompt_toolkit.layout.processors import PasswordProcessor
 from prompt_toolkit.patch_stdout import patch_stdout
 
+from chatd.chatcat import in_daemon_thread
 from chatd.client import Client
 from chatd.commands import (
     ALIASES,
@@ -174,7 +176,9 @@ class Shell:
             await self._set_up(True)
 
     async def _reconnect(self) -> None:
-        for delay in backoff():
+        delays = backoff()  # endless: tries until connected, or the session is refused
+        while True:
+            delay = next(delays)
             try:
                 await self.client.reconnect()
             except NotAuthenticated:
@@ -464,12 +468,12 @@ class PlainInput:
     """Line input without prompt_toolkit, when stdout is not a terminal (nothing to garble)."""
 
     async def line(self, prompt: Callable[[], str]) -> str | None:
-        line = await asyncio.to_thread(sys.stdin.readline)
+        line = await in_daemon_thread(sys.stdin.readline)
         return line.rstrip("\n") if line else None
 
     async def secret(self, prompt: str) -> str | None:
         try:
-            return await asyncio.to_thread(getpass.getpass, prompt)
+            return await in_daemon_thread(functools.partial(getpass.getpass, prompt))
         except EOFError:
             return None
 

@@ -197,3 +197,41 @@ async def test_a_server_restart_mid_chat(spawn: Spawn, tmux: Tmux) -> None:
     await alice.line("/quit")
     assert await alice.exit_status() == 0
 
+
+
+async def test_ctrl_c_clears_the_line_and_ctrl_d_quits(harness: Harness, tmux: Tmux) -> None:
+    await register(harness.port, "carol")
+    carol = await tmux.chatcat("carol", harness.port)
+    await carol.line("/login carol")
+    await carol.expect("^password:$")
+    await carol.keys("C-c", literal=False)  # gives up the password: nothing sent
+    await carol.expect("no password: nothing sent$")
+    await carol.keys("half a line")
+    await carol.expect("^> half a line$")
+    await carol.keys("C-c", literal=False)
+    await carol.expect("^>$")  # the line is cleared, chatcat goes on
+    await carol.keys("C-d", literal=False)
+    assert await carol.exit_status() == 0
+
+
+async def test_output_to_a_pipe_reads_plain_lines_from_the_terminal(
+    harness: Harness, tmux: Tmux
+) -> None:
+    await register(harness.port, "dave")
+    # stdout is a pipe, stdin the terminal: plain line input, getpass for the password.
+    command = (f"{CHATCAT} 127.0.0.1 {harness.port} | cat; "
+               "echo chatcat exited with status $?")
+    await tmux.run("new-session", "-d", "-s", "dave", "-x", "120", "-y", "40",
+                   "-e", "TZ=UTC", command)
+    dave = Pane(tmux, "dave")
+    await dave.expect("/help lists the commands")
+    await dave.line("/login dave")
+    await dave.expect("^password:$")
+    await dave.keys("C-d", literal=False)  # the end of input at the password prompt
+    await dave.expect("no password: nothing sent$")
+    await dave.line("/login dave")
+    await dave.line(PASSWORD)
+    await dave.expect(f"^{TIME} logged in as dave")
+    assert PASSWORD not in await dave.screen()  # getpass did not echo it
+    await dave.keys("C-d", literal=False)  # the end of input ends the session
+    assert await dave.exit_status() == 0
