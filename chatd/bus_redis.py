@@ -675,8 +675,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:
             self.why = exc
-        if not self.lost.done():
-            self.lost.set_result(None)
+        self.lost.set_result(None)  # asyncio calls this once per connection
         if self._answer is not None and not self._answer.done():
             self._answer.set_exception(ConnectionError("closed by Redis"))
 
