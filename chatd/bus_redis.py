@@ -368,22 +368,21 @@ class StreamOrder(Generic[M]):
             self.repair(stream)
 
     async def _repair(self, stream: str, head: int | None) -> None:
+        high = self._high[stream]  # repair() starts this task for a followed stream only
         while True:
-            high = self._high.get(stream)
-            if high is None:
-                return  # unfollowed meanwhile
             page = await self._log.read(stream, high.id, self._page_size)
+            # unfollow() cancels this task: the read ends with CancelledError, so only a
+            # store that swallowed the cancellation could come back unfollowed.
+            if self._high.get(stream) is not high:  # pragma: no cover
+                return
             for message in page:
-                if self._high.get(stream) is not high:
-                    return
-                if message.id > high.id:  # holes (deleted rows) are skipped, never waited for
+                # Pushed meanwhile (a notice while the read ran) or a hole: skipped.
+                if message.id > high.id:
                     self.counts.repaired += 1
                     self._deliver(stream, high, message)
             if len(page) < self._page_size:
                 break  # the store has no more
-        if head is not None and self._high.get(stream) is high and (
-            high.seq is None or high.seq < head
-        ):
+        if head is not None and (high.seq is None or high.seq < head):
             # Everything up to ``head`` committed before this read began, so it has all
             # been pushed: the next seq is head + 1 (a stream followed from an id, or one
             # whose newest rows were deleted, learns its seq here).
@@ -517,9 +516,7 @@ class RedisBus:
                 first = False
                 self.subscribed.set()
                 await self._read(subscription)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # OSError, TimeoutError, an error reply
+            except Exception as exc:  # OSError, TimeoutError, an error reply (not a cancel)
                 log.warning("bus: subscriber connection lost (%s); reconnecting", exc)
             finally:
                 self.subscribed.clear()
@@ -555,17 +552,13 @@ class RedisBus:
         """Until the connection is lost, or silent for ``liveness`` seconds although
         pinged every third of it (a black-holed link keeps its socket open)."""
         loop = asyncio.get_running_loop()
-        pinged = loop.time()
         while True:
             await asyncio.wait([subscription.lost], timeout=self._liveness / 3)
             if subscription.lost.done():
                 raise subscription.why
-            now = loop.time()
-            if now - subscription.heard > self._liveness:
+            if loop.time() - subscription.heard > self._liveness:
                 raise TimeoutError(f"nothing from Redis for {self._liveness:g} s")
-            if now - pinged >= self._liveness / 3:
-                pinged = now
-                subscription.send(_command(b"PING"))
+            subscription.send(_command(b"PING"))  # the wait timed out: a third of liveness
 
     def _take(self, data: bytes) -> None:
         try:
@@ -574,9 +567,10 @@ class RedisBus:
             self.counts.malformed += 1
             log.warning("bus: dropped a message: %s", exc)
             return
+        # All of it is for this node: it subscribes to no channel of its own, and the bus
+        # channel carries what every node takes (presence, its own included, and admin's
+        # revokes, whatever name their publisher goes by).
         for message in messages:
-            if message.node == self.node and not isinstance(message, PresenceChange):
-                continue  # delivered locally when published (presence comes back: module doc)
             self.counts.received += 1
             self._receive(message)
 
@@ -590,9 +584,7 @@ class RedisBus:
         while True:
             try:
                 connection = await self._connect_publishing()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # OSError, TimeoutError, refused AUTH
+            except Exception as exc:  # OSError, TimeoutError, refused AUTH (not a cancel)
                 # At most once: the position checks on the other nodes fill the gap.
                 if self._unsent:
                     log.warning("bus: %d notices not published (%s)", len(self._unsent), exc)
@@ -604,9 +596,7 @@ class RedisBus:
             try:
                 self._flush()
                 await self._watch(connection)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
+            except Exception as exc:  # not a cancel: CancelledError is a BaseException
                 log.warning("bus: publishing connection lost (%s); reconnecting", exc)
             finally:
                 self._out = None
@@ -685,8 +675,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:
             self.why = exc
-        if not self.lost.done():
-            self.lost.set_result(None)
+        self.lost.set_result(None)  # asyncio calls this once per connection
         if self._answer is not None and not self._answer.done():
             self._answer.set_exception(ConnectionError("closed by Redis"))
 
@@ -752,9 +741,10 @@ class _Subscription(_Connection):
             if kind == b"pong":
                 return
         if isinstance(reply, Exception) and self._answer is None:
-            # Refused subscription (NOAUTH...): give the connection up.
+            # Refused (NOAUTH, NOPERM...): give the connection up, saying why.
+            self.why = ConnectionError(f"Redis says: {reply}")
             if not self.confirmed.done():
-                self.confirmed.set_exception(ConnectionError(f"Redis says: {reply}"))
+                self.confirmed.set_exception(self.why)
             self.transport.abort()
             return
         super().reply(reply)
@@ -827,9 +817,8 @@ async def stop_tasks(tasks: list[asyncio.Task[None]]) -> None:
         for task in pending:
             task.cancel()
         await asyncio.wait(pending, timeout=1.0)
-    for task in tasks:
-        if not task.cancelled():
-            task.exception()  # retrieved: a failure was logged where it happened
+    # Every one done: their failures (logged where they happened) retrieved at once.
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _quietly(closing: Awaitable[Any]) -> None:
@@ -981,8 +970,6 @@ class RedisPresence:
     async def online(self, user_ids: Iterable[int]) -> set[int]:
         """Those of ``user_ids`` with a live entry of any node."""
         asked = list(user_ids)
-        if not asked:
-            return set()
         now = time.time()
         pipe = self._client.pipeline(transaction=False)
         for user_id in asked:

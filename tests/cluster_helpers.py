@@ -29,6 +29,7 @@ from tests.pg_helpers import unavailable
 
 START_TIMEOUT = 60.0  # a loaded 2-core machine starts a node in seconds, not minutes
 STOP_TIMEOUT = 20.0
+STOP_GRACE = 10.0  # a node's own shutdown at teardown, before kill -9
 
 
 def spare_port() -> int:
@@ -383,6 +384,14 @@ class Node:
         """kill -9: no goodbye to Redis or PostgreSQL."""
         await self.stop(signal.SIGKILL)
 
+    async def end(self) -> None:
+        """Stop gracefully (SIGTERM), or kill -9 if that takes more than STOP_GRACE s."""
+        try:
+            async with asyncio.timeout(STOP_GRACE):
+                await self.stop(signal.SIGTERM)
+        except TimeoutError:
+            await self.kill()
+
     async def connect(self, token: str | None = None) -> Client:
         return await Client.connect("127.0.0.1", self.port, token=token, timeout=30)
 
@@ -443,8 +452,10 @@ class Cluster:
         for client in self._clients:
             with contextlib.suppress(Exception):
                 await client.close()
-        for node in self.nodes:
-            await node.stop(signal.SIGKILL)
+        # SIGTERM first: a node that exits through its own shutdown writes its coverage
+        # data (coverage's patch = subprocess), which a kill -9 loses; all at once, so
+        # that teardown takes one node's shutdown.  Killed if one does not end in time.
+        await asyncio.gather(*(node.end() for node in self.nodes))
 
 
 @asynccontextmanager
