@@ -135,9 +135,20 @@ class Subscription:
                 state.own = set()
             state.own.add(seq)
 
-    def start(self, catch_ups: list[tuple[int, Position, Fetch]]) -> None:
-        """Catch up each held stream in the background: (stream, its start position, fetch)."""
-        self._task = asyncio.create_task(self._catch_up_all(catch_ups))
+    async def start(self, catch_ups: list[tuple[int, Position, Fetch]]) -> None:
+        """Read every held stream's start position, then catch each up in the background:
+        (stream, its start position, fetch).
+
+        The positions are read before this returns, so before the reply to /subscribe:
+        a message stored after that reply is above every start. Read in the background
+        instead, a fresh channel's start ("its newest message when read") could take in
+        a message another node stored after the reply whose notice had not come yet,
+        and that message was then never pushed (its late notice at or below the start).
+        """
+        # Every start position is read before any stream catches up, so a stream that
+        # starts at "the newest message now" means now, not after the others caught up.
+        starts = [await position() for _, position, _ in catch_ups]
+        self._task = asyncio.create_task(self._catch_up_all(catch_ups, starts))
         self._task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
@@ -162,10 +173,9 @@ class Subscription:
         if self._task is not None:
             self._task.cancel()
 
-    async def _catch_up_all(self, catch_ups: list[tuple[int, Position, Fetch]]) -> None:
-        # Every start position is read before any stream catches up, so a stream that
-        # starts at "the newest message now" means now, not after the others caught up.
-        starts = [await position() for _, position, _ in catch_ups]
+    async def _catch_up_all(
+        self, catch_ups: list[tuple[int, Position, Fetch]], starts: list[StreamPosition]
+    ) -> None:
         starts_after: dict[int, int] = {}  # the id each stream's catch-up reads after
         for (stream, _, _), start in zip(catch_ups, starts, strict=True):
             state = self._streams.get(stream)

@@ -518,7 +518,7 @@ async def subscribe(ctx: Context, params: Params) -> None:
     catch_ups: list[CatchUp] = [(INBOX, lambda: store.inbox_position(user_id), inbox_after)]
     for channel_id in channels:
         catch_ups.append(_channel_catch_up(store, user_id, channel_id))
-    subscription.start(catch_ups)
+    await subscription.start(catch_ups)  # the start positions read before the reply
 
 
 def _channel_catch_up(store: MessageStore, user_id: int, channel_id: int) -> CatchUp:

@@ -96,7 +96,7 @@ async def go_live(hub: Hub, session: Session, user_id: int, name: str) -> None:
     hub.bind(session, user_id, name, b"digest", float("inf"), [CHANNEL_ID])
     subscription = Subscription(session, page_size=100, queue_limit=100)
     streams = hub.subscribe(session, subscription)
-    subscription.start([(s, no_position, nothing_stored) for s in [INBOX, *streams]])
+    await subscription.start([(s, no_position, nothing_stored) for s in [INBOX, *streams]])
     await until(lambda: not subscription.catching_up)
 
 
@@ -283,7 +283,7 @@ async def test_events_offered_while_catching_up_come_after_the_catch_up_in_order
         await release.wait()  # live events arrive while the store is being read
         return [post(1), post(2)]
 
-    subscription.start(
+    await subscription.start(
         [(INBOX, no_position, nothing_stored), (CHANNEL_ID, no_position, stored)]
     )
     bus = LocalBus(hub)
@@ -317,7 +317,7 @@ async def test_a_fresh_stream_that_started_with_held_messages_reads_the_rest_of_
 
     for message_id in (2, 3):  # offered between /subscribe and the position's read
         bus.publish(post(message_id))
-    subscription.start(
+    await subscription.start(
         [(INBOX, no_position, nothing_stored), (CHANNEL_ID, fresh_at_newest, fetch)]
     )
     await until(lambda: not subscription.catching_up)
@@ -347,7 +347,7 @@ async def test_a_fresh_stream_stops_writing_held_messages_at_a_gap() -> None:
 
     for message_id in (2, 4):
         bus.publish(post(message_id))
-    subscription.start(
+    await subscription.start(
         [(INBOX, no_position, nothing_stored), (CHANNEL_ID, fresh_at_newest, fetch)]
     )
     await until(lambda: not subscription.catching_up)

@@ -81,7 +81,7 @@ async def caught_up(
     subscription: Subscription, position: Position, fetch: Fetch
 ) -> Callable[[], Awaitable[None]]:
     subscription.hold(INBOX)
-    subscription.start([(INBOX, position, fetch)])
+    await subscription.start([(INBOX, position, fetch)])
 
     async def done() -> None:
         await until(lambda: not subscription.catching_up)
@@ -143,7 +143,7 @@ async def test_a_fresh_stream_writes_what_came_before_its_start_first() -> None:
     subscription.offer(INBOX, message(6, 3))
     subscription.offer(INBOX, message(5, 12))
     fetch, asked = stored([])
-    subscription.start([(INBOX, at(12, 5, fresh=True), fetch)])
+    await subscription.start([(INBOX, at(12, 5, fresh=True), fetch)])
     await until(lambda: not subscription.catching_up)
     assert writer.seqs() == [5, 6]
     assert asked == [12]
@@ -183,3 +183,23 @@ async def test_an_own_send_made_during_the_catch_up_is_not_pushed_back() -> None
     subscription.sent(INBOX, 5)  # live: the hub offers nothing, nothing to remember
     subscription.offer(INBOX, message(4, 10))
     assert writer.seqs() == [1, 3, 4]
+
+
+async def test_a_fresh_stream_starts_before_start_returns_so_a_later_message_is_new() -> None:
+    # The positions are read before /subscribe is answered: a message stored after the
+    # reply, even one offered late (another node's notice), is above the start and goes
+    # out. Read after the reply, the fresh start (its newest message then) took it in.
+    writer = Recorder()
+    subscription = Subscription(writer, page_size=10, queue_limit=10)
+    subscription.hold(INBOX)
+    newest = StreamPosition(4, 2, True)
+
+    async def position() -> StreamPosition:
+        return newest
+
+    fetch, _ = stored([])
+    await subscription.start([(INBOX, position, fetch)])
+    newest = StreamPosition(9, 3, True)  # stored after the reply (the store's newest now)
+    await until(lambda: not subscription.catching_up)
+    subscription.offer(INBOX, message(3, 9))  # its notice, late
+    assert writer.ids() == [9]
