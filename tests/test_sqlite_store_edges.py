@@ -1,6 +1,6 @@
 """Edges of the SQLite store that the wire cannot reach: a bad open, the bound on the
-heads it keeps as guesses, the hop to the database thread over a pipe (no eventfd), a
-result handler that fails, and a thread whose priority cannot be lowered.
+heads it keeps as guesses, the hop to the database thread over a pipe (no eventfd), and a
+result handler that fails.
 
 Real database files, the store's own connections and threads; no server.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sys
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -119,21 +118,3 @@ async def test_a_failing_result_handler_does_not_hold_back_the_results_after_it(
     sender = await user(store, "carol")  # and the store goes on working
     stored = await store.enqueue(NewMessage(PRIVATE, sender, sender, "on", 0.0, None))
     assert isinstance(stored, Stored) and stored.seq == 1
-
-
-async def test_checkpoints_keep_the_normal_priority_where_it_cannot_be_lowered(
-    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    def refused(which: int, who: int, prio: int) -> None:
-        raise PermissionError(1, "Operation not permitted")
-
-    monkeypatch.setattr(os, "setpriority", refused)
-    with caplog.at_level(logging.DEBUG, logger="chatd.store.sqlite"):
-        await store.checkpoint_in_background(store._path, interval=3600)
-    if sys.platform.startswith("linux"):
-        assert any("keep the normal priority" in r.getMessage() for r in caplog.records)
-    sender = await user(store, "dave")
-    await store.enqueue(NewMessage(PRIVATE, sender, sender, "x", 0.0, None))
-    await store._checkpoint()  # a PASSIVE one, on the connection left as it was
-    await store._checkpoint("RESTART")
-    assert store._wal_end() <= store._wal_limit

@@ -6,7 +6,7 @@ sharing the connection never interleave statements; a method that returns has
 committed.  New messages are the exception that makes chatd fast: ``enqueue``
 queues them for a group commit (many messages, one transaction), and every
 other method first waits for the messages enqueued before it, so a caller
-always reads its own writes.  Two more connections only checkpoint the WAL.
+always reads its own writes.  A second connection only checkpoints the WAL.
 Handlers see only the typed rows below, never SQL, so another store can replace
 this one.
 """
@@ -19,7 +19,6 @@ import logging
 import os
 import sqlite3
 import sys
-import threading
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
@@ -262,8 +261,6 @@ PAGE_SIZE = 1024
 DEFAULT_WAL_LIMIT = 16 * 1024 * 1024  # config.db_wal_limit
 WAL_LOOK_INTERVAL = 0.1  # seconds between looks at the WAL file's size
 RESTART_WAIT = 0.5  # seconds a RESTART checkpoint waits for another process (writes wait too)
-PASSIVE_NICE = 10  # added to the PASSIVE checkpoints' thread's nice value (Linux)
-STOP_RETRY = 0.005  # seconds between interrupts of a PASSIVE checkpoint being stopped
 RESCUED_INFIX = ".rescued-"  # <db>.rescued-<UTC time>: the copy saved of a lost database
 
 
@@ -295,15 +292,7 @@ class Store:
         self._wal_fd: int | None = None  # the WAL, for _wal_end
         self._profiles: dict[str, tuple[float, User]] = {}  # name key -> (when read, user)
         self._channels: dict[str, Channel] = {}  # name key -> channel (never deleted)
-        # The background checkpoints' connections (checkpoint_in_background): PASSIVE ones
-        # on a thread of low priority, RESTART ones (writes may wait for them) on another.
-        self._passive: aiosqlite.Connection | None = None
-        self._restarter: aiosqlite.Connection | None = None
-        # The PASSIVE checkpoint's call, until its thread has returned from it (its caller
-        # may have been cancelled long before), and how many RESTART ones are wanted or
-        # under way: no PASSIVE one starts meanwhile (SQLite runs one at a time).
-        self._passive_call: asyncio.Task[list[Any]] | None = None
-        self._restarts = 0
+        self._checkpointer: aiosqlite.Connection | None = None
         self._checkpoints: asyncio.Task[None] | None = None
         self._wal_limit = DEFAULT_WAL_LIMIT
         # Set by a write that failed for want of disk space, cleared by one that succeeds.
@@ -385,10 +374,8 @@ class Store:
         if self._checkpoints is not None:
             self._checkpoints.cancel()
             await asyncio.gather(self._checkpoints, return_exceptions=True)
-        await self._stop_passive()  # rather than wait for it to copy the whole WAL
-        for checkpointer in (self._passive, self._restarter):
-            if checkpointer is not None:
-                await checkpointer.close()
+        if self._checkpointer is not None:
+            await self._checkpointer.close()
         async with self._turn():
             await self._db.close()
         self._handoff.close()
@@ -420,28 +407,12 @@ class Store:
         runs (a busy disk or CPU), writes wait until a RESTART one is done; should this task
         be held up altogether, the commit that takes the WAL past 1.5 times the limit
         checkpoints it itself (wal_autocheckpoint). The WAL stays under twice the limit.
-
-        The PASSIVE checkpoints run on a connection of their own whose thread has a lower
-        priority (Linux: nice +10 over the process's), so that on a busy core their
-        copying gives way to the event loop; the RESTART ones, which writes may wait for,
-        run at the normal priority on another (_restart). SQLite runs one checkpoint at a
-        time, so a RESTART one first interrupts the PASSIVE one under way and waits for its
-        call to return (_stop_passive): SQLite stops one between two pages copied, not in
-        the fsync of the WAL before them or of the database after them, nor in the sort of
-        the WAL's frames. What it had copied is copied again by the RESTART one (SQLite
-        notes no progress of a checkpoint interrupted), so on an idle core waiting for it
-        would hold writes less (32 MiB WAL, 90% copied: 37-42 ms against 71); but while
-        writes wait, anything else on the core (the password hashing threads, another
-        process) would slow a PASSIVE checkpoint of nice 10 down some tenfold, and the
-        interrupt bounds the hold at one RESTART checkpoint of normal priority. (close()
-        interrupts one too, rather than wait for it.) The second connection costs a
-        thread and ~140 KiB; its page cache stays empty (a checkpoint copies past it), so
-        a smaller cache_size saved nothing measurable.
         """
         self._wal_limit = wal_limit
-        self._passive = await _checkpointer(path)
-        _lower_priority(self._passive)
-        self._restarter = await _checkpointer(path)
+        self._checkpointer = await aiosqlite.connect(path, isolation_level=None)
+        # Only the RESTART checkpoint waits (PASSIVE never does): for another process's
+        # reader or writer, while this one's writes are held back.
+        await self._checkpointer.execute(f"PRAGMA busy_timeout={int(RESTART_WAIT * 1000)}")
         page_size = await self._scalar("PRAGMA page_size")
         # The backstop, should this task fall behind (a loaded machine): SQLite's own
         # checkpoint, in the commit that takes the WAL past 1.5 times the limit.
@@ -503,7 +474,7 @@ class Store:
             await self._checkpoint("RESTART")
 
     def _wal_far_over(self) -> bool:
-        return self._restarter is not None and self._wal_end() > self._wal_limit * 3 // 2
+        return self._checkpointer is not None and self._wal_end() > self._wal_limit * 3 // 2
 
     def _wal_end(self) -> int:
         """The WAL's size, per commit: an lseek on a descriptor of it kept open, not a stat
@@ -527,19 +498,13 @@ class Store:
         """
         if self._short_of_space and not await asyncio.to_thread(self._room_to_checkpoint):
             return
+        assert self._checkpointer is not None
         started = trace.now() if trace.ON else 0
         try:
-            rows = await (self._passive_checkpoint() if mode == "PASSIVE" else self._restart(mode))
-            if rows is None:
-                return  # a PASSIVE one left to the RESTART one wanted
+            rows = list(await self._checkpointer.execute_fetchall(f"PRAGMA wal_checkpoint({mode})"))
             if trace.ON:
                 trace.span(f"checkpoint_{mode}", started, trace.now(), rows[0][2])
         except sqlite3.Error as exc:
-            if _is_interrupted(exc):  # by _stop_passive, for a RESTART one
-                log.debug("%s checkpoint interrupted for a RESTART one", mode)
-                if trace.ON:
-                    trace.span(f"checkpoint_{mode}_interrupted", started, trace.now())
-                return
             self._checkpoint_failed(exc)
             return
         if rows[0][0]:  # busy
@@ -547,49 +512,6 @@ class Store:
         if self._short_of_space:
             self._short_of_space = False
             log.warning("background checkpoints resumed: there is room on disk again")
-
-    async def _passive_checkpoint(self) -> list[Any] | None:
-        """A PASSIVE checkpoint on its connection (low priority): its rows, or None when a
-        RESTART one is wanted or under way (it would find the RESTART one busy, or make it
-        so; the RESTART one does its work)."""
-        if self._restarts:
-            return None
-        assert self._passive is not None
-        call = asyncio.create_task(self._checkpoint_call(self._passive, "PASSIVE"))
-        call.add_done_callback(_outcome_seen)
-        self._passive_call = call
-        # Shielded: a cancelled caller leaves the call to run on in its thread, which only
-        # the call itself tells the end of (_stop_passive waits for it).
-        return await asyncio.shield(call)
-
-    async def _restart(self, mode: str) -> list[Any]:
-        """A RESTART checkpoint, on its connection of normal priority, once the PASSIVE
-        one under way has stopped (SQLite runs one checkpoint at a time: beside it, this
-        one would return busy at once, whatever the busy timeout)."""
-        assert self._restarter is not None
-        self._restarts += 1
-        try:
-            await self._stop_passive()
-            return await self._checkpoint_call(self._restarter, mode)
-        finally:
-            self._restarts -= 1
-
-    @staticmethod
-    async def _checkpoint_call(connection: aiosqlite.Connection, mode: str) -> list[Any]:
-        return list(await connection.execute_fetchall(f"PRAGMA wal_checkpoint({mode})"))
-
-    async def _stop_passive(self) -> None:
-        """Interrupt the PASSIVE checkpoint under way, if any, and wait until its thread
-        has returned from it (cancelling its task would not stop the thread)."""
-        call = self._passive_call
-        while call is not None and not call.done():
-            assert self._passive is not None
-            await self._passive.interrupt()
-            # An interrupt that comes before the checkpoint's statement has started is
-            # forgotten (SQLite clears it as a statement starts on an idle connection): so
-            # again, until the call returns. Once it has started it takes the first.
-            await asyncio.wait([call], timeout=STOP_RETRY)
-        self._passive_call = None
 
     def _checkpoint_failed(self, exc: sqlite3.Error) -> None:
         if not _is_disk_full(exc):
@@ -1771,48 +1693,6 @@ class _NoFuture:
 
 
 _NO_FUTURE = _NoFuture()
-
-
-async def _checkpointer(path: str) -> aiosqlite.Connection:
-    """A connection for background checkpoints."""
-    connection = await aiosqlite.connect(path, isolation_level=None)
-    try:
-        # Only a RESTART checkpoint waits (PASSIVE never does): for another process's
-        # reader or writer, while this one's writes are held back.
-        await connection.execute(f"PRAGMA busy_timeout={int(RESTART_WAIT * 1000)}")
-    except BaseException:
-        await connection.close()
-        raise
-    return connection
-
-
-def _lower_priority(connection: aiosqlite.Connection) -> None:
-    """Raise the nice value of the connection's worker thread by PASSIVE_NICE over the
-    calling (event loop) thread's, where each thread has its own (Linux); elsewhere, or
-    should it fail, it keeps the process's priority."""
-    if not sys.platform.startswith("linux"):
-        return
-    # aiosqlite 0.22 keeps its worker thread as _thread; 0.19 to 0.21 are the thread.
-    thread = getattr(connection, "_thread", connection)
-    try:
-        if not isinstance(thread, threading.Thread) or thread.native_id is None:
-            raise LookupError(f"no worker thread found in {connection!r}")
-        nice = os.getpriority(os.PRIO_PROCESS, 0) + PASSIVE_NICE  # 0: the calling thread
-        os.setpriority(os.PRIO_PROCESS, thread.native_id, nice)
-    except (OSError, LookupError) as exc:
-        log.debug("PASSIVE checkpoints keep the normal priority: %s", exc)
-
-
-def _outcome_seen(call: asyncio.Task[Any]) -> None:
-    """Mark a call's exception as seen: its caller may have been cancelled (and an
-    interrupted checkpoint is not worth asyncio's "never retrieved" warning)."""
-    if not call.cancelled():
-        call.exception()
-
-
-def _is_interrupted(exc: BaseException) -> bool:
-    code = getattr(exc, "sqlite_errorcode", 0)
-    return isinstance(exc, sqlite3.Error) and code & 0xFF == sqlite3.SQLITE_INTERRUPT
 
 
 def _is_disk_full(exc: BaseException) -> bool:
