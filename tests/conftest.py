@@ -14,14 +14,17 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from chatd.client import Client
 from chatd.config import Config
 from chatd.server import Server
-from tests.pg_helpers import fresh_database
+from tests.pg_helpers import fresh_database, unavailable
+
+if TYPE_CHECKING:
+    from tests.cluster_helpers import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -208,3 +211,16 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
         if p.proc.returncode is None:
             p.proc.kill()
             await p.proc.wait()
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[RedisServer]:
+    """A redis-server of the test's own on a spare loopback port (tests/cluster_helpers.py)."""
+    from tests.cluster_helpers import redis_server  # which imports this module
+
+    try:
+        import redis as _  # noqa: F401
+    except ImportError:
+        unavailable("redis-py is not installed: pip install 'chatd[redis]'")
+    async with redis_server() as server:
+        yield server

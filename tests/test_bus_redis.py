@@ -37,7 +37,6 @@ from chatd.bus_redis import (
 )
 from tests.cluster_helpers import RedisServer, proxy, redis_server
 from tests.conftest import ROOT, Harness
-from tests.pg_helpers import unavailable
 
 WAIT = 20.0  # bound on every wait for an event; generous for a loaded machine
 
@@ -47,16 +46,6 @@ async def until(condition: Callable[[], bool], timeout: float = WAIT) -> None:
     async with asyncio.timeout(timeout):
         while not condition():  # noqa: ASYNC110
             await asyncio.sleep(0.02)
-
-
-@pytest.fixture
-async def redis() -> AsyncIterator[RedisServer]:
-    try:
-        import redis as _  # noqa: F401
-    except ImportError:
-        unavailable("redis-py is not installed: pip install 'chatd[redis]'")
-    async with redis_server() as server:
-        yield server
 
 
 # The wire format.

@@ -26,26 +26,14 @@ from tests.cluster_helpers import (
     cluster,
     postgres_cluster,
     proxy,
-    redis_server,
     spare_port,
 )
 from tests.conftest import PASSWORD, ROOT
-from tests.pg_helpers import unavailable
 from tests.test_systemd import verify
 
 pytestmark = pytest.mark.slow
 
 PUSH_WAIT = 20.0  # bound on waiting for one push; generous for a loaded 2-core machine
-
-
-@pytest.fixture
-async def redis() -> AsyncIterator[RedisServer]:
-    try:
-        import redis as _  # noqa: F401
-    except ImportError:
-        unavailable("redis-py is not installed: pip install 'chatd[redis]'")
-    async with redis_server() as server:
-        yield server
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ redis-server of the test's own (killed, restarted, with ACLs, behind a black hol
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -27,20 +27,9 @@ from chatd.bus_redis import (
     publish_once,
 )
 from tests.cluster_helpers import RedisServer, proxy, redis_server
-from tests.pg_helpers import unavailable
 from tests.test_bus_redis import ListLog, Pushed, pushed_seqs, until
 
 WAIT = 20.0  # bound on every wait for an event; generous for a loaded machine
-
-
-@pytest.fixture
-async def redis() -> AsyncIterator[RedisServer]:
-    try:
-        import redis as _  # noqa: F401
-    except ImportError:
-        unavailable("redis-py is not installed: pip install 'chatd[redis]'")
-    async with redis_server() as server:
-        yield server
 
 
 def logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:

@@ -18,21 +18,10 @@ from chatd.client import Client
 from chatd.cluster import REDIS_EXTRA
 from chatd.config import Config
 from chatd.server import Server
-from tests.cluster_helpers import RedisServer, redis_server, spare_port
+from tests.cluster_helpers import RedisServer, spare_port
 from tests.conftest import PASSWORD, Harness, MakeHarness, harness_factory
-from tests.pg_helpers import unavailable
 
 WAIT = 20.0  # bound on every wait for an event; generous for a loaded machine
-
-
-@pytest.fixture
-async def redis() -> AsyncIterator[RedisServer]:
-    try:
-        import redis as _  # noqa: F401
-    except ImportError:
-        unavailable("redis-py is not installed: pip install 'chatd[redis]'")
-    async with redis_server() as server:
-        yield server
 
 
 @pytest.fixture
