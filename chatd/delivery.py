@@ -170,6 +170,9 @@ class Subscription:
         return self._task is not None
 
     def cancel(self) -> None:
+        """The subscription ends (Hub.unsubscribe): its streams are dropped too, so that
+        a start() still reading positions meanwhile catches nothing up afterwards."""
+        self._streams.clear()
         if self._task is not None:
             self._task.cancel()
 

@@ -203,3 +203,28 @@ async def test_a_fresh_stream_starts_before_start_returns_so_a_later_message_is_
     await until(lambda: not subscription.catching_up)
     subscription.offer(INBOX, message(3, 9))  # its notice, late
     assert writer.ids() == [9]
+
+
+async def test_a_subscription_ended_while_its_positions_are_read_pushes_nothing() -> None:
+    # /unsubscribe (or the end of the binding) while /subscribe still reads the start
+    # positions: the catch-up that start() would begin afterwards has nothing to do.
+    writer = Recorder()
+    subscription = Subscription(writer, page_size=10, queue_limit=10)
+    subscription.hold(INBOX)
+    reading = asyncio.Event()
+    release = asyncio.Event()
+
+    async def position() -> StreamPosition:
+        reading.set()
+        await release.wait()
+        return StreamPosition(0, 0, False)
+
+    fetch, asked = stored([[message(1, 1), message(2, 2)]])
+    starting = asyncio.create_task(subscription.start([(INBOX, position, fetch)]))
+    await reading.wait()
+    subscription.cancel()
+    release.set()
+    await starting
+    await until(lambda: not subscription.catching_up)
+    subscription.offer(INBOX, message(3, 3))
+    assert writer.ids() == [] and asked == []
