@@ -176,9 +176,8 @@ class Shell:
             await self._set_up(True)
 
     async def _reconnect(self) -> None:
-        delays = backoff()  # endless: tries until connected, or the session is refused
-        while True:
-            delay = next(delays)
+        # backoff() is endless: this tries until connected, or the session is refused.
+        for delay in backoff():  # pragma: no branch
             try:
                 await self.client.reconnect()
             except NotAuthenticated:
