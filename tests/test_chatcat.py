@@ -544,14 +544,13 @@ async def test_session_channels_queries_history_and_errors(harness: Harness) -> 
         await ann.prompt("#lobby> ")
 
 
-class CuttingProxy:
-    """Between chatcat and the server; cut() drops the connection that next sends a
-    channel message once the server has it, before its reply can reach the client."""
+class LinkProxy:
+    """Between a client and the server on ``upstream_port``: each client connection gets
+    a connection of its own to the server (a link); a subclass's ``_link`` relays both
+    ways. ``drop_all`` cuts every link at once, as a network failure would."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
-        self.cut_next_send = False
-        self.forwarded_send = asyncio.Event()
         self._links: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
         self.server: asyncio.Server | None = None
 
@@ -559,9 +558,41 @@ class CuttingProxy:
         self.server = await asyncio.start_server(self._link, "127.0.0.1", 0)
         return int(self.server.sockets[0].getsockname()[1])
 
-    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _upstream(
+        self, client_side: asyncio.StreamWriter
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """The server side of a new link, which drop_all will cut with its client side."""
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        self._links.append((writer, up_writer))
+        self._links.append((client_side, up_writer))
+        return up_reader, up_writer
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    def drop_all(self) -> None:
+        for client_side, server_side in self._links:
+            client_side.transport.abort()
+            server_side.transport.abort()
+        self._links.clear()
+
+    async def close(self) -> None:
+        self.drop_all()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+class CuttingProxy(LinkProxy):
+    """Between chatcat and the server; cut() drops the connection that next sends a
+    channel message once the server has it, before its reply can reach the client."""
+
+    def __init__(self, upstream_port: int) -> None:
+        super().__init__(upstream_port)
+        self.cut_next_send = False
+        self.forwarded_send = asyncio.Event()
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await self._upstream(writer)
         holding = asyncio.Event()
         await asyncio.gather(
             self._requests(reader, up_writer, holding),
@@ -587,18 +618,6 @@ class CuttingProxy:
     ) -> None:
         while (data := await reader.read(65536)) and not holding.is_set():
             out.write(data)
-
-    def drop_all(self) -> None:
-        for client_side, server_side in self._links:
-            client_side.transport.abort()
-            server_side.transport.abort()
-        self._links.clear()
-
-    async def close(self) -> None:
-        self.drop_all()
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
 
 
 async def test_a_send_cut_off_before_its_reply_is_stored_once(harness: Harness) -> None:

@@ -14,29 +14,22 @@ from chatd.client import MAX_REPLY_SIZE, Client
 from chatd.codec import FrameDecoder, encode_frame
 from chatd.shell import Screen, run_session
 from tests.conftest import PASSWORD, Harness, MakeHarness
-from tests.test_chatcat import TIME, Keyboard, Session, Transcript, session
+from tests.test_chatcat import TIME, Keyboard, LinkProxy, Session, Transcript, session
 from tests.test_cov_client import Peer
 
 
-class Proxy:
+class Proxy(LinkProxy):
     """Between chatcat and the server, frame by frame: drops every link on demand, holds
     back the replies to the next ``held_sends`` /channel/send, and swallows /ack when told."""
 
     def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
+        super().__init__(upstream_port)
         self.held_sends = 0
         self.swallow_acks = False
         self.forwarded: list[dict[str, Any]] = []  # server to client
-        self._links: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._link, "127.0.0.1", 0)
-        return int(self._server.sockets[0].getsockname()[1])
 
     async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        self._links.append((writer, up_writer))
+        up_reader, up_writer = await self._upstream(writer)
         held: set[int] = set()
         await asyncio.gather(self._requests(reader, up_writer, held),
                              self._replies(up_reader, writer, held), return_exceptions=True)
@@ -65,18 +58,6 @@ class Proxy:
                     self.forwarded.append(body)
                     out.write(encode_frame(body))
         out.close()
-
-    def drop_all(self) -> None:
-        for client_side, server_side in self._links:
-            client_side.transport.abort()
-            server_side.transport.abort()
-        self._links.clear()
-
-    async def close(self) -> None:
-        self.drop_all()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
 
 
 async def proxied(harness: Harness) -> tuple[Proxy, int]:
