@@ -332,6 +332,27 @@ async def test_a_client_resetting_with_replies_queued_is_let_go(spawn: Spawn) ->
     assert shutdown < 2, "shutdown waited for connections whose peer was gone"
 
 
+async def stop_reading_with_replies_owed(port: int, name: str) -> asyncio.StreamWriter:
+    """Log in as ``name``, then ask for history replies of 200 KB each without reading
+    them, until the server is stuck writing to this client (it stops reading us too)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    login = {"op": "/login", "params": {"name": name, "password": PASSWORD}}
+    writer.write(encode_frame(login))
+    async with asyncio.timeout(10):
+        await reader.readexactly(4)  # logged in
+    long_text = "x" * 4000
+    writer.write(encode_frame({"op": "/send", "params": {"name": name, "msg": long_text}}) * 50)
+    history = encode_frame({"op": "/history", "params": {"name": name, "limit": 50}})
+    async with asyncio.timeout(30):
+        while True:
+            writer.write(history * 1000)
+            try:
+                async with asyncio.timeout(0.5):
+                    await writer.drain()
+            except TimeoutError:
+                return writer  # backpressure: the server is stuck writing to us
+
+
 async def test_shutdown_resets_a_client_that_stopped_reading(spawn: Spawn) -> None:
     """A client that neither reads its replies nor hangs up does not hold shutdown up
     past graceful_timeout, and ending it is not reported as a crash."""
@@ -340,25 +361,7 @@ async def test_shutdown_resets_a_client_that_stopped_reading(spawn: Spawn) -> No
     log_reader = read_stderr(server)
     try:
         await register(port, "alice")
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        login = {"op": "/login", "params": {"name": "alice", "password": PASSWORD}}
-        writer.write(encode_frame(login))
-        async with asyncio.timeout(10):
-            await reader.readexactly(4)  # logged in
-        long_text = "x" * 4000
-        writer.write(
-            encode_frame({"op": "/send", "params": {"name": "alice", "msg": long_text}}) * 50
-        )
-        # Replies of 200 KB that are never read, until the server stops reading too.
-        history = encode_frame({"op": "/history", "params": {"name": "alice", "limit": 50}})
-        async with asyncio.timeout(30):
-            while True:
-                writer.write(history * 1000)
-                try:
-                    async with asyncio.timeout(0.5):
-                        await writer.drain()
-                except TimeoutError:
-                    break  # backpressure: the server is stuck writing to us
+        writer = await stop_reading_with_replies_owed(port, "alice")
         started = time.monotonic()
         assert await terminate(server, log_reader) == 0
         shutdown = time.monotonic() - started

@@ -13,30 +13,9 @@ import logging
 import pytest
 
 from chatd import server as server_module
-from chatd.codec import encode_frame
 from chatd.connection import Connection
-from tests.conftest import PASSWORD, MakeHarness
-
-
-async def stop_reading_with_replies_owed(port: int, name: str) -> asyncio.StreamWriter:
-    """Log in, then ask for history replies without reading them until the server is
-    stuck writing to this client (its writes wait for the client to read)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    login = {"op": "/login", "params": {"name": name, "password": PASSWORD}}
-    writer.write(encode_frame(login))
-    async with asyncio.timeout(10):
-        await reader.readexactly(4)  # logged in
-    text = "x" * 4000
-    writer.write(encode_frame({"op": "/send", "params": {"name": name, "msg": text}}) * 50)
-    history = encode_frame({"op": "/history", "params": {"name": name, "limit": 50}})
-    async with asyncio.timeout(30):
-        while True:
-            writer.write(history * 200)
-            try:
-                async with asyncio.timeout(0.3):
-                    await writer.drain()
-            except TimeoutError:
-                return writer  # backpressure: the server stopped reading us
+from tests.conftest import MakeHarness
+from tests.test_faults import stop_reading_with_replies_owed
 
 
 async def test_a_connection_that_ignores_its_reset_is_cancelled_and_shutdown_ends(
