@@ -57,6 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def token_values_joined(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> list[str]:
+    """The arguments, each ``--token VALUE`` made ``--token=VALUE``: a token is URL-safe
+    base64, so one login in 64 starts with "-", which argparse takes for an option
+    ("expected one argument"); joined, ``chatcat --token "$TOKEN"`` works with every one.
+    A VALUE that is one of chatcat's own options is left alone (argparse then says the
+    token is missing, as before)."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    options = parser._option_string_actions  # every option string chatcat takes
+    joined: list[str] = []
+    while words:
+        word = words.pop(0)
+        if word == "--token" and words and words[0] not in options:
+            word = f"--token={words.pop(0)}"
+        joined.append(word)
+    return joined
+
+
 def _port(text: str) -> int:
     if not text.isdigit() or not 0 < int(text) < 65536:
         raise argparse.ArgumentTypeError(f"not a port: {text}")
@@ -213,7 +230,8 @@ async def in_daemon_thread(read: Callable[[], T]) -> T:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)
+    parser = build_parser()
+    args = parser.parse_intermixed_args(token_values_joined(argv, parser))
     try:
         host, port, request = split_words(args.words, args.host, args.port)
         if request:

@@ -19,7 +19,13 @@ from typing import Any
 
 import pytest
 
-from chatd.chatcat import UsageError, parse_params, split_words
+from chatd.chatcat import (
+    UsageError,
+    build_parser,
+    parse_params,
+    split_words,
+    token_values_joined,
+)
 from chatd.client import Client
 from chatd.codec import FrameDecoder
 from chatd.commands import (
@@ -72,6 +78,23 @@ REGISTER = {
     "params": {"name": "ann", "password": PASSWORD, "password_repete": PASSWORD},
 }
 LOGIN = {"op": "/login", "params": {"name": "ann", "password": PASSWORD}}
+
+
+def test_a_token_that_starts_with_a_dash_is_taken_as_the_tokens_value() -> None:
+    # URL-safe base64: one token in 64 starts with "-" (the README's --token "$TOKEN").
+    parser = build_parser()
+    for argv, token in [
+        (["--token", "-x4q", "/ping"], "-x4q"),
+        (["/ping", "--token", "--x4q"], "--x4q"),
+        (["--token=-x4q", "/ping"], "-x4q"),
+        (["--token", "plain", "--json"], "plain"),
+    ]:
+        args = parser.parse_intermixed_args(token_values_joined(argv, parser))
+        assert args.token == token, argv
+    joined = token_values_joined(["--token", "--json"], parser)  # chatcat's own option
+    assert joined == ["--token", "--json"]
+    with pytest.raises(SystemExit):
+        parser.parse_intermixed_args(joined)  # "expected one argument", as before
 
 
 async def test_pipe_mode_end_to_end(harness: Harness) -> None:
