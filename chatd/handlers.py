@@ -502,9 +502,17 @@ async def subscribe(ctx: Context, params: Params) -> None:
     _throttle(ctx, ctx.guards.subscribes, "subscribing too often")
     if ctx.session.subscription is not None:
         return  # already live: a second catch-up would only repeat what was sent
+    user_id, store = ctx.user_id, ctx.store
+    # Where a channel never read starts: its newest message, read before the streams are
+    # held, so that every message stored from the hold on is above it and goes out. Read
+    # after the hold, the start could take in a message another node stored meanwhile
+    # whose notice came late (then at or below the start: never pushed).
+    held = ctx.hub.channels_of(user_id)
+    newest = await store.channel_newest(held) if held else {}
+    if ctx.session.user_id != user_id:  # unbound meanwhile: a /logout elsewhere, say
+        raise NotAuthenticated("the session ended while subscribing")
     subscription = Subscription(ctx.session, ctx.config.receive_batch, ctx.config.catch_up_queue)
     channels = ctx.hub.subscribe(ctx.session, subscription)
-    user_id, store = ctx.user_id, ctx.store
     # With several nodes: the bus follows the streams before the catch-up reads the
     # store, so nothing committed in between slips past both.
     await ctx.bus.follow(user_id, channels)
@@ -517,11 +525,15 @@ async def subscribe(ctx: Context, params: Params) -> None:
 
     catch_ups: list[CatchUp] = [(INBOX, lambda: store.inbox_position(user_id), inbox_after)]
     for channel_id in channels:
-        catch_ups.append(_channel_catch_up(store, user_id, channel_id))
+        catch_ups.append(_channel_catch_up(store, user_id, channel_id, newest.get(channel_id)))
     await subscription.start(catch_ups)  # the start positions read before the reply
 
 
-def _channel_catch_up(store: MessageStore, user_id: int, channel_id: int) -> CatchUp:
+def _channel_catch_up(
+    store: MessageStore, user_id: int, channel_id: int, floor: StreamPosition | None
+) -> CatchUp:
+    """``floor``: the channel's newest message before its stream was held, where it
+    starts if never read (None: joined since, so it starts at its newest when read)."""
     # The user's own messages are never news to them, so the catch-up skips those stored
     # before it started; later ones are live, and reach this device like any live push
     # (protocol.md, section 9, "Your own messages").
@@ -530,6 +542,10 @@ def _channel_catch_up(store: MessageStore, user_id: int, channel_id: int) -> Cat
     async def position() -> StreamPosition:
         nonlocal live_from
         start, live_from = await store.channel_position(channel_id, user_id)
+        if start.fresh and floor is not None:
+            # Not fresh: a message held at or below it was stored before /subscribe (a
+            # late notice), and the catch-up reads on from it like from any position.
+            return floor
         return start
 
     async def channel_after(after: int, limit: int) -> list[StreamEvent]:

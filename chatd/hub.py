@@ -222,6 +222,10 @@ class Hub:
         """Whether a subscribed session here follows the channel."""
         return bool(self._followers.get(channel_id))
 
+    def channels_of(self, user_id: int) -> list[int]:
+        """The channels of an online user, in id order (the hub keeps their memberships)."""
+        return sorted(self._channels_of.get(user_id, ()))
+
     def is_member(self, user_id: int, channel_id: int) -> bool:
         """For online users only (the hub keeps their memberships)."""
         return channel_id in self._channels_of.get(user_id, ())
@@ -270,7 +274,7 @@ class Hub:
         assert session.user_id is not None
         self.unsubscribe(session)
         session.subscription = subscription
-        channels = sorted(self._channels_of.get(session.user_id, ()))
+        channels = self.channels_of(session.user_id)
         subscription.hold(INBOX)
         for channel_id in channels:
             subscription.hold(channel_id)

@@ -12,7 +12,7 @@ import ast
 import asyncio
 import socket
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Collection, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ from chatd.model import (
     StreamEvent,
 )
 from chatd.protocol import Data
-from chatd.store import Store, StreamPosition
+from chatd.store import CHANNEL, NewMessage, Store, Stored, StreamPosition
 from chatd.streams import LeanStreamReader
 from tests.conftest import PASSWORD
 
@@ -570,3 +570,90 @@ async def _open_lean(sock: socket.socket) -> tuple[LeanStreamReader, asyncio.Str
     protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
     transport, _ = await loop.create_connection(lambda: protocol, sock=sock)
     return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
+class OtherNodeStore(Store):
+    """The SQLite store, where a test can run something (another node's commit, a
+    /logout) just before /subscribe reads a channel's start."""
+
+    hook: Callable[[], Awaitable[None]] | None = None
+
+    async def _run_hook(self) -> None:
+        hook, self.hook = self.hook, None
+        if hook is not None:
+            await hook()
+
+    async def channel_newest(self, channel_ids: Sequence[int]) -> dict[int, StreamPosition]:
+        newest = await super().channel_newest(channel_ids)
+        await self._run_hook()
+        return newest
+
+    async def channel_position(
+        self, channel_id: int, user_id: int
+    ) -> tuple[StreamPosition, int]:
+        await self._run_hook()
+        return await super().channel_position(channel_id, user_id)
+
+
+@pytest.fixture
+async def other_node(config: Config) -> AsyncIterator[App]:
+    store = await OtherNodeStore.open(config.db)
+    hasher = Hasher(config)
+    yield App(config, store, Hub(), hasher, clock=lambda: NOW)
+    hasher.close()
+    await store.close()
+
+
+async def test_a_message_stored_elsewhere_during_subscribe_goes_out_despite_a_late_notice(
+    other_node: App,
+) -> None:
+    # A channel bob never read starts at its newest message as /subscribe began. Another
+    # node stores a message just after the streams are held, and its notice comes only
+    # once the catch-up is done: the catch-up read it from the store, so it goes out
+    # (once). Read after the hold, the start took it in, and the late notice was at or
+    # below it: never pushed.
+    app, store = other_node, other_node.store
+    assert isinstance(store, OtherNodeStore)
+    alice = await device(app, "alice", register=True)
+    await answer(app, alice, "/channel/join", name="general")
+    await answer(app, alice, "/channel/send", name="general", message="before")
+    bob = RecordingSession()
+    await answer(app, bob, "/register", name="bob", password=PASSWORD, password_repete=PASSWORD)
+    await answer(app, bob, "/login", name="bob", password=PASSWORD)
+    await answer(app, bob, "/channel/join", name="general")
+    assert alice.user_id is not None and bob.user_id is not None
+    (general,) = app.hub.channels_of(bob.user_id)
+    elsewhere: list[Stored] = []
+
+    async def another_node_commits() -> None:  # stored, its notice not yet here
+        message = NewMessage(CHANNEL, alice.user_id or 0, general, "meanwhile", NOW, None)
+        elsewhere.append(await store.enqueue(message))
+
+    store.hook = another_node_commits
+    await answer(app, bob, "/subscribe")
+    await until(lambda: bob.subscription is not None and not bob.subscription.catching_up)
+    (stored,) = elsewhere
+    app.hub.deliver(
+        ChannelPost(general, "general", stored.id, "alice", "meanwhile", NOW, seq=stored.seq)
+    )
+    assert messages(bob) == [("ChannelPost", stored.id, "meanwhile")]
+
+
+async def test_a_session_unbound_while_subscribe_reads_starts_is_not_subscribed(
+    other_node: App,
+) -> None:
+    app, store = other_node, other_node.store
+    assert isinstance(store, OtherNodeStore)
+    bob = RecordingSession()
+    await answer(app, bob, "/register", name="bob", password=PASSWORD, password_repete=PASSWORD)
+    await answer(app, bob, "/login", name="bob", password=PASSWORD)
+    await answer(app, bob, "/channel/join", name="general")
+
+    async def logged_out_elsewhere() -> None:
+        app.hub.unbind(bob)
+
+    store.hook = logged_out_elsewhere
+    reply = await app.handle(bob, {"op": "/subscribe", "params": {}})
+    assert isinstance(reply, dict) and reply["code"] == 2, reply
+    assert bob.subscription is None
+    assert not any(app.hub.has_followers(c) for c in range(1, 10))

@@ -729,6 +729,25 @@ async def test_stream_heads_are_read_for_many_streams_at_once(store: MessageStor
     assert (await store.stream_heads(many, many)).inboxes[bob] == 3
 
 
+async def test_channel_newest_is_read_for_many_channels_at_once(store: MessageStore) -> None:
+    ann = await add_user(store, "ann")
+    lobby, _ = await store.join_channel("lobby", "lobby", looks("lobby"), ann, NOW)
+    empty, _ = await store.join_channel("empty", "empty", looks("empty"), ann, NOW)
+    other, _ = await store.join_channel("other", "other", looks("other"), ann, NOW)
+    for i in range(3):  # interleaved channels: lobby's newest id is not its seq
+        await store.enqueue(to_channel(ann, lobby.id, f"l{i}"))
+        newest_other = await store.enqueue(to_channel(ann, other.id, f"o{i}"))
+    newest_lobby = await store.enqueue(to_channel(ann, lobby.id, "last"))
+    assert await store.channel_newest([lobby.id, empty.id, other.id, 999_999]) == {
+        lobby.id: StreamPosition(newest_lobby.id, 4),
+        empty.id: StreamPosition(0, 0),
+        other.id: StreamPosition(newest_other.id, 3),
+    }  # a channel that does not exist: absent
+    assert await store.channel_newest([]) == {}
+    many = [lobby.id, *range(10_000, 15_000)]  # thousands of ids are still one statement
+    assert (await store.channel_newest(many)) == {lobby.id: StreamPosition(newest_lobby.id, 4)}
+
+
 async def test_positions_carry_the_seq_of_their_message(store: MessageStore) -> None:
     # Delivery orders by seq, the wire speaks ids: a position is both (chatd.delivery).
     ann = await add_user(store, "ann")
