@@ -358,9 +358,34 @@ async def test_a_fresh_stream_stops_writing_held_messages_at_a_gap() -> None:
 # Through the handlers, with a real store: what each session of each user receives.
 
 
+class HookedStore(Store):
+    """The SQLite store, where a test can run something (another node's commit, a
+    /logout) as /subscribe reads where the channels start: ``after_newest`` once the
+    newest messages are read (before the streams are held), ``before_position`` before
+    a channel's position is read (after). Each runs once; none by default."""
+
+    after_newest: Callable[[], Awaitable[None]] | None = None
+    before_position: Callable[[], Awaitable[None]] | None = None
+
+    async def channel_newest(self, channel_ids: Sequence[int]) -> dict[int, StreamPosition]:
+        newest = await super().channel_newest(channel_ids)
+        hook, self.after_newest = self.after_newest, None
+        if hook is not None:
+            await hook()
+        return newest
+
+    async def channel_position(
+        self, channel_id: int, user_id: int
+    ) -> tuple[StreamPosition, int]:
+        hook, self.before_position = self.before_position, None
+        if hook is not None:
+            await hook()
+        return await super().channel_position(channel_id, user_id)
+
+
 @pytest.fixture
 async def app(config: Config) -> AsyncIterator[App]:
-    store = await Store.open(config.db)
+    store = await HookedStore.open(config.db)
     hasher = Hasher(config)
     yield App(config, store, Hub(), hasher, clock=lambda: NOW)
     hasher.close()
@@ -572,48 +597,16 @@ async def _open_lean(sock: socket.socket) -> tuple[LeanStreamReader, asyncio.Str
     return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
 
-class OtherNodeStore(Store):
-    """The SQLite store, where a test can run something (another node's commit, a
-    /logout) just before /subscribe reads a channel's start."""
-
-    hook: Callable[[], Awaitable[None]] | None = None
-
-    async def _run_hook(self) -> None:
-        hook, self.hook = self.hook, None
-        if hook is not None:
-            await hook()
-
-    async def channel_newest(self, channel_ids: Sequence[int]) -> dict[int, StreamPosition]:
-        newest = await super().channel_newest(channel_ids)
-        await self._run_hook()
-        return newest
-
-    async def channel_position(
-        self, channel_id: int, user_id: int
-    ) -> tuple[StreamPosition, int]:
-        await self._run_hook()
-        return await super().channel_position(channel_id, user_id)
-
-
-@pytest.fixture
-async def other_node(config: Config) -> AsyncIterator[App]:
-    store = await OtherNodeStore.open(config.db)
-    hasher = Hasher(config)
-    yield App(config, store, Hub(), hasher, clock=lambda: NOW)
-    hasher.close()
-    await store.close()
-
-
 async def test_a_message_stored_elsewhere_during_subscribe_goes_out_despite_a_late_notice(
-    other_node: App,
+    app: App,
 ) -> None:
     # A channel bob never read starts at its newest message as /subscribe began. Another
     # node stores a message just after the streams are held, and its notice comes only
     # once the catch-up is done: the catch-up read it from the store, so it goes out
     # (once). Read after the hold, the start took it in, and the late notice was at or
     # below it: never pushed.
-    app, store = other_node, other_node.store
-    assert isinstance(store, OtherNodeStore)
+    store = app.store
+    assert isinstance(store, HookedStore)
     alice = await device(app, "alice", register=True)
     await answer(app, alice, "/channel/join", name="general")
     await answer(app, alice, "/channel/send", name="general", message="before")
@@ -629,7 +622,7 @@ async def test_a_message_stored_elsewhere_during_subscribe_goes_out_despite_a_la
         message = NewMessage(CHANNEL, alice.user_id or 0, general, "meanwhile", NOW, None)
         elsewhere.append(await store.enqueue(message))
 
-    store.hook = another_node_commits
+    store.before_position = another_node_commits
     await answer(app, bob, "/subscribe")
     await until(lambda: bob.subscription is not None and not bob.subscription.catching_up)
     (stored,) = elsewhere
@@ -640,10 +633,10 @@ async def test_a_message_stored_elsewhere_during_subscribe_goes_out_despite_a_la
 
 
 async def test_a_session_unbound_while_subscribe_reads_starts_is_not_subscribed(
-    other_node: App,
+    app: App,
 ) -> None:
-    app, store = other_node, other_node.store
-    assert isinstance(store, OtherNodeStore)
+    store = app.store
+    assert isinstance(store, HookedStore)
     bob = RecordingSession()
     await answer(app, bob, "/register", name="bob", password=PASSWORD, password_repete=PASSWORD)
     await answer(app, bob, "/login", name="bob", password=PASSWORD)
@@ -652,7 +645,7 @@ async def test_a_session_unbound_while_subscribe_reads_starts_is_not_subscribed(
     async def logged_out_elsewhere() -> None:
         app.hub.unbind(bob)
 
-    store.hook = logged_out_elsewhere
+    store.after_newest = logged_out_elsewhere
     reply = await app.handle(bob, {"op": "/subscribe", "params": {}})
     assert isinstance(reply, dict) and reply["code"] == 2, reply
     assert bob.subscription is None
