@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import socket
 import struct
 import time
@@ -171,3 +172,62 @@ async def test_shutdown_right_after_a_drop_says_no_goodbye(
     assert reasons == ["dropped: catch-up stalled (client not reading)"]
     await irc.close()
 
+
+async def test_a_client_that_does_not_read_its_catch_up_is_dropped_and_another_reads_on(
+    make_harness: MakeHarness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A catch-up waits for the client between events (push_paced); when it waits longer
+    than write_timeout, the subscription drops the session (IrcSession.abort), not only
+    the catch-up: the client is gone, and a client catching up beside it reads on."""
+    caplog.set_level(logging.INFO, logger=CLOSED)
+    # The outbound cap above what a catch-up lets pile up (64 KiB, then a wait, and one
+    # message more): the stalled wait ends this connection, not the cap.
+    harness, port = await irc_harness(
+        make_harness, write_timeout=0.3, max_outbound_buffer=512 * 1024
+    )
+    bob = await harness.user("bob")
+    await (await harness.user("alice")).close()  # registered; online only on IRC then
+    await (await harness.user("carol")).close()
+    text = "x" * 4000  # ten lines or so on IRC
+    for i in range(100):  # about 450 KB of lines for each
+        await bob.request("/send", {"name": "alice", "msg": f"{i} {text}"})
+        await bob.request("/send", {"name": "carol", "msg": f"{i} {text}"})
+
+    alice = await not_reading_client(port)
+    await alice.send("PING accepted")
+    await read_line(alice)
+    dropped = the_connection(harness)
+    # The kernel's send buffer held fixed and small (it grows to 4 MiB on its own): what
+    # alice does not read piles up in the server's own buffer after a few KiB.
+    server_side = dropped._writer.get_extra_info("socket")
+    server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    await alice.login("alice")
+    alice.writer.transport.pause_reading()  # type: ignore[attr-defined]  # nothing read now
+    assert (await bob.request("/user/info", {"name": "alice"}))["online"] is True
+    carol = await IrcClient.connect(port)
+    await carol.login("carol")
+    await carol.expect(r"PRIVMSG carol :99 x+$")  # her whole catch-up
+
+    assert dropped.task is not None
+    await asyncio.wait_for(asyncio.shield(dropped.task), 10)
+    closed = [r.getMessage() for r in caplog.records if "connection closed" in r.getMessage()]
+    reason = "dropped: catch-up stalled (client not reading)"
+    assert closed == [f"connection closed {dropped}: {reason}"]
+    assert (await bob.request("/user/info", {"name": "alice"}))["online"] is False
+
+    # Carol's connection is untouched: her catch-up came whole and in order, live delivery
+    # and her commands go on.
+    firsts = [re.search(r"PRIVMSG carol :(\d+) x", line) for line in carol.seen]
+    assert [int(m[1]) for m in firsts if m] == list(range(100))
+    await bob.request("/send", {"name": "carol", "msg": "after the drop"})
+    await carol.expect(r"PRIVMSG carol :after the drop$")
+    await carol.send("PING still")
+    await carol.expect(f"^:{SERVER} PONG {SERVER} :still$")
+    await carol.close()
+
+    # And alice's end sees the connection closed once it reads again.
+    alice.writer.transport.resume_reading()  # type: ignore[attr-defined]
+    with contextlib.suppress(ConnectionError):
+        while await asyncio.wait_for(alice.reader.read(65536), 10):
+            pass
+    await alice.close()

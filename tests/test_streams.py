@@ -14,7 +14,8 @@ from typing import Any, cast
 import pytest
 
 from chatd import streams
-from tests.conftest import Harness
+from tests.conftest import Harness, MakeHarness
+from tests.test_irc_live import SERVER, IrcClient, irc_harness
 
 Accepted = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -185,6 +186,27 @@ async def test_an_idle_chatd_connection_waits_in_one_frame(harness: Harness) -> 
     assert reader._waiter is not None and not reader._waiter.done()
     assert (await client.call("/ping"))["code"] == 0  # the future woken, the loop goes on
     assert frames_under(connection.task) == ["_run"]
+
+
+async def test_an_idle_irc_connection_waits_in_its_own_frames(make_harness: MakeHarness) -> None:
+    """The IRC port's connections too: lean streams (chatd.streams.start_server), and the
+    read loop awaits the reader's future itself, with no read() coroutine under it."""
+    harness, port = await irc_harness(make_harness)
+    await harness.user("alice")
+    irc = await IrcClient.connect(port)
+    await irc.login("alice")
+    assert harness.server.irc is not None
+    (connection,) = harness.server.irc._connections
+    assert connection.task is not None
+    assert isinstance(protocol_of(connection._writer), streams.LeanStreamProtocol)
+    for token in ("settled", "woken"):  # the login's work done; then a read woken
+        # The PONG is written in the same step as the connection goes back to reading.
+        await irc.send(f"PING {token}")
+        await irc.expect(f"^:{SERVER} PONG {SERVER} :{token}$")
+        assert frames_under(connection.task) == ["run", "_serve"]
+        reader = cast(Any, connection._reader)
+        assert reader._waiter is not None and not reader._waiter.done()
+    await irc.close()
 
 
 async def test_read_now_hands_out_bytes_or_a_future_and_survives_a_cancelled_wait(
