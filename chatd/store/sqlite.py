@@ -857,8 +857,8 @@ class Store:
                 # to make (189k -> 141k instructions a lone message), and two statements
                 # a message cost less than one multi-row INSERT up to about 8 messages
                 # (CPU a commit of 2: 38-41 against 52 us; of 3: 51-54 against 65-67).
-                heads = self._heads
-                results = [_insert_one(cursor, m, heads[m.kind]) for m in batch]
+                kept = self._heads
+                results = [_insert_one(cursor, m, kept[m.kind]) for m in batch]
             else:
                 results = _insert_planned(conn, batch, self._heads)
             cursor.execute("COMMIT")
