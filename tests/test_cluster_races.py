@@ -57,7 +57,7 @@ def gate(node: Harness, method: str, after: bool = False) -> Gate:
     """Put a Gate on ``node``'s store as its cluster bus reads it."""
     cluster = bus_of(node)
     gated = Gate(cluster._store, method, after)
-    cluster._store = gated  # type: ignore[assignment]  # a MessageStore in all but name
+    cluster._store = gated  # a MessageStore in all but name (Any to mypy)
     return gated
 
 
