@@ -431,6 +431,9 @@ class RedisBus:
         self._publish_command = _publish_prefix(node_channel(channel, node))
         self._tasks: list[asyncio.Task[None]] = []
         self.subscribed = asyncio.Event()
+        # Why the last subscription attempt failed: what start() says when none succeeds
+        # (a wrong path, certificate or password would otherwise show in the log only).
+        self._failure: Exception | None = None
         self.counts = BusCounts()
         self.node_channel = node_channel(channel, node)
 
@@ -445,7 +448,8 @@ class RedisBus:
                 await self.subscribed.wait()
         except TimeoutError:
             await self.close()
-            raise ConnectionError(f"cannot subscribe on the bus at {self.url}") from None
+            why = "" if self._failure is None else f": {_describe(self._failure)}"
+            raise ConnectionError(f"cannot subscribe on the bus at {self.url}{why}") from None
 
     def publish(self, message: BusMessage) -> None:
         """Send a message on the bus at the end of this loop turn, without waiting;
@@ -517,7 +521,9 @@ class RedisBus:
                 self.subscribed.set()
                 await self._read(subscription)
             except Exception as exc:  # OSError, TimeoutError, an error reply (not a cancel)
-                log.warning("bus: subscriber connection lost (%s); reconnecting", exc)
+                self._failure = exc
+                log.warning("bus: subscriber connection lost (%s); reconnecting",
+                            _describe(exc))
             finally:
                 self.subscribed.clear()
                 if subscription is not None:
@@ -538,7 +544,7 @@ class RedisBus:
                 await subscription.auth(self.url)
                 subscription.send(_command(b"SUBSCRIBE", self.channel.encode())
                                   + _command(b"PSUBSCRIBE", *(p.encode() for p in patterns)))
-                await subscription.confirmed
+                await subscription.subscribed()
         except BaseException:
             subscription.transport.abort()
             raise
@@ -638,6 +644,12 @@ class RedisBus:
 WRITE_BUFFER_LIMIT = 16 * 1024 * 1024  # bytes unsent to Redis before notices are dropped
 
 
+def _describe(exc: Exception) -> str:
+    """An exception as a reason: its text, or its type's name where it has none (a
+    TimeoutError's is empty)."""
+    return str(exc) or type(exc).__name__
+
+
 def _publish_prefix(channel: str) -> bytes:
     """A PUBLISH on ``channel`` in Redis's wire format, up to its payload's length."""
     name = channel.encode()
@@ -718,6 +730,15 @@ class _Subscription(_Connection):
         self._unconfirmed = channels
         self.confirmed: asyncio.Future[None] = self._loop.create_future()
 
+    async def subscribed(self) -> None:
+        """Until Redis confirms every subscription; raises why if it refuses or the
+        connection is lost first (a TLS server that wants a client certificate closes
+        it after the handshake): not a wait for the timeout with the reason unknown."""
+        await asyncio.wait([self.confirmed, self.lost], return_when=asyncio.FIRST_COMPLETED)
+        if not self.confirmed.done():
+            raise self.why
+        self.confirmed.result()  # a refusal (NOAUTH, NOPERM...) raises here
+
     def _take(self, data: bytes) -> None:
         try:
             self._message(data)
@@ -772,24 +793,18 @@ async def _connect(url: str, timeout: float, protocol: Callable[[], asyncio.Prot
             )
 
 
-# redis-py's ssl_cert_reqs words (a rediss:// URL's query) as the ssl module's.
-_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
-
-
 def _tls_context(options: dict[str, Any]) -> ssl.SSLContext:
-    """The TLS of a rediss:// URL as redis-py reads its query (ssl_ca_certs, ssl_certfile,
-    ssl_keyfile, ssl_cert_reqs, ssl_check_hostname), so that the bus's own connections
-    and redis-py's (presence) accept the same server; by default the certificate is
-    checked against the system's authorities and the host name."""
-    context = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
-    if options.get("ssl_certfile"):
-        context.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"))
-    required = options.get("ssl_cert_reqs", "required")
-    verify = _CERT_REQS.get(required, ssl.CERT_REQUIRED) if isinstance(required, str) else required
-    context.check_hostname = bool(options.get("ssl_check_hostname", True)) and (
-        verify != ssl.CERT_NONE
-    )
-    context.verify_mode = verify
+    """The TLS of a rediss:// URL (``options``: the URL as _parse_url reads it), built by
+    redis-py itself, as it builds it for its own connections (presence): ssl_ca_certs,
+    ssl_certfile, ssl_keyfile, ssl_password, ssl_cert_reqs, ssl_check_hostname and the
+    rest, with redis-py's defaults (the certificate checked against the system's
+    authorities, and those of ssl_ca_certs too, and the host name).  A context of the
+    bus's own once trusted ssl_ca_certs alone, and ignored ssl_password and ssl_ca_path:
+    a server redis-py took, the bus refused."""
+    from redis.asyncio.connection import SSLConnection  # the optional extra: chatd[redis]
+
+    settings = {k: v for k, v in options.items() if k != "connection_class"}
+    context: ssl.SSLContext = SSLConnection(**settings).ssl_context.get()
     return context
 
 

@@ -396,9 +396,11 @@ class ClusterBus:
             for stream in self.order.streams:
                 if not self._interested(stream):
                     self.order.unfollow(stream)
+            # Before the heads are read, not after: a start read meanwhile keeps its late
+            # notices until the next check (cleared after, it lost them at once).
+            self._early.clear()
             await self.check_positions()
             self._forget_origins()
-            self._early.clear()
 
     def _forget_origins(self) -> None:
         """Origins of events already pushed (or never to be): keep the map small."""

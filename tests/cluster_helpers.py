@@ -80,7 +80,8 @@ class RedisServer:
     """A redis-server of the test's own on a spare port, without persistence."""
 
     def __init__(
-        self, directory: Path, password: str | None = None, tls: bool = False
+        self, directory: Path, password: str | None = None, tls: bool = False,
+        unix: bool = False, tls_options: tuple[str, ...] = (),
     ) -> None:
         self.binary = require_program("redis-server")
         self.directory = directory
@@ -88,12 +89,20 @@ class RedisServer:
         self.password = password  # --requirepass: clients must AUTH
         # TLS only, with a certificate of its own for 127.0.0.1 (``certificate``).
         self.certificate = directory / "cert.pem" if tls else None
+        # Or TLS as the test configures it (--tls-* options: certificates of its own).
+        self.tls_options = tls_options
+        # Or a unix socket only (no TCP port): unix:// URLs.
+        self.socket = directory / "redis.sock" if unix else None
         self.proc: asyncio.subprocess.Process | None = None
 
     @property
     def url(self) -> str:
         """The server's URL; with TLS, trusting its certificate (redis-py's ssl_ca_certs)."""
         auth = "" if self.password is None else f":{self.password}@"
+        if self.socket is not None:
+            return f"unix://{auth}{self.socket}?db=0"
+        if self.tls_options:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0"  # the test adds its query
         if self.certificate is None:
             return f"redis://{auth}127.0.0.1:{self.port}/0"
         return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.certificate}"
@@ -107,6 +116,10 @@ class RedisServer:
             listen = ("--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no",
                       "--tls-cert-file", str(self.certificate), "--tls-key-file", str(key),
                       "--tls-ca-cert-file", str(self.certificate))
+        elif self.tls_options:
+            listen = ("--port", "0", "--tls-port", str(self.port), *self.tls_options)
+        elif self.socket is not None:
+            listen = ("--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700")
         self.proc = await asyncio.create_subprocess_exec(
             self.binary, *listen, "--bind", "127.0.0.1",
             "--save", "", "--appendonly", "no", "--dir", str(self.directory),
@@ -117,12 +130,14 @@ class RedisServer:
 
     async def ping(self, timeout: float = START_TIMEOUT) -> None:
         """Until the server answers PING (RESP, no client library needed)."""
+        if self.tls_options:
+            # Client certificates the test's own: until it accepts, which it does once up.
+            await wait_for_port(self.port, timeout)
+            return
         async with asyncio.timeout(timeout):
             while True:
                 try:
-                    reader, writer = await asyncio.open_connection(
-                        "127.0.0.1", self.port, ssl=self._client_tls()
-                    )
+                    reader, writer = await self._open()
                 except OSError:
                     await asyncio.sleep(0.05)
                     continue
@@ -134,6 +149,11 @@ class RedisServer:
                 finally:
                     writer.close()
                 await asyncio.sleep(0.05)
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.socket is not None:
+            return await asyncio.open_unix_connection(self.socket)
+        return await asyncio.open_connection("127.0.0.1", self.port, ssl=self._client_tls())
 
     def _client_tls(self) -> ssl.SSLContext | None:
         if self.certificate is None:
@@ -164,10 +184,11 @@ async def _self_signed(certificate: Path, key: Path) -> None:
 
 @asynccontextmanager
 async def redis_server(
-    password: str | None = None, tls: bool = False
+    password: str | None = None, tls: bool = False, unix: bool = False,
+    tls_options: tuple[str, ...] = (),
 ) -> AsyncIterator[RedisServer]:
     with tempfile.TemporaryDirectory(prefix="chatd-redis-") as directory:
-        server = RedisServer(Path(directory), password, tls)
+        server = RedisServer(Path(directory), password, tls, unix, tls_options)
         try:
             await server.start()
             yield server
