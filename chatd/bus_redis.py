@@ -61,6 +61,8 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 
 import msgpack
 
+from chatd.urls import redact
+
 log = logging.getLogger(__name__)
 
 BUS_CHANNEL = "chatd:bus"
@@ -449,7 +451,8 @@ class RedisBus:
         except TimeoutError:
             await self.close()
             why = "" if self._failure is None else f": {_describe(self._failure)}"
-            raise ConnectionError(f"cannot subscribe on the bus at {self.url}{why}") from None
+            shown = redact(self.url)
+            raise ConnectionError(f"cannot subscribe on the bus at {shown}{why}") from None
 
     def publish(self, message: BusMessage) -> None:
         """Send a message on the bus at the end of this loop turn, without waiting;
@@ -515,7 +518,7 @@ class RedisBus:
                 subscription = await self._subscribe()
                 if not first:
                     self.counts.reconnects += 1
-                    log.info("bus: subscribed again to %s: resynchronising", self.url)
+                    log.info("bus: subscribed again to %s: resynchronising", redact(self.url))
                     self._on_resync()
                 first = False
                 self.subscribed.set()
@@ -819,7 +822,7 @@ async def publish_once(url: str, message: BusMessage, timeout: float = 5.0) -> N
     try:
         await client.publish(BUS_CHANNEL, encode(message))
     except Exception as exc:  # redis-py's own errors, OSError
-        raise ConnectionError(f"cannot publish on the bus at {url}: {exc}") from None
+        raise ConnectionError(f"cannot publish on the bus at {redact(url)}: {exc}") from None
     finally:
         await _quietly(client.aclose())
 

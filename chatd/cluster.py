@@ -65,6 +65,7 @@ from chatd.model import (
     StreamEvent,
 )
 from chatd.store import MessageStore
+from chatd.urls import redact
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ class ClusterBus:
         await self.redis.start()
         await self.presence.start()
         self._checker = asyncio.create_task(self._check_forever(), name="position-check")
-        log.info("node %s on bus %s", self.node, self.redis.url)
+        log.info("node %s on bus %s", self.node, redact(self.redis.url))
 
     async def close(self) -> None:
         await stop_tasks([*self._starting.values(), *self._resyncs,

@@ -97,7 +97,8 @@ def _driver(target: str) -> Any:
 
 async def _copy(asyncpg: Any, reader: Source, target: str, progress: Progress,
                 chunk_rows: int) -> Report:
-    from chatd.store.postgres import PostgresStore, redact
+    from chatd.store.postgres import PostgresStore
+    from chatd.urls import redact
 
     shown = redact(target)
     try:

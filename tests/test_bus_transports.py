@@ -129,6 +129,15 @@ async def test_a_unix_socket_nobody_listens_on_is_refused_saying_why(
     assert "No such file" in await refused(gone)
 
 
+async def test_a_refusal_never_shows_the_password_of_the_url(unix_redis: RedisServer) -> None:
+    # The socket path is missing; the URL's password and a TLS key's password must not
+    # reach the error (nor the logs, which take the same text).
+    gone = unix_redis.url.replace("redis.sock", "nobody.sock")
+    assert "?" in gone  # ?db=0
+    error = await refused(gone.replace("unix://", "unix://:s3cret@") + "&password=s3cret")
+    assert "No such file" in error and "s3cret" not in error
+
+
 # TLS with client certificates.
 
 

@@ -28,7 +28,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -54,6 +53,7 @@ from chatd.store.rows import (
     User,
     channel_start,
 )
+from chatd.urls import redact
 
 log = logging.getLogger(__name__)
 
@@ -1051,13 +1051,3 @@ def _one_way(recipient: str, sender: str, inside: str, order: str, limit: str) -
 
 def _before(before: int | None) -> int:
     return _NO_UPPER_BOUND if before is None else before
-
-
-def redact(url: str) -> str:
-    """The URL without its password, fit for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
