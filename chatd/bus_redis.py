@@ -52,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import re
 import ssl
 import time
@@ -1038,7 +1039,10 @@ class RedisPresence:
 
     @property
     def _key_ttl(self) -> int:
-        return max(1, int(self.ttl * 2))
+        """Seconds this node's keys outlive a refresh: past its heartbeat's lapse (ttl)
+        by more than a janitor's longest wait (1 s), so that the janitor still finds the
+        users to announce offline. int(ttl * 2) alone gave 1 s for a ttl of 0.9."""
+        return math.ceil(self.ttl * 2) + 2
 
     async def _announce_online(self, change: PresenceChange, offline: bytes) -> None:
         await self._scripts["online"](

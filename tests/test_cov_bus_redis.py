@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from chatd.bus_redis import (
+    NODE_USERS_PREFIX,
     NODES_KEY,
     BusFormatError,
     BusMessage,
@@ -504,6 +505,35 @@ async def test_presence_started_while_redis_is_down_writes_once_it_is_back(
             await reader.close()
     finally:
         await node.close()
+
+
+async def test_a_nodes_users_outlive_its_heartbeat_by_more_than_a_janitors_tick(
+    redis: RedisServer,
+) -> None:
+    """A janitor looks for lapsed heartbeats every second at most: the lapsed node's
+    users (with their offline notices) must still be there then, however short the
+    ttl. With a ttl of 0.9 s they expired after 1 s, and their offline notice was lost
+    whenever the janitor looked in the 0.9 s after that."""
+    from redis import asyncio as aioredis
+
+    admin: Any = aioredis.Redis.from_url(redis.url)
+
+    async def users_kept_ms(ttl: float) -> int:
+        node = RedisPresence(redis.url, f"short-{ttl}", ttl)
+        await node.start()
+        try:
+            node.online_here(9, "nine")
+            await until(lambda: not node._pending)  # its entry written
+            await node.refresh()
+            return int(await admin.pttl(f"{NODE_USERS_PREFIX}short-{ttl}"))
+        finally:
+            await node.close()
+
+    try:
+        for ttl in (0.9, 1.4, 30.0):
+            assert await users_kept_ms(ttl) >= (ttl + 1.0) * 1000 + 500, ttl
+    finally:
+        await admin.aclose()
 
 
 async def test_a_janitor_with_a_long_ttl_still_looks_for_lapsed_nodes_every_second(
