@@ -856,7 +856,8 @@ class Store:
                 # At low load a commit holds one message, or the few of one burst: no plan
                 # to make (189k -> 141k instructions a lone message), and two statements
                 # a message cost less than one multi-row INSERT up to about 8 messages
-                # (CPU a commit of 2: 38-41 against 52 us; of 3: 51-54 against 65-67).
+                # (CPU a commit of 2: 38-41 against 52 us; of 3: 51-54 against 65-67;
+                # scripts/insert_cost.py).
                 kept = self._heads
                 results = [_insert_one(cursor, m, kept[m.kind]) for m in batch]
             else:

@@ -1,0 +1,90 @@
+"""What the SQLite store's commit function costs per batch size (docs/benchmarks.md).
+
+Times chatd.store.sqlite's two ways of inserting a batch of private messages without
+client_ids, each inside its own BEGIN IMMEDIATE ... COMMIT on a real database file
+(WAL, ``synchronous=NORMAL``, as chatd runs; checkpoints every 500 commits, outside
+the figures' concern):
+
+- ``one``: ``_insert_one`` per message (the head's compare-and-set, then the INSERT);
+- ``planned``: ``_insert_planned`` (the heads moved by one UPDATE ... RETURNING, then
+  one multi-row INSERT).
+
+Prints wall time and this process's CPU per commit, for each size, alternated, in
+several rounds. Run it pinned, on a quiet machine:
+
+    taskset -c 1 python scripts/insert_cost.py --sizes 1 2 3 8 16 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+
+from chatd.store import Store
+from chatd.store import sqlite as store_sqlite
+from chatd.store.rows import CHANNEL, PRIVATE, NewMessage
+
+RECIPIENTS = 30
+BODY = "12345 1234567890123456789"  # the paced load's text: a seq and a timestamp
+
+
+async def make_database(path: str) -> None:
+    """A chatd database with a sender and RECIPIENTS users to write to."""
+    store = await Store.open(path)
+    for i in range(RECIPIENTS + 1):
+        await store.create_user(f"u{i}", f"u{i}", (f"u{i}", f"U{i}"), "-", 0.0)
+    await store.close()
+
+
+def commit_cost(path: str, size: int, way: str, commits: int) -> tuple[float, float]:
+    """(wall, CPU) microseconds per commit of ``size`` messages inserted ``way``."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA wal_autocheckpoint=0")
+    cursor = conn.cursor()
+    heads: dict[str, dict[int, int]] = {PRIVATE: {}, CHANNEL: {}}
+    wall, cpu = time.perf_counter(), time.process_time()
+    for k in range(commits):
+        batch = [
+            NewMessage(PRIVATE, 1, 2 + (k * size + j) % RECIPIENTS, BODY, 1.0, None)
+            for j in range(size)
+        ]
+        cursor.execute("BEGIN IMMEDIATE")
+        if way == "one":
+            for message in batch:
+                store_sqlite._insert_one(cursor, message, heads[PRIVATE])
+        else:
+            store_sqlite._insert_planned(conn, batch, heads)
+        cursor.execute("COMMIT")
+        if k % 500 == 499:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    conn.close()
+    return wall / commits * 1e6, cpu / commits * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 3, 8, 16])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--commits", type=int, default=4000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as workdir:
+        path = str(Path(workdir) / "cost.sqlite3")
+        asyncio.run(make_database(path))
+        for round_ in range(args.rounds):
+            ways = ("one", "planned") if round_ % 2 == 0 else ("planned", "one")
+            for size in args.sizes:
+                for way in ways:
+                    wall, cpu = commit_cost(path, size, way, args.commits)
+                    print(f"round {round_ + 1} size {size:3d} {way:8s}"
+                          f" {wall:7.1f} us wall {cpu:7.1f} us CPU per commit")
+
+
+if __name__ == "__main__":
+    main()
