@@ -544,6 +544,18 @@ async def session(harness: Harness, port: int | None = None) -> AsyncIterator[Se
 TIME = r"^\d\d:\d\d "
 
 
+async def test_what_was_missed_shows_after_logged_in(harness: Harness) -> None:
+    bob = await harness.user("bob")
+    await (await harness.user("ann")).close()  # registered, offline
+    await bob.request("/send", {"name": "ann", "msg": "sent while you were away"})
+    async with session(harness) as ann:
+        ann.keyboard.type(f"/login ann {PASSWORD}")
+        missed = await ann.screen.expect("bob -> ann: sent while you were away")
+        # It was printed above "logged in as ann", which looked like it came from before.
+        before = ann.screen.lines[: ann.screen.lines.index(missed)]
+        assert any("logged in as ann" in line for line in before), ann.screen.lines
+
+
 async def test_session_channels_queries_history_and_errors(harness: Harness) -> None:
     bob = await harness.user("bob")
     await (await harness.connect()).request(
