@@ -86,6 +86,7 @@ def split_words(
     """[HOST] [PORT] then an optional request: ``/op key=value ...``; ``host`` and
     ``port`` are the --host and --port options, which the positional forms must not repeat."""
     rest = list(words)
+    _refuse_an_op_without_its_slash(rest)
     if rest and not rest[0].startswith("/"):
         if host is not None:
             raise UsageError(f"--host given, and {rest[0]!r} as a host too")
@@ -100,6 +101,23 @@ def split_words(
     if rest and not rest[0].startswith("/"):
         raise UsageError(f"expected an op such as /ping, got {rest[0]!r}")
     return host or DEFAULT_HOST, port or DEFAULT_PORT, rest
+
+
+def _refuse_an_op_without_its_slash(words: Sequence[str]) -> None:
+    """``chatcat channel/list`` or ``chatcat send name=bob``: the op's "/" forgotten, the
+    op would be taken for the host (and a parameter for the port), and the error would
+    be about resolving a host name. No host or port has a "/" or a "=" in it."""
+    for index, word in enumerate(words[:2]):
+        if word.startswith("/"):
+            return
+        if "=" in word:  # a parameter: the op is the word before it, if any
+            op = words[index - 1] if index else None
+        elif "/" in word:
+            op = word
+        else:
+            continue
+        hint = f" (/{op}?)" if op else ""
+        raise UsageError(f"{word!r} is not a host or a port: an op starts with /{hint}")
 
 
 def parse_params(pairs: Sequence[str]) -> dict[str, Any]:

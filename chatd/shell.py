@@ -242,13 +242,14 @@ class Shell:
         await self.start_session()
 
     async def start_session(self) -> None:
-        """Subscribe and list the user's channels (after /login, or at start with a token)."""
-        await self.call("/subscribe")
+        """List the user's channels, then subscribe (after /login, or at start with a token):
+        in this order, what was missed meanwhile shows after "logged in", not above it."""
         joined = [c["name"] for c in (await self.call("/channel/list"))["channels"]]
         who = f" as {self.me}" if self.me else ""
         self.screen.say(f"logged in{who}; your channels: {', '.join(joined) or 'none yet'}")
         if self.channel is not None:
             self._keep_channel(joined)
+        await self.call("/subscribe")
 
     def _keep_channel(self, joined: list[str]) -> None:
         assert self.channel is not None

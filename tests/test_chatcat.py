@@ -423,6 +423,26 @@ def test_host_and_port_options_and_their_positional_forms() -> None:
         split_words(["h", "9001"], None, 9000)
 
 
+@pytest.mark.parametrize(
+    ("words", "port", "error"),
+    [
+        (["channel/list"], None, r"'channel/list' is not a host .* \(/channel/list\?\)"),
+        (["send", "name=bob", "msg=hi"], None, r"'name=bob' is not a host .* \(/send\?\)"),
+        (["send", "name=bob"], 7777, r"'name=bob' is not a host or a port: an op starts with /"),
+        (["h", "user/info", "name=bob"], None, r"\(/user/info\?\)"),
+        (["name=bob"], None, r"'name=bob' is not a host or a port: an op starts with /$"),
+    ],
+)
+def test_an_op_without_its_slash_is_not_taken_for_a_host(
+    words: list[str], port: int | None, error: str
+) -> None:
+    # Taken for a host, "channel/list" got "cannot resolve the host name", and with
+    # --port, "send name=bob" got "--port given, and 'name=bob' as a port too".
+    with pytest.raises(UsageError, match=error):
+        split_words(words, None, port)
+    assert split_words(["::1", "/ping", "a=b/c"]) == ("::1", 7777, ["/ping", "a=b/c"])
+
+
 async def test_host_and_port_options_reach_the_server(harness: Harness) -> None:
     status, out, _ = await chatcat("--host", "127.0.0.1", "--port", str(harness.port), "/ping")
     assert status == 0 and out[0]["code"] == 0
@@ -522,6 +542,18 @@ async def session(harness: Harness, port: int | None = None) -> AsyncIterator[Se
 
 
 TIME = r"^\d\d:\d\d "
+
+
+async def test_what_was_missed_shows_after_logged_in(harness: Harness) -> None:
+    bob = await harness.user("bob")
+    await (await harness.user("ann")).close()  # registered, offline
+    await bob.request("/send", {"name": "ann", "msg": "sent while you were away"})
+    async with session(harness) as ann:
+        ann.keyboard.type(f"/login ann {PASSWORD}")
+        missed = await ann.screen.expect("bob -> ann: sent while you were away")
+        # It was printed above "logged in as ann", which looked like it came from before.
+        before = ann.screen.lines[: ann.screen.lines.index(missed)]
+        assert any("logged in as ann" in line for line in before), ann.screen.lines
 
 
 async def test_session_channels_queries_history_and_errors(harness: Harness) -> None:

@@ -245,6 +245,8 @@ async def test_a_subscription_refused_on_reconnection_is_said(make_harness: Make
     try:
         async with session(harness, port) as ann:
             await login(ann, harness)  # its /subscribe takes the one allowed
+            ann.keyboard.type("/list")  # commands run in turn: listed once /login has subscribed
+            await ann.screen.expect(TIME + "you are in no channel")
             proxy.drop_all()
             await ann.screen.expect(TIME + "reconnected to test; error 8: ")
     finally:

@@ -9,6 +9,7 @@ answer as it was: the same ids, the same positions, the same pages.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import sqlite3
@@ -148,6 +149,20 @@ async def test_reopening_the_migrated_file_changes_nothing(old_file: str) -> Non
     store = await Store.open(old_file)
     await store.close()
     assert await asyncio.to_thread(_query, old_file, "SELECT * FROM channel_messages") == before
+
+
+async def test_the_log_says_creating_for_a_new_file_and_migrating_for_an_old_one(
+    old_file: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A first start logged "migrating database schema to version 1", 2, ...: an upgrade?
+    with caplog.at_level(logging.INFO, logger="chatd.store.sqlite"):
+        await (await Store.open(str(tmp_path / "new.sqlite3"))).close()
+        await (await Store.open(old_file)).close()
+    schema = [r.getMessage() for r in caplog.records if "schema" in r.getMessage()]
+    assert schema == [
+        f"creating the database schema (version {len(MIGRATIONS)})",
+        *(f"migrating database schema to version {n}" for n in range(5, len(MIGRATIONS) + 1)),
+    ]
 
 
 async def test_an_old_file_keeps_its_page_size(old_file: str, store: Store) -> None:

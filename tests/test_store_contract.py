@@ -11,6 +11,7 @@ when both stores must give the same answer; the few checks of one store's inside
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import sys
 from collections.abc import AsyncIterator
@@ -871,7 +872,23 @@ async def test_postgres_sends_go_on_after_the_writer_connection_is_cut() -> None
             await store.close()
 
 
-async def test_postgres_schema_1_migrates_with_its_messages() -> None:
+async def test_a_new_postgres_database_is_created_not_migrated_in_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A first start logged "migrating database schema to version 1", 2, ...: an upgrade?
+    from chatd.store.postgres import MIGRATIONS
+
+    async with fresh_database() as url:
+        with caplog.at_level(logging.INFO, logger="chatd.store.postgres"):
+            await (await open_store(url, Config(db=url))).close()
+            await (await open_store(url, Config(db=url))).close()  # nothing to do: silent
+    schema = [r.getMessage() for r in caplog.records if "schema" in r.getMessage()]
+    assert schema == [f"creating the database schema (version {len(MIGRATIONS)})"]
+
+
+async def test_postgres_schema_1_migrates_with_its_messages(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     # A database made by chatd before the batch function (schema 1, as on main at 7de4ee5).
     from chatd.store.postgres import MIGRATIONS
 
@@ -891,7 +908,12 @@ async def test_postgres_schema_1_migrates_with_its_messages() -> None:
             )
         finally:
             await conn.close()
-        store = await open_store(url, Config(db=url))
+        with caplog.at_level(logging.INFO, logger="chatd.store.postgres"):
+            store = await open_store(url, Config(db=url))
+        steps = [r.getMessage() for r in caplog.records if "schema" in r.getMessage()]
+        assert steps == [
+            f"migrating database schema to version {n}" for n in range(2, len(MIGRATIONS) + 1)
+        ]
         try:
             repeat = await store.enqueue(private(1, 1, "old again", "k"))
             assert (repeat.id, repeat.seq, repeat.duplicate) == (1, 1, True)

@@ -411,8 +411,11 @@ class PostgresStore:
                     f"the schema is at version {version}, newer than this chatd knows"
                     f" ({len(MIGRATIONS)}): upgrade chatd"
                 )
+            if version == 0:
+                log.info("creating the database schema (version %d)", len(MIGRATIONS))
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                log.info("migrating database schema to version %d", number)
+                if version > 0:  # an upgrade, step by step
+                    log.info("migrating database schema to version %d", number)
                 await conn.execute(script)  # several statements: the simple query protocol
             if version < len(MIGRATIONS):
                 await conn.execute("DELETE FROM chatd_schema")

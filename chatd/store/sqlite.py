@@ -547,6 +547,7 @@ class Store:
         The version is read inside the write transaction (BEGIN IMMEDIATE), so that of
         two stores opened at once on a new file only one creates the tables.
         """
+        created = False  # this start made the schema: its later steps are no upgrade to log
         while True:
             async with self._transaction():
                 version = await self._scalar("PRAGMA user_version")
@@ -557,7 +558,11 @@ class Store:
                     )
                 if version == len(MIGRATIONS):
                     return
-                log.info("migrating database schema to version %d", version + 1)
+                if version == 0:
+                    created = True
+                    log.info("creating the database schema (version %d)", len(MIGRATIONS))
+                elif not created:
+                    log.info("migrating database schema to version %d", version + 1)
                 step = MIGRATIONS[version]
                 if isinstance(step, str):
                     for statement in _statements(step):
