@@ -21,7 +21,7 @@ import pytest
 from chatd.client import Client
 from chatd.cluster import ClusterBus
 from tests.cluster_helpers import PostgresCluster, RedisServer, postgres_cluster
-from tests.conftest import Harness, MakeHarness, harness_factory
+from tests.conftest import PASSWORD, Harness, MakeHarness, harness_factory
 
 WAIT = 30.0  # bound on every wait for an event; generous for a loaded machine
 CHECK = 0.5  # the position check's interval on the node under test (s)
@@ -261,3 +261,34 @@ async def test_a_stream_whose_start_could_not_be_read_is_let_go_when_nobody_foll
             await asyncio.sleep(0.1)
     sent = [await post(alice, "after 1"), await post(alice, "after 2")]
     assert await pushed_until(bob, "channel_message", sent[-1]) == sent
+
+
+async def test_a_subscribe_that_fails_with_the_store_down_can_be_sent_again(
+    make_node: MakeHarness, pg: PostgresCluster, warnings: Warnings,
+) -> None:
+    """Bob's /subscribe on B: PostgreSQL goes down while B reads where his inbox starts,
+    so the /subscribe fails (code 9).  Sent again once PostgreSQL is back, it catches up
+    the message Alice sent him on A before (unacknowledged) and pushes the next ones,
+    in order, once each."""
+    a = await make_node(node_id="a")
+    alice = await a.user("alice")
+    await (await a.user("bob")).close()
+    before = await stored(alice, "/send", {"name": "bob", "msg": "before"})
+    # Started after: B has heard no notice of Bob's inbox, so it reads its start.
+    b = await make_node(node_id="b", bus_position_check=CHECK)
+    bob = await b.connect()
+    await bob.login("bob", PASSWORD)
+    gated = gate(b, "inbox_position")  # the bus's read of an inbox's start
+    subscribing = asyncio.ensure_future(bob.call("/subscribe", {}))
+    await outage(pg, gated)
+    await warnings.said("cannot read where u:2 starts")
+    assert (await subscribing)["code"] == 9
+    await pg.start()
+    async with asyncio.timeout(WAIT):
+        # Polled: the node's pool reconnects by itself, with no event to wait on.
+        while (await bob.call("/subscribe", {}))["code"] != 0:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+    after = await stored(alice, "/send", {"name": "bob", "msg": "after"})
+    assert await pushed_until(bob, "message", after) == [before, after]
+    last = await stored(alice, "/send", {"name": "bob", "msg": "last"})
+    assert await pushed_until(bob, "message", last) == [last]
