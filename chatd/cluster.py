@@ -293,7 +293,7 @@ class ClusterBus:
         starting = [t for s in streams if (t := self._watch(s)) is not None]
         if starting:
             # Bounded: a store that does not answer fails the task, which then follows
-            # from what it holds.
+            # from what it holds (holding nothing, it leaves that to the next check).
             await asyncio.wait(starting)
 
     def _follow(self, user_id: int, channel_ids: list[int]) -> None:
@@ -324,7 +324,7 @@ class ClusterBus:
             return None
         task = self._starting.get(stream)
         if task is None:
-            self._pending[stream] = []
+            self._pending.setdefault(stream, [])  # held since a failed read: kept
             task = self._starting[stream] = asyncio.create_task(self._start_following(stream))
             task.add_done_callback(lambda _: self._starting.pop(stream, None))
         return task
@@ -333,10 +333,16 @@ class ClusterBus:
         try:
             async with asyncio.timeout(30):
                 seq, message_id = await self._start_of(stream)
-        except Exception as exc:  # the store is down: from the first held message, or 0
+        except Exception as exc:  # the store is down: from the first held message
             log.warning("cannot read where %s starts (%s)", stream, exc)
-            first = self._pending.get(stream) or []
-            seq, message_id = None, (first[0].id - 1 if first else 0)
+            first = self._pending.get(stream)
+            if not first:
+                # Nothing held to start from.  From 0, the stream's whole past would be
+                # pushed once the store is back (a channel joined while subscribed got
+                # every message before the join): keep holding, and let the next
+                # position check read the start again (_start_again).
+                return
+            seq, message_id = None, first[0].id - 1
         held = self._pending.pop(stream, [])
         # Held messages at or below the start went unseen by the order: the hub has
         # them (each subscription drops an id it has written).
@@ -397,11 +403,21 @@ class ClusterBus:
             for stream in self.order.streams:
                 if not self._interested(stream):
                     self.order.unfollow(stream)
+            self._start_again()
             # Before the heads are read, not after: a start read meanwhile keeps its late
             # notices until the next check (cleared after, it lost them at once).
             self._early.clear()
             await self.check_positions()
             self._forget_origins()
+
+    def _start_again(self) -> None:
+        """Streams whose start could not be read (the store down, nothing held): read it
+        again, or stop holding their messages if nobody here follows them any more."""
+        for stream in [s for s in self._pending if s not in self._starting]:
+            if self._interested(stream):
+                self._watch(stream)
+            else:
+                del self._pending[stream]
 
     def _forget_origins(self) -> None:
         """Origins of events already pushed (or never to be): keep the map small."""

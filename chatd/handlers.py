@@ -513,6 +513,22 @@ async def subscribe(ctx: Context, params: Params) -> None:
         raise NotAuthenticated("the session ended while subscribing")
     subscription = Subscription(ctx.session, ctx.config.receive_batch, ctx.config.catch_up_queue)
     channels = ctx.hub.subscribe(ctx.session, subscription)
+    try:
+        await _start_subscription(ctx, subscription, channels, newest)
+    except BaseException:
+        # Failed (the store down, say): not subscribed.  Left subscribed, its streams
+        # held and never caught up, the client's next /subscribe did nothing ("already
+        # live") and the connection never got a push.
+        if ctx.session.subscription is subscription:
+            ctx.hub.unsubscribe(ctx.session)
+        raise
+
+
+async def _start_subscription(
+    ctx: Context, subscription: Subscription, channels: list[int],
+    newest: dict[int, StreamPosition],
+) -> None:
+    user_id, store = ctx.user_id, ctx.store
     # With several nodes: the bus follows the streams before the catch-up reads the
     # store, so nothing committed in between slips past both.
     await ctx.bus.follow(user_id, channels)
