@@ -3,7 +3,7 @@
 
 Settings come from defaults < ``--config`` TOML file < ``CHATD_*`` environment
 < flags (``config.py``).  The server runs until SIGTERM or SIGINT; SIGHUP
-reloads what can change while serving.
+reloads what can change while serving, or, run from a terminal, stops it too.
 """
 
 from __future__ import annotations
@@ -262,12 +262,20 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
     """Serve until SIGTERM or SIGINT, then shut down gracefully; returns the exit status."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    # In a terminal, SIGHUP is the terminal going away (its window closed): stop, as any
+    # program in the foreground does. A reload would leave the server running orphaned,
+    # holding its port and its database until someone finds its pid. A service (systemd,
+    # nohup, setsid) has no terminal: there SIGHUP is "reload", once serving.
+    hangup_stops = _on_a_terminal()
+    stopping = [signal.SIGTERM, signal.SIGINT]
+    if hangup_stops:
+        stopping.append(signal.SIGHUP)
+    for signum in stopping:
         loop.add_signal_handler(signum, stop.set)
     server = Server(config)
     await server.start()
     _tune_garbage_collection()
-    if reload_config is not None:
+    if reload_config is not None and not hangup_stops:
         loop.add_signal_handler(signal.SIGHUP, _reload, server, reload_config)
     systemd.notify(f"READY=1\nSTATUS=serving on {config.host}:{server.port}")
     try:
@@ -278,6 +286,11 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
         await server.close()
         trace.dump()
     return 0
+
+
+def _on_a_terminal() -> bool:
+    """Whether chatd runs in a terminal: standard input, output or error is one."""
+    return any(os.isatty(fd) for fd in (0, 1, 2))
 
 
 def _tune_garbage_collection() -> None:

@@ -198,10 +198,14 @@ Spawn = Callable[..., Awaitable[Process]]
 async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
     procs: list[Process] = []
 
-    async def start(*args: str, env: dict[str, str] | None = None) -> Process:
+    async def start(
+        *args: str, env: dict[str, str] | None = None, stdin: int = asyncio.subprocess.DEVNULL
+    ) -> Process:
+        # Standard input from /dev/null, not pytest's (a terminal when run by hand): in a
+        # terminal chatd takes SIGHUP for "stop", not "reload".
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "chatd", "--port", "0", "--db", str(tmp_path / "db.sqlite3"),
-            *args, env=env or fast_env(), cwd=ROOT, stderr=asyncio.subprocess.PIPE,
+            *args, env=env or fast_env(), cwd=ROOT, stdin=stdin, stderr=asyncio.subprocess.PIPE,
         )
         procs.append(Process(proc))
         return procs[-1]

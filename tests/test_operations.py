@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pty
 import signal
 import socket
 import sqlite3
@@ -177,6 +179,21 @@ async def test_sighup_reloads_limits_and_log_level(spawn: Spawn, tmp_path: Path)
     await client.close()
     assert await server.stop() == 0
     assert b"/send -> 0" in server.stderr  # DEBUG took effect too
+
+
+async def test_sighup_in_a_terminal_stops_the_server(spawn: Spawn) -> None:
+    # Run from a terminal, SIGHUP means the terminal went away (its window closed): the
+    # server stops gracefully, rather than reloading and running on orphaned.
+    terminal, side = pty.openpty()
+    try:
+        server = await spawn(stdin=side)
+        await server.wait_listening()
+        assert await server.stop(signal.SIGHUP) == 0
+    finally:
+        os.close(terminal)
+        os.close(side)
+    assert b"shutting down" in server.stderr
+    assert b"reloaded configuration" not in server.stderr
 
 
 async def chatd_command(*args: str, stdin: str = "") -> tuple[int, str, str]:
