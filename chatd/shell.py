@@ -50,6 +50,7 @@ from chatd.commands import (
 from chatd.errors import ChatdError, Forbidden, NotAuthenticated, NotFound
 
 FIRST_RETRY, MAX_RETRY = 1.0, 30.0  # seconds between reconnection attempts
+NOT_LOGGED_IN = "not logged in: /login NAME first, or /register NAME for a new account"
 INBOX = ""  # the stream key of private messages; channels are "#" + casefolded name
 
 
@@ -119,9 +120,17 @@ class Shell:
         try:
             await self.verbs[command.verb](command)
         except ChatdError as error:
-            self.screen.say(f"error {int(error.code)}: {error.message}")
+            self.report(error)
         except CommandError as error:
             self.screen.say(str(error))
+
+    def report(self, error: ChatdError) -> None:
+        if isinstance(error, NotAuthenticated) and self.client.token is None:
+            # Sent with no token: the server's reply speaks of requests and tokens, which
+            # mean nothing to someone typing here (the client keeps a token it sent).
+            self.screen.say(NOT_LOGGED_IN)
+        else:
+            self.screen.say(f"error {int(error.code)}: {error.message}")
 
     # Requests, across reconnections.
 
@@ -266,11 +275,17 @@ class Shell:
         self.screen.say("logged out (/login to come back)")
 
     async def resume(self) -> None:
+        """Start with the token given (--token, $CHATD_TOKEN)."""
         try:
             await self.start_session()
-        except ChatdError as error:
-            self.screen.say(f"error {int(error.code)}: {error.message} (the token was not "
-                            "accepted: /login)")
+        except NotAuthenticated:
+            # Forgotten: sent with every command, it would be refused every time, and the
+            # follower would try it again on each reconnection.
+            self.client.token = None
+            self.screen.say("the token given was refused (invalid, expired or revoked): "
+                            "/login NAME to log in")
+        except ChatdError as error:  # the token was accepted; a refused /subscribe, say
+            self.report(error)
 
     # Channels.
 

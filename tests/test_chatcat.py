@@ -176,6 +176,8 @@ async def test_one_shot_sends_one_request(harness: Harness) -> None:
     assert status == 0 and out[0]["data"] == {"position": 0}, err
     status, out, err = await chatcat("127.0.0.1", str(harness.port), "/user/info", "name=bob")
     assert status == 1 and out[0]["code"] == 2, err
+    # The server's reply as it is: interactive mode alone retells it in its own words.
+    assert out[0]["msg"] == "not logged in: send /login first, or a token with the request"
 
 
 async def test_cannot_connect_and_bad_usage_exit_2(harness: Harness) -> None:
