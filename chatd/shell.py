@@ -46,6 +46,7 @@ from chatd.commands import (
     parse,
     parse_wire_time,
     private_line,
+    typed,
 )
 from chatd.errors import ChatdError, Forbidden, NotAuthenticated, NotFound
 
@@ -99,6 +100,7 @@ class Shell:
         self._up = True
         self._changed = asyncio.Condition()
         self._wanted = asyncio.Event()  # a command waits for the connection
+        self._doing = "your command"  # what the requests being sent are for, as typed
         self.verbs: dict[str, Callable[[Command], Awaitable[None]]] = {
             "say": self.say_line, "/register": self.register, "/login": self.login,
             "/logout": self.logout, "/join": self.join, "/leave": self.leave,
@@ -117,6 +119,7 @@ class Shell:
         return f"#{self.channel}> " if self.channel is not None else "> "
 
     async def execute(self, command: Command) -> None:
+        self._doing = typed(command)
         try:
             await self.verbs[command.verb](command)
         except ChatdError as error:
@@ -136,7 +139,8 @@ class Shell:
 
     async def call(self, op: str, params: dict[str, Any] | None = None) -> Any:
         """``Client.request``, waiting out a lost connection and sending again once back."""
-        waiting = f"not connected: {op} waits for the connection to come back"
+        # Named as typed: the request's op (/channel/send...) means nothing to the user.
+        waiting = f"not connected: {self._doing} will go out once reconnected"
         if not self._up:
             self._wanted.set()
             self.screen.say(waiting)
@@ -276,6 +280,7 @@ class Shell:
 
     async def resume(self) -> None:
         """Start with the token given (--token, $CHATD_TOKEN)."""
+        self._doing = "the login with the token given"
         try:
             await self.start_session()
         except NotAuthenticated:

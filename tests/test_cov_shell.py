@@ -219,7 +219,8 @@ async def test_a_reply_lost_twice_is_waited_out_and_the_message_stored_once(
         await ann.prompt("#lobby> ")
         proxy.held_sends = 2  # no reply twice: the client times out, twice
         ann.keyboard.type("patience")
-        await ann.screen.expect(TIME + "not connected: /channel/send waits")
+        await ann.screen.expect(TIME + 'not connected: your line "patience" will go out once '
+                                "reconnected$")
         await ann.screen.expect(TIME + r"\[lobby\] ann: patience$", timeout=30)
         assert sum("not connected" in line for line in ann.screen.lines) == 1  # said once
         assert sum("connection to test lost" in line for line in ann.screen.lines) == 2
