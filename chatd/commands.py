@@ -199,6 +199,27 @@ def history_entry(line: str) -> str:
     return line
 
 
+SHORT_TEXT = 30  # characters of a typed text that a notice repeats
+
+
+def typed(command: Command) -> str:
+    """The command as a notice names it to the one who typed it: a plain line as
+    ``your line "text"``, a command by its verb and name, a text shortened, never a
+    password."""
+    if command.verb == "say":
+        return f'your line "{_shortened(command.text or "")}"'
+    words = [command.verb]
+    if command.name is not None:
+        words.append(("#" if command.channel else "") + command.name)
+    if command.text and command.verb not in ("/login", "/register"):
+        words.append(f'"{_shortened(command.text)}"')
+    return " ".join(words)
+
+
+def _shortened(text: str) -> str:
+    return text if len(text) <= SHORT_TEXT else text[: SHORT_TEXT - 1] + "…"
+
+
 # Display: every line starts with the local time; a date line when the day changes.
 
 

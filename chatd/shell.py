@@ -46,10 +46,12 @@ from chatd.commands import (
     parse,
     parse_wire_time,
     private_line,
+    typed,
 )
 from chatd.errors import ChatdError, Forbidden, NotAuthenticated, NotFound
 
 FIRST_RETRY, MAX_RETRY = 1.0, 30.0  # seconds between reconnection attempts
+NOT_LOGGED_IN = "not logged in: /login NAME first, or /register NAME for a new account"
 INBOX = ""  # the stream key of private messages; channels are "#" + casefolded name
 
 
@@ -98,6 +100,7 @@ class Shell:
         self._up = True
         self._changed = asyncio.Condition()
         self._wanted = asyncio.Event()  # a command waits for the connection
+        self._doing = "your command"  # what the requests being sent are for, as typed
         self.verbs: dict[str, Callable[[Command], Awaitable[None]]] = {
             "say": self.say_line, "/register": self.register, "/login": self.login,
             "/logout": self.logout, "/join": self.join, "/leave": self.leave,
@@ -116,18 +119,28 @@ class Shell:
         return f"#{self.channel}> " if self.channel is not None else "> "
 
     async def execute(self, command: Command) -> None:
+        self._doing = typed(command)
         try:
             await self.verbs[command.verb](command)
         except ChatdError as error:
-            self.screen.say(f"error {int(error.code)}: {error.message}")
+            self.report(error)
         except CommandError as error:
             self.screen.say(str(error))
+
+    def report(self, error: ChatdError) -> None:
+        if isinstance(error, NotAuthenticated) and self.client.token is None:
+            # Sent with no token: the server's reply speaks of requests and tokens, which
+            # mean nothing to someone typing here (the client keeps a token it sent).
+            self.screen.say(NOT_LOGGED_IN)
+        else:
+            self.screen.say(f"error {int(error.code)}: {error.message}")
 
     # Requests, across reconnections.
 
     async def call(self, op: str, params: dict[str, Any] | None = None) -> Any:
         """``Client.request``, waiting out a lost connection and sending again once back."""
-        waiting = f"not connected: {op} waits for the connection to come back"
+        # Named as typed: the request's op (/channel/send...) means nothing to the user.
+        waiting = f"not connected: {self._doing} will go out once reconnected"
         if not self._up:
             self._wanted.set()
             self.screen.say(waiting)
@@ -266,11 +279,18 @@ class Shell:
         self.screen.say("logged out (/login to come back)")
 
     async def resume(self) -> None:
+        """Start with the token given (--token, $CHATD_TOKEN)."""
+        self._doing = "the login with the token given"
         try:
             await self.start_session()
-        except ChatdError as error:
-            self.screen.say(f"error {int(error.code)}: {error.message} (the token was not "
-                            "accepted: /login)")
+        except NotAuthenticated:
+            # Forgotten: sent with every command, it would be refused every time, and the
+            # follower would try it again on each reconnection.
+            self.client.token = None
+            self.screen.say("the token given was refused (invalid, expired or revoked): "
+                            "/login NAME to log in")
+        except ChatdError as error:  # the token was accepted; a refused /subscribe, say
+            self.report(error)
 
     # Channels.
 

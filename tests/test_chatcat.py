@@ -40,6 +40,7 @@ from chatd.commands import (
     parse,
     parse_wire_time,
     printable,
+    typed,
 )
 from chatd.errors import NotAuthenticated
 from chatd.server import Server
@@ -176,6 +177,8 @@ async def test_one_shot_sends_one_request(harness: Harness) -> None:
     assert status == 0 and out[0]["data"] == {"position": 0}, err
     status, out, err = await chatcat("127.0.0.1", str(harness.port), "/user/info", "name=bob")
     assert status == 1 and out[0]["code"] == 2, err
+    # The server's reply as it is: interactive mode alone retells it in its own words.
+    assert out[0]["msg"] == "not logged in: send /login first, or a token with the request"
 
 
 async def test_cannot_connect_and_bad_usage_exit_2(harness: Harness) -> None:
@@ -365,6 +368,18 @@ def test_passwords_never_reach_the_history() -> None:
     assert history_entry("/register bob hunter2hunter2") == "/register bob"
     assert history_entry("/login bob") == "/login bob"
     assert history_entry("/msg bob /login is how") == "/msg bob /login is how"
+
+
+def test_a_notice_names_a_command_as_typed_shortened_and_without_its_password() -> None:
+    assert typed(parse("hello there")) == 'your line "hello there"'
+    assert typed(parse("x" * 31)) == 'your line "' + "x" * 29 + '…"'
+    assert typed(parse("x" * 30)) == 'your line "' + "x" * 30 + '"'
+    assert typed(parse("/login bob battery staple")) == "/login bob"
+    assert typed(parse("/register bob hunter2hunter2")) == "/register bob"
+    assert typed(parse("/msg bob see you")) == '/msg bob "see you"'
+    assert typed(parse("/j #lobby")) == "/join #lobby"
+    assert typed(parse("/me waves")) == '/me "waves"'
+    assert typed(parse("/list")) == "/list"
 
 
 def test_help_explains_every_command_and_quoting() -> None:
@@ -697,7 +712,8 @@ async def test_a_send_cut_off_before_its_reply_is_stored_once(harness: Harness) 
             assert [m["msg"] for m in history["messages"]] == ["only once"]
             await bob.request("/channel/send", {"name": "lobby", "message": "got it"})
             await ann.screen.expect(TIME + r"\[lobby\] bob: got it$")
-            assert sum("only once" in line for line in ann.screen.lines) == 1
+            shown = [line for line in ann.screen.lines if line.endswith("] ann: only once")]
+            assert len(shown) == 1  # (the "not connected" notice quotes the line too)
     finally:
         await proxy.close()
 
@@ -747,8 +763,9 @@ async def test_quitting_while_disconnected_says_what_is_not_sent(harness: Harnes
         await ann.prompt("#lobby> ")
         await harness.server.close()
         await ann.screen.expect(TIME + "connection to test lost: reconnecting")
-        ann.keyboard.type("lost words")
-        await ann.screen.expect(TIME + "not connected: /channel/send waits")
+        ann.keyboard.type("lost words, and a few more of them")
+        await ann.screen.expect(TIME + 'not connected: your line "lost words, and a few more of'
+                                '…" will go out once reconnected$')
     await ann.screen.expect(TIME + r"quitting with 1 command\(s\) not sent")
     harness.server = Server(harness.config)  # a server again, for the fixture to stop
     await harness.server.start()

@@ -177,7 +177,8 @@ async def test_a_server_restart_mid_chat(spawn: Spawn, tmux: Tmux) -> None:
     # Noticed when it happens, without a key pressed.
     await alice.expect("connection to 127.0.0.1:.* lost: reconnecting")
     await alice.line("typed while the server was down")
-    await alice.expect("not connected: /channel/send waits for the connection")
+    await alice.expect('not connected: your line "typed while the server was do…" will go '
+                       "out once reconnected$")
     server = await spawn("--port", str(port))
     await server.wait_listening()
     await alice.expect(r"reconnected to 127.0.0.1:\d+ \(session and subscription resumed\)", 90)

@@ -12,7 +12,7 @@ import pytest
 
 from chatd.client import MAX_REPLY_SIZE, Client
 from chatd.codec import FrameDecoder, encode_frame
-from chatd.shell import Screen, run_session
+from chatd.shell import NOT_LOGGED_IN, Screen, run_session
 from tests.conftest import PASSWORD, Harness, MakeHarness
 from tests.test_chatcat import TIME, Keyboard, LinkProxy, Session, Transcript, session
 from tests.test_cov_client import Peer
@@ -85,8 +85,8 @@ async def test_commands_with_nowhere_to_go_are_refused_with_the_way_out(
         await ann.screen.expect(TIME + "commands:$")
         await ann.screen.expect("^      /join CHANNEL")  # the help text, indented
         assert not [line for line in ann.screen.lines if "empty line" in line]  # blanks skipped
-        ann.keyboard.type("/whois bob")  # before logging in: the server's refusal
-        await ann.screen.expect(TIME + "error 2: ")
+        ann.keyboard.type("/whois bob")  # before logging in: the server's refusal, retold
+        await ann.screen.expect(TIME + NOT_LOGGED_IN + "$")
 
 
 async def test_passwords_refused_at_the_prompt_send_nothing(harness: Harness) -> None:
@@ -99,7 +99,7 @@ async def test_passwords_refused_at_the_prompt_send_nothing(harness: Harness) ->
         ann.keyboard.typed.put_nowait(None)  # Ctrl-C or Ctrl-D at the password prompt
         await ann.screen.expect(TIME + "no password: nothing sent")
         ann.keyboard.type("/whois ann")
-        await ann.screen.expect(TIME + "error 2: ")  # none of them registered or logged in
+        await ann.screen.expect(TIME + NOT_LOGGED_IN)  # none of them registered or logged in
     checker = await harness.connect()
     assert (await checker.call("/login", {"name": "ann", "password": PASSWORD}))["code"] == 3
 
@@ -156,15 +156,50 @@ async def test_a_session_resumed_with_a_token_learns_its_name_from_a_copy(
         await client.close()
 
 
-async def test_a_refused_token_at_start_says_to_log_in(harness: Harness) -> None:
+async def test_a_refused_token_at_start_says_to_log_in_once(harness: Harness) -> None:
     client = await Client.connect("127.0.0.1", harness.port, token="not-a-token", timeout=10)
     refused = Session(client)
     try:
-        await refused.screen.expect(TIME + r"error 2: .* \(the token was not accepted: /login\)")
+        # One sentence; it was the server's "...: log in again" and then "(the token was not
+        # accepted: /login)", the same thing twice.
+        await refused.screen.expect(TIME + r"the token given was refused \(invalid, expired or "
+                                    r"revoked\): /login NAME to log in$")
+        refused.keyboard.type("/list")  # the token forgotten: not sent, refused, again
+        await refused.screen.expect(TIME + NOT_LOGGED_IN + "$")
+        assert sum("log in" in line for line in refused.screen.lines) == 1
         await refused.quit()
     finally:
         refused.task.cancel()
         await client.close()
+
+
+async def test_a_token_accepted_at_start_but_refused_a_subscription_is_not_blamed(
+    make_harness: MakeHarness,
+) -> None:
+    harness = await make_harness(subscribe_burst=1, subscribe_rate=0.001)
+    ann = await harness.user("ann")
+    await ann.request("/subscribe")  # takes the one allowed
+    client = await Client.connect("127.0.0.1", harness.port, token=ann.token, timeout=10)
+    resumed = Session(client)
+    try:
+        await resumed.screen.expect(TIME + "logged in; your channels: none yet$")
+        await resumed.screen.expect(TIME + "error 8: ")
+        assert not [line for line in resumed.screen.lines if "token" in line]
+        await resumed.quit()
+    finally:
+        resumed.task.cancel()
+        await client.close()
+
+
+async def test_a_line_typed_after_logout_says_how_to_log_in(harness: Harness) -> None:
+    async with session(harness) as ann:
+        await login(ann, harness)
+        ann.keyboard.type("/join lobby", "/logout", "still there?")
+        await ann.screen.expect(TIME + r"logged out \(/login to come back\)$")
+        # chatcat's words, not the server's ("...or a token with the request").
+        await ann.screen.expect(TIME + "not logged in: /login NAME first, or /register NAME "
+                                "for a new account$")
+        assert not [line for line in ann.screen.lines if "token" in line]
 
 
 # Reconnection.
@@ -184,7 +219,8 @@ async def test_a_reply_lost_twice_is_waited_out_and_the_message_stored_once(
         await ann.prompt("#lobby> ")
         proxy.held_sends = 2  # no reply twice: the client times out, twice
         ann.keyboard.type("patience")
-        await ann.screen.expect(TIME + "not connected: /channel/send waits")
+        await ann.screen.expect(TIME + 'not connected: your line "patience" will go out once '
+                                "reconnected$")
         await ann.screen.expect(TIME + r"\[lobby\] ann: patience$", timeout=30)
         assert sum("not connected" in line for line in ann.screen.lines) == 1  # said once
         assert sum("connection to test lost" in line for line in ann.screen.lines) == 2

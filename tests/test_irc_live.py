@@ -170,6 +170,29 @@ async def test_missed_messages_are_replayed_on_connect(make_harness: MakeHarness
     await irc.close()
 
 
+async def test_a_join_to_a_channel_already_joined_sends_nothing(
+    make_harness: MakeHarness,
+) -> None:
+    # As ergo, ngircd and solanum: a repeated JOIN echoed again looked like a second join.
+    harness, port = await irc_harness(make_harness)
+    laptop = await harness.user("alice")
+    irc = await IrcClient.connect(port)
+    await irc.login("alice")
+    await irc.send("JOIN #a")
+    await irc.expect(r" 366 alice #a ")
+    await laptop.request("/channel/join", {"name": "elsewhere"})  # the account's, on msgpack
+    await irc.expect(r"^:alice!alice@chatd JOIN #elsewhere$")
+    await irc.send("JOIN #a", "JOIN #A,#b,#elsewhere", "JOIN #ELSEWHERE", "PING done")
+    await irc.expect(r"PONG \S+ :done$")
+    after = irc.seen[irc.seen.index(":alice!alice@chatd JOIN #elsewhere") + 1:]
+    assert [line for line in after if "PONG" not in line] == [
+        ":alice!alice@chatd JOIN #b",
+        f":{SERVER} 353 alice = #b :alice",
+        f":{SERVER} 366 alice #b :End of /NAMES list",
+    ]
+    await irc.close()
+
+
 async def test_registration_times_out(make_harness: MakeHarness) -> None:
     _, port = await irc_harness(make_harness, auth_timeout=0.5)
     irc = await IrcClient.connect(port)

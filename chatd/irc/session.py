@@ -388,6 +388,8 @@ class IrcCore:
             if not target.startswith("#") or len(target) < 2:
                 machine.numeric(n.ERR_NOSUCHCHANNEL, target, "No such channel (they start with #)")
                 continue
+            if await self._is_member(target):
+                continue  # nothing sent, as ergo, ngircd and solanum do
             try:
                 joined = await self._held("/channel/join", name=target[1:])
             except ChatdError as error:
@@ -397,6 +399,14 @@ class IrcCore:
             await self._start_position(joined["name"])
             machine.send("JOIN", [canonical], machine.source)
             await self._names(canonical, read_marker=True)
+
+    async def _is_member(self, target: str) -> bool:
+        """Already in the channel: chatd's memberships are the account's, so a channel
+        joined on another connection counts (its JOIN line reached this one, or is on its
+        way). The store, not the hub, is asked: the hub hears of a join only once the bus
+        delivers it."""
+        channel = await self.app.store.find_channel(name_key(target[1:]))
+        return channel is not None and await self.app.store.is_member(channel.id, self._user_id)
 
     async def _part(self, message: Message) -> None:
         machine = self.machine
