@@ -554,23 +554,24 @@ async def run_session(
     shell = Shell(client, screen or Screen(), address)
     shell.screen.say(f"chatcat: connected to {address}; /help lists the commands")
     queue: asyncio.Queue[Command] = asyncio.Queue()
-    if client.token is not None:
-        await shell.resume()
-    background = [
-        asyncio.create_task(shell.follow()),
-        asyncio.create_task(run_commands(shell, queue)),
-    ]
-    reader = asyncio.create_task(read_commands(shell, source, queue))
+    # The follower first: a connection lost during the login with a token is reconnected
+    # by it, and the login, waiting for that, goes on (it hung when started after).
+    follower = asyncio.create_task(shell.follow())
+    tasks = [follower]
     try:
-        await asyncio.wait([reader, *background], return_when=asyncio.FIRST_COMPLETED)
-        for task in background:
+        if client.token is not None:
+            await shell.resume()
+        worker = asyncio.create_task(run_commands(shell, queue))
+        tasks += [worker, asyncio.create_task(read_commands(shell, source, queue))]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in (follower, worker):
             if task.done():
                 task.result()  # a bug in the follower or the worker: show it
         await _finish(shell, queue)
     finally:
-        for task in [reader, *background]:
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(reader, *background, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
     return 0
 
 

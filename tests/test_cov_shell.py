@@ -19,13 +19,15 @@ from tests.test_cov_client import Peer
 
 
 class Proxy(LinkProxy):
-    """Between chatcat and the server, frame by frame: drops every link on demand, holds
-    back the replies to the next ``held_sends`` /channel/send, and swallows /ack when told."""
+    """Between chatcat and the server, frame by frame: drops every link on demand (or on
+    the first request of the op ``drop_at``), holds back the replies to the next
+    ``held_sends`` /channel/send, and swallows /ack when told."""
 
     def __init__(self, upstream_port: int) -> None:
         super().__init__(upstream_port)
         self.held_sends = 0
         self.swallow_acks = False
+        self.drop_at: str | None = None
         self.forwarded: list[dict[str, Any]] = []  # server to client
 
     async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -40,6 +42,10 @@ class Proxy(LinkProxy):
         decoder = FrameDecoder()
         while data := await reader.read(65536):
             for body in decoder.feed(data):
+                if body.get("op") == self.drop_at:
+                    self.drop_at = None
+                    self.drop_all()
+                    return
                 if body.get("op") == "/ack" and self.swallow_acks:
                     continue
                 if body.get("op") == "/channel/send" and self.held_sends:
@@ -171,6 +177,32 @@ async def test_a_refused_token_at_start_says_to_log_in_once(harness: Harness) ->
     finally:
         refused.task.cancel()
         await client.close()
+
+
+async def test_a_connection_lost_during_the_login_with_a_token_is_reconnected(
+    harness: Harness,
+) -> None:
+    # The link drops as chatcat starts its session with the token given: the follower
+    # reconnects, and the login goes on. It waited for a reconnection that nothing made
+    # (the follower started only after the login), and chatcat hung until Ctrl-C.
+    ann, bob = await harness.user("ann"), await harness.user("bob")
+    for user in (ann, bob):
+        await user.request("/channel/join", {"name": "lobby"})
+    proxy, port = await proxied(harness)
+    proxy.drop_at = "/channel/list"
+    client = await Client.connect("127.0.0.1", port, token=ann.token, timeout=10)
+    resumed = Session(client)
+    try:
+        await resumed.screen.expect(TIME + "logged in; your channels: lobby$")
+        resumed.keyboard.type("/list")  # run once the login has subscribed
+        await resumed.screen.expect(TIME + "lobby: 0 unread$")
+        await bob.request("/channel/send", {"name": "lobby", "message": "still here"})
+        await resumed.screen.expect(TIME + r"\[lobby\] bob: still here$")
+        await resumed.quit()
+    finally:
+        resumed.task.cancel()
+        await client.close()
+        await proxy.close()
 
 
 async def test_a_token_accepted_at_start_but_refused_a_subscription_is_not_blamed(
