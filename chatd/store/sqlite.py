@@ -236,7 +236,7 @@ _TABLES = {
 # Each stream's head as this store last left it, by kind (Store._heads).
 Heads = dict[str, dict[int, int]]
 _HEADS_KEPT = 100_000  # streams whose head is kept, per kind (a few MiB at most)
-_INSERT_CHUNK = 500  # rows per INSERT: 6 variables each, far below SQLite's 32766
+_INSERT_CHUNK = 512  # rows per INSERT: 6 variables each, far below SQLite's 32766
 _ONE_AT_A_TIME = 8  # a batch this small, without client_ids, inserts message by message
 _ROW = "(?, ?, ?, ?, ?, ?)"
 
@@ -977,7 +977,8 @@ class Store:
         """Which of these tokens are still valid (not expired, revoked or deleted)."""
         live: set[bytes] = set()
         for start in range(0, len(digests), _INSERT_CHUNK):
-            chunk = digests[start : start + _INSERT_CHUNK]
+            chunk = list(digests[start : start + _INSERT_CHUNK])
+            chunk += [b""] * (_padded(len(chunk)) - len(chunk))  # b"": no token's digest
             marks = ", ".join("?" for _ in chunk)
             async with self._turn():
                 rows = await self._rows(
@@ -1502,9 +1503,10 @@ def _insert(
     # rather than a Python loop over dict updates (docs/benchmarks.md, issue 13).
     targets = [m.target_id for m in messages]
     counts = Counter(targets) if len(targets) > 1 else {targets[0]: 1}
-    moved = conn.execute(
-        _heads_sql(kind, len(counts)), [item for pair in counts.items() for item in pair]
-    ).fetchall()
+    streams = [item for pair in counts.items() for item in pair]
+    if len(counts) > 1:  # (0, 0): no stream has id 0 (AUTOINCREMENT starts at 1)
+        streams += [0, 0] * (_padded(len(counts)) - len(counts))
+    moved = conn.execute(_heads_sql(kind, len(streams) // 2), streams).fetchall()
     before = {stream: newest - counts[stream] for stream, newest in moved}
     if len(heads) + len(moved) > _HEADS_KEPT:
         heads.clear()
@@ -1514,13 +1516,41 @@ def _insert(
     args: list[Any] = []
     for m, seq in zip(messages, seqs, strict=True):
         args += (m.sender_id, m.target_id, seq, m.body, m.created_at, m.client_id)
-    cursor = conn.execute(_insert_sql(kind, len(messages)), args)
-    # One row: its rowid, without RETURNING's temporary table (27k instructions a commit).
-    ids = [cursor.lastrowid] if len(messages) == 1 else sorted(row[0] for row in cursor)
+    ids: list[int] = []
+    done = 0
+    for rows in _pieces(len(messages)):  # in order: ids grow from one piece to the next
+        cursor = conn.execute(_insert_sql(kind, rows), args[6 * done : 6 * (done + rows)])
+        # One row: its rowid, without RETURNING's temporary table (27k instructions).
+        ids += [_rowid(cursor)] if rows == 1 else sorted(row[0] for row in cursor)
+        done += rows
     return [
         Stored(message_id, m.created_at, False, seq)
         for message_id, m, seq in zip(ids, messages, seqs, strict=True)
     ]
+
+
+# Statements whose length follows a batch (VALUES lists, IN lists) come in few sizes: SQLite
+# compiles, and the connection's statement cache keeps (128 of them), one program per
+# distinct text, and a 500-row INSERT's is some hundreds of KiB. One text per batch size
+# held tens of MiB once batches of every size had come by (a long run of
+# tests/test_fuzz.py, docs/benchmarks.md); powers of two keep it to ten per statement.
+
+
+def _rowid(cursor: sqlite3.Cursor) -> int:
+    """The id of the row a one-row INSERT made."""
+    assert cursor.lastrowid is not None
+    return cursor.lastrowid
+
+
+def _padded(count: int) -> int:
+    """``count`` rounded up to a power of two: the length of a padded VALUES or IN list."""
+    return 1 << (count - 1).bit_length()
+
+
+def _pieces(rows: int) -> list[int]:
+    """``rows`` as powers of two, the largest first (300: 256, 32, 8, 4): the sizes of
+    the INSERTs that store them, rows being what cannot be padded."""
+    return [1 << bit for bit in range(rows.bit_length() - 1, -1, -1) if rows >> bit & 1]
 
 
 @lru_cache(maxsize=256)
@@ -1569,6 +1599,7 @@ def _earlier_sends(
         pairs = [(m.sender_id, m.client_id) for m in keyed if m.kind == kind]
         for start in range(0, len(pairs), _INSERT_CHUNK):
             chunk = pairs[start : start + _INSERT_CHUNK]
+            chunk += [(0, "")] * (_padded(len(chunk)) - len(chunk))  # no sender has id 0
             values = ", ".join("(?, ?)" for _ in chunk)
             # One index look-up per pair: "(sender_id, client_id) IN (VALUES ...)" scanned
             # the whole table (the client_id index is partial, and the planner does not
