@@ -666,3 +666,56 @@ async def test_channel_lines_are_made_once_per_kind_of_client_not_per_member(
     for index, irc in enumerate(members):
         tags = "@msgid=1 " if index % 2 else ""
         assert irc.take() == [f"{tags}:dave!dave@chatd PRIVMSG #c :one"]
+
+
+async def test_replies_quoting_junk_are_valid_lines(app: App) -> None:
+    """Found by test_irc_fuzz.py: a reply quoting a trailing parameter as a middle one
+    crashed the connection (irctokens refuses a space) or made an empty parameter, and
+    one quoting a long parameter went past 512 bytes."""
+    await register(app, "alice")
+    irc = Irc(app)
+    await irc.login("alice")
+    assert await irc.send("TOPIC :#a b", "JOIN :,#", "WHOIS ::x") == [
+        f":{SERVER} 331 alice * :No topic is set",
+        f":{SERVER} 403 alice * :No such channel (they start with #)",
+        f":{SERVER} 403 alice # :No such channel (they start with #)",
+        f":{SERVER} 401 alice * :No such nick/channel",
+        f":{SERVER} 318 alice * :End of /WHOIS list",
+    ]
+    token = "é" * 250  # 500 bytes
+    (pong,) = await irc.send(f"PING :{token}")
+    # Cut to 510 bytes with the CRLF to come, never inside a character: 509 here.
+    assert len(pong.encode()) == 509 and pong.startswith(f":{SERVER} PONG {SERVER} :éé")
+    (refused,) = await irc.send("CAP " + "x" * 500)
+    assert len(refused.encode()) == 510 and refused.startswith(f":{SERVER} 410 alice XXX")
+
+
+async def test_junk_message_references_fail_the_command_only(app: App) -> None:
+    """Found by test_irc_fuzz.py: each of these crashed the connection."""
+    await register(app, "alice", "bob")
+    irc = Irc(app)
+    await irc.login("alice", "batch")
+    failed = f":{SERVER} FAIL MARKREAD INVALID_PARAMS"
+    assert await irc.send("MARKREAD bob =", "MARKREAD bob timestamp=now") == [
+        f"{failed} = :Expected timestamp=...",
+        f"{failed} timestamp=now :Expected timestamp=...",
+    ]
+    invalid = f":{SERVER} FAIL CHATHISTORY INVALID_PARAMS"
+    assert await irc.send(
+        "CHATHISTORY BEFORE bob msgid=² 10",  # a digit to str.isdigit(), not to int()
+        "CHATHISTORY BEFORE bob msgid=99999999999999999999 10",  # past a 64-bit column
+        "CHATHISTORY BETWEEN bob msgid=1 msgid=9223372036854775808 10",
+    ) == [f"{invalid} BEFORE :Invalid parameters"] * 2 + [f"{invalid} BETWEEN :Invalid parameters"]
+    assert await irc.send(f"CHATHISTORY BEFORE bob msgid={2**63 - 1} 10") == [
+        f":{SERVER} BATCH +B1 chathistory bob", f":{SERVER} BATCH -B1"
+    ]
+
+
+async def test_sasl_payload_not_ascii_is_904(app: App) -> None:
+    """Found by test_irc_fuzz.py: b64decode() raises a plain ValueError on non-ASCII
+    text, which crashed the connection instead of failing the exchange."""
+    irc = Irc(app)
+    await irc.send("CAP REQ sasl", "AUTHENTICATE PLAIN")
+    assert await irc.send("AUTHENTICATE AGFsaWNlAHNlY3JldA==ß") == [
+        f":{SERVER} 904 * :SASL authentication failed"
+    ]

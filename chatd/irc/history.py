@@ -16,6 +16,7 @@ from chatd.store import Bounds, Channel, MessageStore, User
 from chatd.validation import name_key
 
 MILLISECOND = 0.001
+MAX_ID = 2**63 - 1  # the largest signed 64-bit integer, SQLite's and PostgreSQL's bigint
 _TIMESTAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d{1,6})?Z$")
 
 
@@ -35,7 +36,9 @@ def parse_reference(text: str) -> Reference:
     if text == "*":
         return Reference()
     kind, _, value = text.partition("=")
-    if kind == "msgid" and value.isdigit():
+    # ASCII digits only ("²".isdigit() is true, and int() refuses it), and an id a
+    # store column can hold: a larger one overflowed the database driver.
+    if kind == "msgid" and value.isascii() and value.isdigit() and int(value) <= MAX_ID:
         return Reference(message_id=int(value))
     if kind == "timestamp":
         stamp = parse_timestamp(value)

@@ -127,13 +127,34 @@ def format_line(
 ) -> bytes:
     """One line with its CRLF.  Parameters must hold no CR, LF or NUL (callers split
     text first); only the last may contain spaces or start with ':'."""
+    params = [*map(_middle, params[:-1]), *params[-1:]]
     if params and params[-1] and command in _TEXT_LAST and not params[-1].startswith(":"):
         # The last parameter is text: always written as a trailing one, so clients
         # that look for " :" find it even when the text is one word.
         line = build(command, params[:-1], source, tags).format() + " :" + params[-1]
     else:
         line = build(command, params, source, tags).format()
-    return (line + "\r\n").encode("utf-8")
+    return _fit(line.encode("utf-8")) + b"\r\n"
+
+
+def _middle(param: str) -> str:
+    """A parameter before the last, as it can be written: replies quote what a client
+    sent (a nick, a JOIN or TOPIC target, given as a trailing parameter), which may be
+    empty, hold a space or start with ':'; written as is, it made no valid line (an
+    empty one) or raised (irctokens refuses the others).  Such a one is shown as '*'."""
+    return "*" if not param or " " in param or param.startswith(":") else param
+
+
+def _fit(line: bytes) -> bytes:
+    """The line cut to MAX_LINE bytes with its CRLF, tags aside.  Replies that quote
+    what a client sent (a 500-byte PING token, CAP subcommand, JOIN or WHOIS target)
+    add a prefix and the nick to it and could overflow; a longer line is invalid
+    IRC, so, as other servers do, the end goes (never mid-character)."""
+    tags, space, rest = line.partition(b" ") if line.startswith(b"@") else (b"", b"", line)
+    if len(rest) + 2 <= MAX_LINE:
+        return line
+    cut = rest[: MAX_LINE - 2].decode("utf-8", errors="ignore").encode("utf-8")
+    return tags + space + cut.rstrip(b" ")
 
 
 _TEXT_LAST = frozenset(

@@ -11,7 +11,6 @@ needs chatd's accounts, channels or messages comes out as an action
 from __future__ import annotations
 
 import base64
-import binascii
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -399,7 +398,9 @@ def _sasl_plain(collected: str) -> tuple[str, str] | None:
     """authzid NUL authcid NUL password; the authzid must be empty or the authcid."""
     try:
         decoded = base64.b64decode(collected, validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+    # ValueError, not only binascii.Error: b64decode() raises a plain ValueError for a
+    # str with non-ASCII characters (AUTHENTICATE ß...), which crashed the connection.
+    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors too
         return None
     parts = decoded.split("\x00")
     if len(parts) != 3 or not parts[1] or parts[0] not in ("", parts[1]):

@@ -677,7 +677,10 @@ class IrcCore:
                          machine.server_name)
             return
         if len(message.params) > 1:
-            ref = history.parse_reference(message.param(1)) if "=" in message.param(1) else None
+            try:
+                ref: history.Reference | None = history.parse_reference(message.param(1))
+            except history.InvalidParams:  # "timestamp=junk", "=": a FAIL, not a crash
+                ref = None
             if ref is None or ref.timestamp is None:
                 machine.send("FAIL", ["MARKREAD", "INVALID_PARAMS", message.param(1),
                                       "Expected timestamp=..."], machine.server_name)

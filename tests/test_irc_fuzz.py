@@ -1,0 +1,555 @@
+"""Hostile lines against a live server's IRC port while two well-behaved IRC clients chat.
+
+The IRC twin of test_fuzz.py: random but reproducible line by line (the seed is
+printed; ``CHATD_FUZZ_SEED=<seed>`` replays the same lines, their interleaving across
+connections still depending on timing), for ``CHATD_FUZZ_SECONDS`` (default 3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import random
+import re
+import signal
+import socket
+import struct
+from dataclasses import dataclass, field
+
+from chatd.client import Client
+from chatd.irc.lines import MAX_LINE, MAX_TAGS, LineError, parse
+from chatd.irc.machine import CAPABILITIES
+from chatd.irc.session import _COMMANDS  # the command table, so that new commands get fuzzed
+from tests.conftest import PASSWORD, Spawn
+from tests.test_fuzz import (
+    GOOD_PASSWORD,
+    account,
+    read_log,
+    rss,
+    settled_connections,
+    troubling_records,
+)
+from tests.test_irc_live import free_port
+
+SECONDS = float(os.environ.get("CHATD_FUZZ_SECONDS", "3"))
+HOSTILE_CONNECTIONS = 6
+RSS_GROWTH_LIMIT = 64 * 1024 * 1024
+MIN_ROUNDS = 20  # messages the good clients exchange at least, however short the run
+STEP_TIMEOUT = 15.0  # any single wait of a good client
+SERVER = "irc.fuzz"
+ROOM = "#fuzzroom"
+
+GOOD = ("alice", "bob")
+FUZZ_USERS = [f"fz{i}" for i in range(HOSTILE_CONNECTIONS)]
+# Every command the machine or the session knows, and some it does not.
+KNOWN = ["CAP", "PING", "PONG", "QUIT", "NICK", "USER", "PASS", "AUTHENTICATE", *_COMMANDS]
+COMMANDS = [*KNOWN, "TAGMSG", "KICK", "INVITE", "AWAY", "ISON", "MOTD", "privmsg", "Join", "001"]
+NAMES = [
+    *GOOD, *FUZZ_USERS, "nobody", "ALICE", "Straße", "名前", "*", "-", "+", ":", "a:b",
+    "x" * 33, "x" * 300,
+]
+CHANNELS = [
+    ROOM, "#fz", "#", "##", "#a,#b", "#,", ",", "#Straße", "#" + "y" * 40, "#名前", "#\u200b",
+]
+REFERENCES = [
+    "*", "msgid=1", "msgid=0", "msgid=-1", "msgid=" + "9" * 30, "msgid=²", "msgid=١٢", "msgid=",
+    "timestamp=2024-01-01T00:00:00.000Z", "timestamp=0000-01-01T00:00:00Z",
+    "timestamp=9999-12-31T23:59:59.999999Z", "timestamp=2024-02-30T25:61:61Z",
+    "timestamp=now", "timestamp=", "=", "msgid=1=2",
+]
+NUMBERS = ["0", "1", "-1", "10", "200", "201", "9" * 40, "+5", " 5", "1_0", "1e9", "٣", "nan"]
+
+
+def random_text(rng: random.Random, longest: int = 40) -> str:
+    alphabet = rng.choice(
+        [
+            "abcdefghijklmnopqrstuvwxyz0123456789_-.",
+            " :,#*=;@!\\\x01\x02\t\x7f\u200b\ufeff\u202e",
+            "éßЖ中名😀\U0010ffff\u0301",
+        ]
+    )
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, longest)))
+
+
+def random_param(rng: random.Random) -> str:
+    kind = rng.randrange(8)
+    if kind == 0:
+        return rng.choice(NAMES)
+    if kind == 1:
+        return rng.choice(CHANNELS)
+    if kind == 2:
+        return rng.choice(REFERENCES)
+    if kind == 3:
+        return rng.choice(NUMBERS)
+    if kind == 4:
+        return ",".join(rng.choice([*NAMES, *CHANNELS, ""]) for _ in range(rng.randint(0, 6)))
+    if kind == 5:
+        return rng.choice(["LATEST", "BEFORE", "AFTER", "AROUND", "BETWEEN", "TARGETS", "LS",
+                           "REQ", "END", "LIST", "PLAIN", "+", "*", "+b", "b", "-i", "+o"])
+    if kind == 6:
+        return "x" * rng.choice([100, 400, 500, 600])
+    return random_text(rng)
+
+
+def line(command: str, params: list[str], trailing: bool | None = None) -> str:
+    """Parameters written as given: a middle one may hold a space (on purpose)."""
+    if params and (trailing or (trailing is None and " " in params[-1])):
+        return " ".join([command, *params[:-1], ":" + params[-1]])
+    return " ".join([command, *params])
+
+
+def junk_tags(rng: random.Random) -> str:
+    tags = rng.choice(
+        [
+            "label=" + random_text(rng, 10).replace(" ", ""),
+            "+draft/reply=1;+typing=active",
+            "a=b;a=c;;=;x",
+            "time=2024-01-01T00:00:00Z;msgid=99;batch=B1;account=alice",
+            "k=\\:\\s\\\\\\r\\n\\",
+            "=" * rng.randint(1, 20),
+            ";".join(f"k{i}=v" for i in range(rng.randint(1, 400))),
+        ]
+    )
+    return "@" + tags
+
+
+@dataclass
+class Fuzzer:
+    """Builds hostile lines for one connection."""
+
+    rng: random.Random
+    user: str
+
+    def command(self) -> str:
+        """A command chatd knows (or not), with random, missing, extra or huge parameters."""
+        rng = self.rng
+        command = rng.choice(COMMANDS)
+        params = [random_param(rng) for _ in range(rng.choice([0, 1, 1, 2, 2, 3, 4, 8, 20]))]
+        if command == "QUIT" and rng.random() < 0.8:
+            command = "PING"  # a QUIT ends the connection: rarely
+        text = line(command, params, trailing=rng.random() < 0.5 or None)
+        return (junk_tags(rng) + " " + text) if rng.random() < 0.15 else text
+
+    def typical(self) -> str:
+        """Commands a real client sends, with junk in places."""
+        rng = self.rng
+        target = rng.choice([ROOM, ROOM, "#fz", *GOOD, rng.choice(FUZZ_USERS)])
+        text = random_text(rng, 80) or "hi"
+        return rng.choice(
+            [
+                f"PRIVMSG {target} :{text}",
+                f"NOTICE {target} :{text}",
+                f"PRIVMSG {target},{target},#fz,nobody,{ROOM} :{text}",
+                f"PRIVMSG {target} :\x01ACTION {text}\x01",
+                f"PRIVMSG {target} :\x01VERSION\x01",
+                f"@+typing=active TAGMSG {target}",
+                f"JOIN {rng.choice(CHANNELS)}",
+                f"PART {rng.choice(CHANNELS)} :{text}",
+                f"CHATHISTORY {rng.choice(['LATEST', 'BEFORE', 'AFTER', 'AROUND'])} {target}"
+                f" {rng.choice(REFERENCES)} {rng.choice(NUMBERS)}",
+                f"CHATHISTORY BETWEEN {target} {rng.choice(REFERENCES)}"
+                f" {rng.choice(REFERENCES)} {rng.choice(NUMBERS)}",
+                f"CHATHISTORY TARGETS {rng.choice(REFERENCES)} {rng.choice(REFERENCES)}"
+                f" {rng.choice(NUMBERS)}",
+                f"MARKREAD {target} {rng.choice(REFERENCES)}",
+                f"MARKREAD {target}",
+                f"WHO {target}",
+                f"WHOIS {target}",
+                f"NAMES {target}",
+                "LIST",
+                f"MODE {target} {random_param(rng)}",
+                f"TOPIC {target} :{text}",
+                f"PING :{text}",
+                f"PONG :{text}",
+                f"@label={rng.randrange(99)} PING x",
+                f"CAP REQ :{' '.join(rng.sample(sorted(CAPABILITIES), rng.randint(1, 4)))}",
+            ]
+        )
+
+    def registration(self) -> list[str]:
+        """CAP, SASL, PASS, NICK and USER, in order or not, repeated or not."""
+        rng = self.rng
+        plain = base64.b64encode(f"\0{self.user}\0{PASSWORD}".encode()).decode()
+        wrong = base64.b64encode(f"\0{rng.choice(GOOD)}\0guess".encode()).decode()
+        pieces = [
+            "CAP LS 302", "CAP LS", "CAP LIST", "CAP END", "CAP REQ :sasl", "CAP REQ :nope",
+            "CAP REQ :-sasl message-tags", "CAP", "CAP BOGUS",
+            "AUTHENTICATE PLAIN", "AUTHENTICATE EXTERNAL", "AUTHENTICATE *", "AUTHENTICATE +",
+            f"AUTHENTICATE {plain}", f"AUTHENTICATE {wrong}", "AUTHENTICATE " + "A" * 400,
+            "AUTHENTICATE !!!!", "AUTHENTICATE", "AUTHENTICATE " + "QUFB" * 100,
+            f"PASS {self.user}:{PASSWORD}", f"PASS :{self.user}:{PASSWORD}", "PASS", "PASS x:",
+            f"PASS {rng.choice(GOOD)}:guess", f"NICK {self.user}", f"NICK {rng.choice(NAMES)}",
+            "NICK", f"USER {self.user} 0 * :{self.user}", "USER a", "USER a b c :d",
+        ]
+        return [rng.choice(pieces) for _ in range(rng.randint(1, 12))]
+
+    def login(self) -> list[str]:
+        """A proper registration, so that the lines after reach past the gate."""
+        if self.rng.random() < 0.5:
+            plain = base64.b64encode(f"\0{self.user}\0{PASSWORD}".encode()).decode()
+            return [
+                "CAP LS 302", f"NICK {self.user}", f"USER {self.user} 0 * :x",
+                "CAP REQ :sasl message-tags server-time batch labeled-response echo-message",
+                "AUTHENTICATE PLAIN", f"AUTHENTICATE {plain}", "CAP END",
+            ]
+        # The trailing form: the password has spaces.
+        return [f"PASS :{self.user}:{PASSWORD}", f"NICK {self.user}", f"USER {self.user} 0 * :x"]
+
+    def chunk(self) -> bytes:
+        """Bytes to write: one line, several, part of one, or garbage."""
+        rng = self.rng
+        end = rng.choice([b"\r\n", b"\r\n", b"\n", b"\r\r\n"])
+        kind = rng.randrange(16)
+        if kind <= 2:
+            return self.command().encode() + end
+        if kind <= 5:
+            return self.typical().encode() + end
+        if kind == 6:
+            return b"".join(text.encode() + end for text in self.registration())
+        if kind == 7:  # random bytes, line ends included
+            return rng.randbytes(rng.randint(1, 300))
+        if kind == 8:  # over 512 bytes, or over the tag limit, or over what is buffered
+            size = rng.choice([511, 512, 513, 600, 4095, 5000, 9000, 20000])
+            if rng.random() < 0.5:
+                return b"@t=" + b"v" * size + b" PING x" + end
+            return b"PRIVMSG " + ROOM.encode() + b" :" + b"z" * size + rng.choice([end, b""])
+        if kind == 9:  # a line without its end: the next one is read as its rest
+            return self.typical().encode()[: rng.randint(1, 60)]
+        if kind == 10:  # not UTF-8
+            text = self.typical().encode()
+            at = rng.randrange(len(text) + 1)
+            bad = rng.choice([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80", b"\x80"])
+            return text[:at] + bad + text[at:] + end
+        if kind == 11:  # NUL bytes
+            text = self.typical().encode()
+            at = rng.randrange(len(text) + 1)
+            return text[:at] + b"\x00" * rng.randint(1, 3) + text[at:] + end
+        if kind == 12:  # a flood of pipelined lines
+            many = [self.typical() for _ in range(rng.randint(20, 200))]
+            return "".join(text + "\r\n" for text in many).encode()
+        if kind == 13:  # a real line with bytes flipped, inserted or deleted
+            mutated = bytearray(self.typical().encode())
+            for _ in range(rng.randint(1, 4)):
+                at = rng.randrange(len(mutated) + 1)
+                if at < len(mutated) and rng.random() < 0.5:
+                    mutated[at] ^= 1 << rng.randrange(8)
+                else:
+                    mutated[at:at] = rng.randbytes(rng.randint(1, 3))
+            return bytes(mutated) + end
+        if kind == 14:  # junk tags on a real line
+            return (junk_tags(rng) + " " + self.typical()).encode() + end
+        return rng.choice([b"\r\n", b"\n", b" \r\n", b"@\r\n", b":src\r\n", b"@a :src\r\n", b":"])
+
+
+@dataclass
+class Report:
+    connections: int = 0
+    chunks: int = 0
+    lines: int = 0
+    commands: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+def line_problem(raw: bytes) -> str | None:
+    """What is wrong with a line the server sent (with its line end), if anything."""
+    if not raw.endswith(b"\r\n") or b"\r" in raw[:-2]:
+        return "no CRLF"
+    body = raw[:-2]
+    tags, rest = b"", body
+    if body.startswith(b"@"):
+        tags, _, rest = body.partition(b" ")
+    if len(tags) + 1 > MAX_TAGS or len(rest) + 2 > MAX_LINE:
+        return "too long"
+    if b"\x00" in body:
+        return "NUL"
+    # Parameters are separated by one space: two mean an empty middle parameter.
+    middle = rest.partition(b" :")[0]
+    if b"  " in middle or middle.endswith(b" "):
+        return "empty parameter"
+    try:
+        message = parse(body)
+    except LineError as error:
+        return f"unparsable ({error.kind})"
+    if message is None:
+        return "blank"
+    return None
+
+
+async def read_lines(
+    reader: asyncio.StreamReader, report: Report, welcomed: asyncio.Event
+) -> None:
+    """Takes whatever the server says to a hostile client, and checks it is well formed."""
+    with contextlib.suppress(ConnectionError):
+        while raw := await reader.readline():
+            if not raw.endswith(b"\n"):  # the end of the stream cut a line
+                report.problems.append(f"line cut at the close: {raw!r:.200}")
+                return
+            report.lines += 1
+            problem = line_problem(raw)
+            if problem is not None:
+                report.problems.append(f"{problem}: {raw!r:.300}")
+                continue
+            message = parse(raw[:-2])
+            assert message is not None
+            report.commands[message.command] = report.commands.get(message.command, 0) + 1
+            if message.command in ("001", "464", "904"):
+                welcomed.set()
+
+
+async def hostile(port: int, fuzzer: Fuzzer, deadline: float, report: Report) -> None:
+    """Connect, throw lines, and connect again whenever the server hangs up."""
+    loop = asyncio.get_running_loop()
+    rng = fuzzer.rng
+    while loop.time() < deadline:
+        async with asyncio.timeout(5):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        reader._limit = 2**20  # type: ignore[attr-defined]  # readline() takes any line
+        report.connections += 1
+        # Most connections read what they are sent; a few never do.
+        welcomed = asyncio.Event()
+        reading = (
+            asyncio.create_task(read_lines(reader, report, welcomed))
+            if rng.random() < 0.9
+            else None
+        )
+        try:
+            if rng.random() < 0.7:  # most log in first, to reach past the gate
+                writer.write("".join(text + "\r\n" for text in fuzzer.login()).encode())
+                if reading is not None:  # and wait for it, else the lines after hit 451
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(min(2, max(deadline - loop.time(), 0))):
+                            await welcomed.wait()
+            for _ in range(rng.randint(1, 60)):
+                if loop.time() >= deadline or (reading is not None and reading.done()):
+                    break
+                data = fuzzer.chunk()
+                report.chunks += 1
+                if rng.random() < 0.05:  # dribbled out in small pieces
+                    for start in range(0, min(len(data), 64), 7):
+                        writer.write(data[start : start + 7])
+                        await asyncio.sleep(0)
+                    data = data[64:]
+                writer.write(data)
+                async with asyncio.timeout(max(deadline - loop.time(), 0.05)):
+                    await writer.drain()
+        except (ConnectionError, TimeoutError):
+            pass  # the server hung up, or stopped reading a client that does not read
+        finally:
+            await hang_up(writer, rng)
+            if reading is not None:
+                reading.cancel()
+                await asyncio.gather(reading, return_exceptions=True)
+
+
+async def hang_up(writer: asyncio.StreamWriter, rng: random.Random) -> None:
+    if rng.random() < 0.2:  # a reset (RST) instead of a clean close
+        sock = writer.get_extra_info("socket")
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+    else:
+        writer.close()
+    try:
+        async with asyncio.timeout(2):
+            await writer.wait_closed()
+    except TimeoutError:
+        # close() waits to flush what we wrote, and the server stopped reading a
+        # client that does not read: give up the way a real client would.
+        writer.transport.abort()
+    except ConnectionError:
+        pass
+
+
+class GoodIrc:
+    """A well-behaved IRC client: its lines in a queue, PINGs answered as they come."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.lines: asyncio.Queue[str] = asyncio.Queue()
+        self.task = asyncio.create_task(self._read())
+        self.pings = 0
+
+    @classmethod
+    async def connect(cls, port: int) -> GoodIrc:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    async def _read(self) -> None:
+        while raw := await self.reader.readline():
+            text = raw.decode().removesuffix("\r\n")
+            if text.startswith("PING "):
+                self.send("PONG " + text[5:])
+            else:
+                self.lines.put_nowait(text)
+        self.lines.put_nowait("")  # the end
+
+    def send(self, *lines: str) -> None:
+        self.writer.write("".join(text + "\r\n" for text in lines).encode())
+
+    async def expect(self, pattern: str) -> str:
+        """The next line matching; an error reply on the way is a failure."""
+        wanted = re.compile(pattern)
+        async with asyncio.timeout(STEP_TIMEOUT):
+            while True:
+                text = await self.lines.get()
+                assert text, f"closed while waiting for {pattern!r}"
+                if wanted.search(text):
+                    return text
+                words = text.split(" ")
+                if words[0] == f":{SERVER}":
+                    assert not re.fullmatch(r"[45]\d\d|FAIL|ERROR", words[1]), text
+
+    async def round_trip(self, token: str) -> list[str]:
+        """Every line before the PONG to a PING sent now."""
+        self.pings += 1
+        self.send(f"PING {token}")
+        before: list[str] = []
+        async with asyncio.timeout(STEP_TIMEOUT):
+            while (text := await self.lines.get()) != f":{SERVER} PONG {SERVER} :{token}":
+                assert text, "closed during a PING"
+                before.append(text)
+        return before
+
+    async def close(self) -> None:
+        self.writer.close()
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
+async def good_login(port: int, name: str, password: str, sasl: bool) -> GoodIrc:
+    client = await GoodIrc.connect(port)
+    if sasl:
+        plain = base64.b64encode(f"\0{name}\0{password}".encode()).decode()
+        client.send("CAP LS 302", f"NICK {name}", f"USER {name} 0 * :{name}", "CAP REQ :sasl")
+        client.send("AUTHENTICATE PLAIN")
+        await client.expect(r"^AUTHENTICATE \+$")
+        client.send(f"AUTHENTICATE {plain}")
+        await client.expect(f" 903 {name} ")
+        client.send("CAP END")
+    else:
+        client.send(f"PASS :{name}:{password}", f"NICK {name}", f"USER {name} 0 * :{name}")
+    await client.expect(f" 422 {name} ")
+    return client
+
+
+@dataclass
+class Chat:
+    """Two IRC clients that message each other, in a channel and privately."""
+
+    clients: dict[str, GoodIrc]
+    sent: dict[str, list[str]] = field(default_factory=lambda: {n: [] for n in GOOD})
+    received: dict[str, list[str]] = field(default_factory=lambda: {n: [] for n in GOOD})
+    numbers: int = 0
+    other_lines: int = 0
+
+    async def next_from(self, name: str, sender: str) -> tuple[str, str]:
+        """The next PRIVMSG to ``name`` from ``sender``: (target, text); others skipped."""
+        prefix = f":{sender}!{sender}@chatd PRIVMSG "
+        text = await self.clients[name].expect(f"^{re.escape(prefix)}")
+        target, _, body = text.removeprefix(prefix).partition(" :")
+        return target, body
+
+    async def run(self, deadline: float) -> int:
+        loop = asyncio.get_running_loop()
+        rounds = 0
+        while rounds < MIN_ROUNDS or loop.time() < deadline:
+            number = self.numbers
+            self.numbers += 1
+            sender, recipient = GOOD if number % 2 == 0 else GOOD[::-1]
+            target = ROOM if number % 4 < 2 else recipient
+            text = f"{sender} to {target}, number {number} é😀"
+            self.clients[sender].send(f"PRIVMSG {target} :{text}")
+            self.sent[recipient].append(text)
+            # Nothing but its PONG (or others' traffic) answers a PRIVMSG that went well.
+            for before in await self.clients[sender].round_trip(f"good-{number}"):
+                words = before.split(" ")
+                assert words[0] != f":{SERVER}" or words[1] == "MARKREAD", before
+            shown, body = await self.next_from(recipient, sender)
+            self.received[recipient].append(body)
+            assert (shown, body) == (target, text), "a message was lost, repeated or reordered"
+            rounds += 1
+        return rounds
+
+    async def check_nothing_more(self) -> None:
+        """After a round trip, no message from the other good client is left over."""
+        for name in GOOD:
+            for text in await self.clients[name].round_trip("end"):
+                assert not any(text.startswith(f":{g}!") for g in GOOD), text
+
+
+async def test_hostile_irc_clients_do_not_disturb_well_behaved_ones(spawn: Spawn) -> None:
+    seed = int(os.environ.get("CHATD_FUZZ_SEED") or random.SystemRandom().randrange(2**32))
+    rerun = f"seed {seed}: rerun with CHATD_FUZZ_SEED={seed}"
+    print(rerun)  # shown by pytest when the test fails
+    irc_port = free_port()
+    server = await spawn(
+        "--graceful-timeout", "1", "--irc-port", str(irc_port), "--server-name", SERVER
+    )
+    port = await server.wait_listening()  # logged once the IRC port listens too
+    log = asyncio.create_task(read_log(server))
+    loop = asyncio.get_running_loop()
+    report = Report()
+    clients: dict[str, GoodIrc] = {}
+    troubles: list[str] = []  # checked last: a leak or a log error is worth the whole report
+    try:
+        async with asyncio.timeout(SECONDS + 60):
+            for name in GOOD:
+                await account(port, name, GOOD_PASSWORD)
+            for name in FUZZ_USERS:
+                await account(port, name, PASSWORD)
+            for name, sasl in zip(GOOD, (True, False), strict=True):
+                clients[name] = await good_login(irc_port, name, GOOD_PASSWORD, sasl)
+                clients[name].send(f"JOIN {ROOM}")
+                await clients[name].expect(f" 366 {name} {ROOM} ")
+            chat = Chat(clients)
+            await chat.run(loop.time())  # warm up before measuring memory
+            rss_before = rss(server.proc.pid)
+
+            deadline = loop.time() + SECONDS
+            fuzzers = [
+                hostile(irc_port, Fuzzer(random.Random(f"{seed}/{i}"), user), deadline, report)
+                for i, user in enumerate(FUZZ_USERS)
+            ]
+            rounds, *_ = await asyncio.gather(chat.run(deadline), *fuzzers)
+            await chat.check_nothing_more()
+
+            assert server.proc.returncode is None, f"the server died ({rerun})"
+            growth = rss(server.proc.pid) - rss_before
+            assert growth < RSS_GROWTH_LIMIT, f"RSS grew by {growth >> 20} MiB ({rerun})"
+            assert not report.problems, f"{report.problems[:10]} ({rerun})"
+            assert chat.received == chat.sent
+            assert report.connections >= HOSTILE_CONNECTIONS
+            assert report.commands.get("001"), report  # the fuzzers got past registration
+
+            # A newcomer is served as usual.
+            await account(port, "carol", PASSWORD)
+            carol = await good_login(irc_port, "carol", PASSWORD, sasl=True)
+            carol.send("PRIVMSG alice :after the storm")
+            await carol.round_trip("sent")
+            assert await chat.next_from("alice", "carol") == ("alice", "after the storm")
+            await carol.close()
+
+            # Every hostile connection is closed: the server lets go of them all.
+            async with await Client.connect("127.0.0.1", port, timeout=STEP_TIMEOUT) as probe:
+                await probe.login("carol", PASSWORD)
+                left = await settled_connections(probe, len(GOOD) + 1, within=2)
+            if left > len(GOOD) + 1:
+                troubles.append(f"{left - len(GOOD) - 1} hostile connections still open")
+            for client in clients.values():
+                await client.close()
+            server.proc.send_signal(signal.SIGTERM)
+            await log
+            assert await server.proc.wait() == 0, server.stderr.decode()[-3000:]
+    finally:
+        for client in clients.values():
+            await client.close()
+        log.cancel()
+    print(f"{rounds} good rounds, RSS growth {growth >> 10} KiB; {report} ({rerun})")
+    text = server.stderr.decode(errors="replace")
+    records = troubling_records(text)
+    if "Unhandled" in text:
+        records.append(text[text.index("Unhandled") - 200 :][:3000])
+    assert not records, f"the server logged trouble ({rerun}):\n" + "".join(records[:3])[:6000]
+    assert not troubles, f"{troubles[:3]} ({rerun})"
