@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import platform
 import re
 import shutil
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from chatd import cli
 from chatd.client import Client
 from tests.conftest import PASSWORD, ROOT, Harness, Process, Spawn, fast_env
 
@@ -246,3 +248,14 @@ async def test_the_readmes_first_steps_register_then_log_in(harness: Harness) ->
     assert "--token \"$TOKEN\"" in block
     bound = await harness.connect(token=token)
     assert (await bound.request("/channel/list")) == {"channels": []}
+
+
+def test_the_mmap_threshold_is_fixed_on_glibc_unless_the_operator_set_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A moving threshold let the heap keep the high-water mark of hostile traffic
+    # (chatd/cli.py, _tune_allocator); MALLOC_MMAP_THRESHOLD_ is glibc's own knob.
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert cli._tune_allocator() is (platform.libc_ver()[0] == "glibc")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert cli._tune_allocator() is False
