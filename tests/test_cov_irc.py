@@ -181,6 +181,11 @@ async def test_failed_logins_are_slowed_down_on_both_ways_in(app: App) -> None:
     assert await irc.send(f"AUTHENTICATE {plain(chr(0) + 'alice' + chr(0) + PASSWORD)}") == [
         f":{SERVER} 904 alice :SASL authentication failed: too many attempts, wait 2 s"
     ]
+    clock_of(app).now = NOW + 1.6  # 0.4 s left: rounded up, never "wait 0 s"
+    await irc.send("AUTHENTICATE PLAIN")
+    assert await irc.send(f"AUTHENTICATE {plain(chr(0) + 'alice' + chr(0) + PASSWORD)}") == [
+        f":{SERVER} 904 alice :SASL authentication failed: too many attempts, wait 1 s"
+    ]
     clock_of(app).now = NOW + 2  # the wait is over: the right password gets in
     await irc.send("AUTHENTICATE PLAIN")
     accepted = await irc.send(f"AUTHENTICATE {plain(chr(0) + 'alice' + chr(0) + PASSWORD)}")

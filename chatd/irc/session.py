@@ -14,6 +14,7 @@ import asyncio
 import calendar
 import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -212,7 +213,8 @@ class IrcCore:
         try:
             data = await self._call("/login", name=action.name, password=action.password)
         except RateLimited as error:
-            wait = f"too many attempts, wait {error.retry_after:.0f} s"
+            # Rounded up: "wait 0 s" for a wait of 0.4 s told the client to retry at once.
+            wait = f"too many attempts, wait {math.ceil(error.retry_after)} s"
             self.machine.login_failed(action.via_sasl, wait)
             return
         except ChatdError:
