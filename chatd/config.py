@@ -95,6 +95,8 @@ class Config:
     receive_batch: int = _setting(1000, "most messages one /receive or /channel/receive returns", 1)
     channel_backlog: int = _setting(50, "messages a first /channel/receive returns", 0)
     history_page: int = _setting(200, "most messages one /history or /channel/history returns", 1)
+    # Each membership is a stream every /subscribe catches up and every IRC login replays.
+    max_channels_per_user: int = _setting(100, "channels one user may be a member of at once", 1)
 
     # Accounts.
     token_ttl: float = _setting(30 * DAYS, "session token lifetime, in seconds", 1)
@@ -263,6 +265,7 @@ RELOADABLE = frozenset(
         "receive_batch",
         "channel_backlog",
         "history_page",
+        "max_channels_per_user",
         "token_ttl",
         "token_recheck",
         "idle_timeout",

@@ -624,8 +624,14 @@ async def _use_channel(ctx: Context, name: str, rejoin: bool = False) -> Channel
     if not rejoin:  # a first use joins (or creates): /channel/join has paid already
         _throttle_memberships(ctx)
     channel, joined = await ctx.store.join_channel(
-        name, key, validation.name_skeletons(name), ctx.user_id, ctx.clock(), rejoin
-    )
+        name,
+        key,
+        validation.name_skeletons(name),
+        ctx.user_id,
+        ctx.clock(),
+        rejoin,
+        max_memberships=ctx.config.max_channels_per_user,
+    )  # TooManyChannels (code 6) at the cap, before anything is created
     if joined is Joined.LOOKALIKE:
         raise NameTaken(f"channel name looks like the existing channel {channel.name!r}")
     if joined is Joined.LEFT:

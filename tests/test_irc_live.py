@@ -193,6 +193,25 @@ async def test_a_join_to_a_channel_already_joined_sends_nothing(
     await irc.close()
 
 
+async def test_chanlimit_is_advertised_and_a_join_beyond_it_gets_405(
+    make_harness: MakeHarness,
+) -> None:
+    harness, port = await irc_harness(make_harness, max_channels_per_user=2)
+    await harness.user("alice")
+    irc = await IrcClient.connect(port)
+    await irc.login("alice")
+    assert any(" 005 alice " in line and " CHANLIMIT=#:2 " in line for line in irc.seen)
+    await irc.send("JOIN #a,#b,#c,#A", "PING done")
+    await irc.expect(r"PONG \S+ :done$")
+    after = irc.seen[irc.seen.index(f":{SERVER} 366 alice #b :End of /NAMES list") + 1 :]
+    assert [line for line in after if "PONG" not in line] == [
+        f":{SERVER} 405 alice #c :You have joined too many channels",  # #A: a member already
+    ]
+    await irc.send("PART #a", "JOIN #c")  # leaving makes room
+    await irc.expect(r"^:alice!alice@chatd JOIN #c$")
+    await irc.close()
+
+
 async def test_registration_times_out(make_harness: MakeHarness) -> None:
     _, port = await irc_harness(make_harness, auth_timeout=0.5)
     irc = await IrcClient.connect(port)

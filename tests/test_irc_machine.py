@@ -145,16 +145,18 @@ async def test_registration_with_cap_and_sasl_welcomes_byte_exact(app: App) -> N
     assert welcome[0] == (
         f":{SERVER} 001 alice :Welcome to the {SERVER} IRC network, alice!alice@chatd"
     )
-    assert [line.split()[1] for line in welcome] == ["001", "002", "003", "004", "005", "422"]
-    isupport = welcome[4]
+    assert [line.split()[1] for line in welcome] == [
+        "001", "002", "003", "004", "005", "005", "422"
+    ]
+    isupport = welcome[4] + welcome[5]  # 12 tokens a line at most
     for token in (
-        "CASEMAPPING=ascii", "CHANTYPES=#", "NICKLEN=32", "CHANNELLEN=33", "PREFIX=",
-        "CHANMODES=,,,", f"NETWORK={SERVER}", "UTF8ONLY", "CHATHISTORY=200",
-        "MSGREFTYPES=msgid,timestamp",
+        "CASEMAPPING=ascii", "CHANTYPES=#", "CHANLIMIT=#:100", "NICKLEN=32", "CHANNELLEN=33",
+        "PREFIX=", "CHANMODES=,,,", f"NETWORK={SERVER}", "UTF8ONLY", "CHATHISTORY=200",
+        "MSGREFTYPES=msgid,timestamp", "SAFELIST",
     ):
         assert f" {token} " in isupport
-    assert isupport.endswith(":are supported by this server")
-    assert welcome[5] == f":{SERVER} 422 alice :MOTD File is missing"
+    assert all(line.endswith(":are supported by this server") for line in welcome[4:6])
+    assert welcome[6] == f":{SERVER} 422 alice :MOTD File is missing"
 
 
 async def test_registration_without_cap_uses_pass(app: App) -> None:
@@ -610,7 +612,7 @@ async def test_a_client_sending_everything_at_once_is_answered_in_order(app: App
     )
     numerics = [line.split()[1] for line in lines]
     assert numerics == [
-        "CAP", "CAP", "+", "900", "903", "001", "002", "003", "004", "005", "422",
+        "CAP", "CAP", "+", "900", "903", "001", "002", "003", "004", "005", "005", "422",
         "JOIN", "353", "366", "PONG",
     ]
 

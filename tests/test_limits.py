@@ -375,6 +375,39 @@ async def test_joins_and_leaves_share_a_rate_limit(make_harness: MakeHarness) ->
     await bob.request("/channel/join", {"name": "b"})
 
 
+async def test_memberships_per_user_are_capped(make_harness: MakeHarness) -> None:
+    harness = await make_harness(max_channels_per_user=3)
+    alice, bob = await harness.user("alice"), await harness.user("bob")
+    await bob.request("/channel/join", {"name": "bobs"})
+    await alice.request("/channel/join", {"name": "a"})
+    await alice.request("/channel/send", {"name": "b", "message": "hi"})  # a first use joins
+    await alice.request("/channel/receive", {"name": "c"})
+    too_many = "member of too many channels (at most 3): leave one first"
+    for op, params in (
+        ("/channel/join", {"name": "new"}),
+        ("/channel/send", {"name": "new", "message": "hi"}),
+        ("/channel/receive", {"name": "new"}),
+        ("/channel/join", {"name": "bobs"}),  # an existing channel likewise
+    ):
+        refused = await alice.call(op, params)
+        assert (refused["code"], refused["msg"]) == (6, too_many), op
+    # Nothing was created or joined: no channel "new", bob's channel has bob alone.
+    assert (await alice.call("/channel/list_users", {"name": "new"}))["code"] == 5
+    bobs = await bob.request("/channel/list_users", {"name": "bobs"})
+    assert bobs == {"users": [{"name": "bob", "online": True}]}
+    # A channel one is a member of goes on working at the cap.
+    assert (await alice.request("/channel/join", {"name": "A"}))["name"] == "a"
+    await alice.request("/channel/send", {"name": "c", "message": "still fine"})
+    await bob.request("/channel/join", {"name": "a"})  # per user
+    await alice.request("/channel/leave", {"name": "b"})  # leaving makes room
+    await alice.request("/channel/join", {"name": "bobs"})
+    listed = (await alice.request("/channel/list"))["channels"]
+    assert sorted(c["name"] for c in listed) == ["a", "bobs", "c"]
+    # A channel left is joined again only within the cap.
+    refused = await alice.call("/channel/join", {"name": "b"})
+    assert (refused["code"], refused["msg"]) == (6, too_many)
+
+
 async def test_acks_are_rate_limited(make_harness: MakeHarness) -> None:
     harness = await make_harness(ack_rate=0.001, ack_burst=2, abuse_limit=4)
     alice, bob = await harness.user("alice"), await harness.user("bob")

@@ -160,7 +160,7 @@ async def test_prometheus_metrics(make_harness: MakeHarness) -> None:
 
 async def test_sighup_reloads_limits_and_log_level(spawn: Spawn, tmp_path: Path) -> None:
     path = tmp_path / "live.toml"
-    path.write_text('max_message_length = 5\nlog_level = "INFO"\n')
+    path.write_text('max_message_length = 5\nlog_level = "INFO"\nmax_channels_per_user = 1\n')
     server = await spawn("--config", str(path))
     port = await server.wait_listening()
     client = await Client.connect("127.0.0.1", port)
@@ -168,6 +168,8 @@ async def test_sighup_reloads_limits_and_log_level(spawn: Spawn, tmp_path: Path)
                                        "password_repete": PASSWORD})
     await client.login("ann", PASSWORD)
     assert (await client.call("/send", {"name": "ann", "msg": "123456"}))["code"] == 7
+    await client.request("/channel/join", {"name": "a"})
+    assert (await client.call("/channel/join", {"name": "b"}))["code"] == 6
     path.write_text('max_message_length = 50\nlog_level = "DEBUG"\nmax_frame_size = 999\n')
     server.proc.send_signal(signal.SIGHUP)
     assert server.proc.stderr is not None
@@ -176,6 +178,7 @@ async def test_sighup_reloads_limits_and_log_level(spawn: Spawn, tmp_path: Path)
             server.stderr += await server.proc.stderr.readline()
     assert b"max_frame_size changed but needs a restart" in server.stderr
     assert (await client.call("/send", {"name": "ann", "msg": "123456"}))["code"] == 0
+    await client.request("/channel/join", {"name": "b"})  # back to the default cap
     await client.close()
     assert await server.stop() == 0
     assert b"/send -> 0" in server.stderr  # DEBUG took effect too

@@ -35,6 +35,7 @@ from chatd.store import (
     StoreError,
     StreamHeads,
     StreamPosition,
+    TooManyChannels,
     open_store,
 )
 from chatd.validation import name_skeletons
@@ -334,6 +335,60 @@ async def test_joining_leaving_and_rejoining(store: MessageStore) -> None:
     )
     assert joined is Joined.NOW
     assert await store.channel_ids(ann) == [channel.id]
+
+
+async def test_joins_beyond_max_memberships_are_refused_and_create_nothing(
+    backend: Backend,
+) -> None:
+    store = await backend.open()
+    ann = await add_user(store, "ann")
+    bob = await add_user(store, "bob")
+
+    async def join(name: str, user: int, rejoin: bool = False) -> Joined:
+        _, joined = await store.join_channel(
+            name, name, looks(name), user, NOW, rejoin, max_memberships=2
+        )
+        return joined
+
+    assert await join("one", ann) is Joined.NOW
+    assert await join("two", ann) is Joined.NOW
+    with pytest.raises(TooManyChannels, match=r"too many channels \(at most 2\)"):
+        await join("three", ann)
+    assert await store.find_channel("three") is None  # the new channel was not made
+    assert await backend.query("SELECT name FROM channels ORDER BY name") == [("one",), ("two",)]
+    assert await join("one", ann) is Joined.ALREADY  # a member already: fine at the cap
+    assert await join("three", bob) is Joined.NOW  # the cap is per user
+    with pytest.raises(TooManyChannels):
+        await join("three", ann)  # an existing channel is refused too
+    one = await store.find_channel("one")
+    assert one is not None and await store.leave_channel(one.id, ann, NOW)
+    assert await join("three", ann) is Joined.NOW  # leaving made room
+    assert await join("one", ann) is Joined.LEFT  # a left channel says so, as without a cap
+    with pytest.raises(TooManyChannels):
+        await join("one", ann, rejoin=True)  # a rejoin counts as a join
+    assert len(await store.channel_ids(ann)) == 2
+
+
+async def test_max_memberships_holds_for_concurrent_joins(backend: Backend) -> None:
+    # Two stores on one database, as two nodes: their joins of one user race.
+    one, two = await backend.open(), await backend.open()
+    ann = await add_user(one, "ann")
+    bob = await add_user(one, "bob")
+    names = [f"c{i}" for i in range(12)]
+    for name in names:  # existing channels: joining them takes no channel-name lock
+        await one.join_channel(name, name, looks(name), bob, NOW)
+    results = await asyncio.gather(
+        *(
+            (one if i % 2 else two).join_channel(
+                name, name, looks(name), ann, NOW, max_memberships=3
+            )
+            for i, name in enumerate(names)
+        ),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, TooManyChannels)]
+    assert len(refused) == len(names) - 3, results
+    assert len(await one.channel_ids(ann)) == 3
 
 
 async def test_channel_receive_backlog_then_news(store: MessageStore) -> None:

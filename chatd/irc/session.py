@@ -47,7 +47,7 @@ from chatd.irc.machine import (
 )
 from chatd.model import ChannelPost, Event, InboxMessage, Join, Leave, SentCopy, memoised
 from chatd.protocol import DATETIME_FORMAT, Data, Params, Request
-from chatd.store import Bounds
+from chatd.store import Bounds, TooManyChannels
 from chatd.validation import MAX_NAME_LENGTH, name_key
 
 log = logging.getLogger(__name__)
@@ -305,6 +305,7 @@ class IrcCore:
         return [
             "CASEMAPPING=ascii",
             "CHANTYPES=#",
+            f"CHANLIMIT=#:{config.max_channels_per_user}",
             f"NICKLEN={MAX_NAME_LENGTH}",
             f"CHANNELLEN={MAX_NAME_LENGTH + 1}",
             "PREFIX=",
@@ -394,6 +395,9 @@ class IrcCore:
                 continue  # nothing sent, as ergo, ngircd and solanum do
             try:
                 joined = await self._held("/channel/join", name=target[1:])
+            except TooManyChannels:
+                machine.numeric(n.ERR_TOOMANYCHANNELS, target, "You have joined too many channels")
+                continue
             except ChatdError as error:
                 machine.numeric("479", target, f"Cannot join channel: {error.message}")
                 continue

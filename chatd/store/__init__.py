@@ -45,6 +45,7 @@ from chatd.store.rows import (
     StoreError,
     StreamHeads,
     StreamPosition,
+    TooManyChannels,
     User,
 )
 from chatd.store.sqlite import (
@@ -83,6 +84,7 @@ __all__ = [
     "Stored",
     "StreamHeads",
     "StreamPosition",
+    "TooManyChannels",
     "User",
     "backup",
     "is_postgres_url",
@@ -140,6 +142,7 @@ class MessageStore(Protocol):
         user_id: int,
         now: float,
         rejoin: bool = False,
+        max_memberships: int | None = None,
     ) -> tuple[Channel, Joined]: ...
     async def leave_channel(self, channel_id: int, user_id: int, now: float) -> bool: ...
     async def channel_ids(self, user_id: int) -> list[int]: ...

@@ -50,6 +50,7 @@ from chatd.store.rows import (
     StoreError,
     StreamHeads,
     StreamPosition,
+    TooManyChannels,
     User,
     channel_start,
 )
@@ -364,6 +365,20 @@ _CALL_FEW = "SELECT * FROM chatd_store_few($1, $2, $3, $4, $5, $6)"
 _WRITER_SETTINGS = {"plan_cache_mode": "force_generic_plan"}
 
 
+async def _check_room(conn: Any, user_id: int, max_memberships: int) -> None:
+    """Raise TooManyChannels if the user is a member of ``max_memberships`` channels.
+
+    The user's row is locked first, so joins of one user on any node count one after
+    another and the cap is exact.  NO KEY UPDATE, not UPDATE: it does not block the
+    KEY SHARE locks that inserts referencing the user (their messages) take.
+    """
+    await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE", user_id)
+    count = await conn.fetchval(
+        "SELECT count(*) FROM channel_members WHERE user_id = $1 AND left_at IS NULL", user_id
+    )
+    if count >= max_memberships:
+        raise TooManyChannels(max_memberships)
+
 
 class PostgresStore:
     def __init__(self, pool: Any, url: str) -> None:
@@ -621,19 +636,31 @@ class PostgresStore:
         user_id: int,
         now: float,
         rejoin: bool = False,
+        max_memberships: int | None = None,
     ) -> tuple[Channel, Joined]:
         """Create the channel if it is new, and make the user a member.
 
         A user who left is made a member again only with ``rejoin``.  A new name
         that looks like an existing channel's (skeletons) creates nothing: that one is
-        returned with Joined.LOOKALIKE.
+        returned with Joined.LOOKALIKE.  A user who is a member of ``max_memberships``
+        channels already gets TooManyChannels and nothing is created.
         """
         async with self._transaction() as conn:
             row = await conn.fetchrow(_CHANNEL_BY_KEY, key)
             if row is None:
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", CHANNEL_NAMES_LOCK)
                 row = await conn.fetchrow(_CHANNEL_BY_KEY, key)  # made while we waited?
-            if row is None:
+            if row is not None:
+                left = await conn.fetchrow(
+                    "SELECT left_at IS NOT NULL FROM channel_members"
+                    " WHERE channel_id = $1 AND user_id = $2 FOR UPDATE",
+                    row[0], user_id,
+                )
+                if left is not None and not left[0]:
+                    return self._cache_channel(key, row), Joined.ALREADY
+                if left is not None and not rejoin:
+                    return self._cache_channel(key, row), Joined.LEFT
+            else:
                 similar = await conn.fetchrow(
                     "SELECT id, name, created_at FROM channels"
                     " WHERE skeleton = $1 OR upper_skeleton = $2 LIMIT 1",
@@ -641,21 +668,15 @@ class PostgresStore:
                 )
                 if similar is not None:
                     return Channel(*similar), Joined.LOOKALIKE
+            if max_memberships is not None:
+                await _check_room(conn, user_id, max_memberships)
+            if row is None:
                 row = await conn.fetchrow(
                     "INSERT INTO channels (name, name_key, skeleton, upper_skeleton, created_at)"
                     " VALUES ($1, $2, $3, $4, $5) RETURNING id, name, created_at",
                     name, key, *skeletons, now,
                 )
-            channel = self._channels[key] = Channel(*row)
-            left = await conn.fetchrow(
-                "SELECT left_at IS NOT NULL FROM channel_members"
-                " WHERE channel_id = $1 AND user_id = $2 FOR UPDATE",
-                channel.id, user_id,
-            )
-            if left is not None and not left[0]:
-                return channel, Joined.ALREADY
-            if left is not None and not rejoin:
-                return channel, Joined.LEFT
+            channel = self._cache_channel(key, row)
             await conn.execute(
                 "INSERT INTO channel_members (channel_id, user_id, joined_at) VALUES ($1, $2, $3)"
                 " ON CONFLICT (channel_id, user_id) DO UPDATE SET joined_at = excluded.joined_at,"
@@ -663,6 +684,10 @@ class PostgresStore:
                 channel.id, user_id, now,
             )
         return channel, Joined.NOW
+
+    def _cache_channel(self, key: str, row: Any) -> Channel:
+        channel = self._channels[key] = Channel(*row)
+        return channel
 
     async def leave_channel(self, channel_id: int, user_id: int, now: float) -> bool:
         """False if the user was not a member."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Generic, NamedTuple, TypeVar
 
-from chatd.errors import ServerError
+from chatd.errors import Forbidden, ServerError
 
 T = TypeVar("T")
 
@@ -20,6 +20,17 @@ Skeletons = tuple[str, str]
 
 class StoreError(Exception):
     """The database cannot be opened or migrated."""
+
+
+class TooManyChannels(Forbidden):
+    """A join refused because the user is a member of ``limit`` channels already (code 6).
+
+    Nothing was written: not the membership, nor the channel if it was new.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"member of too many channels (at most {limit}): leave one first")
+        self.limit = limit
 
 
 class DatabaseFileLost(ServerError):

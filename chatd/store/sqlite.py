@@ -54,6 +54,7 @@ from chatd.store.rows import (
     StoreError,
     StreamHeads,
     StreamPosition,
+    TooManyChannels,
     User,
     channel_start,
 )
@@ -1037,18 +1038,31 @@ class Store:
         user_id: int,
         now: float,
         rejoin: bool = False,
+        max_memberships: int | None = None,
     ) -> tuple[Channel, Joined]:
         """Create the channel if it is new, and make the user a member.
 
         A user who left is made a member again only with ``rejoin``.  A new name
         that looks like an existing channel's (skeletons) creates nothing: that one is
-        returned with Joined.LOOKALIKE (checked and created in one transaction).
+        returned with Joined.LOOKALIKE (checked and created in one transaction).  A user
+        who is a member of ``max_memberships`` channels already gets TooManyChannels and
+        nothing is created; counted in the write transaction, so the cap is exact.
         """
         async with self._transaction() as db:
             rows = await self._rows(
                 "SELECT id, name, created_at FROM channels WHERE name_key = ?", (key,)
             )
-            if not rows:
+            if rows:
+                member = await self._rows(
+                    "SELECT left_at IS NOT NULL FROM channel_members"
+                    " WHERE channel_id = ? AND user_id = ?",
+                    (rows[0][0], user_id),
+                )
+                if member and not member[0][0]:
+                    return self._cache_channel(key, rows[0]), Joined.ALREADY
+                if member and not rejoin:
+                    return self._cache_channel(key, rows[0]), Joined.LEFT
+            else:
                 similar = await self._rows(
                     "SELECT id, name, created_at FROM channels"
                     " WHERE skeleton = ? OR upper_skeleton = ? LIMIT 1",
@@ -1056,22 +1070,21 @@ class Store:
                 )
                 if similar:
                     return Channel(*similar[0]), Joined.LOOKALIKE
+            # Checked before the channel is made, so a refused join creates nothing.
+            if max_memberships is not None:
+                count = await self._scalar(
+                    "SELECT count(*) FROM channel_members WHERE user_id = ? AND left_at IS NULL",
+                    (user_id,),
+                )
+                if count >= max_memberships:
+                    raise TooManyChannels(max_memberships)
+            if not rows:
                 rows = await self._rows(
                     "INSERT INTO channels (name, name_key, skeleton, upper_skeleton, created_at)"
                     " VALUES (?, ?, ?, ?, ?) RETURNING id, name, created_at",
                     (name, key, *skeletons, now),
                 )
-            channel = self._channels[key] = Channel(*rows[0])
-            rows = await self._rows(
-                "SELECT left_at IS NOT NULL FROM channel_members"
-                " WHERE channel_id = ? AND user_id = ?",
-                (channel.id, user_id),
-            )
-            member = rows[0] if rows else None
-            if member is not None and not member[0]:
-                return channel, Joined.ALREADY
-            if member is not None and not rejoin:
-                return channel, Joined.LEFT
+            channel = self._cache_channel(key, rows[0])
             await db.execute(
                 "INSERT INTO channel_members (channel_id, user_id, joined_at) VALUES (?, ?, ?)"
                 " ON CONFLICT DO UPDATE SET joined_at = excluded.joined_at,"
@@ -1079,6 +1092,10 @@ class Store:
                 (channel.id, user_id, now),
             )
         return channel, Joined.NOW
+
+    def _cache_channel(self, key: str, row: Any) -> Channel:
+        channel = self._channels[key] = Channel(*row)
+        return channel
 
     async def leave_channel(self, channel_id: int, user_id: int, now: float) -> bool:
         """False if the user was not a member."""
