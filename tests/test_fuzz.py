@@ -34,9 +34,9 @@ MAX_FRAME = 65536  # the server's default max_frame_size
 # Short runs (CI's) bound the growth; long ones bound its last quarter, and the total
 # more loosely.
 RSS_GROWTH_LIMIT = 64 * 1024 * 1024
-LONG_RUN = 40.0  # seconds from which a run is judged by its last quarter
+LONG_RUN = 15.0  # seconds from which a run is judged by its last quarter
 LONG_RUN_GROWTH_LIMIT = 128 * 1024 * 1024
-LAST_QUARTER_GROWTH_LIMIT = 16 * 1024 * 1024
+LAST_QUARTER_GROWTH_LIMIT = 24 * 1024 * 1024
 MIN_ROUNDS = 20  # messages the good clients exchange at least, however short the run
 STEP_TIMEOUT = 15.0  # any single wait of a good client
 
