@@ -50,6 +50,37 @@ OP_NAMES = [*OPS, "/", "/nope", "/SEND", "send", "/send/", "/send\x00", ""]
 EDGE_INTS = [0, 1, -1, 2**31, 2**32, 2**53, 2**63 - 1, 2**63, 2**64 - 1, -(2**63), -(2**31)]
 
 
+async def hang_up(writer: asyncio.StreamWriter, rng: random.Random) -> None:
+    """End a hostile connection: now and then with a reset (RST), else a clean close."""
+    if rng.random() < 0.2:
+        sock = writer.get_extra_info("socket")
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+    else:
+        writer.close()
+    try:
+        async with asyncio.timeout(2):
+            await writer.wait_closed()
+    except TimeoutError:
+        # close() waits to flush what we wrote, and the server stopped reading a client
+        # that does not read: give up the way a real client would.
+        writer.transport.abort()
+    except ConnectionError:
+        pass
+
+
+def memory_problem(before: int, late: int, after: int, seconds: float) -> str | None:
+    """What is wrong with a run's RSS (before it, at the start of its last quarter,
+    after it), if anything: a short run's growth, a long one's last quarter and total."""
+    growth, late_growth = after - before, after - late
+    if seconds < LONG_RUN:
+        return f"RSS grew by {growth >> 20} MiB" if growth >= RSS_GROWTH_LIMIT else None
+    if late_growth >= LAST_QUARTER_GROWTH_LIMIT:
+        return f"RSS grew by {late_growth >> 20} MiB in the last quarter"
+    return f"RSS grew by {growth >> 20} MiB" if growth >= LONG_RUN_GROWTH_LIMIT else None
+
+
 async def rss_at(pid: int, when: float) -> int:
     """The process's resident memory at loop time ``when`` (a measurement's clock)."""
     await asyncio.sleep(max(0.0, when - asyncio.get_running_loop().time()))
@@ -338,22 +369,7 @@ async def hostile(port: int, fuzzer: Fuzzer, deadline: float, report: Report) ->
         except (ConnectionError, TimeoutError):
             pass  # the server hung up, or stopped reading a client that does not read
         finally:
-            if rng.random() < 0.2:  # a reset (RST) instead of a clean close
-                sock = writer.get_extra_info("socket")
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                writer.transport.abort()
-            else:
-                writer.close()
-            try:
-                async with asyncio.timeout(2):
-                    await writer.wait_closed()
-            except TimeoutError:
-                # close() waits to flush what we wrote, and the server stopped reading
-                # a client that does not read: give up the way a real client would.
-                writer.transport.abort()
-            except ConnectionError:
-                pass
+            await hang_up(writer, rng)
             if reading is not None:
                 reading.cancel()
                 await asyncio.gather(reading, return_exceptions=True)
@@ -483,13 +499,9 @@ async def test_hostile_clients_do_not_disturb_well_behaved_ones(spawn: Spawn) ->
 
             assert server.proc.returncode is None, f"the server died ({rerun})"
             rss_after = rss(server.proc.pid)
-            growth, late = rss_after - rss_before, rss_after - await last_quarter
-            if SECONDS < LONG_RUN:
-                assert growth < RSS_GROWTH_LIMIT, f"RSS grew by {growth >> 20} MiB ({rerun})"
-            else:
-                assert late < LAST_QUARTER_GROWTH_LIMIT, (
-                    f"RSS grew by {late >> 20} MiB in the last quarter ({rerun})")
-                assert growth < LONG_RUN_GROWTH_LIMIT, f"RSS grew by {growth >> 20} MiB ({rerun})"
+            growth = rss_after - rss_before
+            problem = memory_problem(rss_before, await last_quarter, rss_after, SECONDS)
+            assert problem is None, f"{problem} ({rerun})"
             assert not report.problems, f"{report.problems[:10]} ({rerun})"
             assert chat.received == chat.sent
             assert report.connections >= HOSTILE_CONNECTIONS

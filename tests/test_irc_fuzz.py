@@ -14,8 +14,6 @@ import os
 import random
 import re
 import signal
-import socket
-import struct
 from dataclasses import dataclass, field
 
 from chatd.client import Client
@@ -26,8 +24,11 @@ from tests.conftest import PASSWORD, Spawn
 from tests.test_fuzz import (
     GOOD_PASSWORD,
     account,
+    hang_up,
+    memory_problem,
     read_log,
     rss,
+    rss_at,
     settled_connections,
     troubling_records,
 )
@@ -35,7 +36,6 @@ from tests.test_irc_live import free_port
 
 SECONDS = float(os.environ.get("CHATD_FUZZ_SECONDS", "3"))
 HOSTILE_CONNECTIONS = 6
-RSS_GROWTH_LIMIT = 64 * 1024 * 1024
 MIN_ROUNDS = 20  # messages the good clients exchange at least, however short the run
 STEP_TIMEOUT = 15.0  # any single wait of a good client
 SERVER = "irc.fuzz"
@@ -343,25 +343,6 @@ async def hostile(port: int, fuzzer: Fuzzer, deadline: float, report: Report) ->
                 await asyncio.gather(reading, return_exceptions=True)
 
 
-async def hang_up(writer: asyncio.StreamWriter, rng: random.Random) -> None:
-    if rng.random() < 0.2:  # a reset (RST) instead of a clean close
-        sock = writer.get_extra_info("socket")
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        writer.transport.abort()
-    else:
-        writer.close()
-    try:
-        async with asyncio.timeout(2):
-            await writer.wait_closed()
-    except TimeoutError:
-        # close() waits to flush what we wrote, and the server stopped reading a
-        # client that does not read: give up the way a real client would.
-        writer.transport.abort()
-    except ConnectionError:
-        pass
-
-
 class GoodIrc:
     """A well-behaved IRC client: its lines in a queue, PINGs answered as they come."""
 
@@ -512,12 +493,16 @@ async def test_hostile_irc_clients_do_not_disturb_well_behaved_ones(spawn: Spawn
                 hostile(irc_port, Fuzzer(random.Random(f"{seed}/{i}"), user), deadline, report)
                 for i, user in enumerate(FUZZ_USERS)
             ]
+            last_quarter = asyncio.ensure_future(
+                rss_at(server.proc.pid, deadline - SECONDS / 4))
             rounds, *_ = await asyncio.gather(chat.run(deadline), *fuzzers)
             await chat.check_nothing_more()
 
             assert server.proc.returncode is None, f"the server died ({rerun})"
-            growth = rss(server.proc.pid) - rss_before
-            assert growth < RSS_GROWTH_LIMIT, f"RSS grew by {growth >> 20} MiB ({rerun})"
+            rss_after = rss(server.proc.pid)
+            growth = rss_after - rss_before
+            problem = memory_problem(rss_before, await last_quarter, rss_after, SECONDS)
+            assert problem is None, f"{problem} ({rerun})"
             assert not report.problems, f"{report.problems[:10]} ({rerun})"
             assert chat.received == chat.sent
             assert report.connections >= HOSTILE_CONNECTIONS
