@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 
 from chatd.bus_redis import BusMessage, Notice, RedisBus, _parse_url, _tls_context
-from chatd.client import Client
 from tests.cluster_helpers import RedisServer, redis_server
 from tests.conftest import harness_factory
 from tests.pg_helpers import unavailable
+from tests.test_cov_cluster import next_push
 
 WAIT = 20.0  # bound on every wait for an event; generous for a loaded machine
 
@@ -72,14 +72,6 @@ async def refused(url: str) -> str:
         with pytest.raises(ConnectionError, match="cannot subscribe") as failed:
             await bus.start(timeout=1.0)
     return str(failed.value)
-
-
-async def next_push(client: Client, kind: str) -> dict[str, Any]:
-    async with asyncio.timeout(WAIT):
-        while True:
-            event = await client.next_event()
-            if event.get("event") == kind:
-                return event
 
 
 async def two_nodes_share_a_channel(url: str, pg_url: str) -> None:
