@@ -1495,11 +1495,12 @@ def _insert_one(conn: sqlite3.Cursor, message: NewMessage, heads: dict[int, int]
     else:
         moved = conn.execute(_heads_sql(message.kind, 1), (target, 1)).fetchall()
         seq = moved[0][1] if moved else 1  # a stream whose row is gone: the insert fails
-    message_id = conn.execute(
-        _insert_sql(message.kind, 1),
-        (message.sender_id, target, seq, message.body, message.created_at, None),
-    ).lastrowid
-    assert message_id is not None
+    message_id = _rowid(
+        conn.execute(
+            _insert_sql(message.kind, 1),
+            (message.sender_id, target, seq, message.body, message.created_at, None),
+        )
+    )
     if len(heads) >= _HEADS_KEPT:
         heads.clear()  # a guess per stream written to: bounded, and refilled as it goes
     heads[target] = seq
