@@ -247,7 +247,12 @@ async def _existing_user(ctx: Context, params: Params, cached: bool = False) -> 
 
 
 async def user_info(ctx: Context, params: Params) -> Data:
-    user = await _existing_user(ctx, params)
+    if params.raw("name") is None:
+        # Without a name, the caller's own account ("who am I"): a client that started
+        # from a saved token learns whose it is.
+        user = await _existing_user(ctx, Params({"name": ctx.user_name}))
+    else:
+        user = await _existing_user(ctx, params)
     return {
         "name": user.name,
         "registered": format_datetime(user.created_at),

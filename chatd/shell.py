@@ -212,8 +212,6 @@ class Shell:
 
     async def on_event(self, event: dict[str, Any]) -> None:
         data = event.get("data") or {}
-        if event.get("event") == "message" and "to" in data and self.me is None:
-            self.me = data["name"]  # a copy of what this user sent elsewhere
         stream = _stream_of(event)
         if stream is None or self._is_new(stream, data["id"]):
             text = describe(event, self.me)
@@ -258,8 +256,8 @@ class Shell:
         """List the user's channels, then subscribe (after /login, or at start with a token):
         in this order, what was missed meanwhile shows after "logged in", not above it."""
         joined = [c["name"] for c in (await self.call("/channel/list"))["channels"]]
-        who = f" as {self.me}" if self.me else ""
-        self.screen.say(f"logged in{who}; your channels: {', '.join(joined) or 'none yet'}")
+        channels = ", ".join(joined) or "none yet"
+        self.screen.say(f"logged in as {self.me}; your channels: {channels}")
         if self.channel is not None:
             self._keep_channel(joined)
         await self.call("/subscribe")
@@ -282,6 +280,7 @@ class Shell:
         """Start with the token given (--token, $CHATD_TOKEN)."""
         self._doing = "the login with the token given"
         try:
+            self.me = (await self.call("/user/info"))["name"]
             await self.start_session()
         except NotAuthenticated:
             # Forgotten: sent with every command, it would be refused every time, and the

@@ -110,6 +110,17 @@ async def test_a_token_binds_a_fresh_connection(harness: Harness) -> None:
     assert data["name"] == "alice"
 
 
+async def test_user_info_without_a_name_is_the_callers_own(harness: Harness) -> None:
+    again = await harness.connect(token=(await harness.user("bob")).token)
+    data = await again.request("/user/info")  # a client started from a saved token
+    assert data["name"] == "bob" and data["online"] is True
+    with pytest.raises(NotAuthenticated):  # nobody's, unbound
+        await (await harness.connect()).request("/user/info")
+    assert (await again.request("/user/info", {"name": None}))["name"] == "bob"  # nil: absent
+    with pytest.raises(BadRequest):  # a name given must still be a name
+        await again.request("/user/info", {"name": 5})
+
+
 async def test_a_bad_token_is_refused_even_on_ping(harness: Harness) -> None:
     client = await harness.connect(token="x" * 43)
     assert (await client.call("/ping"))["code"] == 2

@@ -140,14 +140,14 @@ async def test_logging_in_as_an_account_outside_the_channel_drops_it(harness: Ha
         await ann.prompt("> ")
 
 
-async def test_a_session_resumed_with_a_token_learns_its_name_from_a_copy(
+async def test_a_session_resumed_with_a_token_learns_its_name(
     harness: Harness,
 ) -> None:
     ann, bob = await harness.user("ann"), await harness.user("bob")
     client = await Client.connect("127.0.0.1", harness.port, token=ann.token, timeout=10)
     resumed = Session(client)
     try:
-        await resumed.screen.expect(TIME + "logged in; your channels: none yet$")  # no name
+        await resumed.screen.expect(TIME + "logged in as ann; your channels: none yet$")
         await ann.request("/send", {"name": "bob", "msg": "from elsewhere"})
         await resumed.screen.expect(TIME + "ann -> bob: from elsewhere$")  # the copy
         resumed.keyboard.type("/msg bob and from here")
@@ -193,7 +193,7 @@ async def test_a_connection_lost_during_the_login_with_a_token_is_reconnected(
     client = await Client.connect("127.0.0.1", port, token=ann.token, timeout=10)
     resumed = Session(client)
     try:
-        await resumed.screen.expect(TIME + "logged in; your channels: lobby$")
+        await resumed.screen.expect(TIME + "logged in as ann; your channels: lobby$")
         resumed.keyboard.type("/list")  # run once the login has subscribed
         await resumed.screen.expect(TIME + "lobby: 0 unread$")
         await bob.request("/channel/send", {"name": "lobby", "message": "still here"})
@@ -214,7 +214,7 @@ async def test_a_token_accepted_at_start_but_refused_a_subscription_is_not_blame
     client = await Client.connect("127.0.0.1", harness.port, token=ann.token, timeout=10)
     resumed = Session(client)
     try:
-        await resumed.screen.expect(TIME + "logged in; your channels: none yet$")
+        await resumed.screen.expect(TIME + "logged in as ann; your channels: none yet$")
         await resumed.screen.expect(TIME + "error 8: ")
         assert not [line for line in resumed.screen.lines if "token" in line]
         await resumed.quit()
