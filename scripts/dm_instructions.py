@@ -42,19 +42,28 @@ import loadgen
 TOTALS = re.compile(r"^(?:totals|summary): (\d+)", re.MULTILINE)
 
 
-async def run_once(source: Path, args: argparse.Namespace, messages: int, workdir: Path,
-                   label: str) -> tuple[int, bool]:
-    """chatd from ``source`` under callgrind, one load: (instructions, verified)."""
+MINIIRCD = "miniircd"  # the source name that runs the peer (--miniircd), not a chatd tree
+
+
+async def run_once(name: str, source: Path, args: argparse.Namespace, messages: int,
+                   workdir: Path, label: str) -> tuple[int, bool]:
+    """chatd from the tree ``source`` (or, named MINIIRCD, the miniircd script ``source``)
+    under callgrind, one load: (instructions, verified)."""
     out = workdir / f"{label}.callgrind"
-    argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-            "--dump-instr=no", "--collect-jumps=no", "--separate-threads=no",
-            sys.executable, "-m", "chatd", "--port", "0",
-            "--db", str(workdir / f"{label}.sqlite3"), "--log-level", "WARNING",
-            "--ping-interval", "3600", *bench.UNLIMITED, *bench.CHEAP_ARGON2]
-    os.environ["PYTHONPATH"] = str(source)
-    server = await bench.ServerProcess.start(argv, workdir, label, pin=False)
+    callgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                 "--dump-instr=no", "--collect-jumps=no", "--separate-threads=no"]
     check = bench.Check()
-    wire = loadgen.FrameWire(server.host, server.port)
+    wire: loadgen.Wire
+    if name == MINIIRCD:
+        server = await start_miniircd(callgrind, source, workdir, label)
+        wire = loadgen.IrcWire(server.host, server.port, MINIIRCD)
+    else:
+        argv = [*callgrind, sys.executable, "-m", "chatd", "--port", "0",
+                "--db", str(workdir / f"{label}.sqlite3"), "--log-level", "WARNING",
+                "--ping-interval", "3600", *bench.UNLIMITED, *bench.CHEAP_ARGON2]
+        os.environ["PYTHONPATH"] = str(source)
+        server = await bench.ServerProcess.start(argv, workdir, label, pin=False)
+        wire = loadgen.FrameWire(server.host, server.port)
     try:
         if args.scenario == "dm":
             sizes = loadgen.LoadSizes(pairs=args.pairs, messages=messages, window=256,
@@ -77,15 +86,46 @@ async def run_once(source: Path, args: argparse.Namespace, messages: int, workdi
     return int(found[1]), check.ok and not server.error_lines()
 
 
-def add_sources(parser: argparse.ArgumentParser) -> None:
+async def start_miniircd(callgrind: list[str], script: Path, workdir: Path, label: str
+                         ) -> bench.ServerProcess:
+    """miniircd (the script ``script``, run by the Python of its virtualenv) under
+    callgrind on a spare port, once it accepts connections."""
+    port = bench.spare_port()
+    python = script.parent / "python"
+    argv = [*callgrind, str(python if python.exists() else sys.executable), str(script),
+            "--listen", "127.0.0.1", "--ports", str(port)]
+    if os.geteuid() == 0:  # miniircd refuses root without --setuid; root again keeps
+        argv += ["--setuid", "root"]  # callgrind's output file (made as root) writable
+    log = workdir / f"{label}.log"
+    popen = bench._spawn(argv, log, dict(os.environ), workdir)
+    server = bench.ServerProcess("127.0.0.1", port, popen.pid, popen, log)
+    deadline = time.monotonic() + bench.START_TIMEOUT
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            if popen.poll() is not None or time.monotonic() > deadline:
+                await server.stop()
+                tail = server.log_tail()
+                raise SystemExit(f"miniircd did not listen on {port}:\n{tail}") from None
+            await asyncio.sleep(0.1)
+            continue
+        writer.close()
+        return server
+
+
+def add_sources(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """--source NAME=DIR (repeatable), read by sources_of."""
-    parser.add_argument("--source", action="append", required=True, metavar="NAME=DIR",
+    parser.add_argument("--source", action="append", required=required, metavar="NAME=DIR",
                         help="a tree whose chatd/ the server runs (repeatable)")
 
 
 def sources_of(args: argparse.Namespace) -> list[tuple[str, Path]]:
-    return [(name, Path(path).resolve()) for name, _, path in
-            (item.partition("=") for item in args.source)]
+    sources = [(name, Path(path).resolve()) for name, _, path in
+               (item.partition("=") for item in args.source or ())]
+    if getattr(args, "miniircd", None):  # run_once knows it by its name
+        sources.append((MINIIRCD, Path(args.miniircd).expanduser().resolve()))
+    return sources
 
 
 def in_turns(sources: list[tuple[str, Path]], rounds: int
@@ -98,7 +138,7 @@ def in_turns(sources: list[tuple[str, Path]], rounds: int
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_sources(parser)
+    add_sources(parser, required=False)
     parser.add_argument("--scenario", choices=("dm", "latency"), default="dm")
     parser.add_argument("--pairs", type=int, default=10)
     parser.add_argument("--rate", type=float, default=50.0,
@@ -108,7 +148,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--large", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--keep", metavar="DIR", help="keep the callgrind files in DIR")
-    return parser.parse_args()
+    parser.add_argument("--miniircd", metavar="SCRIPT",
+                        help="also count miniircd (over IRC), e.g. "
+                             "~/.cache/chatd-bench-peers/venv/bin/miniircd")
+    args = parser.parse_args()
+    if not args.source and not args.miniircd:
+        parser.error("give --source NAME=DIR, --miniircd SCRIPT, or both")
+    return args
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -118,8 +164,10 @@ async def main(args: argparse.Namespace) -> None:
         workdir = Path(args.keep or tmp)
         for round_, name, source in in_turns(sources_of(args), args.rounds):
             started = time.monotonic()
-            small, ok1 = await run_once(source, args, args.small, workdir, f"r{round_}{name}s")
-            large, ok2 = await run_once(source, args, args.large, workdir, f"r{round_}{name}l")
+            small, ok1 = await run_once(name, source, args, args.small, workdir,
+                                       f"r{round_}{name}s")
+            large, ok2 = await run_once(name, source, args, args.large, workdir,
+                                       f"r{round_}{name}l")
             result: dict[str, Any] = {
                 "round": round_ + 1, "source": name, "scenario": args.scenario,
                 "verified": ok1 and ok2,

@@ -7,7 +7,9 @@ the figures' concern):
 
 - ``one``: ``_insert_one`` per message (the head's compare-and-set, then the INSERT);
 - ``planned``: ``_insert_planned`` (the heads moved by one UPDATE ... RETURNING, then
-  one multi-row INSERT).
+  one multi-row INSERT);
+- ``store`` (``--through-store``, one message a commit): through ``Store.enqueue``, as
+  the server sends, so that what the store adds around the transaction shows.
 
 Prints wall time and this process's CPU per commit, for each size, alternated, in
 several rounds. Run it pinned, on a quiet machine:
@@ -68,11 +70,40 @@ def commit_cost(path: str, size: int, way: str, commits: int) -> tuple[float, fl
     return wall / commits * 1e6, cpu / commits * 1e6
 
 
+def store_cost(path: str, commits: int) -> tuple[float, float]:
+    """(wall, CPU) microseconds per lone message sent through the store as the server
+    sends it (``Store.enqueue``, awaited, on uvloop where installed): the transaction of
+    ``one`` plus the hand-over to the database thread, the wake-up back and the checks
+    after the commit. CPU of both threads."""
+
+    async def send_all() -> tuple[float, float]:
+        store = await Store.open(path)
+        try:
+            for k in range(200):  # warm-up: the statements compiled, the heads known
+                await store.enqueue(NewMessage(PRIVATE, 1, 2 + k % RECIPIENTS, BODY, 1.0, None))
+            wall, cpu = time.perf_counter(), time.process_time()
+            for k in range(commits):
+                await store.enqueue(NewMessage(PRIVATE, 1, 2 + k % RECIPIENTS, BODY, 1.0, None))
+            return time.perf_counter() - wall, time.process_time() - cpu
+        finally:
+            await store.close()
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - chatd's default install has it
+        wall, cpu = asyncio.run(send_all())
+    else:
+        wall, cpu = uvloop.run(send_all())
+    return wall / commits * 1e6, cpu / commits * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 3, 8, 16])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--commits", type=int, default=4000)
+    parser.add_argument("--through-store", action="store_true",
+                        help="also a lone message through Store.enqueue (store_cost)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         path = str(Path(workdir) / "cost.sqlite3")
@@ -84,6 +115,10 @@ def main() -> None:
                     wall, cpu = commit_cost(path, size, way, args.commits)
                     print(f"round {round_ + 1} size {size:3d} {way:8s}"
                           f" {wall:7.1f} us wall {cpu:7.1f} us CPU per commit")
+            if args.through_store:
+                wall, cpu = store_cost(path, args.commits)
+                print(f"round {round_ + 1} size   1 store   "
+                      f" {wall:7.1f} us wall {cpu:7.1f} us CPU per commit")
 
 
 if __name__ == "__main__":
