@@ -48,7 +48,7 @@ from chatd.commands import (
     private_line,
     typed,
 )
-from chatd.errors import ChatdError, Forbidden, NotAuthenticated, NotFound
+from chatd.errors import BadRequest, ChatdError, Forbidden, NotAuthenticated, NotFound
 
 FIRST_RETRY, MAX_RETRY = 1.0, 30.0  # seconds between reconnection attempts
 NOT_LOGGED_IN = "not logged in: /login NAME first, or /register NAME for a new account"
@@ -257,7 +257,8 @@ class Shell:
         in this order, what was missed meanwhile shows after "logged in", not above it."""
         joined = [c["name"] for c in (await self.call("/channel/list"))["channels"]]
         channels = ", ".join(joined) or "none yet"
-        self.screen.say(f"logged in as {self.me}; your channels: {channels}")
+        who = f" as {self.me}" if self.me else ""  # unknown: see whoami
+        self.screen.say(f"logged in{who}; your channels: {channels}")
         if self.channel is not None:
             self._keep_channel(joined)
         await self.call("/subscribe")
@@ -280,7 +281,7 @@ class Shell:
         """Start with the token given (--token, $CHATD_TOKEN)."""
         self._doing = "the login with the token given"
         try:
-            self.me = (await self.call("/user/info"))["name"]
+            self.me = await self.whoami()
             await self.start_session()
         except NotAuthenticated:
             # Forgotten: sent with every command, it would be refused every time, and the
@@ -290,6 +291,14 @@ class Shell:
                             "/login NAME to log in")
         except ChatdError as error:  # the token was accepted; a refused /subscribe, say
             self.report(error)
+
+    async def whoami(self) -> str | None:
+        """The name of the account the token given is for (``/user/info`` without a name),
+        or None from a server older than that question (it asks for the name: code 1)."""
+        try:
+            return str((await self.call("/user/info"))["name"])
+        except BadRequest:
+            return None
 
     # Channels.
 

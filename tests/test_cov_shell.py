@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 
+from chatd import handlers
 from chatd.client import MAX_REPLY_SIZE, Client
 from chatd.codec import FrameDecoder, encode_frame
+from chatd.protocol import Data, Params
 from chatd.shell import NOT_LOGGED_IN, Screen, run_session
 from tests.conftest import PASSWORD, Harness, MakeHarness
 from tests.test_chatcat import TIME, Keyboard, LinkProxy, Session, Transcript, session
@@ -157,6 +159,28 @@ async def test_a_session_resumed_with_a_token_learns_its_name(
         resumed.keyboard.typed.put_nowait(None)  # the end of input ends the session
         async with asyncio.timeout(20):
             assert await resumed.task == 0
+    finally:
+        resumed.task.cancel()
+        await client.close()
+
+
+async def test_a_server_that_cannot_say_whose_token_it_is_still_logs_in(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A chatd from before "/user/info without a name": it asks for the name (code 1).
+    async def named_only(ctx: handlers.Context, params: Params) -> Data:
+        params.text("name", 100)
+        raise AssertionError("chatcat asked about someone by name")
+
+    monkeypatch.setitem(handlers.OPS, "/user/info", handlers.Op(named_only))
+    ann = await harness.user("ann")
+    client = await Client.connect("127.0.0.1", harness.port, token=ann.token, timeout=10)
+    resumed = Session(client)
+    try:
+        await resumed.screen.expect(TIME + "logged in; your channels: none yet$")  # no name
+        resumed.keyboard.type("/join lobby")
+        await resumed.screen.expect(TIME + "talking in lobby$")
+        await resumed.quit()
     finally:
         resumed.task.cancel()
         await client.close()
