@@ -15,7 +15,7 @@ import pytest
 
 from chatd.bus_redis import Notice, RedisBus, RedisPresence
 from chatd.client import Client
-from chatd.cluster import REDIS_EXTRA
+from chatd.cluster import REDIS_EXTRA, ClusterBus
 from chatd.config import Config
 from chatd.server import Server
 from tests.cluster_helpers import RedisServer, spare_port
@@ -138,28 +138,81 @@ async def test_presence_falls_back_to_the_nodes_own_sessions_while_redis_is_down
     assert (await alice.request("/user/info", {"name": "alice"}))["online"] is True
 
 
-async def test_a_message_sent_while_redis_was_down_is_pushed_when_the_bus_is_back(
+Pushes = dict[str, list[int]]  # ids pushed to a client, by event kind
+
+
+async def pushes_until(client: Client, last: dict[str, int]) -> Pushes:
+    """The ids of the messages pushed to ``client`` (not copies of its own: no "to"), by
+    kind, until the id ``last[kind]`` has come for every kind; other events ignored."""
+    pushed: Pushes = {kind: [] for kind in last}
+    async with asyncio.timeout(WAIT):
+        while any(last[kind] not in pushed[kind] for kind in last):
+            event = await client.next_event()
+            ids = pushed.get(event.get("event", ""))
+            if ids is not None and "to" not in event["data"]:
+                ids.append(event["data"]["id"])
+    return pushed
+
+
+def newest(pushes: Pushes) -> dict[str, int]:
+    return {kind: ids[-1] for kind, ids in pushes.items() if ids}
+
+
+async def send(sender: Client, kinds: tuple[str, ...], text: str) -> Pushes:
+    """One message of each kind from ``sender``: "channel_message" to #hall,
+    "message" to bob; their ids."""
+    sent: Pushes = {}
+    for kind in kinds:
+        if kind == "channel_message":
+            reply = await sender.request("/channel/send", {"name": "hall", "message": text})
+        else:
+            reply = await sender.request("/send", {"name": "bob", "msg": text})
+        sent[kind] = [reply["id"]]
+    return sent
+
+
+BOTH = ("channel_message", "message")
+
+
+def bus_of(node: Harness) -> ClusterBus:
+    cluster = node.server._cluster
+    assert cluster is not None
+    return cluster
+
+
+async def test_messages_stored_while_the_bus_was_down_are_pushed_by_the_resync_once_each(
     make_node: MakeHarness, redis: RedisServer,
 ) -> None:
-    """On reconnecting, a node reads its followed streams at once, not at the next
-    position check (an hour away here)."""
+    """Redis goes down; Alice sends on A, whose notices are dropped (A cannot publish,
+    B cannot hear).  When B subscribes again it reads its followed streams at once (the
+    resync), not at the next position check (an hour away here): Bob gets every message
+    sent meanwhile live, in order, once each, then the next ones as usual."""
     a = await make_node(node_id="a", bus_position_check=3600.0)
     b = await make_node(node_id="b", bus_position_check=3600.0)
-    alice = await a.user("alice")
-    bob = await b.user("bob")
-    await alice.request("/channel/join", {"name": "hall"})
-    await bob.request("/channel/join", {"name": "hall"})
+    alice, bob = await a.user("alice"), await b.user("bob")
+    for client in (alice, bob):
+        await client.request("/channel/join", {"name": "hall"})
     await bob.request("/subscribe", {})
+    before = await send(alice, BOTH, "before")
+    assert await pushes_until(bob, newest(before)) == before
+    publisher = bus_of(a).redis
     await redis.kill()
-    sent = await alice.request("/channel/send", {"name": "hall", "message": "while down"})
-    publisher = a.server._cluster
-    assert publisher is not None
-    async with asyncio.timeout(WAIT):  # its notice dropped, not queued: the store's way
-        while publisher.redis.counts.dropped == 0:  # noqa: ASYNC110
+    down: Pushes = {kind: [] for kind in BOTH}
+    async with asyncio.timeout(WAIT):
+        # Polled (no event to wait on): A knows its link is gone, so its notices are not
+        # written to a dead socket but dropped (counted), not queued for Redis's return.
+        while publisher.publishing:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        for n in range(3):
+            for kind, ids in (await send(alice, BOTH, f"while down {n}")).items():
+                down[kind] += ids
+        while publisher.counts.dropped < 6:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
     await redis.start()
-    event = await next_push(bob, "channel_message")
-    assert event["data"]["id"] == sent["id"]
+    assert await pushes_until(bob, newest(down)) == down
+    after = await send(alice, BOTH, "after")  # nothing before it: no message twice
+    assert await pushes_until(bob, newest(after)) == after
+    assert bus_of(b).redis.counts.reconnects == 1
 
 
 async def test_a_stream_nobody_here_follows_any_more_is_dropped_at_the_next_check(
