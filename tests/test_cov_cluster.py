@@ -215,17 +215,68 @@ async def test_messages_stored_while_the_bus_was_down_are_pushed_by_the_resync_o
     assert bus_of(b).redis.counts.reconnects == 1
 
 
-async def test_a_stream_nobody_here_follows_any_more_is_dropped_at_the_next_check(
-    make_node: MakeHarness,
-) -> None:
-    node = await make_node(node_id="a", bus_position_check=0.1)
-    bob = await node.user("bob")
+# How Bob's only session on B lets go of #hall (c:1) and of his inbox (u:2), by the
+# streams B stops following: an inbox is followed while its user is on the node at all.
+LETTING_GO = {"unsubscribe": ("c:1",), "leave": ("c:1",), "logout": ("c:1", "u:2")}
+KIND_OF = {"c:1": "channel_message", "u:2": "message"}
+
+
+async def let_go(bob: Client, how: str) -> None:
+    if how == "leave":
+        await bob.request("/channel/leave", {"name": "hall"})
+    else:
+        await bob.request(f"/{how}", {})
+
+
+async def follow_again(node: Harness, bob: Client, how: str) -> Client:
+    """Bob's session on ``node`` following again what ``let_go`` let go of."""
+    if how == "leave":
+        await bob.request("/channel/join", {"name": "hall"})  # subscribed all along
+        return bob
+    if how == "logout":
+        bob = await node.connect()
+        await bob.login("bob", PASSWORD)
     await bob.request("/subscribe", {})
-    cluster = node.server._cluster
-    assert cluster is not None
-    stream = "u:1"  # bob's inbox: the database's first user
-    assert cluster.order.following(stream)
-    await bob.close()
+    return bob
+
+
+@pytest.mark.parametrize("how", list(LETTING_GO))
+async def test_a_stream_nobody_here_follows_any_more_is_dropped_and_followed_again_cleanly(
+    make_node: MakeHarness, how: str,
+) -> None:
+    """Bob's only session on B lets go of a stream: the next position check stops
+    following it, so B's notices of it are only remembered (where to follow it from
+    again), never pushed.  Following it again, Bob gets what is his (a /subscribe's
+    catch-up from his acknowledged positions, a join's live messages only), then each
+    new message live, with no message missing or twice."""
+    a = await make_node(node_id="a")
+    b = await make_node(node_id="b", bus_position_check=0.1)
+    alice, bob = await a.user("alice"), await b.user("bob")
+    for client in (alice, bob):
+        await client.request("/channel/join", {"name": "hall"})
+    await bob.request("/subscribe", {})
+    first = await send(alice, BOTH, "first")
+    assert await pushes_until(bob, newest(first)) == first
+    await bob.request("/ack", {"id": first["message"][0]})
+    await bob.request("/ack", {"id": first["channel_message"][0], "channel": "hall"})
+    cluster, gone = bus_of(b), LETTING_GO[how]
+    await let_go(bob, how)
     async with asyncio.timeout(WAIT):
-        while cluster.order.following(stream):  # noqa: ASYNC110
+        while any(cluster.order.following(s) for s in gone):  # noqa: ASYNC110
+            await asyncio.sleep(0.02)  # polled: no event tells of the check
+    pushed = dataclasses.replace(cluster.order.counts)
+    away = await send(alice, tuple(KIND_OF[s] for s in gone), "away")
+    remembered = {s: away[KIND_OF[s]][0] for s in gone}
+    async with asyncio.timeout(WAIT):
+        # Polled: B hears the notices, and keeps them as where to follow from.
+        while {s: cluster._seen.get(s, (0, 0))[1] for s in gone} != remembered:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
+    assert cluster.order.counts == pushed
+    assert not any(cluster.order.following(s) for s in gone)
+    bob = await follow_again(b, bob, how)
+    then = await send(alice, BOTH, "then")
+    caught_up = {} if how == "leave" else away  # a join has no catch-up
+    expected = {kind: caught_up.get(kind, []) + then[kind] for kind in BOTH}
+    assert await pushes_until(bob, newest(then)) == expected
+    last = await send(alice, BOTH, "last")
+    assert await pushes_until(bob, newest(last)) == last
