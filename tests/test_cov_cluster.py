@@ -215,6 +215,39 @@ async def test_messages_stored_while_the_bus_was_down_are_pushed_by_the_resync_o
     assert bus_of(b).redis.counts.reconnects == 1
 
 
+async def test_a_local_message_read_from_the_store_is_still_not_pushed_to_its_sender(
+    make_node: MakeHarness, redis: RedisServer,
+) -> None:
+    """Redis is down, so B never hears of Alice's message on A.  Bob then posts on B:
+    B's order of #hall sees a gap and reads both from the store.  Bob's own message,
+    so read, keeps its origin: his connection has its reply and gets only Alice's
+    message pushed, while Carol's gets both (protocol.md section 9)."""
+    a = await make_node(node_id="a", bus_position_check=3600.0)
+    b = await make_node(node_id="b", bus_position_check=3600.0)
+    alice, bob, carol = await a.user("alice"), await b.user("bob"), await b.user("carol")
+    for client in (alice, bob, carol):
+        await client.request("/channel/join", {"name": "hall"})
+    for client in (bob, carol):
+        await client.request("/subscribe", {})
+    await redis.kill()
+    publisher = bus_of(a).redis
+    async with asyncio.timeout(WAIT):
+        while publisher.publishing:  # noqa: ASYNC110  (polled, as above)
+            await asyncio.sleep(0.02)
+        unheard = (await send(alice, ("channel_message",), "unheard"))["channel_message"]
+        while publisher.counts.dropped == 0:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    own = (await send(bob, ("channel_message",), "bob's"))["channel_message"]
+    last = (await send(carol, ("channel_message",), "carol's"))["channel_message"]
+    assert await pushes_until(bob, {"channel_message": last[0]}) == {
+        "channel_message": unheard + last
+    }
+    assert await pushes_until(carol, {"channel_message": own[0]}) == {
+        "channel_message": unheard + own
+    }
+    assert bus_of(b).order.counts.repaired >= 2  # both read from the store
+
+
 # How Bob's only session on B lets go of #hall (c:1) and of his inbox (u:2), by the
 # streams B stops following: an inbox is followed while its user is on the node at all.
 LETTING_GO = {"unsubscribe": ("c:1",), "leave": ("c:1",), "logout": ("c:1", "u:2")}
