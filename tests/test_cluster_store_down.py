@@ -35,6 +35,15 @@ class Gate:
         self.arrived = asyncio.Event()  # a call is waiting at the gate
         self.opened = asyncio.Event()
         self.failed = asyncio.Event()  # a call went through and raised
+        self._callers: dict[str, asyncio.Event] = {}  # by the calling task's name
+
+    def _caller(self, task_name: str) -> asyncio.Event:
+        return self._callers.setdefault(task_name, asyncio.Event())
+
+    async def reached_by(self, task_name: str) -> None:
+        """Until a call made by the task of that name waits at the gate."""
+        async with asyncio.timeout(WAIT):
+            await self._caller(task_name).wait()
 
     def __getattr__(self, name: str) -> Any:
         real = getattr(self._store, name)
@@ -42,6 +51,7 @@ class Gate:
             return real
 
         async def gated(*args: Any, **kwargs: Any) -> Any:
+            self._caller(task_name()).set()
             self.arrived.set()
             await self.opened.wait()
             try:
@@ -51,6 +61,15 @@ class Gate:
                 raise
 
         return gated
+
+
+def task_name() -> str:
+    """The name of the asyncio task running now ("" outside one, or outside a loop)."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no running loop: a record logged from a thread
+        return ""
+    return "" if task is None else task.get_name()
 
 
 def bus_of(node: Harness) -> ClusterBus:
@@ -73,20 +92,24 @@ class Warnings(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.messages: list[str] = []
-        self._waiting: list[tuple[str, asyncio.Event]] = []
+        self._tasks: list[str] = []  # the name of the task that logged each message
+        self._waiting: list[tuple[str, str | None, asyncio.Event]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
+        message, task = record.getMessage(), task_name()  # emit runs in the logging task
         self.messages.append(message)
-        for text, event in self._waiting:
-            if text in message:
+        self._tasks.append(task)
+        for text, by, event in self._waiting:
+            if text in message and by in (None, task):
                 event.set()
 
-    async def said(self, text: str) -> None:
+    async def said(self, text: str, by: str | None = None) -> None:
+        """Until a warning says ``text`` (logged by the task named ``by``, if given)."""
         event = asyncio.Event()
-        if any(text in m for m in self.messages):
+        logged = zip(self.messages, self._tasks, strict=True)
+        if any(text in m and by in (None, t) for m, t in logged):
             return
-        self._waiting.append((text, event))
+        self._waiting.append((text, by, event))
         async with asyncio.timeout(WAIT):
             await event.wait()
 
@@ -292,3 +315,41 @@ async def test_a_subscribe_that_fails_with_the_store_down_can_be_sent_again(
     assert await pushed_until(bob, "message", after) == [before, after]
     last = await stored(alice, "/send", {"name": "bob", "msg": "last"})
     assert await pushed_until(bob, "message", last) == [last]
+
+
+async def test_a_resync_whose_heads_read_fails_is_made_good_by_the_next_check(
+    make_node: MakeHarness, pg: PostgresCluster, redis: RedisServer, warnings: Warnings,
+) -> None:
+    """Redis goes down and a message is stored meanwhile (its notice dropped); when B
+    subscribes again its resync reads the followed streams' heads, and PostgreSQL goes
+    down during that read: a warning, and the next position check, once PostgreSQL is
+    back, pushes the message once.  B's periodic check is held at the gate from before
+    Redis goes down, so only the resync, then the check after it, could find it."""
+    a = await make_node(node_id="a")
+    b = await make_node(node_id="b", bus_position_check=CHECK)
+    alice, bob = await a.user("alice"), await b.user("bob")
+    for client in (alice, bob):
+        await client.request("/channel/join", {"name": "hall"})
+    await bob.request("/subscribe", {})
+    before = await post(alice, "before")
+    assert await pushed_until(bob, "channel_message", before) == [before]
+    gated = gate(b, "stream_heads")
+    await gated.reached_by("position-check")
+    publisher = bus_of(a).redis
+    await redis.kill()
+    async with asyncio.timeout(WAIT):
+        # Polled (no event to wait on): A knows its link is gone, so the notice is not
+        # written to a dead socket but dropped (counted), not queued for Redis's return.
+        while publisher.publishing:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        lost = await post(alice, "its notice is dropped")
+        while publisher.counts.dropped == 0:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    await redis.start()
+    await gated.reached_by("resync")
+    await outage(pg, gated)
+    await warnings.said("cannot read the followed streams' heads", by="resync")
+    await pg.start()
+    assert await pushed_until(bob, "channel_message", lost) == [lost]
+    await no_more_pushes(bob, "channel_message", alice, "last")
+    assert bus_of(b).redis.counts.reconnects == 1
