@@ -304,7 +304,14 @@ class ClusterBus:
     def _remember(self, stream: str, event: StreamEvent) -> None:
         """The newest message seen of a stream not followed: where to follow it from."""
         # A memory cap at a million streams heard of: not worth a test's million notices.
-        if len(self._seen) >= SEEN_LIMIT and stream not in self._seen:  # pragma: no cover
+        seen = self._seen.get(stream)
+        if seen is not None:
+            # Notices of one stream can come out of order: this node's own at once,
+            # another node's earlier one through Redis. An older one keeps the newest.
+            if event.seq > seen[0]:
+                self._seen[stream] = (event.seq, event.id)
+            return
+        if len(self._seen) >= SEEN_LIMIT:  # pragma: no cover
             self._seen.clear()  # a rare reset: streams then start from a store read
         self._seen[stream] = (event.seq, event.id)
 

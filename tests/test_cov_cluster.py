@@ -17,6 +17,7 @@ from chatd.bus_redis import Notice, RedisBus, RedisPresence
 from chatd.client import Client
 from chatd.cluster import REDIS_EXTRA, ClusterBus
 from chatd.config import Config
+from chatd.model import ChannelPost
 from chatd.server import Server
 from tests.cluster_helpers import RedisServer, spare_port
 from tests.conftest import PASSWORD, Harness, MakeHarness, harness_factory
@@ -271,6 +272,22 @@ async def follow_again(node: Harness, bob: Client, how: str) -> Client:
         await bob.login("bob", PASSWORD)
     await bob.request("/subscribe", {})
     return bob
+
+
+async def test_out_of_order_notices_of_an_unfollowed_stream_keep_the_newest(
+    make_node: MakeHarness,
+) -> None:
+    """A stream nobody here follows is followed later from the newest message heard of
+    it. Notices can come out of order (a node's own at once, another node's earlier one
+    through Redis): the older one, heard last, must not take the newer one's place."""
+    node = await make_node(node_id="a", bus_position_check=3600.0)
+    cluster = bus_of(node)
+    for seq in (7, 6, 8):  # 6 heard after 7
+        post = ChannelPost(channel_id=99, channel="far", id=100 + seq, sender="x", body="",
+                           created_at=0.0, seq=seq)
+        cluster._offer("c:99", post, local=False)
+    assert not cluster.order.following("c:99")
+    assert cluster._seen["c:99"] == (8, 108)
 
 
 @pytest.mark.parametrize("how", list(LETTING_GO))
