@@ -25,7 +25,7 @@ from chatd.errors import ErrorCode
 from chatd.hub import Session
 from chatd.metrics import Metrics
 from chatd.model import PING, Event
-from chatd.streams import LeanStreamReader
+from chatd.streams import PEER_ERRORS, LeanStreamReader
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class Connection(Session):
                 self._hand_over_direct()
             if self._queue is not None:  # what was read and done is answered before closing
                 await self._queue.finish(self._config.write_timeout)
-        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+        except (*PEER_ERRORS, asyncio.IncompleteReadError) as exc:
             reason = "error"
             self._dropped = self._dropped or f"connection error ({type(exc).__name__})"
         except asyncio.CancelledError:
@@ -636,7 +636,7 @@ class _ReplyQueue:
                 self._room.set_result(None)
             try:
                 await self._connection.send(b"".join(frames))
-            except (ConnectionError, TimeoutError) as exc:
+            except (*PEER_ERRORS, TimeoutError) as exc:
                 self._connection.abort(f"dropped: cannot write replies ({type(exc).__name__})")
                 self._all_written.set()  # nothing more will be: stop waiting for it
                 if self._room is not None and not self._room.done():

@@ -31,11 +31,18 @@ share; tests/test_streams.py checks them.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, SupportsIndex, cast
+from typing import Any, Final, SupportsIndex, cast
 
 # asyncio's default: a StreamReader pauses its transport past twice this many bytes.
 STREAM_LIMIT = 64 * 1024
+
+# What a peer can make a served connection's reads and writes raise: a reset or a
+# broken pipe, or, on a TLS port, bytes that are no valid TLS record after the
+# handshake (ssl.SSLError: an OSError, but no ConnectionError). The peer's doing, not
+# a bug: the connection ends, and no traceback is logged.
+PEER_ERRORS: Final = (ConnectionError, ssl.SSLError)
 
 
 class LeanStreamReader(asyncio.StreamReader):

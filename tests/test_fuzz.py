@@ -15,6 +15,7 @@ import random
 import re
 import signal
 import socket
+import ssl
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,8 +54,8 @@ EDGE_INTS = [0, 1, -1, 2**31, 2**32, 2**53, 2**63 - 1, 2**63, 2**64 - 1, -(2**63
 async def hang_up(writer: asyncio.StreamWriter, rng: random.Random) -> None:
     """End a hostile connection: now and then with a reset (RST), else a clean close."""
     if rng.random() < 0.2:
-        sock = writer.get_extra_info("socket")
-        with contextlib.suppress(OSError):
+        sock = writer.get_extra_info("socket")  # None once a TLS transport lost its socket
+        with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.transport.abort()
     else:
@@ -66,8 +67,8 @@ async def hang_up(writer: asyncio.StreamWriter, rng: random.Random) -> None:
         # close() waits to flush what we wrote, and the server stopped reading a client
         # that does not read: give up the way a real client would.
         writer.transport.abort()
-    except ConnectionError:
-        pass
+    except (ConnectionError, ssl.SSLError):
+        pass  # the server hung up first, or (TLS) wrote on after our close_notify
 
 
 def memory_problem(before: int, late: int, after: int, seconds: float) -> str | None:
@@ -428,8 +429,10 @@ class Chat:
                 assert not (event.get("event") == "message" and data.get("name") in GOOD), event
 
 
-async def account(port: int, name: str, password: str) -> None:
-    async with await Client.connect("127.0.0.1", port, timeout=STEP_TIMEOUT) as client:
+async def account(
+    port: int, name: str, password: str, tls: ssl.SSLContext | None = None
+) -> None:
+    async with await Client.connect("127.0.0.1", port, ssl=tls, timeout=STEP_TIMEOUT) as client:
         await client.request(
             "/register", {"name": name, "password": password, "password_repete": password}
         )

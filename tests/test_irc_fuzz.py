@@ -1,8 +1,11 @@
-"""Hostile lines against a live server's IRC port while two well-behaved IRC clients chat.
+"""Hostile lines against a live server's IRC ports while two well-behaved IRC clients chat.
 
 The IRC twin of test_fuzz.py: random but reproducible line by line (the seed is
 printed; ``CHATD_FUZZ_SEED=<seed>`` replays the same lines, their interleaving across
-connections still depending on timing), for ``CHATD_FUZZ_SECONDS`` (default 3).
+connections still depending on timing), for ``CHATD_FUZZ_SECONDS`` (default 2) each.
+Part of the hostile connections, and one good client, go over TLS; some of them
+mistreat TLS itself (plain text, a handshake left half-way, garbage records, no
+close_notify). The run is made with guests off, then on (protocol.md, section 12.6).
 """
 
 from __future__ import annotations
@@ -14,7 +17,11 @@ import os
 import random
 import re
 import signal
+import ssl
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
 
 from chatd.client import Client
 from chatd.irc.lines import MAX_LINE, MAX_TAGS, LineError, parse
@@ -33,8 +40,10 @@ from tests.test_fuzz import (
     troubling_records,
 )
 from tests.test_irc_live import free_port
+from tests.tls_helpers import READ_CHUNK, RawTls, certificate
 
-SECONDS = float(os.environ.get("CHATD_FUZZ_SECONDS", "3"))
+# Each of the two runs (guests off, then on): 4 s in all by default, CI's time.
+SECONDS = float(os.environ.get("CHATD_FUZZ_SECONDS", "2"))
 HOSTILE_CONNECTIONS = 6
 MIN_ROUNDS = 20  # messages the good clients exchange at least, however short the run
 STEP_TIMEOUT = 15.0  # any single wait of a good client
@@ -43,11 +52,15 @@ ROOM = "#fuzzroom"
 
 GOOD = ("alice", "bob")
 FUZZ_USERS = [f"fz{i}" for i in range(HOSTILE_CONNECTIONS)]
+# Nicks guests take (when guests are on): free names the fuzzers fight over, account
+# names, and names that are no valid new name.
+GUESTS = ["gu0", "gu1", "gu2"]
+GUEST_NICKS = [*GUESTS, *GUESTS, *GOOD, *FUZZ_USERS, "ALICE", "Gu0", "gu0_", "x" * 33, "名前", "*"]
 # Every command the machine or the session knows, and some it does not.
 KNOWN = ["CAP", "PING", "PONG", "QUIT", "NICK", "USER", "PASS", "AUTHENTICATE", *_COMMANDS]
 COMMANDS = [*KNOWN, "TAGMSG", "KICK", "INVITE", "AWAY", "ISON", "MOTD", "privmsg", "Join", "001"]
 NAMES = [
-    *GOOD, *FUZZ_USERS, "nobody", "ALICE", "Straße", "名前", "*", "-", "+", ":", "a:b",
+    *GOOD, *FUZZ_USERS, *GUESTS, "nobody", "ALICE", "Straße", "名前", "*", "-", "+", ":", "a:b",
     "x" * 33, "x" * 300,
 ]
 CHANNELS = [
@@ -121,6 +134,7 @@ class Fuzzer:
 
     rng: random.Random
     user: str
+    guests: bool = False  # the server takes guests: some connections never log in
 
     def command(self) -> str:
         """A command chatd knows (or not), with random, missing, extra or huge parameters."""
@@ -135,8 +149,10 @@ class Fuzzer:
     def typical(self) -> str:
         """Commands a real client sends, with junk in places."""
         rng = self.rng
-        target = rng.choice([ROOM, ROOM, "#fz", *GOOD, rng.choice(FUZZ_USERS)])
+        target = rng.choice([ROOM, ROOM, "#fz", *GOOD, rng.choice(FUZZ_USERS), rng.choice(GUESTS)])
         text = random_text(rng, 80) or "hi"
+        if self.guests and rng.random() < 0.01:
+            return f"QUIT :{text}"  # a guest ends: its name is free again
         return rng.choice(
             [
                 f"PRIVMSG {target} :{text}",
@@ -165,6 +181,7 @@ class Fuzzer:
                 f"PONG :{text}",
                 f"@label={rng.randrange(99)} PING x",
                 f"CAP REQ :{' '.join(rng.sample(sorted(CAPABILITIES), rng.randint(1, 4)))}",
+                f"NICK {rng.choice(GUEST_NICKS)}",
             ]
         )
 
@@ -182,11 +199,14 @@ class Fuzzer:
             f"PASS {self.user}:{PASSWORD}", f"PASS :{self.user}:{PASSWORD}", "PASS", "PASS x:",
             f"PASS {rng.choice(GOOD)}:guess", f"NICK {self.user}", f"NICK {rng.choice(NAMES)}",
             "NICK", f"USER {self.user} 0 * :{self.user}", "USER a", "USER a b c :d",
+            f"NICK {rng.choice(GUEST_NICKS)}",
         ]
         return [rng.choice(pieces) for _ in range(rng.randint(1, 12))]
 
     def login(self) -> list[str]:
         """A proper registration, so that the lines after reach past the gate."""
+        if self.guests and self.rng.random() < 0.4:
+            return self.guest_login()
         if self.rng.random() < 0.5:
             plain = base64.b64encode(f"\0{self.user}\0{PASSWORD}".encode()).decode()
             return [
@@ -196,6 +216,13 @@ class Fuzzer:
             ]
         # The trailing form: the password has spaces.
         return [f"PASS :{self.user}:{PASSWORD}", f"NICK {self.user}", f"USER {self.user} 0 * :x"]
+
+    def guest_login(self) -> list[str]:
+        """NICK and USER without a login: a guest, unless the nick is taken or invalid
+        (433, 432), when the NICKs after it are tried in turn."""
+        rng = self.rng
+        nicks = [rng.choice(GUEST_NICKS) for _ in range(rng.randint(1, 3))]
+        return [f"NICK {nicks[0]}", "USER guest 0 * :guest", *(f"NICK {n}" for n in nicks[1:])]
 
     def chunk(self) -> bytes:
         """Bytes to write: one line, several, part of one, or garbage."""
@@ -250,6 +277,9 @@ class Report:
     lines: int = 0
     commands: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    tls_sessions: int = 0  # connections that fuzz IRC over TLS
+    tls_mischief: dict[str, int] = field(default_factory=dict)  # TLS itself mistreated
+    guests: int = 0  # welcomes of a guest
 
 
 def line_problem(raw: bytes) -> str | None:
@@ -281,7 +311,7 @@ async def read_lines(
     reader: asyncio.StreamReader, report: Report, welcomed: asyncio.Event
 ) -> None:
     """Takes whatever the server says to a hostile client, and checks it is well formed."""
-    with contextlib.suppress(ConnectionError):
+    with contextlib.suppress(ConnectionError, ssl.SSLError):
         while raw := await reader.readline():
             if not raw.endswith(b"\n"):  # the end of the stream cut a line
                 report.problems.append(f"line cut at the close: {raw!r:.200}")
@@ -294,53 +324,145 @@ async def read_lines(
             message = parse(raw[:-2])
             assert message is not None
             report.commands[message.command] = report.commands.get(message.command, 0) + 1
-            if message.command in ("001", "464", "904"):
+            if message.command == "001" and message.params[0] in GUEST_NICKS:
+                report.guests += message.params[0] not in (*GOOD, *FUZZ_USERS)
+            if message.command in ("001", "464", "904", "432", "433"):
                 welcomed.set()
 
 
-async def hostile(port: int, fuzzer: Fuzzer, deadline: float, report: Report) -> None:
-    """Connect, throw lines, and connect again whenever the server hangs up."""
+@dataclass(frozen=True)
+class Ports:
+    """The server's IRC ports, and a TLS context that trusts its certificate."""
+
+    plain: int
+    tls: int
+    context: ssl.SSLContext
+
+
+async def hostile(ports: Ports, fuzzer: Fuzzer, deadline: float, report: Report) -> None:
+    """Connect, throw lines, and connect again whenever the server hangs up: to the
+    plain port mostly, to the TLS port often, and now and then mistreating TLS."""
     loop = asyncio.get_running_loop()
     rng = fuzzer.rng
     while loop.time() < deadline:
-        async with asyncio.timeout(5):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        reader._limit = 2**20  # type: ignore[attr-defined]  # readline() takes any line
         report.connections += 1
-        # Most connections read what they are sent; a few never do.
-        welcomed = asyncio.Event()
-        reading = (
-            asyncio.create_task(read_lines(reader, report, welcomed))
-            if rng.random() < 0.9
-            else None
-        )
-        try:
-            if rng.random() < 0.7:  # most log in first, to reach past the gate
-                writer.write("".join(text + "\r\n" for text in fuzzer.login()).encode())
-                if reading is not None:  # and wait for it, else the lines after hit 451
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(min(2, max(deadline - loop.time(), 0))):
-                            await welcomed.wait()
-            for _ in range(rng.randint(1, 60)):
-                if loop.time() >= deadline or (reading is not None and reading.done()):
-                    break
-                data = fuzzer.chunk()
-                report.chunks += 1
-                if rng.random() < 0.05:  # dribbled out in small pieces
-                    for start in range(0, min(len(data), 64), 7):
-                        writer.write(data[start : start + 7])
-                        await asyncio.sleep(0)
-                    data = data[64:]
-                writer.write(data)
-                async with asyncio.timeout(max(deadline - loop.time(), 0.05)):
-                    await writer.drain()
-        except (ConnectionError, TimeoutError):
-            pass  # the server hung up, or stopped reading a client that does not read
-        finally:
-            await hang_up(writer, rng)
-            if reading is not None:
-                reading.cancel()
-                await asyncio.gather(reading, return_exceptions=True)
+        roll = rng.random()
+        if roll < 0.1:
+            await tls_mischief(ports, fuzzer, deadline, report)
+        elif roll < 0.35:
+            report.tls_sessions += 1
+            await hostile_session(ports.tls, ports.context, fuzzer, deadline, report)
+        else:
+            await hostile_session(ports.plain, None, fuzzer, deadline, report)
+
+
+async def hostile_session(
+    port: int, tls: ssl.SSLContext | None, fuzzer: Fuzzer, deadline: float, report: Report
+) -> None:
+    """One connection that speaks IRC, badly."""
+    loop = asyncio.get_running_loop()
+    rng = fuzzer.rng
+    async with asyncio.timeout(5):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
+    reader._limit = 2**20  # type: ignore[attr-defined]  # readline() takes any line
+    # Most connections read what they are sent; a few never do.
+    welcomed = asyncio.Event()
+    reading = (
+        asyncio.create_task(read_lines(reader, report, welcomed))
+        if rng.random() < 0.9
+        else None
+    )
+    try:
+        if rng.random() < 0.7:  # most log in first, to reach past the gate
+            writer.write("".join(text + "\r\n" for text in fuzzer.login()).encode())
+            if reading is not None:  # and wait for it, else the lines after hit 451
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(2, max(deadline - loop.time(), 0))):
+                        await welcomed.wait()
+        for _ in range(rng.randint(1, 60)):
+            if loop.time() >= deadline or (reading is not None and reading.done()):
+                break
+            data = fuzzer.chunk()
+            report.chunks += 1
+            if rng.random() < 0.05:  # dribbled out in small pieces
+                for start in range(0, min(len(data), 64), 7):
+                    writer.write(data[start : start + 7])
+                    await asyncio.sleep(0)
+                data = data[64:]
+            writer.write(data)
+            async with asyncio.timeout(max(deadline - loop.time(), 0.05)):
+                await writer.drain()
+    except (ConnectionError, TimeoutError, ssl.SSLError):
+        pass  # the server hung up, or stopped reading a client that does not read
+    finally:
+        await hang_up(writer, rng)
+        if reading is not None:
+            reading.cancel()
+            await asyncio.gather(reading, return_exceptions=True)
+
+
+TLS_MISCHIEF = ["plain text", "half handshake", "garbage records", "no close_notify"]
+
+
+def garbage_record(rng: random.Random) -> bytes:
+    """A whole TLS record that cannot be decrypted, one longer than TLS allows, or a
+    plain-text line: the end of the connection, whichever the server reads."""
+    kind = rng.randrange(4)
+    if kind == 0:  # a record of any content type with a payload of random bytes
+        # (never 1 byte: a change_cipher_spec of 1 byte may be ignored in TLS 1.3)
+        payload = rng.randbytes(rng.choice([2, 16, 300, 2**14]))
+        header = bytes([rng.choice([0x14, 0x15, 0x16, 0x17, rng.randrange(256)]), 3, 3])
+        return header + len(payload).to_bytes(2, "big") + payload
+    if kind == 1:  # application data over the record size limit (2**14 + 256)
+        return b"\x17\x03\x03\xff\xff" + rng.randbytes(rng.choice([0, 100]))
+    if kind == 2:  # a TLS record header announcing an unknown version
+        return b"\x17\xfe\xff\x00\x10" + rng.randbytes(16)
+    return b"PRIVMSG #fuzzroom :in the clear\r\n"
+
+
+async def tls_mischief(ports: Ports, fuzzer: Fuzzer, deadline: float, report: Report) -> None:
+    """A connection to the TLS port that mistreats TLS itself: the server must end it
+    (when it can tell), and log no more than a line about it."""
+    rng = fuzzer.rng
+    kind = rng.choice(TLS_MISCHIEF)
+    report.tls_mischief[kind] = report.tls_mischief.get(kind, 0) + 1
+    async with asyncio.timeout(5):
+        tls = await RawTls.open(ports.tls, ports.context)
+    reader, writer = tls.reader, tls.writer
+    login = "".join(text + "\r\n" for text in fuzzer.login()).encode()
+    try:
+        if kind == "plain text":  # IRC in the clear, as to the plain port
+            writer.write(login + fuzzer.chunk())
+            await must_close(tls, report, kind)
+        elif kind == "half handshake":  # a ClientHello, then silence or garbage
+            tls.hello()
+            if rng.random() < 0.5:
+                await reader.read(READ_CHUNK)  # the server's answer, left unanswered
+            if rng.random() < 0.5:
+                writer.write(garbage_record(rng))
+                await must_close(tls, report, kind)
+            else:  # stalled: let it wait a little, then hang up mid-handshake
+                left = deadline - asyncio.get_running_loop().time()
+                await asyncio.sleep(min(rng.uniform(0, 0.5), max(left, 0)))
+        else:
+            await tls.handshake()
+            tls.send(login)
+            for _ in range(rng.randint(0, 5)):
+                tls.send(fuzzer.chunk())
+            if kind == "garbage records":
+                writer.write(garbage_record(rng))
+            else:  # the end of the stream with no close_notify before it
+                writer.write_eof()
+            await must_close(tls, report, kind)
+    except (ConnectionError, TimeoutError, ssl.SSLError):
+        pass  # the server hung up first, or sent what our TLS could not take
+    finally:
+        await hang_up(writer, rng)
+
+
+async def must_close(tls: RawTls, report: Report, kind: str) -> None:
+    if not await tls.closed(within=STEP_TIMEOUT / 3):
+        report.problems.append(f"TLS port, {kind}: the connection was not closed")
 
 
 class GoodIrc:
@@ -353,8 +475,8 @@ class GoodIrc:
         self.pings = 0
 
     @classmethod
-    async def connect(cls, port: int) -> GoodIrc:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    async def connect(cls, port: int, tls: ssl.SSLContext | None = None) -> GoodIrc:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
         return cls(reader, writer)
 
     async def _read(self) -> None:
@@ -399,8 +521,10 @@ class GoodIrc:
         await asyncio.gather(self.task, return_exceptions=True)
 
 
-async def good_login(port: int, name: str, password: str, sasl: bool) -> GoodIrc:
-    client = await GoodIrc.connect(port)
+async def good_login(
+    port: int, name: str, password: str, sasl: bool, tls: ssl.SSLContext | None = None
+) -> GoodIrc:
+    client = await GoodIrc.connect(port, tls)
     if sasl:
         plain = base64.b64encode(f"\0{name}\0{password}".encode()).decode()
         client.send("CAP LS 302", f"NICK {name}", f"USER {name} 0 * :{name}", "CAP REQ :sasl")
@@ -424,6 +548,7 @@ class Chat:
     received: dict[str, list[str]] = field(default_factory=lambda: {n: [] for n in GOOD})
     numbers: int = 0
     other_lines: int = 0
+    finished: list[float] = field(default_factory=list)  # loop time of each round's end
 
     async def next_from(self, name: str, sender: str) -> tuple[str, str]:
         """The next PRIVMSG to ``name`` from ``sender``: (target, text); others skipped."""
@@ -451,7 +576,18 @@ class Chat:
             self.received[recipient].append(body)
             assert (shown, body) == (target, text), "a message was lost, repeated or reordered"
             rounds += 1
+            self.finished.append(loop.time())
         return rounds
+
+    def rates(self, start: float, end: float, parts: int = 4) -> list[float]:
+        """Rounds per second in each of ``parts`` equal stretches of [start, end]: a
+        server that slows down under hostile traffic shows here."""
+        length = (end - start) / parts
+        counts = [0] * parts
+        for when in self.finished:
+            if start <= when < end:
+                counts[int((when - start) / length)] += 1
+        return [round(count / length, 1) for count in counts]
 
     async def check_nothing_more(self) -> None:
         """After a round trip, no message from the other good client is left over."""
@@ -460,15 +596,21 @@ class Chat:
                 assert not any(text.startswith(f":{g}!") for g in GOOD), text
 
 
-async def test_hostile_irc_clients_do_not_disturb_well_behaved_ones(spawn: Spawn) -> None:
+@pytest.mark.parametrize("guests", [False, True], ids=["accounts-only", "guests"])
+async def test_hostile_irc_clients_do_not_disturb_well_behaved_ones(
+    spawn: Spawn, tmp_path: Path, guests: bool
+) -> None:
     seed = int(os.environ.get("CHATD_FUZZ_SEED") or random.SystemRandom().randrange(2**32))
     rerun = f"seed {seed}: rerun with CHATD_FUZZ_SEED={seed}"
     print(rerun)  # shown by pytest when the test fails
-    irc_port = free_port()
+    cert_file, key_file, context = certificate(tmp_path)
+    ports = Ports(free_port(), free_port(), context)
     server = await spawn(
-        "--graceful-timeout", "1", "--irc-port", str(irc_port), "--server-name", SERVER
+        "--graceful-timeout", "1", "--server-name", SERVER, "--irc-port", str(ports.plain),
+        "--irc-tls-port", str(ports.tls), "--tls-cert", str(cert_file), "--tls-key", str(key_file),
+        f"--{'' if guests else 'no-'}irc-guests",
     )
-    port = await server.wait_listening()  # logged once the IRC port listens too
+    port = await server.wait_listening()  # logged once the IRC ports listen too
     log = asyncio.create_task(read_log(server))
     loop = asyncio.get_running_loop()
     report = Report()
@@ -477,20 +619,23 @@ async def test_hostile_irc_clients_do_not_disturb_well_behaved_ones(spawn: Spawn
     try:
         async with asyncio.timeout(SECONDS + 60):
             for name in GOOD:
-                await account(port, name, GOOD_PASSWORD)
+                await account(port, name, GOOD_PASSWORD, context)
             for name in FUZZ_USERS:
-                await account(port, name, PASSWORD)
-            for name, sasl in zip(GOOD, (True, False), strict=True):
-                clients[name] = await good_login(irc_port, name, GOOD_PASSWORD, sasl)
+                await account(port, name, PASSWORD, context)
+            # alice: SASL on the plain port; bob: PASS over TLS.
+            for name, sasl, tls in zip(GOOD, (True, False), (None, context), strict=True):
+                irc_port = ports.tls if tls else ports.plain
+                clients[name] = await good_login(irc_port, name, GOOD_PASSWORD, sasl, tls)
                 clients[name].send(f"JOIN {ROOM}")
                 await clients[name].expect(f" 366 {name} {ROOM} ")
             chat = Chat(clients)
             await chat.run(loop.time())  # warm up before measuring memory
             rss_before = rss(server.proc.pid)
 
-            deadline = loop.time() + SECONDS
+            start = loop.time()
+            deadline = start + SECONDS
             fuzzers = [
-                hostile(irc_port, Fuzzer(random.Random(f"{seed}/{i}"), user), deadline, report)
+                hostile(ports, Fuzzer(random.Random(f"{seed}/{i}"), user, guests), deadline, report)
                 for i, user in enumerate(FUZZ_USERS)
             ]
             last_quarter = asyncio.ensure_future(
@@ -507,19 +652,27 @@ async def test_hostile_irc_clients_do_not_disturb_well_behaved_ones(spawn: Spawn
             assert chat.received == chat.sent
             assert report.connections >= HOSTILE_CONNECTIONS
             assert report.commands.get("001"), report  # the fuzzers got past registration
+            assert report.tls_sessions and report.tls_mischief, report
+            assert report.guests if guests else not report.guests, report
 
             # A newcomer is served as usual.
-            await account(port, "carol", PASSWORD)
-            carol = await good_login(irc_port, "carol", PASSWORD, sasl=True)
+            await account(port, "carol", PASSWORD, context)
+            carol = await good_login(ports.tls, "carol", PASSWORD, sasl=True, tls=context)
             carol.send("PRIVMSG alice :after the storm")
             await carol.round_trip("sent")
             assert await chat.next_from("alice", "carol") == ("alice", "after the storm")
             await carol.close()
 
             # Every hostile connection is closed: the server lets go of them all.
-            async with await Client.connect("127.0.0.1", port, timeout=STEP_TIMEOUT) as probe:
+            probe = await Client.connect("127.0.0.1", port, ssl=context, timeout=STEP_TIMEOUT)
+            async with probe:
                 await probe.login("carol", PASSWORD)
                 left = await settled_connections(probe, len(GOOD) + 1, within=2)
+                # and every guest with it: its name is free again
+                for name in GUESTS:
+                    reply = await probe.call("/user/info", {"name": name})
+                    if reply["code"] != 5:
+                        troubles.append(f"guest {name} outlived its connection: {reply}")
             if left > len(GOOD) + 1:
                 troubles.append(f"{left - len(GOOD) - 1} hostile connections still open")
             for client in clients.values():
@@ -531,7 +684,9 @@ async def test_hostile_irc_clients_do_not_disturb_well_behaved_ones(spawn: Spawn
         for client in clients.values():
             await client.close()
         log.cancel()
-    print(f"{rounds} good rounds, RSS growth {growth >> 10} KiB; {report} ({rerun})")
+    rates = "/".join(map(str, chat.rates(start, deadline)))
+    print(f"{rounds} good rounds ({rates} a second by quarter), RSS growth {growth >> 10} KiB;"
+          f" {report} ({rerun})")
     text = server.stderr.decode(errors="replace")
     records = troubling_records(text)
     if "Unhandled" in text:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import logging
 import re
 import socket
 import ssl
@@ -15,10 +16,13 @@ import pytest
 import trustme
 
 from chatd.client import Client
+from chatd.codec import encode_frame
 from chatd.config import Config
 from tests.conftest import PASSWORD, TEST_SETTINGS, Harness, MakeHarness, Spawn, fast_env
 from tests.pg_helpers import fresh_database
+from tests.test_fuzz import settled_connections
 from tests.test_live import events_of
+from tests.tls_helpers import RawTls, certificate
 
 SERVER = "irc.test"
 
@@ -263,6 +267,37 @@ async def test_irc_over_tls_next_to_plain_irc(make_harness: MakeHarness, tmp_pat
         await irc.send("PING tls")
         await irc.expect(r"PONG \S+ :tls$")
         await irc.close()
+
+
+@pytest.mark.parametrize("front_end", ["msgpack", "irc"])
+async def test_a_broken_tls_record_ends_the_connection_without_a_traceback(
+    make_harness: MakeHarness, tmp_path: Path, caplog: pytest.LogCaptureFixture, front_end: str
+) -> None:
+    """Bytes that are no TLS record, after the handshake, are the peer's doing: the read
+    raises ssl.SSLError (no ConnectionError), and the connection ends as on a reset, with
+    no traceback logged."""
+    caplog.set_level(logging.INFO)
+    cert_file, key_file, context = certificate(tmp_path)
+    tls_port = free_port()
+    harness = await make_harness(
+        irc_tls_port=tls_port, tls_cert=str(cert_file), tls_key=str(key_file)
+    )
+    tls = await RawTls.open(tls_port if front_end == "irc" else harness.port, context)
+    await tls.handshake()
+    tls.send(b"PING x\r\n" if front_end == "irc" else encode_frame({"op": "/ping", "id": 1}))
+    assert await tls.receive()  # served: the connection is past the handshake
+    tls.writer.write(b"\x17\x03\x03\x00\x10" + bytes(16))  # application data, undecryptable
+    assert await tls.closed(within=5)
+    tls.writer.close()
+    probe = await Client.connect("127.0.0.1", harness.port, ssl=context)
+    params = {"name": "ann", "password": PASSWORD, "password_repete": PASSWORD}
+    await probe.request("/register", params)
+    await probe.login("ann", PASSWORD)
+    assert await settled_connections(probe, 1, within=5) == 1  # the broken one has ended
+    await probe.close()
+    troubles = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+    assert not troubles, [r.getMessage() for r in troubles]
+    assert "connection error (SSLError)" in caplog.text
 
 
 async def test_min_password_length_is_the_operators_on_every_front_end(

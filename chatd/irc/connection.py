@@ -20,7 +20,7 @@ from chatd.app import App
 from chatd.irc.lines import format_line
 from chatd.irc.session import IrcCore
 from chatd.limits import address_key
-from chatd.streams import LeanStreamReader
+from chatd.streams import PEER_ERRORS, LeanStreamReader
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class IrcConnection:
         reason = "peer"
         try:
             reason = await self._serve()
-        except (ConnectionError, TimeoutError) as exc:
+        except (*PEER_ERRORS, TimeoutError) as exc:
             reason = self._dropped or f"connection error ({type(exc).__name__})"
         except asyncio.CancelledError:
             reason = "shutdown"
