@@ -8,8 +8,9 @@ in its stream's seq order, and a lost notice is read from the store (the truth):
 
 - a stream is followed while this node has interest in it (for an inbox, any session
   of its user here, subscribed or not any more: cheaper than telling them apart; for a
-  channel, a subscribed member here), from the moment a session starts following it: from the newest message this node has seen of it (it hears every
-  notice) or, for a stream it has not heard of, from a store read (the user's
+  channel, a subscribed member here), from the moment a session starts following it:
+  from the newest message this node has seen of it (it hears every notice) or, for a
+  stream it has not heard of, from a store read (the user's
   acknowledged position for an inbox, the newest message for a channel); what came
   before is the subscription's own catch-up.  While that position is read, the
   stream's messages are held, then pushed;
