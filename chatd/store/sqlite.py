@@ -14,6 +14,7 @@ this one.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -21,7 +22,15 @@ import sqlite3
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager, contextmanager
 from functools import lru_cache, partial
 from itertools import count
@@ -187,6 +196,14 @@ MIGRATIONS: Sequence[Migration] = (
     UPDATE channels SET last_seq = COALESCE(
         (SELECT MAX(seq) FROM channel_messages WHERE channel_id = channels.id), 0);
     """,
+    """
+    -- A sender's private messages through an index (CHATHISTORY TARGETS read every
+    -- private message on the server without one): the conversation index turned
+    -- round, (sender, recipient, id) for (recipient, sender, id). It serves the pages
+    -- of a conversation as well, so each send writes no more index pages than before.
+    DROP INDEX private_by_pair;
+    CREATE INDEX private_by_sender ON private_messages(sender_id, recipient_id, id);
+    """,
 )
 
 
@@ -208,9 +225,41 @@ _PAIR_ROWS = (
     " JOIN users s ON s.id = m.sender_id JOIN users r ON r.id = m.recipient_id"
 )
 _ONE_WAY = (
-    "SELECT id FROM private_messages WHERE recipient_id = ? AND sender_id = ? AND {inside}"
+    "SELECT id FROM private_messages WHERE sender_id = ? AND recipient_id = ? AND {inside}"
     " ORDER BY id {order} LIMIT ?"
 )
+# CHATHISTORY TARGETS: the user's channels and conversations with a message in a time
+# window, by their newest message there (found from the top of the window's ids down,
+# Store._by_id), newest first. The people the user wrote to are listed by a loose scan
+# of the sender's index (each next one in a single index seek), so the cost grows with
+# how many they wrote to, not with how much; what they received is the window's part
+# of their inbox.
+_RECENT_TARGETS = """
+WITH RECURSIVE wrote_to(id) AS (
+    SELECT (SELECT MIN(recipient_id) FROM private_messages WHERE sender_id = :me)
+    UNION ALL SELECT (SELECT MIN(recipient_id) FROM private_messages
+                      WHERE sender_id = :me AND recipient_id > wrote_to.id)
+    FROM wrote_to WHERE wrote_to.id IS NOT NULL
+)
+SELECT * FROM (
+    SELECT c.name, 1, (SELECT m.created_at FROM channel_messages m
+                       WHERE m.channel_id = cm.channel_id AND m.id > :post_lo
+                       AND m.id < :post_hi AND m.created_at > :after
+                       AND m.created_at < :before ORDER BY m.id DESC LIMIT 1) AS t
+    FROM channel_members cm JOIN channels c ON c.id = cm.channel_id
+    WHERE cm.user_id = :me AND cm.left_at IS NULL
+    UNION ALL SELECT u.name, 0, MAX(p.t) FROM (
+        SELECT w.id AS other, (SELECT created_at FROM private_messages
+                               WHERE sender_id = :me AND recipient_id = w.id AND id > :lo
+                               AND id < :hi AND created_at > :after AND created_at < :before
+                               ORDER BY id DESC LIMIT 1) AS t
+        FROM wrote_to w WHERE w.id IS NOT NULL
+        UNION ALL SELECT sender_id, created_at FROM private_messages
+        WHERE recipient_id = :me AND id > :lo AND id < :hi AND created_at > :after
+        AND created_at < :before
+    ) AS p JOIN users u ON u.id = p.other GROUP BY u.id
+) WHERE t IS NOT NULL ORDER BY t DESC LIMIT :limit
+"""
 # A position is an id (acks and cursors hold ids) with its message's seq: the seq of
 # the newest message of the stream at or below the id (0 if none), found through the
 # (stream, id) index: an acknowledged message may have been deleted since (delete_user).
@@ -748,7 +797,7 @@ class Store:
             self._path,
         )
 
-    async def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+    async def _rows(self, sql: str, args: Sequence[Any] | Mapping[str, Any] = ()) -> list[Any]:
         """Every row of one statement, in one hop to the database thread (through a
         cursor it takes three: execute, fetch, close)."""
         return list(await self._db.execute_fetchall(sql, args))
@@ -1349,6 +1398,7 @@ class Store:
         oldest, returned oldest first."""
         order = "DESC" if newest else "ASC"
         async with self._turn():
+            bounds = await self._by_id(bounds, "channel_messages")
             rows = await self._rows(
                 f"{_CHANNEL_ROWS} WHERE m.channel_id = ? AND m.id > ? AND m.id < ?"
                 f" AND m.created_at > ? AND m.created_at < ? ORDER BY m.id {order} LIMIT ?",
@@ -1364,6 +1414,7 @@ class Store:
         order = "DESC" if newest else "ASC"
         inside = "id > ? AND id < ? AND created_at > ? AND created_at < ?"
         async with self._turn():
+            bounds = await self._by_id(bounds, "private_messages")
             one_way = _ONE_WAY.format(inside=inside, order=order)
             rows = await self._rows(
                 f"{_PAIR_ROWS} WHERE m.id IN (SELECT id FROM ({one_way})"
@@ -1388,22 +1439,35 @@ class Store:
     ) -> list[tuple[str, bool, float]]:
         """The user's channels and conversations with a message in (after, before):
         (name, is_channel, newest time), newest first."""
+        window = Bounds(after_time=after, before_time=before)
         async with self._turn():
-            rows = await self._rows(
-                "SELECT c.name, 1, MAX(m.created_at) AS t FROM channel_messages m"
-                " JOIN channels c ON c.id = m.channel_id"
-                " JOIN channel_members cm ON cm.channel_id = c.id AND cm.user_id = ?"
-                "  AND cm.left_at IS NULL"
-                " WHERE m.created_at > ? AND m.created_at < ? GROUP BY c.id"
-                " UNION ALL SELECT u.name, 0, MAX(m.created_at) FROM private_messages m"
-                " JOIN users u ON u.id = CASE WHEN m.sender_id = ? THEN m.recipient_id"
-                "  ELSE m.sender_id END"
-                " WHERE (m.sender_id = ? OR m.recipient_id = ?)"
-                "  AND m.created_at > ? AND m.created_at < ? GROUP BY u.id"
-                " ORDER BY t DESC LIMIT ?",
-                (user_id, after, before, user_id, user_id, user_id, after, before, limit),
-            )
+            posts = (await self._by_id(window, "channel_messages")).values()
+            sent = (await self._by_id(window, "private_messages")).values()
+            rows = await self._rows(_RECENT_TARGETS, {
+                "me": user_id, "limit": limit, "after": after, "before": before,
+                "post_lo": posts[0], "post_hi": posts[1], "lo": sent[0], "hi": sent[1],
+            })
         return [(row[0], bool(row[1]), float(row[2])) for row in rows]
+
+    async def _by_id(self, bounds: Bounds, table: str) -> Bounds:
+        """``bounds`` with its times also as ids, the narrower of each pair kept: there is
+        no index by time, and the walks by id filter the time row by row (a bound few
+        messages meet, such as BEFORE a time older than the channel, read the whole
+        history). Ids follow commit order, and times follow it too but for clock steps,
+        so the ids are looked up TIME_SLACK beyond each time: a message still counts by
+        its own time, unless the clock stepped back by more than that."""
+        after, before = bounds.after_time, bounds.before_time
+        if after == float("-inf") and before == float("inf"):
+            return bounds
+        conn = self._db._conn  # used on its own thread only (_handoff)
+        lowest, highest = await self._handoff.call(
+            _ids_around, conn, table, after - TIME_SLACK, before + TIME_SLACK
+        )
+        return dataclasses.replace(
+            bounds,
+            after_id=max(bounds.after_id, lowest),
+            before_id=min(bounds.before_id, highest),
+        )
 
     # Operations (chatd admin).
 
@@ -1475,6 +1539,41 @@ def _insert_planned(
             for position, result in zip(chunk, stored, strict=True):
                 plan.results[position] = result
     return plan.done()
+
+
+# How far back a clock may step without hiding a message from a time-bounded read
+# (Store._by_id): more than NTP's slewing and than nodes' skew, less than what bounds
+# usually are apart (a client's last visit).
+TIME_SLACK = 60.0
+
+
+def _ids_around(conn: sqlite3.Connection, table: str, after: float, before: float
+                ) -> tuple[int, int]:
+    """(the newest id stored at or before ``after``, or 0; the oldest id stored at or
+    after ``before``, or 2^63 - 1) in ``table``, by a binary search over its ids (the
+    rowid B-tree: a few dozen lookups), taking its times as rising with its ids."""
+    newest = conn.execute(f"SELECT MAX(id) FROM {table}").fetchone()[0]
+    if newest is None:
+        return 0, (1 << 63) - 1
+    probe = f"SELECT id, created_at FROM {table} WHERE id >= ? ORDER BY id LIMIT 1"
+
+    def first_at_or_after(moment: float) -> int | None:
+        """The oldest id whose time is at or after ``moment`` (None: no such id)."""
+        low, high, found = 1, newest, None
+        while low <= high:
+            row = conn.execute(probe, ((low + high) // 2,)).fetchone()
+            if row is None:  # pragma: no cover - newest exists, so a row is found
+                break
+            if row[1] >= moment:
+                found, high = row[0], (low + high) // 2 - 1
+            else:
+                low = row[0] + 1
+        return found
+
+    above_after = first_at_or_after(after) if after != float("-inf") else 1
+    lowest = newest if above_after is None else above_after - 1
+    at_before = first_at_or_after(before) if before != float("inf") else None
+    return lowest, (1 << 63) - 1 if at_before is None else at_before
 
 
 def _insert_one(conn: sqlite3.Cursor, message: NewMessage, heads: dict[int, int]) -> Stored:
