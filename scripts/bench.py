@@ -2282,6 +2282,24 @@ async def start_peer(name: str, command: list[str], bench: Bench, label: str
     raise BenchError(f"{name} could not listen on a spare port (three tries)")
 
 
+async def accepting(name: str, server: ServerProcess, popen: subprocess.Popen[bytes]) -> None:
+    """Until something accepts connections on the server's port; BenchError (the server
+    stopped) if it exits first or START_TIMEOUT passes (peers say nothing when ready)."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        try:
+            _, writer = await asyncio.open_connection(server.host, server.port)
+        except OSError:
+            if popen.poll() is not None or time.monotonic() > deadline:
+                await server.stop()
+                raise BenchError(f"{name} did not listen on {server.port}:\n"
+                                 f"{server.log_tail()}") from None
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        return
+
+
 async def start_peer_on(name: str, command: list[str], bench: Bench, label: str, port: int
                         ) -> ServerProcess | None:
     if name == "ngircd":
@@ -2295,25 +2313,14 @@ async def start_peer_on(name: str, command: list[str], bench: Bench, label: str,
     log_path = bench.workdir / f"{label}.log"
     popen = _spawn(argv, log_path, dict(os.environ), bench.workdir)
     server = ServerProcess("127.0.0.1", port, popen.pid, popen, log_path)
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            if popen.poll() is not None or time.monotonic() > deadline:
-                await server.stop()
-                raise BenchError(f"{name} did not listen on {port}:\n"
-                                 f"{server.log_tail()}") from None
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        # Something answered; it is the peer only if the peer is still running (a peer
-        # that lost the port to another process exits at once).
-        await asyncio.sleep(0.3)
-        if popen.poll() is None:
-            return server
-        await server.stop()
-        return None
+    await accepting(name, server, popen)
+    # Something answered; it is the peer only if the peer is still running (a peer that
+    # lost the port to another process exits at once).
+    await asyncio.sleep(0.3)
+    if popen.poll() is None:
+        return server
+    await server.stop()
+    return None
 
 
 def load_sizes(sizes: Sizes, args: argparse.Namespace, prefix: str, server: str

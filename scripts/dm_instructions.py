@@ -99,19 +99,8 @@ async def start_miniircd(callgrind: list[str], script: Path, workdir: Path, labe
     log = workdir / f"{label}.log"
     popen = bench._spawn(argv, log, dict(os.environ), workdir)
     server = bench.ServerProcess("127.0.0.1", port, popen.pid, popen, log)
-    deadline = time.monotonic() + bench.START_TIMEOUT
-    while True:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            if popen.poll() is not None or time.monotonic() > deadline:
-                await server.stop()
-                tail = server.log_tail()
-                raise SystemExit(f"miniircd did not listen on {port}:\n{tail}") from None
-            await asyncio.sleep(0.1)
-            continue
-        writer.close()
-        return server
+    await bench.accepting(MINIIRCD, server, popen)
+    return server
 
 
 def add_sources(parser: argparse.ArgumentParser, required: bool = True) -> None:

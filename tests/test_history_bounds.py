@@ -18,6 +18,7 @@ import pytest
 from chatd.store import CHANNEL, PRIVATE, NewMessage, Store
 from chatd.store.rows import Bounds
 from chatd.store.sqlite import TIME_SLACK
+from tests.test_sqlite_commit import user
 
 T0 = 1_700_000_000.0
 MESSAGES = 3_000  # one a second from T0, in the channel and from ann to bob each
@@ -26,18 +27,11 @@ STEP = 100  # VM steps between two calls of the progress handler
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    store = await Store.open(str(tmp_path / "bounds.sqlite3"))
+    opened = await Store.open(str(tmp_path / "bounds.sqlite3"))
     try:
-        yield store
+        yield opened
     finally:
-        await store.close()
-
-
-async def users(store: Store, *names: str) -> list[int]:
-    for name in names:
-        assert await store.create_user(name, name, (name, name.upper()), "-", 0.0)
-    found = [await store.find_user(name) for name in names]
-    return [user.id for user in found if user is not None]
+        await opened.close()
 
 
 async def store_all(store: Store, messages: list[NewMessage]) -> None:
@@ -48,10 +42,10 @@ async def store_all(store: Store, messages: list[NewMessage]) -> None:
 async def history(store: Store) -> tuple[int, int, int, int]:
     """ann, bob and cid (who never sent anything) in #c; MESSAGES in #c from ann and as
     many from ann to bob; the ids of: ann, bob, cid, the channel."""
-    ann, bob, cid = await users(store, "ann", "bob", "cid")
+    ann, bob, cid = [await user(store, name) for name in ("ann", "bob", "cid")]
     channel, _ = await store.join_channel("c", "c", ("c", "C"), ann, T0)
-    for user in (bob, cid):
-        await store.join_channel("c", "c", ("c", "C"), user, T0)
+    for member in (bob, cid):
+        await store.join_channel("c", "c", ("c", "C"), member, T0)
     await store_all(store, [NewMessage(CHANNEL, ann, channel.id, f"c{i}", T0 + i, None)
                             for i in range(MESSAGES)])
     await store_all(store, [NewMessage(PRIVATE, ann, bob, f"p{i}", T0 + i, None)
@@ -120,7 +114,7 @@ async def test_a_clock_stepped_back_within_the_slack_hides_nothing(store: Store)
 
 
 async def test_time_bounds_on_an_empty_history(store: Store) -> None:
-    (ann,) = await users(store, "ann")
+    ann = await user(store, "ann")
     channel, _ = await store.join_channel("c", "c", ("c", "C"), ann, T0)
     assert await store.recent_targets(ann, T0 - 1, T0 + 1, 10) == []
     assert await store.channel_range(channel.id, Bounds(after_time=T0), 10, False) == []
