@@ -51,6 +51,21 @@ OP_NAMES = [*OPS, "/", "/nope", "/SEND", "send", "/send/", "/send\x00", ""]
 EDGE_INTS = [0, 1, -1, 2**31, 2**32, 2**53, 2**63 - 1, 2**63, 2**64 - 1, -(2**63), -(2**31)]
 
 
+async def send_fuzz(writer: asyncio.StreamWriter, data: bytes, rng: random.Random,
+                    deadline: float) -> None:
+    """Write ``data``, now and then dribbled out in small pieces, and wait for it to go
+    (until ``deadline``, on the loop's clock; at least 50 ms)."""
+    if rng.random() < 0.05:
+        for start in range(0, min(len(data), 64), 7):
+            writer.write(data[start : start + 7])
+            await asyncio.sleep(0)
+        data = data[64:]
+    writer.write(data)
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(max(deadline - loop.time(), 0.05)):
+        await writer.drain()
+
+
 async def hang_up(writer: asyncio.StreamWriter, rng: random.Random) -> None:
     """End a hostile connection: now and then with a reset (RST), else a clean close."""
     if rng.random() < 0.2:
@@ -357,16 +372,8 @@ async def hostile(port: int, fuzzer: Fuzzer, deadline: float, report: Report) ->
             for _ in range(rng.randint(1, 40)):
                 if loop.time() >= deadline or (reading is not None and reading.done()):
                     break
-                data = fuzzer.frame()
                 report.frames += 1
-                if rng.random() < 0.05:  # dribbled out in small pieces
-                    for start in range(0, min(len(data), 64), 7):
-                        writer.write(data[start : start + 7])
-                        await asyncio.sleep(0)
-                    data = data[64:]
-                writer.write(data)
-                async with asyncio.timeout(max(deadline - loop.time(), 0.05)):
-                    await writer.drain()
+                await send_fuzz(writer, fuzzer.frame(), rng, deadline)
         except (ConnectionError, TimeoutError):
             pass  # the server hung up, or stopped reading a client that does not read
         finally:

@@ -36,6 +36,7 @@ from tests.test_fuzz import (
     read_log,
     rss,
     rss_at,
+    send_fuzz,
     settled_connections,
     troubling_records,
 )
@@ -382,16 +383,8 @@ async def hostile_session(
         for _ in range(rng.randint(1, 60)):
             if loop.time() >= deadline or (reading is not None and reading.done()):
                 break
-            data = fuzzer.chunk()
             report.chunks += 1
-            if rng.random() < 0.05:  # dribbled out in small pieces
-                for start in range(0, min(len(data), 64), 7):
-                    writer.write(data[start : start + 7])
-                    await asyncio.sleep(0)
-                data = data[64:]
-            writer.write(data)
-            async with asyncio.timeout(max(deadline - loop.time(), 0.05)):
-                await writer.drain()
+            await send_fuzz(writer, fuzzer.chunk(), rng, deadline)
     except (ConnectionError, TimeoutError, ssl.SSLError):
         pass  # the server hung up, or stopped reading a client that does not read
     finally:
