@@ -1549,9 +1549,10 @@ TIME_SLACK = 60.0
 
 def _ids_around(conn: sqlite3.Connection, table: str, after: float, before: float
                 ) -> tuple[int, int]:
-    """(the newest id stored at or before ``after``, or 0; the oldest id stored at or
-    after ``before``, or 2^63 - 1) in ``table``, by a binary search over its ids (the
-    rowid B-tree: a few dozen lookups), taking its times as rising with its ids."""
+    """(lowest, highest): the ids of ``table``'s messages stored after ``after`` and
+    before ``before`` all lie strictly between them, if times rise with ids (0 and
+    2^63 - 1 where a bound is infinite). Found by binary searches over the ids (seeks
+    in the rowid B-tree: a few dozen)."""
     newest = conn.execute(f"SELECT MAX(id) FROM {table}").fetchone()[0]
     if newest is None:
         return 0, (1 << 63) - 1
