@@ -1,8 +1,9 @@
 """Timing races of chatd/cluster.py around a stream's start position, made to happen on
 purpose: a node's real store (a fresh PostgreSQL database) is wrapped in a ``Gate``
 whose chosen method waits for the test before (or after) delegating, so that a
-notice arrives while a start is read, or a start is read while a position check
-runs.  In-process nodes (Server) on a redis-server of the test's own.
+notice arrives while a start is read, a start is read while a position check runs,
+or a lost notice is repaired while a subscription holds its streams.  In-process
+nodes (Server) on a redis-server of the test's own.
 """
 
 from __future__ import annotations
@@ -203,3 +204,96 @@ async def test_a_start_read_during_a_position_check_keeps_its_late_notices(
         assert await pushed_until(bob, after) == [late, after]
     finally:
         await publisher.close()
+
+
+# A lost notice repaired while a session subscribes on the node that repairs it: the
+# repair pushes old messages (read from the store) to the hub while the session's
+# Subscription still holds its streams and reads where they start.
+
+
+def gate_app(node: Harness, method: str, after: bool = False) -> Gate:
+    """Put a Gate on ``node``'s store as its handlers read it (/subscribe)."""
+    app = node.server.app
+    gated = Gate(app.store, method, after)
+    app.store = gated  # a MessageStore in all but name (Any to mypy)
+    return gated
+
+
+async def with_a_gap(make_node: MakeHarness) -> tuple[Harness, Client, Client, Client]:
+    """Nodes a (checks positions too rarely to matter) and b, and one that publishes
+    nothing; carol subscribed on a, so that a follows the hall; the clients of alice
+    (on b), carol, and dave (on the silent node), all members of the hall."""
+    a = await make_node(node_id="a", bus_position_check=600.0)
+    b = await make_node(node_id="b")
+    silent = await make_node(bus="local")  # commits and publishes nothing: a lost notice
+    alice, carol, dave = await b.user("alice"), await a.user("carol"), await silent.user("dave")
+    for client in (alice, carol, dave):
+        await client.request("/channel/join", {"name": "hall"})
+    await carol.request("/subscribe", {})
+    await until(lambda: bus_of(a).order.following("c:1"))
+    return a, alice, carol, dave
+
+
+async def repaired_while_held(a: Harness, alice: Client, carol: Client, lost: int) -> int:
+    """With a session of a holding its streams: alice sends a message whose notice shows
+    a the gap before it; a reads the lost message from the store and pushes both to its
+    hub (carol, live, gets them).  Returns the id of alice's message."""
+    before = bus_of(a).order.counts.repaired
+    noticed = await send(alice, "its notice shows the gap")
+    assert (await pushed_until(carol, noticed))[-2:] == [lost, noticed]
+    assert bus_of(a).order.counts.repaired > before  # the lost one came by the repair
+    return noticed
+
+
+@pytest.mark.parametrize("read", ["acknowledged", "never read"])
+async def test_a_repair_while_a_subscription_holds_its_streams_pushes_each_message_once(
+    make_node: MakeHarness, read: str,
+) -> None:
+    """The repaired messages reach the subscription while it holds the hall and its
+    start is read: those at or below the start are dropped, the others are read by the
+    catch-up too and written once, in order, then the live ones."""
+    a, alice, carol, dave = await with_a_gap(make_node)
+    bob = await a.user("bob")
+    await bob.request("/channel/join", {"name": "hall"})
+    if read == "acknowledged":
+        first = await send(alice, "read")
+        await pushed_until(carol, first)
+        await bob.request("/ack", {"channel": "hall", "id": first})
+    lost = await send(dave, "its notice is lost")
+    gated = gate_app(a, "channel_position")
+    subscribed = subscribing(bob)
+    await waited(gated.arrived)  # bob's streams are held, their starts being read
+    noticed = await repaired_while_held(a, alice, carol, lost)
+    gated.opened.set()
+    await subscribed
+    after = await send(alice, "after")
+    # Acknowledged before it: the lost message is news. Never read: the hall starts at
+    # its newest message as /subscribe began, the lost one (protocol.md section 9).
+    caught_up = [lost] if read == "acknowledged" else []
+    assert await pushed_until(bob, after) == [*caught_up, noticed, after]
+
+
+async def test_a_channel_joined_while_subscribe_begins_gets_no_repaired_backlog(
+    make_node: MakeHarness,
+) -> None:
+    """Bob joins the hall (on another connection) while his /subscribe reads where his
+    channels start, so the hall had no start read before the streams were held.  A
+    message stored before all this, its notice lost, is repaired while the hall is
+    held: it is backlog, not news, and must not be pushed; what follows is."""
+    a, alice, carol, dave = await with_a_gap(make_node)
+    bob = await a.user("bob")
+    await bob.request("/channel/join", {"name": "side"})  # so the newest are read
+    other = await a.connect(bob.token)
+    lost = await send(dave, "its notice is lost")
+    newest = gate_app(a, "channel_newest", after=True)
+    positions = gate_app(a, "channel_position")
+    subscribed = subscribing(bob)
+    await waited(newest.arrived)
+    await other.request("/channel/join", {"name": "hall"})
+    newest.opened.set()
+    await waited(positions.arrived)  # the hall is held now, its start being read
+    noticed = await repaired_while_held(a, alice, carol, lost)
+    positions.opened.set()
+    await subscribed
+    after = await send(alice, "after")
+    assert await pushed_until(bob, after) == [noticed, after]
