@@ -17,8 +17,9 @@ import signal
 import socket
 import ssl
 import struct
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 
@@ -479,7 +480,6 @@ async def test_hostile_clients_do_not_disturb_well_behaved_ones(spawn: Spawn) ->
     server = await spawn("--graceful-timeout", "1")
     port = await server.wait_listening()
     log = asyncio.create_task(read_log(server))
-    loop = asyncio.get_running_loop()
     report = Report()
     clients: dict[str, Client] = {}
     troubles: list[str] = []  # checked last: a leak or a log error is worth the whole report
@@ -494,27 +494,10 @@ async def test_hostile_clients_do_not_disturb_well_behaved_ones(spawn: Spawn) ->
                 await clients[name].login(name, GOOD_PASSWORD)
                 await clients[name].request("/subscribe")
             chat = Chat(clients)
-            await chat.run(loop.time())  # warm up before measuring memory
-            rss_before = rss(server.proc.pid)
-
-            deadline = loop.time() + SECONDS
-            fuzzers = [
-                hostile(port, Fuzzer(random.Random(f"{seed}/{i}"), user), deadline, report)
+            rounds, growth, _ = await storm(server, chat, report, SECONDS, rerun, lambda end: [
+                hostile(port, Fuzzer(random.Random(f"{seed}/{i}"), user), end, report)
                 for i, user in enumerate(FUZZ_USERS)
-            ]
-            last_quarter = asyncio.ensure_future(
-                rss_at(server.proc.pid, deadline - SECONDS / 4))
-            rounds, *_ = await asyncio.gather(chat.run(deadline), *fuzzers)
-            await chat.check_nothing_more()
-
-            assert server.proc.returncode is None, f"the server died ({rerun})"
-            rss_after = rss(server.proc.pid)
-            growth = rss_after - rss_before
-            problem = memory_problem(rss_before, await last_quarter, rss_after, SECONDS)
-            assert problem is None, f"{problem} ({rerun})"
-            assert not report.problems, f"{report.problems[:10]} ({rerun})"
-            assert chat.received == chat.sent
-            assert report.connections >= HOSTILE_CONNECTIONS
+            ])
             assert report.codes.get(1), report  # the fuzzers reached the request parser
 
             # A newcomer is served as usual.
@@ -543,6 +526,48 @@ async def test_hostile_clients_do_not_disturb_well_behaved_ones(spawn: Spawn) ->
     records = troubling_records(text)
     assert not records, f"the server logged trouble ({rerun}):\n" + "".join(records[:3])[:6000]
     assert not troubles, f"{troubles[:3]} ({rerun})"
+
+
+class GoodChat(Protocol):
+    """The well-behaved clients of a fuzz test (this one's Chat, test_irc_fuzz's)."""
+
+    sent: dict[str, list[str]]
+    received: dict[str, list[str]]
+
+    async def run(self, deadline: float) -> int: ...
+    async def check_nothing_more(self) -> None: ...
+
+
+class FuzzReport(Protocol):
+    connections: int
+    problems: list[str]
+
+
+async def storm(
+    server: Process, chat: GoodChat, report: FuzzReport, seconds: float, rerun: str,
+    hostiles: Callable[[float], list[Awaitable[None]]],
+) -> tuple[int, int, float]:
+    """The good clients chat for ``seconds`` while ``hostiles(deadline)`` run beside
+    them; then the server is alive, its memory within bounds (memory_problem), every
+    good message came once, and the hostile side made HOSTILE_CONNECTIONS or more
+    connections and saw no problem. (good rounds, RSS growth, the deadline)."""
+    loop = asyncio.get_running_loop()
+    await chat.run(loop.time())  # warm up before measuring memory
+    rss_before = rss(server.proc.pid)
+    deadline = loop.time() + seconds
+    last_quarter = asyncio.ensure_future(rss_at(server.proc.pid, deadline - seconds / 4))
+    talking = asyncio.ensure_future(chat.run(deadline))
+    await asyncio.gather(talking, *hostiles(deadline))
+    await chat.check_nothing_more()
+
+    assert server.proc.returncode is None, f"the server died ({rerun})"
+    rss_after = rss(server.proc.pid)
+    problem = memory_problem(rss_before, await last_quarter, rss_after, seconds)
+    assert problem is None, f"{problem} ({rerun})"
+    assert not report.problems, f"{report.problems[:10]} ({rerun})"
+    assert chat.received == chat.sent
+    assert report.connections >= HOSTILE_CONNECTIONS
+    return talking.result(), rss_after - rss_before, deadline
 
 
 async def read_log(server: Process) -> None:

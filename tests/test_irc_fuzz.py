@@ -32,12 +32,10 @@ from tests.test_fuzz import (
     GOOD_PASSWORD,
     account,
     hang_up,
-    memory_problem,
     read_log,
-    rss,
-    rss_at,
     send_fuzz,
     settled_connections,
+    storm,
     troubling_records,
 )
 from tests.test_irc_live import free_port
@@ -605,7 +603,6 @@ async def test_hostile_irc_clients_do_not_disturb_well_behaved_ones(
     )
     port = await server.wait_listening()  # logged once the IRC ports listen too
     log = asyncio.create_task(read_log(server))
-    loop = asyncio.get_running_loop()
     report = Report()
     clients: dict[str, GoodIrc] = {}
     troubles: list[str] = []  # checked last: a leak or a log error is worth the whole report
@@ -622,28 +619,12 @@ async def test_hostile_irc_clients_do_not_disturb_well_behaved_ones(
                 clients[name].send(f"JOIN {ROOM}")
                 await clients[name].expect(f" 366 {name} {ROOM} ")
             chat = Chat(clients)
-            await chat.run(loop.time())  # warm up before measuring memory
-            rss_before = rss(server.proc.pid)
-
-            start = loop.time()
-            deadline = start + SECONDS
-            fuzzers = [
-                hostile(ports, Fuzzer(random.Random(f"{seed}/{i}"), user, guests), deadline, report)
-                for i, user in enumerate(FUZZ_USERS)
-            ]
-            last_quarter = asyncio.ensure_future(
-                rss_at(server.proc.pid, deadline - SECONDS / 4))
-            rounds, *_ = await asyncio.gather(chat.run(deadline), *fuzzers)
-            await chat.check_nothing_more()
-
-            assert server.proc.returncode is None, f"the server died ({rerun})"
-            rss_after = rss(server.proc.pid)
-            growth = rss_after - rss_before
-            problem = memory_problem(rss_before, await last_quarter, rss_after, SECONDS)
-            assert problem is None, f"{problem} ({rerun})"
-            assert not report.problems, f"{report.problems[:10]} ({rerun})"
-            assert chat.received == chat.sent
-            assert report.connections >= HOSTILE_CONNECTIONS
+            rounds, growth, deadline = await storm(
+                server, chat, report, SECONDS, rerun, lambda end: [
+                    hostile(ports, Fuzzer(random.Random(f"{seed}/{i}"), user, guests), end,
+                            report)
+                    for i, user in enumerate(FUZZ_USERS)
+                ])
             assert report.commands.get("001"), report  # the fuzzers got past registration
             assert report.tls_sessions and report.tls_mischief, report
             assert report.guests if guests else not report.guests, report
@@ -677,7 +658,7 @@ async def test_hostile_irc_clients_do_not_disturb_well_behaved_ones(
         for client in clients.values():
             await client.close()
         log.cancel()
-    rates = "/".join(map(str, chat.rates(start, deadline)))
+    rates = "/".join(map(str, chat.rates(deadline - SECONDS, deadline)))
     print(f"{rounds} good rounds ({rates} a second by quarter), RSS growth {growth >> 10} KiB;"
           f" {report} ({rerun})")
     text = server.stderr.decode(errors="replace")
