@@ -16,7 +16,6 @@ import contextlib
 import os
 import random
 import re
-import signal
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +30,12 @@ from tests.conftest import PASSWORD, Spawn
 from tests.test_fuzz import (
     GOOD_PASSWORD,
     account,
+    assert_untroubled,
     hang_up,
     read_log,
     send_fuzz,
     settled_connections,
+    shut_down,
     storm,
     troubling_records,
 )
@@ -649,11 +650,7 @@ async def test_hostile_irc_clients_do_not_disturb_well_behaved_ones(
                         troubles.append(f"guest {name} outlived its connection: {reply}")
             if left > len(GOOD) + 1:
                 troubles.append(f"{left - len(GOOD) - 1} hostile connections still open")
-            for client in clients.values():
-                await client.close()
-            server.proc.send_signal(signal.SIGTERM)
-            await log
-            assert await server.proc.wait() == 0, server.stderr.decode()[-3000:]
+            await shut_down(server, clients.values(), log)
     finally:
         for client in clients.values():
             await client.close()
@@ -665,5 +662,4 @@ async def test_hostile_irc_clients_do_not_disturb_well_behaved_ones(
     records = troubling_records(text)
     if "Unhandled" in text:
         records.append(text[text.index("Unhandled") - 200 :][:3000])
-    assert not records, f"the server logged trouble ({rerun}):\n" + "".join(records[:3])[:6000]
-    assert not troubles, f"{troubles[:3]} ({rerun})"
+    assert_untroubled(records, troubles, rerun)
