@@ -17,7 +17,7 @@ import signal
 import socket
 import ssl
 import struct
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -116,14 +116,17 @@ def rss(pid: int) -> int:
 # Random values and frames.
 
 
-def random_text(rng: random.Random, longest: int = 40) -> str:
-    alphabet = rng.choice(
-        [
-            "abcdefghijklmnopqrstuvwxyz0123456789_-.",
-            "\x00\x01\t\n\r \x7f\u200b\ufeff\u202e",
-            "éßЖ中名😀\U0010ffff\u0301",
-        ]
-    )
+# A text is drawn from one of these: plain, controls and invisibles, beyond ASCII.
+ALPHABETS = (
+    "abcdefghijklmnopqrstuvwxyz0123456789_-.",
+    "\x00\x01\t\n\r \x7f\u200b\ufeff\u202e",
+    "éßЖ中名😀\U0010ffff\u0301",
+)
+
+
+def random_text(rng: random.Random, longest: int = 40,
+                alphabets: Sequence[str] = ALPHABETS) -> str:
+    alphabet = rng.choice(alphabets)
     return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, longest)))
 
 

@@ -27,6 +27,7 @@ from chatd.irc.lines import MAX_LINE, MAX_TAGS, LineError, parse
 from chatd.irc.machine import CAPABILITIES
 from chatd.irc.session import _COMMANDS  # the command table, so that new commands get fuzzed
 from tests.conftest import PASSWORD, Spawn
+from tests.test_fuzz import ALPHABETS as FRAME_ALPHABETS
 from tests.test_fuzz import (
     GOOD_PASSWORD,
     account,
@@ -39,6 +40,7 @@ from tests.test_fuzz import (
     storm,
     troubling_records,
 )
+from tests.test_fuzz import random_text as fuzz_text
 from tests.test_irc_live import free_port
 from tests.tls_helpers import READ_CHUNK, RawTls, certificate
 
@@ -75,15 +77,14 @@ REFERENCES = [
 NUMBERS = ["0", "1", "-1", "10", "200", "201", "9" * 40, "+5", " 5", "1_0", "1e9", "٣", "nan"]
 
 
+# As test_fuzz's, with IRC's separators for controls (CR, LF and NUL end or break a line).
+ALPHABETS = (
+    FRAME_ALPHABETS[0], " :,#*=;@!\\\x01\x02\t\x7f\u200b\ufeff\u202e", FRAME_ALPHABETS[2],
+)
+
+
 def random_text(rng: random.Random, longest: int = 40) -> str:
-    alphabet = rng.choice(
-        [
-            "abcdefghijklmnopqrstuvwxyz0123456789_-.",
-            " :,#*=;@!\\\x01\x02\t\x7f\u200b\ufeff\u202e",
-            "éßЖ中名😀\U0010ffff\u0301",
-        ]
-    )
-    return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, longest)))
+    return fuzz_text(rng, longest, ALPHABETS)
 
 
 def random_param(rng: random.Random) -> str:
