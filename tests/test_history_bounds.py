@@ -10,7 +10,7 @@ counted in SQLite virtual-machine steps (a progress handler), not in seconds.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import pytest
@@ -67,9 +67,8 @@ class Steps:
         connection = store._db._conn  # the handler is set on the connection's own thread
         await store._handoff.call(connection.set_progress_handler, self.tick, STEP)
 
-    async def taken_by(self, read: asyncio.Future[object] | object) -> int:
+    async def taken_by(self, read: Awaitable[object]) -> int:
         self.count = 0
-        assert asyncio.iscoroutine(read)
         await read
         return self.count
 
